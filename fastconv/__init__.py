@@ -1,0 +1,31 @@
+"""fastconv: hand-written CNN kernels (Numba on the CPU, CuPy on the GPU) in float32 and float16."""
+
+from .ops import (
+    avg_pool2d,
+    avg_pool2d_backward,
+    col2im,
+    conv2d,
+    conv2d_backward,
+    gpu_available,
+    im2col,
+    max_pool2d,
+    max_pool2d_backward,
+    to_cpu,
+    to_gpu,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "im2col",
+    "col2im",
+    "conv2d",
+    "conv2d_backward",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "avg_pool2d",
+    "avg_pool2d_backward",
+    "gpu_available",
+    "to_gpu",
+    "to_cpu",
+]

@@ -1,0 +1,183 @@
+"""Public kernels: validate once, then dispatch on array type (NumPy -> ``cpu``, CuPy -> ``gpu``).
+
+Each backend module exposes the same functions taking already validated, C-contiguous
+arrays and a :class:`~fastconv._checks.Geometry`; this module is the only caller, so
+validation cannot be skipped on the way to a kernel that does no bounds checks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _checks as chk
+
+__all__ = [
+    "im2col",
+    "col2im",
+    "conv2d",
+    "conv2d_backward",
+    "max_pool2d",
+    "max_pool2d_backward",
+    "avg_pool2d",
+    "avg_pool2d_backward",
+    "gpu_available",
+    "to_gpu",
+    "to_cpu",
+]
+
+
+def _backend(x):
+    if chk.is_cupy_array(x):
+        from . import gpu
+
+        return gpu
+    from . import cpu
+
+    return cpu
+
+
+def _contiguous(backend, *arrays):
+    return tuple(None if a is None else backend.ascontiguous(a) for a in arrays)
+
+
+def im2col(x, kh, kw, stride=1, pad=0):
+    """Unfold sliding windows into a matrix.
+
+    Parameters
+    ----------
+    x : ndarray, (N, C, H, W), float32 or float16
+    kh, kw : int
+        Window height and width.
+    stride, pad : int or (int, int)
+
+    Returns
+    -------
+    ndarray, (N*OH*OW, C*kh*kw), same dtype as ``x``
+        Rows ordered (n, oh, ow), columns (c, i, j), as in the book.
+    """
+    g = chk.validate_im2col(x, kh, kw, stride, pad)
+    be = _backend(x)
+    (x,) = _contiguous(be, x)
+    return be.im2col(x, g)
+
+
+def col2im(cols, x_shape, kh, kw, stride=1, pad=0):
+    """Adjoint of :func:`im2col`: sum every column entry back into its image pixel.
+
+    Returns
+    -------
+    ndarray, ``x_shape``, same dtype as ``cols``
+    """
+    g = chk.validate_col2im(cols, x_shape, kh, kw, stride, pad)
+    be = _backend(cols)
+    (cols,) = _contiguous(be, cols)
+    return be.col2im(cols, g)
+
+
+def conv2d(x, w, b=None, stride=1, pad=0, activation=None):
+    """2-D cross-correlation (the deep-learning "convolution").
+
+    Parameters
+    ----------
+    x : ndarray, (N, C, H, W)
+    w : ndarray, (F, C, kh, kw)
+    b : ndarray, (F,), optional
+    stride, pad : int or (int, int)
+    activation : None or "relu"
+        Fused epilogue applied after the bias.
+
+    Returns
+    -------
+    ndarray, (N, F, OH, OW), same dtype as ``x``
+    """
+    g = chk.validate_conv2d(x, w, b, stride, pad, activation)
+    be = _backend(x)
+    x, w, b = _contiguous(be, x, w, b)
+    return be.conv2d(x, w, b, g, activation)
+
+
+def conv2d_backward(dy, x, w, stride=1, pad=0):
+    """Gradients of :func:`conv2d` (without activation).
+
+    Returns
+    -------
+    dx : ndarray, (N, C, H, W)
+    dw : ndarray, (F, C, kh, kw)
+    db : ndarray, (F,)
+    """
+    g = chk.validate_conv2d_backward(dy, x, w, stride, pad)
+    be = _backend(x)
+    dy, x, w = _contiguous(be, dy, x, w)
+    return be.conv2d_backward(dy, x, w, g)
+
+
+def max_pool2d(x, size=2, stride=None, pad=0):
+    """Max pooling; ``stride`` defaults to ``size`` and padding never wins the max.
+
+    Returns
+    -------
+    ndarray, (N, C, OH, OW), same dtype as ``x``
+    """
+    g = chk.validate_pool(x, size, stride, pad, max_pool=True)
+    be = _backend(x)
+    (x,) = _contiguous(be, x)
+    return be.max_pool2d(x, g)
+
+
+def max_pool2d_backward(dy, x, size=2, stride=None, pad=0):
+    """Gradient of :func:`max_pool2d`, sent to the first maximum of each window (as PyTorch)."""
+    g = chk.validate_max_pool_backward(dy, x, size, stride, pad)
+    be = _backend(x)
+    dy, x = _contiguous(be, dy, x)
+    return be.max_pool2d_backward(dy, x, g)
+
+
+def avg_pool2d(x, size=2, stride=None, pad=0):
+    """Average pooling; zero padding counts in the divisor (PyTorch's default)."""
+    g = chk.validate_pool(x, size, stride, pad, max_pool=False)
+    be = _backend(x)
+    (x,) = _contiguous(be, x)
+    return be.avg_pool2d(x, g)
+
+
+def avg_pool2d_backward(dy, x_shape, size=2, stride=None, pad=0):
+    """Gradient of :func:`avg_pool2d` with respect to an input of shape ``x_shape``."""
+    g = chk.validate_avg_pool_backward(dy, x_shape, size, stride, pad)
+    be = _backend(dy)
+    (dy,) = _contiguous(be, dy)
+    return be.avg_pool2d_backward(dy, g)
+
+
+# --- devices -----------------------------------------------------------------------------------
+
+
+def gpu_available() -> bool:
+    """True when CuPy is installed and a CUDA device is usable. Never raises."""
+    try:
+        from . import gpu
+
+        return gpu.available()
+    except Exception:
+        return False
+
+
+def to_gpu(x):
+    """Copy a NumPy array to the current CUDA device (a CuPy array is returned as is).
+
+    Raises
+    ------
+    RuntimeError
+        Saying why no GPU can be used (CuPy missing, no device, driver too old).
+    """
+    from . import gpu
+
+    return gpu.to_gpu(x)
+
+
+def to_cpu(x):
+    """Return ``x`` as a NumPy array (copying from the GPU if needed)."""
+    if chk.is_cupy_array(x):
+        return x.get()
+    if isinstance(x, np.ndarray):
+        return x
+    raise TypeError(f"x must be a numpy.ndarray or cupy.ndarray, got {type(x).__name__}")
