@@ -17,9 +17,7 @@ SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 def _type_name(obj) -> str:
     cls = type(obj)
-    return (
-        f"{cls.__module__}.{cls.__qualname__}" if cls.__module__ != "builtins" else cls.__qualname__
-    )
+    return f"{cls.__module__}.{cls.__qualname__}" if cls.__module__ != "builtins" else cls.__qualname__
 
 
 def is_cupy_array(x) -> bool:
@@ -46,9 +44,7 @@ def check_same_kind(reference_name: str, reference, **others) -> None:
             continue
         if is_cupy_array(arr) != ref_gpu:
             where = "cupy.ndarray" if ref_gpu else "numpy.ndarray"
-            raise TypeError(
-                f"{name} must be a {where} like {reference_name}, got {_type_name(arr)}"
-            )
+            raise TypeError(f"{name} must be a {where} like {reference_name}, got {_type_name(arr)}")
         if arr.dtype != reference.dtype:
             raise TypeError(
                 f"{name} must have the same dtype as {reference_name} ({np.dtype(reference.dtype)}), "
