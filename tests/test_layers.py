@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from _gradcheck import numeric_directional, numeric_grad_entries, sample_indices
 
+from fastconv import conv2d
 from fastconv import reference as ref
 from fastconv.nn import (
     AvgPool2D,
@@ -24,18 +25,20 @@ def _away_from_zero(a, margin=0.05):
     return np.where(np.abs(a) < margin, np.sign(a + 1e-12) * margin, a).astype(a.dtype)
 
 
-def check_layer_gradients(layer, x, rng, eps=1e-3, n_entries=12, relu_margin=None):
+def check_layer_gradients(layer, x, rng, eps=1e-3, n_entries=12, pre_activation=None):
     """backward() against central differences, for the input and every parameter.
 
-    For layers ending in a ReLU, ``relu_margin`` zeroes the probe weights of outputs at or
-    below the margin: the probe then ignores outputs near (or below) the kink, so no finite
-    difference crosses it, while every output above the margin is still checked.
+    For layers ending in a ReLU, pass the ``pre_activation``: probe weights of outputs whose
+    pre-activation lies within a margin of the kink are zeroed, so no finite difference crosses
+    it, while outputs clearly on either side (including the zeroed negative ones, whose gradient
+    must be masked) are still checked.
     """
     y = layer.forward(x, training=True)
     r = rng.standard_normal(y.shape)
-    if relu_margin is not None:
-        r[y <= relu_margin] = 0.0
-        assert (r != 0).mean() > 0.2
+    if pre_activation is not None:
+        near_kink = np.abs(pre_activation) <= 0.1
+        r[near_kink] = 0.0
+        assert (pre_activation < -0.1).mean() > 0.2 and (pre_activation > 0.1).mean() > 0.2
     dx = layer.backward(r.astype(np.float32))
     assert dx.shape == x.shape and dx.dtype == x.dtype
 
@@ -66,7 +69,10 @@ def test_conv2d_gradients(stride, padding, activation):
     x = rng.standard_normal((2, 2, 6, 5)).astype(np.float32)
     layer.forward(x)
     layer.params["b"][...] = rng.standard_normal(3).astype(np.float32)
-    check_layer_gradients(layer, x, rng, relu_margin=0.1 if activation else None)
+    pre = None
+    if activation == "relu":
+        pre = conv2d(x, layer.params["W"], layer.params["b"], stride, padding)
+    check_layer_gradients(layer, x, rng, pre_activation=pre)
 
 
 def test_conv2d_matches_reference_and_masks_fused_relu():
