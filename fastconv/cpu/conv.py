@@ -29,12 +29,13 @@ __all__ = ["im2col", "col2im", "conv2d", "conv2d_backward"]
 
 # Reassociation lets LLVM vectorise the reductions; never nnan/ninf: NaN must propagate.
 _FASTMATH = {"contract", "reassoc", "arcp", "nsz"}
+_INF = np.float32(np.inf)
 
 
 # --- index helpers ------------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _valid_range(in_size, out_size, stride, pad, offset):
     """Output indices ``o`` in [lo, hi) whose input index ``o*stride - pad + offset`` is inside."""
     # o*stride >= pad - offset  and  o*stride <= in_size - 1 + pad - offset
@@ -122,7 +123,7 @@ def col2im(cols, g):
 # --- per-image building blocks ------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _unfold_image(x, n, col, L, col0, kh, kw, sh, sw, ph, pw, OH, OW):
     """Windows of image ``n`` of ``x`` (float32 or half bits) into a flat fp32 column matrix:
     row k = (c, i, j) starts at ``k*L``, this image's OH*OW columns at ``col0``.
@@ -157,7 +158,7 @@ def _unfold_image(x, n, col, L, col0, kh, kw, sh, sw, ph, pw, OH, OW):
                             seg[q] = load(xrow[first + q * sw])
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _fold_image(dcol, L, col0, dx_acc, kh, kw, sh, sw, ph, pw, OH, OW):
     """dx_acc (C, H, W) fp32 <- sum of one image's window contributions, the adjoint of
     :func:`_unfold_image` (same flat layout). Runs on one thread for one image, so the
@@ -186,7 +187,7 @@ def _fold_image(dcol, L, col0, dx_acc, kh, kw, sh, sw, ph, pw, OH, OW):
                             dst_row[first + q * sw] += src[q]
 
 
-@njit(cache=True, inline="always", fastmath=_FASTMATH)
+@njit(cache=True, fastmath=_FASTMATH)
 def _gemm_nn(a, src, offsets, length, c):
     """c[:, :length] += a (M, K) @ B, where row k of B is ``src[offsets[k]:offsets[k]+length]``.
 
@@ -234,7 +235,7 @@ def _gemm_nn(a, src, offsets, length, c):
                 cm[p] += am * bk[p]
 
 
-@njit(cache=True, inline="always", fastmath=_FASTMATH)
+@njit(cache=True, fastmath=_FASTMATH)
 def _gemm_nt(a, src, offsets, length, c):
     """c (M, N) += a[:, :length] @ B^T, row n of B being ``src[offsets[n]:offsets[n]+length]``.
 
@@ -291,7 +292,7 @@ def _gemm_nt(a, src, offsets, length, c):
             c[m, n] += s
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True)
 def _pad_image(src, n, dst, Hd, Wd, top, left):
     """dst (C*Hd*Wd,) fp32 <- image ``n`` of ``src`` placed at (top, left) in zeros.
 
@@ -314,17 +315,19 @@ def _pad_image(src, n, dst, Hd, Wd, top, left):
             row[s_hi:] = 0.0
             seg = row[s_lo:s_hi]
             srow = src[n, c, sr, s_lo - left : s_hi - left]
-            bad = np.float32(0.0)
+            # No fastmath here: it would let LLVM assume the values finite. An integer count
+            # keeps the loop vectorisable.
+            nonfinite = 0
             for q in range(s_hi - s_lo):
                 v = load(srow[q])
                 seg[q] = v
-                bad += v - v  # NaN exactly when some v is inf or NaN
-            if bad != 0.0:
+                nonfinite += not (abs(v) < _INF)
+            if nonfinite:
                 finite = False
     return finite
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _image_range(t, n_threads, N):
     return t * N // n_threads, (t + 1) * N // n_threads
 
@@ -347,7 +350,7 @@ def _pack_weights(w, w_fk, w_kf, w_flip):
                 for j in range(kw):
                     k = (c * kh + i) * kw + j
                     v = load(w[f, c, i, j])
-                    if not (v - v == 0.0):
+                    if not (abs(v) < _INF):
                         finite = False
                     w_fk[f, k] = v
                     w_kf[k, f] = v
@@ -355,7 +358,7 @@ def _pack_weights(w, w_fk, w_kf, w_flip):
     return finite
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _store_rows(acc, col0, row_stride, dst, rows, cols, bias, relu):
     """dst (M, rows, cols) <- acc[m, col0 + r*row_stride + s] (+ bias[m], then ReLU if asked),
     written in dst's dtype."""
@@ -584,13 +587,15 @@ _TARGET_COLUMNS = 512
 def _plan(g, F, backward):
     """(direct, nb): which path a shape takes, and images per block on the unfolded path.
 
-    The direct path reads each pixel from the padded image instead of writing K copies of it,
-    a win when the unfolded matrix is large relative to the GEMM work (few filters per tap,
-    large images); it wastes the (W+2*pw)/OW extra columns, and needs stride 1.
+    Measured on the deep-MNIST layers (docs/kernels.md): unfolding writes K = C*kh*kw copies
+    of every pixel, which costs about 1/F of the GEMM; with few filters (F <= 32) the direct
+    path wins even though it computes (W+2*pw)/OW too many columns, with 64 filters the
+    unfolded path wins. The direct dx is a GEMM with C rows, too few to block when C < 4
+    (conv1: C = 1), where dcol = W^T @ dy with K rows is faster.
     """
     P = g.OH * g.OW
     nb = max(1, min(g.N, -(-_TARGET_COLUMNS // P)))
-    direct = g.sh == 1 and g.sw == 1 and P >= _TARGET_COLUMNS and F <= 32
+    direct = g.sh == 1 and g.sw == 1 and F <= 32 and (not backward or g.C >= 4)
     return direct, nb
 
 
