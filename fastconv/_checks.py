@@ -108,6 +108,9 @@ class Geometry(NamedTuple):
 
 
 def window_geometry(x_shape, kernel, stride, pad, what: str = "kernel") -> Geometry:
+    if min(x_shape) < 1:
+        # An empty image would leave windows with no pixel, which the kernels would read anyway.
+        raise ValueError(f"x must have every dimension >= 1, got shape {tuple(x_shape)}")
     N, C, H, W = x_shape
     kh, kw = kernel
     sh, sw = as_pair(stride, "stride", 1)
