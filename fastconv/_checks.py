@@ -159,6 +159,8 @@ def validate_conv2d(x, w, b, stride, pad, activation=None) -> Geometry:
         check_array(b, "b", 1)
     check_same_kind("x", x, w=w, b=b)
     F, C, kh, kw = w.shape
+    if min(w.shape) < 1:
+        raise ValueError(f"w must have every dimension >= 1, got shape {tuple(w.shape)}")
     if C != x.shape[1]:
         raise ValueError(
             f"w must have {x.shape[1]} input channels (w.shape[1]) to match x.shape[1], got {C}"
