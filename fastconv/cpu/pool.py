@@ -147,9 +147,9 @@ def _max4(a, b, c, d):
 
 
 @njit(inline="always")
-def _is_max(v, m, has_nan):
-    """``v`` is the window's maximum ``m``; in a window holding a NaN only NaNs are."""
-    return ((v == m) & (not has_nan)) | (v != v)
+def _is_max(v, m):
+    """``v`` is the window's maximum ``m``; a NaN ``m`` (see :func:`_max4`) equals only NaNs."""
+    return (v == m) | (v != v)
 
 
 @njit(parallel=True, cache=True)
@@ -182,13 +182,13 @@ def _max_backward_2x2(dy, x, dx):
                 w = 2 * ow
                 a, b = load(x[p, h, w]), load(x[p, h, w + 1])
                 c, d = load(x[p, h + 1, w]), load(x[p, h + 1, w + 1])
-                m, has_nan = _max4(a, b, c, d)
+                m, _ = _max4(a, b, c, d)
                 # Random data makes the argmax unpredictable: branching on it mispredicted
                 # often enough to make this pass 5x slower, so the first maximum is found with
                 # masks and every store is a select.
-                hit_a = _is_max(a, m, has_nan)
-                hit_b = _is_max(b, m, has_nan) and not hit_a
-                hit_c = _is_max(c, m, has_nan) and not (hit_a or hit_b)
+                hit_a = _is_max(a, m)
+                hit_b = _is_max(b, m) and not hit_a
+                hit_c = _is_max(c, m) and not (hit_a or hit_b)
                 hit_d = not (hit_a or hit_b or hit_c)
                 # Windows do not overlap: dy is copied as is (half bits included), no rounding.
                 g = dy[p, oh, ow]
