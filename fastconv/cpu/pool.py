@@ -204,6 +204,49 @@ def _max_backward_2x2(dy, x, dx):
                 dx[p, h, w] = zero
 
 
+@njit(parallel=True, cache=True)
+def _max_backward_2x2_half(dy, x, dx):
+    # Same as _max_backward_2x2, but each pair of input rows is first converted to a float32
+    # buffer: a contiguous loop the compiler vectorises (vcvtph2ps on 8-16 halves at once),
+    # where converting four scattered halves per window measured ~2x slower overall. For
+    # float32 the extra copy only costs, so that dtype keeps the direct kernel.
+    P, H, W = x.shape
+    OH, OW = dy.shape[1], dy.shape[2]
+    zero = store_value(dx, np.float32(0.0))
+    for p in prange(P):
+        rows = np.empty((2, W), dtype=np.float32)
+        for oh in range(OH):
+            h = 2 * oh
+            for w in range(W):
+                rows[0, w] = load(x[p, h, w])
+                rows[1, w] = load(x[p, h + 1, w])
+            for ow in range(OW):
+                w = 2 * ow
+                a, b = rows[0, w], rows[0, w + 1]
+                c, d = rows[1, w], rows[1, w + 1]
+                m, _ = _max4(a, b, c, d)
+                hit_a = _is_max(a, m)
+                hit_b = _is_max(b, m) and not hit_a
+                hit_c = _is_max(c, m) and not (hit_a or hit_b)
+                hit_d = not (hit_a or hit_b or hit_c)
+                g = dy[p, oh, ow]
+                dx[p, h, w] = g if hit_a else zero
+                dx[p, h, w + 1] = g if hit_b else zero
+                dx[p, h + 1, w] = g if hit_c else zero
+                dx[p, h + 1, w + 1] = g if hit_d else zero
+            if W > 2 * OW:
+                dx[p, h, W - 1] = zero
+                dx[p, h + 1, W - 1] = zero
+        for h in range(2 * OH, H):
+            for w in range(W):
+                dx[p, h, w] = zero
+
+
+def _backward_2x2_kernel_for(dtype):
+    """The 2x2 backward kernel for a kernel-side dtype (float32, or uint16 half bits)."""
+    return _max_backward_2x2_half if dtype == np.uint16 else _max_backward_2x2
+
+
 # --- backend entry points (validated, C-contiguous input) -------------------------------------
 
 
@@ -235,7 +278,7 @@ def max_pool2d_backward(dy, x, g):
     dyp = _planes(dy, g.OH, g.OW)
     dx = np.empty_like(xp)
     if _is_2x2(g):
-        _max_backward_2x2(dyp, xp, dx)
+        _backward_2x2_kernel_for(xp.dtype)(dyp, xp, dx)
     else:
         _max_backward(dyp, xp, dx, *_window_args(g))
     return from_bits(dx, x.dtype).reshape(g.x_shape)
