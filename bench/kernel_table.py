@@ -181,7 +181,9 @@ def machine_description() -> str:
         else "no PyTorch",
     ]
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    return f"{cpu}, {os.cpu_count()} logical cores; {', '.join(versions)}; {now}"
+    # Timings on a shared machine are only as good as its load: say what it was.
+    load = f"; load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
+    return f"{cpu}, {os.cpu_count()} logical cores; {', '.join(versions)}; {now}{load}"
 
 
 def _cell(t: float | None, base: float | None) -> str:
