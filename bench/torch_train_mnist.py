@@ -1,8 +1,9 @@
-"""Train the book's deep MNIST net with PyTorch on the CPU: the wall-time baseline for the same recipe.
+"""Train the book's deep MNIST net with PyTorch on the CPU: the wall-time baseline.
 
-Same network (conv4 has pad 2), He-normal init, Adam (lr 1e-3, the book's betas), batch 100, inverted
-dropout 0.5, softmax cross-entropy, and the same MNIST files as ``fastconv train-mnist``. Prints one
-line per epoch and, with ``--json``, a summary object (best/final test accuracy, wall time).
+Same recipe as ``fastconv train-mnist``: the network (conv4 has pad 2), He-normal init, Adam
+(lr 1e-3, the book's betas), batch 100, inverted dropout 0.5, softmax cross-entropy,
+the same MNIST files. Prints one line per epoch and, with ``--json``, writes a summary
+(best/final test accuracy, wall time).
 
     python bench/torch_train_mnist.py --epochs 20 --threads 2 --json runs/torch_mnist.json
 """
@@ -47,8 +48,9 @@ def evaluate(torch, net, x, y, batch_size=1000):
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
             scores = net(x[i : i + batch_size])
-            loss += torch.nn.functional.cross_entropy(scores, y[i : i + batch_size], reduction="sum")
-            correct += (scores.argmax(1) == y[i : i + batch_size]).sum().item()
+            batch_labels = y[i : i + batch_size]
+            loss += torch.nn.functional.cross_entropy(scores, batch_labels, reduction="sum")
+            correct += (scores.argmax(1) == batch_labels).sum().item()
     return float(loss) / len(x), correct / len(x)
 
 
@@ -63,7 +65,6 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import torch
-
     from fastconv.datasets import load_mnist
 
     torch.set_num_threads(args.threads)
