@@ -124,6 +124,19 @@ class EmulatedLauncher:
         self._fn(kernel, dtype_name)(*c_args, grid, self.block)
 
 
-def emulated_ops(launcher: EmulatedLauncher, direct_max_k: int | None = None) -> KernelOps:
+class PoisonedNumpy:
+    """``numpy`` whose ``empty`` is filled with NaN: an output element a kernel forgets to write
+    then shows up as NaN instead of as plausible leftover memory."""
+
+    def __getattr__(self, name):
+        return getattr(np, name)
+
+    @staticmethod
+    def empty(shape, dtype=float):
+        return np.full(shape, np.nan, dtype=dtype)
+
+
+def emulated_ops(launcher: EmulatedLauncher, direct_max_k: int | None = None, xp=None) -> KernelOps:
+    """The GPU backend's :class:`KernelOps` on NumPy arrays and the emulated kernels."""
     kwargs = {} if direct_max_k is None else {"direct_max_k": direct_max_k}
-    return KernelOps(np, launcher, numpy_matmul_fp32_accumulate, **kwargs)
+    return KernelOps(xp or PoisonedNumpy(), launcher, numpy_matmul_fp32_accumulate, **kwargs)

@@ -44,9 +44,9 @@ def module_source() -> str:
     """``common.cuh`` followed by every kernel file, as one translation unit.
 
     NVRTC compiles a string with no include path to our directory, so the local include is
-    inlined here instead (``#pragma once`` makes that equivalent to the real include).
+    inlined here instead (``#pragma once`` would make the real include a no-op after this one).
     """
-    parts = [read("common.cuh")]
+    parts = [read("common.cuh").replace("#pragma once", "", 1)]
     parts += [f"// ---- {name}\n" + _INCLUDE.sub("", read(name)) for name in SOURCE_FILES]
     return "\n".join(parts)
 
