@@ -7,9 +7,12 @@ The unmarked tests at the top check, everywhere, how the backend reports that it
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import subprocess
 import sys
 import types
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -228,3 +231,50 @@ def test_large_launch_uses_capped_grid():
     cols = fastconv.im2col(x, 3, 3, pad=1)  # 64*64*64*144 ~ 3.8e7 entries
     assert float(cols.sum()) == pytest.approx(float(ref.im2col(np.ones((1, 16, 64, 64)),
                                               3, 3, 1, 1).sum()) * 64, rel=1e-6)  # fmt: skip
+
+
+# --- bench/gpu_report.py (run everywhere) ------------------------------------------------------
+
+REPORT = Path(__file__).resolve().parents[1] / "bench" / "gpu_report.py"
+
+
+def test_gpu_report_dry_run_prints_the_plan(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(REPORT), "--out", str(tmp_path / "r"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "pytest -m gpu" in done.stdout and "conv6" in done.stdout and "pool3" in done.stdout
+    assert not (tmp_path / "r").exists()  # a dry run writes nothing
+
+
+@pytest.mark.skipif(fastconv.gpu_available(), reason="checks the no-GPU exit path")
+def test_gpu_report_without_a_gpu_says_why(tmp_path):
+    done = subprocess.run(
+        [sys.executable, str(REPORT), "--out", str(tmp_path / "r")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2
+    assert "no usable GPU" in done.stderr
+
+
+def test_gpu_report_markdown_renders_every_section():
+    spec = importlib.util.spec_from_file_location("gpu_report", REPORT)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    row = mod._row("conv1", "conv", "float16", "forward", 0.5, 1.0, 1e-3)
+    assert row["ratio_torch_over_fastconv"] == 2.0
+    md = mod.to_markdown(
+        {
+            "environment": {"device": "X"},
+            "tests": {"command": "pytest -m gpu", "returncode": 0, "summary": "5 passed"},
+            "layers": [row],
+            "training": {"skipped": "no fastconv.models"},
+        }
+    )
+    assert "| conv1 | float16 | forward | 0.500 | 1.000 | 2.00 |" in md
+    assert "5 passed" in md and "no fastconv.models" in md
