@@ -83,11 +83,11 @@ def test_device_problems_are_reported(monkeypatch, fresh_reason, fake, message):
 
 def test_launcher_checks_arguments_against_the_signature():
     with pytest.raises(TypeError, match="takes"):
-        _module.convert_args("bias_grad", (None, None, 1))
+        _module.convert_args("bias_grad_finish", (None, None, 1))
     with pytest.raises(ValueError, match="32-bit"):
-        _module.convert_args("bias_grad", (None, None, 1, 2**31, 1))
-    args = _module.convert_args("bias_grad", ("dy", "db", 1, 2, 3))
-    assert args[:2] == ("dy", "db") and all(type(a) is np.int32 for a in args[2:])
+        _module.convert_args("bias_grad_finish", (None, None, 2**31, 1))
+    args = _module.convert_args("bias_grad_finish", ("partial", "db", 2, 3))
+    assert args[:2] == ("partial", "db") and all(type(a) is np.int32 for a in args[2:])
 
 
 # --- on a device -----------------------------------------------------------------------------

@@ -174,6 +174,15 @@ def test_conv2d_backward_geometries(ops, dtype, shape, kernel, stride, pad):
         assert_close(a, r, dtype, rounding_steps=g.kh * g.kw + 1)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("N,F,P", [(3, 2, 1), (1, 5, 7), (2, 3, 300), (4, 16, 784)])
+def test_bias_grad_two_pass_reduction(ops, dtype, N, F, P):
+    dy = rand(np.random.default_rng(9), (N, F, P), dtype)
+    db = ops.bias_grad(dy, N, F, P)
+    assert db.dtype == dtype
+    assert_close(db, dy.astype(np.float64).sum(axis=(0, 2)), dtype)
+
+
 # --- pooling --------------------------------------------------------------------------------------
 
 POOLS = [

@@ -106,16 +106,16 @@ class EmulatedLauncher:
         sig = _source.SIGNATURES[kernel]
         if len(args) != len(sig):
             raise TypeError(f"{kernel} takes {len(sig)} arguments, got {len(args)}")
-        arrays = [a for a in args if isinstance(a, np.ndarray)]
-        dtype_name = arrays[0].dtype.name
+        dtype_name = _source.element_dtype(kernel, args)
         c_args = []
         for code, a in zip(sig, args, strict=True):
             if code == "i":
                 c_args.append(int(a))
                 continue
             # The kernels index flat C-order buffers of one dtype; anything else is a wrapper bug.
-            if not (isinstance(a, np.ndarray) and a.flags.c_contiguous and a.dtype == dtype_name):
-                raise TypeError(f"{kernel}: pointer argument must be a C-contiguous {dtype_name}")
+            want = dtype_name if code in "rw" else "float32"
+            if not (isinstance(a, np.ndarray) and a.flags.c_contiguous and a.dtype == want):
+                raise TypeError(f"{kernel}: pointer argument must be a C-contiguous {want}")
             c_args.append(a.ctypes.data)
         grid = -(-n // self.block)
         if self.max_blocks is not None:

@@ -67,8 +67,8 @@ def launch(kernel: str, n: int, *args) -> None:
         return
     import cupy
 
-    dtype = next(a.dtype for a in args if hasattr(a, "dtype"))
-    fn = get_function(kernel, dtype)
+    args = convert_args(kernel, args)
+    fn = get_function(kernel, _source.element_dtype(kernel, args))
     dev = cupy.cuda.Device().id
     blocks = min(-(-n // THREADS_PER_BLOCK), _max_blocks[dev])
-    fn((blocks,), (THREADS_PER_BLOCK,), convert_args(kernel, args))
+    fn((blocks,), (THREADS_PER_BLOCK,), args)

@@ -4,7 +4,9 @@ The same table drives the CuPy ``RawModule`` name expressions, the explicit temp
 instantiations of the nvcc compile test, the ``extern "C"`` wrappers of the g++ emulation and
 the argument conversion of both launchers, so a signature drift fails to compile in CI.
 
-Signature codes: ``r`` = ``const T*`` (read), ``w`` = ``T*`` (written), ``i`` = ``int``.
+Signature codes: ``r`` = ``const T*`` (read), ``w`` = ``T*`` (written), ``R``/``W`` = the same
+for ``float`` whatever ``T`` is (fp32 scratch), ``i`` = ``int``. ``T`` is the dtype of the first
+``r``/``w`` argument.
 """
 
 from __future__ import annotations
@@ -25,7 +27,8 @@ SIGNATURES: dict[str, str] = {
     "avg_pool2d": "rw" + _GEOM,
     "avg_pool2d_backward": "rw" + _GEOM,
     "bias_act": "wr" + "iii" + "ii",  # N, F, P, has_bias, relu
-    "bias_grad": "rw" + "iii",  # N, F, P
+    "bias_grad_partial": "rW" + "iiii",  # N, F, P, S
+    "bias_grad_finish": "Rw" + "ii",  # F, S
     # N, C, H, W, F, kh, kw, sh, sw, ph, pw, OH, OW, has_bias, relu
     "conv2d_direct": "rrrw" + "i" * 13 + "ii",
 }
@@ -52,8 +55,17 @@ def module_source() -> str:
 
 
 def c_params(sig: str, ctype: str) -> list[str]:
-    table = {"r": f"const {ctype}*", "w": f"{ctype}*", "i": "int"}
+    table = {"r": f"const {ctype}*", "w": f"{ctype}*", "R": "const float*", "W": "float*",
+             "i": "int"}  # fmt: skip
     return [table[code] for code in sig]
+
+
+def element_dtype(kernel: str, args) -> str:
+    """Name of ``T`` for a launch: the dtype of the first ``r``/``w`` argument."""
+    for code, a in zip(SIGNATURES[kernel], args, strict=True):
+        if code in "rw":
+            return a.dtype.name
+    raise TypeError(f"{kernel} has no T-typed array argument")
 
 
 def name_expression(kernel: str, dtype_name: str) -> str:

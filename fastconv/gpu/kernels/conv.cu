@@ -17,15 +17,31 @@ __global__ void bias_act(T* __restrict__ y, const T* __restrict__ b, int N, int 
     }
 }
 
-// db[f] = sum over n, p of dy[n, f, p]: one thread per channel, float accumulator, fixed order.
+// db[f] = sum over n, p of dy[n, f, p], in two deterministic passes (no atomics, no shared
+// memory). Pass 1: thread (f, s) sums entries s, s + S, s + 2S, ... of channel f's N*P values
+// into a float partial; neighbouring threads read neighbouring addresses, so loads coalesce.
 template <typename T>
-__global__ void bias_grad(const T* __restrict__ dy, T* __restrict__ db, int N, int F, int P) {
+__global__ void bias_grad_partial(const T* __restrict__ dy, float* __restrict__ partial, int N,
+                                  int F, int P, int S) {
+    const long long count = (long long)N * P;
+    FC_GRID_STRIDE_LOOP(t, (long long)F * S) {
+        const int f = t / S, s = t % S;
+        float acc = 0.0f;
+        for (long long e = s; e < count; e += S) {
+            const long long n = e / P, p = e % P;
+            acc += load_f(dy, (n * F + f) * P + p);
+        }
+        partial[t] = acc;
+    }
+}
+
+// Pass 2: one thread per channel adds its S partials in a fixed order and stores T.
+template <typename T>
+__global__ void bias_grad_finish(const float* __restrict__ partial, T* __restrict__ db, int F,
+                                 int S) {
     FC_GRID_STRIDE_LOOP(f, (long long)F) {
         float acc = 0.0f;
-        for (int n = 0; n < N; ++n) {
-            const long long base = ((long long)n * F + f) * P;
-            for (int p = 0; p < P; ++p) acc += load_f(dy, base + p);
-        }
+        for (int s = 0; s < S; ++s) acc += partial[f * (long long)S + s];
         store_f(db, f, acc);
     }
 }
