@@ -10,6 +10,8 @@ Outputs are allocated NaN-filled, so an element a kernel fails to write cannot p
 from __future__ import annotations
 
 import shutil
+import sys
+import types
 
 import numpy as np
 import pytest
@@ -19,7 +21,8 @@ from hypothesis import strategies as st
 from fastconv import _checks as chk
 from fastconv import reference as ref
 from fastconv.gpu import _emulation as emu
-from fastconv.gpu._kernel_ops import BATCH, ROWS
+from fastconv.gpu import _source
+from fastconv.gpu._kernel_ops import BATCH, ROWS, numpy_matmul_fp32_accumulate
 
 pytestmark = [
     pytest.mark.gpu_emulation,
@@ -298,3 +301,96 @@ def test_random_geometry_conv_and_pool(lib, n, c, h, w, k, s, p, seed):
         dyp = rand(rng, (n, c, gp.OH, gp.OW), np.float32)
         want = ref.max_pool2d_backward(dyp, x, k, s, p)
         assert_close(ops.max_pool2d_backward(dyp, x, gp), want, np.float32)
+
+
+# --- the CuPy glue itself, with CuPy replaced by NumPy + the emulated kernels ---------------------
+
+
+class _FakeFunction:
+    """What ``RawModule.get_function`` returns: called as ``fn(grid, block, args)``."""
+
+    def __init__(self, launcher, kernel, dtype_name, calls):
+        self.launcher, self.kernel, self.dtype_name = launcher, kernel, dtype_name
+        self.calls = calls
+
+    def __call__(self, grid, block, args):
+        sig = _source.SIGNATURES[self.kernel]
+        assert len(grid) == 1 and len(block) == 1 and len(args) == len(sig)
+        c_args = []
+        for code, a in zip(sig, args, strict=True):
+            if code == "i":
+                assert type(a) is np.int32, (self.kernel, type(a))  # exact C type for CuPy
+                c_args.append(int(a))
+            else:
+                assert a.flags.c_contiguous
+                assert a.dtype == (self.dtype_name if code in "rw" else "float32")
+                c_args.append(a.ctypes.data)
+        self.calls.append((self.kernel, grid[0], block[0]))
+        self.launcher._fn(self.kernel, self.dtype_name)(*c_args, grid[0], block[0])
+
+
+def _fake_cupy(launcher):
+    calls, modules = [], []
+    ctype_to_dtype = {v: k for k, v in _source.CTYPES.items()}
+
+    class RawModule:
+        def __init__(self, code, options=(), name_expressions=()):
+            self.code, self.options, self.names = code, options, list(name_expressions)
+            modules.append(self)
+
+        def get_function(self, name):
+            assert name in self.names, name  # only instantiated name expressions exist
+            kernel, ctype = name[:-1].split("<")
+            return _FakeFunction(launcher, kernel, ctype_to_dtype[ctype], calls)
+
+    class Device:
+        def __init__(self, dev=None):
+            self.id = 0 if dev is None else dev
+            self.attributes = {"MultiProcessorCount": 1}  # grid cap 32 blocks
+
+    fake = types.ModuleType("cupy")
+    fake.RawModule = RawModule
+    fake.cuda = types.SimpleNamespace(Device=Device)
+    fake.empty = emu.PoisonedNumpy.empty
+    fake.ascontiguousarray = np.ascontiguousarray
+    fake.matmul = numpy_matmul_fp32_accumulate
+    return fake, calls, modules
+
+
+def test_backend_module_and_cupy_launcher_with_fake_cupy(lib, monkeypatch):
+    from fastconv import gpu
+    from fastconv.gpu import _module
+
+    fake, calls, modules = _fake_cupy(emu.EmulatedLauncher(lib))
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(_module, "_modules", {})
+    monkeypatch.setattr(_module, "_max_blocks", {})
+    gpu._ops.cache_clear()
+    try:
+        rng = np.random.default_rng(10)
+        for dtype in DTYPES:
+            x, w = rand(rng, (3, 8, 12, 12), dtype), rand(rng, (16, 8, 3, 3), dtype)
+            b = rand(rng, (16,), dtype)
+            g = chk.validate_conv2d(x, w, b, 1, 1, "relu")
+            y = gpu.conv2d(x, w, b, g, "relu")
+            assert_close(y, ref.conv2d(x, w, b, 1, 1, "relu"), dtype, 2)
+            dy = rand(rng, y.shape, dtype)
+            for a, r in zip(gpu.conv2d_backward(dy, x, w, g), ref.conv2d_backward(dy, x, w, 1, 1),
+                            strict=True):  # fmt: skip
+                assert_close(a, r, dtype, 10)
+            gp = chk.validate_pool(x, 2, None, 0, max_pool=True)
+            np.testing.assert_array_equal(gpu.max_pool2d(x, gp), ref.max_pool2d(x, 2))
+            assert_close(gpu.avg_pool2d(x, gp), ref.avg_pool2d(x, 2), dtype)
+            x1 = rand(rng, (2, 1, 9, 9), dtype)  # C = 1: the direct kernel
+            w1 = rand(rng, (4, 1, 3, 3), dtype)
+            g1 = chk.validate_conv2d(x1, w1, None, 1, 1)
+            assert_close(gpu.conv2d(x1, w1, None, g1, None), ref.conv2d(x1, w1, None, 1, 1), dtype)
+    finally:
+        gpu._ops.cache_clear()
+    assert len(modules) == 1, "the RawModule must be compiled once per device"
+    mod = modules[0]
+    assert mod.code == _source.module_source() and mod.options == ("-std=c++17",)
+    assert sorted(mod.names) == sorted(_source.name_expressions())
+    assert {k for k, _, _ in calls} >= {"im2col", "col2im", "bias_act", "conv2d_direct"}
+    assert all(block == 256 and 1 <= grid <= 32 for _, grid, block in calls)
+    assert any(grid == 32 for _, grid, _ in calls)  # the cap was hit: grid-stride loop on the path

@@ -65,6 +65,7 @@ class KernelOps:
             return y
         cols = self.im2col(x, g, BATCH)  # (N, K, P)
         y = self.matmul(w.reshape(F, K), cols)  # broadcast batched GEMM -> (N, F, P) = NCHW
+        y = self.xp.ascontiguousarray(y)  # kernels index flat buffers; a no-op for cuBLAS output
         if has_bias or relu:
             bias = b if b is not None else y
             self.launch("bias_act", y.size, y, bias, g.N, F, P, has_bias, relu)
@@ -79,7 +80,7 @@ class KernelOps:
         dy_rows = xp.ascontiguousarray(dy.reshape(g.N, F, P).transpose(0, 2, 1)).reshape(-1, F)
         cols = self.im2col(x, g, ROWS)  # (N*P, K)
         dw = self.matmul(dy_rows.T, cols).reshape(w.shape)  # (F, K)
-        dcols = self.matmul(dy_rows, w.reshape(F, K))  # (N*P, K)
+        dcols = xp.ascontiguousarray(self.matmul(dy_rows, w.reshape(F, K)))  # (N*P, K)
         dx = self.col2im(dcols, g, ROWS)
         return dx, dw, self.bias_grad(dy, g.N, F, P)
 
