@@ -232,3 +232,29 @@ def test_fans():
     assert initializers.fans((16, 3, 5, 5)) == (75, 400)
     with pytest.raises(ValueError):
         initializers.fans((3, 3, 3))
+
+
+@pytest.mark.parametrize("dtype,rtol", [(np.float32, 1e-5), (np.float16, 3e-3)])
+def test_dense_kernels_match_float64(dtype, rtol):
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((7, 37)).astype(dtype)
+    layer = Dense(13)
+    layer.forward(x)  # builds the parameters in x's dtype
+    W, b = layer.params["W"], layer.params["b"]
+    b[...] = rng.standard_normal(13).astype(dtype)
+    y = layer.forward(x, training=True)
+    assert y.dtype == dtype
+    x64, W64 = x.astype(np.float64), W.astype(np.float64)
+    scale = np.abs(x64) @ np.abs(W64) + np.abs(b.astype(np.float64))
+    expected = x64 @ W64 + b
+    assert np.all(np.abs(y - expected) <= rtol * scale + 1e-6)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    dx = layer.backward(dy)
+    dy64 = dy.astype(np.float64)
+    for got, want, bound in [
+        (dx, dy64 @ W64.T, np.abs(dy64) @ np.abs(W64.T)),
+        (layer.grads["W"], x64.T @ dy64, np.abs(x64.T) @ np.abs(dy64)),
+        (layer.grads["b"], dy64.sum(0), np.abs(dy64).sum(0)),
+    ]:
+        assert got.dtype == dtype
+        assert np.all(np.abs(got - want) <= rtol * bound + 1e-6)

@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import _checks as chk
 from .. import ops
-from . import initializers
+from . import _dense, initializers
 from ._xp import array_module
 
 __all__ = [
@@ -268,8 +268,9 @@ class AvgPool2D(_Pool2D):
 class Dense(Layer):
     """Fully connected layer ``y = x @ W + b`` with ``W`` of shape ``(in, out)``.
 
-    Inputs must be ``(N, in)``; put a :class:`Flatten` after convolutional layers.
-    float16 inputs are multiplied in float32 (NumPy has no half-precision BLAS) and rounded back.
+    Inputs must be ``(N, in)``; put a :class:`Flatten` after convolutional layers. On the CPU
+    the products run as Numba kernels on the same thread pool as the convolutions (float16 is
+    computed in float32 and rounded back); on the GPU they are CuPy matmuls.
     """
 
     kind = "dense"
@@ -306,30 +307,41 @@ class Dense(Layer):
         }
         self.grads = {}
 
-    @staticmethod
-    def _matmul(a, b):
-        if a.dtype == np.float16 and not chk.is_cupy_array(a):
-            return (a.astype(np.float32) @ b.astype(np.float32)).astype(np.float16)
-        return a @ b
-
     def forward(self, x, training=False):
         self._ensure_built(x)
         if x.ndim != 2:
             raise ValueError(f"Dense expects a 2-D input (N, features), got shape {tuple(x.shape)}")
         self._x = x if training else None
-        y = self._matmul(x, self.params["W"])
-        y += self.params["b"]
-        return y
+        W, b = self.params["W"], self.params["b"]
+        if chk.is_cupy_array(x):
+            y = x @ W
+            y += b
+            return y
+        x32, W32, b32 = (_f32c(a) for a in (x, W, b))
+        return _dense.dense_forward(x32, W32, b32).astype(x.dtype, copy=False)
 
     def backward(self, dy):
         x = self._cached(self._x)
         self._x = None
         W = self.params["W"]
+        chk.check_array(dy, "dy", 2)
+        chk.check_same_kind("x", x, dy=dy)
+        chk.check_shape(dy, "dy", (x.shape[0], self.units))
+        db = dy.sum(axis=0, dtype=np.float32).astype(dy.dtype, copy=False)
+        if chk.is_cupy_array(x):
+            self.grads = {"W": x.T @ dy, "b": db}
+            return dy @ W.T
+        x32, dy32, W32 = (_f32c(a) for a in (x, dy, W))
         self.grads = {
-            "W": self._matmul(x.T, dy),
-            "b": dy.sum(axis=0, dtype=np.float32).astype(dy.dtype),
+            "W": _dense.dense_grad_w(x32, dy32).astype(dy.dtype, copy=False),
+            "b": db,
         }
-        return self._matmul(dy, W.T)
+        return _dense.dense_grad_x(dy32, W32).astype(dy.dtype, copy=False)
+
+
+def _f32c(a):
+    """C-contiguous float32 (float16 Dense math runs in float32: the products are small)."""
+    return np.ascontiguousarray(a, dtype=np.float32)
 
 
 class ReLU(Layer):
