@@ -417,3 +417,44 @@ def test_user_input_errors():
         Sequential([lambda v: v])
     # uint8 images are accepted and cast per batch
     assert model.predict((x * 255).astype(np.uint8)).dtype == np.float32
+
+
+# --- GPU (skipped where no usable CUDA device exists) -------------------------------------------
+
+
+@pytest.mark.gpu
+def test_gpu_model_matches_cpu_and_trains(tmp_path):
+    import fastconv
+    from fastconv._checks import is_cupy_array
+
+    if not fastconv.gpu_available():
+        from fastconv import gpu
+
+        pytest.skip(f"no usable GPU: {gpu.unavailable_reason()}")
+    x, y = toy_data(60)
+    cpu = tiny_net(seed=5)
+    cpu.compile(Adam(lr=0.01))
+    cpu.build(x.shape[1:])
+    dev = cpu.to("gpu")
+    assert dev.backend == "gpu" and is_cupy_array(dev.parameters()[0])
+    np.testing.assert_allclose(
+        fastconv.to_cpu(dev.predict(x)), cpu.predict(x), rtol=1e-4, atol=1e-4
+    )
+    for m in (cpu, dev):
+        m.rng = np.random.default_rng(0)
+        for layer in m.layers:
+            layer.rng = m.rng
+    a = cpu.train_on_batch(x, y)
+    b = dev.train_on_batch(x, y)
+    assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
+    for wc, wg in zip(cpu.get_weights(), dev.get_weights(), strict=True):
+        np.testing.assert_allclose(wg, wc, rtol=1e-3, atol=1e-5)
+    dev.fit(x, y, epochs=5, batch_size=20, verbose=0)
+    assert dev.evaluate(x, y)["accuracy"] > 0.8
+    dev.save(tmp_path / "g.npz")
+    back = load_model(tmp_path / "g.npz")
+    np.testing.assert_array_equal(back.get_weights()[0], dev.get_weights()[0])
+    half = dev.to(dtype="float16")
+    s16 = fastconv.to_cpu(half.predict(x)).astype(np.float32)
+    s32 = fastconv.to_cpu(dev.predict(x))
+    np.testing.assert_allclose(s16, s32, rtol=2e-2, atol=2e-2 * np.abs(s32).max())
