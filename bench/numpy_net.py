@@ -253,7 +253,7 @@ class SoftmaxCrossEntropy:
 class Adam:
     """Adam as in the book (bias correction folded into the step size)."""
 
-    def __init__(self, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8):
+    def __init__(self, lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-7):
         self.lr, self.beta1, self.beta2, self.eps = lr, beta1, beta2, eps
         self.t = 0
         self.m = self.v = None

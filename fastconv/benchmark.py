@@ -93,7 +93,7 @@ def _fastconv_model(seed, dtype="float32"):
     model = deep_mnist_net(seed=seed)
     if dtype != "float32":
         model = model.to(dtype=dtype)
-    return model
+    return model.compile(optimizer="adam", loss="softmax_cross_entropy")
 
 
 def _params_numpy(model):

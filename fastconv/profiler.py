@@ -203,6 +203,10 @@ def _prepare_inputs(model, x, y):
         x = to_gpu(np.asarray(x))
     if dtype is not None and np.dtype(x.dtype) != np.dtype(dtype):
         x = x.astype(dtype)
+    if backend == "gpu" and y is not None and not is_cupy_array(y):
+        import cupy
+
+        y = cupy.asarray(y)
     return x, y
 
 
@@ -401,7 +405,7 @@ def _build_model(args):
     model = deep_mnist_net(seed=args.seed)
     if args.backend != "cpu" or args.dtype != "float32":
         model = model.to(backend=args.backend, dtype=args.dtype)
-    return model
+    return model.compile(optimizer="adam", loss="softmax_cross_entropy")
 
 
 def _inputs(args):
