@@ -353,6 +353,8 @@ def _command(args) -> int:
         numpy_repeats=args.numpy_repeats,
         numpy_steps=args.numpy_steps,
         include_numpy=not args.no_numpy,
+        batch_size=args.batch_size,
+        infer_images=args.infer_images,
         seed=args.seed,
         torch_threads=args.torch_threads,
         log=log,
@@ -360,6 +362,7 @@ def _command(args) -> int:
     command = (
         f"fastconv bench --steps {args.steps} --repeats {args.repeats} "
         f"--numpy-repeats {args.numpy_repeats} --numpy-steps {args.numpy_steps}"
+        f" --batch-size {args.batch_size} --infer-images {args.infer_images}"
         + (" --no-numpy" if args.no_numpy else "")
         + (f" --out-md {args.out_md}" if args.out_md else "")
         + (f" --out-png {args.out_png}" if args.out_png else "")
@@ -379,6 +382,8 @@ def _add_arguments(p):
     p.add_argument("--numpy-repeats", type=int, default=1, help="rounds for the NumPy net")
     p.add_argument("--numpy-steps", type=int, default=1, help="steps per NumPy sample")
     p.add_argument("--no-numpy", action="store_true", help="leave out the slow NumPy net")
+    p.add_argument("--batch-size", type=int, default=100, help="training batch (default 100)")
+    p.add_argument("--infer-images", type=int, default=1000, help="images classified (1000)")
     p.add_argument("--torch-threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out-md", metavar="FILE", help="markdown file to put the table in")

@@ -358,6 +358,7 @@ def profile_model(model, x, y, steps=20, warmup=3) -> ProfileResult:
         Mean times per layer and type, conv shares, and the measured profiling overhead
         (profiled step vs an interleaved untimed ``train_on_batch``).
     """
+    _check_args(model, x, steps, warmup)
     if getattr(model, "loss", None) is None or getattr(model, "optimizer", None) is None:
         raise ValueError("model needs a loss and an optimizer to profile a training step")
     return _run(model, x, y, steps, warmup, True, lambda xb, yb: model.train_on_batch(xb, yb))

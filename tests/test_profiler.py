@@ -1,0 +1,168 @@
+"""Profiler: shares are consistent, its step time agrees with an independent timing, CLI JSON."""
+
+import argparse
+import json
+import time
+
+import numpy as np
+import pytest
+
+from fastconv.models import deep_mnist_net
+from fastconv.profiler import ProfileResult, add_subcommand, profile_forward, profile_model
+
+BATCH = 4
+
+
+def _model(dtype="float32"):
+    model = deep_mnist_net(seed=0)
+    if dtype != "float32":
+        model = model.to(dtype=dtype)
+    return model.compile(optimizer="adam", loss="softmax_cross_entropy")
+
+
+def _batch(n=BATCH, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random((n, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, n)
+
+
+@pytest.fixture(scope="module")
+def result():
+    x, y = _batch()
+    return profile_model(_model(), x, y, steps=2, warmup=1)
+
+
+def test_shares_sum_to_one_and_match_layers(result):
+    model = _model()
+    model.build((1, 28, 28))
+    assert result.training
+    assert len(result.layers) == len(model.layers)
+    assert [la["name"] for la in result.layers] == [la.name for la in model.layers]
+    assert sum(result.by_type.values()) == pytest.approx(1.0, abs=1e-9)
+    assert set(result.by_type) == {
+        "conv", "pool", "dense", "activation", "dropout", "other", "loss", "update"
+    }  # fmt: skip
+    # The step is the sum of its parts: every layer's forward and backward, loss and update.
+    parts = sum(la["forward_ms"] + la["backward_ms"] for la in result.layers)
+    assert parts + result.loss_ms + result.update_ms == pytest.approx(result.step_ms, rel=1e-9)
+    conv = [la for la in result.layers if la["type"] == "conv"]
+    assert len(conv) == 6
+    conv_ms = sum(la["forward_ms"] + la["backward_ms"] for la in conv)
+    assert result.conv_share == pytest.approx(conv_ms / result.step_ms, rel=1e-9)
+    assert result.conv_share == pytest.approx(result.by_type["conv"], rel=1e-9)
+    forward_ms = sum(la["forward_ms"] for la in result.layers)
+    conv_fwd = sum(la["forward_ms"] for la in conv)
+    assert result.forward_conv_share == pytest.approx(conv_fwd / forward_ms, rel=1e-9)
+    assert all(la["forward_ms"] > 0 and la["backward_ms"] > 0 for la in result.layers)
+    assert 0 < result.conv_share < 1 and 0 < result.forward_conv_share < 1
+
+
+def test_to_dict_is_json_with_required_keys(result):
+    d = json.loads(json.dumps(result.to_dict()))
+    for key in ("conv_share", "forward_conv_share", "step_ms", "by_type", "layers", "overhead"):
+        assert key in d
+    assert set(d["layers"][0]) == {"name", "type", "forward_ms", "backward_ms"}
+    assert d["overhead"]["ratio"] == pytest.approx(
+        d["overhead"]["profiled_step_ms"] / d["overhead"]["untimed_step_ms"]
+    )
+
+
+def test_step_time_agrees_with_independent_train_on_batch():
+    x, y = _batch(8, seed=1)
+    model = _model()
+    model.train_on_batch(x, y)  # compile and build before either timing
+    result = profile_model(model, x, y, steps=3, warmup=0)
+    times = []
+    for _ in range(3):
+        start = time.perf_counter()
+        model.train_on_batch(x, y)
+        times.append(time.perf_counter() - start)
+    independent_ms = np.median(times) * 1e3
+    assert 0.5 <= result.step_ms / independent_ms <= 2.0
+
+
+def test_training_changes_weights_like_train_on_batch():
+    # The manual step is a real training step: it must update every parameter.
+    x, y = _batch()
+    model = _model()
+    model.build((1, 28, 28))
+    before = [p.copy() for p in model.parameters()]
+    profile_model(model, x, y, steps=1, warmup=0)
+    assert all(not np.array_equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+def test_forward_only_profile():
+    x, _ = _batch()
+    r = profile_forward(_model(), x, steps=2, warmup=1)
+    assert not r.training
+    assert sum(r.by_type.values()) == pytest.approx(1.0, abs=1e-9)
+    assert "loss" not in r.by_type and "update" not in r.by_type
+    assert all(la["backward_ms"] == 0 for la in r.layers)
+    assert r.conv_share == pytest.approx(r.forward_conv_share)
+
+
+def test_table_and_plot(result, tmp_path):
+    text = result.table()
+    assert "conv2d_1" in text and "profiling overhead" in text and "convolution:" in text
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "profile.png"
+    result.plot(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_arguments():
+    x, y = _batch()
+    with pytest.raises(ValueError, match="steps"):
+        profile_model(_model(), x, y, steps=0)
+    with pytest.raises(ValueError, match="warmup"):
+        profile_model(_model(), x, y, warmup=-1)
+    with pytest.raises(TypeError, match="model"):
+        profile_model(object(), x, y)
+    with pytest.raises(ValueError, match="loss and an optimizer"):
+        profile_model(deep_mnist_net(seed=0), x, y)
+
+
+def _cli(argv):
+    parser = argparse.ArgumentParser(prog="fastconv")
+    add_subcommand(parser.add_subparsers(required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cli_json(capsys, dtype):
+    code = _cli(["profile", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--json",
+                 "--dtype", dtype])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out.strip()
+    d = json.loads(out)  # exactly one JSON object
+    assert d["dtype"] == dtype and d["batch_size"] == 2 and d["training"]
+    for key in ("conv_share", "forward_conv_share", "step_ms", "by_type", "layers"):
+        assert key in d
+    assert sum(d["by_type"].values()) == pytest.approx(1.0, abs=1e-9)
+    assert any("random inputs" in n for n in d["notes"])
+
+
+def test_cli_mnist_data(capsys, tmp_path):
+    # A tiny IDX pair in the MNIST format checks the loader without the real files.
+    import gzip
+
+    images = np.arange(3 * 28 * 28, dtype=np.uint32).astype(np.uint8)
+    header = b"\x00\x00\x08\x03" + b"".join(v.to_bytes(4, "big") for v in (3, 28, 28))
+    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
+        f.write(header + images.tobytes())
+    with gzip.open(tmp_path / "train-labels-idx1-ubyte.gz", "wb") as f:
+        f.write(b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + bytes([7, 2, 1]))
+    from fastconv.profiler import _load_mnist_batch
+
+    x, y = _load_mnist_batch(tmp_path, 2)
+    assert x.shape == (2, 1, 28, 28) and x.dtype == np.float32
+    np.testing.assert_allclose(x.ravel(), images[: 2 * 784] / 255, rtol=1e-6)
+    assert y.tolist() == [7, 2]
+    code = _cli(["profile", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--json",
+                 "--data", "mnist", "--mnist-dir", str(tmp_path)])  # fmt: skip
+    assert code == 0
+    assert any("real MNIST" in n for n in json.loads(capsys.readouterr().out)["notes"])
+
+
+def test_profile_result_is_a_dataclass_roundtrip(result):
+    assert ProfileResult(**result.to_dict()) == result
