@@ -70,14 +70,14 @@ def test_step_time_agrees_with_independent_train_on_batch():
     x, y = _batch(8, seed=1)
     model = _model()
     model.train_on_batch(x, y)  # compile and build before either timing
-    result = profile_model(model, x, y, steps=3, warmup=0)
-    times = []
-    for _ in range(3):
+    profiled, independent = [], []
+    # Interleaved and compared as medians, so that load from other processes hits both alike.
+    for _ in range(5):
+        profiled.append(profile_model(model, x, y, steps=1, warmup=0).step_ms)
         start = time.perf_counter()
         model.train_on_batch(x, y)
-        times.append(time.perf_counter() - start)
-    independent_ms = np.median(times) * 1e3
-    assert 0.5 <= result.step_ms / independent_ms <= 2.0
+        independent.append((time.perf_counter() - start) * 1e3)
+    assert 0.5 <= np.median(profiled) / np.median(independent) <= 2.0
 
 
 def test_training_changes_weights_like_train_on_batch():
