@@ -1,23 +1,255 @@
-"""PROVISIONAL: delegates to the float64 reference; replaced by Numba kernels."""
+"""Max and average pooling on the CPU: Numba kernels, float32 and float16 (as uint16 bits).
 
-from .. import reference as ref
+Every kernel runs ``prange`` over the ``N*C`` image planes, so each thread reads and writes
+only its own planes: the backward passes scatter into a plane without write races even when
+windows overlap. Arithmetic is float32 for both dtypes (see :mod:`fastconv.cpu._half`).
+
+Semantics follow PyTorch: padding never wins a max (it acts as -inf, so only real pixels are
+visited); a NaN in a window makes the output NaN and takes the gradient; ties send the
+gradient to the first maximum in row-major window order; average pooling counts the zero
+padding in the divisor (``count_include_pad=True``).
+
+The deep-MNIST net only uses 2x2 stride-2 unpadded max pooling, so that case has its own
+kernels: no window bounds to clip, a branch-free 4-way max, and a backward pass that writes
+every input pixel exactly once instead of zeroing and scattering.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._half import bits_view, from_bits, load, store_value
+
+__all__ = ["max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward"]
 
 
-def _args(g):
-    return dict(size=(g.kh, g.kw), stride=(g.sh, g.sw), pad=(g.ph, g.pw))
+@njit(inline="always")
+def _wins(value, best):
+    """Does ``value`` replace ``best`` as the running maximum (first max wins, NaN sticks)?"""
+    # Bitwise, not short-circuit, operators: LLVM then emits selects rather than branches.
+    return (value > best) | ((value != value) & (best == best))
+
+
+@njit(inline="always")
+def _clip(start, k, size):
+    """Valid [begin, end) rows/cols of a window starting at padded offset ``start``."""
+    return max(start, 0), min(start + k, size)
+
+
+@njit(inline="always")
+def _window_argmax(plane, hs, he, ws, we):
+    # Callers guarantee a non-empty window (pad <= size/2 is validated), so seeding with its
+    # first pixel is safe and makes an all -inf window pick its first element, like PyTorch.
+    best = load(plane[hs, ws])
+    bh, bw = hs, ws
+    for h in range(hs, he):
+        for w in range(ws, we):
+            v = load(plane[h, w])
+            if _wins(v, best):
+                best = v
+                bh, bw = h, w
+    return best, bh, bw
+
+
+# --- general kernels (any size, stride, pad) --------------------------------------------------
+
+
+@njit(parallel=True, cache=True)
+def _max_forward(x, out, kh, kw, sh, sw, ph, pw):
+    P, H, W = x.shape
+    OH, OW = out.shape[1], out.shape[2]
+    for p in prange(P):
+        plane = x[p]
+        for oh in range(OH):
+            hs, he = _clip(oh * sh - ph, kh, H)
+            for ow in range(OW):
+                ws, we = _clip(ow * sw - pw, kw, W)
+                best, _, _ = _window_argmax(plane, hs, he, ws, we)
+                out[p, oh, ow] = store_value(out, best)
+
+
+@njit(parallel=True, cache=True)
+def _max_backward(dy, x, dx, kh, kw, sh, sw, ph, pw):
+    P, H, W = x.shape
+    OH, OW = dy.shape[1], dy.shape[2]
+    for p in prange(P):
+        plane = x[p]
+        # Overlapping windows can route several gradients to one pixel: sum them in float32
+        # (also for half, whose own additions would round at every step).
+        acc = np.zeros((H, W), dtype=np.float32)
+        for oh in range(OH):
+            hs, he = _clip(oh * sh - ph, kh, H)
+            for ow in range(OW):
+                ws, we = _clip(ow * sw - pw, kw, W)
+                _, bh, bw = _window_argmax(plane, hs, he, ws, we)
+                acc[bh, bw] += load(dy[p, oh, ow])
+        for h in range(H):
+            for w in range(W):
+                dx[p, h, w] = store_value(dx, acc[h, w])
+
+
+@njit(parallel=True, cache=True)
+def _avg_forward(x, out, kh, kw, sh, sw, ph, pw):
+    P, H, W = x.shape
+    OH, OW = out.shape[1], out.shape[2]
+    scale = np.float32(1.0) / np.float32(kh * kw)
+    for p in prange(P):
+        for oh in range(OH):
+            hs, he = _clip(oh * sh - ph, kh, H)
+            for ow in range(OW):
+                ws, we = _clip(ow * sw - pw, kw, W)
+                s = np.float32(0.0)
+                for h in range(hs, he):
+                    for w in range(ws, we):
+                        s += load(x[p, h, w])
+                out[p, oh, ow] = store_value(out, s * scale)
+
+
+@njit(parallel=True, cache=True)
+def _avg_backward(dy, dx, kh, kw, sh, sw, ph, pw):
+    # A gather: each input pixel sums the dy of the windows covering it, so every output is
+    # written once and no accumulation buffer is needed.
+    P, H, W = dx.shape
+    OH, OW = dy.shape[1], dy.shape[2]
+    scale = np.float32(1.0) / np.float32(kh * kw)
+    for p in prange(P):
+        for h in range(H):
+            hp = h + ph
+            # windows oh with oh*sh <= hp < oh*sh + kh
+            oh0 = max(0, (hp - kh + sh) // sh)
+            oh1 = min(OH, hp // sh + 1)
+            for w in range(W):
+                wp = w + pw
+                ow0 = max(0, (wp - kw + sw) // sw)
+                ow1 = min(OW, wp // sw + 1)
+                s = np.float32(0.0)
+                for oh in range(oh0, oh1):
+                    for ow in range(ow0, ow1):
+                        s += load(dy[p, oh, ow])
+                dx[p, h, w] = store_value(dx, s * scale)
+
+
+# --- 2x2 stride-2 unpadded fast path -----------------------------------------------------------
+
+
+@njit(inline="always")
+def _max4(a, b, c, d):
+    """Maximum of a 2x2 window, NaN propagating, and whether the window holds a NaN.
+
+    Branch-free: ``max`` of floats compiles to a min/max instruction, and the NaN case is a
+    select on a flag, so LLVM can vectorise and random data causes no mispredictions.
+    """
+    has_nan = (a != a) | (b != b) | (c != c) | (d != d)
+    m = max(max(a, b), max(c, d))
+    # Any NaN operand makes the sum NaN; inf - inf cannot matter as it is used only with a NaN.
+    return (a + b + c + d) if has_nan else m, has_nan
+
+
+@njit(inline="always")
+def _is_max(v, m, has_nan):
+    """``v`` is the window's maximum ``m``; in a window holding a NaN only NaNs are."""
+    return ((v == m) & (not has_nan)) | (v != v)
+
+
+@njit(parallel=True, cache=True)
+def _max_forward_2x2(x, out):
+    P = x.shape[0]
+    OH, OW = out.shape[1], out.shape[2]
+    for p in prange(P):
+        for oh in range(OH):
+            h = 2 * oh
+            for ow in range(OW):
+                w = 2 * ow
+                best, _ = _max4(
+                    load(x[p, h, w]),
+                    load(x[p, h, w + 1]),
+                    load(x[p, h + 1, w]),
+                    load(x[p, h + 1, w + 1]),
+                )
+                out[p, oh, ow] = store_value(out, best)
+
+
+@njit(parallel=True, cache=True)
+def _max_backward_2x2(dy, x, dx):
+    P, H, W = x.shape
+    OH, OW = dy.shape[1], dy.shape[2]
+    zero = store_value(dx, np.float32(0.0))
+    for p in prange(P):
+        for oh in range(OH):
+            h = 2 * oh
+            for ow in range(OW):
+                w = 2 * ow
+                a, b = load(x[p, h, w]), load(x[p, h, w + 1])
+                c, d = load(x[p, h + 1, w]), load(x[p, h + 1, w + 1])
+                m, has_nan = _max4(a, b, c, d)
+                # Random data makes the argmax unpredictable: branching on it mispredicted
+                # often enough to make this pass 5x slower, so the first maximum is found with
+                # masks and every store is a select.
+                hit_a = _is_max(a, m, has_nan)
+                hit_b = _is_max(b, m, has_nan) and not hit_a
+                hit_c = _is_max(c, m, has_nan) and not (hit_a or hit_b)
+                hit_d = not (hit_a or hit_b or hit_c)
+                # Windows do not overlap: dy is copied as is (half bits included), no rounding.
+                g = dy[p, oh, ow]
+                dx[p, h, w] = g if hit_a else zero
+                dx[p, h, w + 1] = g if hit_b else zero
+                dx[p, h + 1, w] = g if hit_c else zero
+                dx[p, h + 1, w + 1] = g if hit_d else zero
+            if W > 2 * OW:  # odd width: the last column is in no window
+                dx[p, h, W - 1] = zero
+                dx[p, h + 1, W - 1] = zero
+        for h in range(2 * OH, H):  # odd height: the last row is in no window
+            for w in range(W):
+                dx[p, h, w] = zero
+
+
+# --- backend entry points (validated, C-contiguous input) -------------------------------------
+
+
+def _is_2x2(g) -> bool:
+    return (g.kh, g.kw, g.sh, g.sw, g.ph, g.pw) == (2, 2, 2, 2, 0, 0)
+
+
+def _planes(a, h, w):
+    """(N, C, h, w) array -> (N*C, h, w) kernel view (half as uint16 bits)."""
+    return bits_view(a).reshape(-1, h, w)
+
+
+def _window_args(g):
+    return g.kh, g.kw, g.sh, g.sw, g.ph, g.pw
 
 
 def max_pool2d(x, g):
-    return ref.max_pool2d(x, **_args(g)).astype(x.dtype)
+    xp = _planes(x, g.H, g.W)
+    out = np.empty((g.N * g.C, g.OH, g.OW), dtype=xp.dtype)
+    if _is_2x2(g):
+        _max_forward_2x2(xp, out)
+    else:
+        _max_forward(xp, out, *_window_args(g))
+    return from_bits(out, x.dtype).reshape(g.N, g.C, g.OH, g.OW)
 
 
 def max_pool2d_backward(dy, x, g):
-    return ref.max_pool2d_backward(dy, x, **_args(g)).astype(x.dtype)
+    xp = _planes(x, g.H, g.W)
+    dyp = _planes(dy, g.OH, g.OW)
+    dx = np.empty_like(xp)
+    if _is_2x2(g):
+        _max_backward_2x2(dyp, xp, dx)
+    else:
+        _max_backward(dyp, xp, dx, *_window_args(g))
+    return from_bits(dx, x.dtype).reshape(g.x_shape)
 
 
 def avg_pool2d(x, g):
-    return ref.avg_pool2d(x, **_args(g)).astype(x.dtype)
+    xp = _planes(x, g.H, g.W)
+    out = np.empty((g.N * g.C, g.OH, g.OW), dtype=xp.dtype)
+    _avg_forward(xp, out, *_window_args(g))
+    return from_bits(out, x.dtype).reshape(g.N, g.C, g.OH, g.OW)
 
 
 def avg_pool2d_backward(dy, g):
-    return ref.avg_pool2d_backward(dy, g.x_shape, **_args(g)).astype(dy.dtype)
+    dyp = _planes(dy, g.OH, g.OW)
+    dx = np.empty((g.N * g.C, g.H, g.W), dtype=dyp.dtype)
+    _avg_backward(dyp, dx, *_window_args(g))
+    return from_bits(dx, dy.dtype).reshape(g.x_shape)

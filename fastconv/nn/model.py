@@ -246,12 +246,14 @@ class Sequential:
         verbose=1,
         seed=None,
         initial_epoch=0,
+        progress=None,
     ) -> History:
         """Train for epochs ``initial_epoch .. epochs-1``; each epoch visits every sample once
         (a permutation when ``shuffle``). Returns a :class:`History`.
 
         ``seed`` reseeds the model's generator (shuffling and dropout) before training.
-        ``verbose``: 0 silent, 1 a progress bar per epoch and a summary line.
+        ``verbose``: 0 silent, 1 a progress bar per epoch and a summary line, 2 the line only.
+        ``progress`` overrides whether the progress bar is shown.
         """
         self._require_compiled()
         x = self._prepare_x(x)
@@ -286,7 +288,8 @@ class Sequential:
             order = self.rng.permutation(n) if shuffle else np.arange(n)
             sum_loss = sum_acc = 0.0
             seen = 0
-            bar = _progress(n_batches, f"Epoch {epoch + 1}/{epochs}", verbose)
+            show_bar = verbose == 1 if progress is None else bool(progress)
+            bar = _progress(n_batches, f"Epoch {epoch + 1}/{epochs}", show_bar)
             for b in range(n_batches):
                 idx = order[b * batch_size : (b + 1) * batch_size]
                 if chk.is_cupy_array(x):
@@ -486,6 +489,10 @@ def _savez_atomic(path, arrays) -> None:
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
     try:
+        # mkstemp creates the file 0600; give the checkpoint the usual umask-based mode.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)
             f.flush()
