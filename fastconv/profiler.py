@@ -382,24 +382,6 @@ def profile_forward(model, x, steps=20, warmup=3) -> ProfileResult:
 # --- command line ------------------------------------------------------------------------------
 
 
-def _load_mnist_batch(directory, batch_size):
-    """First ``batch_size`` training images (scaled to [0, 1]) and labels from the IDX files."""
-    import gzip
-    from pathlib import Path
-
-    directory = Path(directory)
-    with gzip.open(directory / "train-images-idx3-ubyte.gz", "rb") as f:
-        raw = f.read()
-    n, rows, cols = (int.from_bytes(raw[i : i + 4], "big") for i in (4, 8, 12))
-    if batch_size > n:
-        raise ValueError(f"batch_size must be <= {n} for MNIST, got {batch_size}")
-    images = np.frombuffer(raw, np.uint8, offset=16, count=batch_size * rows * cols)
-    x = (images.reshape(batch_size, 1, rows, cols) / np.float32(255)).astype(np.float32)
-    with gzip.open(directory / "train-labels-idx1-ubyte.gz", "rb") as f:
-        labels = np.frombuffer(f.read(), np.uint8, offset=8, count=batch_size)
-    return x, labels.astype(np.int64)
-
-
 def _build_model(args):
     from .models import deep_mnist_net
 
@@ -411,7 +393,12 @@ def _build_model(args):
 
 def _inputs(args):
     if args.data == "mnist":
-        return _load_mnist_batch(args.mnist_dir, args.batch_size)
+        from .datasets import load_mnist
+
+        (x, y), _ = load_mnist(args.mnist_dir)
+        if args.batch_size > x.shape[0]:
+            raise SystemExit(f"fastconv profile: --batch-size must be <= {x.shape[0]} for MNIST")
+        return x[: args.batch_size], y[: args.batch_size]
     rng = np.random.default_rng(args.seed)
     x = rng.random((args.batch_size, 1, 28, 28), dtype=np.float32)
     y = rng.integers(0, 10, args.batch_size)
@@ -451,7 +438,9 @@ def add_subcommand(subparsers):
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--forward-only", action="store_true", help="profile inference only")
     p.add_argument("--data", choices=["random", "mnist"], default="random")
-    p.add_argument("--mnist-dir", default="data/mnist", help="directory of the MNIST IDX .gz files")
+    p.add_argument(
+        "--mnist-dir", help="directory of the MNIST IDX .gz files (default: as load_mnist)"
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--plot", metavar="FILE", help="write a bar chart (PNG) by layer type")

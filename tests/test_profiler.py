@@ -1,6 +1,6 @@
 """Profiler: shares are consistent, its step time agrees with an independent timing, CLI JSON."""
 
-import argparse
+import importlib.util
 import json
 import time
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from fastconv.models import deep_mnist_net
-from fastconv.profiler import ProfileResult, add_subcommand, profile_forward, profile_model
+from fastconv.profiler import ProfileResult, profile_forward, profile_model
 
 BATCH = 4
 
@@ -122,10 +122,9 @@ def test_bad_arguments():
 
 
 def _cli(argv):
-    parser = argparse.ArgumentParser(prog="fastconv")
-    add_subcommand(parser.add_subparsers(required=True))
-    args = parser.parse_args(argv)
-    return args.func(args)
+    from fastconv.cli import main
+
+    return main(argv)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
@@ -142,26 +141,21 @@ def test_cli_json(capsys, dtype):
     assert any("random inputs" in n for n in d["notes"])
 
 
-def test_cli_mnist_data(capsys, tmp_path):
-    # A tiny IDX pair in the MNIST format checks the loader without the real files.
-    import gzip
+def test_cli_mnist_data_and_plot(capsys, tmp_path):
+    plot = tmp_path / "p.png"
+    argv = ["profile", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--data", "mnist"]
+    argv += ["--forward-only"]
+    if importlib.util.find_spec("matplotlib") is not None:
+        argv += ["--plot", str(plot)]
+    assert _cli(argv) == 0
+    out = capsys.readouterr().out
+    assert "forward pass (inference mode)" in out and "data: real MNIST images" in out
+    assert plot.exists() == ("--plot" in argv)
 
-    images = np.arange(3 * 28 * 28, dtype=np.uint32).astype(np.uint8)
-    header = b"\x00\x00\x08\x03" + b"".join(v.to_bytes(4, "big") for v in (3, 28, 28))
-    with gzip.open(tmp_path / "train-images-idx3-ubyte.gz", "wb") as f:
-        f.write(header + images.tobytes())
-    with gzip.open(tmp_path / "train-labels-idx1-ubyte.gz", "wb") as f:
-        f.write(b"\x00\x00\x08\x01" + (3).to_bytes(4, "big") + bytes([7, 2, 1]))
-    from fastconv.profiler import _load_mnist_batch
 
-    x, y = _load_mnist_batch(tmp_path, 2)
-    assert x.shape == (2, 1, 28, 28) and x.dtype == np.float32
-    np.testing.assert_allclose(x.ravel(), images[: 2 * 784] / 255, rtol=1e-6)
-    assert y.tolist() == [7, 2]
-    code = _cli(["profile", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--json",
-                 "--data", "mnist", "--mnist-dir", str(tmp_path)])  # fmt: skip
-    assert code == 0
-    assert any("real MNIST" in n for n in json.loads(capsys.readouterr().out)["notes"])
+def test_cli_rejects_bad_steps():
+    with pytest.raises(SystemExit):
+        _cli(["profile", "--steps", "0"])
 
 
 def test_profile_result_is_a_dataclass_roundtrip(result):
