@@ -74,6 +74,8 @@ def machine_info(torch_threads=None) -> dict:
         "numpy": np.__version__,
         "numba": numba.__version__,
         "numba_threads": numba.get_num_threads(),
+        # Other processes' load skews timings (PyTorch's spin-waiting pool suffers most).
+        "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
     }
     try:
         import torch
@@ -102,54 +104,56 @@ def _params_numpy(model):
     return [np.asarray(to_cpu(p), dtype=np.float64) for p in model.parameters()]
 
 
-def _implementations(x, y, x_infer, seed, include_numpy, torch_threads):
-    """(name, train() or None, infer()) for each implementation, all from the same weights."""
-    impls = []
-    fc32 = _fastconv_model(seed)
-    fc32.build(x.shape[1:])
-    weights = _params_numpy(fc32)
-    impls.append(
-        (
-            "fastconv CPU float32",
-            lambda: fc32.train_on_batch(x, y),
-            lambda: fc32.predict(x_infer, batch_size=100),
-        )
-    )
-    fc16 = _fastconv_model(seed, "float16")
-    fc16.build(x.shape[1:])
-    x_infer16 = x_infer.astype(np.float16)
-    impls.append(("fastconv CPU float16", None, lambda: fc16.predict(x_infer16, batch_size=100)))
+NAMES = {
+    "fastconv32": "fastconv CPU float32",
+    "fastconv16": "fastconv CPU float16",
+    "torch": "PyTorch CPU float32",
+    "numpy": "NumPy book-style float64",
+}
+TORCH_NAME = NAMES["torch"]
 
-    import torch
 
-    torch.set_num_threads(torch_threads)
-    tn = load_baseline("torch_net")
-    tnet = tn.deep_mnist_torch(weights)
-    topt = tn.make_optimizer(tnet)
-    tx, ty, tx_infer = (
-        torch.from_numpy(x),
-        torch.from_numpy(y.astype(np.int64)),
-        torch.from_numpy(x_infer),
-    )
-    impls.append(
-        (
-            "PyTorch CPU float32",
-            lambda: tn.train_step(tnet, topt, tx, ty),
-            lambda: tn.predict(tnet, tx_infer, batch_size=100),
+def _inputs(seed, batch_size, infer_images):
+    rng = np.random.default_rng(seed)
+    x = rng.random((batch_size, 1, 28, 28), dtype=np.float32)
+    y = rng.integers(0, 10, batch_size)
+    x_infer = rng.random((infer_images, 1, 28, 28), dtype=np.float32)
+    return x, y, x_infer
+
+
+def _implementation(key, seed, batch_size, infer_images, torch_threads):
+    """``(train or None, infer)`` callables of one implementation, from fastconv's initial weights.
+
+    Every implementation starts from the weights of ``deep_mnist_net(seed)`` and sees the same
+    inputs, so the benchmark times equal work (checked by ``tests/test_benchmark.py``).
+    """
+    x, y, x_infer = _inputs(seed, batch_size, infer_images)
+    fc = _fastconv_model(seed)
+    fc.build(x.shape[1:])
+    if key == "fastconv32":
+        return (lambda: fc.train_on_batch(x, y)), (lambda: fc.predict(x_infer, batch_size=100))
+    if key == "fastconv16":
+        fc16 = fc.to(dtype="float16")
+        x16 = x_infer.astype(np.float16)
+        return None, (lambda: fc16.predict(x16, batch_size=100))
+    weights = _params_numpy(fc)
+    if key == "torch":
+        import torch
+
+        torch.set_num_threads(torch_threads)
+        tn = load_baseline("torch_net")
+        net = tn.deep_mnist_torch(weights)
+        opt = tn.make_optimizer(net)
+        tx, ty, tx_infer = (torch.from_numpy(a) for a in (x, y.astype(np.int64), x_infer))
+        return (
+            (lambda: tn.train_step(net, opt, tx, ty)),
+            (lambda: tn.predict(net, tx_infer, batch_size=100)),
         )
-    )
-    if include_numpy:
-        npn = load_baseline("numpy_net")
-        nnet = npn.deep_mnist_numpy(seed)
-        nnet.set_parameters(weights)
-        impls.append(
-            (
-                "NumPy book-style float64",
-                lambda: nnet.train_on_batch(x, y),
-                lambda: nnet.predict(x_infer, batch_size=100),
-            )
-        )
-    return impls
+    if key == "numpy":
+        net = load_baseline("numpy_net").deep_mnist_numpy(seed)
+        net.set_parameters(weights)
+        return (lambda: net.train_on_batch(x, y)), (lambda: net.predict(x_infer, batch_size=100))
+    raise ValueError(f"unknown implementation {key!r}")
 
 
 def _time(fn, n):
@@ -157,6 +161,59 @@ def _time(fn, n):
     for _ in range(n):
         fn()
     return (time.perf_counter() - start) / n * 1e3
+
+
+def _worker(conn, key, seed, batch_size, infer_images, torch_threads):
+    """Serve timing requests for one implementation in its own process.
+
+    Own processes keep the thread pools apart: Numba's OpenMP workers and PyTorch's spin-wait
+    after a parallel region, and in one process each would steal the cores from the other.
+    """
+    try:
+        train, infer = _implementation(key, seed, batch_size, infer_images, torch_threads)
+        if train is not None:
+            train()  # warm-up: Numba compilation or cache load, allocator, first-call costs
+        infer()
+        conn.send(("ready", train is not None))
+        while True:
+            command, n = conn.recv()
+            if command == "stop":
+                break
+            conn.send(("ok", _time(train if command == "train" else infer, n)))
+    except Exception as exc:  # reported to the parent, which raises it
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+    finally:
+        conn.close()
+
+
+class _Worker:
+    def __init__(self, ctx, key, *args):
+        self.key = key
+        self.conn, child = ctx.Pipe()
+        self.process = ctx.Process(target=_worker, args=(child, key, *args), daemon=True)
+        self.process.start()
+        child.close()
+
+    def receive(self):
+        status, value = self.conn.recv()
+        if status == "error":
+            raise RuntimeError(f"benchmark worker {NAMES[self.key]!r} failed: {value}")
+        return value
+
+    def time(self, command, n, settle):
+        # Let the previous worker's spinning threads go to sleep before timing this one.
+        time.sleep(settle)
+        self.conn.send((command, n))
+        return self.receive()
+
+    def stop(self):
+        try:
+            self.conn.send(("stop", 0))
+        except (BrokenPipeError, OSError):
+            pass
+        self.process.join(timeout=10)
+        if self.process.is_alive():
+            self.process.terminate()
 
 
 def run_benchmark(
@@ -169,6 +226,7 @@ def run_benchmark(
     infer_images=1000,
     seed=0,
     torch_threads=2,
+    settle=0.2,
     log=None,
 ) -> dict:
     """Time a training step and inference for every implementation; medians and ratios.
@@ -187,6 +245,12 @@ def run_benchmark(
         Training batch, and number of images classified (in batches of 100) per inference sample.
     torch_threads : int
         ``torch.set_num_threads`` for PyTorch.
+    settle : float
+        Seconds of idle before each timed sample, so that no other worker still spins.
+
+    Each implementation runs in its own process (spawned; Numba's and PyTorch's thread pools
+    would otherwise compete inside one process), and the rounds interleave the processes, one
+    timing at a time, so that all of them see the same machine load.
 
     Returns
     -------
@@ -206,35 +270,38 @@ def run_benchmark(
     ]:
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    if not 0 <= settle <= 10:
+        raise ValueError(f"settle must be between 0 and 10 seconds, got {settle!r}")
     log = log or (lambda msg: None)
-    rng = np.random.default_rng(seed)
-    x = rng.random((batch_size, 1, 28, 28), dtype=np.float32)
-    y = rng.integers(0, 10, batch_size)
-    x_infer = rng.random((infer_images, 1, 28, 28), dtype=np.float32)
+    import multiprocessing
 
-    impls = _implementations(x, y, x_infer, seed, include_numpy, torch_threads)
-    samples = {name: {"train": [], "infer": []} for name, _, _ in impls}
-    log("warming up (Numba compilation on a first run)")
-    for _, train, infer in impls:
-        if train is not None:
-            train()
-        infer()
-    for r in range(repeats):
-        log(f"round {r + 1}/{repeats}")
-        for name, train, infer in impls:
-            slow = name.startswith("NumPy")
-            if slow and r >= numpy_repeats:
-                continue
-            if train is not None:
-                samples[name]["train"].append(_time(train, numpy_steps if slow else steps))
-            samples[name]["infer"].append(_time(infer, 1))
+    keys = ["fastconv32", "fastconv16", "torch"] + (["numpy"] if include_numpy else [])
+    samples = {NAMES[k]: {"train": [], "infer": []} for k in keys}
+    ctx = multiprocessing.get_context("spawn")
+    log("starting one process per implementation and warming up (Numba compiles on a first run)")
+    workers = [_Worker(ctx, k, seed, batch_size, infer_images, torch_threads) for k in keys]
+    try:
+        trains = {w.key: w.receive() for w in workers}
+        for r in range(repeats):
+            log(f"round {r + 1}/{repeats}")
+            for w in workers:
+                slow = w.key == "numpy"
+                if slow and r >= numpy_repeats:
+                    continue
+                name = NAMES[w.key]
+                if trains[w.key]:
+                    n = numpy_steps if slow else steps
+                    samples[name]["train"].append(w.time("train", n, settle))
+                samples[name]["infer"].append(w.time("infer", 1, settle))
+    finally:
+        for w in workers:
+            w.stop()
 
     def median(values):
         return float(np.median(values)) if values else None
 
-    torch_name = "PyTorch CPU float32"
-    torch_train = median(samples[torch_name]["train"])
-    torch_infer = median(samples[torch_name]["infer"])
+    torch_train = median(samples[TORCH_NAME]["train"])
+    torch_infer = median(samples[TORCH_NAME]["infer"])
     results = []
     for name, s in samples.items():
         train_ms, infer_ms = median(s["train"]), median(s["infer"])
@@ -265,6 +332,10 @@ def run_benchmark(
     }
 
 
+def _fmt_load(load):
+    return "n/a" if not load else "/".join(f"{v:.1f}" for v in load) + " (1/5/15 min)"
+
+
 def _fmt(value, spec):
     return "n/a" if value is None else format(value, spec)
 
@@ -289,7 +360,8 @@ def markdown_table(report: dict, command: str | None = None) -> str:
         f"batches of {s['infer_batch_size']}; ratios < 1 are faster than PyTorch. "
         f"Machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}, NumPy {m['numpy']}, "
         f"Numba {m['numba']} ({m['numba_threads']} threads), PyTorch {m.get('torch')} "
-        f"({m.get('torch_threads')} threads); {m['date']}.",
+        f"({m.get('torch_threads')} threads); {m['date']}; load average at the end "
+        f"{_fmt_load(m.get('load_average'))}.",
     ]
     if command:
         lines.append(f"Reproduce: `{command}`")
