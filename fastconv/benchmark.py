@@ -257,7 +257,8 @@ def run_benchmark(
     dict
         ``machine`` (see :func:`machine_info`), ``settings`` and ``results``: one entry per
         implementation with ``train_ms``/``infer_ms`` (medians, None where not measured), the raw
-        samples and ``train_ratio``/``infer_ratio`` to PyTorch.
+        samples, ``train_ratio``/``infer_ratio`` to PyTorch (ratio of medians) and
+        ``*_ratio_paired`` (median of the round-by-round ratios).
     """
     for name, value, minimum in [
         ("steps", steps, 1),
@@ -302,6 +303,12 @@ def run_benchmark(
 
     torch_train = median(samples[TORCH_NAME]["train"])
     torch_infer = median(samples[TORCH_NAME]["infer"])
+
+    def paired(values, reference):
+        # Round by round, both timed moments apart: robust to load that drifts between rounds.
+        pairs = [v / r for v, r in zip(values, reference, strict=False)]
+        return float(np.median(pairs)) if pairs else None
+
     results = []
     for name, s in samples.items():
         train_ms, infer_ms = median(s["train"]), median(s["infer"])
@@ -312,6 +319,8 @@ def run_benchmark(
                 "infer_ms": infer_ms,
                 "train_ratio": None if train_ms is None else train_ms / torch_train,
                 "infer_ratio": infer_ms / torch_infer,
+                "train_ratio_paired": paired(s["train"], samples[TORCH_NAME]["train"]),
+                "infer_ratio_paired": paired(s["infer"], samples[TORCH_NAME]["infer"]),
                 "train_samples_ms": s["train"],
                 "infer_samples_ms": s["infer"],
             }
@@ -336,8 +345,16 @@ def _fmt_load(load):
     return "n/a" if not load else "/".join(f"{v:.1f}" for v in load) + " (1/5/15 min)"
 
 
-def _fmt(value, spec):
-    return "n/a" if value is None else format(value, spec)
+def _ratio(value):
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _spread(median, samples):
+    if median is None:
+        return "n/a"
+    if len(samples) < 2:
+        return f"{median:.1f}"
+    return f"{median:.1f} ({min(samples):.0f}-{max(samples):.0f})"
 
 
 def markdown_table(report: dict, command: str | None = None) -> str:
@@ -350,13 +367,15 @@ def markdown_table(report: dict, command: str | None = None) -> str:
     ]
     for r in report["results"]:
         lines.append(
-            f"| {r['name']} | {_fmt(r['train_ms'], '.1f')} | {_fmt(r['train_ratio'], '.2f')}x "
-            f"| {_fmt(r['infer_ms'], '.1f')} | {_fmt(r['infer_ratio'], '.2f')}x |"
+            f"| {r['name']} | {_spread(r['train_ms'], r['train_samples_ms'])} "
+            f"| {_ratio(r['train_ratio'])} | {_spread(r['infer_ms'], r['infer_samples_ms'])} "
+            f"| {_ratio(r['infer_ratio'])} |"
         )
     lines += [
         "",
         f"Medians of {s['repeats']} interleaved rounds (training samples: mean of {s['steps']} "
-        f"steps; NumPy: {s['numpy_repeats']} round(s) of {s['numpy_steps']} step(s)); inference in "
+        f"steps; NumPy: {s['numpy_repeats']} round(s) of {s['numpy_steps']} step(s)), with the "
+        f"range of the samples in brackets; inference in "
         f"batches of {s['infer_batch_size']}; ratios < 1 are faster than PyTorch. "
         f"Machine: {m['cpu']}, {m['cores']} cores; Python {m['python']}, NumPy {m['numpy']}, "
         f"Numba {m['numba']} ({m['numba_threads']} threads), PyTorch {m.get('torch')} "
