@@ -166,8 +166,9 @@ def _time(fn, n):
 def _worker(conn, key, seed, batch_size, infer_images, torch_threads):
     """Serve timing requests for one implementation in its own process.
 
-    Own processes keep the thread pools apart: Numba's OpenMP workers and PyTorch's spin-wait
-    after a parallel region, and in one process each would steal the cores from the other.
+    Own processes keep the thread pools apart: Numba's OpenMP workers, OpenBLAS and PyTorch's
+    pool spin-wait after a parallel region, and in one process could take the cores that the
+    implementation being timed needs.
     """
     try:
         train, infer = _implementation(key, seed, batch_size, infer_images, torch_threads)
@@ -273,6 +274,10 @@ def run_benchmark(
             raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
     if not 0 <= settle <= 10:
         raise ValueError(f"settle must be between 0 and 10 seconds, got {settle!r}")
+    if importlib.util.find_spec("torch") is None:
+        raise RuntimeError(
+            "the benchmark's baseline is PyTorch: install it pinned, pip install torch==2.13.0"
+        )
     log = log or (lambda msg: None)
     import multiprocessing
 
