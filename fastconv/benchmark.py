@@ -443,18 +443,10 @@ def _command(args) -> int:
     import json
 
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else None
-    report = run_benchmark(
-        steps=args.steps,
-        repeats=args.repeats,
-        numpy_repeats=args.numpy_repeats,
-        numpy_steps=args.numpy_steps,
-        include_numpy=not args.no_numpy,
-        batch_size=args.batch_size,
-        infer_images=args.infer_images,
-        seed=args.seed,
-        torch_threads=args.torch_threads,
-        log=log,
-    )
+    try:
+        report = _run_from_args(args, log)
+    except (ValueError, RuntimeError) as exc:
+        raise SystemExit(f"fastconv bench: {exc}") from exc
     command = (
         f"fastconv bench --steps {args.steps} --repeats {args.repeats} "
         f"--numpy-repeats {args.numpy_repeats} --numpy-steps {args.numpy_steps}"
@@ -470,6 +462,21 @@ def _command(args) -> int:
         write_png(args.out_png, report)
     print(json.dumps(report) if args.json else table)
     return 0
+
+
+def _run_from_args(args, log):
+    return run_benchmark(
+        steps=args.steps,
+        repeats=args.repeats,
+        numpy_repeats=args.numpy_repeats,
+        numpy_steps=args.numpy_steps,
+        include_numpy=not args.no_numpy,
+        batch_size=args.batch_size,
+        infer_images=args.infer_images,
+        seed=args.seed,
+        torch_threads=args.torch_threads,
+        log=log,
+    )
 
 
 def _add_arguments(p):

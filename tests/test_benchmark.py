@@ -171,3 +171,5 @@ def test_run_benchmark_rejects_bad_settings():
         benchmark.run_benchmark(repeats=0)
     with pytest.raises(ValueError, match="name"):
         benchmark.load_baseline("os")
+    with pytest.raises(SystemExit, match="steps must be an int >= 1"):
+        benchmark.main(["--steps", "0"])
