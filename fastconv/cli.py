@@ -220,7 +220,7 @@ def train_mnist(args) -> int:
         model.compile(optimizers.get(args.optimizer, lr=args.lr))
 
     run_args = {k: v for k, v in vars(args).items() if k != "func"}
-    recorder = _RunRecorder(out, history, best, run_args, verbose)
+    recorder = _RunRecorder(out, history, best, run_args, verbose=True)
     if initial_epoch >= args.epochs:
         print(f"nothing to do: {initial_epoch} of {args.epochs} epochs already done")
     else:

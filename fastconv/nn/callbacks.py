@@ -161,7 +161,8 @@ class EarlyStopping(_Monitor):
                 self.best_weights = [w.copy() for w in self.model.get_weights()]
             return
         self.wait += 1
-        if self.wait > self.patience:
+        # As Keras: stop after `patience` epochs without improvement (patience 0: the first).
+        if self.wait >= max(self.patience, 1):
             self.stopped_epoch = epoch
             self.model.stop_training = True
 

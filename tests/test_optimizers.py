@@ -1,0 +1,130 @@
+"""Optimizers against the book's update rules, written out independently here in float64."""
+
+import numpy as np
+import pytest
+
+from fastconv.nn import SGD, AdaGrad, Adam, Momentum, Nesterov, RMSProp
+from fastconv.nn import optimizers as opt_mod
+
+
+def book_steps(name, p, grads, **hp):
+    """The book's ``common/optimizer.py`` rules, applied to float64 copies."""
+    p = p.astype(np.float64).copy()
+    lr = hp["lr"]
+    v = np.zeros_like(p)
+    h = np.zeros_like(p)
+    m = np.zeros_like(p)
+    for t, g in enumerate(grads, start=1):
+        g = g.astype(np.float64)
+        if name == "sgd":
+            p -= lr * g
+        elif name == "momentum":
+            v = hp["momentum"] * v - lr * g
+            p += v
+        elif name == "nesterov":
+            mu = hp["momentum"]
+            v *= mu
+            v -= lr * g
+            p += mu * mu * v
+            p -= (1 + mu) * lr * g
+        elif name == "adagrad":
+            h += g * g
+            p -= lr * g / (np.sqrt(h) + 1e-7)
+        elif name == "rmsprop":
+            h = hp["decay_rate"] * h + (1 - hp["decay_rate"]) * g * g
+            p -= lr * g / (np.sqrt(h) + 1e-7)
+        elif name == "adam":
+            b1, b2 = hp["beta1"], hp["beta2"]
+            lr_t = lr * np.sqrt(1 - b2**t) / (1 - b1**t)
+            m += (1 - b1) * (g - m)
+            v += (1 - b2) * (g**2 - v)
+            p -= lr_t * m / (np.sqrt(v) + 1e-7)
+    return p
+
+
+CASES = [
+    ("sgd", SGD, dict(lr=0.1)),
+    ("momentum", Momentum, dict(lr=0.05, momentum=0.8)),
+    ("nesterov", Nesterov, dict(lr=0.05, momentum=0.9)),
+    ("adagrad", AdaGrad, dict(lr=0.1)),
+    ("rmsprop", RMSProp, dict(lr=0.01, decay_rate=0.9)),
+    ("adam", Adam, dict(lr=0.01, beta1=0.8, beta2=0.95)),
+]
+
+
+@pytest.mark.parametrize("name,cls,hp", CASES, ids=[c[0] for c in CASES])
+def test_matches_book_rule_over_several_steps(name, cls, hp):
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((3, 4)).astype(np.float32)
+    b = rng.standard_normal(4).astype(np.float32)
+    grads = [
+        (rng.standard_normal(w.shape).astype(np.float32), rng.standard_normal(4).astype(np.float32))
+        for _ in range(4)
+    ]
+    expected_w = book_steps(name, w, [g[0] for g in grads], **hp)
+    expected_b = book_steps(name, b, [g[1] for g in grads], **hp)
+    opt = cls(**hp)
+    w_id = id(w)
+    for gw, gb in grads:
+        opt.step([w, b], [gw, gb])
+    assert id(w) == w_id and w.dtype == np.float32  # updated in place
+    np.testing.assert_allclose(w, expected_w, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(b, expected_b, rtol=1e-5, atol=1e-6)
+    assert opt.iterations == 4
+
+
+def test_adam_first_step_by_hand():
+    # t=1: m = 0.1 g, v = 0.001 g^2, lr_t = lr*sqrt(0.001)/0.1, so the step is ~lr*sign(g).
+    p = np.array([1.0, -2.0], np.float32)
+    g = np.array([0.5, -4.0], np.float32)
+    Adam(lr=0.001).step([p], [g])
+    lr_t = 0.001 * np.sqrt(1 - 0.999) / (1 - 0.9)
+    expected = np.array([1.0, -2.0]) - lr_t * (0.1 * g) / (np.sqrt(0.001 * g**2) + 1e-7)
+    np.testing.assert_allclose(p, expected, rtol=1e-6)
+    np.testing.assert_allclose(p, [0.999, -1.999], atol=1e-6)
+
+
+def test_float16_params_keep_float32_master_copy():
+    # 1e-4 steps on a half value of 1.0 (spacing ~1e-3) would round away without a master copy.
+    p = np.ones(3, np.float16)
+    g = np.ones(3, np.float16)
+    opt = SGD(lr=1e-4)
+    for _ in range(50):
+        opt.step([p], [g])
+    assert p.dtype == np.float16
+    np.testing.assert_allclose(p.astype(np.float64), 1 - 50e-4, atol=1e-3)
+    assert abs(float(opt._master[0][0]) - (1 - 50e-4)) < 1e-6
+
+
+def test_state_dict_round_trip_continues_identically():
+    rng = np.random.default_rng(1)
+    grads = [rng.standard_normal(5).astype(np.float32) for _ in range(6)]
+    p1 = rng.standard_normal(5).astype(np.float32)
+    p2 = p1.copy()
+    a = Adam(lr=0.01)
+    for g in grads[:3]:
+        a.step([p1], [g])
+    state = a.state_dict()
+    p2[...] = p1
+    b = Adam(lr=0.01)
+    b.load_state_dict(state, [p2])
+    for g in grads[3:]:
+        a.step([p1], [g])
+        b.step([p2], [g])
+    np.testing.assert_array_equal(p1, p2)
+    assert b.iterations == 6
+
+
+def test_errors_and_lookup():
+    with pytest.raises(ValueError, match="lr"):
+        SGD(lr=0)
+    with pytest.raises(ValueError, match="momentum"):
+        Momentum(momentum=1.5)
+    with pytest.raises(ValueError, match="optimizer must be one of"):
+        opt_mod.get("lbfgs")
+    assert isinstance(opt_mod.get("Adam", lr=0.1), Adam) and opt_mod.get("adam", lr=0.1).lr == 0.1
+    p = np.zeros(3, np.float32)
+    with pytest.raises(ValueError, match="same length"):
+        SGD().step([p], [])
+    with pytest.raises(ValueError, match="shape"):
+        SGD().step([p], [np.zeros(4, np.float32)])
