@@ -29,12 +29,13 @@ __all__ = ["im2col", "col2im", "conv2d", "conv2d_backward"]
 
 # Reassociation lets LLVM vectorise the reductions; never nnan/ninf: NaN must propagate.
 _FASTMATH = {"contract", "reassoc", "arcp", "nsz"}
+_INF = np.float32(np.inf)
 
 
 # --- index helpers ------------------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
 def _valid_range(in_size, out_size, stride, pad, offset):
     """Output indices ``o`` in [lo, hi) whose input index ``o*stride - pad + offset`` is inside."""
     # o*stride >= pad - offset  and  o*stride <= in_size - 1 + pad - offset
@@ -122,41 +123,46 @@ def col2im(cols, g):
 # --- per-image building blocks ------------------------------------------------------------------
 
 
-@njit(cache=True, inline="always")
-def _unfold_image(x, n, col, kh, kw, sh, sw, ph, pw, OH, OW):
-    """col (C*kh*kw, OH*OW) fp32 <- windows of image ``n`` of ``x`` (float32 or half bits)."""
+@njit(cache=True)
+def _unfold_image(x, n, col, L, col0, kh, kw, sh, sw, ph, pw, OH, OW):
+    """Windows of image ``n`` of ``x`` (float32 or half bits) into a flat fp32 column matrix:
+    row k = (c, i, j) starts at ``k*L``, this image's OH*OW columns at ``col0``.
+    """
+    # Inner loops index slices from 0: Numba then needs no negative-index wraparound and
+    # LLVM vectorises the copies (offset indices measured 5x slower).
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    P = OH * OW
     for c in range(C):
         for i in range(kh):
             oh_lo, oh_hi = _valid_range(H, OH, sh, ph, i)
             for j in range(kw):
-                row = col[(c * kh + i) * kw + j]
+                k = (c * kh + i) * kw + j
+                row = col[k * L + col0 : k * L + col0 + P]
                 ow_lo, ow_hi = _valid_range(W, OW, sw, pw, j)
-                for p in range(0, oh_lo * OW):
-                    row[p] = 0.0
+                count = ow_hi - ow_lo
+                row[: oh_lo * OW] = 0.0
+                row[oh_hi * OW :] = 0.0
+                first = ow_lo * sw - pw + j
                 for oh in range(oh_lo, oh_hi):
-                    ih = oh * sh - ph + i
-                    base = oh * OW
-                    for ow in range(0, ow_lo):
-                        row[base + ow] = 0.0
+                    dst = row[oh * OW : (oh + 1) * OW]
+                    dst[:ow_lo] = 0.0
+                    dst[ow_hi:] = 0.0
+                    seg = dst[ow_lo:ow_hi]
+                    xrow = x[n, c, oh * sh - ph + i]
                     if sw == 1:
-                        src = ow_lo - pw + j
-                        for ow in range(ow_lo, ow_hi):
-                            row[base + ow] = load(x[n, c, ih, src + ow - ow_lo])
+                        src = xrow[first : first + count]
+                        for q in range(count):
+                            seg[q] = load(src[q])
                     else:
-                        for ow in range(ow_lo, ow_hi):
-                            row[base + ow] = load(x[n, c, ih, ow * sw - pw + j])
-                    for ow in range(ow_hi, OW):
-                        row[base + ow] = 0.0
-                for p in range(oh_hi * OW, OH * OW):
-                    row[p] = 0.0
+                        for q in range(count):
+                            seg[q] = load(xrow[first + q * sw])
 
 
-@njit(cache=True, inline="always")
-def _fold_image(dcol, dx_acc, kh, kw, sh, sw, ph, pw, OH, OW):
-    """dx_acc (C, H, W) fp32 <- sum of the window contributions in dcol (C*kh*kw, OH*OW).
-
-    Runs on one thread for one image, so the accumulation order is fixed (deterministic).
+@njit(cache=True)
+def _fold_image(dcol, L, col0, dx_acc, kh, kw, sh, sw, ph, pw, OH, OW):
+    """dx_acc (C, H, W) fp32 <- sum of one image's window contributions, the adjoint of
+    :func:`_unfold_image` (same flat layout). Runs on one thread for one image, so the
+    accumulation order is fixed (deterministic).
     """
     C, H, W = dx_acc.shape
     dx_acc[:] = 0.0
@@ -164,80 +170,92 @@ def _fold_image(dcol, dx_acc, kh, kw, sh, sw, ph, pw, OH, OW):
         for i in range(kh):
             oh_lo, oh_hi = _valid_range(H, OH, sh, ph, i)
             for j in range(kw):
-                row = dcol[(c * kh + i) * kw + j]
+                k = (c * kh + i) * kw + j
+                base = k * L + col0
                 ow_lo, ow_hi = _valid_range(W, OW, sw, pw, j)
+                count = ow_hi - ow_lo
+                first = ow_lo * sw - pw + j
                 for oh in range(oh_lo, oh_hi):
-                    dst = dx_acc[c, oh * sh - ph + i]
-                    base = oh * OW
+                    src = dcol[base + oh * OW + ow_lo : base + oh * OW + ow_hi]
+                    dst_row = dx_acc[c, oh * sh - ph + i]
                     if sw == 1:
-                        shift = j - pw
-                        for ow in range(ow_lo, ow_hi):
-                            dst[ow + shift] += row[base + ow]
+                        dst = dst_row[first : first + count]
+                        for q in range(count):
+                            dst[q] += src[q]
                     else:
-                        for ow in range(ow_lo, ow_hi):
-                            dst[ow * sw - pw + j] += row[base + ow]
+                        for q in range(count):
+                            dst_row[first + q * sw] += src[q]
 
 
-@njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _gemm_nn(a, b, c):
-    """c (M, P) += a (M, K) @ b (K, P), all fp32 C-contiguous.
+@njit(cache=True, fastmath=_FASTMATH)
+def _gemm_nn(a, src, offsets, length, c):
+    """c[:, :length] += a (M, K) @ B, where row k of B is ``src[offsets[k]:offsets[k]+length]``.
 
-    Blocked 4 rows of ``c`` x 4 rows of ``b``: each pass over a row of length P does 16 FMAs
-    per 8 loads and 4 stores, and the contiguous P loop vectorises.
+    B is never materialised: its rows are slices of one flat fp32 buffer, either an unfolded
+    column matrix (offsets k*P) or a padded image whose shifted views are the kernel taps
+    (offsets c*Hp*Wp + i*Wp + j). Blocked 4 rows of ``c`` x 4 rows of B: each pass over a row
+    does 16 FMAs per 8 loads and 4 stores, and the contiguous inner loop vectorises.
     """
     M, K = a.shape
-    P = b.shape[1]
     M4 = M - M % 4
     K4 = K - K % 4
     for m in range(0, M4, 4):
-        c0, c1, c2, c3 = c[m], c[m + 1], c[m + 2], c[m + 3]
+        c0, c1 = c[m, :length], c[m + 1, :length]
+        c2, c3 = c[m + 2, :length], c[m + 3, :length]
         for k in range(0, K4, 4):
-            b0, b1, b2, b3 = b[k], b[k + 1], b[k + 2], b[k + 3]
+            b0 = src[offsets[k] : offsets[k] + length]
+            b1 = src[offsets[k + 1] : offsets[k + 1] + length]
+            b2 = src[offsets[k + 2] : offsets[k + 2] + length]
+            b3 = src[offsets[k + 3] : offsets[k + 3] + length]
             a00, a01, a02, a03 = a[m, k], a[m, k + 1], a[m, k + 2], a[m, k + 3]
             a10, a11, a12, a13 = a[m + 1, k], a[m + 1, k + 1], a[m + 1, k + 2], a[m + 1, k + 3]
             a20, a21, a22, a23 = a[m + 2, k], a[m + 2, k + 1], a[m + 2, k + 2], a[m + 2, k + 3]
             a30, a31, a32, a33 = a[m + 3, k], a[m + 3, k + 1], a[m + 3, k + 2], a[m + 3, k + 3]
-            for p in range(P):
+            for p in range(length):
                 v0, v1, v2, v3 = b0[p], b1[p], b2[p], b3[p]
                 c0[p] += a00 * v0 + a01 * v1 + a02 * v2 + a03 * v3
                 c1[p] += a10 * v0 + a11 * v1 + a12 * v2 + a13 * v3
                 c2[p] += a20 * v0 + a21 * v1 + a22 * v2 + a23 * v3
                 c3[p] += a30 * v0 + a31 * v1 + a32 * v2 + a33 * v3
         for k in range(K4, K):
-            bk = b[k]
+            bk = src[offsets[k] : offsets[k] + length]
             a0, a1, a2, a3 = a[m, k], a[m + 1, k], a[m + 2, k], a[m + 3, k]
-            for p in range(P):
+            for p in range(length):
                 v = bk[p]
                 c0[p] += a0 * v
                 c1[p] += a1 * v
                 c2[p] += a2 * v
                 c3[p] += a3 * v
     for m in range(M4, M):
-        cm = c[m]
+        cm = c[m, :length]
         for k in range(K):
-            bk = b[k]
+            bk = src[offsets[k] : offsets[k] + length]
             am = a[m, k]
-            for p in range(P):
+            for p in range(length):
                 cm[p] += am * bk[p]
 
 
-@njit(cache=True, inline="always", fastmath=_FASTMATH)
-def _gemm_nt(a, b, c):
-    """c (M, N) += a (M, P) @ b (N, P)^T, all fp32 C-contiguous: dot products over P.
+@njit(cache=True, fastmath=_FASTMATH)
+def _gemm_nt(a, src, offsets, length, c):
+    """c (M, N) += a[:, :length] @ B^T, row n of B being ``src[offsets[n]:offsets[n]+length]``.
 
-    Blocked 2 rows of ``a`` x 4 rows of ``b`` (8 running sums, 6 loads per 8 FMAs).
+    Dot products over ``length``, blocked 2 rows of ``a`` x 4 rows of B (8 running sums,
+    6 loads per 8 FMAs); reassociation lets LLVM keep vector partial sums.
     """
-    M, P = a.shape
-    N = b.shape[0]
+    M = a.shape[0]
+    N = c.shape[1]
     M2 = M - M % 2
     N4 = N - N % 4
     for m in range(0, M2, 2):
-        r0, r1 = a[m], a[m + 1]
+        r0, r1 = a[m, :length], a[m + 1, :length]
         for n in range(0, N4, 4):
-            q0, q1, q2, q3 = b[n], b[n + 1], b[n + 2], b[n + 3]
+            q0 = src[offsets[n] : offsets[n] + length]
+            q1 = src[offsets[n + 1] : offsets[n + 1] + length]
+            q2 = src[offsets[n + 2] : offsets[n + 2] + length]
+            q3 = src[offsets[n + 3] : offsets[n + 3] + length]
             s00 = s01 = s02 = s03 = np.float32(0.0)
             s10 = s11 = s12 = s13 = np.float32(0.0)
-            for p in range(P):
+            for p in range(length):
                 u0, u1 = r0[p], r1[p]
                 v0, v1, v2, v3 = q0[p], q1[p], q2[p], q3[p]
                 s00 += u0 * v0
@@ -257,24 +275,59 @@ def _gemm_nt(a, b, c):
             c[m + 1, n + 2] += s12
             c[m + 1, n + 3] += s13
         for n in range(N4, N):
-            qn = b[n]
+            qn = src[offsets[n] : offsets[n] + length]
             s0 = s1 = np.float32(0.0)
-            for p in range(P):
+            for p in range(length):
                 s0 += r0[p] * qn[p]
                 s1 += r1[p] * qn[p]
             c[m, n] += s0
             c[m + 1, n] += s1
     for m in range(M2, M):
-        rm = a[m]
+        rm = a[m, :length]
         for n in range(N):
-            qn = b[n]
+            qn = src[offsets[n] : offsets[n] + length]
             s = np.float32(0.0)
-            for p in range(P):
+            for p in range(length):
                 s += rm[p] * qn[p]
             c[m, n] += s
 
 
-@njit(cache=True, inline="always")
+@njit(cache=True)
+def _pad_image(src, n, dst, Hd, Wd, top, left):
+    """dst (C*Hd*Wd,) fp32 <- image ``n`` of ``src`` placed at (top, left) in zeros.
+
+    ``top``/``left`` may be negative (the window then crops the image). Returns whether every
+    copied value is finite: the shifted-view products read pixels across row ends (their
+    results are discarded), harmless unless 0 * inf or NaN leaks in, so callers fall back.
+    """
+    C, Hs, Ws = src.shape[1], src.shape[2], src.shape[3]
+    s_lo = max(0, left)
+    s_hi = min(Wd, Ws + left)
+    finite = True
+    for c in range(C):
+        for r in range(Hd):
+            row = dst[(c * Hd + r) * Wd : (c * Hd + r + 1) * Wd]
+            sr = r - top
+            if sr < 0 or sr >= Hs or s_lo >= s_hi:
+                row[:] = 0.0
+                continue
+            row[:s_lo] = 0.0
+            row[s_hi:] = 0.0
+            seg = row[s_lo:s_hi]
+            srow = src[n, c, sr, s_lo - left : s_hi - left]
+            # No fastmath here: it would let LLVM assume the values finite. An integer count
+            # keeps the loop vectorisable.
+            nonfinite = 0
+            for q in range(s_hi - s_lo):
+                v = load(srow[q])
+                seg[q] = v
+                nonfinite += not (abs(v) < _INF)
+            if nonfinite:
+                finite = False
+    return finite
+
+
+@njit(cache=True)
 def _image_range(t, n_threads, N):
     return t * N // n_threads, (t + 1) * N // n_threads
 
@@ -283,85 +336,191 @@ def _image_range(t, n_threads, N):
 
 
 @njit(cache=True)
-def _pack_weights(w, w_fk, w_kf):
-    """fp32 copies of the filters as (F, K) and its transpose (K, F), the GEMM operands."""
+def _pack_weights(w, w_fk, w_kf, w_flip):
+    """fp32 GEMM operands: W as (F, K), its transpose (K, F), and the transposed, spatially
+    flipped filters (C, F*kh*kw) with which dx is a stride-1 convolution of dy.
+
+    Returns whether all weights are finite.
+    """
     F, C, kh, kw = w.shape
+    finite = True
     for f in range(F):
         for c in range(C):
             for i in range(kh):
                 for j in range(kw):
                     k = (c * kh + i) * kw + j
                     v = load(w[f, c, i, j])
+                    if not (abs(v) < _INF):
+                        finite = False
                     w_fk[f, k] = v
                     w_kf[k, f] = v
+                    w_flip[c, (f * kh + kh - 1 - i) * kw + kw - 1 - j] = v
+    return finite
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
-def _conv_forward_kernel(x, w_fk, bias, relu, y, col_ws, acc_ws, kh, kw, sh, sw, ph, pw, OH, OW):
-    N = x.shape[0]
-    F = y.shape[1]
+@njit(cache=True)
+def _store_rows(acc, col0, row_stride, dst, rows, cols, bias, relu):
+    """dst (M, rows, cols) <- acc[m, col0 + r*row_stride + s] (+ bias[m], then ReLU if asked),
+    written in dst's dtype."""
+    for m in range(dst.shape[0]):
+        bm = bias[m]
+        for r in range(rows):
+            src = acc[m, col0 + r * row_stride : col0 + r * row_stride + cols]
+            out = dst[m, r]
+            if relu:
+                for s in range(cols):
+                    v = src[s] + bm
+                    # ``not v < 0`` keeps NaN (a plain max would turn it into 0).
+                    out[s] = store_value(out, v if not v < 0.0 else np.float32(0.0))
+            else:
+                for s in range(cols):
+                    out[s] = store_value(out, src[s] + bm)
+
+
+# The per-thread work lives in serial functions called from a thin ``prange`` over threads:
+# inlined into the parallel region the same loops measured 2x slower (LLVM lost the
+# vectorisation-friendly shape of the outlined parfor body).
+#
+# Two paths (chosen per shape in Python, see ``_plan``):
+# * direct (stride 1): the padded image's shifted views are the GEMM's B rows, no unfolding;
+#   one image at a time, rows of length ~OH*(W+2*pw).
+# * unfolded: ``nb`` images unfolded side by side into a (K, nb*OH*OW) column matrix, so that
+#   small images still give long, vectorisable GEMM rows. Any stride.
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _forward_images(
+    x, lo, hi, w_fk, bias, relu, y, buf, acc, offsets, direct, nb,
+    kh, kw, sh, sw, ph, pw, OH, OW,
+):  # fmt: skip
+    H, W = x.shape[2], x.shape[3]
+    Hp, Wp = H + 2 * ph, W + 2 * pw
     P = OH * OW
-    n_threads = col_ws.shape[0]
-    for t in prange(n_threads):
-        col = col_ws[t]
-        acc = acc_ws[t]
-        lo, hi = _image_range(t, n_threads, N)
+    L = nb * P
+    if direct:
         for n in range(lo, hi):
-            _unfold_image(x, n, col, kh, kw, sh, sw, ph, pw, OH, OW)
+            _pad_image(x, n, buf, Hp, Wp, ph, pw)
             acc[:] = 0.0
-            _gemm_nn(w_fk, col, acc)
-            yn = y[n].reshape((F, P))
-            for f in range(F):
-                bf = bias[f]
-                src = acc[f]
-                dst = yn[f]
-                if relu:
-                    for p in range(P):
-                        v = src[p] + bf
-                        # ``not v < 0`` keeps NaN (a plain max would turn it into 0).
-                        dst[p] = store_value(dst, v if not v < 0.0 else np.float32(0.0))
-                else:
-                    for p in range(P):
-                        dst[p] = store_value(dst, src[p] + bf)
+            _gemm_nn(w_fk, buf, offsets, (OH - 1) * Wp + OW, acc)
+            _store_rows(acc, 0, Wp, y[n], OH, OW, bias, relu)
+        return
+    for n0 in range(lo, hi, nb):
+        count = min(nb, hi - n0)
+        for b in range(count):
+            _unfold_image(x, n0 + b, buf, L, b * P, kh, kw, sh, sw, ph, pw, OH, OW)
+        acc[:] = 0.0
+        _gemm_nn(w_fk, buf, offsets, count * P, acc)
+        for b in range(count):
+            _store_rows(acc, b * P, OW, y[n0 + b], OH, OW, bias, relu)
 
 
-@njit(cache=True, parallel=True, fastmath=_FASTMATH)
-def _conv_backward_kernel(
-    dy, x, w_kf, dx, dw_part, db_part, col_ws, dcol_ws, dy_ws, dx_ws, kh, kw, sh, sw, ph, pw
-):
-    N, F, OH, OW = dy.shape
-    C, H, W = x.shape[1], x.shape[2], x.shape[3]
-    P = OH * OW
-    n_threads = col_ws.shape[0]
+@njit(cache=True, parallel=True)
+def _conv_forward_kernel(
+    x, w_fk, bias, relu, y, buf_ws, acc_ws, offsets, direct, nb,
+    kh, kw, sh, sw, ph, pw, OH, OW,
+):  # fmt: skip
+    n_threads = buf_ws.shape[0]
     for t in prange(n_threads):
-        col = col_ws[t]
-        dcol = dcol_ws[t]
-        dyn = dy_ws[t]
-        dx_acc = dx_ws[t]
-        dw_t = dw_part[t]
-        db_t = db_part[t]
-        dw_t[:] = 0.0
-        db_t[:] = 0.0
-        lo, hi = _image_range(t, n_threads, N)
-        for n in range(lo, hi):
-            src = dy[n].reshape((F, P))
-            for f in range(F):
-                s = np.float32(0.0)
-                for p in range(P):
-                    v = load(src[f, p])
-                    dyn[f, p] = v
-                    s += v
-                db_t[f] += s
-            _unfold_image(x, n, col, kh, kw, sh, sw, ph, pw, OH, OW)
-            _gemm_nt(dyn, col, dw_t)
-            dcol[:] = 0.0
-            _gemm_nn(w_kf, dyn, dcol)
-            _fold_image(dcol, dx_acc, kh, kw, sh, sw, ph, pw, OH, OW)
-            out = dx[n]
-            for c in range(C):
-                for h in range(H):
-                    for w_ in range(W):
-                        out[c, h, w_] = store_value(out, dx_acc[c, h, w_])
+        lo, hi = _image_range(t, n_threads, x.shape[0])
+        _forward_images(
+            x, lo, hi, w_fk, bias, relu, y, buf_ws[t], acc_ws[t], offsets, direct, nb,
+            kh, kw, sh, sw, ph, pw, OH, OW,
+        )  # fmt: skip
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _backward_unfolded(
+    dy, x, n0, count, nb, w_kf, dw_t, dx, col, dcol, dyn, dx_acc, kh, kw, sh, sw, ph, pw
+):
+    """Images n0 .. n0+count-1 through the unfolded column matrix: any stride, any values."""
+    F, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
+    C = x.shape[1]
+    K = C * kh * kw
+    P = OH * OW
+    L = nb * P
+    for b in range(count):
+        src = dy[n0 + b]
+        for f in range(F):
+            dst = dyn[f * L + b * P : f * L + (b + 1) * P]
+            src_f = src[f].ravel()
+            for p in range(P):
+                dst[p] = load(src_f[p])
+        _unfold_image(x, n0 + b, col, L, b * P, kh, kw, sh, sw, ph, pw, OH, OW)
+    _gemm_nt(dyn[: F * L].reshape((F, L)), col, np.arange(K) * L, count * P, dw_t)
+    dcol[: K * L] = 0.0
+    dcol2 = dcol[: K * L].reshape((K, L))
+    _gemm_nn(w_kf, dyn, np.arange(F) * L, count * P, dcol2)
+    for b in range(count):
+        _fold_image(dcol, L, b * P, dx_acc, kh, kw, sh, sw, ph, pw, OH, OW)
+        out = dx[n0 + b].ravel()
+        flat = dx_acc.ravel()
+        for q in range(out.size):
+            out[q] = store_value(out, flat[q])
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _backward_images(
+    dy, x, lo, hi, w_kf, w_flip, direct, nb, dx, dw_t, db_t, xbuf, dybuf, acc, col, dcol, dyn,
+    dx_acc, offs_x, offs_dy, kh, kw, sh, sw, ph, pw,
+):  # fmt: skip
+    F, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    Hp, Wp = H + 2 * ph, W + 2 * pw
+    Hd, Wd = H + kh - 1, W + kw - 1  # dy padded for the full convolution that gives dx
+    dw_t[:] = 0.0
+    db_t[:] = 0.0
+    for n in range(lo, hi):
+        src = dy[n]
+        for f in range(F):
+            s = np.float32(0.0)
+            for r in range(OH):
+                row = src[f, r]
+                for q in range(OW):
+                    s += load(row[q])
+            db_t[f] += s
+    if not direct:
+        for n0 in range(lo, hi, nb):
+            count = min(nb, hi - n0)
+            _backward_unfolded(
+                dy, x, n0, count, nb, w_kf, dw_t, dx, col, dcol, dyn, dx_acc,
+                kh, kw, sh, sw, ph, pw,
+            )  # fmt: skip
+        return
+    no_bias = np.zeros(C, np.float32)
+    for n in range(lo, hi):
+        # dx: a stride-1 convolution of dy, fully padded, with the flipped, transposed filters.
+        _pad_image(dy, n, dybuf, Hd, Wd, kh - 1 - ph, kw - 1 - pw)
+        acc[:] = 0.0
+        _gemm_nn(w_flip, dybuf, offs_dy, (H - 1) * Wd + W, acc)
+        _store_rows(acc, 0, Wd, dx[n], H, W, no_bias, False)
+        if _pad_image(x, n, xbuf, Hp, Wp, ph, pw):
+            # dy laid out with the padded image's row stride Wp (zeros past OW), so that
+            # dW[f, (c,i,j)] is a dot product with the (i, j)-shifted view of the image.
+            _pad_image(dy, n, dyn, OH, Wp, 0, 0)
+            a = dyn[: F * OH * Wp].reshape((F, OH * Wp))
+            _gemm_nt(a, xbuf, offs_x, (OH - 1) * Wp + OW, dw_t)
+        else:
+            # inf/NaN in x: the shifted views would also pair it with zero gradient entries
+            # across row ends (0 * inf = NaN); the unfolded path pairs only true windows.
+            # It rewrites dx[n] with the same values.
+            _backward_unfolded(
+                dy, x, n, 1, 1, w_kf, dw_t, dx, col, dcol, dyn, dx_acc, kh, kw, sh, sw, ph, pw
+            )
+
+
+@njit(cache=True, parallel=True)
+def _conv_backward_kernel(
+    dy, x, w_kf, w_flip, direct, nb, dx, dw_part, db_part, xbuf, dybuf, acc, col, dcol, dyn,
+    dx_acc, offs_x, offs_dy, kh, kw, sh, sw, ph, pw,
+):  # fmt: skip
+    n_threads = dw_part.shape[0]
+    for t in prange(n_threads):
+        lo, hi = _image_range(t, n_threads, x.shape[0])
+        _backward_images(
+            dy, x, lo, hi, w_kf, w_flip, direct, nb, dx, dw_part[t], db_part[t], xbuf[t],
+            dybuf[t], acc[t], col[t], dcol[t], dyn[t], dx_acc[t], offs_x, offs_dy,
+            kh, kw, sh, sw, ph, pw,
+        )  # fmt: skip
 
 
 @njit(cache=True, fastmath=_FASTMATH)
@@ -402,13 +561,42 @@ def _threads(N):
     return max(1, min(numba.get_num_threads(), N))
 
 
+def _tap_offsets(C, kh, kw, plane, row):
+    """Flat offsets of the (c, i, j) taps in a stack of C planes of size ``plane``."""
+    c = np.arange(C, dtype=np.int64)[:, None, None] * plane
+    i = np.arange(kh, dtype=np.int64)[None, :, None] * row
+    j = np.arange(kw, dtype=np.int64)[None, None, :]
+    return (c + i + j).ravel()
+
+
 def _packed_weights(w):
-    F = w.shape[0]
-    K = w.shape[1] * w.shape[2] * w.shape[3]
+    F, C, kh, kw = w.shape
+    K = C * kh * kw
     w_fk = np.empty((F, K), np.float32)
     w_kf = np.empty((K, F), np.float32)
-    _pack_weights(bits_view(w), w_fk, w_kf)
-    return w_fk, w_kf
+    w_flip = np.empty((C, F * kh * kw), np.float32)
+    finite = _pack_weights(bits_view(w), w_fk, w_kf, w_flip)
+    return w_fk, w_kf, w_flip, finite
+
+
+# Unfolded path: aim for GEMM rows of about this many columns (several small images side by
+# side); the column matrix K x _TARGET_COLUMNS stays within L2 for the deep-MNIST layers.
+_TARGET_COLUMNS = 512
+
+
+def _plan(g, F, backward):
+    """(direct, nb): which path a shape takes, and images per block on the unfolded path.
+
+    Measured on the deep-MNIST layers (docs/kernels.md): unfolding writes K = C*kh*kw copies
+    of every pixel, which costs about 1/F of the GEMM; with few filters (F <= 32) the direct
+    path wins even though it computes (W+2*pw)/OW too many columns, with 64 filters the
+    unfolded path wins. The direct dx is a GEMM with C rows, too few to block when C < 4
+    (conv1: C = 1), where dcol = W^T @ dy with K rows is faster.
+    """
+    P = g.OH * g.OW
+    nb = max(1, min(g.N, -(-_TARGET_COLUMNS // P)))
+    direct = g.sh == 1 and g.sw == 1 and F <= 32 and (not backward or g.C >= 4)
+    return direct, nb
 
 
 def conv2d(x, w, b, g, activation):
@@ -416,18 +604,26 @@ def conv2d(x, w, b, g, activation):
     F = w.shape[0]
     K, P = g.C * g.kh * g.kw, g.OH * g.OW
     nt = _threads(g.N)
-    col_ws, acc_ws = _workspace(
-        ("fwd", K, P, F, nt),
-        lambda: (np.empty((nt, K, P), np.float32), np.empty((nt, F, P), np.float32)),
+    direct, nb = _plan(g, F, backward=False)
+    if direct:
+        Hp, Wp = g.H + 2 * g.ph, g.W + 2 * g.pw
+        buf_len, acc_len = g.C * Hp * Wp, (g.OH - 1) * Wp + g.OW
+        offsets = _tap_offsets(g.C, g.kh, g.kw, Hp * Wp, Wp)
+    else:
+        buf_len, acc_len = K * nb * P, nb * P
+        offsets = np.arange(K, dtype=np.int64) * (nb * P)
+    buf, acc = _workspace(
+        ("fwd", buf_len, acc_len, F, nt),
+        lambda: (np.empty((nt, buf_len), np.float32), np.empty((nt, F, acc_len), np.float32)),
     )
-    w_fk, _ = _packed_weights(w)
+    w_fk, _, _, _ = _packed_weights(w)
     bias = np.zeros(F, np.float32)
     if b is not None:
         bias[:] = b  # F values: the epilogue adds them in fp32
     y = np.empty((g.N, F, g.OH, g.OW), dtype=x.dtype)
     _conv_forward_kernel(
-        bits_view(x), w_fk, bias, activation == "relu", bits_view(y), col_ws, acc_ws,
-        g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.OH, g.OW,
+        bits_view(x), w_fk, bias, activation == "relu", bits_view(y), buf, acc, offsets,
+        direct, nb, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.OH, g.OW,
     )  # fmt: skip
     return y
 
@@ -437,24 +633,40 @@ def conv2d_backward(dy, x, w, g):
     F = w.shape[0]
     K, P = g.C * g.kh * g.kw, g.OH * g.OW
     nt = _threads(g.N)
-    col_ws, dcol_ws, dy_ws, dx_ws, dw_part, db_part = _workspace(
-        ("bwd", K, P, F, g.C, g.H, g.W, nt),
+    direct, nb = _plan(g, F, backward=True)
+    _, w_kf, w_flip, finite_w = _packed_weights(w)
+    # Non-finite weights would leak through the zero padding of dy on the direct dx path.
+    direct = direct and finite_w
+    Hp, Wp = g.H + 2 * g.ph, g.W + 2 * g.pw
+    Hd, Wd = g.H + g.kh - 1, g.W + g.kw - 1
+    L = nb * P
+    # Buffers of the direct path; the unfolded path's are also needed there, for images with
+    # non-finite values (block of one image).
+    shapes = (
+        (g.C * Hp * Wp,) if direct else (1,),  # padded image
+        (F * Hd * Wd,) if direct else (1,),  # padded dy for dx
+        (g.C, (g.H - 1) * Wd + g.W) if direct else (1, 1),  # dx accumulator
+        (K * L,),  # unfolded images
+        (K * L,),  # their gradient
+        (F * max(L, g.OH * Wp),),  # dy in fp32 (blocks of nb images, or row stride Wp)
+        (g.C, g.H, g.W),  # folded dx of one image
+    )
+    ws = _workspace(
+        ("bwd", F, direct, nb, *g, nt),
         lambda: (
-            np.empty((nt, K, P), np.float32),
-            np.empty((nt, K, P), np.float32),
-            np.empty((nt, F, P), np.float32),
-            np.empty((nt, g.C, g.H, g.W), np.float32),
-            np.empty((nt, F, K), np.float32),
-            np.empty((nt, F), np.float32),
+            tuple(np.empty((nt, *s), np.float32) for s in shapes)
+            + (np.empty((nt, F, K), np.float32), np.empty((nt, F), np.float32))
         ),
     )
-    _, w_kf = _packed_weights(w)
+    *buffers, dw_part, db_part = ws
+    offs_x = _tap_offsets(g.C, g.kh, g.kw, Hp * Wp, Wp)
+    offs_dy = _tap_offsets(F, g.kh, g.kw, Hd * Wd, Wd)
     dx = np.empty(g.x_shape, dtype=x.dtype)
     dw = np.empty(w.shape, dtype=x.dtype)
     db = np.empty(F, dtype=x.dtype)
     _conv_backward_kernel(
-        bits_view(dy), bits_view(x), w_kf, bits_view(dx), dw_part, db_part,
-        col_ws, dcol_ws, dy_ws, dx_ws, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw,
+        bits_view(dy), bits_view(x), w_kf, w_flip, direct, nb, bits_view(dx), dw_part, db_part,
+        *buffers, offs_x, offs_dy, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw,
     )  # fmt: skip
     _reduce_partials(dw_part, db_part, bits_view(dw), bits_view(db))
     return dx, dw, db
