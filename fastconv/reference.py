@@ -117,7 +117,12 @@ def max_pool2d_backward(dy, x, size=2, stride=None, pad=0):
     dy, x = _f64(dy, "dy"), _f64(x, "x")
     g = _pool_geometry(x.shape, size, stride, pad)
     win = _windows(_pad(x, g, -np.inf), g).reshape(g.N, g.C, g.OH, g.OW, g.kh * g.kw)
-    first = np.argmax(win, axis=-1)  # argmax returns the first maximum (and the first NaN)
+    real = _windows(_pad(np.ones(x.shape, bool), g, False), g).reshape(win.shape)
+    m = win.max(axis=-1, keepdims=True)  # NaN if the window holds one
+    # The first real pixel equal to the max (or the first NaN): padding must not take the
+    # gradient even when the window's real pixels are all -inf, as in PyTorch.
+    hit = ((win == m) | (np.isnan(win) & np.isnan(m))) & real
+    first = np.argmax(hit, axis=-1)
     onehot = np.zeros(win.shape)
     np.put_along_axis(onehot, first[..., None], 1.0, axis=-1)
     contrib = (onehot * dy[..., None]).reshape(g.N, g.C, g.OH, g.OW, g.kh, g.kw)

@@ -1,0 +1,156 @@
+"""Every bad argument to the public API fails with a ValueError/TypeError that names it.
+
+Numba kernels do no bounds checks, so these checks are what stands between a wrong shape
+and an out-of-bounds read; each case goes through ``import fastconv``, never a backend.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fastconv as fc
+
+f32, f16 = np.float32, np.float16
+x = np.zeros((2, 3, 6, 6), f32)  # N, C, H, W
+w = np.zeros((4, 3, 3, 3), f32)  # F, C, kh, kw
+b = np.zeros(4, f32)
+dy_conv = np.zeros((2, 4, 4, 4), f32)  # conv2d(x, w) output
+dy_pool = np.zeros((2, 3, 3, 3), f32)  # max/avg pool 2x2 output
+cols = np.zeros((2 * 4 * 4, 3 * 3 * 3), f32)  # im2col(x, 3, 3)
+
+
+def _cases():
+    """(id, call, exception, pattern the message must match)."""
+    V, T = ValueError, TypeError
+    for name, f in [("max_pool2d", fc.max_pool2d), ("avg_pool2d", fc.avg_pool2d)]:
+        yield f"{name}-float64", lambda f=f: f(x.astype(np.float64)), T, "x must have dtype"
+        yield f"{name}-int", lambda f=f: f(x.astype(np.int32)), T, "x must have dtype"
+        yield f"{name}-ndim", lambda f=f: f(x[0]), V, "x must be 4-dimensional"
+        yield f"{name}-list", lambda f=f: f(x.tolist()), T, "x must be a numpy.ndarray"
+        yield f"{name}-stride0", lambda f=f: f(x, 2, 0), V, r"stride must be >= 1"
+        yield f"{name}-stride-bool", lambda f=f: f(x, 2, True), T, "stride must be an int"
+        yield f"{name}-stride-float", lambda f=f: f(x, 2, 1.5), T, "stride must be an int"
+        yield f"{name}-stride-triple", lambda f=f: f(x, 2, (1, 1, 1)), V, "stride must be"
+        yield f"{name}-pad-neg", lambda f=f: f(x, 2, 2, -1), V, r"pad must be >= 0"
+        yield f"{name}-pad-pair-neg", lambda f=f: f(x, 2, 2, (0, -1)), V, r"pad\[1\] must be"
+        yield f"{name}-size0", lambda f=f: f(x, 0), V, r"size must be >= 1"
+        yield f"{name}-size-bool", lambda f=f: f(x, True), T, "size must be an int"
+        yield f"{name}-window-too-big", lambda f=f: f(x, 7), V, "window height 7 exceeds"
+        yield f"{name}-window-w-too-big", lambda f=f: f(x, (2, 9), 1, 1), V, "window width 9"
+        yield f"{name}-empty", lambda f=f: f(np.zeros((2, 3, 0, 6), f32), 2, 2, 1), V, "x must"
+    yield "max_pool2d-pad-gt-half", lambda: fc.max_pool2d(x, 2, 2, 2), V, "pad must be at most"
+
+    mpb = fc.max_pool2d_backward
+    yield "max_pool2d_backward-dy-shape", lambda: mpb(dy_pool[:, :2], x), V, "dy must have shape"
+    yield "max_pool2d_backward-dy-dtype", lambda: mpb(dy_pool.astype(f16), x), T, "dy must have"
+    yield "max_pool2d_backward-dy-float64", lambda: mpb(dy_pool.astype(float), x), T, "dy must"
+    yield "max_pool2d_backward-dy-ndim", lambda: mpb(dy_pool[0], x), V, "dy must be 4-dim"
+    yield "max_pool2d_backward-x-list", lambda: mpb(dy_pool, x.tolist()), T, "x must be a numpy"
+    yield "max_pool2d_backward-dy-list", lambda: mpb(dy_pool.tolist(), x), T, "dy must be a"
+    yield "max_pool2d_backward-stride-bool", lambda: mpb(dy_pool, x, 2, False), T, "stride must"
+    yield "max_pool2d_backward-pad-neg", lambda: mpb(dy_pool, x, 2, 2, -1), V, "pad must be >= 0"
+    yield "max_pool2d_backward-too-big", lambda: mpb(dy_pool, x, 8), V, "window height 8"
+
+    apb = fc.avg_pool2d_backward
+    yield "avg_pool2d_backward-dy-shape", lambda: apb(dy_pool, (2, 3, 8, 8)), V, "dy must have"
+    yield "avg_pool2d_backward-xshape-len", lambda: apb(dy_pool, (2, 3, 6)), V, "x_shape must be"
+    yield "avg_pool2d_backward-xshape-int", lambda: apb(dy_pool, 6), V, "x_shape must be"
+    yield "avg_pool2d_backward-xshape-0", lambda: apb(dy_pool, (2, 0, 6, 6)), V, r"x_shape\[1\]"
+    yield "avg_pool2d_backward-xshape-float", lambda: apb(dy_pool, (2, 3, 6.0, 6)), T, "x_shape"
+    yield "avg_pool2d_backward-dy-float64", lambda: apb(dy_pool.astype(float), x.shape), T, "dy"
+    yield "avg_pool2d_backward-dy-int", lambda: apb(dy_pool.astype(int), x.shape), T, "dy must"
+    yield "avg_pool2d_backward-dy-ndim", lambda: apb(dy_pool[0], x.shape), V, "dy must be 4-dim"
+    yield "avg_pool2d_backward-stride0", lambda: apb(dy_pool, x.shape, 2, 0), V, "stride must be"
+    yield "avg_pool2d_backward-pad-neg", lambda: apb(dy_pool, x.shape, 2, 2, -1), V, "pad must"
+    yield "avg_pool2d_backward-too-big", lambda: apb(dy_pool, x.shape, 7), V, "window height 7"
+    yield "avg_pool2d_backward-dy-list", lambda: apb(dy_pool.tolist(), x.shape), T, "dy must be"
+
+    yield "im2col-float64", lambda: fc.im2col(x.astype(float), 3, 3), T, "x must have dtype"
+    yield "im2col-int", lambda: fc.im2col(x.astype(np.int64), 3, 3), T, "x must have dtype"
+    yield "im2col-ndim", lambda: fc.im2col(x[0], 3, 3), V, "x must be 4-dimensional"
+    yield "im2col-list", lambda: fc.im2col(x.tolist(), 3, 3), T, "x must be a numpy"
+    yield "im2col-kh0", lambda: fc.im2col(x, 0, 3), V, "kh must be >= 1"
+    yield "im2col-kw-bool", lambda: fc.im2col(x, 3, True), T, "kw must be an int"
+    yield "im2col-stride0", lambda: fc.im2col(x, 3, 3, 0), V, "stride must be >= 1"
+    yield "im2col-stride-bool", lambda: fc.im2col(x, 3, 3, True), T, "stride must be an int"
+    yield "im2col-pad-neg", lambda: fc.im2col(x, 3, 3, 1, -1), V, "pad must be >= 0"
+    yield "im2col-too-big", lambda: fc.im2col(x, 9, 3, 1, 1), V, "kernel height 9 exceeds"
+
+    c2i = fc.col2im
+    yield "col2im-float64", lambda: c2i(cols.astype(float), x.shape, 3, 3), T, "cols must have"
+    yield "col2im-ndim", lambda: c2i(cols[None], x.shape, 3, 3), V, "cols must be 2-dim"
+    yield "col2im-list", lambda: c2i(cols.tolist(), x.shape, 3, 3), T, "cols must be a numpy"
+    yield "col2im-shape", lambda: c2i(cols[:, :-1], x.shape, 3, 3), V, "cols must have shape"
+    yield "col2im-channels", lambda: c2i(cols, (2, 4, 6, 6), 3, 3), V, "cols must have shape"
+    yield "col2im-xshape-len", lambda: c2i(cols, (2, 3, 6), 3, 3), V, "x_shape must be a 4-tuple"
+    yield "col2im-xshape-neg", lambda: c2i(cols, (2, 3, -6, 6), 3, 3), V, r"x_shape\[2\]"
+    yield "col2im-xshape-bool", lambda: c2i(cols, (2, True, 6, 6), 3, 3), T, r"x_shape\[1\]"
+    yield "col2im-stride0", lambda: c2i(cols, x.shape, 3, 3, 0), V, "stride must be >= 1"
+    yield "col2im-pad-neg", lambda: c2i(cols, x.shape, 3, 3, 1, -2), V, "pad must be >= 0"
+    yield "col2im-too-big", lambda: c2i(cols, x.shape, 3, 9), V, "kernel width 9 exceeds"
+
+    cv = fc.conv2d
+    yield "conv2d-x-float64", lambda: cv(x.astype(float), w), T, "x must have dtype"
+    yield "conv2d-x-int", lambda: cv(x.astype(np.int8), w), T, "x must have dtype"
+    yield "conv2d-w-float64", lambda: cv(x, w.astype(float)), T, "w must have dtype"
+    yield "conv2d-w-mixed", lambda: cv(x, w.astype(f16)), T, "w must have the same dtype"
+    yield "conv2d-b-mixed", lambda: cv(x, w, b.astype(f16)), T, "b must have the same dtype"
+    yield "conv2d-x-ndim", lambda: cv(x[0], w), V, "x must be 4-dimensional"
+    yield "conv2d-w-ndim", lambda: cv(x, w[0]), V, "w must be 4-dimensional"
+    yield "conv2d-b-ndim", lambda: cv(x, w, b[None]), V, "b must be 1-dimensional"
+    yield "conv2d-channels", lambda: cv(x, w[:, :2]), V, "w must have 3 input channels"
+    yield "conv2d-w-empty", lambda: cv(x, w[:, :, :0]), V, "w must have every dimension"
+    yield "conv2d-b-len", lambda: cv(x, w, b[:3]), V, "b must have length 4"
+    yield "conv2d-x-list", lambda: cv(x.tolist(), w), T, "x must be a numpy"
+    yield "conv2d-w-list", lambda: cv(x, w.tolist()), T, "w must be a numpy"
+    yield "conv2d-b-list", lambda: cv(x, w, b.tolist()), T, "b must be a numpy"
+    yield "conv2d-stride0", lambda: cv(x, w, None, 0), V, "stride must be >= 1"
+    yield "conv2d-stride-bool", lambda: cv(x, w, None, True), T, "stride must be an int"
+    yield "conv2d-pad-neg", lambda: cv(x, w, None, 1, -1), V, "pad must be >= 0"
+    yield "conv2d-too-big", lambda: cv(x[:, :, :2], w), V, "kernel height 3 exceeds"
+    yield "conv2d-activation", lambda: cv(x, w, activation="tanh"), V, "activation must be"
+
+    cb = fc.conv2d_backward
+    yield "conv2d_backward-dy-shape", lambda: cb(dy_conv[:, :3], x, w), V, "dy must have shape"
+    yield "conv2d_backward-dy-mixed", lambda: cb(dy_conv.astype(f16), x, w), T, "dy must have"
+    yield "conv2d_backward-dy-ndim", lambda: cb(dy_conv[0], x, w), V, "dy must be 4-dim"
+    yield "conv2d_backward-dy-list", lambda: cb(dy_conv.tolist(), x, w), T, "dy must be a numpy"
+    yield "conv2d_backward-x-float64", lambda: cb(dy_conv, x.astype(float), w), T, "x must have"
+    yield "conv2d_backward-w-mixed", lambda: cb(dy_conv, x, w.astype(f16)), T, "w must have the"
+    yield "conv2d_backward-channels", lambda: cb(dy_conv, x, w[:, :1]), V, "w must have 3 input"
+    yield "conv2d_backward-stride-bool", lambda: cb(dy_conv, x, w, True), T, "stride must be"
+    yield "conv2d_backward-pad-neg", lambda: cb(dy_conv, x, w, 1, -1), V, "pad must be >= 0"
+    yield "conv2d_backward-stride-dy", lambda: cb(dy_conv, x, w, 2), V, "dy must have shape"
+
+
+CASES = list(_cases())
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "pattern"), [c[1:] for c in CASES], ids=[c[0] for c in CASES]
+)
+def test_bad_argument_is_rejected(call, exc, pattern):
+    with pytest.raises(exc, match=pattern):
+        call()
+
+
+def test_every_public_kernel_is_covered():
+    kernels = {n for n in fc.__all__ if n not in ("gpu_available", "to_gpu", "to_cpu")}
+    covered = {c[0].split("-")[0] for c in CASES}
+    assert kernels <= covered, kernels - covered
+
+
+def test_valid_calls_pass():
+    # The fixtures above are valid as given: each rejection is due to the one thing changed.
+    fc.max_pool2d_backward(dy_pool, x)
+    fc.avg_pool2d_backward(dy_pool, x.shape)
+    fc.col2im(cols, x.shape, 3, 3)
+    fc.conv2d_backward(dy_conv, x, w)
+    assert fc.conv2d(x, w, b).shape == dy_conv.shape
+    assert fc.im2col(x, 3, 3).shape == cols.shape
+
+
+def test_to_cpu_rejects_non_arrays():
+    with pytest.raises(TypeError, match="x must be a numpy.ndarray"):
+        fc.to_cpu([1.0])
