@@ -421,7 +421,8 @@ def write_png(path, report: dict) -> None:
         rows = [r for r in report["results"] if r[f"{key}_ms"] is not None]
         names = [r["name"].replace(" ", "\n", 2) for r in rows]
         values = [r[f"{key}_ms"] for r in rows]
-        bars = ax.bar(range(len(rows)), values, color=["C0", "C1", "C2", "C3"][: len(rows)])
+        colors = [f"C{list(NAMES.values()).index(r['name'])}" for r in rows]
+        bars = ax.bar(range(len(rows)), values, color=colors)
         for bar, r in zip(bars, rows, strict=True):
             ax.annotate(
                 f"{r[f'{key}_ratio']:.2f}x",
