@@ -408,7 +408,10 @@ def _inputs(args):
 def _command(args) -> int:
     if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
         raise SystemExit("fastconv profile: --batch-size and --steps must be >= 1, --warmup >= 0")
-    model = _build_model(args)
+    try:
+        model = _build_model(args)
+    except RuntimeError as exc:  # e.g. --backend gpu without CuPy or a CUDA device
+        raise SystemExit(f"fastconv profile: {exc}") from exc
     x, y = _inputs(args)
     if args.forward_only:
         result = profile_forward(model, x, args.steps, args.warmup)

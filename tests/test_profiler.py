@@ -7,6 +7,7 @@ import time
 import numpy as np
 import pytest
 
+import fastconv
 from fastconv.models import deep_mnist_net
 from fastconv.profiler import ProfileResult, profile_forward, profile_model
 
@@ -154,8 +155,14 @@ def test_cli_mnist_data_and_plot(capsys, tmp_path):
 
 
 def test_cli_rejects_bad_steps():
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit, match="--steps must be >= 1"):
         _cli(["profile", "--steps", "0"])
+
+
+@pytest.mark.skipif(fastconv.gpu_available(), reason="checks the message when no GPU is usable")
+def test_cli_gpu_without_device_is_a_clear_error():
+    with pytest.raises(SystemExit, match="fastconv profile: "):
+        _cli(["profile", "--backend", "gpu", "--steps", "1"])
 
 
 def test_profile_result_is_a_dataclass_roundtrip(result):
