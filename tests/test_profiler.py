@@ -167,3 +167,68 @@ def test_cli_gpu_without_device_is_a_clear_error():
 
 def test_profile_result_is_a_dataclass_roundtrip(result):
     assert ProfileResult(**result.to_dict()) == result
+
+
+class _SleepLayer:
+    """A contract layer that takes a known time, to check that time lands on the right layer."""
+
+    built = True
+    params: dict = {}
+    grads: dict = {}
+
+    def __init__(self, name, kind, forward_s, backward_s):
+        self.name, self.kind = name, kind
+        self.forward_s, self.backward_s = forward_s, backward_s
+
+    def forward(self, x, training=False):
+        time.sleep(self.forward_s)
+        return x
+
+    def backward(self, dy):
+        time.sleep(self.backward_s)
+        return dy
+
+
+class _SleepModel:
+    def __init__(self, layers):
+        self.layers = layers
+        self.built = True
+        self.loss = self
+        self.optimizer = self
+
+    # loss and optimizer in one: instant
+    def forward(self, scores, y):
+        return 0.0
+
+    def backward(self):
+        return np.zeros(1)
+
+    def step(self, params, grads):
+        pass
+
+    def parameters(self):
+        return []
+
+    def gradients(self):
+        return []
+
+    def train_on_batch(self, x, y):
+        for layer in self.layers:
+            layer.forward(x, training=True)
+        for layer in reversed(self.layers):
+            layer.backward(x)
+
+
+def test_time_is_attributed_to_the_right_layer():
+    model = _SleepModel(
+        [_SleepLayer("c", "conv", 0.006, 0.012), _SleepLayer("p", "pool", 0.002, 0.0)]
+    )
+    r = profile_model(model, np.zeros((1, 1)), None, steps=3, warmup=0)
+    conv, pool = r.layers
+    # sleep() never returns early; allow generous lateness on a loaded machine.
+    assert 6 <= conv["forward_ms"] < 6 * 4 and 12 <= conv["backward_ms"] < 12 * 4
+    assert 2 <= pool["forward_ms"] < 2 * 8 and pool["backward_ms"] < 2
+    assert r.by_type["conv"] > r.by_type["pool"] > 0
+    assert r.conv_share == pytest.approx(r.by_type["conv"])
+    # Each kind of layer that is missing from the model is missing from by_type.
+    assert set(r.by_type) == {"conv", "pool", "loss", "update"}
