@@ -1,0 +1,451 @@
+"""Where does a training step spend its time? Layer-by-layer timing of a model's training step.
+
+:func:`profile_model` runs complete training steps by hand through the layer contract
+(each layer's ``forward(x, training=True)``, the loss forward and backward, each layer's
+``backward`` in reverse, then ``optimizer.step``), putting a clock mark between consecutive
+parts: ``time.perf_counter`` for NumPy inputs, CUDA events (synchronised once per step) for
+CuPy inputs. It aggregates the times by layer kind and reports the share of the step spent in
+convolution, for the whole step and for the forward pass alone (the book's fig. 8-14 shows the
+forward share). It also times an untimed ``model.train_on_batch`` of the same batch in the same
+run, interleaved with the profiled steps, and reports the difference as the profiling overhead.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from ._checks import is_cupy_array
+
+__all__ = ["ProfileResult", "profile_model", "profile_forward", "add_subcommand"]
+
+# Layer kinds reported under their own name; anything else (e.g. "reshape") goes to "other".
+_KINDS = ("conv", "pool", "dense", "activation", "dropout")
+_TYPE_ORDER = (*_KINDS, "other", "loss", "update")
+
+
+def _type_of(layer) -> str:
+    kind = getattr(layer, "kind", "other")
+    return kind if kind in _KINDS else "other"
+
+
+# --- clocks ------------------------------------------------------------------------------------
+
+
+class _CpuClock:
+    def mark(self):
+        return time.perf_counter()
+
+    def finish(self, last_mark):
+        pass
+
+    def elapsed_ms(self, start, end):
+        return (end - start) * 1e3
+
+
+class _GpuClock:
+    """CUDA events: recording is asynchronous, so marks cost little and time the device's work."""
+
+    def __init__(self):
+        import cupy
+
+        self._cuda = cupy.cuda
+
+    def mark(self):
+        event = self._cuda.Event()
+        event.record()
+        return event
+
+    def finish(self, last_mark):
+        last_mark.synchronize()
+
+    def elapsed_ms(self, start, end):
+        return self._cuda.get_elapsed_time(start, end)
+
+
+def _synchronize(x):
+    if is_cupy_array(x):
+        import cupy
+
+        cupy.cuda.get_current_stream().synchronize()
+
+
+# --- result ------------------------------------------------------------------------------------
+
+
+@dataclass
+class ProfileResult:
+    """Mean per-step times of a profiled run and the shares derived from them.
+
+    Attributes
+    ----------
+    step_ms : float
+        Mean over the timed steps of the sum of all timed parts.
+    step_ms_median : float
+        Median of the same per-step totals.
+    conv_share, forward_conv_share : float
+        Convolution time over the whole step, and conv forward time over the layers' forward time.
+    by_type : dict
+        ``{type: share of the step}``, summing to 1. Types are layer kinds (``conv``, ``pool``,
+        ``dense``, ``activation``, ``dropout``; other kinds as ``other``), ``loss`` and ``update``.
+    by_type_ms : dict
+        ``{type: {"forward": ms, "backward": ms}}``; the optimizer update counts as backward.
+    layers : list of dict
+        ``{"name", "type", "forward_ms", "backward_ms"}`` in layer order.
+    overhead : dict
+        ``profiled_step_ms`` (wall time of a profiled step, median), ``untimed_step_ms`` (median of
+        ``train_on_batch``, or of a plain forward pass in forward-only mode) and ``ratio``.
+    """
+
+    backend: str
+    dtype: str
+    batch_size: int
+    steps: int
+    warmup: int
+    training: bool
+    step_ms: float
+    step_ms_median: float
+    conv_share: float
+    forward_conv_share: float
+    by_type: dict
+    by_type_ms: dict
+    layers: list
+    loss_ms: float
+    update_ms: float
+    overhead: dict
+    notes: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        """Plain JSON-serialisable dict of every field."""
+        return asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict())
+
+    def table(self) -> str:
+        """Readable text report: per layer, per type, shares and overhead."""
+        what = "training step" if self.training else "forward pass (inference mode)"
+        lines = [
+            f"{what}: backend {self.backend}, {self.dtype}, batch {self.batch_size}, "
+            f"mean of {self.steps} steps after {self.warmup} warm-up",
+            "",
+            f"{'layer':<14}{'type':<12}{'forward ms':>12}{'backward ms':>13}{'share':>9}",
+        ]
+        for layer in self.layers:
+            total = layer["forward_ms"] + layer["backward_ms"]
+            lines.append(
+                f"{layer['name']:<14}{layer['type']:<12}{layer['forward_ms']:>12.3f}"
+                f"{layer['backward_ms']:>13.3f}{total / self.step_ms:>9.1%}"
+            )
+        if self.training:
+            lines.append(f"{'(loss)':<14}{'loss':<12}{'':>12}{'':>13}{self.by_type['loss']:>9.1%}")
+            lines.append(
+                f"{'(update)':<14}{'update':<12}{'':>12}{self.update_ms:>13.3f}"
+                f"{self.by_type['update']:>9.1%}"
+            )
+        lines += ["", f"{'type':<14}{'forward ms':>12}{'backward ms':>13}{'share':>9}"]
+        for name, share in self.by_type.items():
+            ms = self.by_type_ms[name]
+            lines.append(f"{name:<14}{ms['forward']:>12.3f}{ms['backward']:>13.3f}{share:>9.1%}")
+        oh = self.overhead
+        untimed = "train_on_batch" if self.training else "untimed forward"
+        lines += [
+            "",
+            f"step {self.step_ms:.2f} ms (median {self.step_ms_median:.2f} ms)",
+            f"convolution: {self.conv_share:.1%} of the {'step' if self.training else 'pass'}, "
+            f"{self.forward_conv_share:.1%} of the forward pass",
+            f"profiling overhead: profiled step {oh['profiled_step_ms']:.2f} ms vs {untimed} "
+            f"{oh['untimed_step_ms']:.2f} ms (medians, same run): {oh['ratio'] - 1:+.1%}",
+        ]
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+    def plot(self, path) -> None:
+        """Bar chart of time per step by layer type, forward and backward side by side."""
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = list(self.by_type_ms)
+        fwd = [self.by_type_ms[n]["forward"] for n in names]
+        bwd = [self.by_type_ms[n]["backward"] for n in names]
+        pos = np.arange(len(names))
+        fig, ax = plt.subplots(figsize=(8, 4))
+        ax.bar(pos - 0.2, fwd, 0.4, label="forward")
+        ax.bar(pos + 0.2, bwd, 0.4, label="backward (update for 'update')")
+        ax.set_xticks(pos, names)
+        ax.set_ylabel("ms per step")
+        mode = "training step" if self.training else "forward pass"
+        ax.set_title(
+            f"{mode}, {self.backend} {self.dtype}, batch {self.batch_size}: "
+            f"conv {self.conv_share:.0%} (forward {self.forward_conv_share:.0%})"
+        )
+        ax.legend()
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+
+# --- profiling ---------------------------------------------------------------------------------
+
+
+def _prepare_inputs(model, x, y):
+    """Put ``x`` (and integer ``y``) where the model computes, in the model's dtype."""
+    backend = getattr(model, "backend", "cpu")
+    dtype = getattr(model, "dtype", None)
+    if backend == "gpu" and not is_cupy_array(x):
+        from .ops import to_gpu
+
+        x = to_gpu(np.asarray(x))
+    if dtype is not None and np.dtype(x.dtype) != np.dtype(dtype):
+        x = x.astype(dtype)
+    if backend == "gpu" and y is not None and not is_cupy_array(y):
+        import cupy
+
+        y = cupy.asarray(y)
+    return x, y
+
+
+def _check_args(model, x, steps, warmup):
+    if not hasattr(model, "layers") or not hasattr(model, "optimizer"):
+        raise TypeError("model must be a Sequential-like model with .layers and .optimizer")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
+        raise ValueError(f"warmup must be an int >= 0, got {warmup!r}")
+    if getattr(x, "ndim", 0) < 2:
+        raise ValueError(
+            f"x must be a batch of inputs (N, ...), got shape {getattr(x, 'shape', None)}"
+        )
+
+
+def _ensure_built(model, x):
+    if not getattr(model, "built", True) or not all(
+        getattr(la, "built", True) for la in model.layers
+    ):
+        model.build(tuple(x.shape[1:]))
+
+
+def _profiled_step(model, x, y, clock, training):
+    """One step with a clock mark between consecutive parts; returns the marks."""
+    marks = [clock.mark()]
+    out = x
+    for layer in model.layers:
+        out = layer.forward(out, training=training)
+        marks.append(clock.mark())
+    if training:
+        model.loss.forward(out, y)
+        marks.append(clock.mark())
+        d = model.loss.backward()
+        marks.append(clock.mark())
+        for layer in reversed(model.layers):
+            d = layer.backward(d)
+            marks.append(clock.mark())
+        model.optimizer.step(model.parameters(), model.gradients())
+        marks.append(clock.mark())
+    clock.finish(marks[-1])
+    return marks
+
+
+def _run(model, x, y, steps, warmup, training, untimed):
+    _check_args(model, x, steps, warmup)
+    x, y = _prepare_inputs(model, x, y)
+    _ensure_built(model, x)
+    gpu = is_cupy_array(x)
+    clock = _GpuClock() if gpu else _CpuClock()
+    for _ in range(warmup):
+        _profiled_step(model, x, y, clock, training)
+        untimed(x, y)
+    _synchronize(x)
+
+    n_layers = len(model.layers)
+    parts, walls, untimed_walls = [], [], []
+    for _ in range(steps):
+        start = time.perf_counter()
+        marks = _profiled_step(model, x, y, clock, training)
+        walls.append(time.perf_counter() - start)
+        parts.append([clock.elapsed_ms(a, b) for a, b in zip(marks, marks[1:], strict=False)])
+        # Interleaved so that both see the same machine load.
+        start = time.perf_counter()
+        untimed(x, y)
+        _synchronize(x)
+        untimed_walls.append(time.perf_counter() - start)
+
+    mean = np.asarray(parts, dtype=np.float64).mean(axis=0)
+    forward = mean[:n_layers]
+    if training:
+        loss_ms = float(mean[n_layers] + mean[n_layers + 1])
+        backward = mean[n_layers + 2 : 2 * n_layers + 2][::-1]
+        update_ms = float(mean[-1])
+        loss_split = {"forward": float(mean[n_layers]), "backward": float(mean[n_layers + 1])}
+    else:
+        loss_ms = update_ms = 0.0
+        backward = np.zeros(n_layers)
+        loss_split = None
+
+    layers = [
+        {
+            "name": str(getattr(layer, "name", f"layer{i}")),
+            "type": _type_of(layer),
+            "forward_ms": float(f),
+            "backward_ms": float(b),
+        }
+        for i, (layer, f, b) in enumerate(zip(model.layers, forward, backward, strict=True))
+    ]
+    by_type_ms = {}
+    for layer in layers:
+        t = by_type_ms.setdefault(layer["type"], {"forward": 0.0, "backward": 0.0})
+        t["forward"] += layer["forward_ms"]
+        t["backward"] += layer["backward_ms"]
+    if training:
+        by_type_ms["loss"] = loss_split
+        by_type_ms["update"] = {"forward": 0.0, "backward": update_ms}
+    by_type_ms = {k: by_type_ms[k] for k in _TYPE_ORDER if k in by_type_ms}
+
+    totals = np.asarray(parts).sum(axis=1)
+    step_ms = float(mean.sum())
+    by_type = {k: (v["forward"] + v["backward"]) / step_ms for k, v in by_type_ms.items()}
+    conv = by_type_ms.get("conv", {"forward": 0.0, "backward": 0.0})
+    forward_total = float(forward.sum())
+    profiled = float(np.median(walls) * 1e3)
+    untimed_ms = float(np.median(untimed_walls) * 1e3)
+    return ProfileResult(
+        backend="gpu" if gpu else "cpu",
+        dtype=str(np.dtype(x.dtype)),
+        batch_size=int(x.shape[0]),
+        steps=steps,
+        warmup=warmup,
+        training=training,
+        step_ms=step_ms,
+        step_ms_median=float(np.median(totals)),
+        conv_share=(conv["forward"] + conv["backward"]) / step_ms,
+        forward_conv_share=conv["forward"] / forward_total,
+        by_type=by_type,
+        by_type_ms=by_type_ms,
+        layers=layers,
+        loss_ms=loss_ms,
+        update_ms=update_ms,
+        overhead={
+            "profiled_step_ms": profiled,
+            "untimed_step_ms": untimed_ms,
+            "ratio": profiled / untimed_ms,
+        },
+    )
+
+
+def profile_model(model, x, y, steps=20, warmup=3) -> ProfileResult:
+    """Time ``steps`` full training steps of ``model`` on one batch, layer by layer.
+
+    Parameters
+    ----------
+    model : Sequential-like
+        Has ``layers``, ``loss``, ``optimizer``, ``parameters()``, ``gradients()`` and
+        ``train_on_batch``; it is trained by the run (``2 * (steps + warmup)`` updates).
+    x : ndarray (NumPy or CuPy), (N, ...)
+        Input batch; cast to the model's dtype and moved to its backend if needed.
+    y : ndarray
+        Integer labels (or one-hot), as the model's loss takes them.
+    steps, warmup : int
+        Timed steps, and untimed steps run first (Numba compilation, caches, allocator).
+
+    Returns
+    -------
+    ProfileResult
+        Mean times per layer and type, conv shares, and the measured profiling overhead
+        (profiled step vs an interleaved untimed ``train_on_batch``).
+    """
+    _check_args(model, x, steps, warmup)
+    if getattr(model, "loss", None) is None or getattr(model, "optimizer", None) is None:
+        raise ValueError("model needs a loss and an optimizer to profile a training step")
+    return _run(model, x, y, steps, warmup, True, lambda xb, yb: model.train_on_batch(xb, yb))
+
+
+def profile_forward(model, x, steps=20, warmup=3) -> ProfileResult:
+    """Like :func:`profile_model`, but inference only (``training=False``, no loss or update).
+
+    The overhead is measured against a plain, untimed loop of the layers' forward passes.
+    """
+
+    def untimed(xb, _):
+        out = xb
+        for layer in model.layers:
+            out = layer.forward(out, training=False)
+        return out
+
+    return _run(model, x, None, steps, warmup, False, untimed)
+
+
+# --- command line ------------------------------------------------------------------------------
+
+
+def _build_model(args):
+    from .models import deep_mnist_net
+
+    model = deep_mnist_net(seed=args.seed)
+    if args.backend != "cpu" or args.dtype != "float32":
+        model = model.to(backend=args.backend, dtype=args.dtype)
+    return model.compile(optimizer="adam", loss="softmax_cross_entropy")
+
+
+def _inputs(args):
+    if args.data == "mnist":
+        from .datasets import load_mnist
+
+        (x, y), _ = load_mnist(args.mnist_dir)
+        if args.batch_size > x.shape[0]:
+            raise SystemExit(f"fastconv profile: --batch-size must be <= {x.shape[0]} for MNIST")
+        return x[: args.batch_size], y[: args.batch_size]
+    rng = np.random.default_rng(args.seed)
+    x = rng.random((args.batch_size, 1, 28, 28), dtype=np.float32)
+    y = rng.integers(0, 10, args.batch_size)
+    return x, y
+
+
+def _command(args) -> int:
+    if args.batch_size < 1 or args.steps < 1 or args.warmup < 0:
+        raise SystemExit("fastconv profile: --batch-size and --steps must be >= 1, --warmup >= 0")
+    try:
+        model = _build_model(args)
+    except RuntimeError as exc:  # e.g. --backend gpu without CuPy or a CUDA device
+        raise SystemExit(f"fastconv profile: {exc}") from exc
+    x, y = _inputs(args)
+    if args.forward_only:
+        result = profile_forward(model, x, args.steps, args.warmup)
+    else:
+        result = profile_model(model, x, y, args.steps, args.warmup)
+    source = "real MNIST images" if args.data == "mnist" else "random inputs (timing only)"
+    result.notes.append(f"data: {source}")
+    if args.plot:
+        result.plot(args.plot)
+        result.notes.append(f"plot written to {args.plot}")
+    print(result.to_json() if args.json else result.table())
+    return 0
+
+
+def add_subcommand(subparsers):
+    """Add ``fastconv profile`` to an argparse ``subparsers`` object."""
+    p = subparsers.add_parser(
+        "profile",
+        help="time a training step layer by layer; share of time in convolution",
+        description="Profile the deep MNIST net's training step (or forward pass) layer by layer.",
+    )
+    p.add_argument("--model", choices=["deep-mnist"], default="deep-mnist")
+    p.add_argument("--backend", choices=["cpu", "gpu"], default="cpu")
+    p.add_argument("--dtype", choices=["float32", "float16"], default="float32")
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--steps", type=int, default=20, help="timed steps (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--forward-only", action="store_true", help="profile inference only")
+    p.add_argument("--data", choices=["random", "mnist"], default="random")
+    p.add_argument(
+        "--mnist-dir", help="directory of the MNIST IDX .gz files (default: as load_mnist)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--plot", metavar="FILE", help="write a bar chart (PNG) by layer type")
+    p.set_defaults(func=_command)
+    return p

@@ -1,0 +1,234 @@
+"""Profiler: shares are consistent, its step time agrees with an independent timing, CLI JSON."""
+
+import importlib.util
+import json
+import time
+
+import numpy as np
+import pytest
+
+import fastconv
+from fastconv.models import deep_mnist_net
+from fastconv.profiler import ProfileResult, profile_forward, profile_model
+
+BATCH = 4
+
+
+def _model(dtype="float32"):
+    model = deep_mnist_net(seed=0)
+    if dtype != "float32":
+        model = model.to(dtype=dtype)
+    return model.compile(optimizer="adam", loss="softmax_cross_entropy")
+
+
+def _batch(n=BATCH, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.random((n, 1, 28, 28), dtype=np.float32), rng.integers(0, 10, n)
+
+
+@pytest.fixture(scope="module")
+def result():
+    x, y = _batch()
+    return profile_model(_model(), x, y, steps=2, warmup=1)
+
+
+def test_shares_sum_to_one_and_match_layers(result):
+    model = _model()
+    model.build((1, 28, 28))
+    assert result.training
+    assert len(result.layers) == len(model.layers)
+    assert [la["name"] for la in result.layers] == [la.name for la in model.layers]
+    assert sum(result.by_type.values()) == pytest.approx(1.0, abs=1e-9)
+    assert set(result.by_type) == {
+        "conv", "pool", "dense", "activation", "dropout", "other", "loss", "update"
+    }  # fmt: skip
+    # The step is the sum of its parts: every layer's forward and backward, loss and update.
+    parts = sum(la["forward_ms"] + la["backward_ms"] for la in result.layers)
+    assert parts + result.loss_ms + result.update_ms == pytest.approx(result.step_ms, rel=1e-9)
+    conv = [la for la in result.layers if la["type"] == "conv"]
+    assert len(conv) == 6
+    conv_ms = sum(la["forward_ms"] + la["backward_ms"] for la in conv)
+    assert result.conv_share == pytest.approx(conv_ms / result.step_ms, rel=1e-9)
+    assert result.conv_share == pytest.approx(result.by_type["conv"], rel=1e-9)
+    forward_ms = sum(la["forward_ms"] for la in result.layers)
+    conv_fwd = sum(la["forward_ms"] for la in conv)
+    assert result.forward_conv_share == pytest.approx(conv_fwd / forward_ms, rel=1e-9)
+    assert all(la["forward_ms"] > 0 and la["backward_ms"] > 0 for la in result.layers)
+    assert 0 < result.conv_share < 1 and 0 < result.forward_conv_share < 1
+
+
+def test_to_dict_is_json_with_required_keys(result):
+    d = json.loads(json.dumps(result.to_dict()))
+    for key in ("conv_share", "forward_conv_share", "step_ms", "by_type", "layers", "overhead"):
+        assert key in d
+    assert set(d["layers"][0]) == {"name", "type", "forward_ms", "backward_ms"}
+    assert d["overhead"]["ratio"] == pytest.approx(
+        d["overhead"]["profiled_step_ms"] / d["overhead"]["untimed_step_ms"]
+    )
+
+
+def test_step_time_agrees_with_independent_train_on_batch():
+    x, y = _batch(8, seed=1)
+    model = _model()
+    model.train_on_batch(x, y)  # compile and build before either timing
+    profiled, independent = [], []
+    # Interleaved and compared as medians, so that load from other processes hits both alike.
+    for _ in range(5):
+        profiled.append(profile_model(model, x, y, steps=1, warmup=0).step_ms)
+        start = time.perf_counter()
+        model.train_on_batch(x, y)
+        independent.append((time.perf_counter() - start) * 1e3)
+    assert 0.5 <= np.median(profiled) / np.median(independent) <= 2.0
+
+
+def test_training_changes_weights_like_train_on_batch():
+    # The manual step is a real training step: it must update every parameter.
+    x, y = _batch()
+    model = _model()
+    model.build((1, 28, 28))
+    before = [p.copy() for p in model.parameters()]
+    profile_model(model, x, y, steps=1, warmup=0)
+    assert all(not np.array_equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+
+
+def test_forward_only_profile():
+    x, _ = _batch()
+    r = profile_forward(_model(), x, steps=2, warmup=1)
+    assert not r.training
+    assert sum(r.by_type.values()) == pytest.approx(1.0, abs=1e-9)
+    assert "loss" not in r.by_type and "update" not in r.by_type
+    assert all(la["backward_ms"] == 0 for la in r.layers)
+    assert r.conv_share == pytest.approx(r.forward_conv_share)
+
+
+def test_table_and_plot(result, tmp_path):
+    text = result.table()
+    assert "conv2d_1" in text and "profiling overhead" in text and "convolution:" in text
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "profile.png"
+    result.plot(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_arguments():
+    x, y = _batch()
+    with pytest.raises(ValueError, match="steps"):
+        profile_model(_model(), x, y, steps=0)
+    with pytest.raises(ValueError, match="warmup"):
+        profile_model(_model(), x, y, warmup=-1)
+    with pytest.raises(TypeError, match="model"):
+        profile_model(object(), x, y)
+    with pytest.raises(ValueError, match="loss and an optimizer"):
+        profile_model(deep_mnist_net(seed=0), x, y)
+
+
+def _cli(argv):
+    from fastconv.cli import main
+
+    return main(argv)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_cli_json(capsys, dtype):
+    code = _cli(["profile", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--json",
+                 "--dtype", dtype])  # fmt: skip
+    assert code == 0
+    out = capsys.readouterr().out.strip()
+    d = json.loads(out)  # exactly one JSON object
+    assert d["dtype"] == dtype and d["batch_size"] == 2 and d["training"]
+    for key in ("conv_share", "forward_conv_share", "step_ms", "by_type", "layers"):
+        assert key in d
+    assert sum(d["by_type"].values()) == pytest.approx(1.0, abs=1e-9)
+    assert any("random inputs" in n for n in d["notes"])
+
+
+def test_cli_mnist_data_and_plot(capsys, tmp_path):
+    plot = tmp_path / "p.png"
+    argv = ["profile", "--batch-size", "2", "--steps", "1", "--warmup", "0", "--data", "mnist"]
+    argv += ["--forward-only"]
+    if importlib.util.find_spec("matplotlib") is not None:
+        argv += ["--plot", str(plot)]
+    assert _cli(argv) == 0
+    out = capsys.readouterr().out
+    assert "forward pass (inference mode)" in out and "data: real MNIST images" in out
+    assert plot.exists() == ("--plot" in argv)
+
+
+def test_cli_rejects_bad_steps():
+    with pytest.raises(SystemExit, match="--steps must be >= 1"):
+        _cli(["profile", "--steps", "0"])
+
+
+@pytest.mark.skipif(fastconv.gpu_available(), reason="checks the message when no GPU is usable")
+def test_cli_gpu_without_device_is_a_clear_error():
+    with pytest.raises(SystemExit, match="fastconv profile: "):
+        _cli(["profile", "--backend", "gpu", "--steps", "1"])
+
+
+def test_profile_result_is_a_dataclass_roundtrip(result):
+    assert ProfileResult(**result.to_dict()) == result
+
+
+class _SleepLayer:
+    """A contract layer that takes a known time, to check that time lands on the right layer."""
+
+    built = True
+    params: dict = {}
+    grads: dict = {}
+
+    def __init__(self, name, kind, forward_s, backward_s):
+        self.name, self.kind = name, kind
+        self.forward_s, self.backward_s = forward_s, backward_s
+
+    def forward(self, x, training=False):
+        time.sleep(self.forward_s)
+        return x
+
+    def backward(self, dy):
+        time.sleep(self.backward_s)
+        return dy
+
+
+class _SleepModel:
+    def __init__(self, layers):
+        self.layers = layers
+        self.built = True
+        self.loss = self
+        self.optimizer = self
+
+    # loss and optimizer in one: instant
+    def forward(self, scores, y):
+        return 0.0
+
+    def backward(self):
+        return np.zeros(1)
+
+    def step(self, params, grads):
+        pass
+
+    def parameters(self):
+        return []
+
+    def gradients(self):
+        return []
+
+    def train_on_batch(self, x, y):
+        for layer in self.layers:
+            layer.forward(x, training=True)
+        for layer in reversed(self.layers):
+            layer.backward(x)
+
+
+def test_time_is_attributed_to_the_right_layer():
+    model = _SleepModel(
+        [_SleepLayer("c", "conv", 0.006, 0.012), _SleepLayer("p", "pool", 0.002, 0.0)]
+    )
+    r = profile_model(model, np.zeros((1, 1)), None, steps=3, warmup=0)
+    conv, pool = r.layers
+    # sleep() never returns early; allow generous lateness on a loaded machine.
+    assert 6 <= conv["forward_ms"] < 6 * 4 and 12 <= conv["backward_ms"] < 12 * 4
+    assert 2 <= pool["forward_ms"] < 2 * 8 and pool["backward_ms"] < 2
+    assert r.by_type["conv"] > r.by_type["pool"] > 0
+    assert r.conv_share == pytest.approx(r.by_type["conv"])
+    # Each kind of layer that is missing from the model is missing from by_type.
+    assert set(r.by_type) == {"conv", "pool", "loss", "update"}
