@@ -1,8 +1,9 @@
 """MNIST from the four original IDX ``.gz`` files, verified by SHA-256 before parsing.
 
-Search order for the directory holding the files: the ``path`` argument, then the
-``$FASTCONV_DATA`` environment variable (a directory with the four files, or with an
-``mnist/`` subdirectory holding them), then ``data/mnist`` of the source checkout.
+Where the files are looked for: the ``path`` argument when given; otherwise ``data/mnist`` of
+the source checkout (next to the package) when it holds them, else the ``$FASTCONV_DATA``
+environment variable (a directory with the four files, or with an ``mnist/`` subdirectory
+holding them), as for an installed package without the checkout.
 """
 
 from __future__ import annotations
@@ -36,12 +37,15 @@ _CHECKOUT_DIR = Path(__file__).resolve().parent.parent / "data" / "mnist"
 
 
 def default_mnist_dir() -> Path:
-    """``$FASTCONV_DATA`` (or its ``mnist/`` subdirectory) if set, else the checkout's data."""
+    """The checkout's ``data/mnist`` if it holds the files, else ``$FASTCONV_DATA`` (or its
+    ``mnist/`` subdirectory); the checkout directory when neither is available."""
+    if any((_CHECKOUT_DIR / name).is_file() for name in MNIST_FILES):
+        return _CHECKOUT_DIR
     env = os.environ.get("FASTCONV_DATA")
     if env:
         base = Path(env)
         sub = base / "mnist"
-        return sub if (sub / "train-images-idx3-ubyte.gz").exists() else base
+        return sub if any((sub / name).is_file() for name in MNIST_FILES) else base
     return _CHECKOUT_DIR
 
 

@@ -55,11 +55,21 @@ def test_corrupt_file_fails_checksum(tmp_path):
         load_mnist(tmp_path)
 
 
-def test_environment_variable_is_used(tmp_path, monkeypatch):
-    monkeypatch.setenv("FASTCONV_DATA", str(tmp_path))
-    assert datasets.default_mnist_dir() == tmp_path
+def test_environment_variable_is_used_without_checkout_data(tmp_path, monkeypatch):
+    checkout = tmp_path / "checkout"
+    checkout.mkdir()
+    monkeypatch.setattr(datasets, "_CHECKOUT_DIR", checkout)  # as an installed package
+    env = tmp_path / "env"
+    env.mkdir()
+    monkeypatch.setenv("FASTCONV_DATA", str(env))
+    assert datasets.default_mnist_dir() == env
     with pytest.raises(FileNotFoundError, match="FASTCONV_DATA"):
         load_mnist()
-    (tmp_path / "mnist").mkdir()
-    _copy_files(tmp_path / "mnist")
-    assert datasets.default_mnist_dir() == tmp_path / "mnist"
+    (env / "mnist").mkdir()
+    _copy_files(env / "mnist")
+    assert datasets.default_mnist_dir() == env / "mnist"
+    (_, y_train), _ = load_mnist()
+    assert y_train.shape == (60000,)
+    # the checkout's copy wins when it exists
+    _copy_files(checkout)
+    assert datasets.default_mnist_dir() == checkout
