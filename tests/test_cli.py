@@ -65,8 +65,8 @@ def _read_history(path):
 def test_resume_after_sigkill(tmp_path):
     """Kill a run mid-training with SIGKILL, resume it, and get one continuous history."""
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "fastconv", "train-mnist", "--epochs", "3", "--batch-size", "20"]
-    cmd += ["--limit-train", "400", "--limit-test", "100", "--seed", "1", "--out", str(out)]
+    cmd = [sys.executable, "-m", "fastconv", "train-mnist", "--epochs", "3", "--batch-size", "25"]
+    cmd += ["--limit-train", "1000", "--limit-test", "100", "--seed", "1", "--out", str(out)]
     proc = subprocess.Popen(
         [*cmd, "--quiet"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
@@ -78,7 +78,8 @@ def test_resume_after_sigkill(tmp_path):
                 break
             time.sleep(0.05)
         assert proc.poll() is None, proc.stderr.read().decode()
-        time.sleep(0.3)  # into epoch 2
+        time.sleep(0.15)  # into epoch 2 (40 steps: far from done)
+        assert proc.poll() is None, "the run finished before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     finally:
@@ -96,4 +97,4 @@ def test_resume_after_sigkill(tmp_path):
     hist = json.loads((out / "history.json").read_text())
     assert hist["epoch"] == [1, 2, 3]
     assert all(len(v) == 3 for v in hist.values())
-    assert load_model(out / "last.npz").optimizer.iterations == 3 * 20
+    assert load_model(out / "last.npz").optimizer.iterations == 3 * 40

@@ -458,3 +458,19 @@ def test_gpu_model_matches_cpu_and_trains(tmp_path):
     s16 = fastconv.to_cpu(half.predict(x)).astype(np.float32)
     s32 = fastconv.to_cpu(dev.predict(x))
     np.testing.assert_allclose(s16, s32, rtol=2e-2, atol=2e-2 * np.abs(s32).max())
+
+
+def test_resumed_fit_equals_uninterrupted_fit(tmp_path):
+    """Checkpoint after epoch 1 (weights, optimizer, generator), resume: same as never stopping."""
+    x, y = toy_data(40)
+    straight = tiny_net(seed=9, dropout=0.3)
+    straight.compile(Adam(lr=0.01))
+    straight.fit(x, y, epochs=3, batch_size=10, verbose=0)
+    first = tiny_net(seed=9, dropout=0.3)
+    first.compile(Adam(lr=0.01))
+    first.fit(x, y, epochs=1, batch_size=10, verbose=0)
+    first.save(tmp_path / "last.npz", include_optimizer=True, epoch=1)
+    resumed = load_model(tmp_path / "last.npz")
+    resumed.fit(x, y, epochs=3, batch_size=10, verbose=0, initial_epoch=1)
+    for a, b in zip(straight.get_weights(), resumed.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
