@@ -28,29 +28,21 @@ LAYERS = [
 ]
 
 
-def _median_time(fn, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _fastconv_times(x, w, b, dy, pad, repeats):
-    fwd = _median_time(lambda: fc.conv2d(x, w, b, 1, pad, activation="relu"), repeats)
-    bwd = _median_time(lambda: fc.conv2d_backward(dy, x, w, 1, pad), repeats)
-
-    def both():
+def _fastconv_calls(x, w, b, dy, pad):
+    def fwd():
         fc.conv2d(x, w, b, 1, pad, activation="relu")
+
+    def bwd():
         fc.conv2d_backward(dy, x, w, 1, pad)
 
-    return fwd, bwd, _median_time(both, repeats)
+    def both():
+        fwd()
+        bwd()
+
+    return fwd, bwd, both
 
 
-def _torch_times(x, w, b, dy, pad, repeats):
+def _torch_calls(x, w, b, dy, pad):
     import torch
 
     xt = torch.from_numpy(x).requires_grad_(True)
@@ -70,10 +62,23 @@ def _torch_times(x, w, b, dy, pad, repeats):
         torch.autograd.grad(y, (xt, wt, bt), dyt, retain_graph=True)
 
     def both():
-        out = F.conv2d(xt, wt, bt, padding=pad)
-        torch.autograd.grad(F.relu(out), (xt, wt, bt), dyt)
+        out = F.relu(F.conv2d(xt, wt, bt, padding=pad))
+        torch.autograd.grad(out, (xt, wt, bt), dyt)
 
-    return _median_time(fwd, repeats), _median_time(bwd, repeats), _median_time(both, repeats)
+    return fwd, bwd, both
+
+
+def _interleaved_medians(calls, repeats, warmup=3):
+    """Median time of every call, measured round-robin so that load from other processes on
+    a shared machine hits every implementation alike (the ratios are what we report)."""
+    times = {key: [] for key in calls}
+    for rep in range(warmup + repeats):
+        for key, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            if rep >= warmup:
+                times[key].append(time.perf_counter() - t0)
+    return {key: statistics.median(v) for key, v in times.items()}
 
 
 def main(argv=None) -> int:
@@ -112,13 +117,15 @@ def main(argv=None) -> int:
         b = rng.standard_normal(F_).astype(np.float32) * 0.1
         OHW = HW + 2 * pad - 2
         dy = rng.standard_normal((args.batch, F_, OHW, OHW)).astype(np.float32)
-        rows = {}
+        impls = {}
         if have_torch:
-            rows["torch32"] = _torch_times(x, w, b, dy, pad, args.repeats)
-        rows["fc32"] = _fastconv_times(x, w, b, dy, pad, args.repeats)
+            impls["torch32"] = _torch_calls(x, w, b, dy, pad)
+        impls["fc32"] = _fastconv_calls(x, w, b, dy, pad)
         if not args.no_fp16:
-            h = [a.astype(np.float16) for a in (x, w, b, dy)]
-            rows["fc16"] = _fastconv_times(*h[:3], h[3], pad, args.repeats)
+            impls["fc16"] = _fastconv_calls(*(a.astype(np.float16) for a in (x, w, b, dy)), pad)
+        calls = {(impl, k): fn for impl, fns in impls.items() for k, fn in enumerate(fns)}
+        med = _interleaved_medians(calls, args.repeats)
+        rows = {impl: tuple(med[impl, k] for k in range(3)) for impl in impls}
         for impl, t in rows.items():
             line = f"{name:6} {impl:8} " + " ".join(f"{1e3 * v:8.2f}" for v in t)
             if have_torch:

@@ -293,8 +293,9 @@ def _gemm_nt(a, src, offsets, length, c):
 
 
 @njit(cache=True)
-def _pad_image(src, n, dst, Hd, Wd, top, left):
-    """dst (C*Hd*Wd,) fp32 <- image ``n`` of ``src`` placed at (top, left) in zeros.
+def _pad_image(src, n, dst, cstride, base, Hd, Wd, top, left):
+    """Image ``n`` of ``src`` placed at (top, left) in an Hd x Wd tile of zeros, fp32; channel
+    c's tile starts at ``dst[c*cstride + base]`` (several images' tiles stack in one buffer).
 
     ``top``/``left`` may be negative (the window then crops the image). Returns whether every
     copied value is finite: the shifted-view products read pixels across row ends (their
@@ -306,7 +307,7 @@ def _pad_image(src, n, dst, Hd, Wd, top, left):
     finite = True
     for c in range(C):
         for r in range(Hd):
-            row = dst[(c * Hd + r) * Wd : (c * Hd + r + 1) * Wd]
+            row = dst[c * cstride + base + r * Wd : c * cstride + base + (r + 1) * Wd]
             sr = r - top
             if sr < 0 or sr >= Hs or s_lo >= s_hi:
                 row[:] = 0.0
@@ -398,11 +399,15 @@ def _forward_images(
     P = OH * OW
     L = nb * P
     if direct:
-        for n in range(lo, hi):
-            _pad_image(x, n, buf, Hp, Wp, ph, pw)
+        tile = Hp * Wp
+        for n0 in range(lo, hi, nb):
+            count = min(nb, hi - n0)
+            for b in range(count):
+                _pad_image(x, n0 + b, buf, nb * tile, b * tile, Hp, Wp, ph, pw)
             acc[:] = 0.0
-            _gemm_nn(w_fk, buf, offsets, (OH - 1) * Wp + OW, acc)
-            _store_rows(acc, 0, Wp, y[n], OH, OW, bias, relu)
+            _gemm_nn(w_fk, buf, offsets, (count - 1) * tile + (OH - 1) * Wp + OW, acc)
+            for b in range(count):
+                _store_rows(acc, b * tile, Wp, y[n0 + b], OH, OW, bias, relu)
         return
     for n0 in range(lo, hi, nb):
         count = min(nb, hi - n0)
@@ -487,25 +492,37 @@ def _backward_images(
             )  # fmt: skip
         return
     no_bias = np.zeros(C, np.float32)
-    for n in range(lo, hi):
+    x_tile, dy_tile = Hp * Wp, Hd * Wd
+    for n0 in range(lo, hi, nb):
+        count = min(nb, hi - n0)
         # dx: a stride-1 convolution of dy, fully padded, with the flipped, transposed filters.
-        _pad_image(dy, n, dybuf, Hd, Wd, kh - 1 - ph, kw - 1 - pw)
-        acc[:] = 0.0
-        _gemm_nn(w_flip, dybuf, offs_dy, (H - 1) * Wd + W, acc)
-        _store_rows(acc, 0, Wd, dx[n], H, W, no_bias, False)
-        if _pad_image(x, n, xbuf, Hp, Wp, ph, pw):
-            # dy laid out with the padded image's row stride Wp (zeros past OW), so that
-            # dW[f, (c,i,j)] is a dot product with the (i, j)-shifted view of the image.
-            _pad_image(dy, n, dyn, OH, Wp, 0, 0)
-            a = dyn[: F * OH * Wp].reshape((F, OH * Wp))
-            _gemm_nt(a, xbuf, offs_x, (OH - 1) * Wp + OW, dw_t)
-        else:
-            # inf/NaN in x: the shifted views would also pair it with zero gradient entries
-            # across row ends (0 * inf = NaN); the unfolded path pairs only true windows.
-            # It rewrites dx[n] with the same values.
-            _backward_unfolded(
-                dy, x, n, 1, 1, w_kf, dw_t, dx, col, dcol, dyn, dx_acc, kh, kw, sh, sw, ph, pw
+        for b in range(count):
+            _pad_image(
+                dy, n0 + b, dybuf, nb * dy_tile, b * dy_tile, Hd, Wd, kh - 1 - ph, kw - 1 - pw
             )
+        acc[:] = 0.0
+        _gemm_nn(w_flip, dybuf, offs_dy, (count - 1) * dy_tile + (H - 1) * Wd + W, acc)
+        for b in range(count):
+            _store_rows(acc, b * dy_tile, Wd, dx[n0 + b], H, W, no_bias, False)
+        finite = True
+        for b in range(count):
+            finite &= _pad_image(x, n0 + b, xbuf, nb * x_tile, b * x_tile, Hp, Wp, ph, pw)
+        if finite:
+            # dy laid out like the padded images (zeros past OH, OW), so that dW[f, (c,i,j)]
+            # is a dot product with the (i, j)-shifted view of the images.
+            for b in range(count):
+                _pad_image(dy, n0 + b, dyn, nb * x_tile, b * x_tile, Hp, Wp, 0, 0)
+            a = dyn[: F * nb * x_tile].reshape((F, nb * x_tile))
+            _gemm_nt(a, xbuf, offs_x, (count - 1) * x_tile + (OH - 1) * Wp + OW, dw_t)
+        else:
+            # inf/NaN in x: the shifted views would also pair it with the zeros between
+            # rows and images (0 * inf = NaN); the unfolded path pairs only true windows.
+            # It rewrites dx with the same values.
+            for b in range(count):
+                _backward_unfolded(
+                    dy, x, n0 + b, 1, 1, w_kf, dw_t, dx, col, dcol, dyn, dx_acc,
+                    kh, kw, sh, sw, ph, pw,
+                )  # fmt: skip
 
 
 @njit(cache=True, parallel=True)
@@ -585,17 +602,19 @@ _TARGET_COLUMNS = 512
 
 
 def _plan(g, F, backward):
-    """(direct, nb): which path a shape takes, and images per block on the unfolded path.
+    """(direct, nb): which path a shape takes, and how many images go into one GEMM.
 
-    Measured on the deep-MNIST layers (docs/kernels.md): unfolding writes K = C*kh*kw copies
-    of every pixel, which costs about 1/F of the GEMM; with few filters (F <= 32) the direct
-    path wins even though it computes (W+2*pw)/OW too many columns, with 64 filters the
-    unfolded path wins. The direct dx is a GEMM with C rows, too few to block when C < 4
-    (conv1: C = 1), where dcol = W^T @ dy with K rows is faster.
+    Measured on the deep-MNIST layers (docs/kernels.md): with images stacked, the direct path
+    (stride 1) beat the unfolded one on every layer, although it computes
+    (H+2*ph)*(W+2*pw) / (OH*OW) too many outputs (up to 1.56x for 8x8 images): unfolding
+    writes K = C*kh*kw copies of every pixel in short row segments. The direct dx is a GEMM
+    with C rows, too few to block when C < 4 (conv1: C = 1), where dcol = W^T @ dy with K
+    rows is faster.
+    Images are stacked until a GEMM row holds about _TARGET_COLUMNS values.
     """
-    P = g.OH * g.OW
-    nb = max(1, min(g.N, -(-_TARGET_COLUMNS // P)))
-    direct = g.sh == 1 and g.sw == 1 and F <= 32 and (not backward or g.C >= 4)
+    direct = g.sh == 1 and g.sw == 1 and (not backward or g.C >= 4)
+    per_image = (g.H + 2 * g.ph) * (g.W + 2 * g.pw) if direct else g.OH * g.OW
+    nb = max(1, min(g.N, -(-_TARGET_COLUMNS // per_image)))
     return direct, nb
 
 
@@ -607,8 +626,8 @@ def conv2d(x, w, b, g, activation):
     direct, nb = _plan(g, F, backward=False)
     if direct:
         Hp, Wp = g.H + 2 * g.ph, g.W + 2 * g.pw
-        buf_len, acc_len = g.C * Hp * Wp, (g.OH - 1) * Wp + g.OW
-        offsets = _tap_offsets(g.C, g.kh, g.kw, Hp * Wp, Wp)
+        buf_len, acc_len = g.C * nb * Hp * Wp, nb * Hp * Wp
+        offsets = _tap_offsets(g.C, g.kh, g.kw, nb * Hp * Wp, Wp)
     else:
         buf_len, acc_len = K * nb * P, nb * P
         offsets = np.arange(K, dtype=np.int64) * (nb * P)
@@ -639,16 +658,16 @@ def conv2d_backward(dy, x, w, g):
     direct = direct and finite_w
     Hp, Wp = g.H + 2 * g.ph, g.W + 2 * g.pw
     Hd, Wd = g.H + g.kh - 1, g.W + g.kw - 1
-    L = nb * P
-    # Buffers of the direct path; the unfolded path's are also needed there, for images with
-    # non-finite values (block of one image).
+    # The unfolded path's buffers also serve the direct path, one image at a time, for
+    # images with non-finite values.
+    L = P if direct else nb * P
     shapes = (
-        (g.C * Hp * Wp,) if direct else (1,),  # padded image
-        (F * Hd * Wd,) if direct else (1,),  # padded dy for dx
-        (g.C, (g.H - 1) * Wd + g.W) if direct else (1, 1),  # dx accumulator
+        (g.C * nb * Hp * Wp,) if direct else (1,),  # padded images
+        (F * nb * Hd * Wd,) if direct else (1,),  # padded dy for dx
+        (g.C, nb * Hd * Wd) if direct else (1, 1),  # dx accumulator
         (K * L,),  # unfolded images
         (K * L,),  # their gradient
-        (F * max(L, g.OH * Wp),),  # dy in fp32 (blocks of nb images, or row stride Wp)
+        (F * max(L, nb * Hp * Wp if direct else 0),),  # dy in fp32
         (g.C, g.H, g.W),  # folded dx of one image
     )
     ws = _workspace(
@@ -659,8 +678,8 @@ def conv2d_backward(dy, x, w, g):
         ),
     )
     *buffers, dw_part, db_part = ws
-    offs_x = _tap_offsets(g.C, g.kh, g.kw, Hp * Wp, Wp)
-    offs_dy = _tap_offsets(F, g.kh, g.kw, Hd * Wd, Wd)
+    offs_x = _tap_offsets(g.C, g.kh, g.kw, nb * Hp * Wp, Wp)
+    offs_dy = _tap_offsets(F, g.kh, g.kw, nb * Hd * Wd, Wd)
     dx = np.empty(g.x_shape, dtype=x.dtype)
     dw = np.empty(w.shape, dtype=x.dtype)
     db = np.empty(F, dtype=x.dtype)
