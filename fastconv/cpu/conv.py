@@ -426,6 +426,21 @@ def _pad_image(src, n, dst, cstride, base, Hd, Wd, top, left):
 
 
 @njit(cache=True)
+def _stack_images(src, n0, count, dst, cstride, rows, stride, top, left):
+    """Images n0 .. n0+count-1 of ``src``, padded, one after another in each channel's
+    segment ``dst[c*cstride : (c+1)*cstride]``: tiles of ``rows`` x ``stride`` with the image
+    at (top, left), zeros everywhere else (tail included). Returns whether all are finite.
+    """
+    tile = rows * stride
+    finite = True
+    for b in range(count):
+        finite &= _pad_image(src, n0 + b, dst, cstride, b * tile, rows, stride, top, left)
+    for c in range(src.shape[1]):
+        dst[c * cstride + count * tile : (c + 1) * cstride] = 0.0
+    return finite
+
+
+@njit(cache=True)
 def _image_range(t, n_threads, N):
     return t * N // n_threads, (t + 1) * N // n_threads
 
@@ -488,23 +503,20 @@ def _store_rows(acc, col0, row_stride, dst, rows, cols, bias, relu):
 
 @njit(cache=True, fastmath=_FASTMATH)
 def _forward_images(
-    x, lo, hi, w_fk, bias, relu, y, buf, acc, offsets, direct, nb,
+    x, lo, hi, w_fk, bias, relu, y, buf, acc, offsets, direct, nb, rows, stride, cstride,
     kh, kw, sh, sw, ph, pw, OH, OW,
 ):  # fmt: skip
-    H, W = x.shape[2], x.shape[3]
-    Hp, Wp = H + 2 * ph, W + 2 * pw
     P = OH * OW
     L = nb * P
     if direct:
-        tile = Hp * Wp
+        tile = rows * stride
         for n0 in range(lo, hi, nb):
             count = min(nb, hi - n0)
-            for b in range(count):
-                _pad_image(x, n0 + b, buf, nb * tile, b * tile, Hp, Wp, ph, pw)
+            _stack_images(x, n0, count, buf, cstride, rows, stride, ph, pw)
             acc[:] = 0.0
-            _gemm_nn(w_fk, buf, offsets, (count - 1) * tile + (OH - 1) * Wp + OW, acc)
+            _gemm_nn(w_fk, buf, offsets, (count - 1) * tile + (OH - 1) * stride + OW, acc)
             for b in range(count):
-                _store_rows(acc, b * tile, Wp, y[n0 + b], OH, OW, bias, relu)
+                _store_rows(acc, b * tile, stride, y[n0 + b], OH, OW, bias, relu)
         return
     for n0 in range(lo, hi, nb):
         count = min(nb, hi - n0)
@@ -518,7 +530,7 @@ def _forward_images(
 
 @njit(cache=True, parallel=True)
 def _conv_forward_kernel(
-    x, w_fk, bias, relu, y, buf_ws, acc_ws, offsets, direct, nb,
+    x, w_fk, bias, relu, y, buf_ws, acc_ws, offsets, direct, nb, rows, stride, cstride,
     kh, kw, sh, sw, ph, pw, OH, OW,
 ):  # fmt: skip
     n_threads = buf_ws.shape[0]
@@ -526,7 +538,7 @@ def _conv_forward_kernel(
         lo, hi = _image_range(t, n_threads, x.shape[0])
         _forward_images(
             x, lo, hi, w_fk, bias, relu, y, buf_ws[t], acc_ws[t], offsets, direct, nb,
-            kh, kw, sh, sw, ph, pw, OH, OW,
+            rows, stride, cstride, kh, kw, sh, sw, ph, pw, OH, OW,
         )  # fmt: skip
 
 
@@ -563,12 +575,13 @@ def _backward_unfolded(
 @njit(cache=True, fastmath=_FASTMATH)
 def _backward_images(
     dy, x, lo, hi, w_kf, w_flip, direct, nb, dx, dw_t, db_t, xbuf, dybuf, acc, col, dcol, dyn,
-    dx_acc, offs_x, offs_dy, kh, kw, sh, sw, ph, pw,
+    dx_acc, offs_x, offs_dy, x_layout, dy_layout, kh, kw, sh, sw, ph, pw,
 ):  # fmt: skip
     F, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
-    Hp, Wp = H + 2 * ph, W + 2 * pw
-    Hd, Wd = H + kh - 1, W + kw - 1  # dy padded for the full convolution that gives dx
+    x_rows, x_stride, x_cstride = x_layout
+    # dy padded by (kh-1-ph, kw-1-pw): the full convolution that gives dx.
+    d_rows, d_stride, d_cstride = dy_layout
     dw_t[:] = 0.0
     db_t[:] = 0.0
     for n in range(lo, hi):
@@ -589,28 +602,22 @@ def _backward_images(
             )  # fmt: skip
         return
     no_bias = np.zeros(C, np.float32)
-    x_tile, dy_tile = Hp * Wp, Hd * Wd
+    x_tile, dy_tile = x_rows * x_stride, d_rows * d_stride
     for n0 in range(lo, hi, nb):
         count = min(nb, hi - n0)
         # dx: a stride-1 convolution of dy, fully padded, with the flipped, transposed filters.
-        for b in range(count):
-            _pad_image(
-                dy, n0 + b, dybuf, nb * dy_tile, b * dy_tile, Hd, Wd, kh - 1 - ph, kw - 1 - pw
-            )
+        _stack_images(dy, n0, count, dybuf, d_cstride, d_rows, d_stride, kh - 1 - ph, kw - 1 - pw)
         acc[:] = 0.0
-        _gemm_nn(w_flip, dybuf, offs_dy, (count - 1) * dy_tile + (H - 1) * Wd + W, acc)
+        _gemm_nn(w_flip, dybuf, offs_dy, (count - 1) * dy_tile + (H - 1) * d_stride + W, acc)
         for b in range(count):
-            _store_rows(acc, b * dy_tile, Wd, dx[n0 + b], H, W, no_bias, False)
-        finite = True
-        for b in range(count):
-            finite &= _pad_image(x, n0 + b, xbuf, nb * x_tile, b * x_tile, Hp, Wp, ph, pw)
-        if finite:
+            _store_rows(acc, b * dy_tile, d_stride, dx[n0 + b], H, W, no_bias, False)
+        if _stack_images(x, n0, count, xbuf, x_cstride, x_rows, x_stride, ph, pw):
             # dy laid out like the padded images (zeros past OH, OW), so that dW[f, (c,i,j)]
             # is a dot product with the (i, j)-shifted view of the images.
-            for b in range(count):
-                _pad_image(dy, n0 + b, dyn, nb * x_tile, b * x_tile, Hp, Wp, 0, 0)
-            a = dyn[: F * nb * x_tile].reshape((F, nb * x_tile))
-            _gemm_nt(a, xbuf, offs_x, (count - 1) * x_tile + (OH - 1) * Wp + OW, dw_t)
+            _stack_images(dy, n0, count, dyn, x_cstride, x_rows, x_stride, 0, 0)
+            a = dyn[: F * x_cstride].reshape((F, x_cstride))
+            length = (count - 1) * x_tile + (OH - 1) * x_stride + OW
+            _gemm_nt(a, xbuf, offs_x, length, dw_t)
         else:
             # inf/NaN in x: the shifted views would also pair it with the zeros between
             # rows and images (0 * inf = NaN); the unfolded path pairs only true windows.
@@ -625,7 +632,7 @@ def _backward_images(
 @njit(cache=True, parallel=True)
 def _conv_backward_kernel(
     dy, x, w_kf, w_flip, direct, nb, dx, dw_part, db_part, xbuf, dybuf, acc, col, dcol, dyn,
-    dx_acc, offs_x, offs_dy, kh, kw, sh, sw, ph, pw,
+    dx_acc, offs_x, offs_dy, x_layout, dy_layout, kh, kw, sh, sw, ph, pw,
 ):  # fmt: skip
     n_threads = dw_part.shape[0]
     for t in prange(n_threads):
@@ -633,7 +640,7 @@ def _conv_backward_kernel(
         _backward_images(
             dy, x, lo, hi, w_kf, w_flip, direct, nb, dx, dw_part[t], db_part[t], xbuf[t],
             dybuf[t], acc[t], col[t], dcol[t], dyn[t], dx_acc[t], offs_x, offs_dy,
-            kh, kw, sh, sw, ph, pw,
+            x_layout, dy_layout, kh, kw, sh, sw, ph, pw,
         )  # fmt: skip
 
 
@@ -698,19 +705,38 @@ def _packed_weights(w):
 _TARGET_COLUMNS = 512
 
 
+def _stack_layout(rows, cols, ph, pw, kh, kw, nb):
+    """(tile rows, row stride, channel stride) of ``nb`` padded images stacked per channel.
+
+    When 0 <= pad <= kernel-1, neighbouring rows and images share their zero padding: a row
+    is [pw zeros, cols pixels] and the next row's zeros act as its right padding, and
+    likewise between images, with a zero tail after the last one. That trims the extra
+    outputs the direct path computes (8x8 pad 1: 81 instead of 100 per 64 outputs).
+    Otherwise (negative pad: a crop; or a pad beyond kernel-1) each image gets a full tile.
+    """
+    if 0 <= ph <= kh - 1 and 0 <= pw <= kw - 1:
+        t_rows, stride = rows + ph, cols + pw
+        return t_rows, stride, nb * t_rows * stride + ph * stride + pw
+    t_rows, stride = rows + 2 * ph, cols + 2 * pw
+    return t_rows, stride, nb * t_rows * stride
+
+
 def _plan(g, F, backward):
     """(direct, nb): which path a shape takes, and how many images go into one GEMM.
 
     Measured on the deep-MNIST layers (docs/kernels.md): with images stacked, the direct path
-    (stride 1) beat the unfolded one on every layer, although it computes
-    (H+2*ph)*(W+2*pw) / (OH*OW) too many outputs (up to 1.56x for 8x8 images): unfolding
-    writes K = C*kh*kw copies of every pixel in short row segments. The direct dx is a GEMM
-    with C rows, too few to block when C < 4 (conv1: C = 1), where dcol = W^T @ dy with K
-    rows is faster.
+    (stride 1) beat the unfolded one on every layer, although it computes up to 1.3x too many
+    outputs (8x8 images): unfolding writes K = C*kh*kw copies of every pixel in short row
+    segments. The direct dx is a GEMM with C rows, too few to block when C < 4 (conv1: C = 1),
+    where dcol = W^T @ dy with K rows is faster.
     Images are stacked until a GEMM row holds about _TARGET_COLUMNS values.
     """
     direct = g.sh == 1 and g.sw == 1 and (not backward or g.C >= 4)
-    per_image = (g.H + 2 * g.ph) * (g.W + 2 * g.pw) if direct else g.OH * g.OW
+    if direct:
+        rows, stride, _ = _stack_layout(g.H, g.W, g.ph, g.pw, g.kh, g.kw, 1)
+        per_image = rows * stride
+    else:
+        per_image = g.OH * g.OW
     nb = max(1, min(g.N, -(-_TARGET_COLUMNS // per_image)))
     return direct, nb
 
@@ -721,10 +747,10 @@ def conv2d(x, w, b, g, activation):
     K, P = g.C * g.kh * g.kw, g.OH * g.OW
     nt = _threads(g.N)
     direct, nb = _plan(g, F, backward=False)
+    rows, stride, cstride = _stack_layout(g.H, g.W, g.ph, g.pw, g.kh, g.kw, nb)
     if direct:
-        Hp, Wp = g.H + 2 * g.ph, g.W + 2 * g.pw
-        buf_len, acc_len = g.C * nb * Hp * Wp, nb * Hp * Wp
-        offsets = _tap_offsets(g.C, g.kh, g.kw, nb * Hp * Wp, Wp)
+        buf_len, acc_len = g.C * cstride, nb * rows * stride
+        offsets = _tap_offsets(g.C, g.kh, g.kw, cstride, stride)
     else:
         buf_len, acc_len = K * nb * P, nb * P
         offsets = np.arange(K, dtype=np.int64) * (nb * P)
@@ -739,7 +765,7 @@ def conv2d(x, w, b, g, activation):
     y = np.empty((g.N, F, g.OH, g.OW), dtype=x.dtype)
     _conv_forward_kernel(
         bits_view(x), w_fk, bias, activation == "relu", bits_view(y), buf, acc, offsets,
-        direct, nb, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.OH, g.OW,
+        direct, nb, rows, stride, cstride, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.OH, g.OW,
     )  # fmt: skip
     return y
 
@@ -753,18 +779,18 @@ def conv2d_backward(dy, x, w, g):
     _, w_kf, w_flip, finite_w = _packed_weights(w)
     # Non-finite weights would leak through the zero padding of dy on the direct dx path.
     direct = direct and finite_w
-    Hp, Wp = g.H + 2 * g.ph, g.W + 2 * g.pw
-    Hd, Wd = g.H + g.kh - 1, g.W + g.kw - 1
+    x_layout = _stack_layout(g.H, g.W, g.ph, g.pw, g.kh, g.kw, nb)
+    dy_layout = _stack_layout(g.OH, g.OW, g.kh - 1 - g.ph, g.kw - 1 - g.pw, g.kh, g.kw, nb)
     # The unfolded path's buffers also serve the direct path, one image at a time, for
     # images with non-finite values.
     L = P if direct else nb * P
     shapes = (
-        (g.C * nb * Hp * Wp,) if direct else (1,),  # padded images
-        (F * nb * Hd * Wd,) if direct else (1,),  # padded dy for dx
-        (g.C, nb * Hd * Wd) if direct else (1, 1),  # dx accumulator
+        (g.C * x_layout[2],) if direct else (1,),  # stacked padded images
+        (F * dy_layout[2],) if direct else (1,),  # stacked padded dy for dx
+        (g.C, nb * dy_layout[0] * dy_layout[1]) if direct else (1, 1),  # dx accumulator
         (K * L,),  # unfolded images
         (K * L,),  # their gradient
-        (F * max(L, nb * Hp * Wp if direct else 0),),  # dy in fp32
+        (F * max(L, x_layout[2] if direct else 0),),  # dy in fp32
         (g.C, g.H, g.W),  # folded dx of one image
     )
     ws = _workspace(
@@ -775,14 +801,14 @@ def conv2d_backward(dy, x, w, g):
         ),
     )
     *buffers, dw_part, db_part = ws
-    offs_x = _tap_offsets(g.C, g.kh, g.kw, nb * Hp * Wp, Wp)
-    offs_dy = _tap_offsets(F, g.kh, g.kw, nb * Hd * Wd, Wd)
+    offs_x = _tap_offsets(g.C, g.kh, g.kw, x_layout[2], x_layout[1])
+    offs_dy = _tap_offsets(F, g.kh, g.kw, dy_layout[2], dy_layout[1])
     dx = np.empty(g.x_shape, dtype=x.dtype)
     dw = np.empty(w.shape, dtype=x.dtype)
     db = np.empty(F, dtype=x.dtype)
     _conv_backward_kernel(
         bits_view(dy), bits_view(x), w_kf, w_flip, direct, nb, bits_view(dx), dw_part, db_part,
-        *buffers, offs_x, offs_dy, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw,
+        *buffers, offs_x, offs_dy, x_layout, dy_layout, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw,
     )  # fmt: skip
     _reduce_partials(dw_part, db_part, bits_view(dw), bits_view(db))
     return dx, dw, db
