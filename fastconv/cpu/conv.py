@@ -55,26 +55,26 @@ def _valid_range(in_size, out_size, stride, pad, offset):
 
 @njit(cache=True, parallel=True)
 def _im2col_kernel(x, out, kh, kw, sh, sw, ph, pw, OH, OW):
+    # Each output row is written whole and in order (contiguous stores); rows of one image
+    # row go to one thread. A plain copy: half bits are copied as they are.
     N, C, H, W = x.shape
     for row_block in prange(N * OH):
         n = row_block // OH
         oh = row_block - n * OH
-        for c in range(C):
-            for i in range(kh):
-                ih = oh * sh - ph + i
-                inside_h = 0 <= ih < H
-                for j in range(kw):
-                    k = (c * kh + i) * kw + j
-                    lo, hi = _valid_range(W, OW, sw, pw, j)
-                    if not inside_h:
-                        lo = hi = 0
-                    base = row_block * OW
-                    for ow in range(0, lo):
-                        out[base + ow, k] = 0
-                    for ow in range(lo, hi):
-                        out[base + ow, k] = x[n, c, ih, ow * sw - pw + j]
-                    for ow in range(hi, OW):
-                        out[base + ow, k] = 0
+        for ow in range(OW):
+            dst = out[row_block * OW + ow]
+            iw0 = ow * sw - pw
+            for c in range(C):
+                for i in range(kh):
+                    ih = oh * sh - ph + i
+                    seg = dst[(c * kh + i) * kw : (c * kh + i + 1) * kw]
+                    if ih < 0 or ih >= H:
+                        seg[:] = 0
+                        continue
+                    xrow = x[n, c, ih]
+                    for j in range(kw):
+                        iw = iw0 + j
+                        seg[j] = xrow[iw] if 0 <= iw < W else 0
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
