@@ -664,6 +664,8 @@ def _reduce_partials(dw_part, db_part, dw, db):
 # --- workspaces -------------------------------------------------------------------------------
 
 # A training step of the deep-MNIST net alone uses 12 (6 layers x forward/backward) entries.
+# Sharing across Python threads is safe: the kernels hold the GIL (no ``nogil``), so a call
+# uses its buffers from start to finish before another call can run.
 _WORKSPACE_CACHE: dict = {}
 _WORKSPACE_CACHE_SIZE = 32
 
