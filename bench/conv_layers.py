@@ -4,7 +4,8 @@ For every layer it prints the median forward, backward and forward+backward time
 implementation and the ratio to PyTorch measured in the same run (ratio < 1: fastconv is
 faster). Both libraries use ``--threads`` threads (default 2, as in the goal).
 
-    PYTHONPATH=. python bench/conv_layers.py [--repeats 15] [--batch 100] [--no-fp16]
+    PYTHONPATH=. python bench/conv_layers.py [--repeats 15] [--threads 2] [--stat median|min]
+                                             [--batch 100] [--no-fp16] [--layers conv1,conv2]
 """
 
 from __future__ import annotations
@@ -68,9 +69,10 @@ def _torch_calls(x, w, b, dy, pad):
     return fwd, bwd, both
 
 
-def _interleaved_medians(calls, repeats, warmup=3):
-    """Median time of every call, measured round-robin so that load from other processes on
-    a shared machine hits every implementation alike (the ratios are what we report)."""
+def _interleaved_times(calls, repeats, stat, warmup=3):
+    """Median (or minimum) time of every call, measured round-robin so that load from other
+    processes on a shared machine hits every implementation alike (ratios are what we report).
+    The minimum estimates the uncontended time when the machine is shared."""
     times = {key: [] for key in calls}
     for rep in range(warmup + repeats):
         for key, fn in calls.items():
@@ -78,7 +80,8 @@ def _interleaved_medians(calls, repeats, warmup=3):
             fn()
             if rep >= warmup:
                 times[key].append(time.perf_counter() - t0)
-    return {key: statistics.median(v) for key, v in times.items()}
+    reduce = min if stat == "min" else statistics.median
+    return {key: reduce(v) for key, v in times.items()}
 
 
 def main(argv=None) -> int:
@@ -88,6 +91,7 @@ def main(argv=None) -> int:
     parser.add_argument("--no-fp16", action="store_true", help="skip the float16 timings")
     parser.add_argument("--layers", default=",".join(name for name, *_ in LAYERS))
     parser.add_argument("--threads", type=int, default=2, help="threads for both libraries")
+    parser.add_argument("--stat", choices=("median", "min"), default="median")
     args = parser.parse_args(argv)
 
     try:
@@ -108,7 +112,8 @@ def main(argv=None) -> int:
     if have_torch:
         header += f" {'fwd/pt':>7} {'bwd/pt':>7} {'f+b/pt':>7}"
     print(
-        f"batch {args.batch}, {args.threads} thread(s), median of {args.repeats} interleaved runs;"
+        f"batch {args.batch}, {args.threads} thread(s), {args.stat} of {args.repeats} interleaved"
+        " runs;"
         " ratio < 1 means faster than PyTorch"
     )
     print(header)
@@ -128,7 +133,7 @@ def main(argv=None) -> int:
         if not args.no_fp16:
             impls["fc16"] = _fastconv_calls(*(a.astype(np.float16) for a in (x, w, b, dy)), pad)
         calls = {(impl, k): fn for impl, fns in impls.items() for k, fn in enumerate(fns)}
-        med = _interleaved_medians(calls, args.repeats)
+        med = _interleaved_times(calls, args.repeats, args.stat)
         rows = {impl: tuple(med[impl, k] for k in range(3)) for impl in impls}
         for impl, t in rows.items():
             line = f"{name:6} {impl:8} " + " ".join(f"{1e3 * v:8.2f}" for v in t)
