@@ -5,12 +5,18 @@ Design (see ``docs/kernels.md`` for the measurements behind it):
 * The public :func:`im2col` / :func:`col2im` use the book's layout, rows (n, oh, ow) and columns
   (c, i, j). Convolution does not go through them: a whole-batch column matrix is tens of MB
   and writing it alone costs more than PyTorch's whole layer.
-* Convolution works image by image, each thread owning a contiguous range of images and its
-  own fp32 workspaces (reused across calls). Per image it unfolds the "Caffe" layout
-  ``col`` (K = C*kh*kw, P = OH*OW), small enough to stay in L2, and multiplies:
-  forward ``y[n] (F, P) = W (F, K) @ col``, already NCHW, with bias and ReLU fused in the
-  epilogue; backward ``dW += dy[n] @ col^T`` into a per-thread partial sum (reduced at the
-  end, so no write races), ``dcol = W^T @ dy[n]`` folded back into ``dx[n]``.
+* Convolution: each thread owns a contiguous range of images, its own fp32 workspaces
+  (reused across calls) and, for dW/db, a partial sum reduced at the end (no write races).
+  Images go through in blocks stacked side by side, so the products have long rows.
+  - Direct path (stride 1): the padded images are stacked per channel, sharing their zero
+    padding; the unfolded matrix row of tap (c, i, j) is then just a shifted view of the
+    stack, so ``y = W @ views`` needs no unfolding (a few outputs straddling the padding are
+    computed and dropped). dx is a stride-1 convolution of padded dy with the flipped,
+    transposed filters; dW a product of dy with the shifted views.
+  - Unfolded path (stride > 1; backward with C < 4): the "Caffe" layout
+    ``col (K = C*kh*kw, nb*OH*OW)``, ``y = W @ col``, ``dW += dy @ col^T``,
+    ``dcol = W^T @ dy`` folded back into dx.
+  Bias and ReLU are fused into the epilogue that writes NCHW output.
 * The matrix products are register-blocked loops whose innermost loop runs over a contiguous
   row so that LLVM vectorises it (AVX-512 where available).
 * float16 arrays are read and written as uint16 bits through :mod:`fastconv.cpu._half`;
