@@ -17,7 +17,7 @@ Design (see ``docs/kernels.md`` for the measurements behind it):
     ``col (K = C*kh*kw, nb*OH*OW)``, ``y = W @ col``, ``dW += dy @ col^T``,
     ``dcol = W^T @ dy`` folded back into dx.
   Bias and ReLU are fused into the epilogue that writes NCHW output.
-* The matrix products are register-blocked loops whose innermost loop runs over a contiguous
+* The matrix products are blocked loops (4x8 and 4x4) whose innermost loop runs over a contiguous
   row so that LLVM vectorises it (AVX-512 where available).
 * float16 arrays are read and written as uint16 bits through :mod:`fastconv.cpu._half`;
   everything is computed and accumulated in float32.
