@@ -2,9 +2,10 @@
 
 For every layer it prints the median forward, backward and forward+backward time of each
 implementation and the ratio to PyTorch measured in the same run (ratio < 1: fastconv is
-faster). PyTorch runs with ``torch.set_num_threads(2)`` and Numba with as many threads.
+faster). Both libraries use ``--threads`` threads (default 2, as in the goal).
 
-    PYTHONPATH=. python bench/conv_layers.py [--repeats 15] [--batch 100] [--no-fp16]
+    PYTHONPATH=. python bench/conv_layers.py [--repeats 15] [--threads 2] [--stat median|min]
+                                             [--batch 100] [--no-fp16] [--layers conv1,conv2]
 """
 
 from __future__ import annotations
@@ -28,29 +29,21 @@ LAYERS = [
 ]
 
 
-def _median_time(fn, repeats, warmup=2):
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _fastconv_times(x, w, b, dy, pad, repeats):
-    fwd = _median_time(lambda: fc.conv2d(x, w, b, 1, pad, activation="relu"), repeats)
-    bwd = _median_time(lambda: fc.conv2d_backward(dy, x, w, 1, pad), repeats)
-
-    def both():
+def _fastconv_calls(x, w, b, dy, pad):
+    def fwd():
         fc.conv2d(x, w, b, 1, pad, activation="relu")
+
+    def bwd():
         fc.conv2d_backward(dy, x, w, 1, pad)
 
-    return fwd, bwd, _median_time(both, repeats)
+    def both():
+        fwd()
+        bwd()
+
+    return fwd, bwd, both
 
 
-def _torch_times(x, w, b, dy, pad, repeats):
+def _torch_calls(x, w, b, dy, pad):
     import torch
 
     xt = torch.from_numpy(x).requires_grad_(True)
@@ -70,10 +63,25 @@ def _torch_times(x, w, b, dy, pad, repeats):
         torch.autograd.grad(y, (xt, wt, bt), dyt, retain_graph=True)
 
     def both():
-        out = F.conv2d(xt, wt, bt, padding=pad)
-        torch.autograd.grad(F.relu(out), (xt, wt, bt), dyt)
+        out = F.relu(F.conv2d(xt, wt, bt, padding=pad))
+        torch.autograd.grad(out, (xt, wt, bt), dyt)
 
-    return _median_time(fwd, repeats), _median_time(bwd, repeats), _median_time(both, repeats)
+    return fwd, bwd, both
+
+
+def _interleaved_times(calls, repeats, stat, warmup=3):
+    """Median (or minimum) time of every call, measured round-robin so that load from other
+    processes on a shared machine hits every implementation alike (ratios are what we report).
+    The minimum estimates the uncontended time when the machine is shared."""
+    times = {key: [] for key in calls}
+    for rep in range(warmup + repeats):
+        for key, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            if rep >= warmup:
+                times[key].append(time.perf_counter() - t0)
+    reduce = min if stat == "min" else statistics.median
+    return {key: reduce(v) for key, v in times.items()}
 
 
 def main(argv=None) -> int:
@@ -82,12 +90,14 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--no-fp16", action="store_true", help="skip the float16 timings")
     parser.add_argument("--layers", default=",".join(name for name, *_ in LAYERS))
+    parser.add_argument("--threads", type=int, default=2, help="threads for both libraries")
+    parser.add_argument("--stat", choices=("median", "min"), default="median")
     args = parser.parse_args(argv)
 
     try:
         import torch
 
-        torch.set_num_threads(2)
+        torch.set_num_threads(args.threads)
         have_torch = True
     except ImportError:
         have_torch = False
@@ -95,13 +105,17 @@ def main(argv=None) -> int:
 
     import numba
 
-    numba.set_num_threads(min(2, numba.config.NUMBA_NUM_THREADS))
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     rng = np.random.default_rng(0)
     wanted = set(args.layers.split(","))
     header = f"{'layer':6} {'impl':8} {'fwd ms':>8} {'bwd ms':>8} {'f+b ms':>8}"
     if have_torch:
         header += f" {'fwd/pt':>7} {'bwd/pt':>7} {'f+b/pt':>7}"
-    print(f"batch {args.batch}, median of {args.repeats}; ratio < 1 means faster than PyTorch")
+    print(
+        f"batch {args.batch}, {args.threads} thread(s), {args.stat} of {args.repeats} interleaved"
+        " runs;"
+        " ratio < 1 means faster than PyTorch"
+    )
     print(header)
     totals: dict[str, np.ndarray] = {}
     for name, C, F_, HW, pad in LAYERS:
@@ -112,13 +126,15 @@ def main(argv=None) -> int:
         b = rng.standard_normal(F_).astype(np.float32) * 0.1
         OHW = HW + 2 * pad - 2
         dy = rng.standard_normal((args.batch, F_, OHW, OHW)).astype(np.float32)
-        rows = {}
+        impls = {}
         if have_torch:
-            rows["torch32"] = _torch_times(x, w, b, dy, pad, args.repeats)
-        rows["fc32"] = _fastconv_times(x, w, b, dy, pad, args.repeats)
+            impls["torch32"] = _torch_calls(x, w, b, dy, pad)
+        impls["fc32"] = _fastconv_calls(x, w, b, dy, pad)
         if not args.no_fp16:
-            h = [a.astype(np.float16) for a in (x, w, b, dy)]
-            rows["fc16"] = _fastconv_times(*h[:3], h[3], pad, args.repeats)
+            impls["fc16"] = _fastconv_calls(*(a.astype(np.float16) for a in (x, w, b, dy)), pad)
+        calls = {(impl, k): fn for impl, fns in impls.items() for k, fn in enumerate(fns)}
+        med = _interleaved_times(calls, args.repeats, args.stat)
+        rows = {impl: tuple(med[impl, k] for k in range(3)) for impl in impls}
         for impl, t in rows.items():
             line = f"{name:6} {impl:8} " + " ".join(f"{1e3 * v:8.2f}" for v in t)
             if have_torch:

@@ -5,13 +5,19 @@ Design (see ``docs/kernels.md`` for the measurements behind it):
 * The public :func:`im2col` / :func:`col2im` use the book's layout, rows (n, oh, ow) and columns
   (c, i, j). Convolution does not go through them: a whole-batch column matrix is tens of MB
   and writing it alone costs more than PyTorch's whole layer.
-* Convolution works image by image, each thread owning a contiguous range of images and its
-  own fp32 workspaces (reused across calls). Per image it unfolds the "Caffe" layout
-  ``col`` (K = C*kh*kw, P = OH*OW), small enough to stay in L2, and multiplies:
-  forward ``y[n] (F, P) = W (F, K) @ col``, already NCHW, with bias and ReLU fused in the
-  epilogue; backward ``dW += dy[n] @ col^T`` into a per-thread partial sum (reduced at the
-  end, so no write races), ``dcol = W^T @ dy[n]`` folded back into ``dx[n]``.
-* The matrix products are register-blocked loops whose innermost loop runs over a contiguous
+* Convolution: each thread owns a contiguous range of images, its own fp32 workspaces
+  (reused across calls) and, for dW/db, a partial sum reduced at the end (no write races).
+  Images go through in blocks stacked side by side, so the products have long rows.
+  - Direct path (stride 1): the padded images are stacked per channel, sharing their zero
+    padding; the unfolded matrix row of tap (c, i, j) is then just a shifted view of the
+    stack, so ``y = W @ views`` needs no unfolding (a few outputs straddling the padding are
+    computed and dropped). dx is a stride-1 convolution of padded dy with the flipped,
+    transposed filters; dW a product of dy with the shifted views.
+  - Unfolded path (stride > 1; backward with C < 4): the "Caffe" layout
+    ``col (K = C*kh*kw, nb*OH*OW)``, ``y = W @ col``, ``dW += dy @ col^T``,
+    ``dcol = W^T @ dy`` folded back into dx.
+  Bias and ReLU are fused into the epilogue that writes NCHW output.
+* The matrix products are blocked loops (4x8 and 4x4) whose innermost loop runs over a contiguous
   row so that LLVM vectorises it (AVX-512 where available).
 * float16 arrays are read and written as uint16 bits through :mod:`fastconv.cpu._half`;
   everything is computed and accumulated in float32.
@@ -55,26 +61,26 @@ def _valid_range(in_size, out_size, stride, pad, offset):
 
 @njit(cache=True, parallel=True)
 def _im2col_kernel(x, out, kh, kw, sh, sw, ph, pw, OH, OW):
+    # Each output row is written whole and in order (contiguous stores); rows of one image
+    # row go to one thread. A plain copy: half bits are copied as they are.
     N, C, H, W = x.shape
     for row_block in prange(N * OH):
         n = row_block // OH
         oh = row_block - n * OH
-        for c in range(C):
-            for i in range(kh):
-                ih = oh * sh - ph + i
-                inside_h = 0 <= ih < H
-                for j in range(kw):
-                    k = (c * kh + i) * kw + j
-                    lo, hi = _valid_range(W, OW, sw, pw, j)
-                    if not inside_h:
-                        lo = hi = 0
-                    base = row_block * OW
-                    for ow in range(0, lo):
-                        out[base + ow, k] = 0
-                    for ow in range(lo, hi):
-                        out[base + ow, k] = x[n, c, ih, ow * sw - pw + j]
-                    for ow in range(hi, OW):
-                        out[base + ow, k] = 0
+        for ow in range(OW):
+            dst = out[row_block * OW + ow]
+            iw0 = ow * sw - pw
+            for c in range(C):
+                for i in range(kh):
+                    ih = oh * sh - ph + i
+                    seg = dst[(c * kh + i) * kw : (c * kh + i + 1) * kw]
+                    if ih < 0 or ih >= H:
+                        seg[:] = 0
+                        continue
+                    xrow = x[n, c, ih]
+                    for j in range(kw):
+                        iw = iw0 + j
+                        seg[j] = xrow[iw] if 0 <= iw < W else 0
 
 
 @njit(cache=True, parallel=True, fastmath=_FASTMATH)
@@ -198,11 +204,83 @@ def _gemm_nn(a, src, offsets, length, c):
     """
     M, K = a.shape
     M4 = M - M % 4
+    K8 = K - K % 8
     K4 = K - K % 4
     for m in range(0, M4, 4):
         c0, c1 = c[m, :length], c[m + 1, :length]
         c2, c3 = c[m + 2, :length], c[m + 3, :length]
-        for k in range(0, K4, 4):
+        for k in range(0, K8, 8):
+            # 8 rows of B per pass halve the traffic on c (measured +10-15% over 4).
+            b0 = src[offsets[k] : offsets[k] + length]
+            b1 = src[offsets[k + 1] : offsets[k + 1] + length]
+            b2 = src[offsets[k + 2] : offsets[k + 2] + length]
+            b3 = src[offsets[k + 3] : offsets[k + 3] + length]
+            b4 = src[offsets[k + 4] : offsets[k + 4] + length]
+            b5 = src[offsets[k + 5] : offsets[k + 5] + length]
+            b6 = src[offsets[k + 6] : offsets[k + 6] + length]
+            b7 = src[offsets[k + 7] : offsets[k + 7] + length]
+            r0, r1, r2, r3 = (
+                a[m, k : k + 8],
+                a[m + 1, k : k + 8],
+                a[m + 2, k : k + 8],
+                a[m + 3, k : k + 8],
+            )
+            a00, a01, a02, a03, a04, a05, a06, a07 = (
+                r0[0],
+                r0[1],
+                r0[2],
+                r0[3],
+                r0[4],
+                r0[5],
+                r0[6],
+                r0[7],
+            )
+            a10, a11, a12, a13, a14, a15, a16, a17 = (
+                r1[0],
+                r1[1],
+                r1[2],
+                r1[3],
+                r1[4],
+                r1[5],
+                r1[6],
+                r1[7],
+            )
+            a20, a21, a22, a23, a24, a25, a26, a27 = (
+                r2[0],
+                r2[1],
+                r2[2],
+                r2[3],
+                r2[4],
+                r2[5],
+                r2[6],
+                r2[7],
+            )
+            a30, a31, a32, a33, a34, a35, a36, a37 = (
+                r3[0],
+                r3[1],
+                r3[2],
+                r3[3],
+                r3[4],
+                r3[5],
+                r3[6],
+                r3[7],
+            )
+            for p in range(length):
+                v0, v1, v2, v3 = b0[p], b1[p], b2[p], b3[p]
+                v4, v5, v6, v7 = b4[p], b5[p], b6[p], b7[p]
+                c0[p] += (a00 * v0 + a01 * v1 + a02 * v2 + a03 * v3) + (
+                    a04 * v4 + a05 * v5 + a06 * v6 + a07 * v7
+                )
+                c1[p] += (a10 * v0 + a11 * v1 + a12 * v2 + a13 * v3) + (
+                    a14 * v4 + a15 * v5 + a16 * v6 + a17 * v7
+                )
+                c2[p] += (a20 * v0 + a21 * v1 + a22 * v2 + a23 * v3) + (
+                    a24 * v4 + a25 * v5 + a26 * v6 + a27 * v7
+                )
+                c3[p] += (a30 * v0 + a31 * v1 + a32 * v2 + a33 * v3) + (
+                    a34 * v4 + a35 * v5 + a36 * v6 + a37 * v7
+                )
+        for k in range(K8, K4, 4):
             b0 = src[offsets[k] : offsets[k] + length]
             b1 = src[offsets[k + 1] : offsets[k + 1] + length]
             b2 = src[offsets[k + 2] : offsets[k + 2] + length]
@@ -239,15 +317,17 @@ def _gemm_nn(a, src, offsets, length, c):
 def _gemm_nt(a, src, offsets, length, c):
     """c (M, N) += a[:, :length] @ B^T, row n of B being ``src[offsets[n]:offsets[n]+length]``.
 
-    Dot products over ``length``, blocked 2 rows of ``a`` x 4 rows of B (8 running sums,
-    6 loads per 8 FMAs); reassociation lets LLVM keep vector partial sums.
+    Dot products over ``length``, blocked 4 rows of ``a`` x 4 rows of B: 16 running sums
+    (vector registers, thanks to reassociation) and 8 loads per 16 FMAs (measured 1.3-1.5x
+    faster than 2 x 4).
     """
     M = a.shape[0]
     N = c.shape[1]
-    M2 = M - M % 2
+    M4 = M - M % 4
     N4 = N - N % 4
-    for m in range(0, M2, 2):
+    for m in range(0, M4, 4):
         r0, r1 = a[m, :length], a[m + 1, :length]
+        r2, r3 = a[m + 2, :length], a[m + 3, :length]
         for n in range(0, N4, 4):
             q0 = src[offsets[n] : offsets[n] + length]
             q1 = src[offsets[n + 1] : offsets[n + 1] + length]
@@ -255,8 +335,10 @@ def _gemm_nt(a, src, offsets, length, c):
             q3 = src[offsets[n + 3] : offsets[n + 3] + length]
             s00 = s01 = s02 = s03 = np.float32(0.0)
             s10 = s11 = s12 = s13 = np.float32(0.0)
+            s20 = s21 = s22 = s23 = np.float32(0.0)
+            s30 = s31 = s32 = s33 = np.float32(0.0)
             for p in range(length):
-                u0, u1 = r0[p], r1[p]
+                u0, u1, u2, u3 = r0[p], r1[p], r2[p], r3[p]
                 v0, v1, v2, v3 = q0[p], q1[p], q2[p], q3[p]
                 s00 += u0 * v0
                 s01 += u0 * v1
@@ -266,6 +348,14 @@ def _gemm_nt(a, src, offsets, length, c):
                 s11 += u1 * v1
                 s12 += u1 * v2
                 s13 += u1 * v3
+                s20 += u2 * v0
+                s21 += u2 * v1
+                s22 += u2 * v2
+                s23 += u2 * v3
+                s30 += u3 * v0
+                s31 += u3 * v1
+                s32 += u3 * v2
+                s33 += u3 * v3
             c[m, n] += s00
             c[m, n + 1] += s01
             c[m, n + 2] += s02
@@ -274,15 +364,28 @@ def _gemm_nt(a, src, offsets, length, c):
             c[m + 1, n + 1] += s11
             c[m + 1, n + 2] += s12
             c[m + 1, n + 3] += s13
+            c[m + 2, n] += s20
+            c[m + 2, n + 1] += s21
+            c[m + 2, n + 2] += s22
+            c[m + 2, n + 3] += s23
+            c[m + 3, n] += s30
+            c[m + 3, n + 1] += s31
+            c[m + 3, n + 2] += s32
+            c[m + 3, n + 3] += s33
         for n in range(N4, N):
             qn = src[offsets[n] : offsets[n] + length]
-            s0 = s1 = np.float32(0.0)
+            s0 = s1 = s2 = s3 = np.float32(0.0)
             for p in range(length):
-                s0 += r0[p] * qn[p]
-                s1 += r1[p] * qn[p]
+                v = qn[p]
+                s0 += r0[p] * v
+                s1 += r1[p] * v
+                s2 += r2[p] * v
+                s3 += r3[p] * v
             c[m, n] += s0
             c[m + 1, n] += s1
-    for m in range(M2, M):
+            c[m + 2, n] += s2
+            c[m + 3, n] += s3
+    for m in range(M4, M):
         rm = a[m, :length]
         for n in range(N):
             qn = src[offsets[n] : offsets[n] + length]
@@ -293,8 +396,9 @@ def _gemm_nt(a, src, offsets, length, c):
 
 
 @njit(cache=True)
-def _pad_image(src, n, dst, Hd, Wd, top, left):
-    """dst (C*Hd*Wd,) fp32 <- image ``n`` of ``src`` placed at (top, left) in zeros.
+def _pad_image(src, n, dst, cstride, base, Hd, Wd, top, left):
+    """Image ``n`` of ``src`` placed at (top, left) in an Hd x Wd tile of zeros, fp32; channel
+    c's tile starts at ``dst[c*cstride + base]`` (several images' tiles stack in one buffer).
 
     ``top``/``left`` may be negative (the window then crops the image). Returns whether every
     copied value is finite: the shifted-view products read pixels across row ends (their
@@ -306,7 +410,7 @@ def _pad_image(src, n, dst, Hd, Wd, top, left):
     finite = True
     for c in range(C):
         for r in range(Hd):
-            row = dst[(c * Hd + r) * Wd : (c * Hd + r + 1) * Wd]
+            row = dst[c * cstride + base + r * Wd : c * cstride + base + (r + 1) * Wd]
             sr = r - top
             if sr < 0 or sr >= Hs or s_lo >= s_hi:
                 row[:] = 0.0
@@ -324,6 +428,21 @@ def _pad_image(src, n, dst, Hd, Wd, top, left):
                 nonfinite += not (abs(v) < _INF)
             if nonfinite:
                 finite = False
+    return finite
+
+
+@njit(cache=True)
+def _stack_images(src, n0, count, dst, cstride, rows, stride, top, left):
+    """Images n0 .. n0+count-1 of ``src``, padded, one after another in each channel's
+    segment ``dst[c*cstride : (c+1)*cstride]``: tiles of ``rows`` x ``stride`` with the image
+    at (top, left), zeros everywhere else (tail included). Returns whether all are finite.
+    """
+    tile = rows * stride
+    finite = True
+    for b in range(count):
+        finite &= _pad_image(src, n0 + b, dst, cstride, b * tile, rows, stride, top, left)
+    for c in range(src.shape[1]):
+        dst[c * cstride + count * tile : (c + 1) * cstride] = 0.0
     return finite
 
 
@@ -390,19 +509,20 @@ def _store_rows(acc, col0, row_stride, dst, rows, cols, bias, relu):
 
 @njit(cache=True, fastmath=_FASTMATH)
 def _forward_images(
-    x, lo, hi, w_fk, bias, relu, y, buf, acc, offsets, direct, nb,
+    x, lo, hi, w_fk, bias, relu, y, buf, acc, offsets, direct, nb, rows, stride, cstride,
     kh, kw, sh, sw, ph, pw, OH, OW,
 ):  # fmt: skip
-    H, W = x.shape[2], x.shape[3]
-    Hp, Wp = H + 2 * ph, W + 2 * pw
     P = OH * OW
     L = nb * P
     if direct:
-        for n in range(lo, hi):
-            _pad_image(x, n, buf, Hp, Wp, ph, pw)
+        tile = rows * stride
+        for n0 in range(lo, hi, nb):
+            count = min(nb, hi - n0)
+            _stack_images(x, n0, count, buf, cstride, rows, stride, ph, pw)
             acc[:] = 0.0
-            _gemm_nn(w_fk, buf, offsets, (OH - 1) * Wp + OW, acc)
-            _store_rows(acc, 0, Wp, y[n], OH, OW, bias, relu)
+            _gemm_nn(w_fk, buf, offsets, (count - 1) * tile + (OH - 1) * stride + OW, acc)
+            for b in range(count):
+                _store_rows(acc, b * tile, stride, y[n0 + b], OH, OW, bias, relu)
         return
     for n0 in range(lo, hi, nb):
         count = min(nb, hi - n0)
@@ -416,7 +536,7 @@ def _forward_images(
 
 @njit(cache=True, parallel=True)
 def _conv_forward_kernel(
-    x, w_fk, bias, relu, y, buf_ws, acc_ws, offsets, direct, nb,
+    x, w_fk, bias, relu, y, buf_ws, acc_ws, offsets, direct, nb, rows, stride, cstride,
     kh, kw, sh, sw, ph, pw, OH, OW,
 ):  # fmt: skip
     n_threads = buf_ws.shape[0]
@@ -424,7 +544,7 @@ def _conv_forward_kernel(
         lo, hi = _image_range(t, n_threads, x.shape[0])
         _forward_images(
             x, lo, hi, w_fk, bias, relu, y, buf_ws[t], acc_ws[t], offsets, direct, nb,
-            kh, kw, sh, sw, ph, pw, OH, OW,
+            rows, stride, cstride, kh, kw, sh, sw, ph, pw, OH, OW,
         )  # fmt: skip
 
 
@@ -461,12 +581,13 @@ def _backward_unfolded(
 @njit(cache=True, fastmath=_FASTMATH)
 def _backward_images(
     dy, x, lo, hi, w_kf, w_flip, direct, nb, dx, dw_t, db_t, xbuf, dybuf, acc, col, dcol, dyn,
-    dx_acc, offs_x, offs_dy, kh, kw, sh, sw, ph, pw,
+    dx_acc, offs_x, offs_dy, x_layout, dy_layout, kh, kw, sh, sw, ph, pw,
 ):  # fmt: skip
     F, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
-    Hp, Wp = H + 2 * ph, W + 2 * pw
-    Hd, Wd = H + kh - 1, W + kw - 1  # dy padded for the full convolution that gives dx
+    x_rows, x_stride, x_cstride = x_layout
+    # dy padded by (kh-1-ph, kw-1-pw): the full convolution that gives dx.
+    d_rows, d_stride, d_cstride = dy_layout
     dw_t[:] = 0.0
     db_t[:] = 0.0
     for n in range(lo, hi):
@@ -487,31 +608,37 @@ def _backward_images(
             )  # fmt: skip
         return
     no_bias = np.zeros(C, np.float32)
-    for n in range(lo, hi):
+    x_tile, dy_tile = x_rows * x_stride, d_rows * d_stride
+    for n0 in range(lo, hi, nb):
+        count = min(nb, hi - n0)
         # dx: a stride-1 convolution of dy, fully padded, with the flipped, transposed filters.
-        _pad_image(dy, n, dybuf, Hd, Wd, kh - 1 - ph, kw - 1 - pw)
+        _stack_images(dy, n0, count, dybuf, d_cstride, d_rows, d_stride, kh - 1 - ph, kw - 1 - pw)
         acc[:] = 0.0
-        _gemm_nn(w_flip, dybuf, offs_dy, (H - 1) * Wd + W, acc)
-        _store_rows(acc, 0, Wd, dx[n], H, W, no_bias, False)
-        if _pad_image(x, n, xbuf, Hp, Wp, ph, pw):
-            # dy laid out with the padded image's row stride Wp (zeros past OW), so that
-            # dW[f, (c,i,j)] is a dot product with the (i, j)-shifted view of the image.
-            _pad_image(dy, n, dyn, OH, Wp, 0, 0)
-            a = dyn[: F * OH * Wp].reshape((F, OH * Wp))
-            _gemm_nt(a, xbuf, offs_x, (OH - 1) * Wp + OW, dw_t)
+        _gemm_nn(w_flip, dybuf, offs_dy, (count - 1) * dy_tile + (H - 1) * d_stride + W, acc)
+        for b in range(count):
+            _store_rows(acc, b * dy_tile, d_stride, dx[n0 + b], H, W, no_bias, False)
+        if _stack_images(x, n0, count, xbuf, x_cstride, x_rows, x_stride, ph, pw):
+            # dy laid out like the padded images (zeros past OH, OW), so that dW[f, (c,i,j)]
+            # is a dot product with the (i, j)-shifted view of the images.
+            _stack_images(dy, n0, count, dyn, x_cstride, x_rows, x_stride, 0, 0)
+            a = dyn[: F * x_cstride].reshape((F, x_cstride))
+            length = (count - 1) * x_tile + (OH - 1) * x_stride + OW
+            _gemm_nt(a, xbuf, offs_x, length, dw_t)
         else:
-            # inf/NaN in x: the shifted views would also pair it with zero gradient entries
-            # across row ends (0 * inf = NaN); the unfolded path pairs only true windows.
-            # It rewrites dx[n] with the same values.
-            _backward_unfolded(
-                dy, x, n, 1, 1, w_kf, dw_t, dx, col, dcol, dyn, dx_acc, kh, kw, sh, sw, ph, pw
-            )
+            # inf/NaN in x: the shifted views would also pair it with the zeros between
+            # rows and images (0 * inf = NaN); the unfolded path pairs only true windows.
+            # It rewrites dx with the same values.
+            for b in range(count):
+                _backward_unfolded(
+                    dy, x, n0 + b, 1, 1, w_kf, dw_t, dx, col, dcol, dyn, dx_acc,
+                    kh, kw, sh, sw, ph, pw,
+                )  # fmt: skip
 
 
 @njit(cache=True, parallel=True)
 def _conv_backward_kernel(
     dy, x, w_kf, w_flip, direct, nb, dx, dw_part, db_part, xbuf, dybuf, acc, col, dcol, dyn,
-    dx_acc, offs_x, offs_dy, kh, kw, sh, sw, ph, pw,
+    dx_acc, offs_x, offs_dy, x_layout, dy_layout, kh, kw, sh, sw, ph, pw,
 ):  # fmt: skip
     n_threads = dw_part.shape[0]
     for t in prange(n_threads):
@@ -519,7 +646,7 @@ def _conv_backward_kernel(
         _backward_images(
             dy, x, lo, hi, w_kf, w_flip, direct, nb, dx, dw_part[t], db_part[t], xbuf[t],
             dybuf[t], acc[t], col[t], dcol[t], dyn[t], dx_acc[t], offs_x, offs_dy,
-            kh, kw, sh, sw, ph, pw,
+            x_layout, dy_layout, kh, kw, sh, sw, ph, pw,
         )  # fmt: skip
 
 
@@ -542,18 +669,22 @@ def _reduce_partials(dw_part, db_part, dw, db):
 
 # --- workspaces -------------------------------------------------------------------------------
 
+# A training step of the deep-MNIST net alone uses 12 (6 layers x forward/backward) entries.
+# Sharing across Python threads is safe: the kernels hold the GIL (no ``nogil``), so a call
+# uses its buffers from start to finish before another call can run.
 _WORKSPACE_CACHE: dict = {}
-_WORKSPACE_CACHE_SIZE = 8
+_WORKSPACE_CACHE_SIZE = 32
 
 
 def _workspace(key, make):
-    """Per-thread fp32 buffers, reused across calls with the same key (shape, threads)."""
-    ws = _WORKSPACE_CACHE.get(key)
+    """Per-thread fp32 buffers, reused across calls with the same key (shape, path, threads);
+    least recently used entries are dropped first."""
+    ws = _WORKSPACE_CACHE.pop(key, None)
     if ws is None:
         if len(_WORKSPACE_CACHE) >= _WORKSPACE_CACHE_SIZE:
             _WORKSPACE_CACHE.pop(next(iter(_WORKSPACE_CACHE)))
         ws = make()
-        _WORKSPACE_CACHE[key] = ws
+    _WORKSPACE_CACHE[key] = ws  # (re)inserted last: dict order is recency order
     return ws
 
 
@@ -579,23 +710,45 @@ def _packed_weights(w):
     return w_fk, w_kf, w_flip, finite
 
 
-# Unfolded path: aim for GEMM rows of about this many columns (several small images side by
-# side); the column matrix K x _TARGET_COLUMNS stays within L2 for the deep-MNIST layers.
-_TARGET_COLUMNS = 512
+# Images per GEMM: stack until a row of the product holds about this many values (long
+# vectorised rows, few passes over the weights). 1024 measured best among 256..2048 on the
+# deep-MNIST layers (5-10% over 512); the stacked images of one block stay within L2.
+_TARGET_COLUMNS = 1024
+
+
+def _stack_layout(rows, cols, ph, pw, kh, kw, nb):
+    """(tile rows, row stride, channel stride) of ``nb`` padded images stacked per channel.
+
+    When 0 <= pad <= kernel-1, neighbouring rows and images share their zero padding: a row
+    is [pw zeros, cols pixels] and the next row's zeros act as its right padding, and
+    likewise between images, with a zero tail after the last one. That trims the extra
+    outputs the direct path computes (8x8 pad 1: 81 instead of 100 per 64 outputs).
+    Otherwise (negative pad: a crop; or a pad beyond kernel-1) each image gets a full tile.
+    """
+    if 0 <= ph <= kh - 1 and 0 <= pw <= kw - 1:
+        t_rows, stride = rows + ph, cols + pw
+        return t_rows, stride, nb * t_rows * stride + ph * stride + pw
+    t_rows, stride = rows + 2 * ph, cols + 2 * pw
+    return t_rows, stride, nb * t_rows * stride
 
 
 def _plan(g, F, backward):
-    """(direct, nb): which path a shape takes, and images per block on the unfolded path.
+    """(direct, nb): which path a shape takes, and how many images go into one GEMM.
 
-    Measured on the deep-MNIST layers (docs/kernels.md): unfolding writes K = C*kh*kw copies
-    of every pixel, which costs about 1/F of the GEMM; with few filters (F <= 32) the direct
-    path wins even though it computes (W+2*pw)/OW too many columns, with 64 filters the
-    unfolded path wins. The direct dx is a GEMM with C rows, too few to block when C < 4
-    (conv1: C = 1), where dcol = W^T @ dy with K rows is faster.
+    Measured on the deep-MNIST layers (docs/kernels.md): with images stacked, the direct path
+    (stride 1) beat the unfolded one on every layer, although it computes up to 1.3x too many
+    outputs (8x8 images): unfolding writes K = C*kh*kw copies of every pixel in short row
+    segments. The direct dx is a GEMM with C rows, too few to block when C < 4 (conv1: C = 1),
+    where dcol = W^T @ dy with K rows is faster.
+    Images are stacked until a GEMM row holds about _TARGET_COLUMNS values.
     """
-    P = g.OH * g.OW
-    nb = max(1, min(g.N, -(-_TARGET_COLUMNS // P)))
-    direct = g.sh == 1 and g.sw == 1 and F <= 32 and (not backward or g.C >= 4)
+    direct = g.sh == 1 and g.sw == 1 and (not backward or g.C >= 4)
+    if direct:
+        rows, stride, _ = _stack_layout(g.H, g.W, g.ph, g.pw, g.kh, g.kw, 1)
+        per_image = rows * stride
+    else:
+        per_image = g.OH * g.OW
+    nb = max(1, min(g.N, -(-_TARGET_COLUMNS // per_image)))
     return direct, nb
 
 
@@ -605,10 +758,10 @@ def conv2d(x, w, b, g, activation):
     K, P = g.C * g.kh * g.kw, g.OH * g.OW
     nt = _threads(g.N)
     direct, nb = _plan(g, F, backward=False)
+    rows, stride, cstride = _stack_layout(g.H, g.W, g.ph, g.pw, g.kh, g.kw, nb)
     if direct:
-        Hp, Wp = g.H + 2 * g.ph, g.W + 2 * g.pw
-        buf_len, acc_len = g.C * Hp * Wp, (g.OH - 1) * Wp + g.OW
-        offsets = _tap_offsets(g.C, g.kh, g.kw, Hp * Wp, Wp)
+        buf_len, acc_len = g.C * cstride, nb * rows * stride
+        offsets = _tap_offsets(g.C, g.kh, g.kw, cstride, stride)
     else:
         buf_len, acc_len = K * nb * P, nb * P
         offsets = np.arange(K, dtype=np.int64) * (nb * P)
@@ -623,7 +776,7 @@ def conv2d(x, w, b, g, activation):
     y = np.empty((g.N, F, g.OH, g.OW), dtype=x.dtype)
     _conv_forward_kernel(
         bits_view(x), w_fk, bias, activation == "relu", bits_view(y), buf, acc, offsets,
-        direct, nb, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.OH, g.OW,
+        direct, nb, rows, stride, cstride, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.OH, g.OW,
     )  # fmt: skip
     return y
 
@@ -637,18 +790,18 @@ def conv2d_backward(dy, x, w, g):
     _, w_kf, w_flip, finite_w = _packed_weights(w)
     # Non-finite weights would leak through the zero padding of dy on the direct dx path.
     direct = direct and finite_w
-    Hp, Wp = g.H + 2 * g.ph, g.W + 2 * g.pw
-    Hd, Wd = g.H + g.kh - 1, g.W + g.kw - 1
-    L = nb * P
-    # Buffers of the direct path; the unfolded path's are also needed there, for images with
-    # non-finite values (block of one image).
+    x_layout = _stack_layout(g.H, g.W, g.ph, g.pw, g.kh, g.kw, nb)
+    dy_layout = _stack_layout(g.OH, g.OW, g.kh - 1 - g.ph, g.kw - 1 - g.pw, g.kh, g.kw, nb)
+    # The unfolded path's buffers also serve the direct path, one image at a time, for
+    # images with non-finite values.
+    L = P if direct else nb * P
     shapes = (
-        (g.C * Hp * Wp,) if direct else (1,),  # padded image
-        (F * Hd * Wd,) if direct else (1,),  # padded dy for dx
-        (g.C, (g.H - 1) * Wd + g.W) if direct else (1, 1),  # dx accumulator
+        (g.C * x_layout[2],) if direct else (1,),  # stacked padded images
+        (F * dy_layout[2],) if direct else (1,),  # stacked padded dy for dx
+        (g.C, nb * dy_layout[0] * dy_layout[1]) if direct else (1, 1),  # dx accumulator
         (K * L,),  # unfolded images
         (K * L,),  # their gradient
-        (F * max(L, g.OH * Wp),),  # dy in fp32 (blocks of nb images, or row stride Wp)
+        (F * max(L, x_layout[2] if direct else 0),),  # dy in fp32
         (g.C, g.H, g.W),  # folded dx of one image
     )
     ws = _workspace(
@@ -659,14 +812,14 @@ def conv2d_backward(dy, x, w, g):
         ),
     )
     *buffers, dw_part, db_part = ws
-    offs_x = _tap_offsets(g.C, g.kh, g.kw, Hp * Wp, Wp)
-    offs_dy = _tap_offsets(F, g.kh, g.kw, Hd * Wd, Wd)
+    offs_x = _tap_offsets(g.C, g.kh, g.kw, x_layout[2], x_layout[1])
+    offs_dy = _tap_offsets(F, g.kh, g.kw, dy_layout[2], dy_layout[1])
     dx = np.empty(g.x_shape, dtype=x.dtype)
     dw = np.empty(w.shape, dtype=x.dtype)
     db = np.empty(F, dtype=x.dtype)
     _conv_backward_kernel(
         bits_view(dy), bits_view(x), w_kf, w_flip, direct, nb, bits_view(dx), dw_part, db_part,
-        *buffers, offs_x, offs_dy, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw,
+        *buffers, offs_x, offs_dy, x_layout, dy_layout, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw,
     )  # fmt: skip
     _reduce_partials(dw_part, db_part, bits_view(dw), bits_view(db))
     return dx, dw, db
