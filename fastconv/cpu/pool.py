@@ -147,6 +147,20 @@ def _max4(a, b, c, d):
 
 
 @njit(inline="always")
+def _max4_and_flag(a, b, c, d):
+    """:func:`_max4` plus whether the window holds a NaN, for the forward kernel.
+
+    The same arithmetic; this shape of it is what LLVM vectorises well in the forward loop:
+    with :func:`_max4` the float16 forward took 13x longer on 8-pixel-wide rows (measured,
+    single thread: 0.84 vs 0.065 ms for batch 100, 64@8x8), while the backward is faster
+    with :func:`_max4` (0.70 vs 0.98 ms on 16@28x28 float32).
+    """
+    has_nan = (a != a) | (b != b) | (c != c) | (d != d)
+    m = max(max(a, b), max(c, d))
+    return (a + b + c + d) if has_nan else m, has_nan
+
+
+@njit(inline="always")
 def _route_2x2(a, b, c, d, g, zero):
     """The four ``dx`` values of a 2x2 window: ``g`` at its first maximum, ``zero`` elsewhere.
 
@@ -188,7 +202,7 @@ def _max_forward_2x2(x, out):
             h = 2 * oh
             for ow in range(OW):
                 w = 2 * ow
-                best = _max4(
+                best, _ = _max4_and_flag(
                     load(x[p, h, w]),
                     load(x[p, h, w + 1]),
                     load(x[p, h + 1, w]),
