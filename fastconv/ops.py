@@ -96,19 +96,27 @@ def conv2d(x, w, b=None, stride=1, pad=0, activation=None):
     return be.conv2d(x, w, b, g, activation)
 
 
-def conv2d_backward(dy, x, w, stride=1, pad=0):
+def conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True):
     """Gradients of :func:`conv2d` (without activation).
+
+    Parameters
+    ----------
+    need_dx : bool
+        False skips computing ``dx`` (e.g. for a network's first layer, whose input needs no
+        gradient) and returns None in its place.
 
     Returns
     -------
-    dx : ndarray, (N, C, H, W)
+    dx : ndarray, (N, C, H, W), or None when ``need_dx`` is False
     dw : ndarray, (F, C, kh, kw)
     db : ndarray, (F,)
     """
     g = chk.validate_conv2d_backward(dy, x, w, stride, pad)
+    if not isinstance(need_dx, (bool, np.bool_)):
+        raise TypeError(f"need_dx must be a bool, got {type(need_dx).__name__}")
     be = _backend(x)
     dy, x, w = _contiguous(be, dy, x, w)
-    return be.conv2d_backward(dy, x, w, g)
+    return be.conv2d_backward(dy, x, w, g, need_dx=bool(need_dx))
 
 
 def max_pool2d(x, size=2, stride=None, pad=0):

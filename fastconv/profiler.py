@@ -242,8 +242,13 @@ def _profiled_step(model, x, y, clock, training):
         marks.append(clock.mark())
         d = model.loss.backward()
         marks.append(clock.mark())
+        # As Sequential.train_on_batch: the first layer skips the input gradient when it can.
+        first = model.layers[0] if model.layers else None
         for layer in reversed(model.layers):
-            d = layer.backward(d)
+            if layer is first and getattr(layer, "can_skip_dx", False):
+                d = layer.backward(d, need_dx=False)
+            else:
+                d = layer.backward(d)
             marks.append(clock.mark())
         model.optimizer.step(model.parameters(), model.gradients())
         marks.append(clock.mark())

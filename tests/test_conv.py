@@ -188,6 +188,32 @@ def test_conv2d_backward_matches_reference(case, dtype, path):
         assert_within_bound(got, ex, mag, terms[name], dtype, name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [CONV_CASES[1], CONV_CASES[3]])
+def test_conv2d_backward_without_dx(case, dtype, path):
+    """need_dx=False returns None for dx and exactly the same dw, db as the full backward."""
+    N, C, H, W, F, kh, kw, stride, pad = case
+    rng = np.random.default_rng(3)
+    x, w = _rand(rng, (N, C, H, W), dtype), _rand(rng, (F, C, kh, kw), dtype)
+    g = fc._checks.validate_conv2d(x, w, None, stride, pad)
+    dy = _rand(rng, (N, F, g.OH, g.OW), dtype)
+    _, dw_full, db_full = fc.conv2d_backward(dy, x, w, stride, pad)
+    dx, dw, db = fc.conv2d_backward(dy, x, w, stride, pad, need_dx=False)
+    assert dx is None
+    np.testing.assert_array_equal(dw, dw_full)
+    np.testing.assert_array_equal(db, db_full)
+    exact = ref.conv2d_backward(dy, x, w, stride, pad)
+    mags = ref.conv2d_backward(*(np.abs(a.astype(np.float64)) for a in (dy, x, w)), stride, pad)
+    assert_within_bound(dw, exact[1], mags[1], N * g.OH * g.OW, dtype, "dw")
+
+
+def test_conv2d_backward_need_dx_must_be_bool():
+    x, w = np.zeros((1, 1, 4, 4), np.float32), np.zeros((2, 1, 3, 3), np.float32)
+    dy = np.zeros((1, 2, 2, 2), np.float32)
+    with pytest.raises(TypeError, match="need_dx must be a bool"):
+        fc.conv2d_backward(dy, x, w, need_dx="no")
+
+
 DEEP_MNIST_LAYERS = [
     # (C, F, H=W, pad): the book's ch. 8 network, 3x3 stride 1
     (1, 16, 28, 1),

@@ -164,6 +164,20 @@ def test_deep_mnist_layers_forward_backward(ops, dtype, shape, filters, pad):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_backward_without_dx(ops, dtype):
+    rng = np.random.default_rng(6)
+    x = rand(rng, (2, 3, 9, 8), dtype)
+    w = rand(rng, (4, 3, 3, 3), dtype)
+    g = chk.validate_conv2d(x, w, None, 1, 1)
+    dy = rand(rng, (g.N, 4, g.OH, g.OW), dtype)
+    dx, dw, db = ops.conv2d_backward(dy, x, w, g, need_dx=False)
+    assert dx is None
+    _, dw_full, db_full = ops.conv2d_backward(dy, x, w, g)
+    np.testing.assert_array_equal(dw, dw_full)
+    np.testing.assert_array_equal(db, db_full)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,kernel,stride,pad", GEOMETRIES)
 def test_conv2d_backward_geometries(ops, dtype, shape, kernel, stride, pad):
     rng = np.random.default_rng(5)

@@ -120,6 +120,26 @@ def test_model_gradients_match_finite_differences():
         np.testing.assert_allclose(ana, num, rtol=5e-2, atol=2e-3)
 
 
+def test_backward_without_input_gradient_keeps_parameter_gradients():
+    """need_dx=False (what train_on_batch uses) skips the first conv's dx only."""
+    model = tiny_net(seed=3)
+    model.compile("sgd")
+    x, y = toy_data(8, seed=1)
+    model.loss.forward(model.forward(x, training=True), y)
+    dx = model.backward(model.loss.backward())
+    assert dx.shape == x.shape
+    full = [g.copy() for g in model.gradients()]
+    model.loss.forward(model.forward(x, training=True), y)
+    assert model.backward(model.loss.backward(), need_dx=False) is None
+    for a, b in zip(model.gradients(), full, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # A first layer that cannot skip its input gradient still returns it.
+    net = Sequential([Flatten(), Dense(3)], seed=0)
+    net.compile("sgd")
+    net.loss.forward(net.forward(x, training=True), y)
+    assert net.backward(net.loss.backward(), need_dx=False).shape == x.shape
+
+
 def test_fit_learns_and_history_is_recorded():
     x, y = toy_data(90)
     model = tiny_net(seed=1)

@@ -550,7 +550,7 @@ def _conv_forward_kernel(
 
 @njit(cache=True, fastmath=_FASTMATH)
 def _backward_unfolded(
-    dy, x, n0, count, nb, w_kf, dw_t, dx, col, dcol, dyn, dx_acc, kh, kw, sh, sw, ph, pw
+    dy, x, n0, count, nb, w_kf, need_dx, dw_t, dx, col, dcol, dyn, dx_acc, kh, kw, sh, sw, ph, pw
 ):
     """Images n0 .. n0+count-1 through the unfolded column matrix: any stride, any values."""
     F, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
@@ -567,6 +567,8 @@ def _backward_unfolded(
                 dst[p] = load(src_f[p])
         _unfold_image(x, n0 + b, col, L, b * P, kh, kw, sh, sw, ph, pw, OH, OW)
     _gemm_nt(dyn[: F * L].reshape((F, L)), col, np.arange(K) * L, count * P, dw_t)
+    if not need_dx:
+        return
     dcol[: K * L] = 0.0
     dcol2 = dcol[: K * L].reshape((K, L))
     _gemm_nn(w_kf, dyn, np.arange(F) * L, count * P, dcol2)
@@ -580,8 +582,8 @@ def _backward_unfolded(
 
 @njit(cache=True, fastmath=_FASTMATH)
 def _backward_images(
-    dy, x, lo, hi, w_kf, w_flip, direct, nb, dx, dw_t, db_t, xbuf, dybuf, acc, col, dcol, dyn,
-    dx_acc, offs_x, offs_dy, x_layout, dy_layout, kh, kw, sh, sw, ph, pw,
+    dy, x, lo, hi, w_kf, w_flip, direct, nb, need_dx, dx, dw_t, db_t, xbuf, dybuf, acc, col,
+    dcol, dyn, dx_acc, offs_x, offs_dy, x_layout, dy_layout, kh, kw, sh, sw, ph, pw,
 ):  # fmt: skip
     F, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
     C, H, W = x.shape[1], x.shape[2], x.shape[3]
@@ -603,7 +605,7 @@ def _backward_images(
         for n0 in range(lo, hi, nb):
             count = min(nb, hi - n0)
             _backward_unfolded(
-                dy, x, n0, count, nb, w_kf, dw_t, dx, col, dcol, dyn, dx_acc,
+                dy, x, n0, count, nb, w_kf, need_dx, dw_t, dx, col, dcol, dyn, dx_acc,
                 kh, kw, sh, sw, ph, pw,
             )  # fmt: skip
         return
@@ -611,12 +613,16 @@ def _backward_images(
     x_tile, dy_tile = x_rows * x_stride, d_rows * d_stride
     for n0 in range(lo, hi, nb):
         count = min(nb, hi - n0)
-        # dx: a stride-1 convolution of dy, fully padded, with the flipped, transposed filters.
-        _stack_images(dy, n0, count, dybuf, d_cstride, d_rows, d_stride, kh - 1 - ph, kw - 1 - pw)
-        acc[:] = 0.0
-        _gemm_nn(w_flip, dybuf, offs_dy, (count - 1) * dy_tile + (H - 1) * d_stride + W, acc)
-        for b in range(count):
-            _store_rows(acc, b * dy_tile, d_stride, dx[n0 + b], H, W, no_bias, False)
+        if need_dx:
+            # dx: a stride-1 convolution of dy, fully padded, with the flipped, transposed
+            # filters.
+            _stack_images(
+                dy, n0, count, dybuf, d_cstride, d_rows, d_stride, kh - 1 - ph, kw - 1 - pw
+            )
+            acc[:] = 0.0
+            _gemm_nn(w_flip, dybuf, offs_dy, (count - 1) * dy_tile + (H - 1) * d_stride + W, acc)
+            for b in range(count):
+                _store_rows(acc, b * dy_tile, d_stride, dx[n0 + b], H, W, no_bias, False)
         if _stack_images(x, n0, count, xbuf, x_cstride, x_rows, x_stride, ph, pw):
             # dy laid out like the padded images (zeros past OH, OW), so that dW[f, (c,i,j)]
             # is a dot product with the (i, j)-shifted view of the images.
@@ -630,21 +636,21 @@ def _backward_images(
             # It rewrites dx with the same values.
             for b in range(count):
                 _backward_unfolded(
-                    dy, x, n0 + b, 1, 1, w_kf, dw_t, dx, col, dcol, dyn, dx_acc,
+                    dy, x, n0 + b, 1, 1, w_kf, need_dx, dw_t, dx, col, dcol, dyn, dx_acc,
                     kh, kw, sh, sw, ph, pw,
                 )  # fmt: skip
 
 
 @njit(cache=True, parallel=True)
 def _conv_backward_kernel(
-    dy, x, w_kf, w_flip, direct, nb, dx, dw_part, db_part, xbuf, dybuf, acc, col, dcol, dyn,
-    dx_acc, offs_x, offs_dy, x_layout, dy_layout, kh, kw, sh, sw, ph, pw,
+    dy, x, w_kf, w_flip, direct, nb, need_dx, dx, dw_part, db_part, xbuf, dybuf, acc, col,
+    dcol, dyn, dx_acc, offs_x, offs_dy, x_layout, dy_layout, kh, kw, sh, sw, ph, pw,
 ):  # fmt: skip
     n_threads = dw_part.shape[0]
     for t in prange(n_threads):
         lo, hi = _image_range(t, n_threads, x.shape[0])
         _backward_images(
-            dy, x, lo, hi, w_kf, w_flip, direct, nb, dx, dw_part[t], db_part[t], xbuf[t],
+            dy, x, lo, hi, w_kf, w_flip, direct, nb, need_dx, dx, dw_part[t], db_part[t], xbuf[t],
             dybuf[t], acc[t], col[t], dcol[t], dyn[t], dx_acc[t], offs_x, offs_dy,
             x_layout, dy_layout, kh, kw, sh, sw, ph, pw,
         )  # fmt: skip
@@ -781,8 +787,9 @@ def conv2d(x, w, b, g, activation):
     return y
 
 
-def conv2d_backward(dy, x, w, g):
-    """Backend conv2d gradients ``(dx, dw, db)``, each in ``x``'s dtype."""
+def conv2d_backward(dy, x, w, g, need_dx=True):
+    """Backend conv2d gradients ``(dx, dw, db)``, each in ``x``'s dtype; ``dx`` is None (and
+    not computed) when ``need_dx`` is False."""
     F = w.shape[0]
     K, P = g.C * g.kh * g.kw, g.OH * g.OW
     nt = _threads(g.N)
@@ -814,12 +821,13 @@ def conv2d_backward(dy, x, w, g):
     *buffers, dw_part, db_part = ws
     offs_x = _tap_offsets(g.C, g.kh, g.kw, x_layout[2], x_layout[1])
     offs_dy = _tap_offsets(F, g.kh, g.kw, dy_layout[2], dy_layout[1])
-    dx = np.empty(g.x_shape, dtype=x.dtype)
+    # Without dx the kernel never touches it: a 1-element stand-in keeps the signature typed.
+    dx = np.empty(g.x_shape if need_dx else (1, 1, 1, 1), dtype=x.dtype)
     dw = np.empty(w.shape, dtype=x.dtype)
     db = np.empty(F, dtype=x.dtype)
     _conv_backward_kernel(
-        bits_view(dy), bits_view(x), w_kf, w_flip, direct, nb, bits_view(dx), dw_part, db_part,
-        *buffers, offs_x, offs_dy, x_layout, dy_layout, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw,
+        bits_view(dy), bits_view(x), w_kf, w_flip, direct, nb, need_dx, bits_view(dx), dw_part,
+        db_part, *buffers, offs_x, offs_dy, x_layout, dy_layout, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw,
     )  # fmt: skip
     _reduce_partials(dw_part, db_part, bits_view(dw), bits_view(db))
-    return dx, dw, db
+    return (dx if need_dx else None), dw, db

@@ -115,8 +115,8 @@ def conv2d(x, w, b, g, activation):
     return _ops().conv2d(x, w, b, g, activation)
 
 
-def conv2d_backward(dy, x, w, g):
-    return _ops().conv2d_backward(dy, x, w, g)
+def conv2d_backward(dy, x, w, g, need_dx=True):
+    return _ops().conv2d_backward(dy, x, w, g, need_dx)
 
 
 def max_pool2d(x, g):

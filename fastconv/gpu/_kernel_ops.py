@@ -71,7 +71,7 @@ class KernelOps:
             self.launch("bias_act", y.size, y, bias, g.N, F, P, has_bias, relu)
         return y.reshape(g.N, F, g.OH, g.OW)
 
-    def conv2d_backward(self, dy, x, w, g):
+    def conv2d_backward(self, dy, x, w, g, need_dx=True):
         xp = self.xp
         F = w.shape[0]
         K, P = g.C * g.kh * g.kw, g.OH * g.OW
@@ -80,6 +80,8 @@ class KernelOps:
         dy_rows = xp.ascontiguousarray(dy.reshape(g.N, F, P).transpose(0, 2, 1)).reshape(-1, F)
         cols = self.im2col(x, g, ROWS)  # (N*P, K)
         dw = self.matmul(dy_rows.T, cols).reshape(w.shape)  # (F, K)
+        if not need_dx:
+            return None, dw, self.bias_grad(dy, g.N, F, P)
         dcols = xp.ascontiguousarray(self.matmul(dy_rows, w.reshape(F, K)))  # (N*P, K)
         dx = self.col2im(dcols, g, ROWS)
         return dx, dw, self.bias_grad(dy, g.N, F, P)

@@ -45,6 +45,9 @@ class Layer:
     """Base class. Subclasses set ``kind`` and implement ``forward``/``backward``."""
 
     kind = "layer"
+    # True when ``backward(dy, need_dx=False)`` skips computing the input gradient (and
+    # returns None): Sequential uses it on its first layer, whose input needs no gradient.
+    can_skip_dx = False
 
     def __init__(self, name: str | None = None):
         if name is not None and not isinstance(name, str):
@@ -137,6 +140,7 @@ class Conv2D(Layer):
     """
 
     kind = "conv"
+    can_skip_dx = True
 
     def __init__(
         self,
@@ -197,11 +201,14 @@ class Conv2D(Layer):
         self._y = y if (training and self.activation == "relu") else None
         return y
 
-    def backward(self, dy):
+    def backward(self, dy, need_dx=True):
+        """Gradients into ``grads``; returns dx, or None (not computed) if ``need_dx`` is False."""
         x = self._cached(self._x)
         if self.activation == "relu":
             dy = _relu_mask_grad(dy, self._y)
-        dx, dw, db = ops.conv2d_backward(dy, x, self.params["W"], self.stride, self.padding)
+        dx, dw, db = ops.conv2d_backward(
+            dy, x, self.params["W"], self.stride, self.padding, need_dx=need_dx
+        )
         self.grads = {"W": dw, "b": db}
         self._x = self._y = None
         return dx

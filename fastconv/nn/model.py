@@ -142,8 +142,16 @@ class Sequential:
             x = layer.forward(x, training=training)
         return x
 
-    def backward(self, dy):
-        for layer in reversed(self.layers):
+    def backward(self, dy, need_dx: bool = True):
+        """Backpropagate ``dy`` through all layers; returns the input gradient.
+
+        With ``need_dx=False`` (as in :meth:`train_on_batch`) a first layer that can skip its
+        input gradient (``can_skip_dx``, e.g. Conv2D) does, and None may be returned.
+        """
+        last = len(self.layers) - 1
+        for i, layer in enumerate(reversed(self.layers)):
+            if i == last and not need_dx and layer.can_skip_dx:
+                return layer.backward(dy, need_dx=False)
             dy = layer.backward(dy)
         return dy
 
@@ -203,7 +211,7 @@ class Sequential:
         scores = self.forward(x, training=True)
         loss = self.loss.forward(scores, y)
         accuracy = _accuracy(scores, y)
-        self.backward(self.loss.backward())
+        self.backward(self.loss.backward(), need_dx=False)
         self.optimizer.step(self.parameters(), self.gradients())
         return {"loss": loss, "accuracy": accuracy}
 
