@@ -427,20 +427,20 @@ def test_matches_torch(case):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(
-    "x_shape, w_shape, culprit",
-    [
-        ((0, 3, 5, 5), (4, 3, 3, 3), "x must have every dimension >= 1"),
-        ((2, 0, 5, 5), (4, 0, 3, 3), "must have every dimension >= 1"),
-        ((2, 3, 5, 5), (0, 3, 3, 3), "w must have every dimension >= 1"),
-    ],
+    "x_shape, w_shape",
+    [((0, 3, 5, 5), (4, 3, 3, 3)), ((2, 0, 5, 5), (4, 0, 3, 3)), ((2, 3, 5, 5), (0, 3, 3, 3))],
 )
-def test_empty_dimensions_are_rejected(x_shape, w_shape, culprit, dtype):
-    """Zero images, channels or filters get a clear ValueError (the policy of ``_checks``),
-    never a kernel launch over an empty geometry."""
+def test_empty_dimensions(x_shape, w_shape, dtype):
+    """Zero images, channels or filters give empty or bias-only results, never a crash."""
     rng = np.random.default_rng(11)
-    x, w = _rand(rng, x_shape, dtype), _rand(rng, w_shape, dtype)
-    with pytest.raises(ValueError, match=culprit):
-        fc.conv2d(x, w, None, 1, 1)
-    dy = np.zeros((max(x_shape[0], 1), max(w_shape[0], 1), 5, 5), dtype)
-    with pytest.raises(ValueError, match="must have every dimension >= 1"):
-        fc.conv2d_backward(dy, x, w, 1, 1)
+    x, w, b = _rand(rng, x_shape, dtype), _rand(rng, w_shape, dtype), _rand(rng, w_shape[:1], dtype)
+    y = fc.conv2d(x, w, b, 1, 1)
+    np.testing.assert_allclose(y, ref.conv2d(x, w, b, 1, 1), rtol=1e-3)
+    dy = _rand(rng, y.shape, dtype)
+    for got, exact in zip(
+        fc.conv2d_backward(dy, x, w, 1, 1), ref.conv2d_backward(dy, x, w, 1, 1), strict=True
+    ):
+        assert got.shape == exact.shape
+        np.testing.assert_allclose(
+            got, exact, rtol=1e-2, atol=1e-2 * (np.abs(exact).max(initial=0) + 1)
+        )
