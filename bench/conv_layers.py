@@ -1,0 +1,157 @@
+"""Deep-MNIST conv layers at batch 100: fastconv (fp32, fp16) against PyTorch CPU (fp32).
+
+For every layer it prints the median forward, backward and forward+backward time of each
+implementation and the ratio to PyTorch measured in the same run (ratio < 1: fastconv is
+faster). Both libraries use ``--threads`` threads (default 2, as in the goal).
+
+    PYTHONPATH=. python bench/conv_layers.py [--repeats 15] [--threads 2] [--stat median|min]
+                                             [--batch 100] [--no-fp16] [--layers conv1,conv2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import numpy as np
+
+import fastconv as fc
+
+# (name, C_in, F, H=W, pad), all 3x3 stride 1 (book ch. 8).
+LAYERS = [
+    ("conv1", 1, 16, 28, 1),
+    ("conv2", 16, 16, 28, 1),
+    ("conv3", 16, 32, 14, 1),
+    ("conv4", 32, 32, 14, 2),
+    ("conv5", 32, 64, 8, 1),
+    ("conv6", 64, 64, 8, 1),
+]
+
+
+def _fastconv_calls(x, w, b, dy, pad):
+    def fwd():
+        fc.conv2d(x, w, b, 1, pad, activation="relu")
+
+    def bwd():
+        fc.conv2d_backward(dy, x, w, 1, pad)
+
+    def both():
+        fwd()
+        bwd()
+
+    return fwd, bwd, both
+
+
+def _torch_calls(x, w, b, dy, pad):
+    import torch
+
+    xt = torch.from_numpy(x).requires_grad_(True)
+    wt = torch.from_numpy(w).requires_grad_(True)
+    bt = torch.from_numpy(b).requires_grad_(True)
+    dyt = torch.from_numpy(dy)
+    F = torch.nn.functional
+
+    def fwd():
+        with torch.no_grad():
+            F.relu(F.conv2d(xt, wt, bt, padding=pad))
+
+    # Backward of the bare conv (dx, dw, db), like fastconv's conv2d_backward.
+    y = F.conv2d(xt, wt, bt, padding=pad)
+
+    def bwd():
+        torch.autograd.grad(y, (xt, wt, bt), dyt, retain_graph=True)
+
+    def both():
+        out = F.relu(F.conv2d(xt, wt, bt, padding=pad))
+        torch.autograd.grad(out, (xt, wt, bt), dyt)
+
+    return fwd, bwd, both
+
+
+def _interleaved_times(calls, repeats, stat, warmup=3):
+    """Median (or minimum) time of every call, measured round-robin so that load from other
+    processes on a shared machine hits every implementation alike (ratios are what we report).
+    The minimum estimates the uncontended time when the machine is shared."""
+    times = {key: [] for key in calls}
+    for rep in range(warmup + repeats):
+        for key, fn in calls.items():
+            t0 = time.perf_counter()
+            fn()
+            if rep >= warmup:
+                times[key].append(time.perf_counter() - t0)
+    reduce = min if stat == "min" else statistics.median
+    return {key: reduce(v) for key, v in times.items()}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--no-fp16", action="store_true", help="skip the float16 timings")
+    parser.add_argument("--layers", default=",".join(name for name, *_ in LAYERS))
+    parser.add_argument("--threads", type=int, default=2, help="threads for both libraries")
+    parser.add_argument("--stat", choices=("median", "min"), default="median")
+    args = parser.parse_args(argv)
+
+    try:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        have_torch = True
+    except ImportError:
+        have_torch = False
+        print("torch not importable: printing fastconv times only")
+
+    import numba
+
+    numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    rng = np.random.default_rng(0)
+    wanted = set(args.layers.split(","))
+    header = f"{'layer':6} {'impl':8} {'fwd ms':>8} {'bwd ms':>8} {'f+b ms':>8}"
+    if have_torch:
+        header += f" {'fwd/pt':>7} {'bwd/pt':>7} {'f+b/pt':>7}"
+    print(
+        f"batch {args.batch}, {args.threads} thread(s), {args.stat} of {args.repeats} interleaved"
+        " runs;"
+        " ratio < 1 means faster than PyTorch"
+    )
+    print(header)
+    totals: dict[str, np.ndarray] = {}
+    for name, C, F_, HW, pad in LAYERS:
+        if name not in wanted:
+            continue
+        x = rng.standard_normal((args.batch, C, HW, HW)).astype(np.float32)
+        w = (rng.standard_normal((F_, C, 3, 3)) * np.sqrt(2.0 / (9 * C))).astype(np.float32)
+        b = rng.standard_normal(F_).astype(np.float32) * 0.1
+        OHW = HW + 2 * pad - 2
+        dy = rng.standard_normal((args.batch, F_, OHW, OHW)).astype(np.float32)
+        impls = {}
+        if have_torch:
+            impls["torch32"] = _torch_calls(x, w, b, dy, pad)
+        impls["fc32"] = _fastconv_calls(x, w, b, dy, pad)
+        if not args.no_fp16:
+            impls["fc16"] = _fastconv_calls(*(a.astype(np.float16) for a in (x, w, b, dy)), pad)
+        calls = {(impl, k): fn for impl, fns in impls.items() for k, fn in enumerate(fns)}
+        med = _interleaved_times(calls, args.repeats, args.stat)
+        rows = {impl: tuple(med[impl, k] for k in range(3)) for impl in impls}
+        for impl, t in rows.items():
+            line = f"{name:6} {impl:8} " + " ".join(f"{1e3 * v:8.2f}" for v in t)
+            if have_torch:
+                line += " " + " ".join(
+                    f"{v / p:7.2f}" for v, p in zip(t, rows["torch32"], strict=True)
+                )
+            print(line)
+            totals[impl] = totals.get(impl, np.zeros(3)) + np.array(t)
+    for impl, t in totals.items():
+        line = f"{'total':6} {impl:8} " + " ".join(f"{1e3 * v:8.2f}" for v in t)
+        if have_torch:
+            line += " " + " ".join(
+                f"{v / p:7.2f}" for v, p in zip(t, totals["torch32"], strict=True)
+            )
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
