@@ -108,9 +108,9 @@ class Geometry(NamedTuple):
 
 
 def window_geometry(x_shape, kernel, stride, pad, what: str = "kernel") -> Geometry:
-    if min(x_shape) < 1:
-        # An empty image would leave windows with no pixel, which the kernels would read anyway.
-        raise ValueError(f"x must have every dimension >= 1, got shape {tuple(x_shape)}")
+    if x_shape[2] < 1 or x_shape[3] < 1:
+        # A 0-pixel image would leave windows with no pixel, which the kernels would read anyway.
+        raise ValueError(f"x must have height and width >= 1, got shape {tuple(x_shape)}")
     N, C, H, W = x_shape
     kh, kw = kernel
     sh, sw = as_pair(stride, "stride", 1)
@@ -159,8 +159,8 @@ def validate_conv2d(x, w, b, stride, pad, activation=None) -> Geometry:
         check_array(b, "b", 1)
     check_same_kind("x", x, w=w, b=b)
     F, C, kh, kw = w.shape
-    if min(w.shape) < 1:
-        raise ValueError(f"w must have every dimension >= 1, got shape {tuple(w.shape)}")
+    if kh < 1 or kw < 1:
+        raise ValueError(f"w must have kernel height and width >= 1, got shape {tuple(w.shape)}")
     if C != x.shape[1]:
         raise ValueError(
             f"w must have {x.shape[1]} input channels (w.shape[1]) to match x.shape[1], got {C}"

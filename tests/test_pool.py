@@ -152,6 +152,17 @@ def test_fast_path_agrees_with_general_kernel(dtype, rng):
     np.testing.assert_array_equal(dx_fast, dx_general)
 
 
+@pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 0, 4, 4)])
+def test_empty_batch_or_channels(shape, dtype):
+    # Zero images or channels are valid (as in PyTorch) and give empty results.
+    x = np.zeros(shape, dtype)
+    for size, stride, pad in [(2, 2, 0), (3, 1, 1)]:
+        y = fastconv.max_pool2d(x, size, stride, pad)
+        assert y.shape == ref.max_pool2d(x, size, stride, pad).shape and y.dtype == dtype
+        assert fastconv.max_pool2d_backward(y, x, size, stride, pad).shape == shape
+        assert fastconv.avg_pool2d(x, size, stride, pad).shape == y.shape
+
+
 def test_non_contiguous_input(dtype, rng):
     base = distinct_values((2, 6, 3, 10), rng, dtype)
     x = base.transpose(0, 2, 3, 1)[:, :, ::2]  # (2, 3, 5, 6), strided

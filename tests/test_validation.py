@@ -38,7 +38,12 @@ def _cases():
         yield f"{name}-size-bool", lambda f=f: f(x, True), T, "size must be an int"
         yield f"{name}-window-too-big", lambda f=f: f(x, 7), V, "window height 7 exceeds"
         yield f"{name}-window-w-too-big", lambda f=f: f(x, (2, 9), 1, 1), V, "window width 9"
-        yield f"{name}-empty", lambda f=f: f(np.zeros((2, 3, 0, 6), f32), 2, 2, 1), V, "x must"
+        yield (
+            f"{name}-no-rows",
+            lambda f=f: f(np.zeros((2, 3, 0, 6), f32), 2, 2, 1),
+            V,
+            "x must have",
+        )
     yield "max_pool2d-pad-gt-half", lambda: fc.max_pool2d(x, 2, 2, 2), V, "pad must be at most"
 
     mpb = fc.max_pool2d_backward
@@ -100,7 +105,7 @@ def _cases():
     yield "conv2d-w-ndim", lambda: cv(x, w[0]), V, "w must be 4-dimensional"
     yield "conv2d-b-ndim", lambda: cv(x, w, b[None]), V, "b must be 1-dimensional"
     yield "conv2d-channels", lambda: cv(x, w[:, :2]), V, "w must have 3 input channels"
-    yield "conv2d-w-empty", lambda: cv(x, w[:, :, :0]), V, "w must have every dimension"
+    yield "conv2d-w-empty", lambda: cv(x, w[:, :, :0]), V, "w must have kernel height and width"
     yield "conv2d-b-len", lambda: cv(x, w, b[:3]), V, "b must have length 4"
     yield "conv2d-x-list", lambda: cv(x.tolist(), w), T, "x must be a numpy"
     yield "conv2d-w-list", lambda: cv(x, w.tolist()), T, "w must be a numpy"
