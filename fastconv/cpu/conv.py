@@ -694,6 +694,24 @@ def _workspace(key, make):
     return ws
 
 
+# GEMM rows (accumulators, stacked planes) start on 64-byte boundaries: unaligned AVX-512
+# loads and stores of the accumulator rows cost up to 25% of the product's speed (8x8 layers).
+_ALIGN = 16  # float32 values per 64 bytes
+
+
+def _round_up(n, multiple=_ALIGN):
+    return -(-n // multiple) * multiple
+
+
+def _aligned_empty(shape):
+    """Uninitialised float32 array whose data starts on a 64-byte boundary (rows whose length
+    is a multiple of ``_ALIGN`` then all start on one)."""
+    size = int(np.prod(shape))
+    raw = np.empty(size + _ALIGN, np.float32)
+    skip = (-raw.ctypes.data // 4) % _ALIGN
+    return raw[skip : skip + size].reshape(shape)
+
+
 def _threads(N):
     return max(1, min(numba.get_num_threads(), N))
 
@@ -730,12 +748,14 @@ def _stack_layout(rows, cols, ph, pw, kh, kw, nb):
     likewise between images, with a zero tail after the last one. That trims the extra
     outputs the direct path computes (8x8 pad 1: 81 instead of 100 per 64 outputs).
     Otherwise (negative pad: a crop; or a pad beyond kernel-1) each image gets a full tile.
+    The channel stride is a multiple of ``_ALIGN``, so that every channel starts aligned
+    (and dy stacked this way gives aligned GEMM rows); the extra tail is zeros.
     """
     if 0 <= ph <= kh - 1 and 0 <= pw <= kw - 1:
         t_rows, stride = rows + ph, cols + pw
-        return t_rows, stride, nb * t_rows * stride + ph * stride + pw
+        return t_rows, stride, _round_up(nb * t_rows * stride + ph * stride + pw)
     t_rows, stride = rows + 2 * ph, cols + 2 * pw
-    return t_rows, stride, nb * t_rows * stride
+    return t_rows, stride, _round_up(nb * t_rows * stride)
 
 
 def _plan(g, F, backward):
@@ -766,14 +786,14 @@ def conv2d(x, w, b, g, activation):
     direct, nb = _plan(g, F, backward=False)
     rows, stride, cstride = _stack_layout(g.H, g.W, g.ph, g.pw, g.kh, g.kw, nb)
     if direct:
-        buf_len, acc_len = g.C * cstride, nb * rows * stride
+        buf_len, acc_len = g.C * cstride, _round_up(nb * rows * stride)
         offsets = _tap_offsets(g.C, g.kh, g.kw, cstride, stride)
     else:
-        buf_len, acc_len = K * nb * P, nb * P
+        buf_len, acc_len = K * nb * P, _round_up(nb * P)
         offsets = np.arange(K, dtype=np.int64) * (nb * P)
     buf, acc = _workspace(
         ("fwd", buf_len, acc_len, F, nt),
-        lambda: (np.empty((nt, buf_len), np.float32), np.empty((nt, F, acc_len), np.float32)),
+        lambda: (_aligned_empty((nt, buf_len)), _aligned_empty((nt, F, acc_len))),
     )
     w_fk, _, _, _ = _packed_weights(w)
     bias = np.zeros(F, np.float32)
@@ -805,7 +825,7 @@ def conv2d_backward(dy, x, w, g, need_dx=True):
     shapes = (
         (g.C * x_layout[2],) if direct else (1,),  # stacked padded images
         (F * dy_layout[2],) if direct else (1,),  # stacked padded dy for dx
-        (g.C, nb * dy_layout[0] * dy_layout[1]) if direct else (1, 1),  # dx accumulator
+        (g.C, _round_up(nb * dy_layout[0] * dy_layout[1])) if direct else (1, 1),  # dx accumulator
         (K * L,),  # unfolded images
         (K * L,),  # their gradient
         (F * max(L, x_layout[2] if direct else 0),),  # dy in fp32
@@ -814,7 +834,7 @@ def conv2d_backward(dy, x, w, g, need_dx=True):
     ws = _workspace(
         ("bwd", F, direct, nb, *g, nt),
         lambda: (
-            tuple(np.empty((nt, *s), np.float32) for s in shapes)
+            tuple(_aligned_empty((nt, *s)) for s in shapes)
             + (np.empty((nt, F, K), np.float32), np.empty((nt, F), np.float32))
         ),
     )
