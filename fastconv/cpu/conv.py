@@ -396,54 +396,49 @@ def _gemm_nt(a, src, offsets, length, c):
 
 
 @njit(cache=True)
-def _pad_image(src, n, dst, cstride, base, Hd, Wd, top, left):
-    """Image ``n`` of ``src`` placed at (top, left) in an Hd x Wd tile of zeros, fp32; channel
-    c's tile starts at ``dst[c*cstride + base]`` (several images' tiles stack in one buffer).
-
-    ``top``/``left`` may be negative (the window then crops the image). Returns whether every
-    copied value is finite: the shifted-view products read pixels across row ends (their
-    results are discarded), harmless unless 0 * inf or NaN leaks in, so callers fall back.
-    """
-    C, Hs, Ws = src.shape[1], src.shape[2], src.shape[3]
-    s_lo = max(0, left)
-    s_hi = min(Wd, Ws + left)
-    finite = True
-    for c in range(C):
-        for r in range(Hd):
-            row = dst[c * cstride + base + r * Wd : c * cstride + base + (r + 1) * Wd]
-            sr = r - top
-            if sr < 0 or sr >= Hs or s_lo >= s_hi:
-                row[:] = 0.0
-                continue
-            row[:s_lo] = 0.0
-            row[s_hi:] = 0.0
-            seg = row[s_lo:s_hi]
-            srow = src[n, c, sr, s_lo - left : s_hi - left]
-            # No fastmath here: it would let LLVM assume the values finite. An integer count
-            # keeps the loop vectorisable.
-            nonfinite = 0
-            for q in range(s_hi - s_lo):
-                v = load(srow[q])
-                seg[q] = v
-                nonfinite += not (abs(v) < _INF)
-            if nonfinite:
-                finite = False
-    return finite
-
-
-@njit(cache=True)
-def _stack_images(src, n0, count, dst, cstride, rows, stride, top, left):
+def _stack_images(src, n0, count, dst, cstride, rows, stride, top, left, check):
     """Images n0 .. n0+count-1 of ``src``, padded, one after another in each channel's
     segment ``dst[c*cstride : (c+1)*cstride]``: tiles of ``rows`` x ``stride`` with the image
-    at (top, left), zeros everywhere else (tail included). Returns whether all are finite.
+    at (top, left), zeros everywhere else (tail included), fp32.
+
+    ``top``/``left`` may be negative (the tile then crops the image). With ``check``, returns
+    whether every copied value is finite: the shifted-view products read pixels across row
+    ends (their results are discarded), harmless unless 0 * inf or NaN leaks in, so callers
+    fall back. Without it (the forward, where those results are only dropped), returns True.
     """
+    # Zeroing each channel's segment whole and then copying the image rows measured ~2x
+    # faster than writing each padded row (zeros and pixels) piece by piece.
+    C, Hs, Ws = src.shape[1], src.shape[2], src.shape[3]
     tile = rows * stride
-    finite = True
-    for b in range(count):
-        finite &= _pad_image(src, n0 + b, dst, cstride, b * tile, rows, stride, top, left)
-    for c in range(src.shape[1]):
-        dst[c * cstride + count * tile : (c + 1) * cstride] = 0.0
-    return finite
+    r_lo, r_hi = max(0, -top), min(Hs, rows - top)
+    s_lo, s_hi = max(0, -left), min(Ws, stride - left)
+    width = s_hi - s_lo
+    nonfinite = 0
+    for c in range(C):
+        plane = dst[c * cstride : (c + 1) * cstride]
+        plane[:] = 0.0
+        if width <= 0:
+            continue
+        for b in range(count):
+            img = src[n0 + b, c]
+            for r in range(r_lo, r_hi):
+                start = b * tile + (r + top) * stride + left + s_lo
+                seg = plane[start : start + width]
+                srow = img[r]
+                srow = srow[s_lo:s_hi]
+                if check:
+                    # No fastmath here: it would let LLVM assume the values finite. An
+                    # integer count keeps the loop vectorisable.
+                    row_nonfinite = 0
+                    for q in range(width):
+                        v = load(srow[q])
+                        seg[q] = v
+                        row_nonfinite += not (abs(v) < _INF)
+                    nonfinite += row_nonfinite
+                else:
+                    for q in range(width):
+                        seg[q] = load(srow[q])
+    return nonfinite == 0
 
 
 @njit(cache=True)
@@ -518,7 +513,7 @@ def _forward_images(
         tile = rows * stride
         for n0 in range(lo, hi, nb):
             count = min(nb, hi - n0)
-            _stack_images(x, n0, count, buf, cstride, rows, stride, ph, pw)
+            _stack_images(x, n0, count, buf, cstride, rows, stride, ph, pw, False)
             acc[:] = 0.0
             _gemm_nn(w_fk, buf, offsets, (count - 1) * tile + (OH - 1) * stride + OW, acc)
             for b in range(count):
@@ -617,16 +612,16 @@ def _backward_images(
             # dx: a stride-1 convolution of dy, fully padded, with the flipped, transposed
             # filters.
             _stack_images(
-                dy, n0, count, dybuf, d_cstride, d_rows, d_stride, kh - 1 - ph, kw - 1 - pw
+                dy, n0, count, dybuf, d_cstride, d_rows, d_stride, kh - 1 - ph, kw - 1 - pw, False
             )
             acc[:] = 0.0
             _gemm_nn(w_flip, dybuf, offs_dy, (count - 1) * dy_tile + (H - 1) * d_stride + W, acc)
             for b in range(count):
                 _store_rows(acc, b * dy_tile, d_stride, dx[n0 + b], H, W, no_bias, False)
-        if _stack_images(x, n0, count, xbuf, x_cstride, x_rows, x_stride, ph, pw):
+        if _stack_images(x, n0, count, xbuf, x_cstride, x_rows, x_stride, ph, pw, True):
             # dy laid out like the padded images (zeros past OH, OW), so that dW[f, (c,i,j)]
             # is a dot product with the (i, j)-shifted view of the images.
-            _stack_images(dy, n0, count, dyn, x_cstride, x_rows, x_stride, 0, 0)
+            _stack_images(dy, n0, count, dyn, x_cstride, x_rows, x_stride, 0, 0, False)
             a = dyn[: F * x_cstride].reshape((F, x_cstride))
             length = (count - 1) * x_tile + (OH - 1) * x_stride + OW
             _gemm_nt(a, xbuf, offs_x, length, dw_t)
