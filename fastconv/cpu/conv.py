@@ -199,14 +199,68 @@ def _gemm_nn(a, src, offsets, length, c):
 
     B is never materialised: its rows are slices of one flat fp32 buffer, either an unfolded
     column matrix (offsets k*P) or a padded image whose shifted views are the kernel taps
-    (offsets c*Hp*Wp + i*Wp + j). Blocked 4 rows of ``c`` x 4 rows of B: each pass over a row
-    does 16 FMAs per 8 loads and 4 stores, and the contiguous inner loop vectorises.
+    (offsets c*Hp*Wp + i*Wp + j). Blocked 8 rows of ``c`` x 4 rows of B: each pass over a row
+    does 32 FMAs per 12 loads and 8 stores, and the contiguous inner loop vectorises. With
+    64-byte aligned rows of ``c``, 8x4 made the deep-MNIST forward passes 13-20% faster than
+    4x8 (idle machine, one thread); the rows left over (M % 8) go through the 4x8 blocking of
+    :func:`_gemm_nn_rows`.
     """
     M, K = a.shape
-    M4 = M - M % 4
+    M8 = M - M % 8
+    K4 = K - K % 4
+    for m in range(0, M8, 8):
+        c0, c1 = c[m, :length], c[m + 1, :length]
+        c2, c3 = c[m + 2, :length], c[m + 3, :length]
+        c4, c5 = c[m + 4, :length], c[m + 5, :length]
+        c6, c7 = c[m + 6, :length], c[m + 7, :length]
+        for k in range(0, K4, 4):
+            b0 = src[offsets[k] : offsets[k] + length]
+            b1 = src[offsets[k + 1] : offsets[k + 1] + length]
+            b2 = src[offsets[k + 2] : offsets[k + 2] + length]
+            b3 = src[offsets[k + 3] : offsets[k + 3] + length]
+            a00, a01, a02, a03 = a[m, k], a[m, k + 1], a[m, k + 2], a[m, k + 3]
+            a10, a11, a12, a13 = a[m + 1, k], a[m + 1, k + 1], a[m + 1, k + 2], a[m + 1, k + 3]
+            a20, a21, a22, a23 = a[m + 2, k], a[m + 2, k + 1], a[m + 2, k + 2], a[m + 2, k + 3]
+            a30, a31, a32, a33 = a[m + 3, k], a[m + 3, k + 1], a[m + 3, k + 2], a[m + 3, k + 3]
+            a40, a41, a42, a43 = a[m + 4, k], a[m + 4, k + 1], a[m + 4, k + 2], a[m + 4, k + 3]
+            a50, a51, a52, a53 = a[m + 5, k], a[m + 5, k + 1], a[m + 5, k + 2], a[m + 5, k + 3]
+            a60, a61, a62, a63 = a[m + 6, k], a[m + 6, k + 1], a[m + 6, k + 2], a[m + 6, k + 3]
+            a70, a71, a72, a73 = a[m + 7, k], a[m + 7, k + 1], a[m + 7, k + 2], a[m + 7, k + 3]
+            for p in range(length):
+                v0, v1, v2, v3 = b0[p], b1[p], b2[p], b3[p]
+                c0[p] += a00 * v0 + a01 * v1 + a02 * v2 + a03 * v3
+                c1[p] += a10 * v0 + a11 * v1 + a12 * v2 + a13 * v3
+                c2[p] += a20 * v0 + a21 * v1 + a22 * v2 + a23 * v3
+                c3[p] += a30 * v0 + a31 * v1 + a32 * v2 + a33 * v3
+                c4[p] += a40 * v0 + a41 * v1 + a42 * v2 + a43 * v3
+                c5[p] += a50 * v0 + a51 * v1 + a52 * v2 + a53 * v3
+                c6[p] += a60 * v0 + a61 * v1 + a62 * v2 + a63 * v3
+                c7[p] += a70 * v0 + a71 * v1 + a72 * v2 + a73 * v3
+        for k in range(K4, K):
+            bk = src[offsets[k] : offsets[k] + length]
+            a0, a1, a2, a3 = a[m, k], a[m + 1, k], a[m + 2, k], a[m + 3, k]
+            a4, a5, a6, a7 = a[m + 4, k], a[m + 5, k], a[m + 6, k], a[m + 7, k]
+            for p in range(length):
+                v = bk[p]
+                c0[p] += a0 * v
+                c1[p] += a1 * v
+                c2[p] += a2 * v
+                c3[p] += a3 * v
+                c4[p] += a4 * v
+                c5[p] += a5 * v
+                c6[p] += a6 * v
+                c7[p] += a7 * v
+    _gemm_nn_rows(a, src, offsets, length, c, M8)
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _gemm_nn_rows(a, src, offsets, length, c, m_start):
+    """Rows ``m_start:`` of :func:`_gemm_nn`, blocked 4 rows of ``c`` x 8 rows of B."""
+    M, K = a.shape
+    M4 = m_start + (M - m_start) // 4 * 4
     K8 = K - K % 8
     K4 = K - K % 4
-    for m in range(0, M4, 4):
+    for m in range(m_start, M4, 4):
         c0, c1 = c[m, :length], c[m + 1, :length]
         c2, c3 = c[m + 2, :length], c[m + 3, :length]
         for k in range(0, K8, 8):
