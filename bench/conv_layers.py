@@ -105,7 +105,13 @@ def main(argv=None) -> int:
 
     import numba
 
+    # fastconv.cpu picks Numba's threading layer at import, which only works before the
+    # first parallel launch; numba.set_num_threads is one, so import it first (without this
+    # the benchmark ran on the OpenMP layer, unlike fastconv in normal use).
+    import fastconv.cpu  # noqa: F401
+
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
+    print(f"Numba threading layer: {numba.threading_layer()}")
     rng = np.random.default_rng(0)
     wanted = set(args.layers.split(","))
     header = f"{'layer':6} {'impl':8} {'fwd ms':>8} {'bwd ms':>8} {'f+b ms':>8}"

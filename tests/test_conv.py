@@ -139,6 +139,9 @@ CONV_CASES = [
     (1, 4, 11, 10, 3, 7, 7, 1, 3),
     (3, 2, 8, 7, 5, 2, 3, (2, 1), (0, 1)),
     (3, 4, 6, 6, 3, 1, 1, 1, 2),  # pad > kernel - 1: dx sees only part of dy
+    # GEMM blocking remainders: F = 13 rows (8 + 4 + 1), K = 90 taps (90 % 4 = 2); dx has
+    # C = 10 rows and F*kh*kw = 117 taps.
+    (2, 10, 7, 6, 13, 3, 3, 1, 1),
 ]
 
 

@@ -1,4 +1,4 @@
-"""fastconv.cpu picks Numba's workqueue threading layer unless the user chose one."""
+"""fastconv.cpu prefers Numba's OpenMP threading layer unless the user chose one."""
 
 import os
 import subprocess
@@ -28,11 +28,12 @@ def _layer_in_subprocess(env_update):
     return out.stdout.strip().splitlines()[-1]
 
 
-def test_default_is_workqueue():
-    assert _layer_in_subprocess({}) == "workqueue"
+def test_default_prefers_omp():
+    pytest.importorskip("numba.np.ufunc.omppool")
+    assert _layer_in_subprocess({}) == "omp"
 
 
-@pytest.mark.parametrize("layer", ["omp"])
+@pytest.mark.parametrize("layer", ["omp", "workqueue"])
 def test_user_choice_is_kept(layer):
     pytest.importorskip("numba.np.ufunc.omppool")
     assert _layer_in_subprocess({"NUMBA_THREADING_LAYER": layer}) == layer

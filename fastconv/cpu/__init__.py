@@ -2,14 +2,16 @@
 
 Threading layer: unless the user chose one (``NUMBA_THREADING_LAYER`` or
 ``NUMBA_THREADING_LAYER_PRIORITY`` in the environment, or ``numba.config.THREADING_LAYER``
-assigned before this import), this module selects Numba's ``workqueue`` layer. A training step
-launches ~20 short parallel regions; with the OpenMP layer each launch had to wake threads that
-had gone to sleep (or were spinning against other processes), and a deep-MNIST step ran
-2-2.6x slower on the shared 2-core machine (docs/kernels.md, "Optimisation log"). The choice
-is process-wide and takes effect only if no parallel Numba code has run yet. Caveat of
-``workqueue``: parallel Numba functions must not be launched from several Python threads at
-once (fastconv's kernels hold the GIL, so they never are); set ``NUMBA_THREADING_LAYER=omp``
-(or ``tbb``) to keep another layer.
+assigned before this import), this module asks Numba for the OpenMP layer first, then TBB,
+then ``workqueue``. On the idle 2-core machine a deep-MNIST training step took 33.9 ms with
+OpenMP and 43.1 ms with ``workqueue`` (PyTorch 36 ms in the same runs): ``workqueue`` barely
+ran the two threads' work in parallel (conv6 forward + backward 9.1 ms on 2 threads vs 11.9 on
+one; OpenMP 5.7-6.4 ms). Trade-off (docs/kernels.md, "Optimisation log"): when other busy
+processes share the cores, OpenMP's spinning threads make each parallel region wait for a
+time slice (8 ms per launch measured under load, against ~50 us with ``workqueue``); on such a
+machine set ``NUMBA_THREADING_LAYER=workqueue``. The choice is process-wide and takes effect
+only if no parallel Numba code has run yet (``numba.set_num_threads`` counts: import
+``fastconv.cpu`` before calling it).
 """
 
 import os
@@ -28,7 +30,7 @@ def _choose_threading_layer() -> None:
         or numba.config.THREADING_LAYER != "default"
     )
     if not user_chose:
-        numba.config.THREADING_LAYER = "workqueue"
+        numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
 
 
 # Importing the kernels launches nothing (njit compiles on first call), so this still comes
