@@ -1,5 +1,8 @@
 """fastconv: hand-written CNN kernels (Numba on the CPU, CuPy on the GPU) in float32 and float16."""
 
+# Imported eagerly so that the CPU backend picks Numba's threading layer before any user code
+# can start Numba's thread pool (after that the choice is fixed for the process).
+from . import cpu as _cpu  # noqa: F401
 from .ops import (
     avg_pool2d,
     avg_pool2d_backward,
