@@ -258,3 +258,25 @@ def test_dense_kernels_match_float64(dtype, rtol):
     ]:
         assert got.dtype == dtype
         assert np.all(np.abs(got - want) <= rtol * bound + 1e-6)
+
+
+def test_float16_relu_mask_kernel_is_bit_exact_with_numpy():
+    """The Numba float16 ReLU-gradient kernel gives NumPy's ``dy * (y > 0)`` bit for bit,
+    NaN, inf and signed zeros included, on a batch big enough to run on several threads."""
+    from fastconv.nn._relu import relu_mask_grad
+
+    rng = np.random.default_rng(21)
+    y = rng.standard_normal((3, 4, 9, 11)).astype(np.float16)
+    dy = rng.standard_normal(y.shape).astype(np.float16)
+    y.flat[:8] = [np.nan, 0.0, -0.0, 1, -1, -1, -1, 2]
+    dy.flat[:8] = [1, np.inf, np.nan, -np.inf, 2, -3, np.inf, np.nan]
+    with np.errstate(invalid="ignore"):
+        expected = dy * (y > 0)
+    got = relu_mask_grad(dy, y)
+    assert got.dtype == np.float16 and got.shape == y.shape
+    nan = np.isnan(expected)
+    assert np.array_equal(nan, np.isnan(got))
+    assert np.array_equal(expected.view(np.uint16)[~nan], got.view(np.uint16)[~nan])
+    # Non-contiguous inputs are accepted.
+    got_t = relu_mask_grad(dy.transpose(0, 1, 3, 2), y.transpose(0, 1, 3, 2))
+    assert np.array_equal(np.nan_to_num(got_t), np.nan_to_num(got.transpose(0, 1, 3, 2)))

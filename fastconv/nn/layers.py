@@ -16,7 +16,7 @@ import numpy as np
 
 from .. import _checks as chk
 from .. import ops
-from . import _dense, initializers
+from . import _dense, _relu, initializers
 from ._xp import array_module
 
 __all__ = [
@@ -120,8 +120,11 @@ def _like(value, x):
 def _relu_mask_grad(dy, y):
     """dy * (y > 0): the ReLU gradient seen through its output (a NaN in dy propagates).
 
-    A multiply by the boolean mask is ~15x faster in NumPy than ``where`` with a scalar.
+    A multiply by the boolean mask is ~15x faster in NumPy than ``where`` with a scalar; for
+    float16 NumPy arrays a Numba kernel (0.5 ms against NumPy's 25 ms on conv1's output).
     """
+    if dy.dtype == np.float16 and y.dtype == np.float16 and not chk.is_cupy_array(dy):
+        return _relu.relu_mask_grad(dy, y)
     return dy * (y > 0)
 
 
