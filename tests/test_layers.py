@@ -280,3 +280,22 @@ def test_float16_relu_mask_kernel_is_bit_exact_with_numpy():
     # Non-contiguous inputs are accepted.
     got_t = relu_mask_grad(dy.transpose(0, 1, 3, 2), y.transpose(0, 1, 3, 2))
     assert np.array_equal(np.nan_to_num(got_t), np.nan_to_num(got.transpose(0, 1, 3, 2)))
+
+
+def test_conv_relu_backward_reuses_its_buffer_without_aliasing_results():
+    """Conv2D(relu) masks dy into a buffer kept across steps: results of one backward pass must
+    not change when the next pass overwrites that buffer, and must match the reference."""
+    rng = np.random.default_rng(5)
+    layer = Conv2D(4, 3, padding=1, activation="relu")
+    x = rng.standard_normal((2, 3, 6, 6)).astype(np.float32)
+    results = []
+    for _ in range(2):
+        y = layer.forward(x, training=True)
+        dy = rng.standard_normal(y.shape).astype(np.float32)
+        dx = layer.backward(dy)
+        results.append((dy * (y > 0), dx, layer.grads["W"], layer.grads["b"]))
+    W = layer.params["W"].astype(np.float64)
+    for masked, dx, dw, db in results:
+        want = ref.conv2d_backward(masked.astype(np.float64), x.astype(np.float64), W, 1, 1)
+        for got, exact in zip((dx, dw, db), want, strict=True):
+            np.testing.assert_allclose(got, exact, rtol=1e-4, atol=1e-4 * np.abs(exact).max())
