@@ -117,14 +117,16 @@ def _like(value, x):
     return value if value.dtype == x.dtype else value.astype(x.dtype)
 
 
-def _relu_mask_grad(dy, y):
+def _relu_mask_grad(dy, y, out=None):
     """dy * (y > 0): the ReLU gradient seen through its output (a NaN in dy propagates).
 
-    A multiply by the boolean mask is ~15x faster in NumPy than ``where`` with a scalar; on the
-    CPU the Conv2D layer uses a Numba kernel into a reused buffer instead (see ``_relu``).
+    NumPy arrays of one shape and dtype go through a Numba kernel (``_relu``) when there is an
+    ``out`` buffer to reuse, or in float16, which NumPy computes in software; otherwise a
+    multiply by the boolean mask (~15x faster than ``where`` with a scalar).
     """
-    if dy.dtype == np.float16 and y.dtype == np.float16 and not chk.is_cupy_array(dy):
-        return _relu.relu_mask_grad(dy, y)
+    same = dy.shape == y.shape and dy.dtype == y.dtype and not chk.is_cupy_array(dy)
+    if same and (out is not None or dy.dtype == np.float16):
+        return _relu.relu_mask_grad(dy, y, out=out)
     return dy * (y > 0)
 
 
@@ -220,12 +222,12 @@ class Conv2D(Layer):
         """The fused ReLU's gradient. On the CPU it goes into a buffer kept from step to step:
         conv2d_backward only reads it, and a fresh array per step cost page faults (~10% of a
         deep-MNIST training step across the six layers)."""
-        if chk.is_cupy_array(dy) or dy.shape != y.shape or dy.dtype != y.dtype:
+        if chk.is_cupy_array(dy):
             return _relu_mask_grad(dy, y)
         buffer = getattr(self, "_dy_buffer", None)
         if buffer is None or buffer.shape != dy.shape or buffer.dtype != dy.dtype:
             buffer = self._dy_buffer = np.empty(dy.shape, dy.dtype)
-        return _relu.relu_mask_grad(dy, y, out=buffer)
+        return _relu_mask_grad(dy, y, out=buffer)
 
 
 class _Pool2D(Layer):
