@@ -36,6 +36,13 @@ def _backend(x):
     return cpu
 
 
+def _launch(be, kernel, *args, **kwargs):
+    """Run a backend kernel under the backend's launch guard (thread safety, see
+    :mod:`fastconv.cpu._workspace`)."""
+    with be.launch_guard():
+        return getattr(be, kernel)(*args, **kwargs)
+
+
 def _contiguous(backend, *arrays):
     return tuple(None if a is None else backend.ascontiguous(a) for a in arrays)
 
@@ -58,7 +65,7 @@ def im2col(x, kh, kw, stride=1, pad=0):
     g = chk.validate_im2col(x, kh, kw, stride, pad)
     be = _backend(x)
     (x,) = _contiguous(be, x)
-    return be.im2col(x, g)
+    return _launch(be, "im2col", x, g)
 
 
 def col2im(cols, x_shape, kh, kw, stride=1, pad=0):
@@ -71,7 +78,7 @@ def col2im(cols, x_shape, kh, kw, stride=1, pad=0):
     g = chk.validate_col2im(cols, x_shape, kh, kw, stride, pad)
     be = _backend(cols)
     (cols,) = _contiguous(be, cols)
-    return be.col2im(cols, g)
+    return _launch(be, "col2im", cols, g)
 
 
 def conv2d(x, w, b=None, stride=1, pad=0, activation=None):
@@ -93,7 +100,7 @@ def conv2d(x, w, b=None, stride=1, pad=0, activation=None):
     g = chk.validate_conv2d(x, w, b, stride, pad, activation)
     be = _backend(x)
     x, w, b = _contiguous(be, x, w, b)
-    return be.conv2d(x, w, b, g, activation)
+    return _launch(be, "conv2d", x, w, b, g, activation)
 
 
 def conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True):
@@ -116,7 +123,7 @@ def conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True):
         raise TypeError(f"need_dx must be a bool, got {type(need_dx).__name__}")
     be = _backend(x)
     dy, x, w = _contiguous(be, dy, x, w)
-    return be.conv2d_backward(dy, x, w, g, need_dx=bool(need_dx))
+    return _launch(be, "conv2d_backward", dy, x, w, g, need_dx=bool(need_dx))
 
 
 def max_pool2d(x, size=2, stride=None, pad=0):
@@ -129,7 +136,7 @@ def max_pool2d(x, size=2, stride=None, pad=0):
     g = chk.validate_pool(x, size, stride, pad, max_pool=True)
     be = _backend(x)
     (x,) = _contiguous(be, x)
-    return be.max_pool2d(x, g)
+    return _launch(be, "max_pool2d", x, g)
 
 
 def max_pool2d_backward(dy, x, size=2, stride=None, pad=0):
@@ -137,7 +144,7 @@ def max_pool2d_backward(dy, x, size=2, stride=None, pad=0):
     g = chk.validate_max_pool_backward(dy, x, size, stride, pad)
     be = _backend(x)
     dy, x = _contiguous(be, dy, x)
-    return be.max_pool2d_backward(dy, x, g)
+    return _launch(be, "max_pool2d_backward", dy, x, g)
 
 
 def avg_pool2d(x, size=2, stride=None, pad=0):
@@ -145,7 +152,7 @@ def avg_pool2d(x, size=2, stride=None, pad=0):
     g = chk.validate_pool(x, size, stride, pad, max_pool=False)
     be = _backend(x)
     (x,) = _contiguous(be, x)
-    return be.avg_pool2d(x, g)
+    return _launch(be, "avg_pool2d", x, g)
 
 
 def avg_pool2d_backward(dy, x_shape, size=2, stride=None, pad=0):
@@ -153,7 +160,7 @@ def avg_pool2d_backward(dy, x_shape, size=2, stride=None, pad=0):
     g = chk.validate_avg_pool_backward(dy, x_shape, size, stride, pad)
     be = _backend(dy)
     (dy,) = _contiguous(be, dy)
-    return be.avg_pool2d_backward(dy, g)
+    return _launch(be, "avg_pool2d_backward", dy, g)
 
 
 # --- devices -----------------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import os
 import numba
 import numpy as np
 
+from ._workspace import launch_guard
 from .conv import col2im, conv2d, conv2d_backward, im2col
 from .pool import avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward
 
@@ -39,6 +40,7 @@ _choose_threading_layer()
 
 __all__ = [
     "ascontiguous",
+    "launch_guard",
     "im2col",
     "col2im",
     "conv2d",

@@ -30,6 +30,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._half import bits_view, load, store_value
+from ._workspace import checkout
 
 __all__ = ["im2col", "col2im", "conv2d", "conv2d_backward"]
 
@@ -724,25 +725,6 @@ def _reduce_partials(dw_part, db_part, dw, db):
 
 # --- workspaces -------------------------------------------------------------------------------
 
-# A training step of the deep-MNIST net alone uses 12 (6 layers x forward/backward) entries.
-# Sharing across Python threads is safe: the kernels hold the GIL (no ``nogil``), so a call
-# uses its buffers from start to finish before another call can run.
-_WORKSPACE_CACHE: dict = {}
-_WORKSPACE_CACHE_SIZE = 32
-
-
-def _workspace(key, make):
-    """Per-thread fp32 buffers, reused across calls with the same key (shape, path, threads);
-    least recently used entries are dropped first."""
-    ws = _WORKSPACE_CACHE.pop(key, None)
-    if ws is None:
-        if len(_WORKSPACE_CACHE) >= _WORKSPACE_CACHE_SIZE:
-            _WORKSPACE_CACHE.pop(next(iter(_WORKSPACE_CACHE)))
-        ws = make()
-    _WORKSPACE_CACHE[key] = ws  # (re)inserted last: dict order is recency order
-    return ws
-
-
 # GEMM rows (accumulators, stacked planes) start on 64-byte boundaries: unaligned AVX-512
 # loads and stores of the accumulator rows cost up to 25% of the product's speed (8x8 layers).
 _ALIGN = 16  # float32 values per 64 bytes
@@ -840,19 +822,19 @@ def conv2d(x, w, b, g, activation):
     else:
         buf_len, acc_len = K * nb * P, _round_up(nb * P)
         offsets = np.arange(K, dtype=np.int64) * (nb * P)
-    buf, acc = _workspace(
-        ("fwd", buf_len, acc_len, F, nt),
-        lambda: (_aligned_empty((nt, buf_len)), _aligned_empty((nt, F, acc_len))),
-    )
     w_fk, _, _, _ = _packed_weights(w)
     bias = np.zeros(F, np.float32)
     if b is not None:
         bias[:] = b  # F values: the epilogue adds them in fp32
     y = np.empty((g.N, F, g.OH, g.OW), dtype=x.dtype)
-    _conv_forward_kernel(
-        bits_view(x), w_fk, bias, activation == "relu", bits_view(y), buf, acc, offsets,
-        direct, nb, rows, stride, cstride, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.OH, g.OW,
-    )  # fmt: skip
+    with checkout(
+        ("fwd", buf_len, acc_len, F, nt),
+        lambda: (_aligned_empty((nt, buf_len)), _aligned_empty((nt, F, acc_len))),
+    ) as (buf, acc):
+        _conv_forward_kernel(
+            bits_view(x), w_fk, bias, activation == "relu", bits_view(y), buf, acc, offsets,
+            direct, nb, rows, stride, cstride, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw, g.OH, g.OW,
+        )  # fmt: skip
     return y
 
 
@@ -880,23 +862,24 @@ def conv2d_backward(dy, x, w, g, need_dx=True):
         (F * max(L, x_layout[2] if direct else 0),),  # dy in fp32
         (g.C, g.H, g.W),  # folded dx of one image
     )
-    ws = _workspace(
-        ("bwd", F, direct, nb, *g, nt),
-        lambda: (
-            tuple(_aligned_empty((nt, *s)) for s in shapes)
-            + (np.empty((nt, F, K), np.float32), np.empty((nt, F), np.float32))
-        ),
-    )
-    *buffers, dw_part, db_part = ws
     offs_x = _tap_offsets(g.C, g.kh, g.kw, x_layout[2], x_layout[1])
     offs_dy = _tap_offsets(F, g.kh, g.kw, dy_layout[2], dy_layout[1])
     # Without dx the kernel never touches it: a 1-element stand-in keeps the signature typed.
     dx = np.empty(g.x_shape if need_dx else (1, 1, 1, 1), dtype=x.dtype)
     dw = np.empty(w.shape, dtype=x.dtype)
     db = np.empty(F, dtype=x.dtype)
-    _conv_backward_kernel(
-        bits_view(dy), bits_view(x), w_kf, w_flip, direct, nb, need_dx, bits_view(dx), dw_part,
-        db_part, *buffers, offs_x, offs_dy, x_layout, dy_layout, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw,
-    )  # fmt: skip
-    _reduce_partials(dw_part, db_part, bits_view(dw), bits_view(db))
+    with checkout(
+        ("bwd", F, direct, nb, *g, nt),
+        lambda: (
+            tuple(_aligned_empty((nt, *s)) for s in shapes)
+            + (np.empty((nt, F, K), np.float32), np.empty((nt, F), np.float32))
+        ),
+    ) as ws:
+        *buffers, dw_part, db_part = ws
+        _conv_backward_kernel(
+            bits_view(dy), bits_view(x), w_kf, w_flip, direct, nb, need_dx, bits_view(dx),
+            dw_part, db_part, *buffers, offs_x, offs_dy, x_layout, dy_layout,
+            g.kh, g.kw, g.sh, g.sw, g.ph, g.pw,
+        )  # fmt: skip
+        _reduce_partials(dw_part, db_part, bits_view(dw), bits_view(db))
     return (dx if need_dx else None), dw, db

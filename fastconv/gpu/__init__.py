@@ -7,6 +7,7 @@ whether a GPU can be used and :func:`to_gpu` says why not when it cannot.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 from ._kernel_ops import KernelOps
@@ -16,6 +17,7 @@ __all__ = [
     "unavailable_reason",
     "to_gpu",
     "ascontiguous",
+    "launch_guard",
     "im2col",
     "col2im",
     "conv2d",
@@ -97,6 +99,11 @@ def _ops() -> KernelOps:
     from . import _module
 
     return KernelOps(cupy, _module.launch, cupy.matmul)
+
+
+def launch_guard():
+    """CuPy launches from several host threads are safe: nothing to serialise."""
+    return contextlib.nullcontext()
 
 
 def ascontiguous(a):
