@@ -13,8 +13,8 @@ def deep_mnist_net(seed=None) -> Sequential:
     conv3x3(16)-conv3x3(16)-pool - conv3x3(32)-conv3x3(32, pad 2)-pool -
     conv3x3(64)-conv3x3(64)-pool - Dense(50)-ReLU-Dropout(0.5)-Dense(10)-Dropout(0.5),
     every convolution with padding 1 (except conv4) and a fused ReLU, He-normal weights and zero
-    biases. Uncompiled and built on the first call, for inputs (N, 1, 28, 28); ``get_weights()``
-    gives W1, b1, ..., W8, b8 with the book's shapes.
+    biases. Built for inputs (N, 1, 28, 28) (weights created at once), uncompiled;
+    ``get_weights()`` gives W1, b1, ..., W8, b8 with the book's shapes.
     """
 
     def conv(filters, pad):
@@ -40,4 +40,5 @@ def deep_mnist_net(seed=None) -> Sequential:
         ],
         seed=seed,
         name="deep_mnist_net",
+        input_shape=(1, 28, 28),
     )

@@ -133,11 +133,13 @@ def test_backward_without_input_gradient_keeps_parameter_gradients():
     assert model.backward(model.loss.backward(), need_dx=False) is None
     for a, b in zip(model.gradients(), full, strict=True):
         np.testing.assert_array_equal(a, b)
-    # A first layer that cannot skip its input gradient still returns it.
+    # Without need_dx no layer computes a gradient nobody asked for, whatever the first layer.
     net = Sequential([Flatten(), Dense(3)], seed=0)
     net.compile("sgd")
     net.loss.forward(net.forward(x, training=True), y)
-    assert net.backward(net.loss.backward(), need_dx=False).shape == x.shape
+    assert net.backward(net.loss.backward(), need_dx=False) is None
+    net.loss.forward(net.forward(x, training=True), y)
+    assert net.backward(net.loss.backward()).shape == x.shape
 
 
 def test_fit_learns_and_history_is_recorded():
@@ -197,7 +199,7 @@ def test_seeded_models_are_reproducible():
 
 def test_deep_mnist_net_shapes_and_param_count():
     model = deep_mnist_net(seed=0)
-    assert not model.built
+    assert model.built and model.input_shape == (1, 28, 28)  # built at construction
     scores = model.predict(np.zeros((2, 1, 28, 28), np.float32))
     assert scores.shape == (2, 10)
     shapes = [w.shape for w in model.get_weights()]
@@ -210,7 +212,7 @@ def test_deep_mnist_net_shapes_and_param_count():
     assert model.count_params() == expected == 123_552
     text = model.summary(print_fn=None)
     assert "123,552" in text
-    for shape in ["16, 28, 28", "32, 16, 16", "32, 8, 8", "64, 4, 4", "'N', 1024"]:
+    for shape in ["16, 28, 28", "32, 16, 16", "32, 8, 8", "64, 4, 4", "(N, 1024)"]:
         assert shape in text
     convs = [layer for layer in model.layers if layer.kind == "conv"]
     assert [c.padding for c in convs] == [(1, 1)] * 3 + [(2, 2)] + [(1, 1)] * 2
@@ -234,7 +236,7 @@ def test_set_weights_round_trip_and_errors():
     weights = a.get_weights()
     with pytest.raises(ValueError, match="list of 8 arrays"):
         b.set_weights(weights[:-1])
-    with pytest.raises(ValueError, match=r"weights\[0\] must have shape \(4, 1, 3, 3\)"):
+    with pytest.raises(ValueError, match=r"weights\[0\] \(conv2d_1/W\) must have shape \(4, 1, 3"):
         b.set_weights([np.zeros((4, 1, 3, 2), np.float32)] + weights[1:])
     with pytest.raises(TypeError, match=r"weights\[1\] must have a floating dtype"):
         b.set_weights([weights[0], np.zeros(4, np.int32)] + weights[2:])
@@ -435,8 +437,9 @@ def test_user_input_errors():
         model.to(dtype="float64")
     with pytest.raises(TypeError, match="Layer"):
         Sequential([lambda v: v])
-    # uint8 images are accepted and cast per batch
-    assert model.predict((x * 255).astype(np.uint8)).dtype == np.float32
+    # uint8 images are accepted and cast per batch, with a warning about their scale
+    with pytest.warns(UserWarning, match="uint8: values are cast to float32 unscaled"):
+        assert model.predict((x * 255).astype(np.uint8)).dtype == np.float32
 
 
 # --- GPU (skipped where no usable CUDA device exists) -------------------------------------------
@@ -456,7 +459,7 @@ def test_gpu_model_matches_cpu_and_trains(tmp_path):
     cpu.compile(Adam(lr=0.01))
     cpu.build(x.shape[1:])
     dev = cpu.to("gpu")
-    assert dev.backend == "gpu" and is_cupy_array(dev.parameters()[0])
+    assert dev.backend.name == "gpu" and is_cupy_array(dev.parameters()[0])
     np.testing.assert_allclose(
         fastconv.to_cpu(dev.predict(x)), cpu.predict(x), rtol=1e-4, atol=1e-4
     )
@@ -469,8 +472,9 @@ def test_gpu_model_matches_cpu_and_trains(tmp_path):
     assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
     for wc, wg in zip(cpu.get_weights(), dev.get_weights(), strict=True):
         np.testing.assert_allclose(wg, wc, rtol=1e-3, atol=1e-5)
-    dev.fit(x, y, epochs=5, batch_size=20, verbose=0)
-    assert dev.evaluate(x, y)["accuracy"] > 0.8
+    # The same code path on the CPU reaches 100% after 10 epochs (0.73 after 5).
+    dev.fit(x, y, epochs=10, batch_size=20, verbose=0)
+    assert dev.evaluate(x, y)["accuracy"] > 0.9
     dev.save(tmp_path / "g.npz")
     back = load_model(tmp_path / "g.npz")
     np.testing.assert_array_equal(back.get_weights()[0], dev.get_weights()[0])

@@ -93,7 +93,7 @@ def test_float16_params_keep_float32_master_copy():
         opt.step([p], [g])
     assert p.dtype == np.float16
     np.testing.assert_allclose(p.astype(np.float64), 1 - 50e-4, atol=1e-3)
-    assert abs(float(opt._master[0][0]) - (1 - 50e-4)) < 1e-6
+    assert abs(float(opt._master["0"][0]) - (1 - 50e-4)) < 1e-6
 
 
 def test_state_dict_round_trip_continues_identically():

@@ -80,9 +80,7 @@ def test_every_kernel_from_several_threads_matches_serial(dtype):
     # Each thread has its own inputs (different seeds) and interleaves every kernel, so calls
     # of the same shape from different threads overlap.
     per_thread = [_cases(np.random.default_rng(seed), dtype) for seed in range(THREADS)]
-    expected = [
-        {name: _as_tuple(call()) for name, call in cases.items()} for cases in per_thread
-    ]
+    expected = [{name: _as_tuple(call()) for name, call in cases.items()} for cases in per_thread]
 
     def job(t):
         def run():

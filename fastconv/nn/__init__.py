@@ -1,6 +1,8 @@
-"""Keras-like layers, losses, optimizers, callbacks and the ``Sequential`` model."""
+"""Keras-like layers, models (functional ``Model`` and ``Sequential``), losses, optimizers,
+callbacks and checkpoints."""
 
 from . import initializers
+from .backend import Backend
 from .callbacks import (
     Callback,
     CSVLogger,
@@ -9,22 +11,60 @@ from .callbacks import (
     JSONLogger,
     LearningRateScheduler,
     ModelCheckpoint,
+    TerminateOnNaN,
 )
-from .layers import AvgPool2D, Conv2D, Dense, Dropout, Flatten, Layer, MaxPool2D, ReLU
+from .graph import Input, SymbolicTensor
+from .layers import (
+    Add,
+    AvgPool2D,
+    BatchNorm1D,
+    BatchNorm2D,
+    Concatenate,
+    Conv2D,
+    Dense,
+    Dropout,
+    Flatten,
+    GlobalAveragePooling2D,
+    Layer,
+    MaxPool2D,
+    ReLU,
+    Sigmoid,
+    Softmax,
+    Tanh,
+    WeightSpec,
+    register_layer,
+)
 from .losses import SoftmaxCrossEntropy
-from .model import Sequential, load_model
+from .model import Hook, Model, Sequential
 from .optimizers import SGD, AdaGrad, Adam, Momentum, Nesterov, Optimizer, RMSProp
+from .saving import CheckpointError, load_model
 
 __all__ = [
     "initializers",
+    "Backend",
+    "Input",
+    "SymbolicTensor",
+    "Model",
+    "Sequential",
+    "Hook",
     "Layer",
+    "WeightSpec",
+    "register_layer",
     "Conv2D",
     "MaxPool2D",
     "AvgPool2D",
+    "GlobalAveragePooling2D",
+    "BatchNorm2D",
+    "BatchNorm1D",
     "Dense",
     "ReLU",
+    "Sigmoid",
+    "Tanh",
+    "Softmax",
     "Dropout",
     "Flatten",
+    "Add",
+    "Concatenate",
     "SoftmaxCrossEntropy",
     "Optimizer",
     "SGD",
@@ -33,8 +73,8 @@ __all__ = [
     "AdaGrad",
     "RMSProp",
     "Adam",
-    "Sequential",
     "load_model",
+    "CheckpointError",
     "Callback",
     "History",
     "ModelCheckpoint",
@@ -42,4 +82,5 @@ __all__ = [
     "LearningRateScheduler",
     "CSVLogger",
     "JSONLogger",
+    "TerminateOnNaN",
 ]

@@ -14,6 +14,8 @@ import json
 import math
 import os
 
+from ._files import write_json_atomic
+
 __all__ = [
     "Callback",
     "History",
@@ -22,6 +24,7 @@ __all__ = [
     "LearningRateScheduler",
     "CSVLogger",
     "JSONLogger",
+    "TerminateOnNaN",
 ]
 
 
@@ -46,6 +49,42 @@ class Callback:
 
     def on_batch_end(self, batch, logs=None):
         pass
+
+
+class TerminateOnNaN(Callback):
+    """Stop training at the first batch whose loss is NaN or infinite.
+
+    The diverged epoch is then not reported to ``on_epoch_end`` (see ``Model.fit``), so
+    checkpoint callbacks keep the last finite weights. ``stopped`` holds ``(epoch, batch,
+    loss)`` of the batch that stopped training, or None.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.stopped = None
+        self._epoch = 0
+
+    def on_train_begin(self, logs=None):
+        self.stopped = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._epoch = epoch
+
+    def on_batch_end(self, batch, logs=None):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            self.stopped = (self._epoch, batch, float(loss))
+            self.model.stop_training = True
+
+    @property
+    def message(self) -> str | None:
+        if self.stopped is None:
+            return None
+        epoch, batch, loss = self.stopped
+        return (
+            f"training stopped: the loss became {loss} at epoch {epoch + 1}, batch {batch + 1} "
+            "(diverged: try a smaller learning rate)"
+        )
 
 
 class History(Callback):
@@ -233,14 +272,3 @@ class JSONLogger(Callback):
         for key, value in (logs or {}).items():
             self.data.setdefault(key, []).append(float(value))
         write_json_atomic(self.path, self.data)
-
-
-def write_json_atomic(path, data) -> None:
-    """Write JSON to a temp file in the same directory, then rename over ``path``."""
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)

@@ -8,7 +8,16 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["he_normal", "he_uniform", "glorot_normal", "glorot_uniform", "get", "fans"]
+__all__ = [
+    "he_normal",
+    "he_uniform",
+    "glorot_normal",
+    "glorot_uniform",
+    "zeros",
+    "ones",
+    "get",
+    "fans",
+]
 
 
 def fans(shape) -> tuple[int, int]:
@@ -54,11 +63,26 @@ def glorot_uniform(shape, rng):
     return _uniform(shape, rng, np.sqrt(6.0 / (fan_in + fan_out)))
 
 
+def zeros(shape, rng=None):
+    """All zeros (biases, BatchNorm's beta and moving mean)."""
+    return np.zeros(shape, np.float32)
+
+
+def ones(shape, rng=None):
+    """All ones (BatchNorm's gamma and moving variance)."""
+    return np.ones(shape, np.float32)
+
+
+#: initializers a user may choose for a kernel (weight matrix or filters)
+KERNEL_INITIALIZERS = ("he_normal", "he_uniform", "glorot_normal", "glorot_uniform")
+
 _BY_NAME = {
     "he_normal": he_normal,
     "he_uniform": he_uniform,
     "glorot_normal": glorot_normal,
     "glorot_uniform": glorot_uniform,
+    "zeros": zeros,
+    "ones": ones,
 }
 
 
@@ -67,6 +91,12 @@ def get(name: str):
     try:
         return _BY_NAME[name]
     except (KeyError, TypeError):
+        raise ValueError(f"initializer must be one of {sorted(_BY_NAME)}, got {name!r}") from None
+
+
+def check_kernel_initializer(name) -> str:
+    if name not in KERNEL_INITIALIZERS:
         raise ValueError(
-            f"kernel_initializer must be one of {sorted(_BY_NAME)}, got {name!r}"
-        ) from None
+            f"kernel_initializer must be one of {sorted(KERNEL_INITIALIZERS)}, got {name!r}"
+        )
+    return name

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _checks as chk
-from ._xp import array_module
+from .backend import array_module
 
 __all__ = ["SoftmaxCrossEntropy", "get"]
 

@@ -1,457 +1,460 @@
-"""``Sequential``: a stack of layers with Keras-like training, evaluation and checkpoints.
+"""``Model`` (a graph of layers from the functional API) and ``Sequential`` (a chain).
 
-Checkpoints are ``.npz`` files read with ``allow_pickle=False``: an ``__architecture__`` JSON
-string (layer class names and constructor configs, per-sample input shape, dtype), the weights
-as ``weights/000``, ``weights/001``, ... (layer order, W then b), and optionally the optimizer
-(``__optimizer__`` JSON plus ``optimizer/<slot>/<i>`` arrays) and a ``__meta__`` JSON (epoch,
-random generator state, user extras) for resuming. Writes go to a temporary file in the same
-directory that is renamed over the target, so a crash never leaves a truncated checkpoint.
+Structure and execution live here: building, the forward and backward passes over the graph,
+weights, summary and device moves. Training loops are in :mod:`fastconv.nn.trainer` (a mixin),
+checkpoints in :mod:`fastconv.nn.saving`.
+
+Execution: the graph's nodes run in topological order. A value is dropped as soon as its last
+consumer has run; in training each layer returns a cache for its backward pass (nothing is kept
+on the layers), and gradients of a value used by several layers are summed. The backward pass
+skips whatever no gradient is needed for (the input's gradient in training, a frozen base below
+the layers being trained).
+
+Fusion (on unless ``model.fuse = False``): a ReLU layer whose input comes only from a Conv2D,
+Dense or BatchNorm runs inside that layer's epilogue (one pass less, the same numbers); at
+inference a BatchNorm2D right after a Conv2D without activation is folded into the convolution's
+weights and bias (equal up to float32 rounding).
 """
 
 from __future__ import annotations
 
+import contextvars
 import copy
-import json
-import os
-import tempfile
-import time
+from typing import NamedTuple
 
 import numpy as np
 
 from .. import _checks as chk
-from . import losses as losses_mod
-from . import optimizers as optimizers_mod
-from ._xp import array_module, check_backend, check_dtype, to_backend, to_numpy
-from .callbacks import Callback, History
-from .layers import LAYER_CLASSES, Layer
+from .. import ops
+from .backend import Backend, to_numpy
+from .graph import Input, SymbolicTensor, connect, trace
+from .layers.activation import ReLU
+from .layers.base import Layer, check_gradient, snake_case
+from .layers.conv import Conv2D
+from .layers.normalization import BatchNorm2D
+from .trainer import Trainer
 
-__all__ = ["Sequential", "load_model"]
+__all__ = ["Model", "Sequential", "Hook"]
 
-FORMAT = "fastconv.Sequential"
-FORMAT_VERSION = 1
-
-
-def _snake(name: str) -> str:
-    """ "MaxPool2D" -> "max_pool2d", "ReLU" -> "relu"."""
-    name = name.replace("ReLU", "Relu")
-    out = []
-    for i, ch in enumerate(name):
-        if ch.isupper() and i and name[i - 1].islower():
-            out.append("_")
-        out.append(ch.lower())
-    return "".join(out)
+# False while a checkpoint loader builds a model: weights are declared, not created (the loader
+# checks the stored shapes, then fills them), so no memory goes to weights the file lacks.
+ALLOCATE_WEIGHTS = contextvars.ContextVar("fastconv_allocate_weights", default=True)
 
 
-class Sequential:
-    """A linear stack of layers.
+class Hook:
+    """Observer of a model's execution (the profiler's clock). Both methods get ``event`` (
+    "forward", "backward", "loss_forward", "loss_backward", "update") and the layer (None for
+    the loss and the update). Register with ``model.hooks.append(hook)``."""
+
+    def begin(self, event: str, layer) -> None:
+        pass
+
+    def end(self, event: str, layer) -> None:
+        pass
+
+
+class Step(NamedTuple):
+    """One unit of execution: a layer applied to tensors, possibly with fused followers."""
+
+    layer: Layer
+    inputs: tuple  # tensor ids
+    output: int  # tensor id of what the step produces (the last fused node's output)
+    fuse_relu: bool  # the following ReLU layer runs in this layer's epilogue
+    folded_bn: Layer | None  # inference: BatchNorm2D folded into this Conv2D
+    layers: tuple  # every layer this step covers, the step's own first
+
+
+def _single(value, what):
+    if isinstance(value, (list, tuple)):
+        if len(value) != 1:
+            raise ValueError(f"{what}: only single-input, single-output models are supported")
+        value = value[0]
+    return value
+
+
+class Model(Trainer):
+    """A graph of layers between one input and one output (Keras's functional API).
+
+    ::
+
+        inp = nn.Input(shape=(1, 28, 28))
+        x = nn.ReLU()(nn.BatchNorm2D()(nn.Conv2D(16, 3, padding=1, use_bias=False)(inp)))
+        y = nn.Dense(10)(nn.GlobalAveragePooling2D()(x))
+        model = nn.Model(inp, y, seed=0)
 
     Parameters
     ----------
-    layers : list of Layer
+    inputs, outputs : SymbolicTensor
+        From :func:`fastconv.nn.Input` and the layers called on it. The layers are built (their
+        weights created) here, in graph order, from the model's seeded generator.
     seed : int, optional
-        Seeds weight initialisation, shuffling and dropout (one :class:`numpy.random.Generator`).
+        Seeds initialisation, shuffling and dropout (one :class:`numpy.random.Generator`).
     backend : "cpu" or "gpu"
     dtype : "float32" or "float16"
-        Training is meant for float32; float16 models are for inference (see :meth:`to`).
+    name : str
     """
 
-    def __init__(self, layers=(), seed=None, backend="cpu", dtype="float32", name="sequential"):
-        self.layers: list[Layer] = []
-        self.backend = check_backend(backend)
-        self.dtype = check_dtype(dtype)
-        self.name = name
+    def __init__(
+        self, inputs=None, outputs=None, *, seed=None, backend="cpu", dtype="float32", name=None
+    ):
+        self.name = name or snake_case(type(self).__name__)
         self.seed = seed
         self.rng = np.random.default_rng(seed)
+        self.backend = Backend(backend, dtype)
         self.loss = None
         self.optimizer = None
-        self.metrics: list[str] = []
-        self.input_shape: tuple | None = None
-        self.built = False
+        self.metrics: list = []
         self.stop_training = False
-        for layer in layers:
-            self.add(layer)
+        self.hooks: list = []
+        self.fuse = True
+        self.built = False
+        self.layers: list[Layer] = []
+        self.input_shape = None
+        self.output_shape = None
+        self._tape = None
+        self._grads = None
+        if inputs is not None or outputs is not None:
+            self._set_graph(_single(inputs, "inputs"), _single(outputs, "outputs"))
 
     # -- structure ------------------------------------------------------------------------------
-    def add(self, layer: Layer) -> None:
-        if not isinstance(layer, Layer):
-            raise TypeError(f"layers must be fastconv.nn Layer objects, got {type(layer).__name__}")
-        if self.built:
-            raise RuntimeError("cannot add layers to a model that is already built")
-        names = {existing.name for existing in self.layers}
-        if layer.name in names or layer.name == type(layer).__name__.lower():
-            base = _snake(type(layer).__name__)
-            k = sum(type(e) is type(layer) for e in self.layers) + 1
-            while f"{base}_{k}" in names:
-                k += 1
-            layer.name = f"{base}_{k}"
-        layer.rng = self.rng
-        self.layers.append(layer)
+    @property
+    def dtype(self) -> np.dtype:
+        return self.backend.dtype
 
-    def build(self, input_shape) -> None:
-        """Build every layer for per-sample ``input_shape`` (e.g. ``(1, 28, 28)``)."""
-        if not self.layers:
-            raise ValueError("the model has no layers")
-        shape = tuple(chk.as_int(s, "input_shape entries", 1) for s in input_shape)
-        self.input_shape = shape
-        for layer in self.layers:
+    def _set_graph(self, inp: SymbolicTensor, out: SymbolicTensor) -> None:
+        nodes = trace(inp, out)
+        layers: list[Layer] = []
+        for node in nodes:
+            if not any(node.layer is seen for seen in layers):
+                layers.append(node.layer)
+        _name_layers(layers)
+        for node in nodes:
+            layer = node.layer
+            layer.rng = self.rng
             if not layer.built:
-                layer.build(shape)
-                for key, value in layer.params.items():
-                    layer.params[key] = to_backend(value, self.backend, self.dtype)
-            shape = layer.output_shape(shape)
-        self.output_shape = shape
+                shapes = [t.shape for t in node.inputs]
+                allocate = ALLOCATE_WEIGHTS.get()
+                layer.build(shapes if layer.multi_input else shapes[0], allocate=allocate)
+                if allocate:
+                    self._convert_weights(layer)
+        self.layers = layers
+        self._input, self._output, self._nodes = inp, out, nodes
+        self._shapes = {inp.id: inp.shape, **{n.output.id: n.output.shape for n in nodes}}
+        self._plans: dict = {}
+        self.input_shape, self.output_shape = inp.shape, out.shape
         self.built = True
 
-    def _ensure_built(self, x):
+    def _convert_weights(self, layer: Layer) -> None:
+        for name in layer.weight_names():
+            dtype = layer.weight_dtype(name, self.dtype)
+            layer.set_weight(name, self.backend.asarray(layer.get_weight(name), dtype))
+
+    def _ensure_built(self, x) -> None:
         if not self.built:
-            self.build(x.shape[1:])
+            raise RuntimeError("the model has no graph; create it with Model(inputs, outputs)")
+
+    # -- execution plan ----------------------------------------------------------------------------
+    def execution_plan(self, training: bool) -> list[Step]:
+        """The steps a forward pass runs (fused layers grouped), in order."""
+        key = (bool(training), bool(self.fuse))
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._plans[key] = self._make_plan(training)
+        return plan
+
+    def _make_plan(self, training):
+        consumers: dict[int, list] = {}
+        for node in self._nodes:
+            for t in node.inputs:
+                consumers.setdefault(t.id, []).append(node)
+
+        def only_consumer(node, cls):
+            users = consumers.get(node.output.id, [])
+            if node.output is self._output or len(users) != 1 or type(users[0].layer) is not cls:
+                return None
+            return users[0]
+
+        steps, absorbed = [], set()
+        for node in self._nodes:
+            if id(node) in absorbed:
+                continue
+            layer, last, fuse_relu, folded = node.layer, node, False, None
+            covered = [layer]
+            if self.fuse:
+                bn = None
+                if not training and type(layer) is Conv2D and layer.activation is None:
+                    bn = only_consumer(node, BatchNorm2D)
+                if bn is not None:
+                    folded, last = bn.layer, bn
+                    absorbed.add(id(bn))
+                    covered.append(bn.layer)
+                if folded is not None or getattr(layer, "fuses_relu", False):
+                    relu = only_consumer(last, ReLU)
+                    if relu is not None:
+                        fuse_relu, last = True, relu
+                        absorbed.add(id(relu))
+                        covered.append(relu.layer)
+            steps.append(
+                Step(
+                    layer,
+                    tuple(t.id for t in node.inputs),
+                    last.output.id,
+                    fuse_relu,
+                    folded,
+                    tuple(covered),
+                )
+            )
+        return steps
+
+    # -- passes ---------------------------------------------------------------------------------
+    def _run_forward(self, x, training: bool):
+        """Forward pass; returns ``(output, caches)`` (caches only in training)."""
+        plan = self.execution_plan(training)
+        remaining: dict[int, int] = {}
+        for step in plan:
+            for t in step.inputs:
+                remaining[t] = remaining.get(t, 0) + 1
+        values = {self._input.id: x}
+        caches = []
+        hooks = self.hooks
+        for step in plan:
+            xs = [values[t] for t in step.inputs]
+            for t in step.inputs:
+                remaining[t] -= 1
+                if remaining[t] == 0:
+                    del values[t]
+            arg = xs if step.layer.multi_input else xs[0]
+            for h in hooks:
+                h.begin("forward", step.layer)
+            if step.folded_bn is not None:
+                y, cache = _folded_conv(step, arg), None
+            elif step.fuse_relu:
+                y, cache = step.layer.call(arg, training=training, fuse_relu=True)
+            else:
+                y, cache = step.layer.call(arg, training=training)
+            for h in hooks:
+                h.end("forward", step.layer)
+            values[step.output] = y
+            if training:
+                caches.append(cache)
+        return values[self._output.id], caches
+
+    def _run_backward(self, caches, dy, need_dx: bool):
+        """Backward pass over ``caches`` of a training forward; returns ``(dx, grads)`` with
+        ``grads`` keyed by ``(layer name, weight name)`` for every trainable weight."""
+        plan = self.execution_plan(True)
+        needed = {self._input.id: bool(need_dx)}  # does any wanted gradient flow through?
+        for step in plan:
+            own = step.layer.trainable and bool(step.layer.params)
+            needed[step.output] = own or any(needed[t] for t in step.inputs)
+        pending = {self._output.id: dy}
+        grads: dict = {}
+        n = dy.shape[0]
+        hooks = self.hooks
+        for i in range(len(plan) - 1, -1, -1):
+            step = plan[i]
+            cache, caches[i] = caches[i], None
+            g = pending.pop(step.output, None)
+            if g is None or not needed[step.output]:
+                continue
+            check_gradient(g, (n, *self._shapes[step.output]), f"gradient of {step.layer.name!r}")
+            need_in = [needed[t] for t in step.inputs]
+            for h in hooks:
+                h.begin("backward", step.layer)
+            dx, layer_grads = step.layer.call_backward(cache, g, need_dx=any(need_in))
+            for h in hooks:
+                h.end("backward", step.layer)
+            for name, value in layer_grads.items():
+                key = (step.layer.name, name)
+                grads[key] = value if key not in grads else grads[key] + value
+            if not any(need_in):
+                continue
+            dxs = dx if step.layer.multi_input else [dx]
+            for t, d, wanted in zip(step.inputs, dxs, need_in, strict=True):
+                if wanted:
+                    # Out of place: layers may hand the same array to several inputs.
+                    pending[t] = d if t not in pending else pending[t] + d
+        return pending.get(self._input.id), grads
+
+    def forward(self, x, training: bool = False):
+        """Run the model on a batch already on its backend and dtype. With ``training`` the
+        caches are kept for :meth:`backward` (eager use; ``fit`` keeps its own)."""
+        self._ensure_built(x)
+        chk.check_array(x, "x")
+        self._check_input_shape(x, "x")
+        y, caches = self._run_forward(x, training)
+        self._tape = (caches, tuple(y.shape)) if training else None
+        return y
+
+    def backward(self, dy, need_dx: bool = True):
+        """Backpropagate ``dy`` through the last ``forward(x, training=True)``: stores the
+        weight gradients (see :meth:`gradients`) and returns the input gradient, or None with
+        ``need_dx=False`` (the first layers then skip computing it)."""
+        if self._tape is None:
+            raise RuntimeError("backward() needs a preceding forward(x, training=True)")
+        (caches, y_shape), self._tape = self._tape, None
+        check_gradient(dy, y_shape, "dy")
+        dx, self._grads = self._run_backward(caches, dy, need_dx)
+        return dx
+
+    def _check_input_shape(self, x, name):
+        if tuple(x.shape[1:]) != tuple(self.input_shape):
+            raise ValueError(
+                f"{name} must have per-sample shape {tuple(self.input_shape)}, got "
+                f"{tuple(x.shape[1:])}"
+            )
+
+    # -- weights --------------------------------------------------------------------------------
+    def trainable_weight_keys(self) -> list[tuple]:
+        """``(layer name, weight name)`` of every trainable weight, in graph order."""
+        return [
+            (layer.name, name) for layer in self.layers if layer.trainable for name in layer.params
+        ]
 
     def parameters(self) -> list:
-        """Parameter arrays in layer order, W then b (the arrays themselves, not copies)."""
-        return [layer.params[k] for layer in self.layers for k in _param_keys(layer)]
+        """The trainable weight arrays themselves (not copies), in graph order."""
+        by_name = {layer.name: layer for layer in self.layers}
+        return [by_name[lname].params[w] for lname, w in self.trainable_weight_keys()]
 
     def gradients(self) -> list:
         """Gradients from the last backward pass, in the order of :meth:`parameters`."""
+        if self._grads is None:
+            raise RuntimeError("no gradients yet; run backward() or train_on_batch()")
         out = []
-        for layer in self.layers:
-            for k in _param_keys(layer):
-                if k not in layer.grads:
-                    raise RuntimeError(f"layer {layer.name!r} has no gradient yet; run backward")
-                out.append(layer.grads[k])
+        for key in self.trainable_weight_keys():
+            if key not in self._grads:
+                raise RuntimeError(f"layer {key[0]!r} has no gradient for {key[1]!r}; run backward")
+            out.append(self._grads[key])
         return out
 
-    def compile(self, optimizer="adam", loss="softmax_cross_entropy", metrics=("accuracy",)):
-        """Attach an optimizer (name or object) and a loss (name or object)."""
-        self.optimizer = optimizers_mod.get(optimizer)
-        self.loss = losses_mod.get(loss)
-        metrics = list(metrics or [])
-        for m in metrics:
-            if m != "accuracy":
-                raise ValueError(f"metrics may only contain 'accuracy', got {m!r}")
-        self.metrics = metrics
-        return self
+    def weight_entries(self) -> list[tuple]:
+        """``(layer, weight name)`` of every weight (parameters and state), in the order of
+        :meth:`get_weights`: graph order, Keras order inside a layer."""
+        return [(layer, name) for layer in self.layers for name in layer.weight_names()]
 
-    def _require_compiled(self):
-        if self.optimizer is None or self.loss is None:
-            raise RuntimeError("call model.compile(optimizer=..., loss=...) first")
+    def get_weights(self) -> list:
+        """Copies of every weight as NumPy arrays (see :meth:`weight_entries` for the order)."""
+        self._require_built()
+        return [to_numpy(layer.get_weight(name)).copy() for layer, name in self.weight_entries()]
 
-    # -- passes ---------------------------------------------------------------------------------
-    def forward(self, x, training: bool = False):
-        self._ensure_built(x)
-        for layer in self.layers:
-            x = layer.forward(x, training=training)
-        return x
+    def set_weights(self, weights) -> None:
+        """Overwrite every weight (same order and shapes as :meth:`get_weights`)."""
+        self._require_built()
+        entries = self.weight_entries()
+        weights = list(weights)
+        if len(weights) != len(entries):
+            raise ValueError(f"weights must be a list of {len(entries)} arrays, got {len(weights)}")
+        for i, ((layer, name), w) in enumerate(zip(entries, weights, strict=True)):
+            if not (isinstance(w, np.ndarray) or chk.is_cupy_array(w)):
+                raise TypeError(f"weights[{i}] must be an array, got {type(w).__name__}")
+            if w.dtype.kind != "f":
+                raise TypeError(f"weights[{i}] must have a floating dtype, got {w.dtype}")
+            current = layer.get_weight(name)
+            if tuple(w.shape) != tuple(current.shape):
+                raise ValueError(
+                    f"weights[{i}] ({layer.name}/{name}) must have shape "
+                    f"{tuple(current.shape)}, got {tuple(w.shape)}"
+                )
+        for (layer, name), w in zip(entries, weights, strict=True):
+            current = layer.get_weight(name)
+            current[...] = self.backend.asarray(w, current.dtype)
+        if self.optimizer is not None:
+            self.optimizer.sync(self.parameters(), _flat_keys(self.trainable_weight_keys()))
 
-    def backward(self, dy, need_dx: bool = True):
-        """Backpropagate ``dy`` through all layers; returns the input gradient.
+    def count_params(self) -> int:
+        """Number of parameters (trainable or frozen; moving statistics excluded), the number
+        torchvision reports for the same architecture."""
+        self._require_built()
+        return sum(layer.count_params() for layer in self.layers)
 
-        With ``need_dx=False`` (as in :meth:`train_on_batch`) a first layer that can skip its
-        input gradient (``can_skip_dx``, e.g. Conv2D) does, and None may be returned.
-        """
-        last = len(self.layers) - 1
-        for i, layer in enumerate(reversed(self.layers)):
-            if i == last and not need_dx and layer.can_skip_dx:
-                return layer.backward(dy, need_dx=False)
-            dy = layer.backward(dy)
-        return dy
-
-    def _prepare_x(self, x, name="x"):
-        """Validate a user batch source; return it (batches are cast/moved lazily)."""
-        if not (isinstance(x, np.ndarray) or chk.is_cupy_array(x)):
-            raise TypeError(
-                f"{name} must be a numpy.ndarray or cupy.ndarray, got {type(x).__name__}"
-            )
-        if x.dtype.kind not in "fiu":
-            raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
-        if x.ndim < 2:
-            raise ValueError(f"{name} must have a batch dimension, got shape {tuple(x.shape)}")
-        if x.shape[0] == 0:
-            raise ValueError(f"{name} must hold at least one sample")
-        if self.built and tuple(x.shape[1:]) != self.input_shape:
-            raise ValueError(
-                f"{name} must have per-sample shape {self.input_shape}, got {tuple(x.shape[1:])}"
-            )
-        return x
-
-    def _batch(self, x):
-        """A batch on the model's backend and dtype."""
-        if self.backend == "gpu":
-            x = to_backend(x, "gpu")
-        elif chk.is_cupy_array(x):
-            x = to_backend(x, "cpu")
-        if x.dtype != self.dtype:
-            x = x.astype(self.dtype)
-        return x
-
-    def _labels(self, y, n, name="y"):
-        if isinstance(y, (list, tuple)):
-            y = np.asarray(y)
-        if not (isinstance(y, np.ndarray) or chk.is_cupy_array(y)):
-            raise TypeError(f"{name} must be a numpy.ndarray, got {type(y).__name__}")
-        num_classes = self.output_shape[0] if self.built else None
-        if y.shape[:1] != (n,):
-            raise ValueError(f"{name} must have {n} entries (one per sample), got shape {y.shape}")
-        if num_classes is not None:
-            losses_mod.check_labels(y, n, num_classes, name)
-        return y
-
-    def _labels_on_backend(self, y):
-        if self.backend == "gpu" and not chk.is_cupy_array(y):
-            import cupy
-
-            return cupy.asarray(y)
-        return y
-
-    def train_on_batch(self, x, y) -> dict:
-        """One optimisation step on a batch. Returns ``{"loss", "accuracy"}`` (floats)."""
-        self._require_compiled()
-        x = self._batch(self._prepare_x(x))
-        self._ensure_built(x)
-        y = self._labels_on_backend(self._labels(y, x.shape[0]))
-        scores = self.forward(x, training=True)
-        loss = self.loss.forward(scores, y)
-        accuracy = _accuracy(scores, y)
-        self.backward(self.loss.backward(), need_dx=False)
-        self.optimizer.step(self.parameters(), self.gradients())
-        return {"loss": loss, "accuracy": accuracy}
-
-    def predict(self, x, batch_size: int = 100):
-        """Scores (N, classes) for ``x``, dropout off, on the model's backend and dtype."""
-        x = self._prepare_x(x)
-        batch_size = chk.as_int(batch_size, "batch_size", 1)
-        outs = []
-        for start in range(0, x.shape[0], batch_size):
-            outs.append(self.forward(self._batch(x[start : start + batch_size]), training=False))
-        return array_module(outs[0]).concatenate(outs, axis=0)
-
-    def evaluate(self, x, y, batch_size: int = 100) -> dict:
-        """Mean loss and accuracy over ``(x, y)`` with dropout off."""
-        x = self._prepare_x(x)
-        batch_size = chk.as_int(batch_size, "batch_size", 1)
-        loss_fn = self.loss or losses_mod.SoftmaxCrossEntropy()
-        total_loss = total_correct = 0.0
-        n = x.shape[0]
-        self._ensure_built(self._batch(x[:1]))
-        y = self._labels(y, n)
-        for start in range(0, n, batch_size):
-            xb = self._batch(x[start : start + batch_size])
-            yb = self._labels_on_backend(y[start : start + batch_size])
-            scores = self.forward(xb, training=False)
-            m = xb.shape[0]
-            total_loss += loss_fn.forward(scores, yb) * m
-            total_correct += _accuracy(scores, yb) * m
-        return {"loss": total_loss / n, "accuracy": total_correct / n}
-
-    def fit(
-        self,
-        x,
-        y,
-        epochs=1,
-        batch_size=100,
-        validation_data=None,
-        shuffle=True,
-        callbacks=(),
-        verbose=1,
-        seed=None,
-        initial_epoch=0,
-        progress=None,
-    ) -> History:
-        """Train for epochs ``initial_epoch .. epochs-1``; each epoch visits every sample once
-        (a permutation when ``shuffle``). Returns a :class:`History`.
-
-        ``seed`` reseeds the model's generator (shuffling and dropout) before training.
-        ``verbose``: 0 silent, 1 a progress bar per epoch and a summary line, 2 the line only.
-        ``progress`` overrides whether the progress bar is shown.
-        """
-        self._require_compiled()
-        x = self._prepare_x(x)
-        n = x.shape[0]
-        epochs = chk.as_int(epochs, "epochs", 0)
-        initial_epoch = chk.as_int(initial_epoch, "initial_epoch", 0)
-        batch_size = chk.as_int(batch_size, "batch_size", 1)
-        self._ensure_built(self._batch(x[:1]))
-        y = self._labels(y, n)
-        if validation_data is not None:
-            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
-                raise ValueError("validation_data must be a pair (x_val, y_val)")
-            xv = self._prepare_x(validation_data[0], "validation_data[0]")
-            yv = self._labels(validation_data[1], xv.shape[0], "validation_data[1]")
-        if seed is not None:
-            self.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
-        history = History()
-        callbacks = [history, *callbacks]
-        for cb in callbacks:
-            if not isinstance(cb, Callback):
-                raise TypeError(f"callbacks must be Callback objects, got {type(cb).__name__}")
-            cb.set_model(self)
-        self.stop_training = False
-        self.history = history
-        for cb in callbacks:
-            cb.on_train_begin()
-        n_batches = -(-n // batch_size)
-        for epoch in range(initial_epoch, epochs):
-            for cb in callbacks:
-                cb.on_epoch_begin(epoch)
-            t0 = time.perf_counter()
-            order = self.rng.permutation(n) if shuffle else np.arange(n)
-            sum_loss = sum_acc = 0.0
-            seen = 0
-            show_bar = verbose == 1 if progress is None else bool(progress)
-            bar = _progress(n_batches, f"Epoch {epoch + 1}/{epochs}", show_bar)
-            for b in range(n_batches):
-                idx = order[b * batch_size : (b + 1) * batch_size]
-                if chk.is_cupy_array(x):
-                    idx = array_module(x).asarray(idx)
-                logs = self.train_on_batch(x[idx], y[idx])
-                m = len(idx)
-                sum_loss += logs["loss"] * m
-                sum_acc += logs["accuracy"] * m
-                seen += m
-                for cb in callbacks:
-                    cb.on_batch_end(b, logs)
-                if bar is not None:
-                    bar.update(1)
-                    if b % 20 == 0 or b == n_batches - 1:
-                        bar.set_postfix(loss=f"{sum_loss / seen:.4f}", acc=f"{sum_acc / seen:.4f}")
-            if bar is not None:
-                bar.close()
-            epoch_logs = {"loss": sum_loss / seen, "accuracy": sum_acc / seen}
-            if validation_data is not None:
-                val = self.evaluate(xv, yv, batch_size=max(batch_size, 100))
-                epoch_logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
-            epoch_logs["time"] = time.perf_counter() - t0
-            if verbose:
-                parts = " - ".join(f"{k} {v:.4f}" for k, v in epoch_logs.items() if k != "time")
-                print(f"epoch {epoch + 1}/{epochs} - {parts} - {epoch_logs['time']:.1f}s")
-            for cb in callbacks:
-                cb.on_epoch_end(epoch, epoch_logs)
-            if self.stop_training:
-                break
-        for cb in callbacks:
-            cb.on_train_end()
-        return history
+    def _require_built(self):
+        if not self.built:
+            raise RuntimeError("the model is not built; call build(input_shape) or run it once")
 
     # -- inspection -----------------------------------------------------------------------------
     def summary(self, print_fn=print) -> str:
-        """Table of layer name, class, output shape and parameter count; printed and returned."""
-        if not self.built:
-            raise RuntimeError("the model is not built; call build(input_shape) or run it once")
-        rows = [("Layer", "Type", "Output shape", "Params")]
-        shape = self.input_shape
-        total = 0
-        for layer in self.layers:
-            shape = layer.output_shape(shape)
-            count = sum(int(np.prod(p.shape)) for p in layer.params.values())
+        """Keras-style table: layer (type), output shape, parameters, inputs; then total,
+        trainable and non-trainable counts. Printed (unless ``print_fn`` is None) and returned."""
+        self._require_built()
+        rows = [("Layer (type)", "Output shape", "Param #", "Connected to")]
+        total = trainable = 0
+        for node in self._nodes:
+            layer = node.layer
+            count = sum(int(np.prod(layer.get_weight(n).shape)) for n in layer.weight_names())
             total += count
-            rows.append((layer.name, type(layer).__name__, str(("N", *shape)), f"{count:,}"))
+            if layer.trainable:
+                trainable += layer.count_params()
+            sources = ", ".join(t.source for t in node.inputs)
+            rows.append(
+                (
+                    f"{layer.name} ({type(layer).__name__})",
+                    _shape_text(node.output.shape),
+                    f"{count:,}",
+                    sources,
+                )
+            )
         widths = [max(len(r[i]) for r in rows) for i in range(4)]
-        line = "-" * (sum(widths) + 6)
 
         def fmt(r):
-            a, b, c, d = (
-                r[i].ljust(widths[i]) if i < 3 else r[i].rjust(widths[i]) for i in range(4)
-            )
-            return f"{a}  {b}  {c}  {d}"
+            return "  ".join(
+                (r[i].rjust(widths[i]) if i == 2 else r[i].ljust(widths[i])) for i in range(4)
+            ).rstrip()
 
-        out = [fmt(rows[0]), line, *(fmt(r) for r in rows[1:]), line]
-        out.append(f"Total params: {total:,}  (input {('N', *self.input_shape)}, {self.dtype})")
+        line = "-" * (sum(widths) + 6)
+        out = [f'Model: "{self.name}"', fmt(rows[0]), line, *(fmt(r) for r in rows[1:]), line]
+        out += [
+            f"Total params: {total:,}",
+            f"Trainable params: {trainable:,}",
+            f"Non-trainable params: {total - trainable:,}",
+            f"Input {_shape_text(self.input_shape)}, {self.backend.name}, {self.dtype}",
+        ]
         text = "\n".join(out)
         if print_fn is not None:
             print_fn(text)
         return text
 
-    def count_params(self) -> int:
-        return sum(int(np.prod(p.shape)) for p in self.parameters())
-
-    # -- weights --------------------------------------------------------------------------------
-    def get_weights(self) -> list:
-        """Copies of the parameters as NumPy arrays, layer order, W then b."""
-        return [to_numpy(p).copy() for p in self.parameters()]
-
-    def set_weights(self, weights) -> None:
-        """Overwrite the parameters (same order and shapes as :meth:`get_weights`)."""
-        if not self.built:
-            raise RuntimeError("the model is not built; call build(input_shape) first")
-        params = self.parameters()
-        weights = list(weights)
-        if len(weights) != len(params):
-            raise ValueError(f"weights must be a list of {len(params)} arrays, got {len(weights)}")
-        for i, (p, w) in enumerate(zip(params, weights, strict=True)):
-            if not (isinstance(w, np.ndarray) or chk.is_cupy_array(w)):
-                raise TypeError(f"weights[{i}] must be an array, got {type(w).__name__}")
-            if w.dtype.kind != "f":
-                raise TypeError(f"weights[{i}] must have a floating dtype, got {w.dtype}")
-            if tuple(w.shape) != tuple(p.shape):
-                raise ValueError(
-                    f"weights[{i}] must have shape {tuple(p.shape)}, got {tuple(w.shape)}"
-                )
-        for p, w in zip(params, weights, strict=True):
-            p[...] = to_backend(w, self.backend, self.dtype)
-        if self.optimizer is not None:
-            self.optimizer.sync(params)
-
-    # -- config / checkpoints -------------------------------------------------------------------
+    # -- config / copies -------------------------------------------------------------------------
     def get_config(self) -> dict:
+        """The architecture as JSON types (what checkpoints store)."""
+        self._require_built()
+        index = {node.output.id: i for i, node in enumerate(self._nodes)}
         return {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
+            "class": type(self).__name__,
             "name": self.name,
-            "dtype": str(self.dtype),
-            "input_shape": list(self.input_shape) if self.input_shape else None,
+            "dtype": self.dtype.name,
+            "input_shape": list(self.input_shape),
+            "input_name": self._input.name,
             "layers": [
                 {"class": type(layer).__name__, "config": layer.get_config()}
                 for layer in self.layers
             ],
+            "nodes": [
+                {
+                    "layer": node.layer.name,
+                    "inputs": [index.get(t.id, t.name) for t in node.inputs],
+                }
+                for node in self._nodes
+            ],
         }
 
     def save(self, path, include_optimizer=True, epoch=None, extra=None) -> None:
-        """Write an ``.npz`` checkpoint atomically (see the module docstring for the format).
+        """Write an ``.npz`` checkpoint atomically (format in :mod:`fastconv.nn.saving`)."""
+        from .saving import save_model
 
-        ``epoch`` (number of finished epochs) and ``extra`` (JSON-serialisable dict) go into
-        ``__meta__`` together with the random generator state, for resuming.
-        """
-        if not self.built:
-            raise RuntimeError("cannot save a model that is not built")
-        arrays = {"__architecture__": np.array(json.dumps(self.get_config()))}
-        for i, w in enumerate(self.get_weights()):
-            arrays[f"weights/{i:03d}"] = w
-        if include_optimizer and self.optimizer is not None:
-            opt = {"class": type(self.optimizer).__name__, "config": self.optimizer.get_config()}
-            arrays["__optimizer__"] = np.array(json.dumps(opt))
-            for key, value in self.optimizer.state_dict().items():
-                arrays[f"optimizer/{key}"] = value
-        meta = {
-            "epoch": epoch,
-            "rng_state": _jsonable_rng_state(self.rng),
-            "loss": getattr(self.loss, "name", None),
-            "extra": extra or {},
-        }
-        arrays["__meta__"] = np.array(json.dumps(meta))
-        _savez_atomic(path, arrays)
+        save_model(self, path, include_optimizer=include_optimizer, epoch=epoch, extra=extra)
 
-    @classmethod
-    def load(cls, path, backend="cpu", dtype=None):
-        """Rebuild a model from :meth:`save` output (see :func:`load_model`)."""
-        return load_model(path, backend=backend, dtype=dtype)
+    def to(self, backend=None, dtype=None) -> Model:
+        """A copy on ``backend`` ("cpu"/"gpu") in ``dtype`` ("float32"/"float16"): weights
+        converted, generator state copied, a fresh optimizer of the same kind and settings."""
+        from .saving import fill_weights, model_from_config
 
-    def to(self, backend=None, dtype=None) -> Sequential:
-        """A copy of the model on ``backend`` ("cpu"/"gpu") in ``dtype`` ("float32"/"float16").
-
-        Weights are converted; the copy gets a fresh optimizer of the same kind and settings.
-        """
-        backend = check_backend(backend or self.backend)
-        dtype = check_dtype(dtype or self.dtype)
-        if backend == "gpu":
-            from .. import ops
-
-            if not ops.gpu_available():
-                # to_gpu raises with the reason (no CuPy, no device...).
-                ops.to_gpu(np.zeros(1, np.float32))
-        new = _from_config(self.get_config(), backend, dtype)
+        self._require_built()
+        new = model_from_config(
+            self.get_config(), backend or self.backend.name, dtype or self.dtype, allocate=False
+        )
         new.rng.bit_generator.state = copy.deepcopy(self.rng.bit_generator.state)
-        if self.built:
-            new.build(self.input_shape)
-            new.set_weights(self.get_weights())
+        fill_weights(new, self.get_weights())
+        new.fuse = self.fuse
         if self.optimizer is not None:
             new.compile(
                 type(self.optimizer)(**self.optimizer.get_config()),
@@ -462,112 +465,122 @@ class Sequential:
 
     def __repr__(self):
         return (
-            f"Sequential({len(self.layers)} layers, backend={self.backend!r}, dtype={self.dtype})"
+            f"{type(self).__name__}({self.name!r}, {len(self.layers)} layers, "
+            f"backend={self.backend.name!r}, dtype={self.dtype})"
         )
 
 
-def _param_keys(layer):
-    return [k for k in ("W", "b") if k in layer.params]
+def _shape_text(shape) -> str:
+    return "(" + ", ".join(["N", *map(str, shape)]) + ")"
 
 
-def _accuracy(scores, y) -> float:
-    pred = scores.argmax(axis=1)
-    if y.ndim == 2:
-        y = y.argmax(axis=1)
-    return float((pred == y).mean())
-
-
-def _progress(total, desc, verbose):
-    if not verbose:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
-
-
-def _jsonable_rng_state(rng) -> dict:
-    return rng.bit_generator.state  # PCG64 state: plain dicts and ints (JSON handles big ints)
-
-
-def _savez_atomic(path, arrays) -> None:
-    path = os.fspath(path)
-    if not path.endswith(".npz"):
-        raise ValueError(f"checkpoint path must end with .npz, got {path!r}")
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp-", suffix=".npz")
-    try:
-        # mkstemp creates the file 0600; give the checkpoint the usual umask-based mode.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def _from_config(config, backend="cpu", dtype=None) -> Sequential:
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise ValueError(f"not a {FORMAT} architecture")
-    if config.get("version") != FORMAT_VERSION:
-        raise ValueError(f"unsupported checkpoint version {config.get('version')!r}")
-    layers = []
-    for spec in config["layers"]:
-        cls = LAYER_CLASSES.get(spec.get("class"))
-        if cls is None:
-            raise ValueError(f"unknown layer class {spec.get('class')!r} in checkpoint")
-        layers.append(cls(**spec["config"]))
-    return Sequential(
-        layers,
-        backend=backend,
-        dtype=dtype or config.get("dtype", "float32"),
-        name=config.get("name", "sequential"),
+def _folded_conv(step: Step, x):
+    conv, bn = step.layer, step.folded_bn
+    w, b = ops.fold_batch_norm(
+        conv.params["W"],
+        conv.params.get("b"),
+        bn.params["gamma"],
+        bn.params["beta"],
+        bn.buffers["moving_mean"],
+        bn.buffers["moving_variance"],
+        bn.epsilon,
     )
+    act = "relu" if step.fuse_relu else None
+    return ops.conv2d(x, w, b, conv.stride, conv.padding, act)
 
 
-def _json_entry(data, key, path):
-    if key not in data.files:
-        raise ValueError(f"{path} is not a fastconv checkpoint (no {key!r} entry)")
-    return json.loads(str(data[key][()]))
+def _flat_keys(keys):
+    return [f"{layer}/{weight}" for layer, weight in keys]
 
 
-def load_model(path, backend="cpu", dtype=None, compile=True) -> Sequential:
-    """Load a model saved by :meth:`Sequential.save` (``allow_pickle=False``).
+def _name_layers(layers) -> None:
+    """Give auto-named layers ``<snake>_<k>`` names; refuse duplicate explicit names."""
+    taken = {layer.name for layer in layers if not layer._auto_named}
+    explicit = [layer.name for layer in layers if not layer._auto_named]
+    dupes = sorted({n for n in explicit if explicit.count(n) > 1})
+    if dupes:
+        raise ValueError(f"layer names must be unique within a model, got duplicates {dupes}")
+    counts: dict[type, int] = {}
+    for layer in layers:
+        if not layer._auto_named:
+            continue
+        base = snake_case(type(layer).__name__)
+        k = counts.get(type(layer), 0)
+        while True:
+            k += 1
+            candidate = f"{base}_{k}"
+            if candidate not in taken:
+                break
+        counts[type(layer)] = k
+        layer.name = candidate
+        taken.add(candidate)
 
-    The optimizer (with its state) is restored when the checkpoint has one and ``compile``;
-    ``model.checkpoint_meta`` holds the saved epoch, generator state and extras, and the model's
-    generator continues from the saved state.
+
+class Sequential(Model):
+    """A chain of layers: each layer's output is the next one's input.
+
+    Parameters
+    ----------
+    layers : list of Layer
+    input_shape : tuple, optional
+        Per-sample input shape, e.g. ``(1, 28, 28)``: the model is built (weights created) at
+        once. Without it, the model is built on its first batch (or by :meth:`build`).
+    seed, backend, dtype, name
+        As :class:`Model`.
     """
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    with np.load(path, allow_pickle=False) as data:
-        config = _json_entry(data, "__architecture__", path)
-        model = _from_config(config, backend, dtype)
-        n_weights = sum(1 for k in data.files if k.startswith("weights/"))
-        weights = [data[f"weights/{i:03d}"] for i in range(n_weights)]
-        if config.get("input_shape"):
-            model.build(config["input_shape"])
-            model.set_weights(weights)
-        meta = _json_entry(data, "__meta__", path) if "__meta__" in data.files else {}
-        if meta.get("rng_state"):
-            model.rng.bit_generator.state = meta["rng_state"]
-        model.checkpoint_meta = meta
-        if compile and "__optimizer__" in data.files:
-            spec = _json_entry(data, "__optimizer__", path)
-            cls = optimizers_mod.OPTIMIZER_CLASSES.get(spec.get("class"))
-            if cls is None:
-                raise ValueError(f"unknown optimizer class {spec.get('class')!r} in checkpoint")
-            model.compile(cls(**spec["config"]), meta.get("loss") or "softmax_cross_entropy")
-            state = {
-                k[len("optimizer/") :]: data[k] for k in data.files if k.startswith("optimizer/")
-            }
-            if int(state.get("iterations", 0)) > 0:
-                model.optimizer.load_state_dict(state, model.parameters())
-    return model
+
+    def __init__(
+        self,
+        layers=(),
+        seed=None,
+        backend="cpu",
+        dtype="float32",
+        name=None,
+        input_shape=None,
+    ):
+        super().__init__(seed=seed, backend=backend, dtype=dtype, name=name)
+        self._chain: list[Layer] = []
+        for layer in layers:
+            self.add(layer)
+        if input_shape is not None:
+            self.build(input_shape)
+
+    def add(self, layer: Layer) -> None:
+        """Append a layer (also to a built model: the new layer is built at once)."""
+        if not isinstance(layer, Layer):
+            raise TypeError(f"layers must be fastconv.nn Layer objects, got {type(layer).__name__}")
+        if any(layer is other for other in self._chain) and not layer.shareable:
+            raise ValueError(
+                f"layer {layer.name!r} appears twice; a layer with weights can appear once"
+            )
+        self._chain.append(layer)
+        if self.built:
+            self.build(self.input_shape)
+        else:
+            _name_layers(self._chain)
+            self.layers = list(self._chain)
+
+    def build(self, input_shape) -> None:
+        """Build every layer for per-sample ``input_shape`` (e.g. ``(1, 28, 28)``)."""
+        if not self._chain:
+            raise ValueError("the model has no layers")
+        if not isinstance(input_shape, (tuple, list)):
+            raise TypeError(f"input_shape must be a tuple of ints, got {input_shape!r}")
+        shape = tuple(chk.as_int(s, "input_shape entries", 1) for s in input_shape)
+        if self.built and shape != tuple(self.input_shape):
+            raise ValueError(f"the model is built for input shape {self.input_shape}, got {shape}")
+        inp = Input(shape)
+        t = inp
+        for layer in self._chain:
+            layer._symbolic_calls = 0  # the chain is (re)wired from scratch
+            t = connect(layer, t)
+        self._set_graph(inp, t)
+
+    def _ensure_built(self, x) -> None:
+        if not self.built:
+            self.build(tuple(x.shape[1:]))
+
+    def get_config(self) -> dict:
+        config = super().get_config()
+        del config["nodes"]  # a chain
+        return config

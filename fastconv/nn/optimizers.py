@@ -12,7 +12,7 @@ import numbers
 
 import numpy as np
 
-from ._xp import array_module
+from .backend import array_module
 
 __all__ = ["Optimizer", "SGD", "Momentum", "Nesterov", "AdaGrad", "RMSProp", "Adam", "get"]
 
@@ -20,8 +20,9 @@ _EPS = 1e-7  # the book's epsilon, added to sqrt(h) in AdaGrad/RMSProp/Adam
 
 
 def _positive(value, name):
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-        raise ValueError(f"{name} must be a positive number, got {value!r}")
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if not ok or not 0 < value < np.inf:
+        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
     return float(value)
 
 
@@ -32,109 +33,151 @@ def _unit(value, name):
 
 
 class Optimizer:
-    """Base class: validates, keeps float32 state per parameter slot, calls ``_step``.
+    """Base class: validates, keeps float32 state per parameter, calls ``_step``.
 
-    Subclasses implement ``_step(i, p, g)`` where ``p`` is the float32 parameter (the
-    parameter itself, or its master copy for float16 parameters) and ``g`` its float32 gradient,
-    updating ``p`` in place.
+    Parameters are identified by keys (a model passes ``"layer_name/weight_name"``; plain lists
+    get ``"0"``, ``"1"``...), so the state of a parameter survives freezing and unfreezing other
+    layers. Subclasses implement ``_step(state, p, g)``: ``state`` maps each name in ``slots`` to
+    that parameter's float32 array, ``p`` is the float32 parameter (itself, or its master copy
+    for float16 parameters) and ``g`` its float32 gradient; it updates ``p`` in place.
     """
 
     #: names of the per-parameter state arrays (for checkpoints)
     slots: tuple = ()
 
     def __init__(self, lr):
-        self.lr = _positive(lr, "lr")
+        self.lr = lr
         self.iterations = 0
-        self.state: dict[str, list] = {name: [] for name in self.slots}
-        self._master: list = []
+        self.state: dict[str, dict] = {}  # key -> {slot: float32 array}
+        self._master: dict = {}  # key -> float32 master copy of a non-float32 parameter
+
+    @property
+    def lr(self) -> float:
+        return self._lr
+
+    @lr.setter
+    def lr(self, value):
+        self._lr = _positive(value, "lr")
 
     def get_config(self) -> dict:
         return {"lr": self.lr}
 
-    def _init_state(self, params):
-        for name in self.slots:
-            self.state[name] = [array_module(p).zeros(p.shape, dtype=np.float32) for p in params]
-        self._master = [p.astype(np.float32) if p.dtype != np.float32 else None for p in params]
+    def _state_for(self, key, p) -> dict:
+        state = self.state.get(key)
+        if state is None or any(tuple(a.shape) != tuple(p.shape) for a in state.values()):
+            xp = array_module(p)
+            state = {name: xp.zeros(p.shape, dtype=np.float32) for name in self.slots}
+            self.state[key] = state
+        return state
 
-    def step(self, params: list, grads: list) -> None:
+    def _master_for(self, key, p):
+        if p.dtype == np.float32:
+            return None
+        master = self._master.get(key)
+        if master is None or tuple(master.shape) != tuple(p.shape):
+            master = self._master[key] = p.astype(np.float32)
+        return master
+
+    def step(self, params: list, grads: list, keys: list | None = None) -> None:
         """Update every array in ``params`` in place from the matching ``grads``."""
         if len(params) != len(grads):
             raise ValueError(
                 f"params and grads must have the same length, got {len(params)} and {len(grads)}"
             )
+        if keys is None:
+            keys = [str(i) for i in range(len(params))]
+        elif len(keys) != len(params):
+            raise ValueError(f"keys must have {len(params)} entries, got {len(keys)}")
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             if tuple(p.shape) != tuple(g.shape):
                 raise ValueError(
                     f"grads[{i}] must have shape {tuple(p.shape)} like params[{i}], "
                     f"got {tuple(g.shape)}"
                 )
-        if self.iterations == 0 or len(self._master) != len(params):
-            self._init_state(params)
         self.iterations += 1
         self._begin_step()
-        for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+        for key, p, g in zip(keys, params, grads, strict=True):
             g32 = g if g.dtype == np.float32 else g.astype(np.float32)
-            master = self._master[i]
+            state = self._state_for(key, p)
+            master = self._master_for(key, p)
             if master is None:
-                self._step(i, p, g32)
+                self._step(state, p, g32)
             else:
-                self._step(i, master, g32)
+                self._step(state, master, g32)
                 p[...] = master
 
     def _begin_step(self):
         pass
 
-    def sync(self, params: list) -> None:
+    def sync(self, params: list, keys: list | None = None) -> None:
         """Refresh the float32 master copies after the parameters were overwritten."""
-        for i, p in enumerate(params[: len(self._master)]):
-            if self._master[i] is not None:
-                self._master[i][...] = p
+        keys = keys or [str(i) for i in range(len(params))]
+        for key, p in zip(keys, params, strict=True):
+            if key in self._master:
+                self._master[key][...] = p
 
-    def _step(self, i, p, g):
+    def _step(self, state, p, g):
         raise NotImplementedError
 
     # -- checkpointing --------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        """Flat ``{key: array}`` of the state (float32 NumPy arrays) plus the iteration count."""
-        from ._xp import to_numpy
+        """Flat ``{"iterations": ..., "<slot>/<key>": array, "master/<key>": array}``
+        (float32 NumPy arrays)."""
+        from .backend import to_numpy
 
         out = {"iterations": np.array(self.iterations, dtype=np.int64)}
-        for name, arrays in self.state.items():
-            for i, a in enumerate(arrays):
-                out[f"{name}/{i}"] = to_numpy(a)
-        for i, m in enumerate(self._master):
-            if m is not None:
-                out[f"master/{i}"] = to_numpy(m)
+        for key, state in self.state.items():
+            for name, a in state.items():
+                out[f"{name}/{key}"] = to_numpy(a)
+        for key, m in self._master.items():
+            out[f"master/{key}"] = to_numpy(m)
         return out
 
-    def load_state_dict(self, state: dict, params: list) -> None:
-        """Restore :meth:`state_dict` output for ``params`` (which fixes shapes and backend)."""
-        self._init_state(params)
-        self.iterations = int(state["iterations"])
-        for name in self.slots:
-            for i, p in enumerate(params):
-                key = f"{name}/{i}"
-                if key not in state:
-                    raise ValueError(f"optimizer state is missing {key!r}")
-                self.state[name][i][...] = _to_like(state[key], p)
-        for i, p in enumerate(params):
-            key = f"master/{i}"
-            if self._master[i] is not None:
-                self._master[i][...] = _to_like(state[key], p) if key in state else p
+    def load_state_dict(self, state: dict, params: list, keys: list | None = None) -> None:
+        """Restore :meth:`state_dict` output for ``params`` (which fix shapes and backend).
+
+        Raises ValueError when an entry is missing or has another shape than its parameter.
+        """
+        keys = keys or [str(i) for i in range(len(params))]
+        if "iterations" not in state:
+            raise ValueError("optimizer state is missing 'iterations'")
+        iterations = int(np.asarray(state["iterations"]))
+        if iterations < 0:
+            raise ValueError(f"optimizer iterations must be >= 0, got {iterations}")
+        self.state, self._master = {}, {}
+        for key, p in zip(keys, params, strict=True):
+            if iterations == 0:
+                break
+            slots = self._state_for(key, p)
+            for name in self.slots:
+                entry = f"{name}/{key}"
+                if entry not in state:
+                    raise ValueError(f"optimizer state is missing {entry!r}")
+                _check_state_shape(state[entry], p, entry)
+                slots[name][...] = _to_like(state[entry], p)
+            master = self._master_for(key, p)
+            if master is not None and f"master/{key}" in state:
+                _check_state_shape(state[f"master/{key}"], p, f"master/{key}")
+                master[...] = _to_like(state[f"master/{key}"], p)
+        self.iterations = iterations
 
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
 
 
+def _check_state_shape(a, p, entry):
+    if tuple(np.shape(a)) != tuple(p.shape):
+        raise ValueError(
+            f"optimizer state {entry!r} must have shape {tuple(p.shape)}, got {tuple(np.shape(a))}"
+        )
+
+
 def _to_like(a, p):
     from .._checks import is_cupy_array
+    from .backend import Backend
 
-    if is_cupy_array(p):
-        import cupy
-
-        return cupy.asarray(a, dtype=np.float32)
-    return np.asarray(a, dtype=np.float32)
+    return Backend("gpu" if is_cupy_array(p) else "cpu").asarray(a, np.float32)
 
 
 class SGD(Optimizer):
@@ -143,7 +186,7 @@ class SGD(Optimizer):
     def __init__(self, lr=0.01):
         super().__init__(lr)
 
-    def _step(self, i, p, g):
+    def _step(self, state, p, g):
         p -= np.float32(self.lr) * g
 
 
@@ -159,8 +202,8 @@ class Momentum(Optimizer):
     def get_config(self):
         return {"lr": self.lr, "momentum": self.momentum}
 
-    def _step(self, i, p, g):
-        v = self.state["v"][i]
+    def _step(self, state, p, g):
+        v = state["v"]
         v *= np.float32(self.momentum)
         v -= np.float32(self.lr) * g
         p += v
@@ -170,9 +213,9 @@ class Nesterov(Momentum):
     """The book's Nesterov form: ``v = momentum*v - lr*g;
     p += momentum*momentum*v - (1+momentum)*lr*g``."""
 
-    def _step(self, i, p, g):
+    def _step(self, state, p, g):
         m, lr = np.float32(self.momentum), np.float32(self.lr)
-        v = self.state["v"][i]
+        v = state["v"]
         v *= m
         v -= lr * g
         p += (m * m) * v
@@ -187,8 +230,8 @@ class AdaGrad(Optimizer):
     def __init__(self, lr=0.01):
         super().__init__(lr)
 
-    def _step(self, i, p, g):
-        h = self.state["h"][i]
+    def _step(self, state, p, g):
+        h = state["h"]
         h += g * g
         xp = array_module(p)
         p -= np.float32(self.lr) * g / (xp.sqrt(h) + np.float32(_EPS))
@@ -206,8 +249,8 @@ class RMSProp(Optimizer):
     def get_config(self):
         return {"lr": self.lr, "decay_rate": self.decay_rate}
 
-    def _step(self, i, p, g):
-        h = self.state["h"][i]
+    def _step(self, state, p, g):
+        h = state["h"]
         d = np.float32(self.decay_rate)
         h *= d
         h += (1 - d) * g * g
@@ -234,9 +277,9 @@ class Adam(Optimizer):
         t = self.iterations
         self._lr_t = np.float32(self.lr * np.sqrt(1.0 - self.beta2**t) / (1.0 - self.beta1**t))
 
-    def _step(self, i, p, g):
+    def _step(self, state, p, g):
         xp = array_module(p)
-        m, v = self.state["m"][i], self.state["v"][i]
+        m, v = state["m"], state["v"]
         m += np.float32(1 - self.beta1) * (g - m)
         v += np.float32(1 - self.beta2) * (g * g - v)
         p -= self._lr_t * m / (xp.sqrt(v) + np.float32(_EPS))

@@ -1,0 +1,88 @@
+"""Activation layers: ReLU (a kernel), Sigmoid, Tanh and Softmax (array code, float32 math)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ... import ops
+from .base import Layer, register_layer, xp_of
+
+__all__ = ["ReLU", "Sigmoid", "Tanh", "Softmax"]
+
+
+class _Activation(Layer):
+    kind = "activation"
+    shareable = True
+
+
+def _f32(x):
+    return x if x.dtype == np.float32 else x.astype(np.float32)
+
+
+@register_layer
+class ReLU(_Activation):
+    """``max(x, 0)``; NaN propagates."""
+
+    def call(self, x, training=False):
+        y = ops.relu(x)
+        return y, (y if training else None)
+
+    def call_backward(self, cache, dy, need_dx=True):
+        return ops.relu_backward(dy, cache), {}
+
+
+@register_layer
+class Sigmoid(_Activation):
+    """``1 / (1 + exp(-x))``, computed without overflow for large ``|x|``."""
+
+    def call(self, x, training=False):
+        xp = xp_of(x)
+        x32 = _f32(x)
+        e = xp.exp(-xp.abs(x32))  # in (0, 1]: never overflows
+        y = xp.where(x32 >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        y = xp.where(xp.isnan(x32), x32, y).astype(x.dtype)  # NaN stays NaN
+        return y, (y if training else None)
+
+    def call_backward(self, cache, dy, need_dx=True):
+        y = _f32(cache)
+        return (_f32(dy) * y * (1.0 - y)).astype(dy.dtype), {}
+
+
+@register_layer
+class Tanh(_Activation):
+    """``tanh(x)``."""
+
+    def call(self, x, training=False):
+        y = xp_of(x).tanh(_f32(x)).astype(x.dtype)
+        return y, (y if training else None)
+
+    def call_backward(self, cache, dy, need_dx=True):
+        y = _f32(cache)
+        return (_f32(dy) * (1.0 - y * y)).astype(dy.dtype), {}
+
+
+@register_layer
+class Softmax(_Activation):
+    """Softmax over the feature axis (axis 1 of ``(N, features)``), max-shifted for stability.
+
+    For classification, train on the scores with the ``softmax_cross_entropy`` loss (more
+    accurate and cheaper); this layer is for models that must output probabilities.
+    """
+
+    def output_shape(self, input_shape):
+        shape = tuple(int(s) for s in input_shape)
+        if len(shape) < 1:
+            raise ValueError(f"Softmax {self.name!r} needs inputs of shape (N, features, ...)")
+        return shape
+
+    def call(self, x, training=False):
+        xp = xp_of(x)
+        s = _f32(x)
+        s = s - s.max(axis=1, keepdims=True)
+        e = xp.exp(s)
+        y = (e / e.sum(axis=1, keepdims=True)).astype(x.dtype)
+        return y, (y if training else None)
+
+    def call_backward(self, cache, dy, need_dx=True):
+        y, g = _f32(cache), _f32(dy)
+        return (y * (g - (g * y).sum(axis=1, keepdims=True))).astype(dy.dtype), {}

@@ -1,0 +1,280 @@
+"""The layer contract shared by every layer, the model graph, the trainer and the profiler.
+
+A layer declares its weights (:meth:`Layer.weight_specs`), computes its output shape, and runs
+as a pair of functions that keep nothing on the layer:
+
+* ``call(x, training) -> (y, cache)``: ``cache`` is what the backward pass needs (None at
+  inference, so ``predict`` pins no activations and is safe from several threads);
+* ``call_backward(cache, dy, need_dx) -> (dx, grads)``: ``grads`` maps each *trainable* weight
+  name to its gradient (empty for a frozen layer); ``dx`` may be None when ``need_dx`` is False.
+
+Models run layers only through that pair. ``forward``/``backward`` are an eager convenience for
+using one layer on its own (as in the book): they keep the last cache on the layer and fill
+``layer.grads``.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ... import _checks as chk
+from .. import initializers
+from ..backend import array_module
+
+__all__ = ["Layer", "WeightSpec", "register_layer", "LAYER_CLASSES", "snake_case"]
+
+#: layer class name -> class; what ``load_model`` can rebuild (see :func:`register_layer`)
+LAYER_CLASSES: dict[str, type] = {}
+
+
+def register_layer(cls):
+    """Class decorator: make a user-defined :class:`Layer` loadable by ``load_model``.
+
+    Its ``get_config()`` must return the constructor's keyword arguments (JSON types only).
+    """
+    if not (isinstance(cls, type) and issubclass(cls, Layer)):
+        raise TypeError(f"register_layer expects a Layer subclass, got {cls!r}")
+    existing = LAYER_CLASSES.get(cls.__name__)
+    if existing is not None and existing is not cls:
+        raise ValueError(
+            f"a different layer class named {cls.__name__!r} is already registered "
+            f"({existing.__module__}.{existing.__qualname__})"
+        )
+    LAYER_CLASSES[cls.__name__] = cls
+    return cls
+
+
+def snake_case(name: str) -> str:
+    """ "MaxPool2D" -> "max_pool2d", "ReLU" -> "relu", "BatchNorm2D" -> "batch_norm2d"."""
+    name = name.replace("ReLU", "Relu")
+    out = []
+    for i, ch in enumerate(name):
+        if ch.isupper() and i and name[i - 1].islower():
+            out.append("_")
+        out.append(ch.lower())
+    return "".join(out)
+
+
+class WeightSpec(NamedTuple):
+    """One weight of a layer: its name, shape and how it starts.
+
+    ``initializer`` is a name from :mod:`fastconv.nn.initializers` (``"zeros"``, ``"ones"``,
+    ``"he_normal"``...). ``trainable`` False marks state that the optimizer never touches
+    (BatchNorm's moving statistics). ``dtype`` None follows the model's dtype; "float32" keeps
+    the weight in float32 in every model dtype.
+    """
+
+    name: str
+    shape: tuple
+    initializer: str
+    trainable: bool = True
+    dtype: str | None = None
+
+
+def _per_sample(shape) -> tuple:
+    return tuple(int(s) for s in shape)
+
+
+class Layer:
+    """Base class of every layer.
+
+    Subclasses set ``kind`` (the profiler's category: "conv", "pool", "norm", "dense",
+    "activation", "dropout", "reshape", "merge") and implement :meth:`output_shape`,
+    :meth:`call` and :meth:`call_backward`; layers with weights also :meth:`weight_specs`.
+
+    Parameters
+    ----------
+    name : str, optional
+        Unique within a model; a default one (``conv2d_1``...) is given otherwise.
+    trainable : bool
+        False freezes the layer (see :attr:`trainable`).
+    """
+
+    kind = "layer"
+    #: whether one layer object may be called at several places of a graph (weightless layers)
+    shareable = False
+    #: whether the layer takes a list of tensors (Add, Concatenate)
+    multi_input = False
+
+    def __init__(self, name: str | None = None, trainable: bool = True):
+        if name is not None and (not isinstance(name, str) or not name or "/" in name):
+            raise TypeError(f"name must be a non-empty str without '/', got {name!r}")
+        self.name = name or snake_case(type(self).__name__)
+        self._auto_named = name is None
+        self.trainable = trainable
+        self.params: dict = {}  # trainable weights, Keras order
+        self.buffers: dict = {}  # non-trainable state
+        self.grads: dict = {}  # from the last eager backward()
+        self.built = False
+        self.input_shape = None  # per sample (no batch dimension); a list for merge layers
+        self.rng: np.random.Generator | None = None  # set by the model: init and dropout
+        self._eager = None  # (cache, output shape) of the last eager forward(training=True)
+        self._symbolic_calls = 0
+
+    # -- freezing --------------------------------------------------------------------------------
+    @property
+    def trainable(self) -> bool:
+        """False freezes the layer: the optimizer skips its weights, it computes no weight
+        gradients, and a frozen BatchNorm normalises with its moving statistics (inference
+        mode) even in training, as in Keras, so a pretrained base can be fine-tuned safely."""
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"trainable must be a bool, got {type(value).__name__}")
+        self._trainable = bool(value)
+
+    # -- construction ----------------------------------------------------------------------------
+    def output_shape(self, input_shape) -> tuple:
+        """Per-sample output shape for a per-sample input shape; raises ValueError if invalid."""
+        return _per_sample(input_shape)
+
+    def weight_specs(self, input_shape) -> list[WeightSpec]:
+        """The weights this layer creates for ``input_shape``, in Keras order (none by default)."""
+        return []
+
+    def build(self, input_shape, allocate: bool = True) -> None:
+        """Validate ``input_shape`` (per sample) and create the weights as float32 NumPy arrays.
+
+        With ``allocate=False`` the weights are declared but not created (checkpoint loading
+        fills them from the file after checking their shapes, so a crafted architecture cannot
+        make the loader allocate memory the file does not hold).
+        """
+        shape = (
+            [_per_sample(s) for s in input_shape] if self.multi_input else _per_sample(input_shape)
+        )
+        self.output_shape(shape)  # validates
+        self.input_shape = shape
+        self.params, self.buffers = {}, {}
+        for spec in self.weight_specs(shape):
+            value = None
+            if allocate:
+                value = initializers.get(spec.initializer)(spec.shape, self._rng())
+            (self.params if spec.trainable else self.buffers)[spec.name] = value
+        self.built = True
+
+    def get_config(self) -> dict:
+        """Constructor arguments, JSON-serialisable (checkpoints rebuild layers from them)."""
+        config = {"name": self.name}
+        if not self.trainable:
+            config["trainable"] = False
+        return config
+
+    def _rng(self) -> np.random.Generator:
+        if self.rng is None:
+            self.rng = np.random.default_rng()
+        return self.rng
+
+    # -- weights ---------------------------------------------------------------------------------
+    def weight_names(self) -> list[str]:
+        """Names of every weight, Keras order (trainable ones first, then the state)."""
+        return [*self.params, *self.buffers]
+
+    def get_weight(self, name):
+        return self.params[name] if name in self.params else self.buffers[name]
+
+    def set_weight(self, name, value) -> None:
+        (self.params if name in self.params else self.buffers)[name] = value
+
+    def weight_dtype(self, name, model_dtype) -> np.dtype:
+        """The dtype weight ``name`` is kept in for a model computing in ``model_dtype``."""
+        for spec in self.weight_specs(self.input_shape):
+            if spec.name == name:
+                return np.dtype(spec.dtype) if spec.dtype else np.dtype(model_dtype)
+        raise KeyError(name)
+
+    def count_params(self) -> int:
+        """Number of parameters (trainable weights; BatchNorm's moving statistics excluded)."""
+        return sum(int(np.prod(p.shape)) for p in self.params.values())
+
+    # -- execution (what models call) -----------------------------------------------------------
+    def call(self, x, training: bool = False):
+        """Compute the output; return ``(y, cache)``, cache None unless ``training``."""
+        raise NotImplementedError
+
+    def call_backward(self, cache, dy, need_dx: bool = True):
+        """Return ``(dx, grads)`` for the output gradient ``dy`` (see the module docstring)."""
+        raise NotImplementedError
+
+    # -- eager use of a single layer --------------------------------------------------------------
+    def __call__(self, inputs):
+        """On symbolic tensors (from :func:`fastconv.nn.Input`): add this layer to a graph and
+        return its output tensor. On arrays: :meth:`forward` in inference mode."""
+        from ..graph import SymbolicTensor, connect
+
+        items = inputs if isinstance(inputs, (list, tuple)) else [inputs]
+        if items and all(isinstance(t, SymbolicTensor) for t in items):
+            return connect(self, inputs)
+        if any(isinstance(t, SymbolicTensor) for t in items):
+            raise TypeError(f"layer {self.name!r}: mix of symbolic tensors and arrays")
+        return self.forward(inputs, training=False)
+
+    def forward(self, x, training: bool = False):
+        """Run the layer on arrays, building it on first use from ``x``'s shape, library and
+        dtype; with ``training`` the cache is kept for :meth:`backward`."""
+        self._ensure_built(x)
+        y, cache = self.call(x, training=training)
+        self._eager = (cache, tuple(y.shape)) if training else None
+        return y
+
+    def backward(self, dy, need_dx: bool = True):
+        """Gradients of the last ``forward(x, training=True)``: fills :attr:`grads`, returns dx
+        (None if ``need_dx`` is False and the layer skipped it)."""
+        if self._eager is None:
+            raise RuntimeError(
+                f"layer {self.name!r}: backward() needs a preceding forward(x, training=True)"
+            )
+        (cache, y_shape), self._eager = self._eager, None
+        check_gradient(dy, y_shape, f"dy of layer {self.name!r}")
+        dx, self.grads = self.call_backward(cache, dy, need_dx=need_dx)
+        return dx
+
+    def _ensure_built(self, x):
+        items = x if self.multi_input else [x]
+        if self.multi_input and (not isinstance(x, (list, tuple)) or len(x) < 2):
+            raise TypeError(f"layer {self.name!r} takes a list of at least two arrays")
+        for i, a in enumerate(items):
+            chk.check_array(a, f"x[{i}]" if self.multi_input else "x")
+        shapes = [tuple(a.shape[1:]) for a in items]
+        shape = shapes if self.multi_input else shapes[0]
+        if not self.built:
+            self.build(shape)
+            # Weights start as float32 NumPy arrays; follow the input's library and dtype.
+            first = items[0]
+            for name in self.weight_names():
+                value = self.get_weight(name)
+                self.set_weight(name, _like(value, first, self.weight_dtype(name, first.dtype)))
+        elif shape != self.input_shape:
+            raise ValueError(
+                f"layer {self.name!r} was built for per-sample shape {self.input_shape}, "
+                f"got input of shape {tuple(items[0].shape) if not self.multi_input else shapes}"
+            )
+
+    def __repr__(self):
+        args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
+        return f"{type(self).__name__}({args})"
+
+
+def check_gradient(dy, shape, what: str) -> None:
+    """An output gradient must be an array of the output's exact shape."""
+    if not hasattr(dy, "shape") or not hasattr(dy, "dtype"):
+        raise TypeError(f"{what} must be an array, got {type(dy).__name__}")
+    if tuple(dy.shape) != tuple(shape):
+        raise ValueError(f"{what} must have shape {tuple(shape)}, got {tuple(dy.shape)}")
+
+
+def _like(value, x, dtype):
+    """``value`` on ``x``'s array library, in ``dtype``."""
+    from .. import backend as be
+
+    if chk.is_cupy_array(x) != chk.is_cupy_array(value):
+        value = be.Backend("gpu" if chk.is_cupy_array(x) else "cpu", dtype).asarray(value)
+    return value if value.dtype == dtype else value.astype(dtype)
+
+
+def xp_of(x):
+    """The array module of ``x`` (or of the first array of a list)."""
+    return array_module(x[0] if isinstance(x, (list, tuple)) else x)

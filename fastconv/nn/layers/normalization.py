@@ -1,0 +1,119 @@
+"""Batch normalisation over the batch (and spatial) axes, with moving statistics."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from ... import ops
+from .base import Layer, WeightSpec, register_layer
+from .conv import spatial_shape
+
+__all__ = ["BatchNorm2D", "BatchNorm1D"]
+
+
+def _real(value, name, ok, expected):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not ok(value):
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+    return float(value)
+
+
+class _BatchNorm(Layer):
+    """Shared by BatchNorm2D (statistics per channel over N, H, W) and BatchNorm1D (per
+    feature over N).
+
+    Training normalises with the batch mean and biased variance and updates the moving
+    statistics as ``moving = momentum * moving + (1 - momentum) * batch_stat`` with the
+    *unbiased* batch variance, as PyTorch (its momentum is our ``1 - momentum``). Inference, and
+    training of a frozen layer (``trainable = False``, as in Keras), use the moving statistics.
+    Weights in Keras order: gamma, beta (trainable), moving_mean, moving_variance (float32 in
+    every model dtype).
+    """
+
+    kind = "norm"
+    fuses_relu = True
+
+    def __init__(self, momentum=0.9, epsilon=1e-5, name=None, trainable=True):
+        super().__init__(name, trainable)
+        self.momentum = _real(momentum, "momentum", lambda v: 0 <= v < 1, "a number in [0, 1)")
+        self.epsilon = _real(
+            epsilon, "epsilon", lambda v: 0 < v < np.inf, "a positive finite number"
+        )
+
+    def get_config(self):
+        return {"momentum": self.momentum, "epsilon": self.epsilon, **super().get_config()}
+
+    def _channels(self, input_shape) -> int:
+        raise NotImplementedError
+
+    def weight_specs(self, input_shape):
+        C = self._channels(input_shape)
+        return [
+            WeightSpec("gamma", (C,), "ones"),
+            WeightSpec("beta", (C,), "zeros"),
+            WeightSpec("moving_mean", (C,), "zeros", trainable=False, dtype="float32"),
+            WeightSpec("moving_variance", (C,), "ones", trainable=False, dtype="float32"),
+        ]
+
+    def call(self, x, training=False, fuse_relu=False):
+        act = "relu" if fuse_relu else None
+        gamma, beta = self.params["gamma"], self.params["beta"]
+        mm, mv = self.buffers["moving_mean"], self.buffers["moving_variance"]
+        if training and self.trainable:
+            y, mean, var = ops.batch_norm_forward(x, gamma, beta, self.epsilon, activation=act)
+            count = x.size // x.shape[1]
+            m = np.float32(self.momentum)
+            mm *= m
+            mm += (1 - m) * mean
+            mv *= m
+            mv += ((1 - m) * np.float32(count / (count - 1))) * var
+            return y, ("batch", x, mean, var, y if fuse_relu else None)
+        y = ops.batch_norm_inference(x, gamma, beta, mm, mv, self.epsilon, activation=act)
+        return y, (
+            ("moving", None, None, mv.copy(), y if fuse_relu else None) if training else None
+        )
+
+    def call_backward(self, cache, dy, need_dx=True):
+        mode, x, mean, var, y = cache
+        gamma = self.params["gamma"]
+        if mode == "moving":  # frozen: a fixed affine map, no weight gradients
+            return ops.batch_norm_inference_backward(dy, gamma, var, self.epsilon, y=y), {}
+        dx, dgamma, dbeta = ops.batch_norm_backward(dy, x, gamma, mean, var, self.epsilon, y=y)
+        return dx, {"gamma": dgamma, "beta": dbeta}
+
+
+@register_layer
+class BatchNorm2D(_BatchNorm):
+    """Batch normalisation of ``(N, C, H, W)`` inputs, per channel over N, H and W.
+
+    Parameters
+    ----------
+    momentum : float in [0, 1)
+        Weight of the old moving statistics (Keras's convention; PyTorch's 0.1 is our 0.9).
+    epsilon : float > 0
+        Added to the variance.
+    """
+
+    def _channels(self, input_shape):
+        return spatial_shape(input_shape, self)[0]
+
+    def output_shape(self, input_shape):
+        return spatial_shape(input_shape, self)
+
+
+@register_layer
+class BatchNorm1D(_BatchNorm):
+    """Batch normalisation of ``(N, features)`` inputs (after Dense), per feature over N."""
+
+    def _channels(self, input_shape):
+        shape = tuple(int(s) for s in input_shape)
+        if len(shape) != 1:
+            raise ValueError(
+                f"BatchNorm1D {self.name!r} expects inputs of shape (N, features), got "
+                f"per-sample shape {shape}"
+            )
+        return shape[0]
+
+    def output_shape(self, input_shape):
+        return (self._channels(input_shape),)

@@ -1,0 +1,297 @@
+"""Training, evaluation and prediction loops: a mixin that :class:`fastconv.nn.Model` inherits.
+
+Kept apart from the model's structure (Keras 3 does the same): everything here uses only the
+model's execution API (``_run_forward``, ``_run_backward``), its backend and its weights.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+
+import numpy as np
+
+from .. import _checks as chk
+from . import losses as losses_mod
+from . import optimizers as optimizers_mod
+from .backend import array_module, to_numpy
+from .callbacks import Callback, History
+
+__all__ = ["Trainer"]
+
+
+def _accuracy(scores, y) -> float:
+    pred = scores.argmax(axis=1)
+    if y.ndim == 2:
+        y = y.argmax(axis=1)
+    return float((pred == y).mean())
+
+
+def _progress(total, desc, show):
+    if not show:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+
+class Trainer:
+    """``compile``, ``train_on_batch``, ``fit``, ``evaluate`` and ``predict``."""
+
+    def compile(self, optimizer="adam", loss="softmax_cross_entropy", metrics=("accuracy",)):
+        """Attach an optimizer (name or object) and a loss (name or object)."""
+        self.optimizer = optimizers_mod.get(optimizer)
+        self.loss = losses_mod.get(loss)
+        metrics = list(metrics or [])
+        for m in metrics:
+            if m != "accuracy":
+                raise ValueError(f"metrics may only contain 'accuracy', got {m!r}")
+        self.metrics = metrics
+        return self
+
+    def _require_compiled(self):
+        if self.optimizer is None or self.loss is None:
+            raise RuntimeError("call model.compile(optimizer=..., loss=...) first")
+
+    # -- inputs ---------------------------------------------------------------------------------
+    def _prepare_x(self, x, name="x"):
+        """Validate a user batch source; batches are cast and moved lazily."""
+        if not (isinstance(x, np.ndarray) or chk.is_cupy_array(x)):
+            raise TypeError(
+                f"{name} must be a numpy.ndarray or cupy.ndarray, got {type(x).__name__}"
+            )
+        if x.dtype.kind not in "fiu":
+            raise TypeError(f"{name} must hold real numbers, got dtype {x.dtype}")
+        if x.ndim < 2:
+            raise ValueError(f"{name} must have a batch dimension, got shape {tuple(x.shape)}")
+        if x.shape[0] == 0:
+            raise ValueError(f"{name} must hold at least one sample")
+        if x.dtype.kind in "iu":
+            warnings.warn(
+                f"{name} has dtype {x.dtype}: values are cast to {self.dtype} unscaled; image "
+                f"pixels 0-255 usually need {name}.astype('float32') / 255",
+                UserWarning,
+                stacklevel=3,
+            )
+        if self.built:
+            self._check_input_shape(x, name)
+        return x
+
+    @staticmethod
+    def _check_finite(x, name):
+        if x.dtype.kind != "f":
+            return
+        finite = array_module(x).isfinite(x).reshape(x.shape[0], -1).all(axis=1)
+        if not bool(finite.all()):
+            bad = np.flatnonzero(~to_numpy(finite))
+            raise ValueError(
+                f"{name} holds NaN or infinite values in {bad.size} samples (first: "
+                f"{bad[:5].tolist()}); fix the data or pass check_finite=False"
+            )
+
+    def _batch(self, x):
+        """A batch on the model's backend and dtype."""
+        return self.backend.asarray(x)
+
+    def _labels(self, y, n, name="y"):
+        if isinstance(y, (list, tuple)):
+            y = np.asarray(y)
+        if not (isinstance(y, np.ndarray) or chk.is_cupy_array(y)):
+            raise TypeError(f"{name} must be a numpy.ndarray, got {type(y).__name__}")
+        if y.shape[:1] != (n,):
+            raise ValueError(f"{name} must have {n} entries (one per sample), got shape {y.shape}")
+        if self.built:
+            losses_mod.check_labels(y, n, self.output_shape[0], name)
+        return y
+
+    # -- one step -------------------------------------------------------------------------------
+    def _emit(self, event, what):
+        for h in self.hooks:
+            getattr(h, what)(event, None)
+
+    def train_on_batch(self, x, y) -> dict:
+        """One optimisation step on a batch. Returns ``{"loss", "accuracy"}`` (floats)."""
+        self._require_compiled()
+        x = self._batch(self._prepare_x(x))
+        self._ensure_built(x)
+        y = self.backend.labels(self._labels(y, x.shape[0]))
+        scores, caches = self._run_forward(x, training=True)
+        self._emit("loss_forward", "begin")
+        loss = self.loss.forward(scores, y)
+        self._emit("loss_forward", "end")
+        accuracy = _accuracy(scores, y)
+        self._emit("loss_backward", "begin")
+        dscores = self.loss.backward()
+        self._emit("loss_backward", "end")
+        _, self._grads = self._run_backward(caches, dscores, need_dx=False)
+        self._apply_gradients(self._grads)
+        return {"loss": loss, "accuracy": accuracy}
+
+    def _apply_gradients(self, grads) -> None:
+        keys = self.trainable_weight_keys()
+        by_name = {layer.name: layer for layer in self.layers}
+        params = [by_name[lname].params[w] for lname, w in keys]
+        self._emit("update", "begin")
+        self.optimizer.step(params, [grads[k] for k in keys], [f"{a}/{b}" for a, b in keys])
+        self._emit("update", "end")
+
+    # -- loops ----------------------------------------------------------------------------------
+    def predict(self, x, batch_size: int = 100):
+        """Outputs ``(N, ...)`` for ``x`` in inference mode (dropout off, BatchNorm on its
+        moving statistics), on the model's backend and dtype."""
+        x = self._prepare_x(x)
+        batch_size = chk.as_int(batch_size, "batch_size", 1)
+        self._ensure_built(self._batch(x[:1]))
+        outs = []
+        for start in range(0, x.shape[0], batch_size):
+            y, _ = self._run_forward(self._batch(x[start : start + batch_size]), training=False)
+            outs.append(y)
+        return self.backend.xp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
+
+    def evaluate(self, x, y, batch_size: int = 100) -> dict:
+        """Mean loss and accuracy over ``(x, y)`` in inference mode."""
+        x = self._prepare_x(x)
+        batch_size = chk.as_int(batch_size, "batch_size", 1)
+        loss_fn = self.loss or losses_mod.SoftmaxCrossEntropy()
+        n = x.shape[0]
+        self._ensure_built(self._batch(x[:1]))
+        y = self._labels(y, n)
+        total_loss = total_correct = 0.0
+        for start in range(0, n, batch_size):
+            xb = self._batch(x[start : start + batch_size])
+            yb = self.backend.labels(y[start : start + batch_size])
+            scores, _ = self._run_forward(xb, training=False)
+            m = xb.shape[0]
+            total_loss += loss_fn.forward(scores, yb) * m
+            total_correct += _accuracy(scores, yb) * m
+        return {"loss": total_loss / n, "accuracy": total_correct / n}
+
+    def fit(
+        self,
+        x,
+        y,
+        epochs=1,
+        batch_size=100,
+        validation_data=None,
+        validation_split=0.0,
+        shuffle=True,
+        callbacks=(),
+        verbose=1,
+        seed=None,
+        initial_epoch=0,
+        progress=None,
+        check_finite=True,
+    ) -> History:
+        """Train for epochs ``initial_epoch .. epochs-1``; each epoch visits every sample once
+        (a permutation when ``shuffle``). Returns a :class:`History`.
+
+        Parameters
+        ----------
+        validation_data : (x_val, y_val), optional
+            Evaluated after every epoch as ``val_loss`` and ``val_accuracy``.
+        validation_split : float in [0, 1)
+            Hold out this fraction of the samples, taken from the end of ``x`` before any
+            shuffling (as Keras), as validation data. Not with ``validation_data``.
+        seed : int, optional
+            Reseeds the model's generator (shuffling, dropout) before training.
+        verbose : 0, 1 or 2
+            Silent, a progress bar per epoch and a summary line, or the line only.
+        progress : bool, optional
+            Overrides whether the progress bar is shown.
+        check_finite : bool
+            Refuse inputs holding NaN or inf (checked once, before training).
+
+        A callback stops training by setting ``model.stop_training``; an epoch cut short that
+        way (e.g. by :class:`TerminateOnNaN`) is not reported to ``on_epoch_end``, so nothing
+        saves the weights of a half-finished, diverged epoch.
+        """
+        self._require_compiled()
+        x = self._prepare_x(x)
+        epochs = chk.as_int(epochs, "epochs", 0)
+        initial_epoch = chk.as_int(initial_epoch, "initial_epoch", 0)
+        batch_size = chk.as_int(batch_size, "batch_size", 1)
+        self._ensure_built(self._batch(x[:1]))
+        y = self._labels(y, x.shape[0])
+        split = validation_split
+        if isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 <= split < 1:
+            raise ValueError(f"validation_split must be a number in [0, 1), got {split!r}")
+        if split and validation_data is not None:
+            raise ValueError("pass validation_data or validation_split, not both")
+        if split:
+            n_val = int(math.ceil(x.shape[0] * split))
+            if n_val >= x.shape[0]:
+                raise ValueError(f"validation_split={split} leaves no training samples")
+            validation_data = (x[-n_val:], y[-n_val:])
+            x, y = x[:-n_val], y[:-n_val]
+        if validation_data is not None:
+            if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
+                raise ValueError("validation_data must be a pair (x_val, y_val)")
+            xv = self._prepare_x(validation_data[0], "validation_data[0]")
+            yv = self._labels(validation_data[1], xv.shape[0], "validation_data[1]")
+        if check_finite:
+            self._check_finite(x, "x")
+            if validation_data is not None:
+                self._check_finite(xv, "validation_data[0]")
+        if isinstance(callbacks, Callback) or not isinstance(callbacks, (list, tuple)):
+            raise TypeError(
+                f"callbacks must be a list of Callback objects, got {type(callbacks).__name__}"
+            )
+        for cb in callbacks:
+            if not isinstance(cb, Callback):
+                raise TypeError(f"callbacks must be Callback objects, got {type(cb).__name__}")
+        if seed is not None:
+            self.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
+        n = x.shape[0]
+        history = History()
+        callbacks = [history, *callbacks]
+        for cb in callbacks:
+            cb.set_model(self)
+        self.stop_training = False
+        self.history = history
+        for cb in callbacks:
+            cb.on_train_begin()
+        n_batches = -(-n // batch_size)
+        show_bar = verbose == 1 if progress is None else bool(progress)
+        for epoch in range(initial_epoch, epochs):
+            for cb in callbacks:
+                cb.on_epoch_begin(epoch)
+            t0 = time.perf_counter()
+            order = self.rng.permutation(n) if shuffle else np.arange(n)
+            sum_loss = sum_acc = 0.0
+            seen = 0
+            bar = _progress(n_batches, f"Epoch {epoch + 1}/{epochs}", show_bar)
+            for b in range(n_batches):
+                idx = order[b * batch_size : (b + 1) * batch_size]
+                logs = self.train_on_batch(self.backend.index(x, idx), y[idx])
+                m = len(idx)
+                sum_loss += logs["loss"] * m
+                sum_acc += logs["accuracy"] * m
+                seen += m
+                for cb in callbacks:
+                    cb.on_batch_end(b, logs)
+                if bar is not None:
+                    bar.update(1)
+                    if b % 20 == 0 or b == n_batches - 1:
+                        bar.set_postfix(loss=f"{sum_loss / seen:.4f}", acc=f"{sum_acc / seen:.4f}")
+                if self.stop_training and b < n_batches - 1:
+                    break
+            if bar is not None:
+                bar.close()
+            if seen < n:  # cut short by a callback
+                break
+            epoch_logs = {"loss": sum_loss / seen, "accuracy": sum_acc / seen}
+            if validation_data is not None:
+                val = self.evaluate(xv, yv, batch_size=max(batch_size, 100))
+                epoch_logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+            epoch_logs["time"] = time.perf_counter() - t0
+            if verbose:
+                parts = " - ".join(f"{k} {v:.4f}" for k, v in epoch_logs.items() if k != "time")
+                print(f"epoch {epoch + 1}/{epochs} - {parts} - {epoch_logs['time']:.1f}s")
+            for cb in callbacks:
+                cb.on_epoch_end(epoch, epoch_logs)
+            if self.stop_training:
+                break
+        for cb in callbacks:
+            cb.on_train_end()
+        return history
