@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 from pathlib import Path
@@ -33,33 +32,54 @@ def _positive_float(text):
     return value
 
 
+# Settings a resumed run must share with the run it continues (None: not given on the command
+# line, take the saved or the default value).
+_RUN_DEFAULTS = {
+    "batch_size": 100,
+    "lr": 1e-3,
+    "optimizer": "adam",
+    "dtype": "float32",
+    "seed": None,
+    "val_size": 5000,
+    "limit_train": None,
+}
+
+
 def _add_train_mnist(subparsers):
     p = subparsers.add_parser(
         "train-mnist",
         help="train the book's deep MNIST ConvNet",
         description=(
-            "Train the deep ConvNet of 'Deep Learning from Scratch' ch. 8 on MNIST. Writes "
-            "best.npz, last.npz (resumable), history.json, curves.png and misclassified.png "
-            "into --out."
+            "Train the deep ConvNet of 'Deep Learning from Scratch' ch. 8 on MNIST. The last "
+            "--val-size training images are held out: they pick the best epoch; the test set is "
+            "evaluated once, at the end, with the best epoch's weights. Writes best.npz, "
+            "last.npz (resumable), history.json, curves.png and misclassified.png into --out."
         ),
     )
     p.add_argument("--epochs", type=_positive_int, default=20, help="epochs in total (20)")
-    p.add_argument("--batch-size", type=_positive_int, default=100, help="batch size (100)")
-    p.add_argument("--lr", type=_positive_float, default=1e-3, help="learning rate (1e-3)")
+    p.add_argument("--batch-size", type=_positive_int, default=None, help="batch size (100)")
+    p.add_argument("--lr", type=_positive_float, default=None, help="learning rate (1e-3)")
     p.add_argument(
         "--optimizer",
-        default="adam",
+        default=None,
         choices=["sgd", "momentum", "nesterov", "adagrad", "rmsprop", "adam"],
         help="update rule (adam)",
     )
     p.add_argument("--backend", default="cpu", choices=["cpu", "gpu"], help="kernels (cpu)")
     p.add_argument(
         "--dtype",
-        default="float32",
+        default=None,
         choices=["float32", "float16"],
         help="model dtype (float32); float16 is experimental for training (float32 masters)",
     )
     p.add_argument("--seed", type=int, default=None, help="seed for init, shuffling, dropout")
+    p.add_argument(
+        "--val-size",
+        type=_non_negative_int,
+        default=None,
+        help="training images held out for validation, taken from the end (5000; 0: none, "
+        "then the last epoch counts as the best)",
+    )
     p.add_argument("--out", default="runs/mnist", help="output directory (runs/mnist)")
     p.add_argument(
         "--resume", action="store_true", help="continue from OUT/last.npz (epoch granularity)"
@@ -68,7 +88,10 @@ def _add_train_mnist(subparsers):
         "--overwrite", action="store_true", help="start afresh even if OUT holds a previous run"
     )
     p.add_argument(
-        "--limit-train", type=_positive_int, default=None, help="use the first N training images"
+        "--limit-train",
+        type=_positive_int,
+        default=None,
+        help="use the first N training images (validation included)",
     )
     p.add_argument(
         "--limit-test", type=_positive_int, default=None, help="use the first N test images"
@@ -77,6 +100,16 @@ def _add_train_mnist(subparsers):
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.set_defaults(func=train_mnist)
     return p
+
+
+def _non_negative_int(text):
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -107,16 +140,21 @@ def main(argv=None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 2
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
 
 
 # --- train-mnist ---------------------------------------------------------------------------------
 
 
 class _RunRecorder:
-    """Epoch-end bookkeeping: history.json, best.npz, last.npz (with optimizer and rng state)."""
+    """Epoch-end bookkeeping: history.json, best.npz (best validation accuracy, or the last
+    epoch without validation), last.npz (with optimizer and generator state)."""
 
-    def __init__(self, out: Path, history: list, best: float, run_args: dict, verbose: bool):
+    def __init__(self, out: Path, history: list, best: float, run_args: dict, validate: bool):
         from .nn.callbacks import Callback
 
         recorder = self
@@ -130,47 +168,75 @@ class _RunRecorder:
         self.history = history
         self.best = best
         self.run_args = run_args
-        self.verbose = verbose
+        self.validate = validate
 
     def epoch_end(self, model, epoch, logs):
-        from .nn.callbacks import write_json_atomic
-
         record = {
             "epoch": epoch + 1,
             "train_loss": logs["loss"],
             "train_accuracy": logs["accuracy"],
-            "test_loss": logs["val_loss"],
-            "test_accuracy": logs["val_accuracy"],
+            "val_loss": logs.get("val_loss"),
+            "val_accuracy": logs.get("val_accuracy"),
             "time_s": logs.get("time"),
         }
         self.history.append(record)
-        if record["test_accuracy"] > self.best:
-            self.best = record["test_accuracy"]
+        score = record["val_accuracy"] if self.validate else float(epoch + 1)
+        if score > self.best:
+            self.best = score
             model.save(self.out / "best.npz", include_optimizer=False, epoch=epoch + 1)
-        extra = {"history": self.history, "best_test_accuracy": self.best, "args": self.run_args}
+        extra = {"history": self.history, "best_score": self.best, "args": self.run_args}
         model.save(self.out / "last.npz", include_optimizer=True, epoch=epoch + 1, extra=extra)
-        write_json_atomic(self.out / "history.json", _history_json(self.history))
-        if self.verbose:
-            print(
-                f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} "
-                f"acc {record['train_accuracy']:.4f} | test loss {record['test_loss']:.4f} "
-                f"acc {record['test_accuracy']:.4f} | {record['time_s']:.1f}s",
-                flush=True,
-            )
+        _write_history(self.out, self.history)
+        val = (
+            f" | val loss {record['val_loss']:.4f} acc {record['val_accuracy']:.4f}"
+            if self.validate
+            else ""
+        )
+        print(
+            f"epoch {epoch + 1}: train loss {record['train_loss']:.4f} "
+            f"acc {record['train_accuracy']:.4f}{val} | {record['time_s']:.1f}s",
+            flush=True,
+        )
 
 
-def _history_json(records):
-    keys = ["epoch", "train_loss", "train_accuracy", "test_loss", "test_accuracy", "time_s"]
-    return {k: [r[k] for r in records] for k in keys}
+_HISTORY_KEYS = ["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "time_s"]
+
+
+def _history_json(records, test=None):
+    data = {k: [r.get(k) for r in records] for k in _HISTORY_KEYS}
+    if test is not None:
+        data["test"] = test
+    return data
+
+
+def _write_history(out, records, test=None):
+    from .nn._files import write_json_atomic
+
+    write_json_atomic(out / "history.json", _history_json(records, test))
+
+
+def _resolve_run_args(args, saved=None):
+    """Fill unset settings from the resumed run (or the defaults); refuse conflicts."""
+    conflicts = []
+    for key, default in _RUN_DEFAULTS.items():
+        given = getattr(args, key)
+        before = saved.get(key, default) if saved is not None else default
+        if given is None:
+            setattr(args, key, before)
+        elif saved is not None and given != before:
+            flag = "--" + key.replace("_", "-")
+            conflicts.append(f"{flag} {given} (the run being resumed used {before})")
+    return conflicts
 
 
 def train_mnist(args) -> int:
-    from .datasets import load_mnist
-    from .models import deep_mnist_net
-    from .nn import load_model, optimizers
+    from .nn import CheckpointError
+    from .nn._files import remove_stale_temp_files
 
     out = Path(args.out)
     last = out / "last.npz"
+    if out.is_dir():
+        remove_stale_temp_files(out)
     if last.exists() and not (args.resume or args.overwrite):
         print(
             f"error: {out} holds a previous run ({last}); pass --resume to continue it or "
@@ -179,30 +245,66 @@ def train_mnist(args) -> int:
         )
         return 2
     try:
+        return _train_mnist(args, out, last)
+    except (CheckpointError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # e.g. the disk is full
+        print(f"error: cannot write the run's files in {out}: {e}", file=sys.stderr)
+        return 1
+
+
+def _train_mnist(args, out: Path, last: Path) -> int:
+    from .datasets import load_mnist
+    from .models import deep_mnist_net
+    from .nn import TerminateOnNaN, load_model, optimizers
+
+    model, saved = None, None
+    if args.resume and last.exists():
+        model = load_model(last, backend=args.backend)
+        saved = model.checkpoint_meta.get("extra", {}).get("args")
+        if not isinstance(saved, dict):
+            saved = {}
+    conflicts = _resolve_run_args(args, saved)
+    if conflicts:
+        print(
+            "error: --resume continues a run with its own settings; these differ: "
+            + "; ".join(conflicts)
+            + ". Drop them, or start afresh with --overwrite.",
+            file=sys.stderr,
+        )
+        return 2
+    try:
         (x_train, y_train), (x_test, y_test) = load_mnist(args.data)
-    except (FileNotFoundError, ValueError) as e:
+    except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     if args.limit_train:
         x_train, y_train = x_train[: args.limit_train], y_train[: args.limit_train]
     if args.limit_test:
         x_test, y_test = x_test[: args.limit_test], y_test[: args.limit_test]
+    if args.val_size >= x_train.shape[0]:
+        print(
+            f"error: --val-size {args.val_size} leaves no training images out of "
+            f"{x_train.shape[0]}",
+            file=sys.stderr,
+        )
+        return 2
+    validation = None
+    if args.val_size:
+        validation = (x_train[-args.val_size :], y_train[-args.val_size :])
+        x_train, y_train = x_train[: -args.val_size], y_train[: -args.val_size]
     out.mkdir(parents=True, exist_ok=True)
-    verbose = not args.quiet
 
     history: list = []
     best = -1.0
     initial_epoch = 0
-    if args.resume and last.exists():
-        try:
-            model = load_model(last, backend=args.backend)
-        except RuntimeError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
+    if model is not None:
         meta = model.checkpoint_meta
         initial_epoch = int(meta.get("epoch") or 0)
-        history = list(meta.get("extra", {}).get("history", []))[:initial_epoch]
-        best = float(meta.get("extra", {}).get("best_test_accuracy", -1.0))
+        extra = meta.get("extra", {})
+        history = list(extra.get("history", []))[:initial_epoch]
+        best = float(extra.get("best_score", -1.0))
         if model.optimizer is None:
             model.compile(optimizers.get(args.optimizer, lr=args.lr))
         print(f"resuming from {last} after epoch {initial_epoch}", flush=True)
@@ -210,7 +312,6 @@ def train_mnist(args) -> int:
         if args.resume:
             print(f"no {last} to resume from; starting a new run", flush=True)
         model = deep_mnist_net(seed=args.seed)
-        model.build(x_train.shape[1:])
         if args.backend != "cpu" or args.dtype != "float32":
             try:
                 model = model.to(args.backend, args.dtype)
@@ -220,7 +321,8 @@ def train_mnist(args) -> int:
         model.compile(optimizers.get(args.optimizer, lr=args.lr))
 
     run_args = {k: v for k, v in vars(args).items() if k != "func"}
-    recorder = _RunRecorder(out, history, best, run_args, verbose=True)
+    recorder = _RunRecorder(out, history, best, run_args, validate=validation is not None)
+    nan_guard = TerminateOnNaN()
     if initial_epoch >= args.epochs:
         print(f"nothing to do: {initial_epoch} of {args.epochs} epochs already done")
     else:
@@ -231,28 +333,42 @@ def train_mnist(args) -> int:
                 y_train,
                 epochs=args.epochs,
                 batch_size=args.batch_size,
-                validation_data=(x_test, y_test),
-                callbacks=[recorder.callback],
-                verbose=0,  # the recorder prints the per-epoch train/test line
-                progress=verbose,
+                validation_data=validation,
+                callbacks=[recorder.callback, nan_guard],
+                verbose=0,  # the recorder prints the per-epoch line
+                progress=not args.quiet,
                 initial_epoch=initial_epoch,
             )
         except KeyboardInterrupt:
-            done = recorder.history[-1]["epoch"] if recorder.history else 0
+            done = recorder.history[-1]["epoch"] if recorder.history else initial_epoch
             print(
                 f"\ninterrupted; {last} holds epoch {done}: rerun with --resume to continue",
                 file=sys.stderr,
             )
             return 130
+        if nan_guard.message:
+            done = recorder.history[-1]["epoch"] if recorder.history else initial_epoch
+            kept = f"{last} keeps epoch {done}" if recorder.history else "no checkpoint written"
+            print(f"error: {nan_guard.message}; {kept}", file=sys.stderr)
+            if recorder.history:
+                plot_curves(_history_json(recorder.history), out / "curves.png")
+            return 1
         print(f"trained in {time.perf_counter() - t0:.1f}s")
-    if recorder.history:
-        best_rec = max(recorder.history, key=lambda r: r["test_accuracy"])
-        print(
-            f"final test accuracy {recorder.history[-1]['test_accuracy']:.4f}; best "
-            f"{best_rec['test_accuracy']:.4f} (epoch {best_rec['epoch']}) -> {out / 'best.npz'}"
-        )
-        plot_curves(_history_json(recorder.history), out / "curves.png")
-    scores = model.predict(x_test, batch_size=max(args.batch_size, 100))
+    if not recorder.history:
+        return 0
+    # The test set, touched once: with the weights of the epoch the validation set chose.
+    chosen = load_model(out / "best.npz", backend=args.backend)
+    test = chosen.evaluate(x_test, y_test, batch_size=max(args.batch_size, 100))
+    best_epoch = int(chosen.checkpoint_meta["epoch"])
+    test_record = {"epoch": best_epoch, "loss": test["loss"], "accuracy": test["accuracy"]}
+    _write_history(out, recorder.history, test_record)
+    how = "best validation accuracy" if validation is not None else "last epoch, no validation"
+    print(
+        f"test accuracy {test['accuracy']:.4f} (loss {test['loss']:.4f}) with epoch "
+        f"{best_epoch} ({how}) -> {out / 'best.npz'}"
+    )
+    plot_curves(_history_json(recorder.history, test_record), out / "curves.png")
+    scores = chosen.predict(x_test, batch_size=max(args.batch_size, 100))
     pred = np.asarray(_to_cpu(scores).argmax(axis=1))
     wrong = np.flatnonzero(pred != y_test)
     plot_misclassified(x_test, y_test, pred, wrong, out / "misclassified.png")
@@ -276,16 +392,22 @@ def _pyplot():
 
 
 def plot_curves(history: dict, path) -> None:
-    """Loss and accuracy per epoch, train and test."""
+    """Loss and accuracy per epoch, train and validation; the test result as one point."""
     plt = _pyplot()
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = history["epoch"]
     ax_loss.plot(epochs, history["train_loss"], "o-", label="train")
-    ax_loss.plot(epochs, history["test_loss"], "s-", label="test")
-    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
     ax_acc.plot(epochs, history["train_accuracy"], "o-", label="train")
-    ax_acc.plot(epochs, history["test_accuracy"], "s-", label="test")
-    ax_acc.set(xlabel="epoch", ylabel="accuracy", title="Accuracy")
+    if any(v is not None for v in history.get("val_loss", [])):
+        ax_loss.plot(epochs, history["val_loss"], "s-", label="validation")
+        ax_acc.plot(epochs, history["val_accuracy"], "s-", label="validation")
+    test = history.get("test")
+    if test:
+        ax_loss.plot([test["epoch"]], [test["loss"]], "r*", ms=12, label="test (once)")
+        ax_acc.plot([test["epoch"]], [test["accuracy"]], "r*", ms=12, label="test (once)")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title="Loss")
+    title = "Accuracy" + (f" (test {test['accuracy']:.2%})" if test else "")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title=title)
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
@@ -313,7 +435,6 @@ def plot_misclassified(x, y, pred, wrong, path, max_images: int = 50) -> None:
 
 
 def _savefig_atomic(fig, path):
-    path = os.fspath(path)
-    tmp = f"{path}.tmp{os.getpid()}.png"
-    fig.savefig(tmp, dpi=100)
-    os.replace(tmp, path)
+    from .nn._files import atomic_write
+
+    atomic_write(path, lambda f: fig.savefig(f, dpi=100, format="png"), suffix=".png")

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from fastconv.cli import build_parser, main
+from fastconv.datasets import load_mnist
 from fastconv.nn import load_model
 
 REPO = Path(__file__).resolve().parent.parent
@@ -19,20 +20,28 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_train_mnist_smoke(tmp_path, capsys):
     out = tmp_path / "run"
-    args = ["train-mnist", "--epochs", "2", "--limit-train", "300", "--limit-test", "200"]
+    args = ["train-mnist", "--epochs", "2", "--limit-train", "400", "--limit-test", "200"]
+    args += ["--val-size", "100"]
     rc = main([*args, "--batch-size", "50", "--seed", "0", "--out", str(out), "--quiet"])
     assert rc == 0
     text = capsys.readouterr().out
-    assert "epoch 1: train loss" in text and "test loss" in text
+    assert "epoch 1: train loss" in text and "val loss" in text and "test loss" not in text
     for name in ["best.npz", "last.npz", "history.json", "curves.png", "misclassified.png"]:
         assert (out / name).stat().st_size > 0, name
     hist = json.loads((out / "history.json").read_text())
-    assert hist["epoch"] == [1, 2] and len(hist["test_accuracy"]) == 2
-    assert all(0 <= a <= 1 for a in hist["test_accuracy"])
+    assert hist["epoch"] == [1, 2] and len(hist["val_accuracy"]) == 2
+    assert all(0 <= a <= 1 for a in hist["val_accuracy"])
     last = load_model(out / "last.npz")
     assert last.checkpoint_meta["epoch"] == 2 and last.optimizer.iterations == 12
     best = load_model(out / "best.npz")
-    assert best.checkpoint_meta["epoch"] == 1 + int(np.argmax(hist["test_accuracy"]))
+    # The validation set picks the epoch; the test set is evaluated once, with its weights.
+    assert best.checkpoint_meta["epoch"] == 1 + int(np.argmax(hist["val_accuracy"]))
+    assert hist["test"]["epoch"] == best.checkpoint_meta["epoch"]
+    x_test = load_mnist()[1]
+    assert hist["test"]["accuracy"] == pytest.approx(
+        best.evaluate(x_test[0][:200], x_test[1][:200])["accuracy"]
+    )
+    assert f"test accuracy {hist['test']['accuracy']:.4f}" in text
     # a second run into the same directory must not silently overwrite it
     assert main([*args, "--out", str(out), "--quiet"]) == 2
     assert "--resume" in capsys.readouterr().err
@@ -66,7 +75,8 @@ def test_resume_after_sigkill(tmp_path):
     """Kill a run mid-training with SIGKILL, resume it, and get one continuous history."""
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "fastconv", "train-mnist", "--epochs", "3", "--batch-size", "25"]
-    cmd += ["--limit-train", "1000", "--limit-test", "100", "--seed", "1", "--out", str(out)]
+    cmd += ["--limit-train", "1100", "--val-size", "100", "--limit-test", "100", "--seed", "1"]
+    cmd += ["--out", str(out)]
     proc = subprocess.Popen(
         [*cmd, "--quiet"], env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
     )
