@@ -1,13 +1,19 @@
 """Where does a training step spend its time? Layer-by-layer timing of a model's training step.
 
-:func:`profile_model` runs complete training steps by hand through the layer contract
-(each layer's ``forward(x, training=True)``, the loss forward and backward, each layer's
-``backward`` in reverse, then ``optimizer.step``), putting a clock mark between consecutive
-parts: ``time.perf_counter`` for NumPy inputs, CUDA events (synchronised once per step) for
-CuPy inputs. It aggregates the times by layer kind and reports the share of the step spent in
-convolution, for the whole step and for the forward pass alone (the book's fig. 8-14 shows the
-forward share). It also times an untimed ``model.train_on_batch`` of the same batch in the same
-run, interleaved with the profiled steps, and reports the difference as the profiling overhead.
+:func:`profile_model` runs real training steps (``model.train_on_batch``) with a clock hook
+registered on the model (:class:`fastconv.nn.Hook`): the model calls it around every layer's
+forward and backward pass, the loss and the optimizer update. Consecutive clock marks split the
+step into contiguous parts, so the parts add up to the step's wall time; the gaps between hooked
+events (casting the batch, checking labels, computing the accuracy, Python between layers) are
+reported as ``framework``. Clocks: ``time.perf_counter`` for CPU models, CUDA events
+(synchronised once per step) for GPU models. Times are aggregated by layer type; the share of the
+step spent in convolution is reported for the whole step and for the forward pass alone (the
+book's fig. 8-14 shows the forward share). An untimed ``train_on_batch`` of the same batch runs
+interleaved with the profiled steps, and the difference is reported as the profiling overhead.
+
+Layers that the model fuses into the previous one (a ReLU into a conv's or a BatchNorm's
+epilogue; at inference a BatchNorm folded into its conv) get no time of their own: it is
+counted in the layer they are fused into, and a note says so.
 """
 
 from __future__ import annotations
@@ -22,9 +28,9 @@ from ._checks import is_cupy_array
 
 __all__ = ["ProfileResult", "profile_model", "profile_forward", "add_subcommand"]
 
-# Layer kinds reported under their own name; anything else (e.g. "reshape") goes to "other".
-_KINDS = ("conv", "pool", "dense", "activation", "dropout")
-_TYPE_ORDER = (*_KINDS, "other", "loss", "update")
+# Layer kinds reported under their own name; anything else ("reshape", "merge") goes to "other".
+_KINDS = ("conv", "pool", "norm", "dense", "activation", "dropout")
+_TYPE_ORDER = (*_KINDS, "other", "loss", "update", "framework")
 
 
 def _type_of(layer) -> str:
@@ -90,7 +96,8 @@ class ProfileResult:
         Convolution time over the whole step, and conv forward time over the layers' forward time.
     by_type : dict
         ``{type: share of the step}``, summing to 1. Types are layer kinds (``conv``, ``pool``,
-        ``dense``, ``activation``, ``dropout``; other kinds as ``other``), ``loss`` and ``update``.
+        ``norm``, ``dense``, ``activation``, ``dropout``; other kinds as ``other``), ``loss``,
+        ``update`` and ``framework`` (the time between hooked events).
     by_type_ms : dict
         ``{type: {"forward": ms, "backward": ms}}``; the optimizer update counts as backward.
     layers : list of dict
@@ -116,6 +123,7 @@ class ProfileResult:
     loss_ms: float
     update_ms: float
     overhead: dict
+    framework_ms: float = 0.0
     notes: list = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -128,23 +136,31 @@ class ProfileResult:
     def table(self) -> str:
         """Readable text report: per layer, per type, shares and overhead."""
         what = "training step" if self.training else "forward pass (inference mode)"
+        width = max([14] + [len(la["name"]) + 2 for la in self.layers])
         lines = [
             f"{what}: backend {self.backend}, {self.dtype}, batch {self.batch_size}, "
             f"mean of {self.steps} steps after {self.warmup} warm-up",
             "",
-            f"{'layer':<14}{'type':<12}{'forward ms':>12}{'backward ms':>13}{'share':>9}",
+            f"{'layer':<{width}}{'type':<12}{'forward ms':>12}{'backward ms':>13}{'share':>9}",
         ]
         for layer in self.layers:
             total = layer["forward_ms"] + layer["backward_ms"]
             lines.append(
-                f"{layer['name']:<14}{layer['type']:<12}{layer['forward_ms']:>12.3f}"
+                f"{layer['name']:<{width}}{layer['type']:<12}{layer['forward_ms']:>12.3f}"
                 f"{layer['backward_ms']:>13.3f}{total / self.step_ms:>9.1%}"
             )
         if self.training:
-            lines.append(f"{'(loss)':<14}{'loss':<12}{'':>12}{'':>13}{self.by_type['loss']:>9.1%}")
             lines.append(
-                f"{'(update)':<14}{'update':<12}{'':>12}{self.update_ms:>13.3f}"
+                f"{'(loss)':<{width}}{'loss':<12}{'':>12}{'':>13}{self.by_type['loss']:>9.1%}"
+            )
+            lines.append(
+                f"{'(update)':<{width}}{'update':<12}{'':>12}{self.update_ms:>13.3f}"
                 f"{self.by_type['update']:>9.1%}"
+            )
+        if "framework" in self.by_type:
+            lines.append(
+                f"{'(framework)':<{width}}{'framework':<12}{self.framework_ms:>12.3f}{'':>13}"
+                f"{self.by_type['framework']:>9.1%}"
             )
         lines += ["", f"{'type':<14}{'forward ms':>12}{'backward ms':>13}{'share':>9}"]
         for name, share in self.by_type.items():
@@ -193,26 +209,37 @@ class ProfileResult:
 # --- profiling ---------------------------------------------------------------------------------
 
 
-def _prepare_inputs(model, x, y):
-    """Put ``x`` (and integer ``y``) where the model computes, in the model's dtype."""
-    backend = getattr(model, "backend", "cpu")
-    dtype = getattr(model, "dtype", None)
-    if backend == "gpu" and not is_cupy_array(x):
-        from .ops import to_gpu
+class _ClockHook:
+    """Marks the clock at every hooked event; gaps between events are ``framework`` time."""
 
-        x = to_gpu(np.asarray(x))
-    if dtype is not None and np.dtype(x.dtype) != np.dtype(dtype):
-        x = x.astype(dtype)
-    if backend == "gpu" and y is not None and not is_cupy_array(y):
-        import cupy
+    def __init__(self, clock):
+        self.clock = clock
+        self.records = []
+        self._last = None
 
-        y = cupy.asarray(y)
-    return x, y
+    def start(self):
+        self.records = []
+        self._last = self.clock.mark()
+
+    def begin(self, event, layer):
+        now = self.clock.mark()
+        self.records.append(("framework", None, self._last, now))
+        self._last = now
+
+    def end(self, event, layer):
+        now = self.clock.mark()
+        self.records.append((event, layer, self._last, now))
+        self._last = now
+
+    def stop(self):
+        self.begin("framework", None)
+        self.clock.finish(self._last)
+        return [(e, la, self.clock.elapsed_ms(a, b)) for e, la, a, b in self.records]
 
 
 def _check_args(model, x, steps, warmup):
-    if not hasattr(model, "layers") or not hasattr(model, "optimizer"):
-        raise TypeError("model must be a Sequential-like model with .layers and .optimizer")
+    if not (hasattr(model, "hooks") and hasattr(model, "_run_forward")):
+        raise TypeError(f"model must be a fastconv.nn.Model, got {type(model).__name__}")
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be an int >= 1, got {steps!r}")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
@@ -223,83 +250,62 @@ def _check_args(model, x, steps, warmup):
         )
 
 
-def _ensure_built(model, x):
-    if not getattr(model, "built", True) or not all(
-        getattr(la, "built", True) for la in model.layers
-    ):
-        model.build(tuple(x.shape[1:]))
-
-
-def _profiled_step(model, x, y, clock, training):
-    """One step with a clock mark between consecutive parts; returns the marks."""
-    marks = [clock.mark()]
-    out = x
-    for layer in model.layers:
-        out = layer.forward(out, training=training)
-        marks.append(clock.mark())
-    if training:
-        model.loss.forward(out, y)
-        marks.append(clock.mark())
-        d = model.loss.backward()
-        marks.append(clock.mark())
-        # As Sequential.train_on_batch: the first layer skips the input gradient when it can.
-        first = model.layers[0] if model.layers else None
-        for layer in reversed(model.layers):
-            if layer is first and getattr(layer, "can_skip_dx", False):
-                d = layer.backward(d, need_dx=False)
-            else:
-                d = layer.backward(d)
-            marks.append(clock.mark())
-        model.optimizer.step(model.parameters(), model.gradients())
-        marks.append(clock.mark())
-    clock.finish(marks[-1])
-    return marks
-
-
-def _run(model, x, y, steps, warmup, training, untimed):
+def _run(model, x, y, steps, warmup, training):
     _check_args(model, x, steps, warmup)
-    x, y = _prepare_inputs(model, x, y)
-    _ensure_built(model, x)
-    gpu = is_cupy_array(x)
+    xb = model._batch(model._prepare_x(x))
+    model._ensure_built(xb)
+    if training:
+        step = lambda: model.train_on_batch(xb, y)  # noqa: E731
+    else:
+        step = lambda: model._run_forward(xb, training=False)  # noqa: E731
+    gpu = is_cupy_array(xb)
     clock = _GpuClock() if gpu else _CpuClock()
-    for _ in range(warmup):
-        _profiled_step(model, x, y, clock, training)
-        untimed(x, y)
-    _synchronize(x)
+    hook = _ClockHook(clock)
 
-    n_layers = len(model.layers)
-    parts, walls, untimed_walls = [], [], []
+    def profiled():
+        model.hooks.append(hook)
+        try:
+            hook.start()
+            step()
+            return hook.stop()
+        finally:
+            model.hooks.remove(hook)
+
+    for _ in range(warmup):
+        profiled()
+        step()
+    _synchronize(xb)
+
+    names = [layer.name for layer in model.layers]
+    runs, walls, untimed_walls = [], [], []
     for _ in range(steps):
         start = time.perf_counter()
-        marks = _profiled_step(model, x, y, clock, training)
+        runs.append(profiled())
         walls.append(time.perf_counter() - start)
-        parts.append([clock.elapsed_ms(a, b) for a, b in zip(marks, marks[1:], strict=False)])
         # Interleaved so that both see the same machine load.
         start = time.perf_counter()
-        untimed(x, y)
-        _synchronize(x)
+        step()
+        _synchronize(xb)
         untimed_walls.append(time.perf_counter() - start)
 
-    mean = np.asarray(parts, dtype=np.float64).mean(axis=0)
-    forward = mean[:n_layers]
-    if training:
-        loss_ms = float(mean[n_layers] + mean[n_layers + 1])
-        backward = mean[n_layers + 2 : 2 * n_layers + 2][::-1]
-        update_ms = float(mean[-1])
-        loss_split = {"forward": float(mean[n_layers]), "backward": float(mean[n_layers + 1])}
-    else:
-        loss_ms = update_ms = 0.0
-        backward = np.zeros(n_layers)
-        loss_split = None
-
+    per_layer = {name: {"forward": 0.0, "backward": 0.0} for name in names}
+    totals = {"loss_forward": 0.0, "loss_backward": 0.0, "update": 0.0, "framework": 0.0}
+    step_totals = []
+    for parts in runs:
+        step_totals.append(sum(ms for _, _, ms in parts))
+        for event, layer, ms in parts:
+            if layer is not None:
+                per_layer[layer.name][event] += ms / steps
+            else:
+                totals[event] += ms / steps
     layers = [
         {
-            "name": str(getattr(layer, "name", f"layer{i}")),
+            "name": layer.name,
             "type": _type_of(layer),
-            "forward_ms": float(f),
-            "backward_ms": float(b),
+            "forward_ms": per_layer[layer.name]["forward"],
+            "backward_ms": per_layer[layer.name]["backward"],
         }
-        for i, (layer, f, b) in enumerate(zip(model.layers, forward, backward, strict=True))
+        for layer in model.layers
     ]
     by_type_ms = {}
     for layer in layers:
@@ -307,38 +313,48 @@ def _run(model, x, y, steps, warmup, training, untimed):
         t["forward"] += layer["forward_ms"]
         t["backward"] += layer["backward_ms"]
     if training:
-        by_type_ms["loss"] = loss_split
-        by_type_ms["update"] = {"forward": 0.0, "backward": update_ms}
+        by_type_ms["loss"] = {
+            "forward": totals["loss_forward"],
+            "backward": totals["loss_backward"],
+        }
+        by_type_ms["update"] = {"forward": 0.0, "backward": totals["update"]}
+    by_type_ms["framework"] = {"forward": totals["framework"], "backward": 0.0}
     by_type_ms = {k: by_type_ms[k] for k in _TYPE_ORDER if k in by_type_ms}
 
-    totals = np.asarray(parts).sum(axis=1)
-    step_ms = float(mean.sum())
+    step_ms = sum(v["forward"] + v["backward"] for v in by_type_ms.values())
     by_type = {k: (v["forward"] + v["backward"]) / step_ms for k, v in by_type_ms.items()}
     conv = by_type_ms.get("conv", {"forward": 0.0, "backward": 0.0})
-    forward_total = float(forward.sum())
-    profiled = float(np.median(walls) * 1e3)
+    forward_total = sum(layer["forward_ms"] for layer in layers)
+    profiled_ms = float(np.median(walls) * 1e3)
     untimed_ms = float(np.median(untimed_walls) * 1e3)
+    notes = [
+        f"{', '.join(la.name for la in s.layers[1:])} fused into {s.layer.name}"
+        for s in model.execution_plan(training)
+        if len(s.layers) > 1
+    ]
     return ProfileResult(
         backend="gpu" if gpu else "cpu",
-        dtype=str(np.dtype(x.dtype)),
-        batch_size=int(x.shape[0]),
+        dtype=str(np.dtype(xb.dtype)),
+        batch_size=int(xb.shape[0]),
         steps=steps,
         warmup=warmup,
         training=training,
         step_ms=step_ms,
-        step_ms_median=float(np.median(totals)),
+        step_ms_median=float(np.median(step_totals)),
         conv_share=(conv["forward"] + conv["backward"]) / step_ms,
-        forward_conv_share=conv["forward"] / forward_total,
+        forward_conv_share=conv["forward"] / forward_total if forward_total else 0.0,
         by_type=by_type,
         by_type_ms=by_type_ms,
         layers=layers,
-        loss_ms=loss_ms,
-        update_ms=update_ms,
+        loss_ms=totals["loss_forward"] + totals["loss_backward"],
+        update_ms=totals["update"],
+        framework_ms=totals["framework"],
         overhead={
-            "profiled_step_ms": profiled,
+            "profiled_step_ms": profiled_ms,
             "untimed_step_ms": untimed_ms,
-            "ratio": profiled / untimed_ms,
+            "ratio": profiled_ms / untimed_ms,
         },
+        notes=notes,
     )
 
 
@@ -347,9 +363,8 @@ def profile_model(model, x, y, steps=20, warmup=3) -> ProfileResult:
 
     Parameters
     ----------
-    model : Sequential-like
-        Has ``layers``, ``loss``, ``optimizer``, ``parameters()``, ``gradients()`` and
-        ``train_on_batch``; it is trained by the run (``2 * (steps + warmup)`` updates).
+    model : fastconv.nn.Model
+        Compiled; it is trained by the run (``2 * (steps + warmup)`` updates).
     x : ndarray (NumPy or CuPy), (N, ...)
         Input batch; cast to the model's dtype and moved to its backend if needed.
     y : ndarray
@@ -366,22 +381,15 @@ def profile_model(model, x, y, steps=20, warmup=3) -> ProfileResult:
     _check_args(model, x, steps, warmup)
     if getattr(model, "loss", None) is None or getattr(model, "optimizer", None) is None:
         raise ValueError("model needs a loss and an optimizer to profile a training step")
-    return _run(model, x, y, steps, warmup, True, lambda xb, yb: model.train_on_batch(xb, yb))
+    return _run(model, x, y, steps, warmup, True)
 
 
 def profile_forward(model, x, steps=20, warmup=3) -> ProfileResult:
-    """Like :func:`profile_model`, but inference only (``training=False``, no loss or update).
+    """Like :func:`profile_model`, but inference only (no loss or update).
 
-    The overhead is measured against a plain, untimed loop of the layers' forward passes.
+    The overhead is measured against the same forward passes without the clock hook.
     """
-
-    def untimed(xb, _):
-        out = xb
-        for layer in model.layers:
-            out = layer.forward(out, training=False)
-        return out
-
-    return _run(model, x, None, steps, warmup, False, untimed)
+    return _run(model, x, None, steps, warmup, False)
 
 
 # --- command line ------------------------------------------------------------------------------
