@@ -6,6 +6,7 @@ from __future__ import annotations
 import builtins
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -213,3 +214,55 @@ def test_ctrl_c_while_importing_or_plotting_is_not_a_traceback(monkeypatch, caps
     monkeypatch.setattr(cli, "plot_misclassified", plot)
     assert _run_small(tmp_path / "run") == 130
     assert "interrupted" in capsys.readouterr().err
+
+
+KILL_DURING_WRITE = """
+import os, signal, sys
+npz_syncs = 0
+real_fsync = os.fsync
+def fsync(fd):
+    global npz_syncs
+    if os.readlink(f"/proc/self/fd/{fd}").endswith(".npz"):
+        npz_syncs += 1
+        if npz_syncs == int(sys.argv[1]):  # written to the temporary file, not yet renamed
+            os.kill(os.getpid(), signal.SIGKILL)
+    real_fsync(fd)
+os.fsync = fsync
+from fastconv.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_kill_during_a_checkpoint_write_then_resume_is_bit_identical(tmp_path):
+    """SIGKILL while epoch 2's checkpoint is being written; --resume redoes epoch 2 from epoch
+    1's files, and the run ends exactly where an uninterrupted run ends."""
+    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    train = ["train-mnist", "--epochs", "3", *SMALL, "--seed", "3", "--quiet"]
+
+    def run(out, kill_at, *extra):
+        argv = [*train, "--out", str(out), *extra]
+        return subprocess.run([sys.executable, "-c", KILL_DURING_WRITE, str(kill_at), *argv],
+                              env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    straight = run(tmp_path / "straight", 0)
+    assert straight.returncode == 0, straight.stderr[-2000:]
+    killed = run(
+        tmp_path / "killed", 3
+    )  # epoch 1 wrote best.npz and last.npz: the 3rd is epoch 2's
+    assert killed.returncode == -signal.SIGKILL
+    assert load_model(tmp_path / "killed" / "last.npz").checkpoint_meta["epoch"] == 1
+    assert any(p.name.startswith(".tmp-") for p in (tmp_path / "killed").iterdir())
+    resumed = run(tmp_path / "killed", 0, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "after epoch 1" in resumed.stdout
+    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "killed").iterdir())
+    a = load_model(tmp_path / "straight" / "last.npz")
+    b = load_model(tmp_path / "killed" / "last.npz")
+    for wa, wb in zip(a.get_weights(), b.get_weights(), strict=True):
+        np.testing.assert_array_equal(wa, wb)
+    ha, hb = (
+        json.loads((tmp_path / d / "history.json").read_text()) for d in ("straight", "killed")
+    )
+    for key in ("train_loss", "train_accuracy", "val_loss", "val_accuracy"):
+        assert ha[key] == hb[key]
+    assert ha["test"] == hb["test"]
