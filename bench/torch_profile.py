@@ -2,7 +2,8 @@
 
 ``python bench/torch_profile.py [--steps 20] [--batch-size 100] [--threads 2] [--json]``
 
-The same net and initialisation as ``bench/torch_net.py`` (PyTorch CPU, float32). Every step is
+The PyTorch twin of ``deep_mnist_net(seed)`` (``fastconv.torch_bridge.to_torch``: the same
+weights; PyTorch CPU, float32). Every step is
 wrapped in ``record_function`` ranges ("train_step", "forward"), and the convolution time is the
 inclusive CPU time of the top-level convolution ops: ``aten::conv2d`` in the forward pass and the
 autograd node ``ConvolutionBackward0`` in the backward pass. PyTorch runs ReLU as a separate op,
@@ -14,15 +15,14 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import torch_net  # noqa: E402
+from fastconv.benchmark import torch_train_step
+from fastconv.models import deep_mnist_net
+from fastconv.torch_bridge import to_torch
 
 CONV_FORWARD = "aten::conv2d"
 CONV_BACKWARD = "ConvolutionBackward0"
@@ -40,10 +40,10 @@ def run(steps=20, warmup=3, batch_size=100, threads=2, seed=0) -> dict:
     rng = np.random.default_rng(seed)
     x = torch.from_numpy(rng.random((batch_size, 1, 28, 28), dtype=np.float32))
     y = torch.from_numpy(rng.integers(0, 10, batch_size))
-    net = torch_net.deep_mnist_torch(seed=seed)
-    opt = torch_net.make_optimizer(net)
+    net = to_torch(deep_mnist_net(seed=seed))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     for _ in range(warmup):
-        torch_net.train_step(net, opt, x, y)
+        torch_train_step(net, opt, x, y)
 
     def step():
         with record_function("train_step"):

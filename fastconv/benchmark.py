@@ -8,8 +8,10 @@ weights. Reports medians and ratios to PyTorch (lower is faster), and can write 
 table into a file between ``<!-- e2e-table:start -->`` and ``<!-- e2e-table:end -->`` and a
 PNG bar chart.
 
-The baselines live in the source checkout's ``bench/`` directory (``torch_net.py``,
-``numpy_net.py``), not in the installed package; run from a checkout.
+The baselines are built from fastconv's own model, so the architecture is defined once
+(:func:`fastconv.models.deep_mnist_net`): PyTorch's through :func:`fastconv.torch_bridge.to_torch`,
+the NumPy one through :func:`fastconv.book_numpy.from_model`. Everything is in the package:
+``fastconv bench`` runs from an installed wheel.
 """
 
 from __future__ import annotations
@@ -25,28 +27,38 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["load_baseline", "machine_info", "run_benchmark", "markdown_table", "write_markdown"]
+__all__ = [
+    "machine_info",
+    "run_benchmark",
+    "markdown_table",
+    "write_markdown",
+    "torch_train_step",
+    "torch_predict",
+]
 
 START_MARK = "<!-- e2e-table:start -->"
 END_MARK = "<!-- e2e-table:end -->"
-BENCH_DIR = Path(__file__).resolve().parents[1] / "bench"
 
 
-def load_baseline(name: str):
-    """Import ``bench/<name>.py`` (``"torch_net"`` or ``"numpy_net"``) from the source checkout."""
-    if name not in ("torch_net", "numpy_net"):
-        raise ValueError(f"name must be 'torch_net' or 'numpy_net', got {name!r}")
-    module_name = f"fastconv_bench_{name}"
-    if module_name in sys.modules:
-        return sys.modules[module_name]
-    path = BENCH_DIR / f"{name}.py"
-    if not path.is_file():
-        raise RuntimeError(f"{path} not found: the benchmark needs a source checkout of fastconv")
-    spec = importlib.util.spec_from_file_location(module_name, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[module_name] = module
-    spec.loader.exec_module(module)
-    return module
+def torch_train_step(net, optimizer, x, y):
+    """One PyTorch training step (forward, mean softmax cross-entropy, backward, update)."""
+    import torch
+
+    net.train()
+    optimizer.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(net(x), y)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
+
+
+def torch_predict(net, x, batch_size=100):
+    """PyTorch scores for ``x`` in eval mode, ``batch_size`` images at a time."""
+    import torch
+
+    net.eval()
+    with torch.no_grad():
+        return torch.cat([net(x[i : i + batch_size]) for i in range(0, x.shape[0], batch_size)])
 
 
 def _cpu_model() -> str:
@@ -98,12 +110,6 @@ def _fastconv_model(seed, dtype="float32"):
     return model.compile(optimizer="adam", loss="softmax_cross_entropy")
 
 
-def _params_numpy(model):
-    from .ops import to_cpu
-
-    return [np.asarray(to_cpu(p), dtype=np.float64) for p in model.parameters()]
-
-
 NAMES = {
     "fastconv32": "fastconv CPU float32",
     "fastconv16": "fastconv CPU float16",
@@ -129,29 +135,29 @@ def _implementation(key, seed, batch_size, infer_images, torch_threads):
     """
     x, y, x_infer = _inputs(seed, batch_size, infer_images)
     fc = _fastconv_model(seed)
-    fc.build(x.shape[1:])
     if key == "fastconv32":
         return (lambda: fc.train_on_batch(x, y)), (lambda: fc.predict(x_infer, batch_size=100))
     if key == "fastconv16":
         fc16 = fc.to(dtype="float16")
         x16 = x_infer.astype(np.float16)
         return None, (lambda: fc16.predict(x16, batch_size=100))
-    weights = _params_numpy(fc)
     if key == "torch":
         import torch
 
+        from .torch_bridge import to_torch
+
         torch.set_num_threads(torch_threads)
-        tn = load_baseline("torch_net")
-        net = tn.deep_mnist_torch(weights)
-        opt = tn.make_optimizer(net)
+        net = to_torch(fc)
+        opt = torch.optim.Adam(net.parameters(), lr=1e-3)
         tx, ty, tx_infer = (torch.from_numpy(a) for a in (x, y.astype(np.int64), x_infer))
         return (
-            (lambda: tn.train_step(net, opt, tx, ty)),
-            (lambda: tn.predict(net, tx_infer, batch_size=100)),
+            (lambda: torch_train_step(net, opt, tx, ty)),
+            (lambda: torch_predict(net, tx_infer, batch_size=100)),
         )
     if key == "numpy":
-        net = load_baseline("numpy_net").deep_mnist_numpy(seed)
-        net.set_parameters(weights)
+        from .book_numpy import from_model
+
+        net = from_model(fc)
         return (lambda: net.train_on_batch(x, y)), (lambda: net.predict(x_infer, batch_size=100))
     raise ValueError(f"unknown implementation {key!r}")
 
@@ -509,8 +515,8 @@ def add_subcommand(subparsers):
 
 
 def main(argv=None) -> int:
-    """Entry point of ``python bench/compare.py`` (same options as ``fastconv bench``)."""
-    parser = argparse.ArgumentParser(prog="bench/compare.py", description=__doc__.split("\n\n")[0])
+    """``fastconv bench`` with ``argv`` (tests; the console script goes through the CLI)."""
+    parser = argparse.ArgumentParser(prog="fastconv bench", description=__doc__.split("\n\n")[0])
     _add_arguments(parser)
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)

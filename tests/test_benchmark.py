@@ -1,7 +1,8 @@
-"""The benchmark compares equal work: PyTorch and NumPy baselines compute fastconv's step.
+"""The benchmark compares equal work: the PyTorch and NumPy baselines compute fastconv's step.
 
-With identical weights and dropout off (rate 0), fastconv (float32), the PyTorch net (float64)
-and the book-style NumPy net (float64) must give the same loss, gradients and scores.
+Both baselines are built from fastconv's own model (the architecture is defined once). With
+identical weights and dropout off, fastconv (float32), the PyTorch twin (float64) and the
+book-style NumPy net (float64) must give the same loss, gradients and scores.
 """
 
 import json
@@ -9,22 +10,20 @@ import json
 import numpy as np
 import pytest
 
-from fastconv import benchmark
+from fastconv import benchmark, book_numpy
 from fastconv.models import deep_mnist_net
 
 torch = pytest.importorskip("torch")
-torch_net = benchmark.load_baseline("torch_net")
-numpy_net = benchmark.load_baseline("numpy_net")
+from fastconv.torch_bridge import copy_from_torch, to_torch  # noqa: E402
 
 N = 3
 
 
-def _fastconv(seed=0):
+def _fastconv(seed=0, dropout=0.0):
     model = deep_mnist_net(seed=seed).compile(optimizer="adam", loss="softmax_cross_entropy")
-    model.build((1, 28, 28))
     for layer in model.layers:
         if layer.kind == "dropout":
-            layer.rate = 0.0  # dropout masks are random; the rest of the step is deterministic
+            layer.rate = dropout  # dropout masks are random; the rest of the step is not
     return model
 
 
@@ -46,32 +45,40 @@ def step(batch):
     fc.backward(fc.loss.backward())
     fc_grads = [np.asarray(g, dtype=np.float64) for g in fc.gradients()]
 
-    tnet = torch_net.deep_mnist_torch(weights, dropout=0.0, dtype=torch.float64)
+    tnet = to_torch(fc).double()
     out = tnet(torch.from_numpy(x.astype(np.float64)))
     t_loss = torch.nn.functional.cross_entropy(out, torch.from_numpy(y))
     t_loss.backward()
+    t_grads = []
+    for layer, name in fc.weight_entries():
+        core = tnet.layers[layer.name]
+        core = core[0] if isinstance(core, torch.nn.Sequential) else core
+        grad = (core.weight if name == "W" else core.bias).grad.numpy()
+        t_grads.append(grad.T if layer.kind == "dense" and name == "W" else grad)
 
-    nnet = numpy_net.deep_mnist_numpy(seed=1, dropout=0.0)
-    nnet.set_parameters(weights)
+    nnet = book_numpy.from_model(fc)
     n_scores = nnet.forward(x, training=True)
     n_loss = nnet.loss.forward(n_scores, y)
     nnet.backward(nnet.loss.backward())
     return {
         "weights": weights,
         "fastconv": (fc_loss, fc_grads, np.asarray(scores, dtype=np.float64)),
-        "torch": (t_loss.item(), torch_net.get_gradients(tnet), out.detach().numpy()),
+        "torch": (t_loss.item(), t_grads, out.detach().numpy()),
         "numpy": (n_loss, [np.array(g) for g in nnet.gradients()], n_scores),
     }
 
 
-def test_parameter_layout_roundtrip(step):
-    tnet = torch_net.deep_mnist_torch(step["weights"])
-    back = torch_net.get_parameters(tnet)
-    assert [b.shape for b in back] == [w.shape for w in step["weights"]]
-    for b, w in zip(back, step["weights"], strict=True):
-        np.testing.assert_allclose(b, w, rtol=1e-6)  # torch net is float32 here
-    with pytest.raises(ValueError, match="expected 16 arrays"):
-        torch_net.set_parameters(tnet, step["weights"][:-1])
+def test_twins_carry_the_same_weights(step):
+    fc = _fastconv()
+    twin = to_torch(fc)
+    back = _fastconv(seed=5)
+    copy_from_torch(twin, back)
+    for a, b in zip(fc.get_weights(), back.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    nnet = book_numpy.from_model(fc)
+    for a, b in zip(nnet.parameters(), step["weights"], strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(nnet.parameters()) == 16
 
 
 def test_numpy_net_matches_torch_in_float64(step):
@@ -103,7 +110,7 @@ def test_numpy_adam_matches_fastconv_adam(step):
     grads32 = [g.astype(np.float32) for g in step["fastconv"][1]]
     fc_params = [w.astype(np.float32) for w in step["weights"]]
     np_params = [w.copy() for w in step["weights"]]
-    fc_adam, np_adam = Adam(lr=1e-3), numpy_net.Adam(lr=1e-3)
+    fc_adam, np_adam = Adam(lr=1e-3), book_numpy.Adam(lr=1e-3)
     for _ in range(2):
         fc_adam.step(fc_params, grads32)
         np_adam.step(np_params, [g.astype(np.float64) for g in grads32])
@@ -114,10 +121,9 @@ def test_numpy_adam_matches_fastconv_adam(step):
 
 def test_torch_predict_matches_fastconv(batch):
     x, _ = batch
-    fc = deep_mnist_net(seed=3)
-    fc.build((1, 28, 28))
-    tnet = torch_net.deep_mnist_torch(fc.get_weights())  # dropout on, but predict is eval mode
-    got = torch_net.predict(tnet, torch.from_numpy(x), batch_size=2).numpy()
+    fc = _fastconv(seed=3, dropout=0.5)
+    twin = to_torch(fc)  # dropout on, but predict is eval mode
+    got = benchmark.torch_predict(twin, torch.from_numpy(x), batch_size=2).numpy()
     want = fc.predict(x, batch_size=2)
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
 
@@ -169,7 +175,5 @@ def test_run_benchmark_tiny_and_cli(tmp_path, capsys):
 def test_run_benchmark_rejects_bad_settings():
     with pytest.raises(ValueError, match="repeats"):
         benchmark.run_benchmark(repeats=0)
-    with pytest.raises(ValueError, match="name"):
-        benchmark.load_baseline("os")
     with pytest.raises(SystemExit, match="steps must be an int >= 1"):
         benchmark.main(["--steps", "0"])

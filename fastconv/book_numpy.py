@@ -1,7 +1,9 @@
-"""The deep MNIST ConvNet done the book's way: NumPy, im2col + ``np.dot``, one class per layer.
+"""A network done the book's way: NumPy, im2col + ``np.dot``, one class per layer.
 
 A clean re-implementation of the approach of *Deep Learning from Scratch* ch. 7-8, used as a
-baseline by the end-to-end benchmark. It deliberately keeps the book's performance traits:
+baseline by the end-to-end benchmark (``fastconv bench``). :func:`from_model` builds it from a
+fastconv model (so the architecture is defined once, in :mod:`fastconv.models`), with the
+model's weights in float64. It deliberately keeps the book's performance traits:
 everything is computed in float64 (inputs are upcast on entry), im2col/col2im are loops over
 the kernel offsets with fancy slicing, max pooling goes through im2col too, and ReLU is a
 separate layer. Dropout is *inverted* (scaled at training time, identity at test time) so that
@@ -28,7 +30,7 @@ __all__ = [
     "SoftmaxCrossEntropy",
     "Adam",
     "NumpyNet",
-    "deep_mnist_numpy",
+    "from_model",
 ]
 
 
@@ -331,28 +333,45 @@ class NumpyNet:
         )
 
 
-def deep_mnist_numpy(seed=None, dropout=0.5):
-    """The book's deep MNIST ConvNet, built (He init) for (1, 28, 28) inputs."""
-    rng = np.random.default_rng(seed)
+def from_model(model) -> NumpyNet:
+    """The book-style NumPy twin of a fastconv ``Sequential`` model, weights copied (float64).
+
+    Supported layers: Conv2D (square kernel, one stride and padding for both axes, optional fused
+    ReLU, which becomes a separate :class:`Relu` as in the book), MaxPool2D (square, stride =
+    size, no padding), Flatten (the book's Affine flattens by itself), Dense (optional ReLU),
+    ReLU and Dropout.
+    """
+    from .nn.backend import to_numpy
+
     layers = []
-    spec = [(16, 1), (16, 1), "pool", (32, 1), (32, 2), "pool", (64, 1), (64, 1), "pool"]
-    conv_index = pool_index = 0
-    for item in spec:
-        if item == "pool":
-            pool_index += 1
-            layers.append(MaxPool(2, name=f"pool{pool_index}"))
-        else:
-            conv_index += 1
-            filters, pad = item
-            layers.append(Conv(filters, 3, 1, pad, name=f"conv{conv_index}", rng=rng))
-            layers.append(Relu(name=f"relu{conv_index}"))
-    layers += [
-        Dense(50, name="dense1", rng=rng),
-        Relu(name="relu7"),
-        Dropout(dropout, name="dropout1", rng=rng),
-        Dense(10, name="dense2", rng=rng),
-        Dropout(dropout, name="dropout2", rng=rng),
-    ]
-    net = NumpyNet(layers)
-    net.build((1, 28, 28))
-    return net
+    for layer in model.layers:
+        kind = type(layer).__name__
+        if kind == "Conv2D":
+            k, s, p = layer.kernel_size, layer.stride, layer.padding
+            if k[0] != k[1] or s[0] != s[1] or p[0] != p[1] or not layer.use_bias:
+                raise TypeError(f"{layer.name}: the book-style net needs square, biased convs")
+            conv = Conv(layer.filters, k[0], s[0], p[0], name=layer.name)
+            conv.params = {n: to_numpy(layer.params[n]).astype(np.float64) for n in ("W", "b")}
+            conv.built = True
+            layers.append(conv)
+            if layer.activation == "relu":
+                layers.append(Relu(name=f"{layer.name}_relu"))
+        elif kind == "MaxPool2D":
+            size = layer.size[0]
+            if layer.size != (size, size) or layer.stride != layer.size or any(layer.padding):
+                raise TypeError(f"{layer.name}: the book-style net pools square, unpadded windows")
+            layers.append(MaxPool(size, name=layer.name))
+        elif kind == "Dense":
+            dense = Dense(layer.units, name=layer.name)
+            dense.params = {n: to_numpy(layer.params[n]).astype(np.float64) for n in ("W", "b")}
+            dense.built = True
+            layers.append(dense)
+            if layer.activation == "relu":
+                layers.append(Relu(name=f"{layer.name}_relu"))
+        elif kind == "ReLU":
+            layers.append(Relu(name=layer.name))
+        elif kind == "Dropout":
+            layers.append(Dropout(layer.rate, name=layer.name, rng=np.random.default_rng(0)))
+        elif kind != "Flatten":
+            raise TypeError(f"{layer.name}: no book-style NumPy layer for {kind}")
+    return NumpyNet(layers)
