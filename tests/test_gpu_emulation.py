@@ -9,6 +9,7 @@ Outputs are allocated NaN-filled, so an element a kernel fails to write cannot p
 
 from __future__ import annotations
 
+import os
 import shutil
 
 import numpy as np
@@ -282,7 +283,7 @@ def test_launcher_rejects_wrong_arguments(lib):
         launcher("max_pool2d", 4, x[..., ::2], x, *([1] * 12))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=int(os.environ.get("FASTCONV_HYPOTHESIS_MAX_EXAMPLES", "25")), deadline=None)
 @given(
     n=st.integers(1, 2),
     c=st.integers(1, 3),
