@@ -218,7 +218,7 @@ class ndarray:  # noqa: N801 - CuPy's spelling
         return (ndarray(row, self._device) for row in self._a)
 
     def __getitem__(self, key):
-        return _wrap(self._a[_unwrap_index(key, self._device)], self._device)
+        return _wrap(self._a[_unwrap_index(key, self._device)], self._device)  # 0-d, not scalar
 
     def __setitem__(self, key, value):
         if isinstance(value, np.ndarray):  # CuPy copies a host array in (a transfer, allowed)
@@ -271,16 +271,16 @@ class ndarray:  # noqa: N801 - CuPy's spelling
         return self._a.tolist()
 
     def __neg__(self):
-        return ndarray(-self._a, self._device)
+        return _wrap(-self._a, self._device)
 
     def __pos__(self):
         return self
 
     def __abs__(self):
-        return ndarray(abs(self._a), self._device)
+        return _wrap(abs(self._a), self._device)
 
     def __invert__(self):
-        return ndarray(~self._a, self._device)
+        return _wrap(~self._a, self._device)
 
 
 for _name in ("sum", "mean", "max", "min", "argmax", "argmin", "any", "all", "prod", "std",
