@@ -223,6 +223,8 @@ def device_vs_emulation(c: Check, n_cases: int = 40) -> dict:
     from fastconv.gpu import _emulation as emu
 
     c.need(20, "device vs emulation")
+    if shutil.which("g++") is None:
+        raise Skipped("g++ not found: the emulation to compare against cannot be built")
     lib = emu.build_library()
     emulated = emu.emulated_ops(emu.EmulatedLauncher(lib, max_blocks=None))
     device = gpu._ops()

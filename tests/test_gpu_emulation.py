@@ -512,3 +512,22 @@ def test_zz_every_kernel_in_signatures_was_exercised():
     later) must have been launched by the emulation tests above, in any library build."""
     missing = {(k, d) for k in _source.SIGNATURES for d in _source.CTYPES} - emu.KernelLibrary.seen
     assert not missing, f"kernels never run by the emulation tests: {sorted(missing)}"
+
+
+def test_emulation_library_cache_is_private(tmp_path, monkeypatch):
+    """Issue 13: the library is never loaded from a directory another user could write (the old
+    predictable /tmp path); a group/world-writable cache is refused for a private temp dir."""
+    import stat
+
+    monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path / "mine"))
+    d = emu.cache_dir()
+    assert d == tmp_path / "mine" / "gpu-emulation"
+    assert stat.S_IMODE(d.stat().st_mode) & 0o077 == 0
+    shared = tmp_path / "shared" / "gpu-emulation"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path / "shared"))
+    with pytest.raises(PermissionError, match="not private"):
+        emu._check_private(shared)
+    d = emu.cache_dir()
+    assert d != shared and stat.S_IMODE(d.stat().st_mode) & 0o077 == 0
