@@ -74,16 +74,26 @@ def test_module_source_is_self_contained():
 
 
 def _find_nvrtc():
-    """(libnvrtc path, CUDA include dir holding cuda_fp16.h) or None."""
+    """(libnvrtc path, CUDA include dir holding cuda_fp16.h, how found) or None.
+
+    First as CuPy >= 14 finds them (``cuda.pathfinder``: NVRTC's library, then the ``cudart``
+    header directory, e.g. from ``pip install "cuda-toolkit[cudart,nvrtc]==13.*"``, which is
+    what ``cupy-cuda13x[ctk]`` and this project's ``gpu-check`` extra install); else a local
+    CUDA toolkit."""
     import ctypes.util
     import glob
-    import importlib.util
     import os
 
+    try:
+        import cuda.pathfinder as pathfinder
+
+        lib = pathfinder.load_nvidia_dynamic_lib("nvrtc").abs_path
+        include = pathfinder.find_nvidia_header_directory("cudart")
+        if lib and include and os.path.exists(os.path.join(include, "cuda_fp16.h")):
+            return lib, include, "cuda.pathfinder (as CuPy)"
+    except Exception:
+        pass
     libs = []
-    spec = importlib.util.find_spec("nvidia")  # pip wheels nvidia-cuda-nvrtc(-cu12)
-    for root in spec.submodule_search_locations if spec else []:
-        libs += sorted(glob.glob(os.path.join(root, "*", "lib", "libnvrtc.so.*")))
     cuda_roots = [os.environ.get("CUDA_PATH", ""), "/usr/local/cuda"]
     cuda_roots += sorted(glob.glob("/usr/local/cuda-*"))
     for root in cuda_roots:
@@ -96,24 +106,22 @@ def _find_nvrtc():
          if r and os.path.exists(os.path.join(r, "include", "cuda_fp16.h"))),
         None,
     )  # fmt: skip
-    return (libs[0], include) if libs and include else None
+    return (libs[0], include, "CUDA toolkit") if libs and include else None
 
 
 NVRTC = _find_nvrtc()
+# What CuPy adds to our options for every RawModule compile (cupy/cuda/compiler.py appends
+# -ftz=true last; NVRTC takes the last value of a repeated option).
+CUPY_APPENDED = ("-ftz=true",)
 
 
-@pytest.mark.skipif(
-    NVRTC is None, reason="libnvrtc (pip install nvidia-cuda-nvrtc) or CUDA headers not found"
-)
-@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
-def test_nvrtc_compiles_the_module_with_every_name_expression(arch):
-    """What cupy.RawModule(code=..., options=("-std=c++17",), name_expressions=...) does, through
-    the NVRTC C API: compile the module string, then lower every name expression."""
+def _nvrtc_compile(arch: str, options):
+    """Compile the module string as cupy.RawModule does; return (rc, log, ptx, lowered names)."""
     import ctypes
     import glob
     import os
 
-    lib_path, include = NVRTC
+    lib_path, include, _ = NVRTC
     # libnvrtc dlopens its builtins library from its own directory; load it first by path.
     for builtins in glob.glob(os.path.join(os.path.dirname(lib_path), "libnvrtc-builtins.so*")):
         if ".alt." not in builtins:
@@ -126,20 +134,80 @@ def test_nvrtc_compiles_the_module_with_every_name_expression(arch):
         names = _source.name_expressions()
         for name in names:
             assert nvrtc.nvrtcAddNameExpression(prog, name.encode()) == 0, name
-        opts = [b"-std=c++17", f"--gpu-architecture={arch}".encode(), f"-I{include}".encode()]
+        opts = [o.encode() for o in options]
+        opts += [f"--gpu-architecture={arch}".encode(), f"-I{include}".encode()]
         rc = nvrtc.nvrtcCompileProgram(prog, len(opts), (ctypes.c_char_p * len(opts))(*opts))
         size = ctypes.c_size_t()
         nvrtc.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
         log = ctypes.create_string_buffer(size.value)
         nvrtc.nvrtcGetProgramLog(prog, log)
-        assert rc == 0, log.value.decode(errors="replace")
-        lowered = set()
+        if rc != 0:
+            return rc, log.value.decode(errors="replace"), "", {}
+        nvrtc.nvrtcGetPTXSize(prog, ctypes.byref(size))
+        ptx = ctypes.create_string_buffer(size.value)
+        nvrtc.nvrtcGetPTX(prog, ptx)
+        lowered = {}
         for name in names:
             out = ctypes.c_char_p()
             assert nvrtc.nvrtcGetLoweredName(prog, name.encode(), ctypes.byref(out)) == 0, name
-            kernel = name.split("<")[0]
-            assert out.value.decode().startswith(f"_Z{len(kernel)}{kernel}I"), (name, out.value)
-            lowered.add(out.value)
-        assert len(lowered) == len(names)
+            lowered[name] = out.value.decode()
+        return rc, log.value.decode(errors="replace"), ptx.value.decode(), lowered
     finally:
         nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
+
+
+requires_nvrtc = pytest.mark.skipif(
+    NVRTC is None,
+    reason="libnvrtc and the CUDA headers not found (pip install -e '.[gpu-check]')",
+)
+
+
+@requires_nvrtc
+@pytest.mark.parametrize("arch", ["compute_80", "compute_90"])
+def test_nvrtc_compiles_the_module_with_every_name_expression(arch):
+    """What cupy.RawModule(code=..., options=NVRTC_OPTIONS, name_expressions=...) does, through
+    the NVRTC C API: compile the module string, then lower every name expression."""
+    rc, log, _, lowered = _nvrtc_compile(arch, _source.NVRTC_OPTIONS + CUPY_APPENDED)
+    assert rc == 0, log
+    for name, mangled in lowered.items():
+        kernel = name.split("<")[0]
+        assert mangled.startswith(f"_Z{len(kernel)}{kernel}I"), (name, mangled)
+    assert len(set(lowered.values())) == len(_source.name_expressions())
+
+
+def _f32_arithmetic(ptx: str) -> list[str]:
+    return re.findall(r"^\s+((?:add|sub|mul|fma|div|setp\.\w+)\.[\w.]*f32)\b", ptx, re.M)
+
+
+@requires_nvrtc
+def test_device_float_semantics_are_pinned_in_the_ptx():
+    """The flags CuPy ends up giving NVRTC flush float32 subnormals (.ftz on every float32
+    add/mul/compare) and never contract to FMA; NVRTC's defaults alone would emit fma.rn.f32
+    (shown here too, so this test would notice if the options stopped mattering)."""
+    rc, log, ptx, _ = _nvrtc_compile("compute_90", _source.NVRTC_OPTIONS + CUPY_APPENDED)
+    assert rc == 0, log
+    ops = _f32_arithmetic(ptx)
+    assert ops, "no float32 arithmetic found in the PTX"
+    assert all(".ftz" in op for op in ops), sorted(set(ops))
+    assert not any(op.startswith("fma") for op in ops), sorted(set(ops))
+    rc, log, default_ptx, _ = _nvrtc_compile("compute_90", ("-std=c++17",))
+    assert rc == 0, log
+    assert any(op.startswith("fma.rn.f32") for op in _f32_arithmetic(default_ptx))
+
+
+@requires_nvrtc
+def test_nvrtc_without_the_headers_fails_on_cuda_fp16_h(tmp_path):
+    """Without the runtime headers (a CuPy install without [ctk]) the module cannot compile:
+    the message fastconv's availability check turns into an install hint."""
+    global NVRTC
+    saved = NVRTC
+    NVRTC = (saved[0], str(tmp_path), saved[2])  # an include dir without cuda_fp16.h
+    try:
+        rc, log, _, _ = _nvrtc_compile("compute_90", _source.NVRTC_OPTIONS)
+    finally:
+        NVRTC = saved
+    assert rc != 0 and "cuda_fp16.h" in log, log
+    from fastconv import gpu
+
+    reason = gpu._compile_problem(RuntimeError(log), 13000)
+    assert "cuda_fp16.h" in reason and "fastconv[gpu]" in reason and "cuda-toolkit" in reason

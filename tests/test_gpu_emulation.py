@@ -9,9 +9,8 @@ Outputs are allocated NaN-filled, so an element a kernel fails to write cannot p
 
 from __future__ import annotations
 
+import os
 import shutil
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from fastconv import _checks as chk
 from fastconv import reference as ref
 from fastconv.gpu import _emulation as emu
 from fastconv.gpu import _source
-from fastconv.gpu._kernel_ops import BATCH, ROWS, numpy_matmul_fp32_accumulate
+from fastconv.gpu._kernel_ops import BATCH, ROWS
 
 pytestmark = [
     pytest.mark.gpu_emulation,
@@ -284,7 +283,7 @@ def test_launcher_rejects_wrong_arguments(lib):
         launcher("max_pool2d", 4, x[..., ::2], x, *([1] * 12))
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=int(os.environ.get("FASTCONV_HYPOTHESIS_MAX_EXAMPLES", "25")), deadline=None)
 @given(
     n=st.integers(1, 2),
     c=st.integers(1, 3),
@@ -317,94 +316,218 @@ def test_random_geometry_conv_and_pool(lib, n, c, h, w, k, s, p, seed):
         assert_close(ops.max_pool2d_backward(dyp, x, gp), want, np.float32)
 
 
-# --- the CuPy glue itself, with CuPy replaced by NumPy + the emulated kernels ---------------------
+# --- the CuPy glue itself: fastconv.gpu on the stand-in CuPy (NumPy memory, emulated kernels) ---
 
 
-class _FakeFunction:
-    """What ``RawModule.get_function`` returns: called as ``fn(grid, block, args)``."""
+@pytest.fixture
+def standin():
+    from fastconv.gpu import _standin
 
-    def __init__(self, launcher, kernel, dtype_name, calls):
-        self.launcher, self.kernel, self.dtype_name = launcher, kernel, dtype_name
-        self.calls = calls
-
-    def __call__(self, grid, block, args):
-        sig = _source.SIGNATURES[self.kernel]
-        assert len(grid) == 1 and len(block) == 1 and len(args) == len(sig)
-        c_args = []
-        for code, a in zip(sig, args, strict=True):
-            if code == "i":
-                assert type(a) is np.int32, (self.kernel, type(a))  # exact C type for CuPy
-                c_args.append(int(a))
-            else:
-                assert a.flags.c_contiguous
-                assert a.dtype == (self.dtype_name if code in "rw" else "float32")
-                c_args.append(a.ctypes.data)
-        self.calls.append((self.kernel, grid[0], block[0]))
-        self.launcher._fn(self.kernel, self.dtype_name)(*c_args, grid[0], block[0])
+    with _standin.activated() as cp:
+        yield cp
 
 
-def _fake_cupy(launcher):
-    calls, modules = [], []
-    ctype_to_dtype = {v: k for k, v in _source.CTYPES.items()}
-
-    class RawModule:
-        def __init__(self, code, options=(), name_expressions=()):
-            self.code, self.options, self.names = code, options, list(name_expressions)
-            modules.append(self)
-
-        def get_function(self, name):
-            assert name in self.names, name  # only instantiated name expressions exist
-            kernel, ctype = name[:-1].split("<")
-            return _FakeFunction(launcher, kernel, ctype_to_dtype[ctype], calls)
-
-    class Device:
-        def __init__(self, dev=None):
-            self.id = 0 if dev is None else dev
-            self.attributes = {"MultiProcessorCount": 1}  # grid cap 32 blocks
-
-    fake = types.ModuleType("cupy")
-    fake.RawModule = RawModule
-    fake.cuda = types.SimpleNamespace(Device=Device)
-    fake.empty = emu.PoisonedNumpy.empty
-    fake.ascontiguousarray = np.ascontiguousarray
-    fake.matmul = numpy_matmul_fp32_accumulate
-    return fake, calls, modules
-
-
-def test_backend_module_and_cupy_launcher_with_fake_cupy(lib, monkeypatch):
+def test_backend_module_and_cupy_launcher_on_the_standin(standin):
     from fastconv import gpu
     from fastconv.gpu import _module
+    from fastconv.gpu import _standin as sd
 
-    fake, calls, modules = _fake_cupy(emu.EmulatedLauncher(lib))
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(_module, "_modules", {})
-    monkeypatch.setattr(_module, "_max_blocks", {})
-    gpu._ops.cache_clear()
-    try:
-        rng = np.random.default_rng(10)
+    cp = standin
+    rng = np.random.default_rng(10)
+    for _ in range(2):  # a second round must reuse the module and every function
         for dtype in DTYPES:
             x, w = rand(rng, (3, 8, 12, 12), dtype), rand(rng, (16, 8, 3, 3), dtype)
             b = rand(rng, (16,), dtype)
             g = chk.validate_conv2d(x, w, b, 1, 1, "relu")
-            y = gpu.conv2d(x, w, b, g, "relu")
-            assert_close(y, ref.conv2d(x, w, b, 1, 1, "relu"), dtype, 2)
+            y = gpu.conv2d(cp.asarray(x), cp.asarray(w), cp.asarray(b), g, "relu")
+            assert_close(y.get(), ref.conv2d(x, w, b, 1, 1, "relu"), dtype, 2)
             dy = rand(rng, y.shape, dtype)
-            for a, r in zip(gpu.conv2d_backward(dy, x, w, g), ref.conv2d_backward(dy, x, w, 1, 1),
-                            strict=True):  # fmt: skip
-                assert_close(a, r, dtype, 10)
+            got = gpu.conv2d_backward(cp.asarray(dy), cp.asarray(x), cp.asarray(w), g)
+            for a, r in zip(got, ref.conv2d_backward(dy, x, w, 1, 1), strict=True):
+                assert_close(a.get(), r, dtype, 10)
             gp = chk.validate_pool(x, 2, None, 0, max_pool=True)
-            np.testing.assert_array_equal(gpu.max_pool2d(x, gp), ref.max_pool2d(x, 2))
-            assert_close(gpu.avg_pool2d(x, gp), ref.avg_pool2d(x, 2), dtype)
-            x1 = rand(rng, (2, 1, 9, 9), dtype)  # C = 1: the direct kernel
-            w1 = rand(rng, (4, 1, 3, 3), dtype)
+            np.testing.assert_array_equal(gpu.max_pool2d(cp.asarray(x), gp).get(),
+                                          ref.max_pool2d(x, 2))  # fmt: skip
+            x1, w1 = rand(rng, (2, 1, 9, 9), dtype), rand(rng, (4, 1, 3, 3), dtype)  # direct
             g1 = chk.validate_conv2d(x1, w1, None, 1, 1)
-            assert_close(gpu.conv2d(x1, w1, None, g1, None), ref.conv2d(x1, w1, None, 1, 1), dtype)
-    finally:
-        gpu._ops.cache_clear()
-    assert len(modules) == 1, "the RawModule must be compiled once per device"
-    mod = modules[0]
-    assert mod.code == _source.module_source() and mod.options == ("-std=c++17",)
-    assert sorted(mod.names) == sorted(_source.name_expressions())
-    assert {k for k, _, _ in calls} >= {"im2col", "col2im", "bias_act", "conv2d_direct"}
-    assert all(block == 256 and 1 <= grid <= 32 for _, grid, block in calls)
-    assert any(grid == 32 for _, grid, _ in calls)  # the cap was hit: grid-stride loop on the path
+            y1 = gpu.conv2d(cp.asarray(x1), cp.asarray(w1), None, g1, None)
+            assert_close(y1.get(), ref.conv2d(x1, w1, None, 1, 1), dtype)
+        if _ == 0:
+            functions_after_first_round = sd.stats.get_function
+    assert len(sd.stats.modules) == 1, "the RawModule must be compiled once per device"
+    mod = sd.stats.modules[0]
+    assert mod.code == _source.module_source() and mod.options == _source.NVRTC_OPTIONS
+    assert sorted(mod.name_expressions) == sorted(_source.name_expressions())
+    # get_function once per (device, kernel, dtype), never per launch
+    assert sd.stats.get_function == functions_after_first_round == len(_module._functions)
+    assert len(sd.stats.launches) >= 2 * sd.stats.get_function  # each function reused
+    kernels = {k for k, *_ in sd.stats.launches}
+    assert kernels >= {"im2col", "col2im", "bias_act", "conv2d_direct", "max_pool2d"}
+    assert all(block == 256 and 1 <= grid <= 32 for _, _, grid, block, _ in sd.stats.launches)
+    assert any(grid == 32 for _, _, grid, _, _ in sd.stats.launches)  # cap hit: grid-stride
+    # Every GEMM: compute type CUBLAS_COMPUTE_32F (68) on a handle in CUBLAS_DEFAULT_MATH (0),
+    # and for float16 the operands stay half (CUDA_R_16F = 2): no float32 copies, no TF32.
+    assert {(name, math, compute) for name, math, compute, _, _ in sd.stats.gemm_calls} == {
+        ("gemmEx", 0, 68),
+        ("gemmStridedBatchedEx", 0, 68),
+    }
+    assert {dt for *_, dt, _ in sd.stats.gemm_calls} == {0, 2}
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("trans_a,trans_b", [(False, False), (True, False), (False, True),
+                                             (True, True)])  # fmt: skip
+def test_cublas_gemm_wiring_against_numpy(standin, dtype, trans_a, trans_b):
+    """_module.gemm's m/n/k, leading dimensions and transposes, through a column-major model
+    of cublasGemmEx that reads the raw pointers (a wrong one gives a wrong result or an
+    out-of-allocation error)."""
+    from fastconv.gpu import _module
+
+    cp = standin
+    rng = np.random.default_rng(11)
+    M, K, N = 5, 7, 3
+    a = rand(rng, (K, M) if trans_a else (M, K), dtype)
+    b = rand(rng, (N, K) if trans_b else (K, N), dtype)
+    c = _module.gemm(cp.asarray(a), cp.asarray(b), trans_a=trans_a, trans_b=trans_b)
+    want = (a.T if trans_a else a).astype(np.float64) @ (b.T if trans_b else b).astype(np.float64)
+    assert c.dtype == dtype and c.shape == (M, N)
+    assert_close(c.get(), want, dtype)
+    batch = rand(rng, (4, K, N), dtype)
+    cb = _module.gemm(cp.asarray(rand(rng, (M, K), dtype)), cp.asarray(batch))
+    assert cb.shape == (4, M, N)
+
+
+def test_cublas_model_bites(standin):
+    """The stand-in's cuBLAS is not a NumPy matmul in disguise: a leading dimension or a
+    transpose flag that is off reads other memory and the result changes or is refused."""
+    from fastconv.gpu import _module
+
+    cp, cublas = standin, standin.cuda.cublas
+    rng = np.random.default_rng(12)
+    a, b = (cp.asarray(rand(rng, (4, 4), np.float32)) for _ in range(2))
+    c = cp.empty((4, 4), dtype=np.float32)
+    h = _module._cublas_handle(0)
+    one, zero = _module._ONE.ctypes.data, _module._ZERO.ctypes.data
+
+    def call(transa, lda):
+        cublas.gemmEx(h, transa, 0, 4, 4, 4, one, b.data.ptr, 0, lda, a.data.ptr, 0, 4, zero,
+                      c.data.ptr, 0, 4, 68, -1)  # fmt: skip
+        return c.get().copy()
+
+    right = call(0, 4)
+    np.testing.assert_allclose(right, (a @ b).get(), rtol=1e-6)
+    assert not np.allclose(call(1, 4), right)  # transpose flag off
+    with pytest.raises(RuntimeError, match="outside every device allocation"):
+        call(0, 5)  # a leading dimension too large walks past the end of b
+    with pytest.raises(ValueError, match="lda"):
+        call(0, 3)  # too small: cuBLAS refuses it
+
+
+def test_launch_arguments_are_checked(standin):
+    from fastconv.gpu import _module
+
+    cp = standin
+    x = cp.zeros((1, 1, 4, 4), dtype=np.float32)
+    y = cp.empty((1, 1, 2, 2), dtype=np.float32)
+    geom = [1, 1, 4, 4, 2, 2, 2, 2, 0, 0, 2, 2]
+    _module.launch("max_pool2d", 4, x, y, *geom)
+    with pytest.raises(TypeError, match=r"takes 14 arguments"):
+        _module.launch("max_pool2d", 4, x, y, 1)
+    with pytest.raises(TypeError, match=r"argument 0 \(x\) must be a cupy.ndarray, got a numpy"):
+        _module.launch("max_pool2d", 4, np.zeros((1, 1, 4, 4), np.float32), y, *geom)
+    with pytest.raises(TypeError, match=r"argument 1 \(y\) must be a C-contiguous float32.*16"):
+        _module.launch("max_pool2d", 4, x, y.astype(np.float16), *geom)
+    with pytest.raises(TypeError, match=r"argument 0 \(x\).*non-contiguous"):
+        _module.launch("max_pool2d", 4, cp.zeros((1, 1, 4, 8), np.float32)[..., ::2], y, *geom)
+    with pytest.raises(TypeError, match=r"argument 1 \(partial\) must be a C-contiguous float32"):
+        _module.launch("bias_grad_partial", 2, x, x.astype(np.float16), 1, 1, 16, 2)
+    with pytest.raises(ValueError, match=r"argument 4 \(H\) = 2147483648 exceeds"):
+        _module.launch("max_pool2d", 4, x, y, 1, 1, 2**31, *geom[3:])
+    with pytest.raises(TypeError, match=r"argument 2 \(N\) must be an int"):
+        _module.launch("max_pool2d", 4, x, y, 1.0, *geom[1:])
+    with standin.cuda.Device(1):
+        x1 = cp.zeros((1, 1, 4, 4), dtype=np.float32)
+    with pytest.raises(TypeError, match=r"argument 0 \(x\) .* on device 0, got .* on device 1"):
+        _module.launch("max_pool2d", 4, x1, y, *geom)
+
+
+def test_every_kernel_has_a_parameter_list_matching_its_signature():
+    """SIGNATURES against the __global__ declarations in the .cu files, without a compiler."""
+    for kernel, sig in _source.SIGNATURES.items():
+        params = _source.kernel_params(kernel)
+        assert "".join(code for code, _ in params) == sig, (kernel, params)
+        assert len({name for _, name in params}) == len(params), kernel
+
+
+@pytest.mark.parametrize(
+    "geometry,message",
+    [
+        (chk.Geometry(1, 1, 2**31 - 2, 4, 3, 3, 1, 1, 1, 1, 2**31 - 2, 4), "height"),
+        (chk.Geometry(1, 1, 4, 8, 3, 3, 1, 2**31 - 8, 1, 1, 4, 1), "width"),
+        (chk.Geometry(1, 1, 70000, 70000, 50000, 50000, 1, 1, 0, 0, 20001, 20001), "window"),
+    ],
+)
+def test_geometries_beyond_32_bit_indices_are_refused(ops, geometry, message):
+    x = np.zeros((1, 1, 1, 1), np.float32)  # never read: refused before any launch
+    with pytest.raises(ValueError, match=f"{message}.*32-bit index range"):
+        ops.max_pool2d(x, geometry)
+    with pytest.raises(ValueError, match="32-bit index range"):
+        ops.im2col(x, geometry)
+
+
+def test_ftz_pins_the_cpu_gpu_difference_on_subnormals(ops):
+    """The device flushes float32 subnormals to zero (-ftz=true, forced by CuPy); so does the
+    emulation. The CPU backend and the float64 reference keep them: a pinned difference, only
+    for |values| < 1.2e-38. float16 is unaffected (every half value is a normal float)."""
+    import fastconv
+
+    tiny = np.float32(1e-39)  # subnormal in float32
+    assert tiny != 0 and abs(tiny) < np.finfo(np.float32).tiny
+    x = np.full((1, 1, 2, 2), tiny, np.float32)
+    g = chk.validate_pool(x, 2, None, 0, max_pool=False)
+    assert ops.avg_pool2d(x, g)[0, 0, 0, 0] == 0  # FTZ: flushed on the device and emulation
+    assert fastconv.avg_pool2d(x, 2)[0, 0, 0, 0] == pytest.approx(1e-39, rel=1e-3)  # CPU: kept
+    w = np.ones((1, 1, 1, 1), np.float32)
+    gc = chk.validate_conv2d(x, w, None, 1, 0)
+    assert (ops.conv2d(x, w, None, gc, None) == 0).all()  # direct kernel: 1e-39 * 1 flushed
+    h = np.full((1, 1, 2, 2), np.float16(2.0**-24), np.float16)  # the smallest half subnormal
+    assert (ops.max_pool2d(h, g) == h[..., :1, :1]).all()
+
+
+def test_no_fma_contraction_in_the_emulation(lib):
+    """-fmad=false on the device, -ffp-contract=off here: a*b+c rounds twice on both sides.
+    With a = b = 1 + 2^-12 and c = -(1 + 2^-11): the exact product 1 + 2^-11 + 2^-24 rounds (a
+    tie, to even) to 1 + 2^-11, so the result is 0; a fused multiply-add would give 2^-24."""
+    ops = emu.emulated_ops(emu.EmulatedLauncher(lib), direct_max_k=10**6)
+    x = np.array([[[[1 + 2.0**-12]]]], np.float32)
+    w = np.array([[[[1 + 2.0**-12]]]], np.float32)
+    b = np.array([-(1 + 2.0**-11)], np.float32)
+    g = chk.validate_conv2d(x, w, b, 1, 0)
+    # conv2d_direct computes acc = b; acc += x * w: one multiply, one add.
+    assert ops.conv2d(x, w, b, g, None)[0, 0, 0, 0] == 0.0
+
+
+def test_zz_every_kernel_in_signatures_was_exercised():
+    """Runs last in this file: every kernel x dtype of SIGNATURES (including kernels added
+    later) must have been launched by the emulation tests above, in any library build."""
+    missing = {(k, d) for k in _source.SIGNATURES for d in _source.CTYPES} - emu.KernelLibrary.seen
+    assert not missing, f"kernels never run by the emulation tests: {sorted(missing)}"
+
+
+def test_emulation_library_cache_is_private(tmp_path, monkeypatch):
+    """Issue 13: the library is never loaded from a directory another user could write (the old
+    predictable /tmp path); a group/world-writable cache is refused for a private temp dir."""
+    import stat
+
+    monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path / "mine"))
+    d = emu.cache_dir()
+    assert d == tmp_path / "mine" / "gpu-emulation"
+    assert stat.S_IMODE(d.stat().st_mode) & 0o077 == 0
+    shared = tmp_path / "shared" / "gpu-emulation"
+    shared.mkdir(parents=True)
+    shared.chmod(0o777)
+    monkeypatch.setenv("FASTCONV_CACHE_DIR", str(tmp_path / "shared"))
+    with pytest.raises(PermissionError, match="not private"):
+        emu._check_private(shared)
+    d = emu.cache_dir()
+    assert d != shared and stat.S_IMODE(d.stat().st_mode) & 0o077 == 0

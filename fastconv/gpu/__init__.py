@@ -1,8 +1,9 @@
-"""GPU backend: CUDA kernels compiled by CuPy (NVRTC) plus cuBLAS GEMMs through ``cupy.matmul``.
+"""GPU backend: CUDA kernels compiled by CuPy (NVRTC) plus cuBLAS GEMMs through CuPy's bindings.
 
 Called only from :mod:`fastconv.ops`, after validation, with C-contiguous CuPy arrays of one
 dtype (float32 or float16). Importing this module never imports CuPy; :func:`available` tells
-whether a GPU can be used and :func:`to_gpu` says why not when it cannot.
+whether a GPU can be used (CuPy, driver, device, and the kernel module compiled by NVRTC) and
+:func:`to_gpu` says why not when it cannot.
 """
 
 from __future__ import annotations
@@ -29,9 +30,35 @@ __all__ = [
 ]
 
 _INSTALL_HINT = (
-    "install the CuPy wheel matching your CUDA driver: pip install 'fastconv[gpu]' (CUDA 13, "
-    "cupy-cuda13x) or 'fastconv[gpu-cuda12]' (CUDA 12, cupy-cuda12x)"
+    "install the CuPy wheel matching your CUDA driver with the CUDA headers and NVRTC: "
+    "pip install 'fastconv[gpu]' (CUDA 13: cupy-cuda13x[ctk]) or 'fastconv[gpu-cuda12]' "
+    "(CUDA 12: cupy-cuda12x[ctk])"
 )
+
+
+def _toolkit_hint(runtime_version: int | None) -> str:
+    major = (runtime_version or 13000) // 1000
+    extra, wheel = ("gpu-cuda12", "cupy-cuda12x") if major == 12 else ("gpu", "cupy-cuda13x")
+    return (
+        f"pip install 'fastconv[{extra}]' (installs {wheel}[ctk]: cuda-toolkit[cudart,nvrtc]=="
+        f"{major}.*, the runtime headers and NVRTC from PyPI), or point CUDA_PATH at a CUDA "
+        f"{major} toolkit whose include/ has cuda_fp16.h"
+    )
+
+
+def _compile_problem(e: BaseException, runtime_version: int | None) -> str:
+    """Why the kernel module did not compile, in words that say what to install."""
+    text = f"{type(e).__name__}: {e}"
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__
+    low = text.lower()
+    if "cuda_fp16.h" in low or "failed to find cuda headers" in low or "cuda_runtime.h" in low:
+        return (
+            "NVRTC cannot find the CUDA headers (cuda_fp16.h), so the kernel module does not "
+            f"compile; {_toolkit_hint(runtime_version)} [{first}]"
+        )
+    if "nvrtc" in low and any(w in low for w in ("load", "not found", "no such file", "failure")):
+        return f"NVRTC (libnvrtc) cannot be loaded; {_toolkit_hint(runtime_version)} [{first}]"
+    return f"the CUDA kernel module failed to compile: {text.strip()[:2000]}"
 
 
 def _version(v: int) -> str:
@@ -56,7 +83,8 @@ def unavailable_reason() -> str | None:
         if driver == 0:
             return "no NVIDIA driver is installed"
         compiled_for = runtime.runtimeGetVersion()
-        if driver < compiled_for:
+        # CUDA minor-version compatibility: any driver of the runtime's major version works.
+        if driver // 1000 < compiled_for // 1000:
             return (
                 f"the NVIDIA driver is too old: it supports CUDA {_version(driver)} but this CuPy "
                 f"wheel needs CUDA {_version(compiled_for)}; update the driver or {_INSTALL_HINT}"
@@ -71,11 +99,20 @@ def unavailable_reason() -> str | None:
         return f"CUDA initialisation failed ({text})"
     if count < 1:
         return "no CUDA device found"
+    # Every kernel lives in one NVRTC module: compile it now (once; CuPy also caches it on
+    # disk), so a missing header or NVRTC is reported here instead of at the first launch.
+    try:
+        from . import _module
+
+        _module.get_module()
+    except Exception as e:
+        return _compile_problem(e, compiled_for)
     return None
 
 
 def available() -> bool:
-    """True when CuPy is installed and a CUDA device is usable. Never raises."""
+    """True when CuPy is installed, a CUDA device is usable and the kernels compile. Never
+    raises."""
     try:
         return unavailable_reason() is None
     except Exception:
@@ -98,7 +135,17 @@ def _ops() -> KernelOps:
 
     from . import _module
 
-    return KernelOps(cupy, _module.launch, cupy.matmul)
+    return KernelOps(cupy, _module.launch, _module.gemm)
+
+
+def reset() -> None:
+    """Forget the cached availability, kernel module, functions and handles (tests use it to
+    swap the CuPy implementation)."""
+    from . import _module
+
+    unavailable_reason.cache_clear()
+    _ops.cache_clear()
+    _module.reset()
 
 
 def launch_guard():

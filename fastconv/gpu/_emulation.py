@@ -2,8 +2,18 @@
 
 Test and debugging support, not a backend: a launch executes every (block, thread) of the grid
 sequentially. :func:`emulated_ops` returns the GPU backend's own :class:`KernelOps` wired to
-NumPy arrays, these kernels and a float32-accumulating matmul (as cuBLAS under CuPy's default
-compute type), so the whole GPU code path except CuPy itself runs here.
+NumPy arrays, these kernels and a float32-accumulating GEMM (as cuBLAS with
+``CUBLAS_COMPUTE_32F``), so the whole GPU code path except CuPy itself runs here; the stand-in
+CuPy (:mod:`fastconv.gpu._standin`) covers the CuPy glue too.
+
+The library can also be built with AddressSanitizer + UndefinedBehaviorSanitizer
+(``FASTCONV_EMULATION_SANITIZE=1`` or ``sanitize=True``); it must then be loaded into a process
+started with :func:`sanitizer_env` (libasan preloaded), which is what
+``tests/test_gpu_sanitize.py`` does.
+
+Built libraries are cached by source hash in a directory only the current user can write
+(``$FASTCONV_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastconv`` or ``~/.cache/fastconv``), never
+under a predictable shared path such as ``/tmp`` where another user could plant a library.
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ import ctypes
 import hashlib
 import os
 import shutil
+import stat
 import subprocess
 import tempfile
 from pathlib import Path
@@ -19,10 +30,20 @@ from pathlib import Path
 import numpy as np
 
 from . import _source
-from ._kernel_ops import KernelOps, numpy_matmul_fp32_accumulate
+from ._kernel_ops import KernelOps, numpy_gemm
 
-CXX_FLAGS = ("-std=c++17", "-O2", "-shared", "-fPIC", "-fno-fast-math")
+# -ffp-contract=off: no FMA contraction (the device compiles with -fmad=false); x86-64 float math
+# is SSE, whose FTZ/DAZ host_shim.h sets during a launch (the device compiles with -ftz=true).
+CXX_FLAGS = ("-std=c++17", "-O2", "-shared", "-fPIC", "-fno-fast-math", "-ffp-contract=off")
+SANITIZE_FLAGS = (
+    "-fsanitize=address,undefined",
+    "-fno-sanitize-recover=all",  # every finding is fatal: a test cannot pass over one
+    "-fno-omit-frame-pointer",
+    "-g",
+)
 _SUFFIX = {"float32": "f32", "float16": "f16"}
+SANITIZE_ENV = "FASTCONV_EMULATION_SANITIZE"
+LOG_ENV = "FASTCONV_EMULATION_LOG"  # file that gets one "kernel dtype" line per launch
 
 
 def wrapper_source() -> str:
@@ -44,49 +65,114 @@ def wrapper_source() -> str:
     return "\n".join(lines) + "\n"
 
 
-def build_library(cxx: str | None = None) -> Path:
-    """Compile (once per source hash, cached in the temp dir) and return the shared library."""
+def cache_dir() -> Path:
+    """A directory for built libraries that only this user can write (created 0700)."""
+    base = os.environ.get("FASTCONV_CACHE_DIR")
+    if base:
+        root = Path(base)
+    else:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        root = Path(xdg) / "fastconv" if xdg else Path.home() / ".cache" / "fastconv"
+    d = root / "gpu-emulation"
+    try:
+        d.mkdir(parents=True, exist_ok=True, mode=0o700)
+        _check_private(d)
+    except (OSError, PermissionError):
+        # No usable home (read-only, foreign owner): a fresh private directory for this process.
+        d = Path(tempfile.mkdtemp(prefix="fastconv-gpu-emulation-"))
+    return d
+
+
+def _check_private(path: Path) -> None:
+    st = path.stat()
+    if st.st_uid != os.getuid() or st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise PermissionError(
+            f"{path} is not private to this user (owner uid {st.st_uid}, mode "
+            f"{stat.filemode(st.st_mode)}); refusing to load a library from it"
+        )
+
+
+def _sources(mutate) -> dict[str, str]:
+    names = ("host_shim.h", "common.cuh", *_source.SOURCE_FILES)
+    texts = {name: _source.read(name) for name in names}
+    if mutate is not None:
+        texts = {name: mutate(name, text) for name, text in texts.items()}
+    return texts
+
+
+def build_library(cxx: str | None = None, sanitize: bool | None = None, mutate=None) -> Path:
+    """Compile (once per source hash and flags) and return the shared library.
+
+    ``sanitize`` (default: ``$FASTCONV_EMULATION_SANITIZE``) adds ASan + UBSan. ``mutate``,
+    ``(file_name, text) -> text``, edits the sources first (tests use it to break a bound on
+    purpose and check that the sanitizer catches it).
+    """
     cxx = cxx or shutil.which("g++")
     if cxx is None:
         raise RuntimeError("g++ is required to emulate the CUDA kernels on the CPU")
+    if sanitize is None:
+        sanitize = os.environ.get(SANITIZE_ENV, "") not in ("", "0")
+    flags = CXX_FLAGS + (SANITIZE_FLAGS if sanitize else ())
     src = wrapper_source()
+    texts = _sources(mutate)
     digest = hashlib.sha256()
-    for name in ("host_shim.h", "common.cuh", *_source.SOURCE_FILES):
-        digest.update(_source.read(name).encode())
+    for name, text in texts.items():
+        digest.update(name.encode() + b"\0" + text.encode())
     digest.update(src.encode())
-    digest.update(" ".join(CXX_FLAGS).encode())
-    cache = Path(tempfile.gettempdir()) / f"fastconv-gpu-emulation-{digest.hexdigest()[:16]}"
-    lib = cache / "libfastconv_gpu_emulation.so"
+    digest.update(" ".join(flags).encode())
+    digest.update(cxx.encode())
+    tag = digest.hexdigest()[:16] + ("-asan" if sanitize else "")
+    root = cache_dir()
+    lib = root / f"libfastconv_gpu_emulation-{tag}.so"
     if lib.exists():
+        _check_private(lib)
         return lib
-    cache.mkdir(parents=True, exist_ok=True)
-    cpp = cache / f"emulation-{os.getpid()}.cpp"
-    cpp.write_text(src)
-    tmp = cache / f"lib-{os.getpid()}.so"
-    cmd = [cxx, *CXX_FLAGS, f"-I{_source.KERNEL_DIR}", str(cpp), "-o", str(tmp)]
-    done = subprocess.run(cmd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise RuntimeError(f"g++ failed on the kernel sources:\n{done.stderr}")
-    os.replace(tmp, lib)  # atomic: concurrent test sessions never load a half-written file
+    work = Path(tempfile.mkdtemp(prefix="build-", dir=root))
+    try:
+        for name, text in texts.items():
+            (work / name).write_text(text)
+        cpp = work / "emulation.cpp"
+        cpp.write_text(src)
+        tmp = work / "lib.so"
+        cmd = [cxx, *flags, f"-I{work}", str(cpp), "-o", str(tmp)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise RuntimeError(f"g++ failed on the kernel sources:\n{done.stderr}")
+        os.replace(tmp, lib)  # atomic: concurrent sessions never load a half-written file
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return lib
 
 
-class EmulatedLauncher:
-    """``launch(kernel, n, *args)`` on NumPy arrays through the compiled host library.
+def sanitizer_env(cxx: str | None = None) -> dict[str, str]:
+    """Environment for a process that loads the sanitized library: libasan preloaded (ASan must
+    come first in the process), leaks not reported (CPython keeps objects alive at exit)."""
+    cxx = cxx or shutil.which("g++") or "g++"
+    asan = subprocess.run([cxx, "-print-file-name=libasan.so"], capture_output=True, text=True)
+    path = asan.stdout.strip()
+    if not path or not os.path.isabs(path) or not os.path.exists(path):
+        raise RuntimeError(f"libasan.so not found by {cxx} -print-file-name ({path!r})")
+    env = dict(os.environ)
+    env.update(
+        LD_PRELOAD=path,
+        ASAN_OPTIONS="detect_leaks=0:halt_on_error=1:abort_on_error=0:allocator_may_return_null=1",
+        UBSAN_OPTIONS="print_stacktrace=1:halt_on_error=1",
+    )
+    env[SANITIZE_ENV] = "1"
+    return env
 
-    ``block`` threads per block and ``min(ceil(n / block), max_blocks)`` blocks, exactly the
-    formula of the CuPy launcher; a small ``max_blocks`` makes the grid smaller than ``n`` so the
-    grid-stride loops run several iterations. ``launches`` records (kernel, grid, n) for tests.
-    """
 
-    def __init__(self, lib_path: Path, block: int = 256, max_blocks: int | None = 3):
+class KernelLibrary:
+    """The ``extern "C"`` launchers of one built library, with their ctypes signatures."""
+
+    seen: set[tuple[str, str]] = set()  # (kernel, dtype) launched in this process, any library
+
+    def __init__(self, lib_path: Path):
         self.lib = ctypes.CDLL(str(lib_path))
-        self.block = block
-        self.max_blocks = max_blocks
-        self.launches: list[tuple[str, int, int]] = []
         self._fns: dict[str, object] = {}
+        self._log = os.environ.get(LOG_ENV)
 
-    def _fn(self, kernel: str, dtype_name: str):
+    def function(self, kernel: str, dtype_name: str):
         key = f"fc_{kernel}_{_SUFFIX[dtype_name]}"
         fn = self._fns.get(key)
         if fn is None:
@@ -99,6 +185,32 @@ class EmulatedLauncher:
             fn.restype = None
             self._fns[key] = fn
         return fn
+
+    def run(self, kernel: str, dtype_name: str, c_args, grid: int, block: int) -> None:
+        """``kernel<T><<<grid, block>>>(c_args)``: ints and raw addresses, already checked."""
+        KernelLibrary.seen.add((kernel, dtype_name))
+        if self._log:
+            with open(self._log, "a") as f:
+                f.write(f"{kernel} {dtype_name}\n")
+        self.function(kernel, dtype_name)(*c_args, grid, block)
+
+
+class EmulatedLauncher:
+    """``launch(kernel, n, *args)`` on NumPy arrays through the compiled host library.
+
+    ``block`` threads per block and ``min(ceil(n / block), max_blocks)`` blocks, exactly the
+    formula of the CuPy launcher; a small ``max_blocks`` makes the grid smaller than ``n`` so the
+    grid-stride loops run several iterations. ``launches`` records (kernel, grid, n) for tests.
+    """
+
+    def __init__(self, lib_path: Path, block: int = 256, max_blocks: int | None = 3):
+        self.kernels = KernelLibrary(lib_path)
+        self.block = block
+        self.max_blocks = max_blocks
+        self.launches: list[tuple[str, int, int]] = []
+
+    def _fn(self, kernel: str, dtype_name: str):
+        return self.kernels.function(kernel, dtype_name)
 
     def __call__(self, kernel: str, n: int, *args) -> None:
         if n == 0:
@@ -121,7 +233,7 @@ class EmulatedLauncher:
         if self.max_blocks is not None:
             grid = min(grid, self.max_blocks)
         self.launches.append((kernel, grid, n))
-        self._fn(kernel, dtype_name)(*c_args, grid, self.block)
+        self.kernels.run(kernel, dtype_name, c_args, grid, self.block)
 
 
 class PoisonedNumpy:
@@ -139,4 +251,4 @@ class PoisonedNumpy:
 def emulated_ops(launcher: EmulatedLauncher, direct_max_k: int | None = None, xp=None) -> KernelOps:
     """The GPU backend's :class:`KernelOps` on NumPy arrays and the emulated kernels."""
     kwargs = {} if direct_max_k is None else {"direct_max_k": direct_max_k}
-    return KernelOps(xp or PoisonedNumpy(), launcher, numpy_matmul_fp32_accumulate, **kwargs)
+    return KernelOps(xp or PoisonedNumpy(), launcher, numpy_gemm, **kwargs)

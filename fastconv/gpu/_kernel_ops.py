@@ -1,12 +1,16 @@
-"""The GPU backend's composition logic, written once over an array module and a kernel launcher.
+"""The GPU backend's composition logic, written once over an array module, a kernel launcher
+and a GEMM.
 
 :class:`KernelOps` is what :mod:`fastconv.gpu` runs with ``cupy`` + the CuPy ``RawModule``
-launcher + ``cupy.matmul`` (cuBLAS). The emulation tests run the very same methods with
-``numpy`` + the g++-compiled kernels + a float32-accumulating NumPy matmul, so buffer shapes,
-layouts, argument order and the GEMM wiring are all proven without a GPU.
+launcher + cuBLAS (:func:`fastconv.gpu._module.gemm`). The emulation tests run the very same
+methods with ``numpy`` + the g++-compiled kernels + a float32-accumulating NumPy GEMM, and the
+stand-in CuPy (:mod:`fastconv.gpu._standin`) runs them with a model of the cuBLAS calls, so
+buffer shapes, layouts, argument order and the GEMM wiring are all proven without a GPU.
 
 A launcher is ``launch(kernel_name, n_threads, *args)``: ``args`` follow
 :data:`fastconv.gpu._source.SIGNATURES`, the element type is taken from the first array.
+A GEMM is ``gemm(a, b, trans_a=False, trans_b=False)`` -> ``op(a) @ op(b)`` in the dtype of
+``a`` with float32 accumulation; a 3-D ``b`` is a batch sharing ``a``.
 """
 
 from __future__ import annotations
@@ -25,13 +29,36 @@ DIRECT_MAX_K = 32
 BIAS_GRAD_SLICES = 256
 
 
-class KernelOps:
-    """Backend interface of :mod:`fastconv.ops` on top of raw kernels and a matmul."""
+INT32_MAX = 2**31 - 1
 
-    def __init__(self, xp, launch, matmul, direct_max_k: int = DIRECT_MAX_K):
+
+def check_index_range(g) -> None:
+    """Refuse geometries whose 32-bit index arithmetic inside the kernels could overflow.
+
+    Flat offsets are 64-bit in every kernel; what stays ``int`` (cheap on a GPU, where 64-bit
+    division is a long software sequence) is window arithmetic whose largest intermediate is
+    bounded by these sums: ``oh*sh - ph + i`` and ``h + ph - i`` (< H + 2*ph), ``first_window``'s
+    ``h + p - k + s`` (< H + 2*p + s), and the in-window position ``i*kw + j`` (< kh*kw).
+    """
+    for what, value in (
+        ("height + 2*pad + stride", g.H + 2 * g.ph + g.sh),
+        ("width + 2*pad + stride", g.W + 2 * g.pw + g.sw),
+        ("window height * window width", g.kh * g.kw),
+    ):
+        if value > INT32_MAX:
+            raise ValueError(
+                f"{what} = {value} exceeds the GPU kernels' 32-bit index range (2^31 - 1); "
+                f"geometry {tuple(g)}"
+            )
+
+
+class KernelOps:
+    """Backend interface of :mod:`fastconv.ops` on top of raw kernels and a GEMM."""
+
+    def __init__(self, xp, launch, gemm, direct_max_k: int = DIRECT_MAX_K):
         self.xp = xp
         self.launch = launch
-        self.matmul = matmul
+        self.gemm = gemm
         self.direct_max_k = direct_max_k
 
     def ascontiguous(self, a):
@@ -40,6 +67,7 @@ class KernelOps:
     # --- im2col / col2im ------------------------------------------------------------------------
 
     def im2col(self, x, g, layout: int = ROWS):
+        check_index_range(g)
         K, P = g.C * g.kh * g.kw, g.OH * g.OW
         shape = (g.N * P, K) if layout == ROWS else (g.N, K, P)
         cols = self.xp.empty(shape, dtype=x.dtype)
@@ -47,6 +75,7 @@ class KernelOps:
         return cols
 
     def col2im(self, cols, g, layout: int = ROWS):
+        check_index_range(g)
         x = self.xp.empty(g.x_shape, dtype=cols.dtype)
         self.launch("col2im", x.size, cols, x, *g, layout)
         return x
@@ -57,6 +86,7 @@ class KernelOps:
         F = w.shape[0]
         K, P = g.C * g.kh * g.kw, g.OH * g.OW
         has_bias, relu = int(b is not None), int(activation == "relu")
+        check_index_range(g)
         if K <= self.direct_max_k:
             y = self.xp.empty((g.N, F, g.OH, g.OW), dtype=x.dtype)
             bias = b if b is not None else w  # any valid pointer; unread when has_bias == 0
@@ -64,8 +94,7 @@ class KernelOps:
                         has_bias, relu)  # fmt: skip
             return y
         cols = self.im2col(x, g, BATCH)  # (N, K, P)
-        y = self.matmul(w.reshape(F, K), cols)  # broadcast batched GEMM -> (N, F, P) = NCHW
-        y = self.xp.ascontiguousarray(y)  # kernels index flat buffers; a no-op for cuBLAS output
+        y = self.gemm(w.reshape(F, K), cols)  # strided-batched GEMM, W shared -> (N, F, P) = NCHW
         if has_bias or relu:
             bias = b if b is not None else y
             self.launch("bias_act", y.size, y, bias, g.N, F, P, has_bias, relu)
@@ -79,10 +108,10 @@ class KernelOps:
         # whole batch (N*P for dW), instead of N small GEMMs followed by a sum.
         dy_rows = xp.ascontiguousarray(dy.reshape(g.N, F, P).transpose(0, 2, 1)).reshape(-1, F)
         cols = self.im2col(x, g, ROWS)  # (N*P, K)
-        dw = self.matmul(dy_rows.T, cols).reshape(w.shape)  # (F, K)
+        dw = self.gemm(dy_rows, cols, trans_a=True).reshape(w.shape)  # (F, K)
         if not need_dx:
             return None, dw, self.bias_grad(dy, g.N, F, P)
-        dcols = xp.ascontiguousarray(self.matmul(dy_rows, w.reshape(F, K)))  # (N*P, K)
+        dcols = self.gemm(dy_rows, w.reshape(F, K))  # (N*P, K)
         dx = self.col2im(dcols, g, ROWS)
         return dx, dw, self.bias_grad(dy, g.N, F, P)
 
@@ -98,29 +127,37 @@ class KernelOps:
     # --- pooling --------------------------------------------------------------------------------
 
     def max_pool2d(self, x, g):
+        check_index_range(g)
         y = self.xp.empty((g.N, g.C, g.OH, g.OW), dtype=x.dtype)
         self.launch("max_pool2d", y.size, x, y, *g)
         return y
 
     def max_pool2d_backward(self, dy, x, g):
+        check_index_range(g)
         dx = self.xp.empty(g.x_shape, dtype=x.dtype)
         self.launch("max_pool2d_backward", dx.size, dy, x, dx, *g)
         return dx
 
     def avg_pool2d(self, x, g):
+        check_index_range(g)
         y = self.xp.empty((g.N, g.C, g.OH, g.OW), dtype=x.dtype)
         self.launch("avg_pool2d", y.size, x, y, *g)
         return y
 
     def avg_pool2d_backward(self, dy, g):
+        check_index_range(g)
         dx = self.xp.empty(g.x_shape, dtype=dy.dtype)
         self.launch("avg_pool2d_backward", dx.size, dy, dx, *g)
         return dx
 
 
-def numpy_matmul_fp32_accumulate(a, b):
-    """NumPy stand-in for cuBLAS under CuPy's default compute type (CUBLAS_COMPUTE_32F):
-    half operands are multiplied and summed in float32, the result rounded once to half."""
-    if a.dtype == np.float16:
-        return np.matmul(a.astype(np.float32), b.astype(np.float32)).astype(np.float16)
-    return np.matmul(a, b)
+def numpy_gemm(a, b, trans_a: bool = False, trans_b: bool = False):
+    """NumPy model of :func:`fastconv.gpu._module.gemm` (cuBLAS with CUBLAS_COMPUTE_32F): half
+    operands are multiplied and summed in float32, the result rounded once to the dtype."""
+    if a.dtype != b.dtype or a.dtype not in (np.float32, np.float16):
+        raise TypeError(f"gemm: a and b must share dtype float32/float16, got {a.dtype}, {b.dtype}")
+    if b.ndim == 3 and (trans_a or trans_b):
+        raise ValueError("gemm: the batched form takes no transposes")
+    a32 = a.astype(np.float32).T if trans_a else a.astype(np.float32)
+    b32 = b.astype(np.float32).T if trans_b else b.astype(np.float32)
+    return np.ascontiguousarray(np.matmul(a32, b32).astype(a.dtype))

@@ -33,6 +33,14 @@ SIGNATURES: dict[str, str] = {
     "conv2d_direct": "rrrw" + "i" * 13 + "ii",
 }
 
+# NVRTC options of the RawModule. CuPy appends -ftz=true to every compile whatever we pass
+# (cupy/cuda/compiler.py), so float32 subnormals flush to zero on the device; we ask for it
+# explicitly so the compile tests see the same flags, and the host emulation flushes too
+# (host_shim.h sets MXCSR FTZ/DAZ during a launch). -fmad=false stops NVRTC from contracting
+# a*b+c into one FMA (its default), so the device rounds each product and sum exactly as the
+# g++ emulation (-ffp-contract=off) does: the non-GEMM kernels agree bit for bit.
+NVRTC_OPTIONS = ("-std=c++17", "-ftz=true", "-fmad=false", "-prec-div=true", "-prec-sqrt=true")
+
 # C++ spelling of each element type, keyed by numpy dtype name.
 CTYPES = {"float32": "float", "float16": "__half"}
 
@@ -66,6 +74,30 @@ def element_dtype(kernel: str, args) -> str:
         if code in "rw":
             return a.dtype.name
     raise TypeError(f"{kernel} has no T-typed array argument")
+
+
+_PARAM_CODES = {"const T*": "r", "T*": "w", "const float*": "R", "float*": "W", "int": "i"}
+
+
+def kernel_params(kernel: str) -> list[tuple[str, str]]:
+    """``[(code, name), ...]`` of ``kernel`` parsed from its ``__global__`` declaration.
+
+    Gives the launchers' error messages the parameter names, and lets a test check every
+    :data:`SIGNATURES` entry against the source without a CUDA compiler.
+    """
+    src = "\n".join(read(name) for name in SOURCE_FILES)
+    m = re.search(rf"__global__\s+void\s+{re.escape(kernel)}\s*\(([^)]*)\)", src)
+    if m is None:
+        raise KeyError(f"no __global__ kernel named {kernel!r} in {SOURCE_FILES}")
+    out = []
+    for param in m.group(1).split(","):
+        param = " ".join(param.replace("__restrict__", "").split())
+        decl, name = param.rsplit(" ", 1)
+        while name.startswith("*"):  # "T *x" spelling
+            decl, name = decl + "*", name[1:]
+        decl = decl.replace(" *", "*")
+        out.append((_PARAM_CODES.get(decl, "?" + decl), name))
+    return out
 
 
 def name_expression(kernel: str, dtype_name: str) -> str:

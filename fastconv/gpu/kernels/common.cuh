@@ -12,7 +12,10 @@ __device__ __forceinline__ float load_f(const __half* p, long long i) { return _
 __device__ __forceinline__ void store_f(float* p, long long i, float v) { p[i] = v; }
 __device__ __forceinline__ void store_f(__half* p, long long i, float v) { p[i] = __float2half_rn(v); }
 
-// v != v rather than isnan(): identical in NVRTC, nvcc and g++ (no fast-math anywhere).
+// v != v rather than isnan(): identical in NVRTC, nvcc and g++. No -use_fast_math anywhere, but
+// not IEEE-exact either: the device compiles with -ftz=true (CuPy forces it; float32 subnormals
+// flush to zero, mirrored by host_shim.h in the emulation) and -fmad=false (no FMA contraction,
+// as g++ -ffp-contract=off); see _source.NVRTC_OPTIONS.
 __device__ __forceinline__ bool is_nan(float v) { return v != v; }
 
 // Grid-stride loop over [0, n): correct for any grid size, so the launcher may cap the grid.
