@@ -166,18 +166,16 @@ def test_to_gpu_without_a_usable_gpu_says_why(monkeypatch):
         gpu.reset()
 
 
-@pytest.mark.xfail(strict=True, reason="nn: fixed by the lead")
 def test_fit_with_device_inputs_and_host_labels(cupy):
-    """fit(x_on_gpu, y_on_cpu) indexes the NumPy labels with a device index array."""
+    """fit(x_on_gpu, y_on_cpu): batches of both are drawn with the same host index array."""
     x, y = data()
     model = compiled(small_net()).to("gpu")
     model.fit(cupy.asarray(x), y, epochs=1, batch_size=8, verbose=0)
 
 
-@pytest.mark.xfail(strict=True, reason="nn: fixed by the lead")
 def test_gpu_dropout_follows_the_model_seed(cupy):
-    """Two runs from the same seed must train identically; GPU dropout draws from CuPy's
-    global generator instead of the model's."""
+    """Two runs from the same seed train identically: GPU dropout masks come from a CuPy
+    generator seeded by the model's generator, not from CuPy's global one."""
     x, y = data()
     runs = []
     for _ in range(2):

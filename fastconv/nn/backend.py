@@ -119,6 +119,17 @@ class Backend:
 
             cupy.cuda.get_current_stream().synchronize()
 
+    def __eq__(self, other):
+        # ``model.backend == "gpu"`` reads naturally (and was the API before the Backend object).
+        if isinstance(other, str):
+            return self.name == other
+        if isinstance(other, Backend):
+            return (self.name, self.dtype) == (other.name, other.dtype)
+        return NotImplemented
+
+    def __hash__(self):
+        return hash((self.name, self.dtype))
+
     def __repr__(self):
         return f"Backend({self.name!r}, {self.dtype.name!r})"
 

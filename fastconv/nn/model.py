@@ -448,7 +448,8 @@ class Model(Trainer):
         converted, generator state copied, a fresh optimizer of the same kind and settings."""
         from .saving import fill_weights, model_from_config
 
-        self._require_built()
+        if not self.built:
+            return self._copy_unbuilt(backend or self.backend.name, dtype or self.dtype)
         new = model_from_config(
             self.get_config(), backend or self.backend.name, dtype or self.dtype, allocate=False
         )
@@ -462,6 +463,9 @@ class Model(Trainer):
                 self.metrics,
             )
         return new
+
+    def _copy_unbuilt(self, backend, dtype):
+        raise RuntimeError("the model is not built; call build(input_shape) or run it once")
 
     def __repr__(self):
         return (
@@ -584,3 +588,14 @@ class Sequential(Model):
         config = super().get_config()
         del config["nodes"]  # a chain
         return config
+
+    def _copy_unbuilt(self, backend, dtype):
+        """A copy of a model not built yet: the same layers (fresh, unbuilt), built on the
+        copy's first batch from the same generator state."""
+        layers = [type(layer)(**layer.get_config()) for layer in self._chain]
+        new = Sequential(layers, backend=backend, dtype=dtype, name=self.name)
+        new.rng.bit_generator.state = copy.deepcopy(self.rng.bit_generator.state)
+        new.fuse = self.fuse
+        if self.optimizer is not None:
+            new.compile(type(self.optimizer)(**self.optimizer.get_config()), type(self.loss)())
+        return new

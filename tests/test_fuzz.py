@@ -1,0 +1,154 @@
+"""Property-based fuzz of every public kernel against the float64 reference.
+
+Hypothesis draws the geometry (batch, channels, sizes, kernel, stride, padding), the dtype and
+the memory layout of every array argument (C order, Fortran order, a strided slice of a larger
+array, a transposed view), and each public op must agree with ``fastconv.reference`` within the
+project's tolerance rule (tests/conftest.py), or reject the geometry with a ValueError exactly
+when the reference does.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import assert_close
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import fastconv as fc
+from fastconv import reference as ref
+
+LAYOUTS = ("c", "fortran", "strided", "transposed")
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def arrange(a, layout):
+    """The same values as ``a`` in another memory layout (a view when possible)."""
+    if layout == "fortran":
+        return np.asfortranarray(a)
+    if layout == "strided":
+        big = np.zeros(a.shape[:-1] + (2 * a.shape[-1],), a.dtype)
+        big[..., ::2] = a
+        return big[..., ::2]
+    if layout == "transposed" and a.ndim >= 2:
+        return np.ascontiguousarray(np.swapaxes(a, -1, -2)).swapaxes(-1, -2)
+    return np.ascontiguousarray(a)
+
+
+@st.composite
+def problems(draw, max_size=9, pool=False):
+    """A sliding-window problem: shapes, window, stride, padding, dtype, layouts, seed."""
+    g = {
+        "n": draw(st.integers(0, 3)),
+        "c": draw(st.integers(1, 4)),
+        "h": draw(st.integers(1, max_size)),
+        "w": draw(st.integers(1, max_size)),
+        "kh": draw(st.integers(1, 4)),
+        "kw": draw(st.integers(1, 4)),
+        "sh": draw(st.integers(1, 3)),
+        "sw": draw(st.integers(1, 3)),
+        "dtype": draw(st.sampled_from([np.float32, np.float16])),
+        "layouts": draw(st.lists(st.sampled_from(LAYOUTS), min_size=4, max_size=4)),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+    limit_h, limit_w = (g["kh"] // 2, g["kw"] // 2) if pool else (2, 2)
+    g["ph"] = draw(st.integers(0, limit_h))
+    g["pw"] = draw(st.integers(0, limit_w))
+    return g
+
+
+def _valid(g):
+    return g["kh"] <= g["h"] + 2 * g["ph"] and g["kw"] <= g["w"] + 2 * g["pw"]
+
+
+def _out(g):
+    return (
+        (g["h"] + 2 * g["ph"] - g["kh"]) // g["sh"] + 1,
+        (g["w"] + 2 * g["pw"] - g["kw"]) // g["sw"] + 1,
+    )
+
+
+def _rand(rng, shape, dtype):
+    return rng.standard_normal(shape).astype(dtype)
+
+
+def _window(g):
+    return dict(stride=(g["sh"], g["sw"]), pad=(g["ph"], g["pw"]))
+
+
+def _check_rejected_like_reference(call, ref_call):
+    with pytest.raises(ValueError) as ours:
+        call()
+    with pytest.raises(ValueError) as theirs:
+        ref_call()
+    assert "exceeds the padded input" in str(ours.value) and str(theirs.value)
+
+
+@SETTINGS
+@given(g=problems(), f=st.integers(1, 5))
+def test_conv2d_and_its_gradients(g, f):
+    rng = np.random.default_rng(g["seed"])
+    x = _rand(rng, (g["n"], g["c"], g["h"], g["w"]), g["dtype"])
+    w = _rand(rng, (f, g["c"], g["kh"], g["kw"]), g["dtype"])
+    b = _rand(rng, (f,), g["dtype"])
+    win = _window(g)
+    if not _valid(g):
+        _check_rejected_like_reference(
+            lambda: fc.conv2d(x, w, b, **win), lambda: ref.conv2d(x, w, b, **win)
+        )
+        return
+    lx, lw, lb, ldy = g["layouts"]
+    k = g["c"] * g["kh"] * g["kw"]
+    y = fc.conv2d(arrange(x, lx), arrange(w, lw), arrange(b, lb), **win, activation="relu")
+    assert_close(y, ref.conv2d(x, w, b, **win, activation="relu"), g["dtype"], k)
+    dy = _rand(rng, (g["n"], f, *_out(g)), g["dtype"])
+    got = fc.conv2d_backward(arrange(dy, ldy), arrange(x, lx), arrange(w, lw), **win)
+    want = ref.conv2d_backward(dy, x, w, **win)
+    spans = (
+        f * g["kh"] * g["kw"],
+        g["n"] * _out(g)[0] * _out(g)[1],
+        g["n"] * _out(g)[0] * _out(g)[1],
+    )
+    for a, e, span in zip(got, want, spans, strict=True):
+        assert_close(a, e, g["dtype"], span)
+
+
+@SETTINGS
+@given(g=problems())
+def test_im2col_and_col2im(g):
+    rng = np.random.default_rng(g["seed"])
+    x = _rand(rng, (g["n"], g["c"], g["h"], g["w"]), g["dtype"])
+    args = (g["kh"], g["kw"], (g["sh"], g["sw"]), (g["ph"], g["pw"]))
+    if not _valid(g):
+        _check_rejected_like_reference(lambda: fc.im2col(x, *args), lambda: ref.im2col(x, *args))
+        return
+    cols = fc.im2col(arrange(x, g["layouts"][0]), *args)
+    np.testing.assert_array_equal(cols, ref.im2col(x, *args).astype(g["dtype"]))
+    c = _rand(rng, cols.shape, g["dtype"])
+    back = fc.col2im(arrange(c, g["layouts"][1]), x.shape, *args)
+    assert_close(back, ref.col2im(c, x.shape, *args), g["dtype"], g["kh"] * g["kw"])
+
+
+@SETTINGS
+@given(g=problems(pool=True))
+def test_pooling_and_its_gradients(g):
+    rng = np.random.default_rng(g["seed"])
+    x = _rand(rng, (g["n"], g["c"], g["h"], g["w"]), g["dtype"])
+    size, win = (g["kh"], g["kw"]), _window(g)
+    if not _valid(g):
+        _check_rejected_like_reference(
+            lambda: fc.max_pool2d(x, size, **win), lambda: ref.max_pool2d(x, size, **win)
+        )
+        return
+    lx, ldy = g["layouts"][:2]
+    y = fc.max_pool2d(arrange(x, lx), size, **win)
+    np.testing.assert_array_equal(y, ref.max_pool2d(x, size, **win).astype(g["dtype"]))
+    dy = _rand(rng, y.shape, g["dtype"])
+    dx = fc.max_pool2d_backward(arrange(dy, ldy), arrange(x, lx), size, **win)
+    assert_close(dx, ref.max_pool2d_backward(dy, x, size, **win), g["dtype"], g["kh"] * g["kw"])
+    a = fc.avg_pool2d(arrange(x, lx), size, **win)
+    assert_close(a, ref.avg_pool2d(x, size, **win), g["dtype"], g["kh"] * g["kw"])
+    da = fc.avg_pool2d_backward(arrange(dy, ldy), x.shape, size, **win)
+    assert_close(
+        da, ref.avg_pool2d_backward(dy, x.shape, size, **win), g["dtype"], g["kh"] * g["kw"]
+    )
