@@ -184,6 +184,18 @@ def test_bad_input_is_refused_on_every_rank(tmp_path):
     assert reports[0]["valid"] == reports[1]["valid"] == "no error"
 
 
+def test_an_uncaught_error_on_one_rank_ends_the_job():
+    """The others wait in a collective for the failed rank: the job ends at once (MPI_Abort)
+    with the error, not after the 60 s timeout."""
+    cmd = [_mpiexec(), "-n", "2", sys.executable, str(SCRIPTS / "run_rank_raises.py")]
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=120)
+    assert done.returncode != 0
+    assert time.monotonic() - t0 < 40  # start-up included; the timeout would take 60 s
+    assert "RuntimeError: a failure on rank 1 only" in done.stderr
+    assert "rank 1 of 2: uncaught RuntimeError during distributed training" in done.stderr
+
+
 # --- the command line: a hung rank, a killed rank, resume ---------------------------------------
 
 

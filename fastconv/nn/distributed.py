@@ -29,8 +29,10 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import tempfile
 import time
+import weakref
 
 import numpy as np
 
@@ -56,6 +58,34 @@ _LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"
 DEFAULT_TIMEOUT = 600.0  # seconds; FASTCONV_MPI_TIMEOUT overrides
 _SPIN_S = 0.01  # poll without sleeping this long before backing off to 1 ms sleeps
 _METRICS = 2  # extra slots in the first bucket: this rank's share of loss and accuracy
+
+
+_TRAINING = weakref.WeakSet()  # strategies whose ranks may be waiting on this one
+_previous_excepthook = None
+
+
+def _abort_on_uncaught(kind, value, tb):
+    """An exception no one caught while the other ranks may wait in a collective for this one:
+    print it, then end the whole job (as ``python -m mpi4py`` does) instead of leaving them
+    waiting for the timeout."""
+    _previous_excepthook(kind, value, tb)
+    for strategy in list(_TRAINING):
+        if strategy.phase in ("setup", "training"):
+            print(
+                f"rank {strategy.rank} of {strategy.size}: uncaught {kind.__name__} during "
+                "distributed training: stopping every rank (MPI_Abort)",
+                file=sys.stderr,
+                flush=True,
+            )
+            strategy.abort(1)
+
+
+def _watch_uncaught(strategy) -> None:
+    global _previous_excepthook
+    if _previous_excepthook is None:
+        _previous_excepthook = sys.excepthook
+        sys.excepthook = _abort_on_uncaught
+    _TRAINING.add(strategy)
 
 
 class DistributedError(RuntimeError):
@@ -299,6 +329,7 @@ class MPIDataParallel:
                 "message); the other ranks stop too"
             )
         self.phase = "setup"
+        _watch_uncaught(self)
         try:
             self._agree(model, x, y, validation, batch_size, epochs, initial_epoch, shuffle)
             self._check_split(x.shape[0], batch_size)
