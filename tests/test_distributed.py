@@ -152,7 +152,10 @@ def test_two_ranks_train_like_one_process(tmp_path):
     model.fit(x, y, epochs=2, batch_size=16, verbose=0)
     gap = max(float(np.abs(a - e).max()) for a, e in zip(local, model.get_weights(), strict=True))
     assert gap > 1e-4
-    # Dropout: reproducible with one seed, and a resumed run continues exactly.
+    # Dropout: each rank draws its own masks; reproducible with one seed, and a resumed run
+    # continues exactly.
+    streams = [cases.load(tmp_path / f"dropout_stream_rank{r}.npz")[0][0] for r in range(2)]
+    assert not np.array_equal(streams[0], streams[1])
     first, _ = _rank_results(tmp_path, "dropout_a")
     for name in ("dropout_b", "dropout_resumed"):
         again, _ = _rank_results(tmp_path, name)

@@ -451,12 +451,13 @@ class MPIDataParallel:
         (seeded from the shared state, the epoch and the rank; the shared state comes back at
         the end of the epoch, so the shuffles match a one-process run without dropout)."""
         self._epoch = epoch
-        shared = model.rng.bit_generator.state
+        bit_generator = model.rng.bit_generator
+        shared = bit_generator.state
         self._shared_rng_state = shared
-        inner = shared.get("state", {})
-        words = [int(inner.get("state", 0)), int(inner.get("inc", 0)), int(epoch), self.rank]
-        own = np.random.default_rng(np.random.SeedSequence(words))
-        model.rng.bit_generator.state = own.bit_generator.state
+        digest = hashlib.blake2b(repr(shared).encode(), digest_size=16).digest()
+        words = [int.from_bytes(digest, "little"), int(epoch), self.rank]
+        own = type(bit_generator)(np.random.SeedSequence(words))
+        bit_generator.state = own.state
 
     def shard(self, idx):
         """This rank's contiguous share of a global batch's sample indices."""

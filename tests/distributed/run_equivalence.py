@@ -50,4 +50,13 @@ half.save(ckpt, epoch=1)
 resumed = dropout_run(2, initial_epoch=1, model=nn.load_model(ckpt)).get_weights()
 for name, w in (("dropout_a", first), ("dropout_b", again), ("dropout_resumed", resumed)):
     cases.save(out / f"{name}_rank{r}.npz", w, {})
+# The dropout stream of each rank: its own (the ranks' masks must differ), and the shared
+# generator comes back unchanged at the end of the epoch.
+probe = cases.plain_model(seed=3)
+before = probe.rng.bit_generator.state
+strategy.begin_epoch(probe, 0)
+draws = probe.rng.random(8)
+strategy.end_epoch(probe.compile(nn.SGD()))
+assert probe.rng.bit_generator.state == before
+cases.save(out / f"dropout_stream_rank{r}.npz", [draws], {})
 print(f"rank {r} done", flush=True)
