@@ -98,6 +98,14 @@ def _add_train_mnist(subparsers):
     )
     p.add_argument("--data", default=None, help="directory with the MNIST .gz files")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--distributed",
+        default="auto",
+        choices=["auto", "mpi", "none"],
+        help="data-parallel over MPI ranks (mpiexec -n N fastconv train-mnist ...; needs the "
+        "mpi extra): auto uses MPI when an MPI launcher started this process; mpi always "
+        "does; none never does (docs/distributed.md)",
+    )
     p.set_defaults(func=train_mnist)
     return p
 
@@ -160,6 +168,8 @@ class _RunRecorder:
         recorder = self
 
         class _CB(Callback):
+            root_only = True  # under MPI only rank 0 prints and writes
+
             def on_epoch_end(self, epoch, logs=None):
                 recorder.epoch_end(self.model, epoch, logs)
 
@@ -230,14 +240,25 @@ def _resolve_run_args(args, saved=None):
 
 
 def train_mnist(args) -> int:
+    try:
+        strategy = _strategy_for(args)
+    except (ImportError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if strategy is None:
+        return _train_mnist_checked(args, None)
+    return _train_mnist_mpi(args, strategy)
+
+
+def _train_mnist_checked(args, strategy) -> int:
     from .nn import CheckpointError
     from .nn._files import remove_stale_temp_files
 
     out = Path(args.out)
     last = out / "last.npz"
-    if out.is_dir():
+    if out.is_dir() and _is_root(strategy):
         remove_stale_temp_files(out)
-    if last.exists() and not (args.resume or args.overwrite):
+    if _on_root(strategy, last.exists) and not (args.resume or args.overwrite):
         print(
             f"error: {out} holds a previous run ({last}); pass --resume to continue it or "
             "--overwrite to start afresh",
@@ -245,7 +266,7 @@ def train_mnist(args) -> int:
         )
         return 2
     try:
-        return _train_mnist(args, out, last)
+        return _train_mnist(args, out, last, strategy)
     except (CheckpointError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -254,17 +275,29 @@ def train_mnist(args) -> int:
         return 1
 
 
-def _train_mnist(args, out: Path, last: Path) -> int:
+def _train_mnist(args, out: Path, last: Path, strategy=None) -> int:
     from .datasets import load_mnist
     from .models import deep_mnist_net
     from .nn import TerminateOnNaN, load_model, optimizers
 
     model, saved = None, None
-    if args.resume and last.exists():
-        model = load_model(last, backend=args.backend)
+    ranks = 1 if strategy is None else strategy.size
+    if args.resume and _on_root(strategy, last.exists):
+        loader = load_model if strategy is None else strategy.load_model
+        model = loader(last, backend=args.backend)
         saved = model.checkpoint_meta.get("extra", {}).get("args")
         if not isinstance(saved, dict):
             saved = {}
+        before = saved.get("ranks", 1)
+        if before != ranks:
+            how = "one process" if before == 1 else f"mpiexec -n {before}"
+            print(
+                f"error: {last} was trained with {before} MPI rank(s) and this run has {ranks}; "
+                f"--resume continues a run on as many ranks as it started with (shards, "
+                f"dropout streams): run it with {how}, or start afresh with --overwrite",
+                file=sys.stderr,
+            )
+            return 2
     conflicts = _resolve_run_args(args, saved)
     if conflicts:
         print(
@@ -294,7 +327,8 @@ def _train_mnist(args, out: Path, last: Path) -> int:
     if args.val_size:
         validation = (x_train[-args.val_size :], y_train[-args.val_size :])
         x_train, y_train = x_train[: -args.val_size], y_train[: -args.val_size]
-    out.mkdir(parents=True, exist_ok=True)
+    if _is_root(strategy):
+        out.mkdir(parents=True, exist_ok=True)
 
     history: list = []
     best = -1.0
@@ -321,6 +355,7 @@ def _train_mnist(args, out: Path, last: Path) -> int:
         model.compile(optimizers.get(args.optimizer, lr=args.lr))
 
     run_args = {k: v for k, v in vars(args).items() if k != "func"}
+    run_args["ranks"] = ranks
     recorder = _RunRecorder(out, history, best, run_args, validate=validation is not None)
     nan_guard = TerminateOnNaN()
     if initial_epoch >= args.epochs:
@@ -338,6 +373,7 @@ def _train_mnist(args, out: Path, last: Path) -> int:
                 verbose=0,  # the recorder prints the per-epoch line
                 progress=not args.quiet,
                 initial_epoch=initial_epoch,
+                strategy=strategy,
             )
         except KeyboardInterrupt:
             done = recorder.history[-1]["epoch"] if recorder.history else initial_epoch
@@ -350,10 +386,12 @@ def _train_mnist(args, out: Path, last: Path) -> int:
             done = recorder.history[-1]["epoch"] if recorder.history else initial_epoch
             kept = f"{last} keeps epoch {done}" if recorder.history else "no checkpoint written"
             print(f"error: {nan_guard.message}; {kept}", file=sys.stderr)
-            if recorder.history:
+            if recorder.history and _is_root(strategy):
                 plot_curves(_history_json(recorder.history), out / "curves.png")
             return 1
         print(f"trained in {time.perf_counter() - t0:.1f}s")
+    if not _is_root(strategy):  # rank 0 alone tests, plots and writes
+        return 0
     if not recorder.history:
         return 0
     # The test set, touched once: with the weights of the epoch the validation set chose.
@@ -374,6 +412,108 @@ def _train_mnist(args, out: Path, last: Path) -> int:
     plot_misclassified(x_test, y_test, pred, wrong, out / "misclassified.png")
     print(f"wrote {out}/{{best.npz,last.npz,history.json,curves.png,misclassified.png}}")
     return 0
+
+
+# --- train-mnist over MPI ------------------------------------------------------------------------
+
+
+def _strategy_for(args):
+    """The MPI strategy when an MPI launcher started this process (or ``--distributed mpi``);
+    None for a plain run, which never imports MPI."""
+    from .nn.distributed import launcher_world_size
+
+    size = launcher_world_size()
+    if args.distributed == "none":
+        if size is not None and size > 1:
+            raise ValueError(
+                f"--distributed none, but an MPI launcher started {size} processes: each would "
+                "train alone and write the same files; drop --distributed none, or run one "
+                "process"
+            )
+        return None
+    if args.distributed == "auto" and size is None:
+        return None
+    from .nn.distributed import MPIDataParallel
+
+    try:
+        return MPIDataParallel()
+    except ImportError as e:
+        started = f"an MPI launcher started {size} processes, but " if size else ""
+        raise ImportError(f"{started}{e}") from None
+
+
+def _is_root(strategy) -> bool:
+    return strategy is None or strategy.is_root
+
+
+def _on_root(strategy, fn):
+    """``fn()`` evaluated on rank 0 (which owns the output directory), on every rank."""
+    if strategy is None:
+        return fn()
+    return strategy.broadcast_object(fn() if strategy.is_root else None)
+
+
+def _train_mnist_mpi(args, strategy) -> int:
+    """One rank of ``mpiexec -n N fastconv train-mnist``: every rank trains, rank 0 prints and
+    writes. The other ranks' output is held back and shown only when their failure is their
+    own. A rank that stops mid-training (an error, Ctrl-C, a rank that stopped answering)
+    ends the whole job with MPI_Abort, since the others would wait for it forever."""
+    import contextlib
+    import io
+    import traceback
+
+    from .nn.distributed import DistributedError, DistributedSetupError
+
+    line = strategy.describe(strategy.configure_threads())
+    if line:
+        print(line, flush=True)
+    held = io.StringIO()
+    with contextlib.ExitStack() as stack:
+        if not strategy.is_root:
+            stack.enter_context(contextlib.redirect_stdout(io.StringIO()))
+            stack.enter_context(contextlib.redirect_stderr(held))
+        try:
+            rc = _train_mnist_checked(args, strategy)
+        except DistributedSetupError as e:  # raised on every rank alike
+            print(f"error: {e}", file=sys.stderr)
+            rc = 2
+        except KeyboardInterrupt:
+            print("\ninterrupted", file=sys.stderr)
+            rc = 130
+        except DistributedError as e:
+            print(f"error: {e}", file=sys.stderr)
+            rc = 1
+        except Exception:
+            traceback.print_exc()
+            rc = 1
+    me = f"rank {strategy.rank} of {strategy.size}"
+    if strategy.phase == "idle":  # stopped before training, while the others may be starting
+        root_trains = strategy.withdraw()
+        if root_trains and not strategy.is_root:  # rank 0 cannot say why
+            _show(held.getvalue(), me)
+    elif strategy.phase in ("setup", "training"):
+        if rc == 130:  # Ctrl-C reaches every rank: let rank 0 say where to resume
+            if not strategy.is_root:
+                time.sleep(1.0)
+        else:
+            if not strategy.is_root:
+                _show(held.getvalue(), me)
+            last = Path(args.out) / "last.npz"
+            resume = f"; rerun with --resume to continue from {last}" if last.exists() else ""
+            print(
+                f"error: {me} stopped during training: stopping every rank (MPI_Abort){resume}",
+                file=sys.stderr,
+                flush=True,
+            )
+        sys.stderr.flush()
+        strategy.abort(rc)
+    return rc
+
+
+def _show(text, who):
+    for line in text.strip().splitlines():
+        print(f"[{who}] {line}", file=sys.stderr)
+    sys.stderr.flush()
 
 
 def _to_cpu(a):

@@ -13,6 +13,7 @@ from .callbacks import (
     ModelCheckpoint,
     TerminateOnNaN,
 )
+from .distributed import DistributedError, DistributedSetupError, MPIDataParallel
 from .graph import Input, SymbolicTensor
 from .layers import (
     Add,
@@ -83,4 +84,7 @@ __all__ = [
     "CSVLogger",
     "JSONLogger",
     "TerminateOnNaN",
+    "MPIDataParallel",
+    "DistributedError",
+    "DistributedSetupError",
 ]

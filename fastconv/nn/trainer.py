@@ -124,7 +124,12 @@ class Trainer:
         self._emit("loss_backward", "begin")
         dscores = self.loss.backward()
         self._emit("loss_backward", "end")
+        strategy = getattr(self, "_strategy", None)  # set by fit(strategy=...)
+        if strategy is not None:  # this rank's share of the global batch's mean loss
+            dscores = strategy.scale_loss_gradient(dscores)
         _, self._grads = self._run_backward(caches, dscores, need_dx=False)
+        if strategy is not None:  # the global batch's gradient and metrics, on every rank
+            loss, accuracy = strategy.reduce_gradients(self, self._grads, loss, accuracy)
         self._apply_gradients(self._grads)
         return {"loss": loss, "accuracy": accuracy}
 
@@ -149,8 +154,10 @@ class Trainer:
             outs.append(y)
         return self.backend.xp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
 
-    def evaluate(self, x, y, batch_size: int = 100) -> dict:
-        """Mean loss and accuracy over ``(x, y)`` in inference mode."""
+    def evaluate(self, x, y, batch_size: int = 100, strategy=None) -> dict:
+        """Mean loss and accuracy over ``(x, y)`` in inference mode. With a ``strategy``
+        (:class:`~fastconv.nn.MPIDataParallel`) each rank evaluates its share of ``(x, y)`` and
+        every rank gets the means over all of it."""
         x = self._prepare_x(x)
         batch_size = chk.as_int(batch_size, "batch_size", 1)
         loss_fn = self.loss or losses_mod.SoftmaxCrossEntropy()
@@ -158,13 +165,16 @@ class Trainer:
         self._ensure_built(self._batch(x[:1]))
         y = self._labels(y, n)
         total_loss = total_correct = 0.0
-        for start in range(0, n, batch_size):
-            xb = self._batch(x[start : start + batch_size])
-            yb = self.backend.labels(y[start : start + batch_size])
+        first, stop = (0, n) if strategy is None else strategy.eval_range(n)
+        for start in range(first, stop, batch_size):
+            xb = self._batch(x[start : min(start + batch_size, stop)])
+            yb = self.backend.labels(y[start : min(start + batch_size, stop)])
             scores, _ = self._run_forward(xb, training=False)
             m = xb.shape[0]
             total_loss += loss_fn.forward(scores, yb) * m
             total_correct += _accuracy(scores, yb) * m
+        if strategy is not None:
+            total_loss, total_correct = strategy.sum_over_ranks(total_loss, total_correct)
         return {"loss": total_loss / n, "accuracy": total_correct / n}
 
     def fit(
@@ -182,6 +192,7 @@ class Trainer:
         initial_epoch=0,
         progress=None,
         check_finite=True,
+        strategy=None,
     ) -> History:
         """Train for epochs ``initial_epoch .. epochs-1``; each epoch visits every sample once
         (a permutation when ``shuffle``). Returns a :class:`History`.
@@ -201,6 +212,10 @@ class Trainer:
             Overrides whether the progress bar is shown.
         check_finite : bool
             Refuse inputs holding NaN or inf (checked once, before training).
+        strategy : MPIDataParallel, optional
+            Data-parallel training over MPI ranks (docs/distributed.md): ``batch_size`` is the
+            global batch, split over the ranks; the logs are means over the ranks; only rank 0
+            prints and runs file-writing callbacks.
 
         A callback stops training by setting ``model.stop_training``; an epoch cut short that
         way (e.g. by :class:`TerminateOnNaN`) is not reported to ``on_epoch_end``, so nothing
@@ -242,6 +257,21 @@ class Trainer:
                 raise TypeError(f"callbacks must be Callback objects, got {type(cb).__name__}")
         if seed is not None:
             self.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
+        if strategy is not None:  # agree with the other ranks, take rank 0's weights
+            callbacks, verbose, progress = strategy.begin(
+                self,
+                x=x,
+                y=y,
+                validation=None if validation_data is None else (xv, yv),
+                batch_size=batch_size,
+                epochs=epochs,
+                initial_epoch=initial_epoch,
+                shuffle=shuffle,
+                callbacks=callbacks,
+                verbose=verbose,
+                progress=progress,
+            )
+        self._strategy = strategy
         n = x.shape[0]
         history = History()
         callbacks = [history, *callbacks]
@@ -258,12 +288,15 @@ class Trainer:
                 cb.on_epoch_begin(epoch)
             t0 = time.perf_counter()
             order = self.rng.permutation(n) if shuffle else np.arange(n)
+            if strategy is not None:
+                strategy.begin_epoch(self, epoch)
             sum_loss = sum_acc = 0.0
             seen = 0
             bar = _progress(n_batches, f"Epoch {epoch + 1}/{epochs}", show_bar)
             for b in range(n_batches):
                 idx = order[b * batch_size : (b + 1) * batch_size]
-                logs = self.train_on_batch(self.backend.index(x, idx), y[idx])
+                part = idx if strategy is None else strategy.shard(idx)
+                logs = self.train_on_batch(self.backend.index(x, part), y[part])
                 m = len(idx)
                 sum_loss += logs["loss"] * m
                 sum_acc += logs["accuracy"] * m
@@ -274,6 +307,8 @@ class Trainer:
                     bar.update(1)
                     if b % 20 == 0 or b == n_batches - 1:
                         bar.set_postfix(loss=f"{sum_loss / seen:.4f}", acc=f"{sum_acc / seen:.4f}")
+                if strategy is not None:  # a rank stopping alone would leave the others waiting
+                    self.stop_training = strategy.agree_stop(self.stop_training)
                 if self.stop_training and b < n_batches - 1:
                     break
             if bar is not None:
@@ -281,8 +316,10 @@ class Trainer:
             if seen < n:  # cut short by a callback
                 break
             epoch_logs = {"loss": sum_loss / seen, "accuracy": sum_acc / seen}
+            if strategy is not None:
+                strategy.end_epoch(self)
             if validation_data is not None:
-                val = self.evaluate(xv, yv, batch_size=max(batch_size, 100))
+                val = self.evaluate(xv, yv, batch_size=max(batch_size, 100), strategy=strategy)
                 epoch_logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
             epoch_logs["time"] = time.perf_counter() - t0
             if verbose:
@@ -290,8 +327,13 @@ class Trainer:
                 print(f"epoch {epoch + 1}/{epochs} - {parts} - {epoch_logs['time']:.1f}s")
             for cb in callbacks:
                 cb.on_epoch_end(epoch, epoch_logs)
+            if strategy is not None:
+                self.stop_training = strategy.agree_stop(self.stop_training)
             if self.stop_training:
                 break
+        if strategy is not None:
+            strategy.end(self)
+        self._strategy = None
         for cb in callbacks:
             cb.on_train_end()
         return history
