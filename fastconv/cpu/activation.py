@@ -1,0 +1,79 @@
+"""ReLU and its gradient on the CPU, float32 and float16 (as uint16 bits).
+
+Why kernels rather than NumPy's ``np.maximum(x, 0)`` and ``dy * (y > 0)``: NumPy allocates a
+boolean mask and a fresh result each call (for a (100, 16, 28, 28) activation that is ~1.5 ms
+of page faults and memory traffic in float32), and computes float16 in software (~25 ms for
+the gradient, more than the convolution's whole backward pass). These kernels read half
+values as bits and convert in registers (``fastconv.cpu._half``), and the gradient can write
+into a buffer the caller reuses from step to step.
+
+The forward copies x's own bits where x is not below zero (NaN payloads and -0.0 kept, as
+``torch.relu``; NumPy's ``maximum`` keeps -0.0 in float16 but not in float32) and writes +0
+elsewhere. The gradient is exactly ``dy * 1`` or ``dy * 0`` in float32, rounded back to the
+dtype: NumPy's ``dy * (y > 0)`` bit for bit (so ``inf * 0`` gives NaN).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+from ._half import bits_view, load, store_value
+
+__all__ = ["relu", "relu_backward"]
+
+_SERIAL_BELOW = 1 << 15  # elements; below this a parallel launch costs more than it saves
+
+
+@njit(inline="always")
+def _relu_at(x, out, i, zero):
+    out[i] = zero if load(x[i]) < np.float32(0.0) else x[i]
+
+
+@njit(parallel=True, cache=True)
+def _relu(x, out):
+    zero = store_value(out, np.float32(0.0))
+    for i in prange(x.size):
+        _relu_at(x, out, i, zero)
+
+
+@njit(cache=True)
+def _relu_serial(x, out):
+    zero = store_value(out, np.float32(0.0))
+    for i in range(x.size):
+        _relu_at(x, out, i, zero)
+
+
+@njit(inline="always")
+def _grad_at(dy, y, out, i):
+    keep = np.float32(1.0) if load(y[i]) > np.float32(0.0) else np.float32(0.0)
+    out[i] = store_value(out, load(dy[i]) * keep)
+
+
+@njit(parallel=True, cache=True)
+def _relu_grad(dy, y, out):
+    for i in prange(dy.size):
+        _grad_at(dy, y, out, i)
+
+
+@njit(cache=True)
+def _relu_grad_serial(dy, y, out):
+    for i in range(dy.size):
+        _grad_at(dy, y, out, i)
+
+
+def relu(x):
+    """Backend of :func:`fastconv.relu` (validated, C-contiguous, non-empty)."""
+    out = np.empty(x.shape, dtype=x.dtype)
+    kernel = _relu_serial if x.size < _SERIAL_BELOW else _relu
+    kernel(bits_view(x).reshape(-1), bits_view(out).reshape(-1))
+    return out
+
+
+def relu_backward(dy, y, out=None):
+    """Backend of :func:`fastconv.relu_backward`: ``dy * (y > 0)``, into ``out`` if given."""
+    if out is None:
+        out = np.empty(dy.shape, dtype=dy.dtype)
+    kernel = _relu_grad_serial if dy.size < _SERIAL_BELOW else _relu_grad
+    kernel(bits_view(dy).reshape(-1), bits_view(y).reshape(-1), bits_view(out).reshape(-1))
+    return out
