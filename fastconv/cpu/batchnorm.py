@@ -1,30 +1,35 @@
 """Batch normalisation on the CPU: Numba kernels, float32 and float16 (as uint16 bits).
 
-Every input is seen as ``(N, C, P)`` (``P = H*W``, 1 for a 2-D ``(N, C)`` input).
+Layout: an (N, C) or (N, C, H, W) input is seen as rows of ``L = C*P`` *lanes* (``P = H*W``,
+1 for 2-D input): lane ``j`` of row ``n`` is pixel ``j % P`` of channel ``j // P``, and each row
+is contiguous. A task owns a block of adjacent channels, i.e. a contiguous slice of lanes.
 
-* Training statistics are reduced **per channel, one channel per task** (``prange`` over C):
-  each channel's sum is taken by one thread in a fixed order, so the result never depends on
-  the thread count or scheduling. The variance takes two passes (sum, then sum of squared
-  deviations from the mean), not ``E[x^2] - E[x]^2``, which cancels catastrophically in float32.
-  Each pass sums a channel plane by plane (a vectorised float32 sum of P values, then the N
-  plane sums), which keeps the rounding error near ``(P/16 + N)`` ulps instead of ``N*P``.
-* The three passes of the forward (mean, variance, normalise) and the two of the backward
-  (sums, dx) run back to back on one channel, whose data (313 KB for the largest deep-MNIST
-  layer, 16@28x28 at batch 100) stays in the 1 MB L2 cache between passes: the tensor is read
-  from memory about once.
-* 2-D input ``(N, C)`` with many channels would read one float per cache line channel by
-  channel; those go through ``*_rows`` kernels that own a block of ``_CB`` adjacent channels
-  and walk the rows, summing the block's channels side by side (still a fixed order).
-* Inference (a per-channel affine map) and its backward are elementwise: ``prange`` over N.
-* Statistics and per-channel coefficients are float32; ``mean``/``var`` are float32 for both
-  dtypes, ``gamma``/``beta``/``dgamma``/``dbeta`` are in x's dtype.
+* Training statistics, planes of fewer than ``_SEGMENT_P`` pixels (8x8 and smaller): the task
+  adds its rows into one float32 accumulator per lane (an elementwise loop over the whole
+  slice: long, contiguous and vectorised, where a loop over one channel's 16 pixels is too
+  short for that), then each channel adds its P lane sums. Larger planes sum each (image,
+  channel) segment in registers (long enough to vectorise, and no accumulator traffic), then
+  add the N segment sums. Either way every channel's sum is taken in a fixed order that
+  depends on neither the block size nor the thread count (bit-reproducible), and the float32
+  rounding error stays near ``(N + P)`` ulps rather than ``N*P``.
+* The variance takes a second pass (squared deviations from the mean), not
+  ``E[x^2] - E[x]^2``, which cancels catastrophically in float32.
+* The passes of one training step (forward: mean, variance, normalise; backward: the two sums,
+  then dx) run back to back on one block, sized (``_BLOCK_ELEMS``) so that its data stays in
+  the 1 MB L2 cache between passes: the tensor comes from memory about once per step.
+* Per-channel coefficients are expanded to per-lane vectors, so the normalising pass is also
+  one long elementwise loop.
+* Inference (an affine map per channel) and its gradient are elementwise: ``prange`` over N.
+* Statistics and coefficients are float32; ``mean``/``var`` are float32 for both dtypes,
+  ``gamma``/``beta``/``dgamma``/``dbeta`` are in x's dtype.
 
-Small problems run serial kernels (``_SERIAL_BELOW`` elements): a parallel region costs more to
-start than these take (measured in docs/normalization.md).
+Small problems run the same kernels serially (``_SERIAL_BELOW`` elements): a parallel region
+costs more to start than they take.
 """
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -37,37 +42,12 @@ __all__ = [
     "batch_norm_inference_backward",
 ]
 
-# Reassociation lets LLVM vectorise the reductions (a fixed order per compiled kernel, so still
-# deterministic); no nnan/ninf: NaN and inf must propagate.
+# Reassociation lets LLVM vectorise the lane sums (a fixed order per compiled kernel and trip
+# count, so still deterministic); no nnan/ninf: NaN and inf must propagate.
 _FASTMATH = {"contract", "reassoc", "arcp", "nsz"}
-_CB = 16  # channels per task in the 2-D (rows) kernels: one AVX-512 register of float32
 _SERIAL_BELOW = 1 << 15  # elements; below this a parallel launch costs more than it saves
-
-
-# --- per-channel helpers (one thread owns the channel) ----------------------------------------
-
-
-@njit(inline="always", fastmath=_FASTMATH)
-def _channel_mean(x, c, N, P):
-    total = np.float32(0.0)
-    for n in range(N):
-        s = np.float32(0.0)
-        for p in range(P):
-            s += load(x[n, c, p])
-        total += s
-    return total / np.float32(N * P)
-
-
-@njit(inline="always", fastmath=_FASTMATH)
-def _channel_var(x, c, N, P, mu):
-    total = np.float32(0.0)
-    for n in range(N):
-        s = np.float32(0.0)
-        for p in range(P):
-            d = load(x[n, c, p]) - mu
-            s += d * d
-        total += s
-    return total / np.float32(N * P)
+_BLOCK_ELEMS = 1 << 16  # elements of x per task: x, dy and y of a block stay in L2 (1 MB)
+_SEGMENT_P = 32  # planes of at least this many pixels are reduced segment by segment
 
 
 @njit(inline="always")
@@ -82,157 +62,233 @@ def _relu(v):
 
 
 @njit(inline="always")
-def _masked(dy, y, n, c, p):
+def _masked(dy, y, j):
     """dy * (y > 0) in float32 when the forward fused a ReLU (``y`` given), else dy."""
-    d = load(dy[n, c, p])
+    d = load(dy[j])
     if y is not None:
-        d = d * (np.float32(1.0) if load(y[n, c, p]) > np.float32(0.0) else np.float32(0.0))
+        d = d * (np.float32(1.0) if load(y[j]) > np.float32(0.0) else np.float32(0.0))
     return d
-
-
-@njit(inline="always", fastmath=_FASTMATH)
-def _forward_channel(x, gamma, beta, y, mean, var, eps, relu, c):
-    N, _, P = x.shape
-    mu = _channel_mean(x, c, N, P)
-    v = _channel_var(x, c, N, P, mu)
-    scale = load(gamma[c]) * _inv_std(v, eps)
-    shift = load(beta[c]) - mu * scale
-    for n in range(N):
-        for p in range(P):
-            out = load(x[n, c, p]) * scale + shift
-            y[n, c, p] = store_value(y, _relu(out) if relu else out)
-    mean[c] = mu
-    var[c] = v
-
-
-@njit(inline="always", fastmath=_FASTMATH)
-def _backward_channel(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, c):
-    N, _, P = x.shape
-    mu = mean[c]
-    inv_std = _inv_std(var[c], eps)
-    sum_dy = np.float32(0.0)
-    sum_dy_xc = np.float32(0.0)
-    for n in range(N):
-        s1 = np.float32(0.0)
-        s2 = np.float32(0.0)
-        for p in range(P):
-            d = _masked(dy, y, n, c, p)
-            s1 += d
-            s2 += d * (load(x[n, c, p]) - mu)
-        sum_dy += s1
-        sum_dy_xc += s2
-    sum_dy_xhat = sum_dy_xc * inv_std
-    M = np.float32(N * P)
-    # dx = gamma*invstd/M * (M*dy - sum(dy) - xhat*sum(dy*xhat))
-    k = load(gamma[c]) * inv_std / M
-    for n in range(N):
-        for p in range(P):
-            xhat = (load(x[n, c, p]) - mu) * inv_std
-            d = _masked(dy, y, n, c, p)
-            dx[n, c, p] = store_value(dx, k * (M * d - sum_dy - xhat * sum_dy_xhat))
-    dgamma[c] = store_value(dgamma, sum_dy_xhat)
-    dbeta[c] = store_value(dbeta, sum_dy)
-
-
-# --- training forward --------------------------------------------------------------------------
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _forward_planes(x, gamma, beta, y, mean, var, eps, relu):
-    for c in prange(x.shape[1]):
-        _forward_channel(x, gamma, beta, y, mean, var, eps, relu, c)
-
-
-@njit(cache=True, fastmath=_FASTMATH)
-def _forward_planes_serial(x, gamma, beta, y, mean, var, eps, relu):
-    for c in range(x.shape[1]):
-        _forward_channel(x, gamma, beta, y, mean, var, eps, relu, c)
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _forward_rows(x, gamma, beta, y, mean, var, eps, relu):
-    # x, y: (N, C). Task = a block of _CB channels; each channel still sums rows in order.
-    N, C = x.shape
-    for blk in prange((C + _CB - 1) // _CB):
-        c0 = blk * _CB
-        w = min(_CB, C - c0)
-        acc = np.zeros(_CB, dtype=np.float32)
-        for n in range(N):
-            for j in range(w):
-                acc[j] += load(x[n, c0 + j])
-        mu = acc / np.float32(N)
-        acc[:] = 0.0
-        for n in range(N):
-            for j in range(w):
-                d = load(x[n, c0 + j]) - mu[j]
-                acc[j] += d * d
-        scale = np.empty(_CB, dtype=np.float32)
-        shift = np.empty(_CB, dtype=np.float32)
-        for j in range(w):
-            v = acc[j] / np.float32(N)
-            mean[c0 + j] = mu[j]
-            var[c0 + j] = v
-            scale[j] = load(gamma[c0 + j]) * _inv_std(v, eps)
-            shift[j] = load(beta[c0 + j]) - mu[j] * scale[j]
-        for n in range(N):
-            for j in range(w):
-                out = load(x[n, c0 + j]) * scale[j] + shift[j]
-                y[n, c0 + j] = store_value(y, _relu(out) if relu else out)
-
-
-# --- training backward -------------------------------------------------------------------------
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _backward_planes(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps):
-    for c in prange(x.shape[1]):
-        _backward_channel(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, c)
-
-
-@njit(cache=True, fastmath=_FASTMATH)
-def _backward_planes_serial(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps):
-    for c in range(x.shape[1]):
-        _backward_channel(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, c)
 
 
 @njit(inline="always")
-def _masked_row(dy, y, n, c):
-    d = load(dy[n, c])
-    if y is not None:
-        d = d * (np.float32(1.0) if load(y[n, c]) > np.float32(0.0) else np.float32(0.0))
-    return d
+def _fill(a, start, count, value):
+    # An explicit loop: array expressions inside a prange body become nested parfors.
+    for i in range(start, start + count):
+        a[i] = value
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _segment_sum(acc, start, P):
+    s = np.float32(0.0)
+    for p in range(P):
+        s += acc[start + p]
+    return s
+
+
+# Loops below index one row slice at a time (``x[n, lo:hi]``): LLVM vectorises those, but not
+# ``x[n, lo + j]`` (measured 5-10x slower), whose offset it cannot prove non-negative.
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _forward_lanes(x, gamma, beta, y, mean, var, eps, relu, P, c0, c1):
+    N = x.shape[0]
+    lo, hi = c0 * P, c1 * P
+    width = hi - lo
+    M = np.float32(N * P)
+    acc = np.empty(width, dtype=np.float32)
+    _fill(acc, 0, width, np.float32(0.0))
+    for n in range(N):
+        xr = x[n, lo:hi]
+        for j in range(width):
+            acc[j] += load(xr[j])
+    lane_a = np.empty(width, dtype=np.float32)  # mean, then scale
+    for c in range(c0, c1):
+        mu = _segment_sum(acc, (c - c0) * P, P) / M
+        mean[c] = mu
+        _fill(lane_a, (c - c0) * P, P, mu)
+    _fill(acc, 0, width, np.float32(0.0))
+    for n in range(N):
+        xr = x[n, lo:hi]
+        for j in range(width):
+            d = load(xr[j]) - lane_a[j]
+            acc[j] += d * d
+    lane_b = np.empty(width, dtype=np.float32)  # shift
+    for c in range(c0, c1):
+        v = _segment_sum(acc, (c - c0) * P, P) / M
+        var[c] = v
+        scale = load(gamma[c]) * _inv_std(v, eps)
+        _fill(lane_b, (c - c0) * P, P, load(beta[c]) - mean[c] * scale)
+        _fill(lane_a, (c - c0) * P, P, scale)
+    for n in range(N):
+        xr = x[n, lo:hi]
+        yr = y[n, lo:hi]
+        for j in range(width):
+            out = load(xr[j]) * lane_a[j] + lane_b[j]
+            yr[j] = store_value(yr, _relu(out) if relu else out)
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _backward_lanes(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, c0, c1):
+    N = x.shape[0]
+    lo, hi = c0 * P, c1 * P
+    width = hi - lo
+    M = np.float32(N * P)
+    mu = np.empty(width, dtype=np.float32)
+    sum_dy = np.empty(width, dtype=np.float32)
+    sum_dy_xc = np.empty(width, dtype=np.float32)
+    for c in range(c0, c1):
+        _fill(mu, (c - c0) * P, P, mean[c])
+    _fill(sum_dy, 0, width, np.float32(0.0))
+    _fill(sum_dy_xc, 0, width, np.float32(0.0))
+    for n in range(N):
+        xr, dyr = x[n, lo:hi], dy[n, lo:hi]
+        yr = None if y is None else y[n, lo:hi]
+        for j in range(width):
+            d = _masked(dyr, yr, j)
+            sum_dy[j] += d
+            sum_dy_xc[j] += d * (load(xr[j]) - mu[j])
+    # Per-lane coefficients of dx = gamma*invstd/M * (M*dy - sum(dy) - xhat*sum(dy*xhat)).
+    k = np.empty(width, dtype=np.float32)
+    inv_std = np.empty(width, dtype=np.float32)
+    for c in range(c0, c1):
+        start = (c - c0) * P
+        s_dy = _segment_sum(sum_dy, start, P)
+        istd = _inv_std(var[c], eps)
+        s_dy_xhat = _segment_sum(sum_dy_xc, start, P) * istd
+        dgamma[c] = store_value(dgamma, s_dy_xhat)
+        dbeta[c] = store_value(dbeta, s_dy)
+        _fill(k, start, P, load(gamma[c]) * istd / M)
+        _fill(inv_std, start, P, istd)
+        _fill(sum_dy, start, P, s_dy)
+        _fill(sum_dy_xc, start, P, s_dy_xhat)
+    for n in range(N):
+        xr, dyr, dxr = x[n, lo:hi], dy[n, lo:hi], dx[n, lo:hi]
+        yr = None if y is None else y[n, lo:hi]
+        for j in range(width):
+            xhat = (load(xr[j]) - mu[j]) * inv_std[j]
+            d = _masked(dyr, yr, j)
+            dxr[j] = store_value(dxr, k[j] * (M * d - sum_dy[j] - xhat * sum_dy_xc[j]))
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _forward_segments(x, gamma, beta, y, mean, var, eps, relu, P, c0, c1):
+    # Planes of P >= _SEGMENT_P pixels: each (image, channel) segment is long enough to
+    # vectorise on its own, and summing it in registers saves the lane accumulators' traffic.
+    N = x.shape[0]
+    M = np.float32(N * P)
+    for c in range(c0, c1):
+        lo, hi = c * P, (c + 1) * P
+        total = np.float32(0.0)
+        for n in range(N):
+            xr = x[n, lo:hi]
+            s = np.float32(0.0)
+            for p in range(P):
+                s += load(xr[p])
+            total += s
+        mu = total / M
+        total = np.float32(0.0)
+        for n in range(N):
+            xr = x[n, lo:hi]
+            s = np.float32(0.0)
+            for p in range(P):
+                d = load(xr[p]) - mu
+                s += d * d
+            total += s
+        v = total / M
+        scale = load(gamma[c]) * _inv_std(v, eps)
+        shift = load(beta[c]) - mu * scale
+        for n in range(N):
+            xr, yr = x[n, lo:hi], y[n, lo:hi]
+            for p in range(P):
+                out = load(xr[p]) * scale + shift
+                yr[p] = store_value(yr, _relu(out) if relu else out)
+        mean[c] = mu
+        var[c] = v
+
+
+@njit(inline="always", fastmath=_FASTMATH)
+def _backward_segments(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, c0, c1):
+    N = x.shape[0]
+    M = np.float32(N * P)
+    for c in range(c0, c1):
+        lo, hi = c * P, (c + 1) * P
+        mu = mean[c]
+        inv_std = _inv_std(var[c], eps)
+        sum_dy = np.float32(0.0)
+        sum_dy_xc = np.float32(0.0)
+        for n in range(N):
+            xr, dyr = x[n, lo:hi], dy[n, lo:hi]
+            yr = None if y is None else y[n, lo:hi]
+            s1 = np.float32(0.0)
+            s2 = np.float32(0.0)
+            for p in range(P):
+                d = _masked(dyr, yr, p)
+                s1 += d
+                s2 += d * (load(xr[p]) - mu)
+            sum_dy += s1
+            sum_dy_xc += s2
+        sum_dy_xhat = sum_dy_xc * inv_std
+        k = load(gamma[c]) * inv_std / M
+        for n in range(N):
+            xr, dyr, dxr = x[n, lo:hi], dy[n, lo:hi], dx[n, lo:hi]
+            yr = None if y is None else y[n, lo:hi]
+            for p in range(P):
+                xhat = (load(xr[p]) - mu) * inv_std
+                d = _masked(dyr, yr, p)
+                dxr[p] = store_value(dxr, k * (M * d - sum_dy - xhat * sum_dy_xhat))
+        dgamma[c] = store_value(dgamma, sum_dy_xhat)
+        dbeta[c] = store_value(dbeta, sum_dy)
+
+
+@njit(inline="always")
+def _forward_block(x, gamma, beta, y, mean, var, eps, relu, P, c0, c1):
+    if P >= _SEGMENT_P:
+        _forward_segments(x, gamma, beta, y, mean, var, eps, relu, P, c0, c1)
+    else:
+        _forward_lanes(x, gamma, beta, y, mean, var, eps, relu, P, c0, c1)
+
+
+@njit(inline="always")
+def _backward_block(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, c0, c1):
+    if P >= _SEGMENT_P:
+        _backward_segments(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, c0, c1)
+    else:
+        _backward_lanes(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, c0, c1)
+
+
+# --- training: parallel over channel blocks, or serial for small problems -----------------------
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _backward_rows(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps):
-    N, C = x.shape
-    M = np.float32(N)
-    for blk in prange((C + _CB - 1) // _CB):
-        c0 = blk * _CB
-        w = min(_CB, C - c0)
-        mu = np.zeros(_CB, dtype=np.float32)
-        inv_std = np.zeros(_CB, dtype=np.float32)
-        for j in range(w):
-            mu[j] = mean[c0 + j]
-            inv_std[j] = _inv_std(var[c0 + j], eps)
-        sum_dy = np.zeros(_CB, dtype=np.float32)
-        sum_dy_xc = np.zeros(_CB, dtype=np.float32)
-        for n in range(N):
-            for j in range(w):
-                d = _masked_row(dy, y, n, c0 + j)
-                sum_dy[j] += d
-                sum_dy_xc[j] += d * (load(x[n, c0 + j]) - mu[j])
-        sum_dy_xhat = sum_dy_xc * inv_std
-        k = np.empty(_CB, dtype=np.float32)
-        for j in range(w):
-            k[j] = load(gamma[c0 + j]) * inv_std[j] / M
-            dgamma[c0 + j] = store_value(dgamma, sum_dy_xhat[j])
-            dbeta[c0 + j] = store_value(dbeta, sum_dy[j])
-        for n in range(N):
-            for j in range(w):
-                xhat = (load(x[n, c0 + j]) - mu[j]) * inv_std[j]
-                d = _masked_row(dy, y, n, c0 + j)
-                dx[n, c0 + j] = store_value(dx, k[j] * (M * d - sum_dy[j] - xhat * sum_dy_xhat[j]))
+def _forward(x, gamma, beta, y, mean, var, eps, relu, P, block):
+    C = gamma.shape[0]
+    for b in prange((C + block - 1) // block):
+        _forward_block(x, gamma, beta, y, mean, var, eps, relu, P, b * block,
+                       min(C, (b + 1) * block))  # fmt: skip
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _forward_serial(x, gamma, beta, y, mean, var, eps, relu, P, block):
+    C = gamma.shape[0]
+    for b in range((C + block - 1) // block):
+        _forward_block(x, gamma, beta, y, mean, var, eps, relu, P, b * block,
+                       min(C, (b + 1) * block))  # fmt: skip
+
+
+@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+def _backward(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, block):
+    C = gamma.shape[0]
+    for b in prange((C + block - 1) // block):
+        _backward_block(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, b * block,
+                        min(C, (b + 1) * block))  # fmt: skip
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _backward_serial(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, block):
+    C = gamma.shape[0]
+    for b in range((C + block - 1) // block):
+        _backward_block(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, b * block,
+                        min(C, (b + 1) * block))  # fmt: skip
 
 
 # --- inference: a per-channel affine map, and its gradient -----------------------------------
@@ -240,12 +296,10 @@ def _backward_rows(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps):
 
 @njit(inline="always", fastmath=_FASTMATH)
 def _affine_row(x, scale, shift, y, relu, n):
-    C, P = x.shape[1], x.shape[2]
-    for c in range(C):
-        a, b = scale[c], shift[c]
-        for p in range(P):
-            out = load(x[n, c, p]) * a + b
-            y[n, c, p] = store_value(y, _relu(out) if relu else out)
+    xr, yr = x[n], y[n]
+    for j in range(xr.shape[0]):
+        out = load(xr[j]) * scale[j] + shift[j]
+        yr[j] = store_value(yr, _relu(out) if relu else out)
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -262,11 +316,10 @@ def _affine_serial(x, scale, shift, y, relu):
 
 @njit(inline="always", fastmath=_FASTMATH)
 def _scale_grad_row(dy, y, scale, dx, n):
-    C, P = dy.shape[1], dy.shape[2]
-    for c in range(C):
-        a = scale[c]
-        for p in range(P):
-            dx[n, c, p] = store_value(dx, _masked(dy, y, n, c, p) * a)
+    dyr, dxr = dy[n], dx[n]
+    yr = None if y is None else y[n]
+    for j in range(dyr.shape[0]):
+        dxr[j] = store_value(dxr, _masked(dyr, yr, j) * scale[j])
 
 
 @njit(parallel=True, cache=True, fastmath=_FASTMATH)
@@ -282,24 +335,32 @@ def _scale_grad_serial(dy, y, scale, dx):
 
 
 @njit(cache=True)
-def _inference_coefficients(gamma, beta, mean, var, eps, scale, shift):
-    # float32, in the same expression order as the training forward's coefficients.
-    for c in range(scale.shape[0]):
-        scale[c] = load(gamma[c]) * _inv_std(var[c], eps)
-        shift[c] = (load(beta[c]) if beta is not None else np.float32(0.0)) - mean[c] * scale[c]
+def _lane_coefficients(gamma, beta, mean, var, eps, P, scale, shift):
+    """Per-lane (C*P) scale and shift of the inference map, float32, in the expression order
+    of the training forward's coefficients."""
+    for c in range(gamma.shape[0]):
+        a = load(gamma[c]) * _inv_std(var[c], eps)
+        b = (load(beta[c]) if beta is not None else np.float32(0.0)) - mean[c] * a
+        for p in range(P):
+            scale[c * P + p] = a
+            shift[c * P + p] = b
 
 
-# --- backend entry points (validated, C-contiguous, non-empty) ---------------------------------
+# --- backend entry points (validated, C-contiguous, N >= 1, C >= 1) ---------------------------
 
 
-def _view3(a, g):
-    """(N, C[, H, W]) -> kernel view (N, C, P), half as uint16 bits."""
-    return bits_view(a).reshape(g.N, g.C, g.P)
+def _rows(a, g):
+    """(N, C[, H, W]) -> kernel view (N, C*P) of lanes, half as uint16 bits."""
+    return bits_view(a).reshape(g.N, g.C * g.P)
 
 
-def _use_rows(g) -> bool:
-    # 2-D input: per-channel loops would stride by C; wide channel blocks read whole rows.
-    return g.P == 1 and g.C >= _CB
+def _block(g) -> int:
+    """Channels per task: small enough for the block's data to stay in L2, and at least as many
+    tasks as threads. Results do not depend on it (see the module docstring)."""
+    per_channel = g.N * g.P
+    by_cache = max(1, _BLOCK_ELEMS // per_channel)
+    by_threads = -(-g.C // numba.config.NUMBA_NUM_THREADS)
+    return min(by_cache, by_threads)
 
 
 def batch_norm_forward(x, gamma, beta, g, eps, relu):
@@ -307,12 +368,9 @@ def batch_norm_forward(x, gamma, beta, g, eps, relu):
     y = np.empty(g.shape, dtype=x.dtype)
     mean = np.empty(g.C, dtype=np.float32)
     var = np.empty(g.C, dtype=np.float32)
-    args = (bits_view(gamma), bits_view(beta))
-    if _use_rows(g):
-        _forward_rows(bits_view(x), *args, bits_view(y), mean, var, eps, relu)
-    else:
-        kernel = _forward_planes_serial if x.size < _SERIAL_BELOW else _forward_planes
-        kernel(_view3(x, g), *args, _view3(y, g), mean, var, eps, relu)
+    kernel = _forward_serial if x.size < _SERIAL_BELOW else _forward
+    kernel(_rows(x, g), bits_view(gamma), bits_view(beta), _rows(y, g), mean, var, eps, relu,
+           g.P, _block(g))  # fmt: skip
     return y, mean, var
 
 
@@ -321,42 +379,35 @@ def batch_norm_backward(dy, x, gamma, mean, var, g, eps, y):
     dx = np.empty(g.shape, dtype=x.dtype)
     dgamma = np.empty(g.C, dtype=x.dtype)
     dbeta = np.empty(g.C, dtype=x.dtype)
-    tail = (bits_view(gamma), mean, var)
-    outs = (bits_view(dx), bits_view(dgamma), bits_view(dbeta), eps)
-    if _use_rows(g):
-        yv = None if y is None else bits_view(y)
-        _backward_rows(bits_view(dy), bits_view(x), yv, *tail, *outs)
-    else:
-        kernel = _backward_planes_serial if x.size < _SERIAL_BELOW else _backward_planes
-        yv = None if y is None else _view3(y, g)
-        outs = (_view3(dx, g),) + outs[1:]
-        kernel(_view3(dy, g), _view3(x, g), yv, *tail, *outs)
+    kernel = _backward_serial if x.size < _SERIAL_BELOW else _backward
+    kernel(_rows(dy, g), _rows(x, g), None if y is None else _rows(y, g), bits_view(gamma),
+           mean, var, _rows(dx, g), bits_view(dgamma), bits_view(dbeta), eps, g.P,
+           _block(g))  # fmt: skip
     return dx, dgamma, dbeta
 
 
-def _coefficients(gamma, beta, mean, var, eps):
-    scale = np.empty(mean.shape[0], dtype=np.float32)
+def _coefficients(gamma, beta, mean, var, g, eps):
+    scale = np.empty(g.C * g.P, dtype=np.float32)
     shift = np.empty_like(scale)
-    _inference_coefficients(
-        bits_view(gamma), None if beta is None else bits_view(beta), mean, var, eps, scale, shift
-    )
+    beta = None if beta is None else bits_view(beta)
+    _lane_coefficients(bits_view(gamma), beta, mean, var, eps, g.P, scale, shift)
     return scale, shift
 
 
 def batch_norm_inference(x, gamma, beta, mean, var, g, eps, relu):
     """Backend of :func:`fastconv.batch_norm_inference`."""
-    scale, shift = _coefficients(gamma, beta, mean, var, eps)
+    scale, shift = _coefficients(gamma, beta, mean, var, g, eps)
     y = np.empty(g.shape, dtype=x.dtype)
     kernel = _affine_serial if x.size < _SERIAL_BELOW else _affine
-    kernel(_view3(x, g), scale, shift, _view3(y, g), relu)
+    kernel(_rows(x, g), scale, shift, _rows(y, g), relu)
     return y
 
 
 def batch_norm_inference_backward(dy, gamma, var, g, eps, y):
     """Backend of :func:`fastconv.batch_norm_inference_backward`: ``dy * gamma / sqrt(var+eps)``
     (masked by ``y > 0`` when given)."""
-    scale, _ = _coefficients(gamma, None, var, var, eps)  # shift unused
+    scale, _ = _coefficients(gamma, None, var, var, g, eps)  # the shift is not needed
     dx = np.empty(g.shape, dtype=dy.dtype)
     kernel = _scale_grad_serial if dy.size < _SERIAL_BELOW else _scale_grad
-    kernel(_view3(dy, g), None if y is None else _view3(y, g), scale, _view3(dx, g))
+    kernel(_rows(dy, g), None if y is None else _rows(y, g), scale, _rows(dx, g))
     return dx
