@@ -23,8 +23,7 @@ is contiguous. A task owns a block of adjacent channels, i.e. a contiguous slice
 * Statistics and coefficients are float32; ``mean``/``var`` are float32 for both dtypes,
   ``gamma``/``beta``/``dgamma``/``dbeta`` are in x's dtype.
 
-Small problems run the same kernels serially (``_SERIAL_BELOW`` elements): a parallel region
-costs more to start than they take.
+Small problems (``_PARALLEL_MIN`` elements) run as a single task.
 """
 
 from __future__ import annotations
@@ -42,10 +41,13 @@ __all__ = [
     "batch_norm_inference_backward",
 ]
 
-# Reassociation lets LLVM vectorise the lane sums (a fixed order per compiled kernel and trip
-# count, so still deterministic); no nnan/ninf: NaN and inf must propagate.
-_FASTMATH = {"contract", "reassoc", "arcp", "nsz"}
-_SERIAL_BELOW = 1 << 15  # elements; below this a parallel launch costs more than it saves
+# Reassociation lets LLVM vectorise the sums over one plane or one channel's lanes (an order
+# fixed by the trip count, P, so still deterministic). Elementwise loops over a block's lanes
+# get no fast-math flag at all: their vector body and scalar remainder must compute the same
+# bits (with "contract" or "reassoc", LLVM rewrote them differently and a lane's result depended
+# on where its block started). No nnan/ninf anywhere: NaN and inf must propagate.
+_FASTMATH = {"reassoc", "nsz"}
+_PARALLEL_MIN = 1 << 15  # elements; smaller problems run as one task
 _BLOCK_ELEMS = 1 << 16  # elements of x per task: x, dy and y of a block stay in L2 (1 MB)
 _SEGMENT_P = 32  # planes of at least this many pixels are reduced segment by segment
 
@@ -62,10 +64,15 @@ def _relu(v):
 
 
 @njit(inline="always")
-def _masked(dy, y, j):
-    """dy * (y > 0) in float32 when the forward fused a ReLU (``y`` given), else dy."""
+def _masked(dy, y, has_y, j):
+    """dy * (y > 0) in float32 when the forward fused a ReLU (``has_y``), else dy.
+
+    A runtime flag rather than ``y=None``: a None argument would compile every backward kernel
+    twice (Numba specialises on it), doubling their compile time; LLVM hoists the test out of
+    the loops (measured: no slower).
+    """
     d = load(dy[j])
-    if y is not None:
+    if has_y:
         d = d * (np.float32(1.0) if load(y[j]) > np.float32(0.0) else np.float32(0.0))
     return d
 
@@ -77,8 +84,10 @@ def _fill(a, start, count, value):
         a[i] = value
 
 
-@njit(inline="always", fastmath=_FASTMATH)
+@njit(fastmath=_FASTMATH, cache=True)
 def _segment_sum(acc, start, P):
+    # Not inlined by Numba, so its reassociation flag stays on these additions alone (LLVM
+    # inlines it later, keeping per-instruction flags).
     s = np.float32(0.0)
     for p in range(P):
         s += acc[start + p]
@@ -89,7 +98,7 @@ def _segment_sum(acc, start, P):
 # ``x[n, lo + j]`` (measured 5-10x slower), whose offset it cannot prove non-negative.
 
 
-@njit(inline="always", fastmath=_FASTMATH)
+@njit(cache=True)
 def _forward_lanes(x, gamma, beta, y, mean, var, eps, relu, P, c0, c1):
     N = x.shape[0]
     lo, hi = c0 * P, c1 * P
@@ -127,8 +136,8 @@ def _forward_lanes(x, gamma, beta, y, mean, var, eps, relu, P, c0, c1):
             yr[j] = store_value(yr, _relu(out) if relu else out)
 
 
-@njit(inline="always", fastmath=_FASTMATH)
-def _backward_lanes(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, c0, c1):
+@njit(cache=True)
+def _backward_lanes(dy, x, y, has_y, gamma, mean, var, dx, dgamma, dbeta, eps, P, c0, c1):
     N = x.shape[0]
     lo, hi = c0 * P, c1 * P
     width = hi - lo
@@ -142,9 +151,9 @@ def _backward_lanes(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, c0, c
     _fill(sum_dy_xc, 0, width, np.float32(0.0))
     for n in range(N):
         xr, dyr = x[n, lo:hi], dy[n, lo:hi]
-        yr = None if y is None else y[n, lo:hi]
+        yr = y[n, lo:hi]
         for j in range(width):
-            d = _masked(dyr, yr, j)
+            d = _masked(dyr, yr, has_y, j)
             sum_dy[j] += d
             sum_dy_xc[j] += d * (load(xr[j]) - mu[j])
     # Per-lane coefficients of dx = gamma*invstd/M * (M*dy - sum(dy) - xhat*sum(dy*xhat)).
@@ -163,14 +172,14 @@ def _backward_lanes(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, c0, c
         _fill(sum_dy_xc, start, P, s_dy_xhat)
     for n in range(N):
         xr, dyr, dxr = x[n, lo:hi], dy[n, lo:hi], dx[n, lo:hi]
-        yr = None if y is None else y[n, lo:hi]
+        yr = y[n, lo:hi]
         for j in range(width):
             xhat = (load(xr[j]) - mu[j]) * inv_std[j]
-            d = _masked(dyr, yr, j)
+            d = _masked(dyr, yr, has_y, j)
             dxr[j] = store_value(dxr, k[j] * (M * d - sum_dy[j] - xhat * sum_dy_xc[j]))
 
 
-@njit(inline="always", fastmath=_FASTMATH)
+@njit(cache=True, fastmath=_FASTMATH)
 def _forward_segments(x, gamma, beta, y, mean, var, eps, relu, P, c0, c1):
     # Planes of P >= _SEGMENT_P pixels: each (image, channel) segment is long enough to
     # vectorise on its own, and summing it in registers saves the lane accumulators' traffic.
@@ -206,8 +215,8 @@ def _forward_segments(x, gamma, beta, y, mean, var, eps, relu, P, c0, c1):
         var[c] = v
 
 
-@njit(inline="always", fastmath=_FASTMATH)
-def _backward_segments(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, c0, c1):
+@njit(cache=True, fastmath=_FASTMATH)
+def _backward_segments(dy, x, y, has_y, gamma, mean, var, dx, dgamma, dbeta, eps, P, c0, c1):
     N = x.shape[0]
     M = np.float32(N * P)
     for c in range(c0, c1):
@@ -218,11 +227,11 @@ def _backward_segments(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, c0
         sum_dy_xc = np.float32(0.0)
         for n in range(N):
             xr, dyr = x[n, lo:hi], dy[n, lo:hi]
-            yr = None if y is None else y[n, lo:hi]
+            yr = y[n, lo:hi]
             s1 = np.float32(0.0)
             s2 = np.float32(0.0)
             for p in range(P):
-                d = _masked(dyr, yr, p)
+                d = _masked(dyr, yr, has_y, p)
                 s1 += d
                 s2 += d * (load(xr[p]) - mu)
             sum_dy += s1
@@ -231,107 +240,74 @@ def _backward_segments(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, c0
         k = load(gamma[c]) * inv_std / M
         for n in range(N):
             xr, dyr, dxr = x[n, lo:hi], dy[n, lo:hi], dx[n, lo:hi]
-            yr = None if y is None else y[n, lo:hi]
+            yr = y[n, lo:hi]
             for p in range(P):
                 xhat = (load(xr[p]) - mu) * inv_std
-                d = _masked(dyr, yr, p)
+                d = _masked(dyr, yr, has_y, p)
                 dxr[p] = store_value(dxr, k * (M * d - sum_dy - xhat * sum_dy_xhat))
         dgamma[c] = store_value(dgamma, sum_dy_xhat)
         dbeta[c] = store_value(dbeta, sum_dy)
 
 
-@njit(inline="always")
-def _forward_block(x, gamma, beta, y, mean, var, eps, relu, P, c0, c1):
-    if P >= _SEGMENT_P:
-        _forward_segments(x, gamma, beta, y, mean, var, eps, relu, P, c0, c1)
-    else:
-        _forward_lanes(x, gamma, beta, y, mean, var, eps, relu, P, c0, c1)
+# --- training: parallel over channel blocks --------------------------------------------------
+# The prange bodies only call the block functions (not inlined): Numba's parfor passes then work
+# on a few lines instead of every loop, which cut these kernels' compile time several-fold.
 
 
-@njit(inline="always")
-def _backward_block(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, c0, c1):
-    if P >= _SEGMENT_P:
-        _backward_segments(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, c0, c1)
-    else:
-        _backward_lanes(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, c0, c1)
-
-
-# --- training: parallel over channel blocks, or serial for small problems -----------------------
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
+@njit(parallel=True, cache=True)
 def _forward(x, gamma, beta, y, mean, var, eps, relu, P, block):
     C = gamma.shape[0]
     for b in prange((C + block - 1) // block):
-        _forward_block(x, gamma, beta, y, mean, var, eps, relu, P, b * block,
-                       min(C, (b + 1) * block))  # fmt: skip
+        c0, c1 = b * block, min(C, (b + 1) * block)
+        if P >= _SEGMENT_P:
+            _forward_segments(x, gamma, beta, y, mean, var, eps, relu, P, c0, c1)
+        else:
+            _forward_lanes(x, gamma, beta, y, mean, var, eps, relu, P, c0, c1)
 
 
-@njit(cache=True, fastmath=_FASTMATH)
-def _forward_serial(x, gamma, beta, y, mean, var, eps, relu, P, block):
-    C = gamma.shape[0]
-    for b in range((C + block - 1) // block):
-        _forward_block(x, gamma, beta, y, mean, var, eps, relu, P, b * block,
-                       min(C, (b + 1) * block))  # fmt: skip
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _backward(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, block):
+@njit(parallel=True, cache=True)
+def _backward(dy, x, y, has_y, gamma, mean, var, dx, dgamma, dbeta, eps, P, block):
     C = gamma.shape[0]
     for b in prange((C + block - 1) // block):
-        _backward_block(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, b * block,
-                        min(C, (b + 1) * block))  # fmt: skip
-
-
-@njit(cache=True, fastmath=_FASTMATH)
-def _backward_serial(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, block):
-    C = gamma.shape[0]
-    for b in range((C + block - 1) // block):
-        _backward_block(dy, x, y, gamma, mean, var, dx, dgamma, dbeta, eps, P, b * block,
-                        min(C, (b + 1) * block))  # fmt: skip
+        c0, c1 = b * block, min(C, (b + 1) * block)
+        if P >= _SEGMENT_P:
+            _backward_segments(dy, x, y, has_y, gamma, mean, var, dx, dgamma, dbeta, eps, P, c0, c1)
+        else:
+            _backward_lanes(dy, x, y, has_y, gamma, mean, var, dx, dgamma, dbeta, eps, P, c0, c1)
 
 
 # --- inference: a per-channel affine map, and its gradient -----------------------------------
 
 
-@njit(inline="always", fastmath=_FASTMATH)
-def _affine_row(x, scale, shift, y, relu, n):
-    xr, yr = x[n], y[n]
-    for j in range(xr.shape[0]):
-        out = load(xr[j]) * scale[j] + shift[j]
-        yr[j] = store_value(yr, _relu(out) if relu else out)
+@njit(cache=True)
+def _affine_rows(x, scale, shift, y, relu, n0, n1):
+    for n in range(n0, n1):
+        xr, yr = x[n], y[n]
+        for j in range(xr.shape[0]):
+            out = load(xr[j]) * scale[j] + shift[j]
+            yr[j] = store_value(yr, _relu(out) if relu else out)
 
 
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _affine(x, scale, shift, y, relu):
-    for n in prange(x.shape[0]):
-        _affine_row(x, scale, shift, y, relu, n)
+@njit(parallel=True, cache=True)
+def _affine(x, scale, shift, y, relu, rows):
+    N = x.shape[0]
+    for b in prange((N + rows - 1) // rows):
+        _affine_rows(x, scale, shift, y, relu, b * rows, min(N, (b + 1) * rows))
 
 
-@njit(cache=True, fastmath=_FASTMATH)
-def _affine_serial(x, scale, shift, y, relu):
-    for n in range(x.shape[0]):
-        _affine_row(x, scale, shift, y, relu, n)
+@njit(cache=True)
+def _scale_grad_rows(dy, y, has_y, scale, dx, n0, n1):
+    for n in range(n0, n1):
+        dyr, dxr, yr = dy[n], dx[n], y[n]
+        for j in range(dyr.shape[0]):
+            dxr[j] = store_value(dxr, _masked(dyr, yr, has_y, j) * scale[j])
 
 
-@njit(inline="always", fastmath=_FASTMATH)
-def _scale_grad_row(dy, y, scale, dx, n):
-    dyr, dxr = dy[n], dx[n]
-    yr = None if y is None else y[n]
-    for j in range(dyr.shape[0]):
-        dxr[j] = store_value(dxr, _masked(dyr, yr, j) * scale[j])
-
-
-@njit(parallel=True, cache=True, fastmath=_FASTMATH)
-def _scale_grad(dy, y, scale, dx):
-    for n in prange(dy.shape[0]):
-        _scale_grad_row(dy, y, scale, dx, n)
-
-
-@njit(cache=True, fastmath=_FASTMATH)
-def _scale_grad_serial(dy, y, scale, dx):
-    for n in range(dy.shape[0]):
-        _scale_grad_row(dy, y, scale, dx, n)
+@njit(parallel=True, cache=True)
+def _scale_grad(dy, y, has_y, scale, dx, rows):
+    N = dy.shape[0]
+    for b in prange((N + rows - 1) // rows):
+        _scale_grad_rows(dy, y, has_y, scale, dx, b * rows, min(N, (b + 1) * rows))
 
 
 @njit(cache=True)
@@ -340,7 +316,7 @@ def _lane_coefficients(gamma, beta, mean, var, eps, P, scale, shift):
     of the training forward's coefficients."""
     for c in range(gamma.shape[0]):
         a = load(gamma[c]) * _inv_std(var[c], eps)
-        b = (load(beta[c]) if beta is not None else np.float32(0.0)) - mean[c] * a
+        b = load(beta[c]) - mean[c] * a
         for p in range(P):
             scale[c * P + p] = a
             shift[c * P + p] = b
@@ -359,8 +335,18 @@ def _block(g) -> int:
     tasks as threads. Results do not depend on it (see the module docstring)."""
     per_channel = g.N * g.P
     by_cache = max(1, _BLOCK_ELEMS // per_channel)
+    if g.N * g.C * g.P < _PARALLEL_MIN:
+        return g.C
     by_threads = -(-g.C // numba.config.NUMBA_NUM_THREADS)
     return min(by_cache, by_threads)
+
+
+def _row_block(g) -> int:
+    """Rows per task of the elementwise kernels: one task for small problems (a task per
+    thread costs more to hand out than it saves), else a task per thread."""
+    if g.N * g.C * g.P < _PARALLEL_MIN:
+        return g.N
+    return -(-g.N // numba.config.NUMBA_NUM_THREADS)
 
 
 def batch_norm_forward(x, gamma, beta, g, eps, relu):
@@ -368,8 +354,7 @@ def batch_norm_forward(x, gamma, beta, g, eps, relu):
     y = np.empty(g.shape, dtype=x.dtype)
     mean = np.empty(g.C, dtype=np.float32)
     var = np.empty(g.C, dtype=np.float32)
-    kernel = _forward_serial if x.size < _SERIAL_BELOW else _forward
-    kernel(_rows(x, g), bits_view(gamma), bits_view(beta), _rows(y, g), mean, var, eps, relu,
+    _forward(_rows(x, g), bits_view(gamma), bits_view(beta), _rows(y, g), mean, var, eps, relu,
            g.P, _block(g))  # fmt: skip
     return y, mean, var
 
@@ -379,8 +364,8 @@ def batch_norm_backward(dy, x, gamma, mean, var, g, eps, y):
     dx = np.empty(g.shape, dtype=x.dtype)
     dgamma = np.empty(g.C, dtype=x.dtype)
     dbeta = np.empty(g.C, dtype=x.dtype)
-    kernel = _backward_serial if x.size < _SERIAL_BELOW else _backward
-    kernel(_rows(dy, g), _rows(x, g), None if y is None else _rows(y, g), bits_view(gamma),
+    dyv = _rows(dy, g)
+    _backward(dyv, _rows(x, g), dyv if y is None else _rows(y, g), y is not None, bits_view(gamma),
            mean, var, _rows(dx, g), bits_view(dgamma), bits_view(dbeta), eps, g.P,
            _block(g))  # fmt: skip
     return dx, dgamma, dbeta
@@ -389,8 +374,8 @@ def batch_norm_backward(dy, x, gamma, mean, var, g, eps, y):
 def _coefficients(gamma, beta, mean, var, g, eps):
     scale = np.empty(g.C * g.P, dtype=np.float32)
     shift = np.empty_like(scale)
-    beta = None if beta is None else bits_view(beta)
-    _lane_coefficients(bits_view(gamma), beta, mean, var, eps, g.P, scale, shift)
+    beta = gamma if beta is None else beta  # shift unused by the caller then
+    _lane_coefficients(bits_view(gamma), bits_view(beta), mean, var, eps, g.P, scale, shift)
     return scale, shift
 
 
@@ -398,8 +383,7 @@ def batch_norm_inference(x, gamma, beta, mean, var, g, eps, relu):
     """Backend of :func:`fastconv.batch_norm_inference`."""
     scale, shift = _coefficients(gamma, beta, mean, var, g, eps)
     y = np.empty(g.shape, dtype=x.dtype)
-    kernel = _affine_serial if x.size < _SERIAL_BELOW else _affine
-    kernel(_rows(x, g), scale, shift, _rows(y, g), relu)
+    _affine(_rows(x, g), scale, shift, _rows(y, g), relu, _row_block(g))
     return y
 
 
@@ -408,6 +392,7 @@ def batch_norm_inference_backward(dy, gamma, var, g, eps, y):
     (masked by ``y > 0`` when given)."""
     scale, _ = _coefficients(gamma, None, var, var, g, eps)  # the shift is not needed
     dx = np.empty(g.shape, dtype=dy.dtype)
-    kernel = _scale_grad_serial if dy.size < _SERIAL_BELOW else _scale_grad
-    kernel(_rows(dy, g), None if y is None else _rows(y, g), scale, _rows(dx, g))
+    dyv = _rows(dy, g)
+    yv = dyv if y is None else _rows(y, g)  # any array of dy's shape when there is no y
+    _scale_grad(dyv, yv, y is not None, scale, _rows(dx, g), _row_block(g))
     return dx
