@@ -15,6 +15,7 @@ dtype: NumPy's ``dy * (y > 0)`` bit for bit (so ``inf * 0`` gives NaN).
 
 from __future__ import annotations
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -22,51 +23,46 @@ from ._half import bits_view, load, store_value
 
 __all__ = ["relu", "relu_backward"]
 
-_SERIAL_BELOW = 1 << 15  # elements; below this a parallel launch costs more than it saves
-
-
-@njit(inline="always")
-def _relu_at(x, out, i, zero):
-    out[i] = zero if load(x[i]) < np.float32(0.0) else x[i]
-
-
-@njit(parallel=True, cache=True)
-def _relu(x, out):
-    zero = store_value(out, np.float32(0.0))
-    for i in prange(x.size):
-        _relu_at(x, out, i, zero)
+_PARALLEL_MIN = 1 << 15  # elements; smaller arrays run as one task
 
 
 @njit(cache=True)
-def _relu_serial(x, out):
+def _relu_chunk(x, out, i0, i1):
     zero = store_value(out, np.float32(0.0))
-    for i in range(x.size):
-        _relu_at(x, out, i, zero)
-
-
-@njit(inline="always")
-def _grad_at(dy, y, out, i):
-    keep = np.float32(1.0) if load(y[i]) > np.float32(0.0) else np.float32(0.0)
-    out[i] = store_value(out, load(dy[i]) * keep)
+    for i in range(i0, i1):
+        out[i] = zero if load(x[i]) < np.float32(0.0) else x[i]
 
 
 @njit(parallel=True, cache=True)
-def _relu_grad(dy, y, out):
-    for i in prange(dy.size):
-        _grad_at(dy, y, out, i)
+def _relu(x, out, chunk):
+    n = x.size
+    for b in prange((n + chunk - 1) // chunk):
+        _relu_chunk(x, out, b * chunk, min(n, (b + 1) * chunk))
 
 
 @njit(cache=True)
-def _relu_grad_serial(dy, y, out):
-    for i in range(dy.size):
-        _grad_at(dy, y, out, i)
+def _grad_chunk(dy, y, out, i0, i1):
+    for i in range(i0, i1):
+        keep = np.float32(1.0) if load(y[i]) > np.float32(0.0) else np.float32(0.0)
+        out[i] = store_value(out, load(dy[i]) * keep)
+
+
+@njit(parallel=True, cache=True)
+def _relu_grad(dy, y, out, chunk):
+    n = dy.size
+    for b in prange((n + chunk - 1) // chunk):
+        _grad_chunk(dy, y, out, b * chunk, min(n, (b + 1) * chunk))
+
+
+def _chunk(n: int) -> int:
+    """Elements per task: one task for small arrays, else one per thread."""
+    return n if n < _PARALLEL_MIN else -(-n // numba.config.NUMBA_NUM_THREADS)
 
 
 def relu(x):
     """Backend of :func:`fastconv.relu` (validated, C-contiguous, non-empty)."""
     out = np.empty(x.shape, dtype=x.dtype)
-    kernel = _relu_serial if x.size < _SERIAL_BELOW else _relu
-    kernel(bits_view(x).reshape(-1), bits_view(out).reshape(-1))
+    _relu(bits_view(x).reshape(-1), bits_view(out).reshape(-1), _chunk(x.size))
     return out
 
 
@@ -74,6 +70,6 @@ def relu_backward(dy, y, out=None):
     """Backend of :func:`fastconv.relu_backward`: ``dy * (y > 0)``, into ``out`` if given."""
     if out is None:
         out = np.empty(dy.shape, dtype=dy.dtype)
-    kernel = _relu_grad_serial if dy.size < _SERIAL_BELOW else _relu_grad
-    kernel(bits_view(dy).reshape(-1), bits_view(y).reshape(-1), bits_view(out).reshape(-1))
+    flat = (bits_view(a).reshape(-1) for a in (dy, y, out))
+    _relu_grad(*flat, _chunk(dy.size))
     return out

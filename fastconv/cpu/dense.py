@@ -28,102 +28,133 @@ _FASTMATH = {"contract", "reassoc", "arcp", "nsz"}
 _ROWS = 4  # output rows per task: enough reuse of each loaded row, enough tasks for 2+ threads
 
 
-@njit(fastmath=_FASTMATH, cache=True, parallel=True)
-def _forward(x, w, b, out, relu):
-    """``out = act(x @ w + b)``: (M, K) @ (K, N) + (N,)."""
+# Each prange body only calls a block function (compiled once, not inlined): Numba's parfor
+# passes then see a few lines, which keeps the compile time of these kernels down.
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _forward_block(x, w, b, out, relu, i0):
     M, K = x.shape
     N = w.shape[1]
-    for block in prange((M + _ROWS - 1) // _ROWS):
-        i0 = block * _ROWS
-        rows = min(_ROWS, M - i0)
-        acc = np.zeros((_ROWS, N), dtype=np.float32)
-        if rows == _ROWS:
-            for k in range(K):
-                v0, v1 = load(x[i0, k]), load(x[i0 + 1, k])
-                v2, v3 = load(x[i0 + 2, k]), load(x[i0 + 3, k])
-                for j in range(N):
-                    wkj = load(w[k, j])
-                    acc[0, j] += v0 * wkj
-                    acc[1, j] += v1 * wkj
-                    acc[2, j] += v2 * wkj
-                    acc[3, j] += v3 * wkj
-        else:
-            for r in range(rows):
-                for k in range(K):
-                    v = load(x[i0 + r, k])
-                    for j in range(N):
-                        acc[r, j] += v * load(w[k, j])
-        for r in range(rows):
+    rows = min(_ROWS, M - i0)
+    acc = np.zeros((_ROWS, N), dtype=np.float32)
+    if rows == _ROWS:
+        for k in range(K):
+            v0, v1 = load(x[i0, k]), load(x[i0 + 1, k])
+            v2, v3 = load(x[i0 + 2, k]), load(x[i0 + 3, k])
+            wk = w[k]
             for j in range(N):
-                v = acc[r, j] + load(b[j])
-                if relu and v < np.float32(0.0):  # False for NaN: NaN propagates
-                    v = np.float32(0.0)
-                out[i0 + r, j] = store_value(out, v)
+                wkj = load(wk[j])
+                acc[0, j] += v0 * wkj
+                acc[1, j] += v1 * wkj
+                acc[2, j] += v2 * wkj
+                acc[3, j] += v3 * wkj
+    else:
+        for r in range(rows):
+            for k in range(K):
+                v = load(x[i0 + r, k])
+                wk = w[k]
+                for j in range(N):
+                    acc[r, j] += v * load(wk[j])
+    for r in range(rows):
+        o = out[i0 + r]
+        for j in range(N):
+            v = acc[r, j] + load(b[j])
+            if relu and v < np.float32(0.0):  # False for NaN: NaN propagates
+                v = np.float32(0.0)
+            o[j] = store_value(o, v)
 
 
-@njit(fastmath=_FASTMATH, cache=True, parallel=True)
-def _grad_w(x, dy, dw):
-    """``dw = x.T @ dy``: (M, K)^T @ (M, N) -> (K, N)."""
+@njit(cache=True, parallel=True)
+def _forward(x, w, b, out, relu):
+    """``out = act(x @ w + b)``: (M, K) @ (K, N) + (N,)."""
+    for block in prange((x.shape[0] + _ROWS - 1) // _ROWS):
+        _forward_block(x, w, b, out, relu, block * _ROWS)
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _grad_w_block(x, dy, dw, k0):
     M, K = x.shape
     N = dy.shape[1]
-    for block in prange((K + _ROWS - 1) // _ROWS):
-        k0 = block * _ROWS
-        rows = min(_ROWS, K - k0)
-        acc = np.zeros((_ROWS, N), dtype=np.float32)
-        if rows == _ROWS:
-            for i in range(M):
-                v0, v1 = load(x[i, k0]), load(x[i, k0 + 1])
-                v2, v3 = load(x[i, k0 + 2]), load(x[i, k0 + 3])
-                for j in range(N):
-                    d = load(dy[i, j])
-                    acc[0, j] += v0 * d
-                    acc[1, j] += v1 * d
-                    acc[2, j] += v2 * d
-                    acc[3, j] += v3 * d
-        else:
-            for r in range(rows):
-                for i in range(M):
-                    v = load(x[i, k0 + r])
-                    for j in range(N):
-                        acc[r, j] += v * load(dy[i, j])
-        for r in range(rows):
+    rows = min(_ROWS, K - k0)
+    acc = np.zeros((_ROWS, N), dtype=np.float32)
+    if rows == _ROWS:
+        for i in range(M):
+            v0, v1 = load(x[i, k0]), load(x[i, k0 + 1])
+            v2, v3 = load(x[i, k0 + 2]), load(x[i, k0 + 3])
+            di = dy[i]
             for j in range(N):
-                dw[k0 + r, j] = store_value(dw, acc[r, j])
+                d = load(di[j])
+                acc[0, j] += v0 * d
+                acc[1, j] += v1 * d
+                acc[2, j] += v2 * d
+                acc[3, j] += v3 * d
+    else:
+        for r in range(rows):
+            for i in range(M):
+                v = load(x[i, k0 + r])
+                di = dy[i]
+                for j in range(N):
+                    acc[r, j] += v * load(di[j])
+    for r in range(rows):
+        o = dw[k0 + r]
+        for j in range(N):
+            o[j] = store_value(o, acc[r, j])
 
 
-@njit(fastmath=_FASTMATH, cache=True, parallel=True)
-def _grad_x(dy, w, dx):
-    """``dx = dy @ w.T``: (M, N) @ (K, N)^T -> (M, K)."""
-    M, N = dy.shape
-    K = w.shape[0]
-    # A float32 w.T (N, K), converted once: each update below then streams one contiguous row.
+@njit(cache=True, parallel=True)
+def _grad_w(x, dy, dw):
+    """``dw = x.T @ dy``: (M, K)^T @ (M, N) -> (K, N)."""
+    for block in prange((x.shape[1] + _ROWS - 1) // _ROWS):
+        _grad_w_block(x, dy, dw, block * _ROWS)
+
+
+@njit(cache=True)
+def _transpose_to_float(w):
+    """A float32 ``w.T`` (N, K), converted once: dx's updates then stream contiguous rows."""
+    K, N = w.shape
     w_t = np.empty((N, K), dtype=np.float32)
     for k in range(K):
         for j in range(N):
             w_t[j, k] = load(w[k, j])
-    for block in prange((M + _ROWS - 1) // _ROWS):
-        i0 = block * _ROWS
-        rows = min(_ROWS, M - i0)
-        acc = np.zeros((_ROWS, K), dtype=np.float32)
-        if rows == _ROWS:
-            for j in range(N):
-                d0, d1 = load(dy[i0, j]), load(dy[i0 + 1, j])
-                d2, d3 = load(dy[i0 + 2, j]), load(dy[i0 + 3, j])
-                for k in range(K):
-                    wt = w_t[j, k]
-                    acc[0, k] += d0 * wt
-                    acc[1, k] += d1 * wt
-                    acc[2, k] += d2 * wt
-                    acc[3, k] += d3 * wt
-        else:
-            for r in range(rows):
-                for j in range(N):
-                    d = load(dy[i0 + r, j])
-                    for k in range(K):
-                        acc[r, k] += d * w_t[j, k]
-        for r in range(rows):
+    return w_t
+
+
+@njit(fastmath=_FASTMATH, cache=True)
+def _grad_x_block(dy, w_t, dx, i0):
+    M, N = dy.shape
+    K = w_t.shape[1]
+    rows = min(_ROWS, M - i0)
+    acc = np.zeros((_ROWS, K), dtype=np.float32)
+    if rows == _ROWS:
+        for j in range(N):
+            d0, d1 = load(dy[i0, j]), load(dy[i0 + 1, j])
+            d2, d3 = load(dy[i0 + 2, j]), load(dy[i0 + 3, j])
+            wj = w_t[j]
             for k in range(K):
-                dx[i0 + r, k] = store_value(dx, acc[r, k])
+                wt = wj[k]
+                acc[0, k] += d0 * wt
+                acc[1, k] += d1 * wt
+                acc[2, k] += d2 * wt
+                acc[3, k] += d3 * wt
+    else:
+        for r in range(rows):
+            for j in range(N):
+                d = load(dy[i0 + r, j])
+                wj = w_t[j]
+                for k in range(K):
+                    acc[r, k] += d * wj[k]
+    for r in range(rows):
+        o = dx[i0 + r]
+        for k in range(K):
+            o[k] = store_value(o, acc[r, k])
+
+
+@njit(cache=True, parallel=True)
+def _grad_x(dy, w_t, dx):
+    """``dx = dy @ w.T`` given ``w_t = w.T`` in float32: (M, N) @ (N, K) -> (M, K)."""
+    for block in prange((dy.shape[0] + _ROWS - 1) // _ROWS):
+        _grad_x_block(dy, w_t, dx, block * _ROWS)
 
 
 @njit(fastmath=_FASTMATH, cache=True)
@@ -160,5 +191,5 @@ def dense_backward(dy, x, w, g, need_dx=True):
     if not need_dx:
         return None, dw, db
     dx = np.empty((g.N, g.K), dtype=x.dtype)
-    _grad_x(dyv, bits_view(w), bits_view(dx))
+    _grad_x(dyv, _transpose_to_float(bits_view(w)), bits_view(dx))
     return dx, dw, db
