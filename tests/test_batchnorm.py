@@ -3,8 +3,6 @@ gradients and closed forms; edge cases, NaN, determinism, validation and folding
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import pytest
 from _gradcheck import numeric_directional
@@ -275,30 +273,6 @@ def test_bit_identical_whatever_the_block_size_and_thread_count(shape, rng):
         cpu_bn._backward(dyr, xr, y, True, gamma, mean, var, dx, dg, db, 1e-5, P, block)
         results.append([a.tobytes() for a in (y, mean, var, dx, dg, db)])
     assert all(r == results[0] for r in results[1:])
-
-
-def test_from_several_threads_matches_serial(rng):
-    x, gamma, beta = _params(rng, (20, 16, 8, 8), np.float32)
-    dy = rng.standard_normal(x.shape).astype(np.float32)
-
-    def step():
-        y, mean, var = fc.batch_norm_forward(x, gamma, beta, activation="relu")
-        return (y, mean, var) + fc.batch_norm_backward(dy, x, gamma, mean, var, y=y)
-
-    expected = [a.tobytes() for a in step()]
-    failures = []
-
-    def worker():
-        for _ in range(5):
-            if [a.tobytes() for a in step()] != expected:
-                failures.append("mismatch")
-
-    threads = [threading.Thread(target=worker) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=120)
-    assert not failures
 
 
 # --- folding ------------------------------------------------------------------------------------
