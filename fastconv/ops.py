@@ -362,7 +362,7 @@ def dense(x, w, b=None, activation=None):
     if g.N == 0 or g.F == 0:
         return be.zeros((g.N, g.F), x.dtype)
     x, w, b = _contiguous(be, x, w, b)
-    return _launch(be, "dense", x, w, b, g, activation == "relu")
+    return _launch(be, "dense_forward", x, w, b, g, activation == "relu")
 
 
 def dense_backward(dy, x, w, need_dx=True):

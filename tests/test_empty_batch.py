@@ -15,7 +15,7 @@ KERNELS = [
     "im2col", "col2im", "conv2d", "conv2d_backward", "max_pool2d", "max_pool2d_backward",
     "avg_pool2d", "avg_pool2d_backward", "batch_norm_forward", "batch_norm_inference",
     "batch_norm_backward", "batch_norm_inference_backward", "global_avg_pool2d",
-    "global_avg_pool2d_backward", "dense", "dense_backward", "relu", "relu_backward",
+    "global_avg_pool2d_backward", "dense_forward", "dense_backward", "relu", "relu_backward",
 ]  # fmt: skip
 
 

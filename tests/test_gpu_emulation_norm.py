@@ -270,7 +270,7 @@ def test_gpu_module_wrappers_with_fake_cupy(lib, monkeypatch):
             assert gpu.global_avg_pool2d_backward(dy[:, :, 0, 0].copy(), gb).shape == x.shape
             a2, w2 = x.reshape(4, -1), rng.standard_normal((108, 5)).astype(dtype)
             gd = chk.validate_dense(a2, w2, None, "relu")
-            assert_close(gpu.dense(a2, w2, None, gd, True), ref.dense(a2, w2, None, "relu"),
+            assert_close(gpu.dense_forward(a2, w2, None, gd, True), ref.dense(a2, w2, None, "relu"),
                          dtype, 216)  # fmt: skip
             np.testing.assert_array_equal(gpu.relu(x), np.maximum(x, dtype(0)))
             assert gpu.zeros((0, 3), dtype).shape == (0, 3)

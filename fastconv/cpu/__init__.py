@@ -28,7 +28,7 @@ from .batchnorm import (
     batch_norm_inference_backward,
 )
 from .conv import col2im, conv2d, conv2d_backward, im2col
-from .dense import dense, dense_backward
+from .dense import dense_backward, dense_forward
 from .global_pool import global_avg_pool2d, global_avg_pool2d_backward
 from .pool import avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward
 
@@ -64,7 +64,7 @@ __all__ = [
     "batch_norm_inference_backward",
     "global_avg_pool2d",
     "global_avg_pool2d_backward",
-    "dense",
+    "dense_forward",
     "dense_backward",
     "relu",
     "relu_backward",

@@ -32,7 +32,7 @@ __all__ = [
     "batch_norm_inference_backward",
     "global_avg_pool2d",
     "global_avg_pool2d_backward",
-    "dense",
+    "dense_forward",
     "dense_backward",
     "relu",
     "relu_backward",
@@ -178,7 +178,7 @@ def global_avg_pool2d_backward(dy, g):
     return _ops().global_avg_pool2d_backward(dy, g)
 
 
-def dense(x, w, b, g, relu):
+def dense_forward(x, w, b, g, relu):
     return _ops().dense(x, w, b, g, relu)
 
 
