@@ -433,12 +433,25 @@ def validate_relu_backward(dy, y, out) -> None:
     _check_like("dy", dy, out=out)
     if not out.flags.c_contiguous:
         raise ValueError("out must be C-contiguous")
-    if is_cupy_array(out):
-        import cupy
-
-        overlaps = cupy.may_share_memory
-    else:
-        overlaps = np.may_share_memory
     for name, a in (("dy", dy), ("y", y)):
-        if out.size and overlaps(out, a):
+        if _may_overlap(out, a):
             raise ValueError(f"out must not share memory with {name}")
+
+
+def _memory_bounds(a):
+    """[low, high) byte addresses an array's elements can touch (NumPy's and CuPy's
+    ``may_share_memory`` test), or None when it is empty."""
+    if a.size == 0:
+        return None
+    low = high = a.data.ptr if is_cupy_array(a) else a.__array_interface__["data"][0]
+    for n, stride in zip(a.shape, a.strides, strict=True):
+        if stride > 0:
+            high += (n - 1) * stride
+        else:
+            low += (n - 1) * stride
+    return low, high + a.itemsize
+
+
+def _may_overlap(a, b) -> bool:
+    ba, bb = _memory_bounds(a), _memory_bounds(b)
+    return ba is not None and bb is not None and ba[0] < bb[1] and bb[0] < ba[1]

@@ -2,10 +2,14 @@
 host emulation (``fastconv.gpu._emulation``) and the GPU backend's own ``KernelOps`` code,
 against the float64 reference. Outputs are allocated NaN-filled, so an element a kernel fails
 to write cannot pass; launches with a grid smaller than the work walk the grid-stride loops.
+
+(Named to sort before ``test_gpu_emulation.py``, whose last test checks that every kernel in
+``SIGNATURES`` has been launched by then.)
 """
 
 from __future__ import annotations
 
+import importlib.util
 import shutil
 import sys
 import types
@@ -18,7 +22,16 @@ from fastconv import _checks as chk
 from fastconv import reference as ref
 from fastconv.gpu import _emulation as emu
 from fastconv.gpu import _source
-from fastconv.gpu._kernel_ops import BN_SLICES, eps_bits, numpy_matmul_fp32_accumulate
+from fastconv.gpu._kernel_ops import BN_SLICES, eps_bits
+
+try:  # the NumPy model of the GPU's GEMM (renamed numpy_gemm on the gpu branch)
+    from fastconv.gpu._kernel_ops import numpy_matmul_fp32_accumulate as _numpy_matmul
+except ImportError:
+    from fastconv.gpu._kernel_ops import numpy_gemm as _numpy_matmul
+
+# The gpu branch brings a stand-in CuPy that runs the public API end to end; without it, a
+# minimal fake CuPy checks the fastconv.gpu wrappers and the RawModule launcher.
+HAS_STANDIN = importlib.util.find_spec("fastconv.gpu._standin") is not None
 
 pytestmark = [
     pytest.mark.gpu_emulation,
@@ -235,10 +248,11 @@ def _fake_cupy(launcher):
     for name in ("ascontiguousarray", "zeros", "full", "asarray"):
         setattr(fake, name, getattr(np, name))
     fake.empty = emu.PoisonedNumpy.empty
-    fake.matmul = numpy_matmul_fp32_accumulate
+    fake.matmul = _numpy_matmul
     return fake, calls
 
 
+@pytest.mark.skipif(HAS_STANDIN, reason="the stand-in CuPy test below covers this path")
 def test_gpu_module_wrappers_with_fake_cupy(lib, monkeypatch):
     from fastconv import gpu
     from fastconv.gpu import _module
@@ -281,3 +295,65 @@ def test_gpu_module_wrappers_with_fake_cupy(lib, monkeypatch):
             "bn_backward_finish", "bn_backward_apply", "bn_inference_coef", "bn_scale_grad",
             "global_avg_pool2d", "global_avg_pool2d_backward", "bias_act",
             "relu_forward"} <= set(calls)  # fmt: skip
+
+
+@pytest.mark.skipif(not HAS_STANDIN, reason="needs fastconv.gpu._standin (the gpu branch)")
+def test_public_api_on_the_standin_cupy():
+    """Every new public op on stand-in CuPy arrays: validation, the GPU backend, the launcher and
+    the cuBLAS model, against the float64 reference."""
+    import fastconv as fc
+    from fastconv.gpu import _standin
+
+    rng = np.random.default_rng(10)
+    with _standin.activated() as cp:
+        for dtype in (np.float32, np.float16):
+            x, gamma, beta = _params(rng, (4, 3, 6, 6), dtype)
+            dy = rng.standard_normal(x.shape).astype(dtype)
+            xd, gd, bd, dyd = (cp.asarray(a) for a in (x, gamma, beta, dy))
+            y, mean, var = fc.batch_norm_forward(xd, gd, bd, activation="relu")
+            assert type(y).__module__.startswith("cupy") and mean.dtype == np.float32
+            y, mean, var = y.get(), mean.get(), var.get()
+            want = ref.batch_norm_forward(x, gamma, beta, 1e-5, "relu")
+            for a, b in zip((y, mean, var), want, strict=True):
+                assert_close(a, b, a.dtype, 144)
+            grads = fc.batch_norm_backward(dyd, xd, gd, cp.asarray(mean), cp.asarray(var),
+                                           y=cp.asarray(y))  # fmt: skip
+            for a, b in zip(grads, ref.batch_norm_backward(dy, x, gamma, mean, var, y=y),
+                            strict=True):  # fmt: skip
+                assert_close(a.get(), b, dtype, 144)
+            md, vd = cp.asarray(mean), cp.asarray(var)
+            assert_close(fc.batch_norm_inference(xd, gd, bd, md, vd).get(),
+                         ref.batch_norm_inference(x, gamma, beta, mean, var), dtype)  # fmt: skip
+            assert_close(fc.batch_norm_inference_backward(dyd, gd, vd).get(),
+                         ref.batch_norm_inference_backward(dy, gamma, var), dtype)  # fmt: skip
+            w = rng.standard_normal((3, 2, 3, 3)).astype(dtype)
+            wf, bf = fc.fold_batch_norm(cp.asarray(w), None, gd, bd, md, vd)
+            for a, b in zip((wf, bf), ref.fold_batch_norm(w, None, gamma, beta, mean, var),
+                            strict=True):  # fmt: skip
+                assert_close(a.get(), b, dtype)
+            assert_close(fc.global_avg_pool2d(xd).get(), ref.global_avg_pool2d(x), dtype, 36)
+            dp = dy[:, :, 0, 0].copy()
+            assert_close(fc.global_avg_pool2d_backward(cp.asarray(dp), x.shape).get(),
+                         ref.global_avg_pool2d_backward(dp, x.shape), dtype)  # fmt: skip
+            a2 = x.reshape(4, -1)
+            w2 = (rng.standard_normal((108, 5)) / 10).astype(dtype)
+            b2 = rng.standard_normal(5).astype(dtype)
+            a2d, w2d = cp.asarray(a2), cp.asarray(w2)
+            assert_close(fc.dense(a2d, w2d, cp.asarray(b2), "relu").get(),
+                         ref.dense(a2, w2, b2, "relu"), dtype, 216)  # fmt: skip
+            d2 = rng.standard_normal((4, 5)).astype(dtype)
+            for a, b in zip(fc.dense_backward(cp.asarray(d2), a2d, w2d),
+                            ref.dense_backward(d2, a2, w2), strict=True):  # fmt: skip
+                assert_close(a.get(), b, dtype, 108)
+            np.testing.assert_array_equal(fc.relu(xd).get(), np.maximum(x, dtype(0)))
+            out = cp.empty(x.shape, dtype)
+            assert fc.relu_backward(dyd, xd, out=out) is out
+            np.testing.assert_array_equal(out.get(), dy * (x > 0))
+            with pytest.raises(ValueError, match="out must not share memory with dy"):
+                fc.relu_backward(dyd, xd, out=dyd)
+            empty = fc.batch_norm_forward(cp.zeros((0, 3, 2, 2), dtype), gd, bd)
+            assert empty[0].shape == (0, 3, 2, 2) and np.isnan(empty[1].get()).all()
+            with pytest.raises(TypeError, match="gamma must be a cupy.ndarray like x"):
+                fc.batch_norm_forward(xd, gamma, bd)
+            with pytest.raises(TypeError, match="mean must have dtype float32"):
+                fc.batch_norm_inference(xd, gd, bd, cp.asarray(mean.astype(np.float16)), vd)
