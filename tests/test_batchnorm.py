@@ -258,7 +258,7 @@ def test_non_contiguous_inputs(dtype, rng):
 @pytest.mark.parametrize("shape", [(7, 9, 4, 4), (5, 6, 7, 7), (6, 35)], ids=str)
 def test_bit_identical_whatever_the_block_size_and_thread_count(shape, rng):
     """Each channel's sums run in one fixed order: any block size (so any number of threads,
-    which only changes the block size) gives the same bits."""
+    which only changes the block size) and the serial path give the same bits."""
     x, gamma, beta = _params(rng, shape, np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
     N, C = shape[:2]
@@ -272,6 +272,11 @@ def test_bit_identical_whatever_the_block_size_and_thread_count(shape, rng):
         dx, dg, db = np.empty_like(xr), np.empty(C, np.float32), np.empty(C, np.float32)
         cpu_bn._backward(dyr, xr, y, True, gamma, mean, var, dx, dg, db, 1e-5, P, block)
         results.append([a.tobytes() for a in (y, mean, var, dx, dg, db)])
+    # The public functions run problems this small serially (no parallel region).
+    assert x.size < cpu_bn._PARALLEL_MIN
+    y, mean, var = fc.batch_norm_forward(x, gamma, beta, activation="relu")
+    grads = fc.batch_norm_backward(dy, x, gamma, mean, var, y=y)
+    results.append([a.tobytes() for a in (y, mean, var, *grads)])
     assert all(r == results[0] for r in results[1:])
 
 

@@ -23,7 +23,9 @@ from ._half import bits_view, load, store_value
 
 __all__ = ["relu", "relu_backward"]
 
-_PARALLEL_MIN = 1 << 15  # elements; smaller arrays run as one task
+# Smaller arrays call the chunk functions directly, without a parallel region (even a one-task
+# region wakes the thread team, which under load can wait milliseconds).
+_PARALLEL_MIN = 1 << 15
 
 
 # The chunk loops index slices from 0: with ``range(i0, i1)`` LLVM cannot prove the index
@@ -61,14 +63,18 @@ def _relu_grad(dy, y, out, chunk):
 
 
 def _chunk(n: int) -> int:
-    """Elements per task: one task for small arrays, else one per thread."""
-    return n if n < _PARALLEL_MIN else -(-n // numba.config.NUMBA_NUM_THREADS)
+    """Elements per task: one chunk per thread."""
+    return -(-n // numba.config.NUMBA_NUM_THREADS)
 
 
 def relu(x):
     """Backend of :func:`fastconv.relu` (validated, C-contiguous, non-empty)."""
     out = np.empty(x.shape, dtype=x.dtype)
-    _relu(bits_view(x).reshape(-1), bits_view(out).reshape(-1), _chunk(x.size))
+    xv, ov = bits_view(x).reshape(-1), bits_view(out).reshape(-1)
+    if x.size < _PARALLEL_MIN:
+        _relu_chunk(xv, ov, 0, x.size)
+    else:
+        _relu(xv, ov, _chunk(x.size))
     return out
 
 
@@ -76,6 +82,9 @@ def relu_backward(dy, y, out=None):
     """Backend of :func:`fastconv.relu_backward`: ``dy * (y > 0)``, into ``out`` if given."""
     if out is None:
         out = np.empty(dy.shape, dtype=dy.dtype)
-    flat = (bits_view(a).reshape(-1) for a in (dy, y, out))
-    _relu_grad(*flat, _chunk(dy.size))
+    flat = tuple(bits_view(a).reshape(-1) for a in (dy, y, out))
+    if dy.size < _PARALLEL_MIN:
+        _grad_chunk(*flat, 0, dy.size)
+    else:
+        _relu_grad(*flat, _chunk(dy.size))
     return out

@@ -4,7 +4,8 @@ Both passes split the batch into blocks of images, one task per block, so every 
 written by one thread and each mean is a float32 sum of one contiguous plane in a fixed order
 (deterministic; the sum's vectorised order depends only on H*W). The backward pass converts
 ``dy[n, c] / (H*W)`` once per plane and fills the plane with it (half bits copied, not rounded
-per pixel). Small problems run as one task: handing out tasks would cost more than they take.
+per pixel). Small problems call the row functions directly, without a parallel region (even a
+one-task region wakes the thread team, which under load can wait milliseconds).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from ._half import bits_view, load, store_value
 __all__ = ["global_avg_pool2d", "global_avg_pool2d_backward"]
 
 _FASTMATH = {"reassoc", "nsz"}  # vectorised plane sums; NaN/inf still propagate
-_PARALLEL_MIN = 1 << 15  # elements of x; smaller problems run as one task
+_PARALLEL_MIN = 1 << 15  # elements of x; smaller problems run serially
 
 
 @njit(cache=True, fastmath=_FASTMATH)
@@ -59,20 +60,26 @@ def _backward(dy, dx, rows):
 
 
 def _rows_per_task(g) -> int:
-    if g.N * g.C * g.P < _PARALLEL_MIN:
-        return g.N
     return -(-g.N // numba.config.NUMBA_NUM_THREADS)
 
 
 def global_avg_pool2d(x, g):
     """Backend of :func:`fastconv.global_avg_pool2d` (validated, C-contiguous, non-empty)."""
     y = np.empty((g.N, g.C), dtype=x.dtype)
-    _forward(bits_view(x).reshape(g.N, g.C, g.P), bits_view(y), _rows_per_task(g))
+    xv, yv = bits_view(x).reshape(g.N, g.C, g.P), bits_view(y)
+    if x.size < _PARALLEL_MIN:
+        _mean_rows(xv, yv, 0, g.N)
+    else:
+        _forward(xv, yv, _rows_per_task(g))
     return y
 
 
 def global_avg_pool2d_backward(dy, g):
     """Backend of :func:`fastconv.global_avg_pool2d_backward`."""
     dx = np.empty(g.shape, dtype=dy.dtype)
-    _backward(bits_view(dy), bits_view(dx).reshape(g.N, g.C, g.P), _rows_per_task(g))
+    dyv, dxv = bits_view(dy), bits_view(dx).reshape(g.N, g.C, g.P)
+    if dx.size < _PARALLEL_MIN:
+        _fill_rows(dyv, dxv, 0, g.N)
+    else:
+        _backward(dyv, dxv, _rows_per_task(g))
     return dx
