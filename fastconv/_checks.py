@@ -7,6 +7,7 @@ hence every check a kernel relies on lives here and is exercised by tests.
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import NamedTuple
 
@@ -126,9 +127,10 @@ def check_shape(arr, name: str, expected) -> None:
 
 
 def check_x_shape(x_shape, name: str = "x_shape") -> tuple[int, int, int, int]:
+    """A 4-tuple (N, C, H, W) of ints; N may be 0 (an empty batch, as the forward ops accept)."""
     if not isinstance(x_shape, (tuple, list)) or len(x_shape) != 4:
         raise ValueError(f"{name} must be a 4-tuple (N, C, H, W), got {x_shape!r}")
-    return tuple(as_int(v, f"{name}[{i}]", 1) for i, v in enumerate(x_shape))
+    return tuple(as_int(v, f"{name}[{i}]", 0 if i == 0 else 1) for i, v in enumerate(x_shape))
 
 
 # --- per-operation validators ---------------------------------------------------------------
@@ -207,3 +209,249 @@ def validate_avg_pool_backward(dy, x_shape, size, stride, pad) -> Geometry:
     g = window_geometry(x_shape, kernel, stride, pad, what="window")
     check_shape(dy, "dy", (g.N, g.C, g.OH, g.OW))
     return g
+
+
+# --- normalisation, global pooling, dense, activations ----------------------------------------
+
+
+class ChannelGeometry(NamedTuple):
+    """An (N, C) or (N, C, H, W) tensor seen as (N, C, P): P = H*W pixels per channel (1 for 2-D).
+
+    ``M = N*P`` values per channel: what batch statistics and global pooling reduce over.
+    """
+
+    N: int
+    C: int
+    P: int
+    shape: tuple
+
+    @property
+    def M(self) -> int:
+        return self.N * self.P
+
+
+class DenseGeometry(NamedTuple):
+    N: int  # rows (samples)
+    K: int  # input features (w.shape[0])
+    F: int  # output features (w.shape[1])
+
+
+def check_eps(eps) -> float:
+    """A finite, non-negative real number (the variance floor of batch normalisation)."""
+    if isinstance(eps, bool) or not isinstance(eps, numbers.Real):
+        raise TypeError(f"eps must be a real number, got {_type_name(eps)}")
+    value = float(eps)
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"eps must be finite and >= 0, got {eps!r}")
+    return value
+
+
+def check_activation(activation) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+
+
+def channel_geometry(x, name: str = "x") -> ChannelGeometry:
+    """``x`` must be (N, C) or (N, C, H, W) with H, W >= 1; N and C may be 0."""
+    check_array(x, name)
+    shape = tuple(x.shape)
+    if len(shape) == 2:
+        return ChannelGeometry(shape[0], shape[1], 1, shape)
+    if len(shape) != 4:
+        raise ValueError(
+            f"{name} must be 2-dimensional (N, C) or 4-dimensional (N, C, H, W), got shape {shape}"
+        )
+    if shape[2] < 1 or shape[3] < 1:
+        raise ValueError(f"{name} must have height and width >= 1, got shape {shape}")
+    return ChannelGeometry(shape[0], shape[1], shape[2] * shape[3], shape)
+
+
+def _is_like(a, x, shape, dtype) -> bool:
+    """Fast acceptance: ``a`` is an array of x's exact type with this shape and dtype. The
+    full checks (with their messages) run only when this says no; this keeps the validation
+    of a small batch-norm call at a few microseconds."""
+    return type(a) is type(x) and a.shape == shape and a.dtype == dtype
+
+
+def check_channel_params(x_name: str, x, C: int, **params) -> None:
+    """Per-channel parameters (gamma, beta): 1-D of length C, x's dtype and array library."""
+    for name, a in params.items():
+        if a is None or _is_like(a, x, (C,), x.dtype):
+            continue
+        check_array(a, name, 1)
+        check_same_kind(x_name, x, **{name: a})
+        check_shape(a, name, (C,))
+
+
+_F32 = np.dtype(np.float32)
+
+
+def check_statistics(x_name: str, x, C: int, **stats) -> None:
+    """Running/batch statistics (mean, var): float32 (C,) in x's array library, whatever x's
+    dtype (float32 statistics in every model dtype, as cuDNN requires)."""
+    for name, a in stats.items():
+        if _is_like(a, x, (C,), _F32):
+            continue
+        if not (isinstance(a, np.ndarray) or is_cupy_array(a)):
+            raise TypeError(f"{name} must be a numpy.ndarray or cupy.ndarray, got {_type_name(a)}")
+        if is_cupy_array(a) != is_cupy_array(x):
+            where = "cupy.ndarray" if is_cupy_array(x) else "numpy.ndarray"
+            raise TypeError(f"{name} must be a {where} like {x_name}, got {_type_name(a)}")
+        if np.dtype(a.dtype) != np.float32:
+            raise TypeError(
+                f"{name} must have dtype float32 (batch-norm statistics are float32 for every "
+                f"model dtype), got {np.dtype(a.dtype)}"
+            )
+        if a.ndim != 1:
+            raise ValueError(f"{name} must be 1-dimensional, got shape {tuple(a.shape)}")
+        check_shape(a, name, (C,))
+
+
+def _check_like(x_name: str, x, **others) -> None:
+    """Arrays of exactly x's shape, dtype and array library (dy, y)."""
+    for name, a in others.items():
+        if a is None or _is_like(a, x, x.shape, x.dtype):
+            continue
+        check_array(a, name)
+        check_same_kind(x_name, x, **{name: a})
+        check_shape(a, name, x.shape)
+
+
+def _check_batch_variance(g: ChannelGeometry, what: str) -> None:
+    if g.M == 1:
+        dims = "N" if len(g.shape) == 2 else "N*H*W"
+        raise ValueError(
+            f"{what}: x must hold more than 1 value per channel in training ({dims} = 1, "
+            f"shape {g.shape}): the batch variance is undefined"
+        )
+
+
+def validate_batch_norm(x, gamma, beta, eps, activation) -> tuple[ChannelGeometry, float]:
+    """Training-mode forward: (N, C[, H, W]) with N*H*W != 1."""
+    g = channel_geometry(x)
+    check_channel_params("x", x, g.C, gamma=gamma, beta=beta)
+    eps = check_eps(eps)
+    check_activation(activation)
+    _check_batch_variance(g, "batch_norm_forward")
+    return g, eps
+
+
+def validate_batch_norm_inference(x, gamma, beta, mean, var, eps, activation):
+    g = channel_geometry(x)
+    check_channel_params("x", x, g.C, gamma=gamma, beta=beta)
+    check_statistics("x", x, g.C, mean=mean, var=var)
+    eps = check_eps(eps)
+    check_activation(activation)
+    return g, eps
+
+
+def validate_batch_norm_backward(dy, x, gamma, mean, var, eps, y):
+    g = channel_geometry(x)
+    _check_like("x", x, dy=dy, y=y)
+    check_channel_params("x", x, g.C, gamma=gamma)
+    check_statistics("x", x, g.C, mean=mean, var=var)
+    eps = check_eps(eps)
+    _check_batch_variance(g, "batch_norm_backward")
+    return g, eps
+
+
+def validate_batch_norm_inference_backward(dy, gamma, var, eps, y):
+    g = channel_geometry(dy, "dy")
+    _check_like("dy", dy, y=y)
+    check_channel_params("dy", dy, g.C, gamma=gamma)
+    check_statistics("dy", dy, g.C, var=var)
+    return g, check_eps(eps)
+
+
+def validate_fold_batch_norm(w, b, gamma, beta, mean, var, eps):
+    """``w`` (F, C, kh, kw) of a conv or (in, F) of a dense layer; returns (F, eps)."""
+    check_array(w, "w")
+    if w.ndim == 4:
+        F = int(w.shape[0])
+    elif w.ndim == 2:
+        F = int(w.shape[1])
+    else:
+        raise ValueError(
+            "w must be a conv kernel (F, C, kh, kw) or a dense kernel (in, out), "
+            f"got shape {tuple(w.shape)}"
+        )
+    check_channel_params("w", w, F, b=b, gamma=gamma, beta=beta)
+    check_statistics("w", w, F, mean=mean, var=var)
+    return F, check_eps(eps)
+
+
+def validate_global_avg_pool(x) -> ChannelGeometry:
+    check_array(x, "x", 4)
+    return channel_geometry(x)
+
+
+def validate_global_avg_pool_backward(dy, x_shape) -> ChannelGeometry:
+    check_array(dy, "dy", 2)
+    N, C, H, W = check_x_shape(x_shape)
+    check_shape(dy, "dy", (N, C))
+    return ChannelGeometry(N, C, H * W, (N, C, H, W))
+
+
+def validate_dense(x, w, b, activation) -> DenseGeometry:
+    check_array(x, "x", 2)
+    check_array(w, "w", 2)
+    if b is not None:
+        check_array(b, "b", 1)
+    check_same_kind("x", x, w=w, b=b)
+    N, K = (int(s) for s in x.shape)
+    if w.shape[0] != K:
+        raise ValueError(
+            f"w must have {K} rows (w.shape[0], Keras layout (in, out)) to match x.shape[1], "
+            f"got shape {tuple(w.shape)}"
+        )
+    F = int(w.shape[1])
+    if b is not None and b.shape[0] != F:
+        raise ValueError(f"b must have length {F} (w.shape[1]), got {b.shape[0]}")
+    check_activation(activation)
+    return DenseGeometry(N, K, F)
+
+
+def validate_dense_backward(dy, x, w, need_dx) -> DenseGeometry:
+    g = validate_dense(x, w, None, None)
+    check_array(dy, "dy", 2)
+    check_same_kind("x", x, dy=dy)
+    check_shape(dy, "dy", (g.N, g.F))
+    if not isinstance(need_dx, (bool, np.bool_)):
+        raise TypeError(f"need_dx must be a bool, got {_type_name(need_dx)}")
+    return g
+
+
+def validate_relu(x) -> None:
+    check_array(x, "x")
+
+
+def validate_relu_backward(dy, y, out) -> None:
+    check_array(dy, "dy")
+    _check_like("dy", dy, y=y)
+    if out is None:
+        return
+    _check_like("dy", dy, out=out)
+    if not out.flags.c_contiguous:
+        raise ValueError("out must be C-contiguous")
+    for name, a in (("dy", dy), ("y", y)):
+        if _may_overlap(out, a):
+            raise ValueError(f"out must not share memory with {name}")
+
+
+def _memory_bounds(a):
+    """[low, high) byte addresses an array's elements can touch (NumPy's and CuPy's
+    ``may_share_memory`` test), or None when it is empty."""
+    if a.size == 0:
+        return None
+    low = high = a.data.ptr if is_cupy_array(a) else a.__array_interface__["data"][0]
+    for n, stride in zip(a.shape, a.strides, strict=True):
+        if stride > 0:
+            high += (n - 1) * stride
+        else:
+            low += (n - 1) * stride
+    return low, high + a.itemsize
+
+
+def _may_overlap(a, b) -> bool:
+    ba, bb = _memory_bounds(a), _memory_bounds(b)
+    return ba is not None and bb is not None and ba[0] < bb[1] and bb[0] < ba[1]

@@ -20,6 +20,17 @@ __all__ = [
     "max_pool2d_backward",
     "avg_pool2d",
     "avg_pool2d_backward",
+    "batch_norm_forward",
+    "batch_norm_inference",
+    "batch_norm_backward",
+    "batch_norm_inference_backward",
+    "fold_batch_norm",
+    "global_avg_pool2d",
+    "global_avg_pool2d_backward",
+    "dense",
+    "dense_backward",
+    "relu",
+    "relu_backward",
     "gpu_available",
     "to_gpu",
     "to_cpu",
@@ -47,6 +58,11 @@ def _contiguous(backend, *arrays):
     return tuple(None if a is None else backend.ascontiguous(a) for a in arrays)
 
 
+# An empty batch (N = 0) is valid for every op, as in PyTorch: each op below returns its
+# correctly shaped result (zeros for gradients summed over the batch) without launching a
+# kernel on nothing.
+
+
 def im2col(x, kh, kw, stride=1, pad=0):
     """Unfold sliding windows into a matrix.
 
@@ -64,6 +80,8 @@ def im2col(x, kh, kw, stride=1, pad=0):
     """
     g = chk.validate_im2col(x, kh, kw, stride, pad)
     be = _backend(x)
+    if g.N == 0:
+        return be.zeros((0, g.C * g.kh * g.kw), x.dtype)
     (x,) = _contiguous(be, x)
     return _launch(be, "im2col", x, g)
 
@@ -77,6 +95,8 @@ def col2im(cols, x_shape, kh, kw, stride=1, pad=0):
     """
     g = chk.validate_col2im(cols, x_shape, kh, kw, stride, pad)
     be = _backend(cols)
+    if g.N == 0:
+        return be.zeros(g.x_shape, cols.dtype)
     (cols,) = _contiguous(be, cols)
     return _launch(be, "col2im", cols, g)
 
@@ -99,6 +119,8 @@ def conv2d(x, w, b=None, stride=1, pad=0, activation=None):
     """
     g = chk.validate_conv2d(x, w, b, stride, pad, activation)
     be = _backend(x)
+    if g.N == 0:
+        return be.zeros((0, w.shape[0], g.OH, g.OW), x.dtype)
     x, w, b = _contiguous(be, x, w, b)
     return _launch(be, "conv2d", x, w, b, g, activation)
 
@@ -122,6 +144,9 @@ def conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True):
     if not isinstance(need_dx, (bool, np.bool_)):
         raise TypeError(f"need_dx must be a bool, got {type(need_dx).__name__}")
     be = _backend(x)
+    if g.N == 0:  # nothing to sum: zero weight and bias gradients
+        dx = be.zeros(x.shape, x.dtype) if need_dx else None
+        return dx, be.zeros(w.shape, x.dtype), be.zeros((w.shape[0],), x.dtype)
     dy, x, w = _contiguous(be, dy, x, w)
     return _launch(be, "conv2d_backward", dy, x, w, g, need_dx=bool(need_dx))
 
@@ -135,6 +160,8 @@ def max_pool2d(x, size=2, stride=None, pad=0):
     """
     g = chk.validate_pool(x, size, stride, pad, max_pool=True)
     be = _backend(x)
+    if g.N == 0:
+        return be.zeros((0, g.C, g.OH, g.OW), x.dtype)
     (x,) = _contiguous(be, x)
     return _launch(be, "max_pool2d", x, g)
 
@@ -143,6 +170,8 @@ def max_pool2d_backward(dy, x, size=2, stride=None, pad=0):
     """Gradient of :func:`max_pool2d`, sent to the first maximum of each window (as PyTorch)."""
     g = chk.validate_max_pool_backward(dy, x, size, stride, pad)
     be = _backend(x)
+    if g.N == 0:
+        return be.zeros(g.x_shape, x.dtype)
     dy, x = _contiguous(be, dy, x)
     return _launch(be, "max_pool2d_backward", dy, x, g)
 
@@ -151,6 +180,8 @@ def avg_pool2d(x, size=2, stride=None, pad=0):
     """Average pooling; zero padding counts in the divisor (PyTorch's default)."""
     g = chk.validate_pool(x, size, stride, pad, max_pool=False)
     be = _backend(x)
+    if g.N == 0:
+        return be.zeros((0, g.C, g.OH, g.OW), x.dtype)
     (x,) = _contiguous(be, x)
     return _launch(be, "avg_pool2d", x, g)
 
@@ -159,8 +190,221 @@ def avg_pool2d_backward(dy, x_shape, size=2, stride=None, pad=0):
     """Gradient of :func:`avg_pool2d` with respect to an input of shape ``x_shape``."""
     g = chk.validate_avg_pool_backward(dy, x_shape, size, stride, pad)
     be = _backend(dy)
+    if g.N == 0:
+        return be.zeros(g.x_shape, dy.dtype)
     (dy,) = _contiguous(be, dy)
     return _launch(be, "avg_pool2d_backward", dy, g)
+
+
+# --- batch normalisation ------------------------------------------------------------------------
+
+
+def batch_norm_forward(x, gamma, beta, eps=1e-5, activation=None):
+    """Batch normalisation in training mode, with the batch's own statistics.
+
+    Parameters
+    ----------
+    x : ndarray, (N, C) or (N, C, H, W), float32 or float16
+    gamma, beta : ndarray, (C,), x's dtype
+        Scale and shift.
+    eps : float
+        Added to the variance before the square root.
+    activation : None or "relu"
+        ReLU fused into the same pass (NaN propagates).
+
+    Returns
+    -------
+    y : ndarray, x's shape and dtype
+    mean, var : ndarray, (C,), float32
+        The batch mean and the *biased* batch variance of each channel over N (and H, W); for
+        an empty batch (N = 0) they are NaN (no statistics exist: do not fold them into
+        running averages).
+
+    Raises
+    ------
+    ValueError
+        When a channel holds exactly one value (N*H*W == 1): the variance is undefined.
+    """
+    g, eps = chk.validate_batch_norm(x, gamma, beta, eps, activation)
+    be = _backend(x)
+    if g.N == 0 or g.C == 0:
+        mean, var = (be.full((g.C,), np.nan, np.float32) for _ in range(2))
+        return be.zeros(g.shape, x.dtype), mean, var
+    x, gamma, beta = _contiguous(be, x, gamma, beta)
+    return _launch(be, "batch_norm_forward", x, gamma, beta, g, eps, activation == "relu")
+
+
+def batch_norm_inference(x, gamma, beta, mean, var, eps=1e-5, activation=None):
+    """Batch normalisation with given statistics: ``gamma*(x - mean)/sqrt(var + eps) + beta``.
+
+    ``mean``, ``var``: float32 (C,) running statistics (float32 for every model dtype, as
+    cuDNN requires). Returns an array of x's shape and dtype.
+    """
+    g, eps = chk.validate_batch_norm_inference(x, gamma, beta, mean, var, eps, activation)
+    be = _backend(x)
+    if x.size == 0:
+        return be.zeros(g.shape, x.dtype)
+    x, gamma, beta, mean, var = _contiguous(be, x, gamma, beta, mean, var)
+    return _launch(
+        be, "batch_norm_inference", x, gamma, beta, mean, var, g, eps, activation == "relu"
+    )
+
+
+def batch_norm_backward(dy, x, gamma, mean, var, eps=1e-5, y=None):
+    """Gradients of :func:`batch_norm_forward` (training mode).
+
+    Parameters
+    ----------
+    dy, x : ndarray, (N, C) or (N, C, H, W)
+    gamma : ndarray, (C,), x's dtype
+    mean, var : ndarray, (C,), float32
+        What the forward pass returned.
+    y : ndarray, optional
+        The forward's output when it fused a ReLU: ``dy`` is masked by ``y > 0`` in the same
+        pass.
+
+    Returns
+    -------
+    dx : ndarray, x's shape; dgamma, dbeta : ndarray, (C,); all in x's dtype
+        ``dx = gamma*invstd/M * (M*dy - sum(dy) - xhat*sum(dy*xhat))``, ``M = N*H*W``.
+    """
+    g, eps = chk.validate_batch_norm_backward(dy, x, gamma, mean, var, eps, y)
+    be = _backend(x)
+    if g.N == 0 or g.C == 0:  # sums over an empty batch: zero parameter gradients
+        zero = be.zeros((g.C,), x.dtype)
+        return be.zeros(g.shape, x.dtype), zero, be.zeros((g.C,), x.dtype)
+    dy, x, gamma, mean, var, y = _contiguous(be, dy, x, gamma, mean, var, y)
+    return _launch(be, "batch_norm_backward", dy, x, gamma, mean, var, g, eps, y)
+
+
+def batch_norm_inference_backward(dy, gamma, var, eps=1e-5, y=None):
+    """dx of :func:`batch_norm_inference` (a frozen BatchNorm layer): ``dy*gamma/sqrt(var+eps)``,
+    with ``dy`` masked by ``y > 0`` when the forward fused a ReLU and ``y`` is given."""
+    g, eps = chk.validate_batch_norm_inference_backward(dy, gamma, var, eps, y)
+    be = _backend(dy)
+    if dy.size == 0:
+        return be.zeros(g.shape, dy.dtype)
+    dy, gamma, var, y = _contiguous(be, dy, gamma, var, y)
+    return _launch(be, "batch_norm_inference_backward", dy, gamma, var, g, eps, y)
+
+
+def fold_batch_norm(w, b, gamma, beta, mean, var, eps=1e-5):
+    """Fold an inference-mode batch norm into the conv or dense layer before it.
+
+    Parameters
+    ----------
+    w : ndarray, (F, C, kh, kw) (conv) or (in, F) (dense)
+    b : ndarray, (F,), or None (no bias)
+    gamma, beta : ndarray, (F,), w's dtype
+    mean, var : ndarray, (F,), float32
+
+    Returns
+    -------
+    w_folded, b_folded : ndarrays of w's dtype, computed in float32
+        ``conv(x, w_folded, b_folded) == batch_norm_inference(conv(x, w, b), ...)``.
+    """
+    F, eps = chk.validate_fold_batch_norm(w, b, gamma, beta, mean, var, eps)
+    if chk.is_cupy_array(w):
+        import cupy as xp
+    else:
+        xp = np
+    f32 = np.float32
+    scale = gamma.astype(f32) / xp.sqrt(var + f32(eps))
+    per_channel = scale.reshape(-1, 1, 1, 1) if w.ndim == 4 else scale.reshape(1, -1)
+    w_folded = (w.astype(f32) * per_channel).astype(w.dtype)
+    bias = xp.zeros(F, dtype=f32) if b is None else b.astype(f32)
+    b_folded = ((bias - mean) * scale + beta.astype(f32)).astype(w.dtype)
+    return w_folded, b_folded
+
+
+# --- global average pooling ----------------------------------------------------------------------
+
+
+def global_avg_pool2d(x):
+    """Mean of each channel plane: (N, C, H, W) -> (N, C), any H, W >= 1, x's dtype."""
+    g = chk.validate_global_avg_pool(x)
+    be = _backend(x)
+    if x.size == 0:
+        return be.zeros((g.N, g.C), x.dtype)
+    (x,) = _contiguous(be, x)
+    return _launch(be, "global_avg_pool2d", x, g)
+
+
+def global_avg_pool2d_backward(dy, x_shape):
+    """Gradient of :func:`global_avg_pool2d`: (N, C) -> ``x_shape``, every pixel ``dy/(H*W)``."""
+    g = chk.validate_global_avg_pool_backward(dy, x_shape)
+    be = _backend(dy)
+    if g.N == 0:
+        return be.zeros(g.shape, dy.dtype)
+    (dy,) = _contiguous(be, dy)
+    return _launch(be, "global_avg_pool2d_backward", dy, g)
+
+
+# --- dense and ReLU -------------------------------------------------------------------------------
+
+
+def dense(x, w, b=None, activation=None):
+    """Fully connected layer ``act(x @ w + b)``.
+
+    Parameters
+    ----------
+    x : ndarray, (N, in)
+    w : ndarray, (in, out) (Keras layout)
+    b : ndarray, (out,), optional
+    activation : None or "relu", fused into the store
+
+    Returns
+    -------
+    ndarray, (N, out), x's dtype (float32 accumulation)
+    """
+    g = chk.validate_dense(x, w, b, activation)
+    be = _backend(x)
+    if g.N == 0 or g.F == 0:
+        return be.zeros((g.N, g.F), x.dtype)
+    x, w, b = _contiguous(be, x, w, b)
+    return _launch(be, "dense_forward", x, w, b, g, activation == "relu")
+
+
+def dense_backward(dy, x, w, need_dx=True):
+    """Gradients of :func:`dense` (without activation).
+
+    Returns
+    -------
+    dx : ndarray, (N, in), or None when ``need_dx`` is False
+    dw : ndarray, (in, out)
+    db : ndarray, (out,)
+    """
+    g = chk.validate_dense_backward(dy, x, w, need_dx)
+    be = _backend(x)
+    if g.N == 0:
+        dx = be.zeros((0, g.K), x.dtype) if need_dx else None
+        return dx, be.zeros((g.K, g.F), x.dtype), be.zeros((g.F,), x.dtype)
+    dy, x, w = _contiguous(be, dy, x, w)
+    return _launch(be, "dense_backward", dy, x, w, g, need_dx=bool(need_dx))
+
+
+def relu(x):
+    """``max(x, 0)`` for any shape; NaN propagates. Returns a new array of x's dtype."""
+    chk.validate_relu(x)
+    be = _backend(x)
+    if x.size == 0:
+        return be.zeros(x.shape, x.dtype)
+    (x,) = _contiguous(be, x)
+    return _launch(be, "relu", x)
+
+
+def relu_backward(dy, y, out=None):
+    """ReLU gradient seen through its output: ``dy * (y > 0)``.
+
+    ``out``: optional C-contiguous array of dy's shape and dtype (not ``dy`` or ``y``) to
+    write into, e.g. a buffer reused from step to step; it is returned.
+    """
+    chk.validate_relu_backward(dy, y, out)
+    be = _backend(dy)
+    if dy.size == 0:
+        return out if out is not None else be.zeros(dy.shape, dy.dtype)
+    dy, y = _contiguous(be, dy, y)
+    return _launch(be, "relu_backward", dy, y, out)
 
 
 # --- devices -----------------------------------------------------------------------------------

@@ -23,6 +23,17 @@ __all__ = [
     "max_pool2d_backward",
     "avg_pool2d",
     "avg_pool2d_backward",
+    "batch_norm_forward",
+    "batch_norm_inference",
+    "batch_norm_backward",
+    "batch_norm_inference_backward",
+    "fold_batch_norm",
+    "global_avg_pool2d",
+    "global_avg_pool2d_backward",
+    "dense",
+    "dense_backward",
+    "relu",
+    "relu_backward",
 ]
 
 
@@ -99,15 +110,19 @@ def conv2d_backward(dy, x, w, stride=1, pad=0):
     return dx, dw, db
 
 
-def _pool_geometry(x_shape, size, stride, pad):
+def _pool_geometry(x_shape, size, stride, pad, max_pool=False):
     kernel = as_pair(size, "size", 1)
-    return window_geometry(x_shape, kernel, kernel if stride is None else stride, pad, "window")
+    g = window_geometry(x_shape, kernel, kernel if stride is None else stride, pad, "window")
+    if max_pool and (2 * g.ph > g.kh or 2 * g.pw > g.kw):
+        # The public API's rule: beyond half the window some windows hold only padding.
+        raise ValueError(f"pad must be at most half the window size {kernel}, got {(g.ph, g.pw)}")
+    return g
 
 
 def max_pool2d(x, size=2, stride=None, pad=0):
     """Max over each window; padding is -inf so it never wins. NaN propagates."""
     x = _f64(x, "x")
-    g = _pool_geometry(x.shape, size, stride, pad)
+    g = _pool_geometry(x.shape, size, stride, pad, max_pool=True)
     win = _windows(_pad(x, g, -np.inf), g)
     return win.max(axis=(4, 5))
 
@@ -115,7 +130,7 @@ def max_pool2d(x, size=2, stride=None, pad=0):
 def max_pool2d_backward(dy, x, size=2, stride=None, pad=0):
     """Route each output gradient to the first maximum of its window (row-major), as PyTorch."""
     dy, x = _f64(dy, "dy"), _f64(x, "x")
-    g = _pool_geometry(x.shape, size, stride, pad)
+    g = _pool_geometry(x.shape, size, stride, pad, max_pool=True)
     win = _windows(_pad(x, g, -np.inf), g).reshape(g.N, g.C, g.OH, g.OW, g.kh * g.kw)
     real = _windows(_pad(np.ones(x.shape, bool), g, False), g).reshape(win.shape)
     m = win.max(axis=-1, keepdims=True)  # NaN if the window holds one
@@ -144,3 +159,135 @@ def avg_pool2d_backward(dy, x_shape, size=2, stride=None, pad=0):
         dy[..., None, None] / (g.kh * g.kw), (g.N, g.C, g.OH, g.OW, g.kh, g.kw)
     )
     return _scatter_windows(contrib, g)
+
+
+# --- batch normalisation, global pooling, dense, ReLU -------------------------------------------
+#
+# Written from the definitions, per channel, with the gradient of batch normalisation derived
+# step by step through the chain rule (mean -> variance -> normalised value), not from the
+# closed form the kernels use.
+
+
+def _channel_axes(x):
+    if x.ndim == 2:
+        return (0,)
+    if x.ndim == 4:
+        return (0, 2, 3)
+    raise ValueError(f"x must be 2- or 4-dimensional, got shape {x.shape}")
+
+
+def _per_channel(v, x):
+    """A (C,) vector shaped to broadcast against x (N, C) or (N, C, H, W)."""
+    v = np.asarray(v, dtype=np.float64)
+    return v.reshape((1, -1) + (1,) * (x.ndim - 2))
+
+
+def _relu64(y, activation):
+    return np.maximum(y, 0.0) if activation == "relu" else y
+
+
+def batch_norm_forward(x, gamma, beta, eps=1e-5, activation=None):
+    """Training-mode batch norm: ``(y, mean, biased var)`` of each channel over N (, H, W)."""
+    x = np.asarray(x, dtype=np.float64)
+    axes = _channel_axes(x)
+    count = int(np.prod([x.shape[a] for a in axes]))
+    if count == 1:
+        raise ValueError("more than 1 value per channel is needed in training (variance undefined)")
+    mean = x.mean(axis=axes)
+    var = ((x - _per_channel(mean, x)) ** 2).mean(axis=axes)
+    xhat = (x - _per_channel(mean, x)) / np.sqrt(_per_channel(var, x) + eps)
+    y = xhat * _per_channel(gamma, x) + _per_channel(beta, x)
+    return _relu64(y, activation), mean, var
+
+
+def batch_norm_inference(x, gamma, beta, mean, var, eps=1e-5, activation=None):
+    """Batch norm with given (running) statistics."""
+    x = np.asarray(x, dtype=np.float64)
+    _channel_axes(x)
+    xhat = (x - _per_channel(mean, x)) / np.sqrt(_per_channel(var, x) + eps)
+    return _relu64(xhat * _per_channel(gamma, x) + _per_channel(beta, x), activation)
+
+
+def _relu_masked(dy, y):
+    dy = np.asarray(dy, dtype=np.float64)
+    if y is None:
+        return dy
+    return dy * (np.asarray(y, dtype=np.float64) > 0)
+
+
+def batch_norm_backward(dy, x, gamma, mean, var, eps=1e-5, y=None):
+    """``(dx, dgamma, dbeta)`` of :func:`batch_norm_forward` at the statistics ``mean``, ``var``.
+
+    ``y``: the forward's output when it fused a ReLU (``dy`` is masked by ``y > 0``).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    dy = _relu_masked(dy, y)
+    axes = _channel_axes(x)
+    count = int(np.prod([x.shape[a] for a in axes]))
+    mu, v, gam = _per_channel(mean, x), _per_channel(var, x), _per_channel(gamma, x)
+    xc = x - mu
+    std_inv = 1.0 / np.sqrt(v + eps)
+    dxhat = dy * gam
+    # var = mean(xc**2), xhat = xc * (var + eps)**-1/2, xc = x - mean(x)
+    dvar = np.sum(dxhat * xc * -0.5 * std_inv**3, axis=axes, keepdims=True)
+    dmu = np.sum(-dxhat * std_inv, axis=axes, keepdims=True) + dvar * np.mean(
+        -2.0 * xc, axis=axes, keepdims=True
+    )
+    dx = dxhat * std_inv + dvar * 2.0 * xc / count + dmu / count
+    dgamma = np.sum(dy * xc * std_inv, axis=axes)
+    dbeta = np.sum(dy, axis=axes)
+    return dx, dgamma, dbeta
+
+
+def batch_norm_inference_backward(dy, gamma, var, eps=1e-5, y=None):
+    """dx of :func:`batch_norm_inference` (statistics held fixed)."""
+    dy = _relu_masked(dy, y)
+    return dy * _per_channel(gamma, dy) / np.sqrt(_per_channel(var, dy) + eps)
+
+
+def fold_batch_norm(w, b, gamma, beta, mean, var, eps=1e-5):
+    """Weights of a conv (F, C, kh, kw) or dense (in, F) layer with a following BN folded in."""
+    w = np.asarray(w, dtype=np.float64)
+    F = w.shape[0] if w.ndim == 4 else w.shape[1]
+    b = np.zeros(F) if b is None else np.asarray(b, dtype=np.float64)
+    s = np.asarray(gamma, np.float64) / np.sqrt(np.asarray(var, np.float64) + eps)
+    w_folded = w * (s[:, None, None, None] if w.ndim == 4 else s[None, :])
+    b_folded = (b - np.asarray(mean, np.float64)) * s + np.asarray(beta, np.float64)
+    return w_folded, b_folded
+
+
+def global_avg_pool2d(x):
+    """(N, C, H, W) -> (N, C): the mean of each channel's plane."""
+    x = _f64(x, "x")
+    return x.mean(axis=(2, 3))
+
+
+def global_avg_pool2d_backward(dy, x_shape):
+    """Every pixel of channel (n, c) gets ``dy[n, c] / (H*W)``."""
+    N, C, H, W = check_x_shape(x_shape)
+    dy = np.asarray(dy, dtype=np.float64)
+    return np.broadcast_to(dy[:, :, None, None] / (H * W), (N, C, H, W)).copy()
+
+
+def dense(x, w, b=None, activation=None):
+    """``x @ w + b`` (Keras layout ``w (in, out)``), optionally followed by ReLU."""
+    y = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+    if b is not None:
+        y = y + np.asarray(b, np.float64)
+    return _relu64(y, activation)
+
+
+def dense_backward(dy, x, w):
+    """``(dx, dw, db)`` of :func:`dense` without activation."""
+    dy, x, w = (np.asarray(a, np.float64) for a in (dy, x, w))
+    return dy @ w.T, x.T @ dy, dy.sum(axis=0)
+
+
+def relu(x):
+    """max(x, 0); NaN propagates."""
+    return np.maximum(np.asarray(x, np.float64), 0.0)
+
+
+def relu_backward(dy, y):
+    """``dy * (y > 0)`` (a NaN or inf in ``dy`` where y <= 0 gives NaN, as the product does)."""
+    return _relu_masked(dy, y)

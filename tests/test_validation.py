@@ -128,6 +128,27 @@ def _cases():
     yield "conv2d_backward-pad-neg", lambda: cb(dy_conv, x, w, 1, -1), V, "pad must be >= 0"
     yield "conv2d_backward-stride-dy", lambda: cb(dy_conv, x, w, 2), V, "dy must have shape"
 
+    # The batch-norm, global-pooling, dense and ReLU ops: one or two cases each here; their
+    # full lists are in tests/test_batchnorm.py, test_global_pool.py and test_dense_relu.py.
+    g3, s3 = np.ones(3, f32), np.ones(3, np.float32)
+    yield "batch_norm_forward-x-int", lambda: fc.batch_norm_forward(x.astype(int), g3, g3), T, "x"
+    yield "batch_norm_forward-gamma", lambda: fc.batch_norm_forward(x, g3[:2], g3), V, "gamma"
+    yield "batch_norm_inference-mean", lambda: fc.batch_norm_inference(
+        x, g3, g3, s3.astype(f16), s3), T, "mean must have dtype float32"  # fmt: skip
+    yield "batch_norm_backward-dy", lambda: fc.batch_norm_backward(
+        x[:1], x, g3, s3, s3), V, "dy must have shape"  # fmt: skip
+    yield "batch_norm_inference_backward-var", lambda: fc.batch_norm_inference_backward(
+        x, g3, s3[:1]), V, "var must have shape"  # fmt: skip
+    yield "fold_batch_norm-w", lambda: fc.fold_batch_norm(w[0], None, g3, g3, s3, s3), V, "w must"
+    yield "global_avg_pool2d-ndim", lambda: fc.global_avg_pool2d(x[0]), V, "x must be 4-dim"
+    yield "global_avg_pool2d_backward-dy", lambda: fc.global_avg_pool2d_backward(
+        x, x.shape), V, "dy must be 2-dim"  # fmt: skip
+    x2, w2 = np.zeros((2, 5), f32), np.zeros((5, 3), f32)
+    yield "dense-w-rows", lambda: fc.dense(x2, w2[:4]), V, "w must have 5 rows"
+    yield "dense_backward-dy", lambda: fc.dense_backward(x2, x2, w2), V, "dy must have shape"
+    yield "relu-float64", lambda: fc.relu(x.astype(float)), T, "x must have dtype"
+    yield "relu_backward-y", lambda: fc.relu_backward(x, x[:1]), V, "y must have shape"
+
 
 CASES = list(_cases())
 

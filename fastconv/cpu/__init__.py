@@ -20,7 +20,16 @@ import numba
 import numpy as np
 
 from ._workspace import launch_guard
+from .activation import relu, relu_backward
+from .batchnorm import (
+    batch_norm_backward,
+    batch_norm_forward,
+    batch_norm_inference,
+    batch_norm_inference_backward,
+)
 from .conv import col2im, conv2d, conv2d_backward, im2col
+from .dense import dense_backward, dense_forward
+from .global_pool import global_avg_pool2d, global_avg_pool2d_backward
 from .pool import avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward
 
 
@@ -49,8 +58,29 @@ __all__ = [
     "max_pool2d_backward",
     "avg_pool2d",
     "avg_pool2d_backward",
+    "batch_norm_forward",
+    "batch_norm_inference",
+    "batch_norm_backward",
+    "batch_norm_inference_backward",
+    "global_avg_pool2d",
+    "global_avg_pool2d_backward",
+    "dense_forward",
+    "dense_backward",
+    "relu",
+    "relu_backward",
+    "zeros",
+    "full",
 ]
 
 
 def ascontiguous(a):
     return np.ascontiguousarray(a)
+
+
+def zeros(shape, dtype):
+    """A zero-filled result (empty-batch shortcuts in :mod:`fastconv.ops`)."""
+    return np.zeros(shape, dtype=dtype)
+
+
+def full(shape, value, dtype):
+    return np.full(shape, value, dtype=dtype)

@@ -27,6 +27,18 @@ __all__ = [
     "max_pool2d_backward",
     "avg_pool2d",
     "avg_pool2d_backward",
+    "batch_norm_forward",
+    "batch_norm_inference",
+    "batch_norm_backward",
+    "batch_norm_inference_backward",
+    "global_avg_pool2d",
+    "global_avg_pool2d_backward",
+    "dense_forward",
+    "dense_backward",
+    "relu",
+    "relu_backward",
+    "zeros",
+    "full",
 ]
 
 _INSTALL_HINT = (
@@ -187,3 +199,52 @@ def avg_pool2d(x, g):
 
 def avg_pool2d_backward(dy, g):
     return _ops().avg_pool2d_backward(dy, g)
+
+
+def batch_norm_forward(x, gamma, beta, g, eps, relu):
+    return _ops().batch_norm_forward(x, gamma, beta, g, eps, relu)
+
+
+def batch_norm_inference(x, gamma, beta, mean, var, g, eps, relu):
+    return _ops().batch_norm_inference(x, gamma, beta, mean, var, g, eps, relu)
+
+
+def batch_norm_backward(dy, x, gamma, mean, var, g, eps, y):
+    return _ops().batch_norm_backward(dy, x, gamma, mean, var, g, eps, y)
+
+
+def batch_norm_inference_backward(dy, gamma, var, g, eps, y):
+    return _ops().batch_norm_inference_backward(dy, gamma, var, g, eps, y)
+
+
+def global_avg_pool2d(x, g):
+    return _ops().global_avg_pool2d(x, g)
+
+
+def global_avg_pool2d_backward(dy, g):
+    return _ops().global_avg_pool2d_backward(dy, g)
+
+
+def dense_forward(x, w, b, g, relu):
+    return _ops().dense(x, w, b, g, relu)
+
+
+def dense_backward(dy, x, w, g, need_dx=True):
+    return _ops().dense_backward(dy, x, w, g, need_dx)
+
+
+def relu(x):
+    return _ops().relu(x)
+
+
+def relu_backward(dy, y, out=None):
+    return _ops().relu_backward(dy, y, out)
+
+
+def zeros(shape, dtype):
+    """A zero-filled result (empty-batch shortcuts in :mod:`fastconv.ops`)."""
+    return _ops().xp.zeros(shape, dtype=dtype)
+
+
+def full(shape, value, dtype):
+    return _ops().xp.full(shape, value, dtype=dtype)

@@ -28,6 +28,14 @@ DIRECT_MAX_K = 32
 # where one thread per channel (F = 16) would sum 78,400 values serially for MNIST's conv1.
 BIAS_GRAD_SLICES = 256
 
+# Slices per channel in the first pass of the batch-norm reductions (same reasoning).
+BN_SLICES = 256
+
+
+def eps_bits(eps: float) -> int:
+    """``eps`` as the int holding its float32 bits (the kernels take ints and arrays only)."""
+    return int(np.asarray(eps, dtype=np.float32).view(np.int32))
+
 
 INT32_MAX = 2**31 - 1
 
@@ -149,6 +157,102 @@ class KernelOps:
         dx = self.xp.empty(g.x_shape, dtype=dy.dtype)
         self.launch("avg_pool2d_backward", dx.size, dy, dx, *g)
         return dx
+
+    # --- batch normalisation (g: ChannelGeometry, N >= 1, C >= 1) -------------------------------
+
+    def batch_norm_forward(self, x, gamma, beta, g, eps, relu):
+        xp = self.xp
+        S = min(BN_SLICES, g.M)
+        part = xp.empty((2 * g.C * S,), dtype=np.float32)
+        self.launch("bn_stats_partial", g.C * S, x, part, g.N, g.C, g.P, S)
+        mean = xp.empty((g.C,), dtype=np.float32)
+        var = xp.empty((g.C,), dtype=np.float32)
+        coef = xp.empty((2 * g.C,), dtype=np.float32)
+        self.launch("bn_stats_finish", g.C, part, gamma, beta, mean, var, coef,
+                    g.N, g.C, g.P, S, eps_bits(eps))  # fmt: skip
+        y = xp.empty(g.shape, dtype=x.dtype)
+        self.launch("bn_apply", y.size, x, y, coef, g.N, g.C, g.P, int(relu))
+        return y, mean, var
+
+    def _inference_coef(self, gamma, beta, mean, var, C, eps):
+        coef = self.xp.empty((2 * C,), dtype=np.float32)
+        has_beta = int(beta is not None)
+        self.launch("bn_inference_coef", C, gamma, beta if has_beta else gamma, mean, var, coef,
+                    C, eps_bits(eps), has_beta)  # fmt: skip
+        return coef
+
+    def batch_norm_inference(self, x, gamma, beta, mean, var, g, eps, relu):
+        coef = self._inference_coef(gamma, beta, mean, var, g.C, eps)
+        y = self.xp.empty(g.shape, dtype=x.dtype)
+        self.launch("bn_apply", y.size, x, y, coef, g.N, g.C, g.P, int(relu))
+        return y
+
+    def batch_norm_backward(self, dy, x, gamma, mean, var, g, eps, y=None):
+        xp = self.xp
+        S = min(BN_SLICES, g.M)
+        has_y = int(y is not None)
+        y_arg = y if has_y else dy  # any valid pointer; unread when has_y == 0
+        part = xp.empty((2 * g.C * S,), dtype=np.float32)
+        self.launch("bn_backward_partial", g.C * S, dy, x, y_arg, mean, part,
+                    g.N, g.C, g.P, S, has_y)  # fmt: skip
+        dgamma = xp.empty((g.C,), dtype=x.dtype)
+        dbeta = xp.empty((g.C,), dtype=x.dtype)
+        coef = xp.empty((4 * g.C,), dtype=np.float32)
+        self.launch("bn_backward_finish", g.C, part, gamma, var, dgamma, dbeta, coef,
+                    g.N, g.C, g.P, S, eps_bits(eps))  # fmt: skip
+        dx = xp.empty(g.shape, dtype=x.dtype)
+        self.launch("bn_backward_apply", dx.size, dy, x, y_arg, mean, coef, dx,
+                    g.N, g.C, g.P, has_y)  # fmt: skip
+        return dx, dgamma, dbeta
+
+    def batch_norm_inference_backward(self, dy, gamma, var, g, eps, y=None):
+        coef = self._inference_coef(gamma, None, var, var, g.C, eps)  # shift unused
+        has_y = int(y is not None)
+        dx = self.xp.empty(g.shape, dtype=dy.dtype)
+        self.launch("bn_scale_grad", dx.size, dy, y if has_y else dy, coef, dx,
+                    g.N, g.C, g.P, has_y)  # fmt: skip
+        return dx
+
+    # --- global average pooling -----------------------------------------------------------------
+
+    def global_avg_pool2d(self, x, g):
+        y = self.xp.empty((g.N, g.C), dtype=x.dtype)
+        self.launch("global_avg_pool2d", y.size, x, y, g.N * g.C, g.P)
+        return y
+
+    def global_avg_pool2d_backward(self, dy, g):
+        dx = self.xp.empty(g.shape, dtype=dy.dtype)
+        self.launch("global_avg_pool2d_backward", dx.size, dy, dx, g.N * g.C, g.P)
+        return dx
+
+    # --- dense (cuBLAS GEMM + the conv epilogue kernels) and ReLU -------------------------------
+
+    def dense(self, x, w, b, g, relu):
+        y = self.xp.ascontiguousarray(self.matmul(x, w))  # (N, F)
+        has_bias = int(b is not None)
+        if has_bias or relu:
+            # bias_act views y as (N, F, P) with P = 1: y[n, f] += b[f], then ReLU.
+            self.launch("bias_act", y.size, y, b if has_bias else y, g.N, g.F, 1, has_bias,
+                        int(relu))  # fmt: skip
+        return y
+
+    def dense_backward(self, dy, x, w, g, need_dx=True):
+        xp = self.xp
+        dw = xp.ascontiguousarray(self.matmul(x.T, dy))  # (K, F)
+        db = self.bias_grad(dy, g.N, g.F, 1)
+        dx = xp.ascontiguousarray(self.matmul(dy, w.T)) if need_dx else None  # (N, K)
+        return dx, dw, db
+
+    def relu(self, x):
+        y = self.xp.empty(x.shape, dtype=x.dtype)
+        self.launch("relu_forward", x.size, x, y, x.size)
+        return y
+
+    def relu_backward(self, dy, y, out=None):
+        if out is None:
+            out = self.xp.empty(dy.shape, dtype=dy.dtype)
+        self.launch("relu_backward", dy.size, dy, y, out, dy.size)
+        return out
 
 
 def numpy_gemm(a, b, trans_a: bool = False, trans_b: bool = False):

@@ -15,7 +15,14 @@ import re
 from pathlib import Path
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
-SOURCE_FILES = ("im2col.cu", "pool.cu", "conv.cu")
+SOURCE_FILES = (
+    "im2col.cu",
+    "pool.cu",
+    "conv.cu",
+    "batchnorm.cu",
+    "global_pool.cu",
+    "activation.cu",
+)
 
 _GEOM = "i" * 12  # N, C, H, W, kh, kw, sh, sw, ph, pw, OH, OW
 
@@ -31,6 +38,19 @@ SIGNATURES: dict[str, str] = {
     "bias_grad_finish": "Rw" + "ii",  # F, S
     # N, C, H, W, F, kh, kw, sh, sw, ph, pw, OH, OW, has_bias, relu
     "conv2d_direct": "rrrw" + "i" * 13 + "ii",
+    # Batch norm: (N, C, P) tensors; S = slices per channel; eps as float32 bits in an int.
+    "bn_stats_partial": "rW" + "iiii",  # x, part; N, C, P, S
+    "bn_stats_finish": "RrrWWW" + "iiiii",  # part, gamma, beta, mean, var, coef; N, C, P, S, eps
+    "bn_inference_coef": "rrRRW" + "iii",  # gamma, beta, mean, var, coef; C, eps, has_beta
+    "bn_apply": "rwR" + "iiii",  # x, y, coef; N, C, P, relu
+    "bn_backward_partial": "rrrRW" + "iiiii",  # dy, x, y, mean, part; N, C, P, S, has_y
+    "bn_backward_finish": "RrRwwW" + "iiiii",  # part, gamma, var, dgamma, dbeta, coef; N..S, eps
+    "bn_backward_apply": "rrrRRw" + "iiii",  # dy, x, y, mean, coef, dx; N, C, P, has_y
+    "bn_scale_grad": "rrRw" + "iiii",  # dy, y, coef, dx; N, C, P, has_y
+    "global_avg_pool2d": "rw" + "ii",  # NC, P
+    "global_avg_pool2d_backward": "rw" + "ii",  # NC, P
+    "relu_forward": "rw" + "i",  # n
+    "relu_backward": "rrw" + "i",  # n
 }
 
 # NVRTC options of the RawModule. CuPy appends -ftz=true to every compile whatever we pass

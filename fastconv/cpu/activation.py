@@ -1,0 +1,90 @@
+"""ReLU and its gradient on the CPU, float32 and float16 (as uint16 bits).
+
+Why kernels rather than NumPy's ``np.maximum(x, 0)`` and ``dy * (y > 0)``: NumPy allocates a
+boolean mask and a fresh result each call (for a (100, 16, 28, 28) activation that is ~1.5 ms
+of page faults and memory traffic in float32), and computes float16 in software (~25 ms for
+the gradient, more than the convolution's whole backward pass). These kernels read half
+values as bits and convert in registers (``fastconv.cpu._half``), and the gradient can write
+into a buffer the caller reuses from step to step.
+
+The forward copies x's own bits where x is not below zero (NaN payloads and -0.0 kept, as
+``torch.relu``; NumPy's ``maximum`` keeps -0.0 in float16 but not in float32) and writes +0
+elsewhere. The gradient is exactly ``dy * 1`` or ``dy * 0`` in float32, rounded back to the
+dtype: NumPy's ``dy * (y > 0)`` bit for bit (so ``inf * 0`` gives NaN).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from ._half import bits_view, load, store_value
+
+__all__ = ["relu", "relu_backward"]
+
+# Smaller arrays call the chunk functions directly, without a parallel region (even a one-task
+# region wakes the thread team, which under load can wait milliseconds).
+_PARALLEL_MIN = 1 << 15
+
+
+# The chunk loops index slices from 0: with ``range(i0, i1)`` LLVM cannot prove the index
+# non-negative, keeps NumPy's wraparound test in the loop and does not vectorise (3-8x slower).
+
+
+@njit(cache=True)
+def _relu_chunk(x, out, i0, i1):
+    xs, os = x[i0:i1], out[i0:i1]
+    zero = store_value(out, np.float32(0.0))
+    for i in range(xs.size):
+        os[i] = zero if load(xs[i]) < np.float32(0.0) else xs[i]
+
+
+@njit(parallel=True, cache=True)
+def _relu(x, out, chunk):
+    n = x.size
+    for b in prange((n + chunk - 1) // chunk):
+        _relu_chunk(x, out, b * chunk, min(n, (b + 1) * chunk))
+
+
+@njit(cache=True)
+def _grad_chunk(dy, y, out, i0, i1):
+    ds, ys, os = dy[i0:i1], y[i0:i1], out[i0:i1]
+    for i in range(ds.size):
+        keep = np.float32(1.0) if load(ys[i]) > np.float32(0.0) else np.float32(0.0)
+        os[i] = store_value(os, load(ds[i]) * keep)
+
+
+@njit(parallel=True, cache=True)
+def _relu_grad(dy, y, out, chunk):
+    n = dy.size
+    for b in prange((n + chunk - 1) // chunk):
+        _grad_chunk(dy, y, out, b * chunk, min(n, (b + 1) * chunk))
+
+
+def _chunk(n: int) -> int:
+    """Elements per task: one chunk per thread."""
+    return -(-n // numba.config.NUMBA_NUM_THREADS)
+
+
+def relu(x):
+    """Backend of :func:`fastconv.relu` (validated, C-contiguous, non-empty)."""
+    out = np.empty(x.shape, dtype=x.dtype)
+    xv, ov = bits_view(x).reshape(-1), bits_view(out).reshape(-1)
+    if x.size < _PARALLEL_MIN:
+        _relu_chunk(xv, ov, 0, x.size)
+    else:
+        _relu(xv, ov, _chunk(x.size))
+    return out
+
+
+def relu_backward(dy, y, out=None):
+    """Backend of :func:`fastconv.relu_backward`: ``dy * (y > 0)``, into ``out`` if given."""
+    if out is None:
+        out = np.empty(dy.shape, dtype=dy.dtype)
+    flat = tuple(bits_view(a).reshape(-1) for a in (dy, y, out))
+    if dy.size < _PARALLEL_MIN:
+        _grad_chunk(*flat, 0, dy.size)
+    else:
+        _relu_grad(*flat, _chunk(dy.size))
+    return out
