@@ -440,6 +440,3 @@ def to_cpu(x):
     if isinstance(x, np.ndarray):
         return x
     raise TypeError(f"x must be a numpy.ndarray or cupy.ndarray, got {type(x).__name__}")
-
-# INTERIM (removed when the kernels branch lands): array-code stand-ins for the new ops.
-from ._interim_ops import *  # noqa: E402,F401,F403

@@ -2,9 +2,6 @@
 host emulation (``fastconv.gpu._emulation``) and the GPU backend's own ``KernelOps`` code,
 against the float64 reference. Outputs are allocated NaN-filled, so an element a kernel fails
 to write cannot pass; launches with a grid smaller than the work walk the grid-stride loops.
-
-(Named to sort before ``test_gpu_emulation.py``, whose last test checks that every kernel in
-``SIGNATURES`` has been launched by then.)
 """
 
 from __future__ import annotations

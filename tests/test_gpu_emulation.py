@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -507,9 +508,14 @@ def test_no_fma_contraction_in_the_emulation(lib):
     assert ops.conv2d(x, w, b, g, None)[0, 0, 0, 0] == 0.0
 
 
-def test_zz_every_kernel_in_signatures_was_exercised():
-    """Runs last in this file: every kernel x dtype of SIGNATURES (including kernels added
-    later) must have been launched by the emulation tests above, in any library build."""
+def test_zz_every_kernel_in_signatures_was_exercised(request):
+    """Runs last in the session (tests/conftest.py): every kernel x dtype of SIGNATURES
+    (including kernels added later) must have been launched by the emulation tests of the
+    session, in any library build. Enforced on full runs of tests/; a subset may not cover all."""
+    here = Path(__file__).parent
+    collected = {item.path.name for item in request.session.items}
+    if collected != {p.name for p in here.glob("test_*.py")}:
+        pytest.skip("kernel coverage is checked when the whole tests/ directory runs")
     missing = {(k, d) for k in _source.SIGNATURES for d in _source.CTYPES} - emu.KernelLibrary.seen
     assert not missing, f"kernels never run by the emulation tests: {sorted(missing)}"
 

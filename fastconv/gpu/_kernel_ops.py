@@ -228,7 +228,7 @@ class KernelOps:
     # --- dense (cuBLAS GEMM + the conv epilogue kernels) and ReLU -------------------------------
 
     def dense(self, x, w, b, g, relu):
-        y = self.xp.ascontiguousarray(self.matmul(x, w))  # (N, F)
+        y = self.gemm(x, w)  # (N, F)
         has_bias = int(b is not None)
         if has_bias or relu:
             # bias_act views y as (N, F, P) with P = 1: y[n, f] += b[f], then ReLU.
@@ -237,10 +237,9 @@ class KernelOps:
         return y
 
     def dense_backward(self, dy, x, w, g, need_dx=True):
-        xp = self.xp
-        dw = xp.ascontiguousarray(self.matmul(x.T, dy))  # (K, F)
+        dw = self.gemm(x, dy, trans_a=True)  # (K, F)
         db = self.bias_grad(dy, g.N, g.F, 1)
-        dx = xp.ascontiguousarray(self.matmul(dy, w.T)) if need_dx else None  # (N, K)
+        dx = self.gemm(dy, w, trans_b=True) if need_dx else None  # (N, K)
         return dx, dw, db
 
     def relu(self, x):

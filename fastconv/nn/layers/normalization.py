@@ -63,11 +63,12 @@ class _BatchNorm(Layer):
         if training and self.trainable:
             y, mean, var = ops.batch_norm_forward(x, gamma, beta, self.epsilon, activation=act)
             count = x.size // x.shape[1]
-            m = np.float32(self.momentum)
-            mm *= m
-            mm += (1 - m) * mean
-            mv *= m
-            mv += ((1 - m) * np.float32(count / (count - 1))) * var
+            if count:  # an empty batch has no statistics (NaN): nothing to fold in
+                m = np.float32(self.momentum)
+                mm *= m
+                mm += (1 - m) * mean
+                mv *= m
+                mv += ((1 - m) * np.float32(count / (count - 1))) * var
             return y, ("batch", x, mean, var, y if fuse_relu else None)
         y = ops.batch_norm_inference(x, gamma, beta, mm, mv, self.epsilon, activation=act)
         return y, (
