@@ -20,7 +20,8 @@ import numba
 import numpy as np
 
 from ._workspace import launch_guard
-from .conv import col2im, conv2d, conv2d_backward, im2col
+from .conv import conv2d, conv2d_backward
+from .im2col import col2im, im2col
 from .pool import avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward
 
 
