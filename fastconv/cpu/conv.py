@@ -1,26 +1,34 @@
-"""CPU convolution: planning, workspaces and the backend entry points.
+"""CPU convolution: algorithm choice, planning, workspaces and the backend entry points.
 
 The kernels live in modules with one concern each (see ``docs/kernels.md`` for the
 measurements behind them):
 
 * :mod:`.im2col` -- the public im2col / col2im (book layout);
 * :mod:`._gemm` -- GEMM micro-kernels over rows that are slices of one flat buffer;
+* :mod:`._simd` -- explicit-SIMD pieces in LLVM IR (register-blocked GEMM micro-kernel,
+  small-matrix stream transforms, 16x16 transposes);
 * :mod:`._layout` -- aligned buffers, images stacked per channel, packed weights, epilogue;
 * :mod:`._direct` -- the direct path (stride 1, shifted views of stacked images) and the
   parallel kernels of both GEMM paths;
-* :mod:`._unfolded` -- the unfolded (im2col-GEMM) path: any stride, any values.
+* :mod:`._unfolded` -- the unfolded (im2col-GEMM) path: any stride, any values;
+* :mod:`._winograd` -- Winograd F(4x4,3x3) and F(2x2,3x3) for 3x3 stride-1 layers;
+* :mod:`._select` -- which algorithm a call runs, and the record of every choice.
 
-This module decides per call which path runs and how many images go into one GEMM
-(:func:`_plan`), builds the operands and the per-thread workspaces (taken with
-:func:`~fastconv.cpu._workspace.checkout`) and launches the kernel. Bias and ReLU are fused
-into the epilogue that writes NCHW output; float16 arrays are read and written as uint16 bits
-through :mod:`fastconv.cpu._half`, everything is computed and accumulated in float32.
+This module asks :mod:`._select` for the algorithm, builds the operands and the per-thread
+workspaces (taken with :func:`~fastconv.cpu._workspace.checkout`) and launches the kernels.
+Bias and ReLU are fused into the epilogues that write NCHW output; float16 arrays are read and
+written as uint16 bits through :mod:`fastconv.cpu._half`, everything is computed and
+accumulated in float32.
 """
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
+from . import _select
+from . import _winograd as wg
 from ._direct import (
     BackwardWork,
     ForwardWork,
@@ -42,32 +50,25 @@ __all__ = ["im2col", "col2im", "conv2d", "conv2d_backward"]
 _TARGET_COLUMNS = 1024
 
 
-def _plan(g, F, backward):
-    """(direct, nb): which path a shape takes, and how many images go into one GEMM.
-
-    Measured on the deep-MNIST layers (docs/kernels.md): with images stacked, the direct path
-    (stride 1) beat the unfolded one on every layer, although it computes up to 1.3x too many
-    outputs (8x8 images): unfolding writes K = C*kh*kw copies of every pixel in short row
-    segments. The direct dx is a GEMM with C rows, too few to block when C < 4 (conv1: C = 1),
-    where dcol = W^T @ dy with K rows is faster.
-    Images are stacked until a GEMM row holds about _TARGET_COLUMNS values.
-    """
-    direct = g.sh == 1 and g.sw == 1 and (not backward or g.C >= 4)
+def _images_per_block(g, direct):
+    """Images stacked (direct) or unfolded side by side in one GEMM: until a row of the
+    product holds about ``_TARGET_COLUMNS`` values."""
     if direct:
         rows, stride, _ = stack_layout(g.H, g.W, g.ph, g.pw, g.kh, g.kw, 1)
         per_image = rows * stride
     else:
         per_image = g.OH * g.OW
-    nb = max(1, min(g.N, -(-_TARGET_COLUMNS // per_image)))
-    return direct, nb
+    return max(1, min(g.N, -(-_TARGET_COLUMNS // per_image)))
 
 
-def conv2d(x, w, b, g, activation):
-    """Backend conv2d: ``(N, F, OH, OW)`` in ``x``'s dtype, bias and ReLU fused."""
+# --- GEMM paths (direct, unfolded) ---------------------------------------------------------------
+
+
+def _gemm_forward(x, w, b, g, activation, direct):
     F = w.shape[0]
     K, P = g.C * g.kh * g.kw, g.OH * g.OW
     nt = threads(g.N)
-    direct, nb = _plan(g, F, backward=False)
+    nb = _images_per_block(g, direct)
     x_layout = stack_layout(g.H, g.W, g.ph, g.pw, g.kh, g.kw, nb)
     if direct:
         buf_len, acc_len = g.C * x_layout.cstride, round_up(nb * x_layout.rows * x_layout.stride)
@@ -91,13 +92,11 @@ def conv2d(x, w, b, g, activation):
     return y
 
 
-def conv2d_backward(dy, x, w, g, need_dx=True):
-    """Backend conv2d gradients ``(dx, dw, db)``, each in ``x``'s dtype; ``dx`` is None (and
-    not computed) when ``need_dx`` is False."""
+def _gemm_backward(dy, x, w, g, need_dx, direct):
     F = w.shape[0]
     K, P = g.C * g.kh * g.kw, g.OH * g.OW
     nt = threads(g.N)
-    direct, nb = _plan(g, F, backward=True)
+    nb = _images_per_block(g, direct)
     _, w_kf, w_flip, finite_w = packed_weights(w)
     # Non-finite weights would leak through the zero padding of dy on the direct dx path.
     direct = bool(direct and finite_w)
@@ -137,3 +136,158 @@ def conv2d_backward(dy, x, w, g, need_dx=True):
         )  # fmt: skip
         reduce_partials(ws.dw_part, ws.db_part, bits_view(dw), bits_view(db))
     return (dx if need_dx else None), dw, db
+
+
+# --- Winograd ------------------------------------------------------------------------------------
+
+
+def _winograd_work(plan, C, F, W_in, W_out, weights):
+    """Per-thread Winograd workspaces for ``plan`` (zeroed: columns past the last tile of a
+    work item are read by the products and must hold finite values)."""
+    nt = threads(plan.ngroups * plan.nbands)
+    shapes = wg.work_shapes(plan, C, F, W_in, W_out, weights)
+    key = ("wino", weights, plan, C, F, W_in, W_out, nt)
+
+    def make():
+        arrays = [
+            np.zeros((nt, *s), np.int64 if name == "offs" else np.float32)
+            for name, s in zip(wg.WinogradWork._fields, shapes, strict=True)
+        ]
+        return wg.WinogradWork(*arrays)
+
+    return checkout(key, make)
+
+
+def _winograd_conv(x_bits, u, bias, relu, y_bits, plan, C, F):
+    """One Winograd convolution launch; returns False if the input held values the
+    transforms must not see (outputs then incomplete)."""
+    flags = np.zeros(plan.ngroups * plan.nbands, np.int64)
+    with _winograd_work(plan, C, F, x_bits.shape[3], y_bits.shape[3], False) as ws:
+        wg.forward_kernel(x_bits, u, bias, relu, y_bits, plan, ws, flags)
+    return not flags.any()
+
+
+def _winograd_forward(x, w, b, g, activation, m):
+    """y by Winograd F(m x m, 3x3), or None when the data or weights need the exact path."""
+    F = w.shape[0]
+    y = np.empty((g.N, F, g.OH, g.OW), dtype=x.dtype)
+    if g.N == 0:
+        return y
+    plan = wg.make_plan(g.N, g.C, F, g.OH, g.OW, m, threads(g.N), g.ph, g.pw)
+    u, ok = wg.transform_weights(bits_view(w), m, plan.Fp)
+    if not ok:
+        return None
+    bias = np.zeros(F, np.float32)
+    if b is not None:
+        bias[:] = b
+    if not _winograd_conv(bits_view(x), u, bias, activation == "relu", bits_view(y), plan, g.C, F):
+        return None
+    return y
+
+
+def _winograd_backward(dy, x, w, g, need_dx, m):
+    """(dx, dw, db) by Winograd, or None when the data or weights need the exact path."""
+    F = w.shape[0]
+    if g.N == 0:
+        dx = np.empty(g.x_shape, dtype=x.dtype) if need_dx else None
+        return dx, np.zeros(w.shape, dtype=x.dtype), np.zeros(F, dtype=x.dtype)
+    nt = threads(g.N)
+    dx = None
+    if need_dx:
+        # dx = conv(dy padded by 2 - pad, flipped and transposed filters): a forward pass.
+        dplan = wg.make_plan(g.N, F, g.C, g.H, g.W, m, nt, 2 - g.ph, 2 - g.pw)
+        u, ok = wg.transform_weights(bits_view(w), m, dplan.Fp, for_dx=True)
+        if not ok:
+            return None
+        dx = np.empty(g.x_shape, dtype=x.dtype)
+        no_bias = np.zeros(g.C, np.float32)
+        if not _winograd_conv(bits_view(dy), u, no_bias, False, bits_view(dx), dplan, F, g.C):
+            return None
+    plan = wg.make_plan(g.N, g.C, F, g.OH, g.OW, m, nt, g.ph, g.pw)
+    items = plan.ngroups * plan.nbands
+    a = m + 2
+    # One partial sum per workspace thread (the kernel runs threads(items) of them).
+    du_part = np.empty((threads(items), a * a, F, g.C), np.float32)
+    db_part = np.empty((threads(items), F), np.float32)
+    flags = np.zeros(items, np.int64)
+    with _winograd_work(plan, g.C, F, g.W, g.OW, True) as ws:
+        wg.weight_grad_kernel(bits_view(x), bits_view(dy), plan, ws, du_part, db_part, flags)
+    if flags.any():
+        return None
+    dw = np.empty(w.shape, dtype=x.dtype)
+    db = np.empty(F, dtype=x.dtype)
+    wg.weight_grad_finish(du_part, db_part, m, bits_view(dw), bits_view(db))
+    return dx, dw, db
+
+
+# --- entry points --------------------------------------------------------------------------------
+
+
+def _forward_with(name, x, w, b, g, activation):
+    """(y, fell_back) computed by algorithm ``name``."""
+    if name.startswith("winograd"):
+        y = _winograd_forward(x, w, b, g, activation, 4 if name == "winograd4x4" else 2)
+        if y is not None:
+            return y, False
+        return _gemm_forward(x, w, b, g, activation, g.sh == 1 and g.sw == 1), True
+    return _gemm_forward(x, w, b, g, activation, name == "direct"), False
+
+
+def _backward_with(name, dy, x, w, g, need_dx):
+    """((dx, dw, db), fell_back) computed by algorithm ``name``."""
+    if name.startswith("winograd"):
+        out = _winograd_backward(dy, x, w, g, need_dx, 4 if name == "winograd4x4" else 2)
+        if out is not None:
+            return out, False
+        return _gemm_backward(dy, x, w, g, need_dx, g.C >= 4), True
+    return _gemm_backward(dy, x, w, g, need_dx, name == "direct"), False
+
+
+def _measure(pass_, run, g):
+    """Benchmark mode: time every applicable algorithm on this call (each once to compile and
+    warm up, then once timed) and keep the fastest; returns (name, its result)."""
+    best = None
+    for name in _select.candidates(g):
+        run(name)
+        t0 = time.perf_counter()
+        result = run(name)
+        elapsed = time.perf_counter() - t0
+        if best is None or elapsed < best[0]:
+            best = (elapsed, name, result)
+    return best[1], best[2]
+
+
+def conv2d(x, w, b, g, activation, algorithm=None):
+    """Backend conv2d: ``(N, F, OH, OW)`` in ``x``'s dtype, bias and ReLU fused.
+
+    ``algorithm``: None (the process-wide choice), ``"auto"`` (the rule) or a validated
+    canonical algorithm name.
+    """
+    F = w.shape[0]
+    name, source = _select.choose("forward", x.dtype, g, F, algorithm)
+    if name is None:
+        name, (y, fell_back) = _measure(
+            "forward", lambda n: _forward_with(n, x, w, b, g, activation), g
+        )
+        _select.remember_measurement("forward", x.dtype, g, F, name)
+    else:
+        y, fell_back = _forward_with(name, x, w, b, g, activation)
+    _select.record("forward", x.dtype, g, F, name, source, fell_back)
+    return y
+
+
+def conv2d_backward(dy, x, w, g, need_dx=True, algorithm=None):
+    """Backend conv2d gradients ``(dx, dw, db)``, each in ``x``'s dtype; ``dx`` is None (and
+    not computed) when ``need_dx`` is False. ``algorithm`` as for :func:`conv2d`."""
+    F = w.shape[0]
+    pass_ = "backward" if need_dx else "backward_weights"
+    name, source = _select.choose(pass_, x.dtype, g, F, algorithm)
+    if name is None:
+        name, (out, fell_back) = _measure(
+            pass_, lambda n: _backward_with(n, dy, x, w, g, need_dx), g
+        )
+        _select.remember_measurement(pass_, x.dtype, g, F, name)
+    else:
+        out, fell_back = _backward_with(name, dy, x, w, g, need_dx)
+    _select.record(pass_, x.dtype, g, F, name, source, fell_back)
+    return out
