@@ -8,17 +8,17 @@ Algorithms (all exact up to float32 rounding; see docs/kernels.md for errors and
   F(2x2,3x3) (:mod:`._winograd`). ``winograd`` is an alias of ``winograd4x4``.
 
 How one is chosen, in order: the call's ``algorithm=`` argument (validated: asking for an
-algorithm that cannot run the layer is an error; ``"auto"`` means the rule below); else the process-wide setting of
-:func:`set_global` where that algorithm applies to the layer; else, in ``"benchmark"`` mode,
-the fastest applicable algorithm measured on the first call of each shape (like cuDNN's
-benchmark mode; the measurement is cached per shape, so the choice, and with it the exact
-rounding of the results, can differ between processes); else (``"auto"``, the default) a
+algorithm that cannot run the layer is an error; ``"auto"`` means the rule below); else the
+process-wide setting of :func:`set_global` where that algorithm applies to the layer; else,
+in ``"benchmark"`` mode, the fastest applicable algorithm measured on the first call of each
+shape (like cuDNN's benchmark mode; the measurement is cached per shape, so the choice, and
+with it the exact rounding of the results, can differ between processes); else (``"auto"``, the default) a
 fixed rule, :func:`rule`, so results never depend on timing noise.
 
 Every call is recorded per (pass, dtype, shapes, stride, pad), algorithm and how it was
-chosen, with how many calls ran it and how many fell back to an exact GEMM path because the data or
-weights held values the Winograd transforms must not see (NaN, inf, or |v| >= 2**50):
-:func:`choices`. All state is guarded by one lock.
+chosen, with how many calls ran it and how many fell back to an exact GEMM path because the
+data or weights held values the Winograd transforms must not see (NaN, inf, or
+|v| >= 2**50): :func:`choices`. All state is guarded by one lock.
 """
 
 from __future__ import annotations
@@ -155,8 +155,16 @@ def choices():
         pass_, dtype, N, C, H, W, F, kh, kw, sh, sw, ph, pw, name, source = key
         out.append(
             ConvAlgorithmChoice(
-                pass_, dtype, (N, C, H, W), (F, C, kh, kw), (sh, sw), (ph, pw), name, source,
-                calls, fallbacks,
+                pass_,
+                dtype,
+                (N, C, H, W),
+                (F, C, kh, kw),
+                (sh, sw),
+                (ph, pw),
+                name,
+                source,
+                calls,
+                fallbacks,
             )  # fmt: skip
         )
     return out

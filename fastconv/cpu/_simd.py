@@ -21,7 +21,16 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic
 
-__all__ = ["LANES", "MR", "NR", "make_apply", "gemm_block"]
+__all__ = [
+    "LANES",
+    "MR",
+    "NR",
+    "make_apply",
+    "gemm_block",
+    "gemm_block16",
+    "load_transposed",
+    "store_transposed",
+]
 
 LANES = 16  # floats per vector
 MR = 8  # rows of C per micro-kernel call
@@ -144,18 +153,18 @@ def make_apply(matrix):
     return apply
 
 
-@intrinsic
-def gemm_block(typingctx, a, a_off, lda, b, b_off, ldb, k, c, c_off, ldc, accumulate):
-    """C[MR x NR] (+)= A[MR x k] @ B[k x NR], all float32, accumulated in registers.
+def _make_gemm_block(nv):
+    """The micro-kernel for NR = nv * LANES columns (see :func:`gemm_block`)."""
 
-    ``A`` rows at ``a[a_off + r*lda + kk]``; ``B`` row ``kk`` at ``b[b_off + kk*ldb :][:NR]``;
-    ``C`` row ``r`` at ``c[c_off + r*ldc :][:NR]``. With ``accumulate`` False the block
-    starts from zero instead of C. One fused multiply-add per term, in ascending ``kk``.
-    The caller guarantees that every row read or written holds NR values.
-    """
-    sig = types.void(a, a_off, lda, b, b_off, ldb, k, c, c_off, ldc, accumulate)
-    nv = NR // LANES
+    @intrinsic
+    def block(typingctx, a, a_off, lda, b, b_off, ldb, k, c, c_off, ldc, accumulate):
+        sig = types.void(a, a_off, lda, b, b_off, ldb, k, c, c_off, ldc, accumulate)
+        return sig, _gemm_block_codegen(nv)
 
+    return block
+
+
+def _gemm_block_codegen(nv):
     def codegen(context, builder, signature, args):
         a, a_off, lda, b, b_off, ldb, k, c, c_off, ldc, accumulate = args
         aty, bty, cty = signature.args[0], signature.args[3], signature.args[7]
@@ -203,7 +212,20 @@ def gemm_block(typingctx, a, a_off, lda, b, b_off, ldb, k, c, c_off, ldc, accumu
                 builder.store(builder.load(acc[r][j]), p, align=4)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+gemm_block = _make_gemm_block(NR // LANES)
+gemm_block.__doc__ = """C[MR x NR] (+)= A[MR x k] @ B[k x NR], float32, accumulated in registers.
+
+``A`` rows at ``a[a_off + r*lda + kk]``; ``B`` row ``kk`` at ``b[b_off + kk*ldb :][:NR]``;
+``C`` row ``r`` at ``c[c_off + r*ldc :][:NR]``. With ``accumulate`` False the block starts
+from zero instead of C. One fused multiply-add per term, in ascending ``kk``. The caller
+guarantees that every row read or written holds NR values. Signature
+``gemm_block(a, a_off, lda, b, b_off, ldb, k, c, c_off, ldc, accumulate)``.
+"""
+gemm_block16 = _make_gemm_block(1)
+gemm_block16.__doc__ = "As :func:`gemm_block` for NR = LANES (16) columns."
 
 
 # --- 16 x 16 transposes between image-major and image-innermost layouts -------------------------

@@ -207,8 +207,8 @@ def _winograd_backward(dy, x, w, g, need_dx, m):
     items = plan.ngroups * plan.nbands
     a = m + 2
     # One partial sum per workspace thread (the kernel runs threads(items) of them).
-    du_part = np.empty((threads(items), a * a, F, g.C), np.float32)
-    db_part = np.empty((threads(items), F), np.float32)
+    du_part = np.empty((threads(items), a * a, plan.Cr, plan.FN), np.float32)
+    db_part = np.empty((threads(items), plan.FN), np.float32)
     flags = np.zeros(items, np.int64)
     with _winograd_work(plan, g.C, F, g.W, g.OW, True) as ws:
         wg.weight_grad_kernel(bits_view(x), bits_view(dy), plan, ws, du_part, db_part, flags)
