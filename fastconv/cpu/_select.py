@@ -12,8 +12,8 @@ algorithm that cannot run the layer is an error; ``"auto"`` means the rule below
 process-wide setting of :func:`set_global` where that algorithm applies to the layer; else,
 in ``"benchmark"`` mode, the fastest applicable algorithm measured on the first call of each
 shape (like cuDNN's benchmark mode; the measurement is cached per shape, so the choice, and
-with it the exact rounding of the results, can differ between processes); else (``"auto"``, the default) a
-fixed rule, :func:`rule`, so results never depend on timing noise.
+with it the exact rounding of the results, can differ between processes); else (``"auto"``,
+the default) a fixed rule, :func:`rule`, so results never depend on timing noise.
 
 Every call is recorded per (pass, dtype, shapes, stride, pad), algorithm and how it was
 chosen, with how many calls ran it and how many fell back to an exact GEMM path because the
@@ -77,8 +77,14 @@ def get_global():
         return _global
 
 
+_DTYPE_NAMES: dict = {}  # np.dtype -> name (``str(dtype)`` costs tens of microseconds)
+
+
 def _key(pass_, dtype, g, F):
-    return (pass_, str(dtype), g.N, g.C, g.H, g.W, F, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw)
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES.setdefault(dtype, str(dtype))
+    return (pass_, name, g.N, g.C, g.H, g.W, F, g.kh, g.kw, g.sh, g.sw, g.ph, g.pw)
 
 
 def applies(name, g) -> bool:

@@ -26,6 +26,7 @@ __all__ = [
     "MR",
     "NR",
     "make_apply",
+    "make_program",
     "gemm_block",
     "gemm_block16",
     "load_transposed",
@@ -63,20 +64,45 @@ def _vector_at(builder, row, pos):
     return builder.bitcast(builder.gep(row, [pos]), _VTY.as_pointer())
 
 
-def make_apply(matrix):
+class _Ops:
+    """Vector arithmetic for stream programs: explicit IEEE operations in the order written."""
+
+    def __init__(self, builder):
+        self._b = builder
+        self._fma = _function(builder, "llvm.fma.v16f32", _VTY, [_VTY] * 3)
+
+    @staticmethod
+    def _const(c):
+        return ir.Constant(_VTY, [float(c)] * LANES)
+
+    def add(self, a, b):
+        return self._b.fadd(a, b)
+
+    def sub(self, a, b):
+        return self._b.fsub(a, b)
+
+    def neg(self, a):
+        return self._b.fneg(a)
+
+    def scale(self, c, a):
+        return self._b.fmul(self._const(c), a)
+
+    def fma(self, c, a, b):
+        """c * a + b with one rounding."""
+        return self._b.call(self._fma, [self._const(c), a, b])
+
+
+def make_program(n_in, n_out, program, used=None):
     """An intrinsic ``apply(src, soffs, dst, doffs, length)``: for every p in [0, length),
+    ``dst[doffs[i] + p] = program(ins)[i]`` with ``ins[j] = src[soffs[j] + p]``.
 
-        dst[doffs[i] + p] = sum_j matrix[i][j] * src[soffs[j] + p]
-
-    with ``src``/``dst`` float32 arrays and ``soffs``/``doffs`` int64 arrays (element offsets
-    of the input and output streams). Terms are added in ascending ``j``; coefficients +-1 are
-    an add or a subtract, others a multiply then an add (no contraction), zero coefficients
-    are skipped. The last ``length % LANES`` positions use masked loads and stores, so nothing
-    outside the streams is read or written.
+    ``program(ops, ins)`` builds the outputs from the input vectors with :class:`_Ops`
+    (inputs not in ``used`` are not loaded and are None). ``src``/``dst`` are float32 arrays,
+    ``soffs``/``doffs`` int64 arrays of element offsets of the input and output streams. The
+    last ``length % LANES`` positions use masked loads and stores, so nothing outside the
+    streams is read or written.
     """
-    mat = [[float(v) for v in row] for row in matrix]
-    n_out, n_in = len(mat), len(mat[0])
-    used = [any(mat[i][j] != 0.0 for i in range(n_out)) for j in range(n_in)]
+    used = [True] * n_in if used is None else list(used)
 
     @intrinsic
     def apply(typingctx, src, soffs, dst, doffs, length):
@@ -101,6 +127,7 @@ def make_apply(matrix):
                 builder, "llvm.masked.store.v16f32.p0", ir.VoidType(), [_VTY, vptr, _I32, _MASK]
             )
             align = ir.Constant(_I32, 4)
+            ops = _Ops(builder)
 
             def body(pos, mask):
                 ins = [None] * n_in
@@ -112,28 +139,13 @@ def make_apply(matrix):
                             if mask is None
                             else builder.call(mload, [p, align, mask, ir.Constant(_VTY, None)])
                         )
+                outs = program(ops, ins)
                 for i in range(n_out):
-                    acc = None
-                    for j in range(n_in):
-                        c = mat[i][j]
-                        if c == 0.0:
-                            continue
-                        v = ins[j]
-                        if abs(c) != 1.0:
-                            v = builder.fmul(ir.Constant(_VTY, [c] * LANES), v)
-                        if acc is None:
-                            acc = builder.fneg(v) if c == -1.0 else v
-                        elif c == -1.0:
-                            acc = builder.fsub(acc, v)
-                        else:
-                            acc = builder.fadd(acc, v)
-                    if acc is None:
-                        acc = ir.Constant(_VTY, None)
                     p = _vector_at(builder, d_rows[i], pos)
                     if mask is None:
-                        builder.store(acc, p, align=4)
+                        builder.store(outs[i], p, align=4)
                     else:
-                        builder.call(mstore, [acc, p, align, mask])
+                        builder.call(mstore, [outs[i], p, align, mask])
 
             lanes = ir.Constant(_I64, LANES)
             full = builder.mul(builder.sdiv(length, lanes), lanes)
@@ -151,6 +163,33 @@ def make_apply(matrix):
         return sig, codegen
 
     return apply
+
+
+def make_apply(matrix):
+    """:func:`make_program` for ``out[i] = sum_j matrix[i][j] * in[j]``: terms added in
+    ascending ``j``; coefficients +-1 are an add or a subtract, others a multiply then an add
+    (no contraction), zero coefficients skipped."""
+    mat = [[float(v) for v in row] for row in matrix]
+    n_out, n_in = len(mat), len(mat[0])
+    used = [any(mat[i][j] != 0.0 for i in range(n_out)) for j in range(n_in)]
+
+    def program(ops, ins):
+        outs = []
+        for i in range(n_out):
+            acc = None
+            for j in range(n_in):
+                c = mat[i][j]
+                if c == 0.0:
+                    continue
+                v = ins[j] if abs(c) == 1.0 else ops.scale(c, ins[j])
+                if acc is None:
+                    acc = ops.neg(v) if c == -1.0 else v
+                else:
+                    acc = ops.sub(acc, v) if c == -1.0 else ops.add(acc, v)
+            outs.append(ops.scale(0.0, ins[0]) if acc is None else acc)
+        return outs
+
+    return make_program(n_in, n_out, program, used)
 
 
 def _make_gemm_block(nv):

@@ -44,7 +44,7 @@ from typing import NamedTuple
 import numpy as np
 from numba import njit, prange
 
-from ._half import load, store_value
+from ._half import store_value
 from ._layout import image_range
 from ._simd import (
     MR,
@@ -53,6 +53,7 @@ from ._simd import (
     gemm_block16,
     load_transposed,
     make_apply,
+    make_program,
     store_transposed,
 )
 
@@ -103,10 +104,43 @@ _AT = {
 }
 TILES = (2, 4)
 
-_bt2, _bt4 = make_apply(_BT[2]), make_apply(_BT[4])
-_at2, _at4 = make_apply(_AT[2]), make_apply(_AT[4])
+
+# F(4x4) transforms factored by hand (Lavin & Gray's shared terms, with fused multiply-adds):
+# 14 operations for B^T (28 as a plain matrix product), 10 for A^T (20), 8 for A (16).
+def _bt4_program(op, d):
+    d0, d1, d2, d3, d4, d5 = d
+    t1 = op.sub(d3, d1)
+    t2 = op.sub(d4, d2)
+    return [
+        op.fma(4.0, d0, op.fma(-5.0, d2, d4)),
+        op.fma(-4.0, op.add(d1, d2), op.add(d3, d4)),
+        op.fma(4.0, op.sub(d1, d2), op.sub(d4, d3)),
+        op.fma(2.0, t1, t2),
+        op.fma(-2.0, t1, t2),
+        op.fma(4.0, d1, op.fma(-5.0, d3, d5)),
+    ]
+
+
+def _at4_program(op, v):
+    m0, m1, m2, m3, m4, m5 = v
+    a, b = op.add(m1, m2), op.sub(m1, m2)
+    c, d = op.add(m3, m4), op.sub(m3, m4)
+    return [op.add(op.add(m0, a), c), op.fma(2.0, d, b), op.fma(4.0, c, a),
+            op.add(op.fma(8.0, d, b), m5)]  # fmt: skip
+
+
+def _a4_program(op, y):
+    y0, y1, y2, y3 = y
+    even, odd = op.add(y0, y2), op.add(y1, y3)
+    even4, odd4 = op.fma(4.0, y2, y0), op.fma(4.0, y3, y1)
+    return [y0, op.add(even, odd), op.sub(even, odd), op.fma(2.0, odd4, even4),
+            op.fma(-2.0, odd4, even4), y3]  # fmt: skip
+
+
+_bt2, _bt4 = make_apply(_BT[2]), make_program(6, 6, _bt4_program)
+_at2, _at4 = make_apply(_AT[2]), make_program(6, 4, _at4_program)
 # dM = A dY A^T with A = AT^T: (m+2) outputs from m inputs.
-_a2, _a4 = make_apply(np.array(_AT[2]).T), make_apply(np.array(_AT[4]).T)
+_a2, _a4 = make_apply(np.array(_AT[2]).T), make_program(4, 6, _a4_program)
 
 # Work items small enough that V and M ((m+2)^2 x (C + F) x columns) stay in L2: groups of
 # at most 16 images and bands of one tile row for the deep-MNIST layers. Measured (one thread,
@@ -194,37 +228,41 @@ _DW4 = make_apply(np.kron(_G[4], _G[4]).T)
 
 
 @njit(cache=True)
-def _gather_taps(w, taps, for_dx):
-    """taps[i*3 + j][p] = tap (i, j) of filter pair p, float32: p = f*C + c (forward) or
-    p = c*F + f with the taps rotated by 180 degrees (dx). Returns whether every weight is
-    finite and below LIMIT."""
+def _transform_weights(w, m, for_dx, taps, u, offs):
+    """u[xi, r, s] = (G g G^T)[xi] of every filter pair, vectorised over the pairs; returns
+    how many weights are not finite or not below LIMIT.
+
+    Forward: rows r = filters f, columns s = input channels c, g = w[f, c]. dx (``for_dx``):
+    rows r = input channels c, columns s = filters f, and g = w[f, c] rotated by 180 degrees
+    (dx is the convolution of dy with the flipped, transposed filters). ``taps`` (9 x pairs)
+    receives the taps tap-major first, through 16 x 16 transposes.
+    """
     F, C = w.shape[0], w.shape[1]
     P = F * C
+    cols = F if for_dx else C
+    rows_padded = u.shape[1]
     bad = 0
-    for f in range(F):
+    for t in range(9):
+        offs[2, t] = (8 - t) * P if for_dx else t * P  # rotated taps for dx
+    if for_dx:  # taps[t][c*F + f]: 16 filters of one channel at a time
         for c in range(C):
-            p = c * F + f if for_dx else f * C + c
-            for i in range(3):
-                for j in range(3):
-                    v = load(w[f, c, 2 - i, 2 - j]) if for_dx else load(w[f, c, i, j])
-                    bad += not (abs(v) < LIMIT)
-                    taps[(i * 3 + j) * P + p] = v
-    return bad == 0
-
-
-@njit(cache=True)
-def _transform_taps(taps, m, rows, cols, rows_padded, u, offs):
-    """u[xi, :rows, :] = (G g G^T)[xi] for every pair, vectorised over the pairs."""
+            for f0 in range(0, F, 16):
+                bad += load_transposed(
+                    w, (f0 * C + c) * 9, C * 9, min(16, F - f0), 9, taps, c * F + f0, offs[2], 0
+                )  # fmt: skip
+    else:  # taps[t][f*C + c]: 16 consecutive pairs at a time
+        for p0 in range(0, P, 16):
+            bad += load_transposed(w, p0 * 9, 9, min(16, P - p0), 9, taps, p0, offs[2], 0)
     a = m + 2
-    P = rows * cols
     for t in range(9):
         offs[0, t] = t * P
     for xi in range(a * a):
         offs[1, xi] = xi * rows_padded * cols
     if m == 4:
-        _U4(taps, offs[0], u, offs[1], P)
+        _U4(taps, offs[0], u.reshape(-1), offs[1], P)
     else:
-        _U2(taps, offs[0], u, offs[1], P)
+        _U2(taps, offs[0], u.reshape(-1), offs[1], P)
+    return bad
 
 
 def transform_weights(w_bits, m, rows_padded, for_dx=False):
@@ -232,14 +270,13 @@ def transform_weights(w_bits, m, rows_padded, for_dx=False):
     ones; forward rows = filters, cols = input channels, dx the other way round), and
     whether the weights are all finite and below :data:`LIMIT`."""
     F, C = w_bits.shape[0], w_bits.shape[1]
-    rows, cols = (C, F) if for_dx else (F, C)
+    cols = F if for_dx else C
     a = m + 2
     taps = np.empty(9 * F * C, np.float32)
-    ok = _gather_taps(w_bits, taps, for_dx)
     u = np.zeros((a * a, rows_padded, cols), np.float32)
-    offs = np.empty((2, a * a), np.int64)
-    _transform_taps(taps, m, rows, cols, rows_padded, u.reshape(-1), offs)
-    return u, bool(ok)
+    offs = np.empty((3, a * a), np.int64)
+    bad = _transform_weights(w_bits, m, for_dx, taps, u, offs)
+    return u, bad == 0
 
 
 # --- copies into the phase layout ---------------------------------------------------------------
@@ -527,11 +564,11 @@ def _weight_grad_finish(du_part, db_part, m, dw, db, du, taps, offs):
     F, C = dw.shape[0], dw.shape[1]
     P = Cr * FN
     flat = du_part.reshape((n_threads, aa * P))
-    for q in range(aa * P):
-        s = np.float32(0.0)
-        for t in range(n_threads):
-            s += flat[t, q]
-        du[q] = s
+    du[:] = flat[0]
+    for t in range(1, n_threads):  # thread order; each element its own sum (vectorises)
+        part = flat[t]
+        for q in range(aa * P):
+            du[q] += part[q]
     for xi in range(aa):
         offs[0, xi] = xi * P
     for t in range(9):
