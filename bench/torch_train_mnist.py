@@ -65,6 +65,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     import torch
+
     from fastconv.datasets import load_mnist
 
     torch.set_num_threads(args.threads)
