@@ -100,6 +100,8 @@ def test_winograd_groups_and_bands(algorithm, monkeypatch):
         numba.set_num_threads(threads)
         monkeypatch.setattr(cpu_winograd, "_MAX_GROUP", 3)
         monkeypatch.setattr(cpu_winograd, "_TARGET_COLUMNS", 1)
+        plan = cpu_winograd.make_plan(7, 6, 10, 13, 11, 4, threads, 1, 1)
+        assert plan.ngroups == 3 and plan.nbands == 4  # groups of 3, 3, 1; bands of 1 row
         y2 = fc.conv2d(x, w, b, 1, 1, "relu", algorithm=algorithm)
         dx2, dw2, db2 = fc.conv2d_backward(dy, x, w, 1, 1, algorithm=algorithm)
     finally:

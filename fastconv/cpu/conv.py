@@ -23,6 +23,7 @@ accumulated in float32.
 
 from __future__ import annotations
 
+import functools
 import time
 
 import numpy as np
@@ -141,28 +142,41 @@ def _gemm_backward(dy, x, w, g, need_dx, direct):
 # --- Winograd ------------------------------------------------------------------------------------
 
 
-def _winograd_work(plan, C, F, W_in, W_out, weights):
-    """Per-thread Winograd workspaces for ``plan`` (zeroed: columns past the last tile of a
-    work item are read by the products and must hold finite values)."""
+def _winograd_setup(N, C, F, OH, OW, m, n_threads, top, left, W_in, weights):
+    """``(plan, workspace key, make)`` for a Winograd launch, cached per shape (the planning
+    and the workspace description cost tens of microseconds a call otherwise)."""
+    # The planning constants are part of the key, so that changing them (tests) replans.
+    return _cached_setup(
+        N, C, F, OH, OW, m, n_threads, top, left, W_in, weights, wg._MAX_GROUP,
+        wg._TARGET_COLUMNS,
+    )  # fmt: skip
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_setup(N, C, F, OH, OW, m, n_threads, top, left, W_in, weights, *_constants):
+    plan = wg.make_plan(N, C, F, OH, OW, m, n_threads, top, left)
     nt = threads(plan.ngroups * plan.nbands)
-    shapes = wg.work_shapes(plan, C, F, W_in, W_out, weights)
-    key = ("wino", weights, plan, C, F, W_in, W_out, nt)
+    shapes = wg.work_shapes(plan, C, F, W_in, OW, weights)
+    key = ("wino", weights, plan, C, F, W_in, OW, nt)
 
     def make():
+        # Zeroed: columns past the last tile of a work item are read by the products and
+        # must hold finite values.
         arrays = [
             np.zeros((nt, *s), np.int64 if name == "offs" else np.float32)
             for name, s in zip(wg.WinogradWork._fields, shapes, strict=True)
         ]
         return wg.WinogradWork(*arrays)
 
-    return checkout(key, make)
+    return plan, key, make
 
 
-def _winograd_conv(x_bits, u, bias, relu, y_bits, plan, C, F):
+def _winograd_conv(x_bits, u, bias, relu, y_bits, setup):
     """One Winograd convolution launch; returns False if the input held values the
     transforms must not see (outputs then incomplete)."""
+    plan, key, make = setup
     flags = np.zeros(plan.ngroups * plan.nbands, np.int64)
-    with _winograd_work(plan, C, F, x_bits.shape[3], y_bits.shape[3], False) as ws:
+    with checkout(key, make) as ws:
         wg.forward_kernel(x_bits, u, bias, relu, y_bits, plan, ws, flags)
     return not flags.any()
 
@@ -173,14 +187,14 @@ def _winograd_forward(x, w, b, g, activation, m):
     y = np.empty((g.N, F, g.OH, g.OW), dtype=x.dtype)
     if g.N == 0:
         return y
-    plan = wg.make_plan(g.N, g.C, F, g.OH, g.OW, m, threads(g.N), g.ph, g.pw)
-    u, ok = wg.transform_weights(bits_view(w), m, plan.Fp)
+    setup = _winograd_setup(g.N, g.C, F, g.OH, g.OW, m, threads(g.N), g.ph, g.pw, g.W, False)
+    u, ok = wg.transform_weights(bits_view(w), m, setup[0].Fp)
     if not ok:
         return None
     bias = np.zeros(F, np.float32)
     if b is not None:
         bias[:] = b
-    if not _winograd_conv(bits_view(x), u, bias, activation == "relu", bits_view(y), plan, g.C, F):
+    if not _winograd_conv(bits_view(x), u, bias, activation == "relu", bits_view(y), setup):
         return None
     return y
 
@@ -195,22 +209,22 @@ def _winograd_backward(dy, x, w, g, need_dx, m):
     dx = None
     if need_dx:
         # dx = conv(dy padded by 2 - pad, flipped and transposed filters): a forward pass.
-        dplan = wg.make_plan(g.N, F, g.C, g.H, g.W, m, nt, 2 - g.ph, 2 - g.pw)
-        u, ok = wg.transform_weights(bits_view(w), m, dplan.Fp, for_dx=True)
+        dsetup = _winograd_setup(g.N, F, g.C, g.H, g.W, m, nt, 2 - g.ph, 2 - g.pw, g.OW, False)
+        u, ok = wg.transform_weights(bits_view(w), m, dsetup[0].Fp, for_dx=True)
         if not ok:
             return None
         dx = np.empty(g.x_shape, dtype=x.dtype)
         no_bias = np.zeros(g.C, np.float32)
-        if not _winograd_conv(bits_view(dy), u, no_bias, False, bits_view(dx), dplan, F, g.C):
+        if not _winograd_conv(bits_view(dy), u, no_bias, False, bits_view(dx), dsetup):
             return None
-    plan = wg.make_plan(g.N, g.C, F, g.OH, g.OW, m, nt, g.ph, g.pw)
+    plan, key, make = _winograd_setup(g.N, g.C, F, g.OH, g.OW, m, nt, g.ph, g.pw, g.W, True)
     items = plan.ngroups * plan.nbands
     a = m + 2
     # One partial sum per workspace thread (the kernel runs threads(items) of them).
     du_part = np.empty((threads(items), a * a, plan.Cr, plan.FN), np.float32)
     db_part = np.empty((threads(items), plan.FN), np.float32)
     flags = np.zeros(items, np.int64)
-    with _winograd_work(plan, g.C, F, g.W, g.OW, True) as ws:
+    with checkout(key, make) as ws:
         wg.weight_grad_kernel(bits_view(x), bits_view(dy), plan, ws, du_part, db_part, flags)
     if flags.any():
         return None
