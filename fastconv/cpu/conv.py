@@ -39,7 +39,7 @@ from ._direct import (
     reduce_partials,
 )
 from ._half import bits_view
-from ._layout import aligned_empty, packed_weights, round_up, stack_layout, tap_offsets, threads
+from ._layout import aligned_empty, packed_weights, row_stride, stack_layout, tap_offsets, threads
 from ._workspace import checkout
 from .im2col import col2im, im2col
 
@@ -72,10 +72,10 @@ def _gemm_forward(x, w, b, g, activation, direct):
     nb = _images_per_block(g, direct)
     x_layout = stack_layout(g.H, g.W, g.ph, g.pw, g.kh, g.kw, nb)
     if direct:
-        buf_len, acc_len = g.C * x_layout.cstride, round_up(nb * x_layout.rows * x_layout.stride)
+        buf_len, acc_len = g.C * x_layout.cstride, row_stride(nb * x_layout.rows * x_layout.stride)
         offsets = tap_offsets(g.C, g.kh, g.kw, x_layout.cstride, x_layout.stride)
     else:
-        buf_len, acc_len = K * nb * P, round_up(nb * P)
+        buf_len, acc_len = K * nb * P, row_stride(nb * P)
         offsets = np.arange(K, dtype=np.int64) * (nb * P)
     plan = GemmPlan(bool(direct), nb, offsets, offsets)
     w_fk, _, _, _ = packed_weights(w)
@@ -115,7 +115,7 @@ def _gemm_backward(dy, x, w, g, need_dx, direct):
     shapes = BackwardWork(
         xbuf=(g.C * x_layout.cstride,) if direct else (1,),
         dybuf=(F * dy_layout.cstride,) if direct else (1,),
-        acc=(g.C, round_up(nb * dy_layout.rows * dy_layout.stride)) if direct else (1, 1),
+        acc=(g.C, row_stride(nb * dy_layout.rows * dy_layout.stride)) if direct else (1, 1),
         col=(K * L,),
         dcol=(K * L,),
         dyn=(F * max(L, x_layout.cstride if direct else 0),),
