@@ -12,6 +12,7 @@ Usage::
 
     PYTHONPATH=. python bench/roofline.py [--threads 2] [--repeats 15] [--stat median|min]
                                           [--png docs/roofline.png] [--md out.md]
+                                          [--clock wall|cpu]
 """
 
 from __future__ import annotations
@@ -66,7 +67,10 @@ def _calls(name, C, F, HW, pad, rng):
     return calls, {"forward": flops, "backward": 2 * flops}
 
 
-def measure(threads, repeats, stat):
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+
+
+def measure(threads, repeats, stat, clock="wall"):
     """Rows ``(layer, pass, flops, {impl: seconds}, algorithm)``."""
     rng = np.random.default_rng(0)
     reduce = min if stat == "min" else statistics.median
@@ -81,9 +85,9 @@ def measure(threads, repeats, stat):
         keys = list(calls)
         for r in range(repeats):
             for key in keys[r % len(keys) :] + keys[: r % len(keys)]:
-                t0 = time.perf_counter()
+                t0 = CLOCKS[clock]()
                 calls[key]()
-                samples[key].append(time.perf_counter() - t0)
+                samples[key].append(CLOCKS[clock]() - t0)
         ran = {c.pass_: c.algorithm for c in fc.conv_algorithm_choices()}
         for pass_ in ("forward", "backward"):
             times = {impl: reduce(samples[(impl, p)]) for impl, p in samples if p == pass_}
@@ -91,7 +95,7 @@ def measure(threads, repeats, stat):
     return rows
 
 
-def markdown(rows, peak, micro, threads, stat, repeats):
+def markdown(rows, peak, micro, threads, stat, repeats, clock="wall"):
     head = (
         "| layer | pass | direct MFLOP | PyTorch ms | PyTorch GFLOP/s (of peak) | "
         "fastconv ms | fastconv GFLOP/s (of peak) | fastconv algorithm | fastconv / PyTorch |"
@@ -110,8 +114,8 @@ def markdown(rows, peak, micro, threads, stat, repeats):
         lines.append("| " + " | ".join(cells) + " |")
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     note = (
-        f"\n{stat.capitalize()} of {repeats} interleaved calls, batch {BATCH}, {threads} "
-        f"thread(s) for both libraries. Peak: {peak:.0f} GFLOP/s (vector FMAs, "
+        f"\n{stat.capitalize()} of {repeats} interleaved calls ({clock} time), batch {BATCH}, "
+        f"{threads} thread(s) for both libraries. Peak: {peak:.0f} GFLOP/s (vector FMAs, "
         f"`bench/fma_peak.py`, CPU time per thread); fastconv's GEMM micro-kernel on "
         f"L1-resident operands: {micro:.0f} GFLOP/s. Effective GFLOP/s = direct-convolution "
         f"FLOPs / time (Winograd does fewer). {now}; load average {os.getloadavg()[0]:.1f}.\n"
@@ -151,14 +155,18 @@ def main(argv=None) -> int:
     parser.add_argument("--stat", choices=("median", "min"), default="median")
     parser.add_argument("--png", type=Path, help="write a bar chart here")
     parser.add_argument("--md", type=Path, help="write the markdown table here")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="cpu: process CPU time (only with --threads 1)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.clock == "cpu" and args.threads != 1:
+        parser.error("--clock cpu needs --threads 1 (idle OpenMP workers spin and count)")
     if torch is not None:
         torch.set_num_threads(args.threads)
     numba.set_num_threads(min(args.threads, numba.config.NUMBA_NUM_THREADS))
     peak = fma_peak(args.threads)
     micro = micro_kernel_rate(args.threads)
-    rows = measure(args.threads, args.repeats, args.stat)
-    table = markdown(rows, peak, micro, args.threads, args.stat, args.repeats)
+    rows = measure(args.threads, args.repeats, args.stat, args.clock)
+    table = markdown(rows, peak, micro, args.threads, args.stat, args.repeats, args.clock)
     print(table)
     if args.md:
         args.md.write_text(table)
