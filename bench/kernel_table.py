@@ -198,14 +198,18 @@ def build_table(
 ) -> str:
     base_impl = "torch" if torch is not None else None
     shown = [i for i in IMPLS if i != "torch" or torch is not None]
-    head = ["layer", "shape (batch 100)", "pass"] + [
-        f"{i} (x torch)" if base_impl and i != base_impl else i for i in shown
-    ]
+    head = (
+        ["layer", "shape (batch 100)", "pass"]
+        + [f"{i} (x torch)" if base_impl and i != base_impl else i for i in shown]
+        + ["fastconv algorithm"]
+    )
     rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     totals: dict[tuple[str, str], float] = {}
     for layer in layers:
         log(f"timing {layer.name} ...")
+        fastconv.clear_conv_algorithm_choices()
         t = time_layer(layer, repeats, ref_repeats, stat)
+        ran = {c.pass_: c.algorithm for c in fastconv.conv_algorithm_choices()}
         for pass_ in ("forward", "backward", "fwd+bwd"):
             row = [layer.name, layer.describe(), pass_]
             vals = {}
@@ -219,18 +223,28 @@ def build_table(
                     totals[key] = totals.get(key, 0.0) + vals[impl]
             base = vals.get(base_impl) if base_impl else None
             row += [_cell(vals[i], None if i == base_impl else base) for i in shown]
+            if layer.kind != "conv":
+                row.append("")
+            elif pass_ == "fwd+bwd":
+                row.append(
+                    " / ".join(dict.fromkeys(ran.get(p, "?") for p in ("forward", "backward")))
+                )
+            else:
+                row.append(ran.get(pass_, "?"))
             rows.append("| " + " | ".join(row) + " |")
     for kind, label in (("conv", "all conv"), ("pool", "all pool")):
         if any(k[0] == kind for k in totals):
             base = totals.get((kind, base_impl)) if base_impl else None
             row = [f"**{label}**", "", "fwd+bwd"]
             row += [_cell(totals[(kind, i)], None if i == base_impl else base) for i in shown]
+            row.append("")
             rows.append("| " + " | ".join(row) + " |")
     notes = (
         f"{stat.capitalize()} of {repeats} interleaved calls after warm-up "
         f"({ref_repeats} for NumPy); fwd+bwd is the sum of forward and backward; "
         "ratio = time / PyTorch time in the same run "
         "(below 1 is faster than PyTorch). Conv forward includes bias + ReLU (fused in fastconv); "
+        "fastconv runs its default per-shape algorithm (`fastconv.set_conv_algorithm`); "
         "conv backward returns dx, dw, db; PyTorch pooling is the training pair "
         "`max_pool2d_with_indices` + its backward.\n\n"
         f"Machine: {machine_description()}."

@@ -455,3 +455,30 @@ def _memory_bounds(a):
 def _may_overlap(a, b) -> bool:
     ba, bb = _memory_bounds(a), _memory_bounds(b)
     return ba is not None and bb is not None and ba[0] < bb[1] and bb[0] < ba[1]
+# --- convolution algorithms (CPU backend) ---------------------------------------------------
+
+CONV_ALGORITHMS = ("direct", "unfolded", "winograd4x4", "winograd2x2")
+CONV_ALGORITHM_ALIASES = {"winograd": "winograd4x4"}
+CONV_ALGORITHM_MODES = ("auto", "benchmark")
+
+
+def check_conv_algorithm(algorithm, modes=("auto",)) -> str:
+    """Canonical name of ``algorithm`` (an algorithm, an alias, or one of ``modes``)."""
+    allowed = modes + CONV_ALGORITHMS + tuple(CONV_ALGORITHM_ALIASES)
+    if not isinstance(algorithm, str):
+        raise TypeError(f"algorithm must be a str (one of {allowed}), got {_type_name(algorithm)}")
+    if algorithm not in allowed:
+        raise ValueError(f"algorithm must be one of {allowed}, got {algorithm!r}")
+    return CONV_ALGORITHM_ALIASES.get(algorithm, algorithm)
+
+
+def check_conv_algorithm_applies(name: str, g: Geometry) -> None:
+    """ValueError unless algorithm ``name`` can run the layer of geometry ``g``."""
+    if name == "direct" and (g.sh, g.sw) != (1, 1):
+        raise ValueError(f"algorithm 'direct' needs stride 1, got stride {(g.sh, g.sw)}")
+    if name.startswith("winograd"):
+        if (g.kh, g.kw) != (3, 3) or (g.sh, g.sw) != (1, 1) or max(g.ph, g.pw) > 2:
+            raise ValueError(
+                f"algorithm {name!r} needs a 3x3 kernel, stride 1 and pad <= 2, got a "
+                f"{g.kh}x{g.kw} kernel, stride {(g.sh, g.sw)}, pad {(g.ph, g.pw)}"
+            )

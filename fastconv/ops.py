@@ -16,6 +16,10 @@ __all__ = [
     "col2im",
     "conv2d",
     "conv2d_backward",
+    "set_conv_algorithm",
+    "get_conv_algorithm",
+    "conv_algorithm_choices",
+    "clear_conv_algorithm_choices",
     "max_pool2d",
     "max_pool2d_backward",
     "avg_pool2d",
@@ -101,7 +105,25 @@ def col2im(cols, x_shape, kh, kw, stride=1, pad=0):
     return _launch(be, "col2im", cols, g)
 
 
-def conv2d(x, w, b=None, stride=1, pad=0, activation=None):
+def _conv_algorithm(algorithm, g, be):
+    """Keyword arguments for the backend: ``{}`` (the process-wide choice, and always on the
+    GPU, which has one implementation) or ``{"algorithm": canonical name or "auto"}``."""
+    if algorithm is None:
+        return {}
+    name = chk.check_conv_algorithm(algorithm)
+    if be.__name__.endswith(".gpu"):
+        if name == "auto":
+            return {}
+        raise ValueError(
+            f"algorithm={algorithm!r} selects a CPU convolution algorithm; the GPU backend has "
+            "one implementation (use algorithm=None or 'auto' with CuPy arrays)"
+        )
+    if name != "auto":
+        chk.check_conv_algorithm_applies(name, g)
+    return {"algorithm": name}
+
+
+def conv2d(x, w, b=None, stride=1, pad=0, activation=None, algorithm=None):
     """2-D cross-correlation (the deep-learning "convolution").
 
     Parameters
@@ -112,6 +134,13 @@ def conv2d(x, w, b=None, stride=1, pad=0, activation=None):
     stride, pad : int or (int, int)
     activation : None or "relu"
         Fused epilogue applied after the bias.
+    algorithm : None or str
+        CPU algorithm for this call: ``"direct"`` (stride 1), ``"unfolded"`` (any layer),
+        ``"winograd4x4"`` (alias ``"winograd"``) or ``"winograd2x2"`` (3x3, stride 1,
+        pad <= 2), or ``"auto"`` (the fixed rule of :func:`set_conv_algorithm`). None
+        (default) uses :func:`set_conv_algorithm`'s setting. An algorithm that cannot run
+        the layer raises ValueError. The GPU backend has one implementation: there only None
+        and ``"auto"`` are accepted.
 
     Returns
     -------
@@ -119,13 +148,14 @@ def conv2d(x, w, b=None, stride=1, pad=0, activation=None):
     """
     g = chk.validate_conv2d(x, w, b, stride, pad, activation)
     be = _backend(x)
+    choice = _conv_algorithm(algorithm, g, be)
     if g.N == 0:
         return be.zeros((0, w.shape[0], g.OH, g.OW), x.dtype)
     x, w, b = _contiguous(be, x, w, b)
-    return _launch(be, "conv2d", x, w, b, g, activation)
+    return _launch(be, "conv2d", x, w, b, g, activation, **choice)
 
 
-def conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True):
+def conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True, algorithm=None):
     """Gradients of :func:`conv2d` (without activation).
 
     Parameters
@@ -133,6 +163,8 @@ def conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True):
     need_dx : bool
         False skips computing ``dx`` (e.g. for a network's first layer, whose input needs no
         gradient) and returns None in its place.
+    algorithm : None or str
+        As for :func:`conv2d`.
 
     Returns
     -------
@@ -144,11 +176,63 @@ def conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True):
     if not isinstance(need_dx, (bool, np.bool_)):
         raise TypeError(f"need_dx must be a bool, got {type(need_dx).__name__}")
     be = _backend(x)
+    choice = _conv_algorithm(algorithm, g, be)
     if g.N == 0:  # nothing to sum: zero weight and bias gradients
         dx = be.zeros(x.shape, x.dtype) if need_dx else None
         return dx, be.zeros(w.shape, x.dtype), be.zeros((w.shape[0],), x.dtype)
     dy, x, w = _contiguous(be, dy, x, w)
-    return _launch(be, "conv2d_backward", dy, x, w, g, need_dx=bool(need_dx))
+    return _launch(be, "conv2d_backward", dy, x, w, g, need_dx=bool(need_dx), **choice)
+
+
+def set_conv_algorithm(algorithm="auto"):
+    """Choose the CPU convolution algorithm process-wide; returns the previous setting.
+
+    ``"auto"`` (default): a fixed rule per layer shape (Winograd F(4x4,3x3) for 3x3 stride-1
+    layers with at least 8 input and output channels, else direct for stride 1, else
+    unfolded), so results never depend on timing. ``"benchmark"``: on the first call of each
+    shape and pass, time every applicable algorithm and keep the fastest (cached; the choice
+    may differ between runs, and with it the rounding of the results). An algorithm name
+    (see :func:`conv2d`): used for every layer it can run; other layers keep the ``"auto"``
+    rule. A call's own ``algorithm=`` argument overrides this setting. Every choice is
+    recorded: :func:`conv_algorithm_choices`.
+    """
+    from .cpu import _select
+
+    name = chk.check_conv_algorithm(algorithm, modes=chk.CONV_ALGORITHM_MODES)
+    return _select.set_global(name)
+
+
+def get_conv_algorithm():
+    """The process-wide CPU convolution algorithm setting (see :func:`set_conv_algorithm`)."""
+    from .cpu import _select
+
+    return _select.get_global()
+
+
+def conv_algorithm_choices():
+    """Which algorithm each CPU convolution ran, per shape and pass.
+
+    Returns
+    -------
+    list of ConvAlgorithmChoice
+        Named tuples ``(pass_, dtype, x_shape, w_shape, stride, pad, algorithm, source, calls,
+        fallbacks)``, in order of first use; ``pass_`` is ``"forward"``, ``"backward"`` or
+        ``"backward_weights"`` (``need_dx=False``), ``source`` how the algorithm was chosen
+        (``"argument"``, ``"global"``, ``"measured"`` or ``"rule"``), ``fallbacks`` how many
+        of the calls were redone on an exact GEMM path because the inputs or weights held
+        NaN, inf or values of magnitude >= 2**50 (Winograd's transforms would spread or
+        overflow them).
+    """
+    from .cpu import _select
+
+    return _select.choices()
+
+
+def clear_conv_algorithm_choices():
+    """Forget the recorded choices and the ``"benchmark"`` measurements."""
+    from .cpu import _select
+
+    _select.clear()
 
 
 def max_pool2d(x, size=2, stride=None, pad=0):

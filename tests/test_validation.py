@@ -127,6 +127,18 @@ def _cases():
     yield "conv2d_backward-stride-bool", lambda: cb(dy_conv, x, w, True), T, "stride must be"
     yield "conv2d_backward-pad-neg", lambda: cb(dy_conv, x, w, 1, -1), V, "pad must be >= 0"
     yield "conv2d_backward-stride-dy", lambda: cb(dy_conv, x, w, 2), V, "dy must have shape"
+    yield "conv2d-algorithm-type", lambda: cv(x, w, algorithm=1), T, "algorithm must be a str"
+    yield "conv2d-algorithm-name", lambda: cv(x, w, algorithm="fft"), V, "algorithm must be one"
+    w5 = np.zeros((4, 3, 5, 5), f32)
+    wino5 = lambda: cv(x, w5, None, 1, 1, algorithm="winograd")  # noqa: E731
+    yield "conv2d-algorithm-5x5", wino5, V, "needs a 3x3 kernel"
+    yield "conv2d_backward-algorithm", lambda: cb(dy_conv, x, w, algorithm="x"), V, "algorithm"
+    dy2 = np.zeros((2, 4, 2, 2), f32)
+    direct2 = lambda: cb(dy2, x, w, 2, algorithm="direct")  # noqa: E731
+    yield "conv2d_backward-algorithm-stride", direct2, V, "needs stride 1"
+    sa = fc.set_conv_algorithm
+    yield "set_conv_algorithm-type", lambda: sa(None), T, "algorithm must be a str"
+    yield "set_conv_algorithm-name", lambda: sa("fastest"), V, "algorithm must be one of"
 
     # The batch-norm, global-pooling, dense and ReLU ops: one or two cases each here; their
     # full lists are in tests/test_batchnorm.py, test_global_pool.py and test_dense_relu.py.
@@ -162,7 +174,10 @@ def test_bad_argument_is_rejected(call, exc, pattern):
 
 
 def test_every_public_kernel_is_covered():
-    kernels = {n for n in fc.__all__ if n not in ("gpu_available", "to_gpu", "to_cpu")}
+    no_arguments = ("get_conv_algorithm", "conv_algorithm_choices", "clear_conv_algorithm_choices")
+    kernels = {
+        n for n in fc.__all__ if n not in ("gpu_available", "to_gpu", "to_cpu", *no_arguments)
+    }
     covered = {c[0].split("-")[0] for c in CASES}
     assert kernels <= covered, kernels - covered
 

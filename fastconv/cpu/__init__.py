@@ -27,9 +27,10 @@ from .batchnorm import (
     batch_norm_inference,
     batch_norm_inference_backward,
 )
-from .conv import col2im, conv2d, conv2d_backward, im2col
+from .conv import conv2d, conv2d_backward
 from .dense import dense_backward, dense_forward
 from .global_pool import global_avg_pool2d, global_avg_pool2d_backward
+from .im2col import col2im, im2col
 from .pool import avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward
 
 

@@ -1,0 +1,185 @@
+"""The direct convolution path (stride 1) and the parallel kernels of both GEMM paths.
+
+Direct: the images of a block are stacked per channel, padded and sharing their zero padding
+(:func:`~fastconv.cpu._layout.stack_images`); row (c, i, j) of the unfolded matrix is then the
+stack shifted by ``c*cstride + i*stride + j``, so ``y = W @ views`` needs no unfolding (outputs
+straddling the padding are computed and dropped). dx is a stride-1 convolution of padded dy
+with the flipped, transposed filters; dW a product of dy with the shifted views.
+
+Threads split the batch into contiguous image ranges; each owns its float32 workspaces, its
+outputs and, for dW/db, a partial sum reduced in thread order at the end: no write races, and
+results do not depend on scheduling. The per-thread work lives in serial functions called
+from a thin ``prange`` over threads: inlined into the parallel region the same loops measured
+2x slower (LLVM lost the vectorisation-friendly shape of the outlined parfor body).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from numba import njit, prange
+
+from . import _unfolded
+from ._gemm import FASTMATH, gemm_nn, gemm_nt
+from ._half import load, store_value
+from ._layout import image_range, stack_images, store_rows
+
+__all__ = ["GemmPlan", "ForwardWork", "BackwardWork", "forward_kernel", "backward_kernel",
+           "reduce_partials"]  # fmt: skip
+
+
+class GemmPlan(NamedTuple):
+    """How a call runs on the GEMM paths (built by :mod:`fastconv.cpu.conv`). With it go two
+    :class:`~fastconv.cpu._layout.StackLayout`: ``x_layout`` (stacked padded images) and
+    ``dy_layout`` (stacked dy padded by (kh-1-ph, kw-1-pw), for the direct dx)."""
+
+    direct: bool  # shifted views of stacked images (stride 1) or unfolded column matrices
+    nb: int  # images per GEMM
+    offs_x: np.ndarray  # B-row offsets of the forward / dW product
+    offs_dy: np.ndarray  # B-row offsets of the direct dx product
+
+
+# The stack layouts travel as separate arguments: Numba's parallel regions reject a named
+# tuple nested in another one ("scalar type ... given for non scalar argument").
+
+
+class ForwardWork(NamedTuple):
+    """Per-thread float32 workspaces of the forward pass, each ``(threads, ...)``."""
+
+    buf: np.ndarray  # stacked images or unfolded columns
+    acc: np.ndarray  # (F, columns) accumulator
+
+
+class BackwardWork(NamedTuple):
+    """Per-thread float32 workspaces of the backward pass, each ``(threads, ...)``."""
+
+    xbuf: np.ndarray  # stacked padded images
+    dybuf: np.ndarray  # stacked padded dy for dx
+    acc: np.ndarray  # dx accumulator (C, columns)
+    col: np.ndarray  # unfolded images
+    dcol: np.ndarray  # their gradient
+    dyn: np.ndarray  # dy in fp32 (stacked like x on the direct path)
+    dx_acc: np.ndarray  # folded dx of one image
+    dw_part: np.ndarray  # (threads, F, K) partial dW
+    db_part: np.ndarray  # (threads, F) partial db
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _forward_images(x, lo, hi, w_fk, bias, relu, y, buf, acc, plan, x_layout, g):
+    nb = plan.nb
+    if not plan.direct:
+        for n0 in range(lo, hi, nb):
+            count = min(nb, hi - n0)
+            _unfolded.forward_block(
+                x, n0, count, nb, w_fk, plan.offs_x, bias, relu, y, buf, acc, g
+            )  # fmt: skip
+        return
+    rows, stride, _ = x_layout
+    tile = rows * stride
+    for n0 in range(lo, hi, nb):
+        count = min(nb, hi - n0)
+        stack_images(x, n0, count, buf, x_layout, g.ph, g.pw, False)
+        acc[:] = 0.0
+        gemm_nn(w_fk, buf, plan.offs_x, (count - 1) * tile + (g.OH - 1) * stride + g.OW, acc)
+        for b in range(count):
+            store_rows(acc, b * tile, stride, y[n0 + b], g.OH, g.OW, bias, relu)
+
+
+@njit(cache=True, parallel=True)
+def forward_kernel(x, w_fk, bias, relu, y, ws, plan, x_layout, g):
+    """y = conv(x) (+ bias, ReLU) on every Numba thread; ``ws`` a :class:`ForwardWork`."""
+    n_threads = ws.buf.shape[0]
+    for t in prange(n_threads):
+        lo, hi = image_range(t, n_threads, x.shape[0])
+        _forward_images(
+            x, lo, hi, w_fk, bias, relu, y, ws.buf[t], ws.acc[t], plan, x_layout, g
+        )  # fmt: skip
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def _backward_images(dy, x, lo, hi, w_kf, w_flip, need_dx, dx, ws, t, plan, x_layout, dy_layout, g):
+    F, OH, OW = dy.shape[1], dy.shape[2], dy.shape[3]
+    C, H, W = x.shape[1], x.shape[2], x.shape[3]
+    kh, kw, ph, pw = g.kh, g.kw, g.ph, g.pw
+    nb = plan.nb
+    dw_t, db_t = ws.dw_part[t], ws.db_part[t]
+    col, dcol, dyn, dx_acc = ws.col[t], ws.dcol[t], ws.dyn[t], ws.dx_acc[t]
+    dw_t[:] = 0.0
+    db_t[:] = 0.0
+    for n in range(lo, hi):
+        src = dy[n]
+        for f in range(F):
+            s = np.float32(0.0)
+            for r in range(OH):
+                row = src[f, r]
+                for q in range(OW):
+                    s += load(row[q])
+            db_t[f] += s
+    if not plan.direct:
+        for n0 in range(lo, hi, nb):
+            count = min(nb, hi - n0)
+            _unfolded.backward_block(
+                dy, x, n0, count, nb, w_kf, need_dx, dw_t, dx, col, dcol, dyn, dx_acc, g
+            )  # fmt: skip
+        return
+    xbuf, dybuf, acc = ws.xbuf[t], ws.dybuf[t], ws.acc[t]
+    no_bias = np.zeros(C, np.float32)
+    x_rows, x_stride, x_cstride = x_layout
+    # dy padded by (kh-1-ph, kw-1-pw): the full convolution that gives dx.
+    d_rows, d_stride, _ = dy_layout
+    x_tile, dy_tile = x_rows * x_stride, d_rows * d_stride
+    for n0 in range(lo, hi, nb):
+        count = min(nb, hi - n0)
+        if need_dx:
+            # dx: a stride-1 convolution of dy, fully padded, with the flipped, transposed
+            # filters.
+            stack_images(dy, n0, count, dybuf, dy_layout, kh - 1 - ph, kw - 1 - pw, False)
+            acc[:] = 0.0
+            length = (count - 1) * dy_tile + (H - 1) * d_stride + W
+            gemm_nn(w_flip, dybuf, plan.offs_dy, length, acc)
+            for b in range(count):
+                store_rows(acc, b * dy_tile, d_stride, dx[n0 + b], H, W, no_bias, False)
+        if stack_images(x, n0, count, xbuf, x_layout, ph, pw, True):
+            # dy laid out like the padded images (zeros past OH, OW), so that dW[f, (c,i,j)]
+            # is a dot product with the (i, j)-shifted view of the images.
+            stack_images(dy, n0, count, dyn, x_layout, 0, 0, False)
+            a = dyn[: F * x_cstride].reshape((F, x_cstride))
+            length = (count - 1) * x_tile + (OH - 1) * x_stride + OW
+            gemm_nt(a, xbuf, plan.offs_x, length, dw_t)
+        else:
+            # inf/NaN in x: the shifted views would also pair it with the zeros between
+            # rows and images (0 * inf = NaN); the unfolded path pairs only true windows.
+            # It rewrites dx with the same values.
+            for b in range(count):
+                _unfolded.backward_block(
+                    dy, x, n0 + b, 1, 1, w_kf, need_dx, dw_t, dx, col, dcol, dyn, dx_acc, g
+                )  # fmt: skip
+
+
+@njit(cache=True, parallel=True)
+def backward_kernel(dy, x, w_kf, w_flip, need_dx, dx, ws, plan, x_layout, dy_layout, g):
+    """dx (when ``need_dx``) and per-thread partial dW, db into ``ws`` (:class:`BackwardWork`)."""
+    n_threads = ws.dw_part.shape[0]
+    for t in prange(n_threads):
+        lo, hi = image_range(t, n_threads, x.shape[0])
+        _backward_images(
+            dy, x, lo, hi, w_kf, w_flip, need_dx, dx, ws, t, plan, x_layout, dy_layout, g
+        )  # fmt: skip
+
+
+@njit(cache=True, fastmath=FASTMATH)
+def reduce_partials(dw_part, db_part, dw, db):
+    """Sum the per-thread partial gradients (in thread order: deterministic) into dw, db."""
+    n_threads, F, K = dw_part.shape
+    dw2 = dw.reshape((F, K))
+    for f in range(F):
+        for k in range(K):
+            s = np.float32(0.0)
+            for t in range(n_threads):
+                s += dw_part[t, f, k]
+            dw2[f, k] = store_value(dw2, s)
+        s = np.float32(0.0)
+        for t in range(n_threads):
+            s += db_part[t, f]
+        db[f] = store_value(db, s)

@@ -1,0 +1,445 @@
+"""Explicit-SIMD building blocks written in LLVM IR (through ``numba.extending.intrinsic``).
+
+Plain Numba loops leave two things to LLVM's auto-vectoriser that it does badly here:
+
+* a register-blocked GEMM micro-kernel (accumulators held in vector registers across the whole
+  reduction): Numba arrays live in memory and LLVM does not promote them, so the plain
+  kernels of :mod:`._gemm` stream their accumulator rows through L1 on every step;
+* element-wise small-matrix transforms over many streams at run-time offsets (Winograd's
+  ``B^T d B``, ``A^T m A``): with a dozen streams LLVM gives up on the run-time alias checks.
+
+Both are written here as IR over ``<16 x float>`` vectors, which LLVM lowers to whatever the
+machine has (one AVX-512 register, two AVX registers, four SSE registers). Arithmetic is
+explicit and in a fixed order (no fast-math flags), so results do not depend on how a loop is
+split into vectors: every lane computes the same IEEE operations, and NaN/inf propagate.
+"""
+
+from __future__ import annotations
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic
+
+__all__ = [
+    "LANES",
+    "MR",
+    "NR",
+    "make_apply",
+    "make_program",
+    "gemm_block",
+    "gemm_block16",
+    "load_transposed",
+    "store_transposed",
+]
+
+LANES = 16  # floats per vector
+MR = 8  # rows of C per micro-kernel call
+NR = 2 * LANES  # columns of C per micro-kernel call
+
+_F32 = ir.FloatType()
+_I32 = ir.IntType(32)
+_I64 = ir.IntType(64)
+_VTY = ir.VectorType(_F32, LANES)
+_MASK = ir.VectorType(ir.IntType(1), LANES)
+_IVEC = ir.VectorType(_I32, LANES)
+
+
+def _data(context, builder, aty, a):
+    """Data pointer of a Numba array value."""
+    return context.make_array(aty)(context, builder, a).data
+
+
+def _function(builder, name, ret, args):
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(ret, args), name)
+
+
+def _splat(builder, value, vty=_VTY, ity=_I32):
+    vec = builder.insert_element(ir.Constant(vty, ir.Undefined), value, ir.Constant(ity, 0))
+    zeros = ir.Constant(ir.VectorType(_I32, vty.count), [0] * vty.count)
+    return builder.shuffle_vector(vec, ir.Constant(vty, ir.Undefined), zeros)
+
+
+def _vector_at(builder, row, pos):
+    return builder.bitcast(builder.gep(row, [pos]), _VTY.as_pointer())
+
+
+class _Ops:
+    """Vector arithmetic for stream programs: explicit IEEE operations in the order written."""
+
+    def __init__(self, builder):
+        self._b = builder
+        self._fma = _function(builder, "llvm.fma.v16f32", _VTY, [_VTY] * 3)
+
+    @staticmethod
+    def _const(c):
+        return ir.Constant(_VTY, [float(c)] * LANES)
+
+    def add(self, a, b):
+        return self._b.fadd(a, b)
+
+    def sub(self, a, b):
+        return self._b.fsub(a, b)
+
+    def neg(self, a):
+        return self._b.fneg(a)
+
+    def scale(self, c, a):
+        return self._b.fmul(self._const(c), a)
+
+    def fma(self, c, a, b):
+        """c * a + b with one rounding."""
+        return self._b.call(self._fma, [self._const(c), a, b])
+
+
+def make_program(n_in, n_out, program, used=None):
+    """An intrinsic ``apply(src, soffs, dst, doffs, length)``: for every p in [0, length),
+    ``dst[doffs[i] + p] = program(ins)[i]`` with ``ins[j] = src[soffs[j] + p]``.
+
+    ``program(ops, ins)`` builds the outputs from the input vectors with :class:`_Ops`
+    (inputs not in ``used`` are not loaded and are None). ``src``/``dst`` are float32 arrays,
+    ``soffs``/``doffs`` int64 arrays of element offsets of the input and output streams. The
+    last ``length % LANES`` positions use masked loads and stores, so nothing outside the
+    streams is read or written.
+    """
+    used = [True] * n_in if used is None else list(used)
+
+    @intrinsic
+    def apply(typingctx, src, soffs, dst, doffs, length):
+        sig = types.void(src, soffs, dst, doffs, length)
+
+        def codegen(context, builder, signature, args):
+            src, soffs, dst, doffs, length = args
+            sty, oty, dty, doty, _ = signature.args
+            s_ptr, d_ptr = _data(context, builder, sty, src), _data(context, builder, dty, dst)
+            so, do = _data(context, builder, oty, soffs), _data(context, builder, doty, doffs)
+
+            def row(base, offs, k):
+                return builder.gep(base, [builder.load(builder.gep(offs, [ir.Constant(_I64, k)]))])
+
+            s_rows = [row(s_ptr, so, j) if used[j] else None for j in range(n_in)]
+            d_rows = [row(d_ptr, do, i) for i in range(n_out)]
+            vptr = _VTY.as_pointer()
+            mload = _function(
+                builder, "llvm.masked.load.v16f32.p0", _VTY, [vptr, _I32, _MASK, _VTY]
+            )
+            mstore = _function(
+                builder, "llvm.masked.store.v16f32.p0", ir.VoidType(), [_VTY, vptr, _I32, _MASK]
+            )
+            align = ir.Constant(_I32, 4)
+            ops = _Ops(builder)
+
+            def body(pos, mask):
+                ins = [None] * n_in
+                for j in range(n_in):
+                    if used[j]:
+                        p = _vector_at(builder, s_rows[j], pos)
+                        ins[j] = (
+                            builder.load(p, align=4)
+                            if mask is None
+                            else builder.call(mload, [p, align, mask, ir.Constant(_VTY, None)])
+                        )
+                outs = program(ops, ins)
+                for i in range(n_out):
+                    p = _vector_at(builder, d_rows[i], pos)
+                    if mask is None:
+                        builder.store(outs[i], p, align=4)
+                    else:
+                        builder.call(mstore, [outs[i], p, align, mask])
+
+            lanes = ir.Constant(_I64, LANES)
+            full = builder.mul(builder.sdiv(length, lanes), lanes)
+            with cgutils.for_range_slice(builder, ir.Constant(_I64, 0), full, lanes) as (pos, _):
+                body(pos, None)
+            rest = builder.sub(length, full)
+            with builder.if_then(builder.icmp_signed(">", rest, ir.Constant(_I64, 0))):
+                index = ir.Constant(_IVEC, list(range(LANES)))
+                mask = builder.icmp_unsigned(
+                    "<", index, _splat(builder, builder.trunc(rest, _I32), _IVEC, _I32)
+                )
+                body(full, mask)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return apply
+
+
+def make_apply(matrix):
+    """:func:`make_program` for ``out[i] = sum_j matrix[i][j] * in[j]``: terms added in
+    ascending ``j``; coefficients +-1 are an add or a subtract, others a multiply then an add
+    (no contraction), zero coefficients skipped."""
+    mat = [[float(v) for v in row] for row in matrix]
+    n_out, n_in = len(mat), len(mat[0])
+    used = [any(mat[i][j] != 0.0 for i in range(n_out)) for j in range(n_in)]
+
+    def program(ops, ins):
+        outs = []
+        for i in range(n_out):
+            acc = None
+            for j in range(n_in):
+                c = mat[i][j]
+                if c == 0.0:
+                    continue
+                v = ins[j] if abs(c) == 1.0 else ops.scale(c, ins[j])
+                if acc is None:
+                    acc = ops.neg(v) if c == -1.0 else v
+                else:
+                    acc = ops.sub(acc, v) if c == -1.0 else ops.add(acc, v)
+            outs.append(ops.scale(0.0, ins[0]) if acc is None else acc)
+        return outs
+
+    return make_program(n_in, n_out, program, used)
+
+
+def _make_gemm_block(nv):
+    """The micro-kernel for NR = nv * LANES columns (see :func:`gemm_block`)."""
+
+    @intrinsic
+    def block(typingctx, a, a_off, lda, b, b_off, ldb, k, c, c_off, ldc, accumulate):
+        sig = types.void(a, a_off, lda, b, b_off, ldb, k, c, c_off, ldc, accumulate)
+        return sig, _gemm_block_codegen(nv)
+
+    return block
+
+
+def _gemm_block_codegen(nv):
+    def codegen(context, builder, signature, args):
+        a, a_off, lda, b, b_off, ldb, k, c, c_off, ldc, accumulate = args
+        aty, bty, cty = signature.args[0], signature.args[3], signature.args[7]
+        a_ptr = _data(context, builder, aty, a)
+        b_ptr = _data(context, builder, bty, b)
+        c_ptr = _data(context, builder, cty, c)
+        fma = _function(builder, "llvm.fma.v16f32", _VTY, [_VTY] * 3)
+        acc = [[cgutils.alloca_once(builder, _VTY) for _ in range(nv)] for _ in range(MR)]
+
+        def const(v):
+            return ir.Constant(_I64, v)
+
+        c_rows = [
+            builder.gep(c_ptr, [builder.add(c_off, builder.mul(const(r), ldc))]) for r in range(MR)
+        ]
+        a_rows = [
+            builder.gep(a_ptr, [builder.add(a_off, builder.mul(const(r), lda))]) for r in range(MR)
+        ]
+        with builder.if_else(cgutils.as_bool_bit(builder, accumulate)) as (load_c, zero_c):
+            with load_c:
+                for r in range(MR):
+                    for j in range(nv):
+                        v = builder.load(_vector_at(builder, c_rows[r], const(j * LANES)), align=4)
+                        builder.store(v, acc[r][j])
+            with zero_c:
+                for r in range(MR):
+                    for j in range(nv):
+                        builder.store(ir.Constant(_VTY, None), acc[r][j])
+        with cgutils.for_range(builder, k) as loop:
+            kk = loop.index
+            b_row = builder.gep(b_ptr, [builder.add(b_off, builder.mul(kk, ldb))])
+            bv = [
+                builder.load(_vector_at(builder, b_row, const(j * LANES)), align=4)
+                for j in range(nv)
+            ]
+            for r in range(MR):
+                av = _splat(builder, builder.load(builder.gep(a_rows[r], [kk])))
+                for j in range(nv):
+                    builder.store(
+                        builder.call(fma, [av, bv[j], builder.load(acc[r][j])]), acc[r][j]
+                    )
+        for r in range(MR):
+            for j in range(nv):
+                p = _vector_at(builder, c_rows[r], const(j * LANES))
+                builder.store(builder.load(acc[r][j]), p, align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
+gemm_block = _make_gemm_block(NR // LANES)
+gemm_block.__doc__ = """C[MR x NR] (+)= A[MR x k] @ B[k x NR], float32, accumulated in registers.
+
+``A`` rows at ``a[a_off + r*lda + kk]``; ``B`` row ``kk`` at ``b[b_off + kk*ldb :][:NR]``;
+``C`` row ``r`` at ``c[c_off + r*ldc :][:NR]``. With ``accumulate`` False the block starts
+from zero instead of C. One fused multiply-add per term, in ascending ``kk``. The caller
+guarantees that every row read or written holds NR values. Signature
+``gemm_block(a, a_off, lda, b, b_off, ldb, k, c, c_off, ldc, accumulate)``.
+"""
+gemm_block16 = _make_gemm_block(1)
+gemm_block16.__doc__ = "As :func:`gemm_block` for NR = LANES (16) columns."
+
+
+# --- 16 x 16 transposes between image-major and image-innermost layouts -------------------------
+
+_LIMIT = float(2.0**50)  # keep in step with _winograd.LIMIT
+
+
+def _lane_mask(builder, count):
+    """<16 x i1>: lanes below ``count`` (an i64)."""
+    index = ir.Constant(_IVEC, list(range(LANES)))
+    return builder.icmp_unsigned(
+        "<", index, _splat(builder, builder.trunc(count, _I32), _IVEC, _I32)
+    )
+
+
+def _transpose16(builder, rows):
+    """Transpose 16 <16 x float> rows (butterfly exchange of off-diagonal blocks, 64 shuffles)."""
+    rows = list(rows)
+    for s in (8, 4, 2, 1):
+        lo = ir.Constant(_IVEC, [l if not l & s else LANES + l - s for l in range(LANES)])
+        hi = ir.Constant(_IVEC, [l + s if not l & s else LANES + l for l in range(LANES)])
+        for r in range(LANES):
+            if r & s:
+                continue
+            a, b = rows[r], rows[r + s]
+            rows[r], rows[r + s] = (
+                builder.shuffle_vector(a, b, lo),
+                builder.shuffle_vector(a, b, hi),
+            )
+    return rows
+
+
+def _is_half(aty):
+    return aty.dtype == types.uint16
+
+
+def _masked_load(builder, aty, ptr, mask):
+    """<16 x float> from a float32 or half-bits (uint16) array element pointer, masked."""
+    align = ir.Constant(_I32, 2 if _is_half(aty) else 4)
+    if _is_half(aty):
+        ity = ir.VectorType(ir.IntType(16), LANES)
+        fn = _function(
+            builder, "llvm.masked.load.v16i16.p0", ity, [ity.as_pointer(), _I32, _MASK, ity]
+        )
+        bits = builder.call(
+            fn, [builder.bitcast(ptr, ity.as_pointer()), align, mask, ir.Constant(ity, None)]
+        )
+        return builder.fpext(builder.bitcast(bits, ir.VectorType(ir.HalfType(), LANES)), _VTY)
+    fn = _function(
+        builder, "llvm.masked.load.v16f32.p0", _VTY, [_VTY.as_pointer(), _I32, _MASK, _VTY]
+    )
+    return builder.call(
+        fn, [builder.bitcast(ptr, _VTY.as_pointer()), align, mask, ir.Constant(_VTY, None)]
+    )
+
+
+def _masked_store(builder, aty, value, ptr, mask):
+    """Store <16 x float> into a float32 or half-bits array (rounded to nearest even), masked."""
+    if _is_half(aty):
+        ity = ir.VectorType(ir.IntType(16), LANES)
+        fn = _function(
+            builder,
+            "llvm.masked.store.v16i16.p0",
+            ir.VoidType(),
+            [ity, ity.as_pointer(), _I32, _MASK],
+        )
+        bits = builder.bitcast(builder.fptrunc(value, ir.VectorType(ir.HalfType(), LANES)), ity)
+        builder.call(fn, [bits, builder.bitcast(ptr, ity.as_pointer()), ir.Constant(_I32, 2), mask])
+        return
+    fn = _function(
+        builder,
+        "llvm.masked.store.v16f32.p0",
+        ir.VoidType(),
+        [_VTY, _VTY.as_pointer(), _I32, _MASK],
+    )
+    builder.call(fn, [value, builder.bitcast(ptr, _VTY.as_pointer()), ir.Constant(_I32, 4), mask])
+
+
+@intrinsic
+def load_transposed(typingctx, src, s_off, s_stride, rows, cols, dst, d_base, d_offs, d_idx):
+    """Gather a block into image-innermost order: for r < rows, c < cols,
+
+        dst[d_base + d_offs[d_idx + c] + r] = src[s_off + r*s_stride + c]
+
+    (``src`` float32 or half bits, ``dst`` float32; rows, cols <= 16). Returns how many of
+    the copied values are not finite or not below 2**50 (see ``_winograd.LIMIT``).
+    """
+    sig = types.int64(src, s_off, s_stride, rows, cols, dst, d_base, d_offs, d_idx)
+
+    def codegen(context, builder, signature, args):
+        src, s_off, s_stride, rows, cols, dst, d_base, d_offs, d_idx = args
+        sty, dty, oty = signature.args[0], signature.args[5], signature.args[7]
+        s_ptr = _data(context, builder, sty, src)
+        d_ptr = _data(context, builder, dty, dst)
+        o_ptr = _data(context, builder, oty, d_offs)
+        col_mask = _lane_mask(builder, cols)
+        row_mask = _lane_mask(builder, rows)
+        fabs = _function(builder, "llvm.fabs.v16f32", _VTY, [_VTY])
+        ctpop = _function(builder, "llvm.ctpop.i16", ir.IntType(16), [ir.IntType(16)])
+        limit = ir.Constant(_VTY, [_LIMIT] * LANES)
+        zero = ir.Constant(_VTY, None)
+        vecs = []
+        bad = ir.Constant(_I64, 0)
+        for r in range(LANES):
+            ok_row = builder.icmp_signed("<", ir.Constant(_I64, r), rows)
+            mask = builder.select(ok_row, col_mask, ir.Constant(_MASK, None))
+            # Rows past ``rows`` load nothing, but from row 0's address: a masked load whose
+            # masked-off lanes fall on an unmapped page needs a microcode assist (measured
+            # ~15x slower copies when the last image block was partial).
+            row = builder.select(ok_row, ir.Constant(_I64, r), ir.Constant(_I64, 0))
+            off = builder.add(s_off, builder.mul(row, s_stride))
+            v = _masked_load(builder, sty, builder.gep(s_ptr, [off]), mask)
+            good = builder.fcmp_ordered("<", builder.call(fabs, [v]), limit)
+            flagged = builder.and_(builder.not_(good), mask)
+            count = builder.call(ctpop, [builder.bitcast(flagged, ir.IntType(16))])
+            bad = builder.add(bad, builder.zext(count, _I64))
+            vecs.append(builder.select(mask, v, zero))
+        cols_t = _transpose16(builder, vecs)
+        for c in range(LANES):
+            with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, c), cols)):
+                off = builder.load(builder.gep(o_ptr, [builder.add(d_idx, ir.Constant(_I64, c))]))
+                ptr = builder.gep(d_ptr, [builder.add(d_base, off)])
+                _masked_store(builder, dty, cols_t[c], ptr, row_mask)
+        return bad
+
+    return sig, codegen
+
+
+@intrinsic
+def store_transposed(
+    typingctx, src, s_base, s_offs, s_idx, rows, cols, bias, relu, dst, d_off, d_stride
+):
+    """Scatter a block back to image-major order, adding ``bias`` (a float32) and applying
+    ReLU (NaN kept) on the way: for r < rows, c < cols,
+
+        dst[d_off + c*d_stride + r] = act(src[s_base + s_offs[s_idx + r] + c] + bias)
+
+    (``src`` float32, ``dst`` float32 or half bits, rounded to nearest even; rows, cols <= 16).
+    """
+    sig = types.void(src, s_base, s_offs, s_idx, rows, cols, bias, relu, dst, d_off, d_stride)
+
+    def codegen(context, builder, signature, args):
+        src, s_base, s_offs, s_idx, rows, cols, bias, relu, dst, d_off, d_stride = args
+        sty, oty, dty = signature.args[0], signature.args[2], signature.args[8]
+        s_ptr = _data(context, builder, sty, src)
+        o_ptr = _data(context, builder, oty, s_offs)
+        d_ptr = _data(context, builder, dty, dst)
+        col_mask = _lane_mask(builder, cols)
+        row_mask = _lane_mask(builder, rows)
+        zero = ir.Constant(_VTY, None)
+        bias_v = _splat(builder, bias)
+        use_relu = cgutils.as_bool_bit(builder, relu)
+        vecs = []
+        for r in range(LANES):
+            ok_row = builder.icmp_signed("<", ir.Constant(_I64, r), rows)
+            mask = builder.select(ok_row, col_mask, ir.Constant(_MASK, None))
+            # Rows past ``rows`` read nothing (masked) but still need a valid address.
+            idx = builder.select(ok_row, builder.add(s_idx, ir.Constant(_I64, r)), s_idx)
+            off = builder.load(builder.gep(o_ptr, [idx]))
+            v = _masked_load(builder, sty, builder.gep(s_ptr, [builder.add(s_base, off)]), mask)
+            v = builder.fadd(v, bias_v)
+            neg = builder.fcmp_ordered("<", v, zero)  # false for NaN: NaN is kept
+            v = builder.select(builder.and_(neg, _splat_bool(builder, use_relu)), zero, v)
+            vecs.append(v)
+        rows_t = _transpose16(builder, vecs)
+        for c in range(LANES):
+            with builder.if_then(builder.icmp_signed("<", ir.Constant(_I64, c), cols)):
+                off = builder.add(d_off, builder.mul(ir.Constant(_I64, c), d_stride))
+                _masked_store(builder, dty, rows_t[c], builder.gep(d_ptr, [off]), row_mask)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def _splat_bool(builder, bit):
+    vec = builder.insert_element(ir.Constant(_MASK, ir.Undefined), bit, ir.Constant(_I32, 0))
+    zeros = ir.Constant(_IVEC, [0] * LANES)
+    return builder.shuffle_vector(vec, ir.Constant(_MASK, ir.Undefined), zeros)
