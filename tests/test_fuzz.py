@@ -152,3 +152,86 @@ def test_pooling_and_its_gradients(g):
     assert_close(
         da, ref.avg_pool2d_backward(dy, x.shape, size, **win), g["dtype"], g["kh"] * g["kw"]
     )
+
+
+@st.composite
+def channel_problems(draw):
+    """(N, C) or (N, C, H, W) batches for the per-channel kernels."""
+    four_d = draw(st.booleans())
+    n = draw(st.integers(0, 5))
+    c = draw(st.integers(1, 6))
+    shape = (n, c, draw(st.integers(1, 7)), draw(st.integers(1, 7))) if four_d else (n, c)
+    return {
+        "shape": shape,
+        "dtype": draw(st.sampled_from([np.float32, np.float16])),
+        "layouts": draw(st.lists(st.sampled_from(LAYOUTS), min_size=3, max_size=3)),
+        "relu": draw(st.booleans()),
+        "seed": draw(st.integers(0, 2**31 - 1)),
+    }
+
+
+@SETTINGS
+@given(p=channel_problems())
+def test_batch_norm_and_its_gradients(p):
+    rng = np.random.default_rng(p["seed"])
+    shape, dtype = p["shape"], p["dtype"]
+    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+    gamma, beta = _rand(rng, shape[1:2], dtype), _rand(rng, shape[1:2], dtype)
+    act = "relu" if p["relu"] else None
+    m = int(np.prod(shape)) // shape[1]
+    lx, ldy, _ = p["layouts"]
+    if m == 1:
+        with pytest.raises(ValueError, match="more than 1 value per channel"):
+            fc.batch_norm_forward(arrange(x, lx), gamma, beta, activation=act)
+        return
+    if m == 0:  # an empty batch: no statistics (NaN), an empty output
+        y, mean, var = fc.batch_norm_forward(arrange(x, lx), gamma, beta, activation=act)
+        assert y.shape == shape and np.isnan(mean).all() and np.isnan(var).all()
+        return
+    y, mean, var = fc.batch_norm_forward(arrange(x, lx), gamma, beta, activation=act)
+    ry, rmean, rvar = ref.batch_norm_forward(x, gamma, beta, activation=act)
+    np.testing.assert_allclose(mean, rmean, rtol=1e-5, atol=1e-5 * np.abs(x).max())
+    np.testing.assert_allclose(var, rvar, rtol=1e-4, atol=1e-6 * np.abs(x).max() ** 2)
+    # normalised values are O(|gamma|) + |beta|: the tolerance scale of the output
+    assert_close(y, ry, dtype, m)
+    dy = _rand(rng, shape, dtype)
+    got = fc.batch_norm_backward(arrange(dy, ldy), arrange(x, lx), gamma, mean, var,
+                                 y=y if act else None)  # fmt: skip
+    want = ref.batch_norm_backward(dy, x, gamma, mean, var, y=y if act else None)
+    for a, e in zip(got, want, strict=True):
+        assert_close(a, e, dtype, 4 * m)
+    inf = fc.batch_norm_inference(arrange(x, lx), gamma, beta, mean, var, activation=act)
+    assert_close(inf, ref.batch_norm_inference(x, gamma, beta, mean, var, activation=act), dtype)
+
+
+@SETTINGS
+@given(p=channel_problems())
+def test_global_average_pooling_dense_and_relu(p):
+    rng = np.random.default_rng(p["seed"])
+    shape, dtype = p["shape"], p["dtype"]
+    lx, ldy, lw = p["layouts"]
+    x = _rand(rng, shape, dtype)
+    if len(shape) == 4:
+        y = fc.global_avg_pool2d(arrange(x, lx))
+        assert_close(y, ref.global_avg_pool2d(x), dtype, shape[2] * shape[3])
+        dy = _rand(rng, y.shape, dtype)
+        dx = fc.global_avg_pool2d_backward(arrange(dy, ldy), shape)
+        assert_close(dx, ref.global_avg_pool2d_backward(dy, shape), dtype)
+        x = x.reshape(shape[0], int(np.prod(shape[1:])))
+    units = 1 + p["seed"] % 7
+    w = _rand(rng, (x.shape[1], units), dtype)
+    b = _rand(rng, (units,), dtype)
+    act = "relu" if p["relu"] else None
+    y = fc.dense(arrange(x, lx), arrange(w, lw), b, activation=act)
+    assert_close(y, ref.dense(x, w, b, activation=act), dtype, x.shape[1])
+    dy = _rand(rng, y.shape, dtype)
+    for a, e, k in zip(fc.dense_backward(arrange(dy, ldy), arrange(x, lx), arrange(w, lw)),
+                       ref.dense_backward(dy, x, w), (units, x.shape[0], x.shape[0]),
+                       strict=True):  # fmt: skip
+        assert_close(a, e, dtype, k)
+    r = fc.relu(arrange(x, lx))
+    np.testing.assert_array_equal(r, ref.relu(x).astype(dtype))
+    g = fc.relu_backward(arrange(dy[:, :1].repeat(x.shape[1], 1), ldy), x)
+    np.testing.assert_array_equal(
+        g, ref.relu_backward(dy[:, :1].repeat(x.shape[1], 1), x).astype(dtype)
+    )
