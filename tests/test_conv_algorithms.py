@@ -80,7 +80,8 @@ def test_algorithm_matches_reference(case, algorithm, dtype):
     _within(dw, exact[1], mags[1], N * P, dtype, "dw without dx", algorithm)
     ran = {(c.pass_, c.algorithm, c.fallbacks) for c in fc.conv_algorithm_choices()}
     passes = ("forward", "backward", "backward_weights")
-    assert ran == {(p, algorithm, 0) for p in passes}
+    # An empty batch launches nothing (fastconv.ops returns empty results): nothing recorded.
+    assert ran == ({(p, algorithm, 0) for p in passes} if N else set())
 
 
 @pytest.mark.parametrize("algorithm", ["winograd4x4", "winograd2x2"])
