@@ -178,6 +178,30 @@ def test_conv2d_backward_without_dx(ops, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_conv2d_in_chunks_of_images_matches_one_pass(launcher, dtype):
+    """A batch whose unfolded buffer exceeds the workspace bound is convolved in chunks of
+    images (2, 2, 1 here): the same forward values, and gradients equal to the reference."""
+    rng = np.random.default_rng(12)
+    x, w = rand(rng, (5, 3, 6, 7), dtype), rand(rng, (4, 3, 3, 3), dtype)
+    b = rand(rng, (4,), dtype)
+    g = chk.validate_conv2d(x, w, b, 1, 1, "relu")
+    per_image = 27 * 6 * 7 * np.dtype(dtype).itemsize
+    whole = emu.emulated_ops(launcher, direct_max_k=0)
+    chunked = emu.emulated_ops(launcher, direct_max_k=0, workspace_bytes=2 * per_image)
+    assert chunked._chunks(g, np.dtype(dtype).itemsize) == [(0, 2), (2, 4), (4, 5)]
+    np.testing.assert_array_equal(
+        chunked.conv2d(x, w, b, g, "relu"), whole.conv2d(x, w, b, g, "relu")
+    )
+    dy = rand(rng, (5, 4, 6, 7), dtype)
+    got = chunked.conv2d_backward(dy, x, w, g)
+    for a, r in zip(got, ref.conv2d_backward(dy, x, w, 1, 1), strict=True):
+        assert_close(a, r, dtype, rounding_steps=10)
+    dx, dw, db = chunked.conv2d_backward(dy, x, w, g, need_dx=False)
+    assert dx is None
+    np.testing.assert_array_equal(dw, got[1])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape,kernel,stride,pad", GEOMETRIES)
 def test_conv2d_backward_geometries(ops, dtype, shape, kernel, stride, pad):
     rng = np.random.default_rng(5)

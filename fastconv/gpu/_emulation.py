@@ -248,7 +248,11 @@ class PoisonedNumpy:
         return np.full(shape, np.nan, dtype=dtype)
 
 
-def emulated_ops(launcher: EmulatedLauncher, direct_max_k: int | None = None, xp=None) -> KernelOps:
+def emulated_ops(
+    launcher: EmulatedLauncher, direct_max_k: int | None = None, xp=None, workspace_bytes=None
+) -> KernelOps:
     """The GPU backend's :class:`KernelOps` on NumPy arrays and the emulated kernels."""
     kwargs = {} if direct_max_k is None else {"direct_max_k": direct_max_k}
+    if workspace_bytes is not None:
+        kwargs["workspace_bytes"] = workspace_bytes
     return KernelOps(xp or PoisonedNumpy(), launcher, numpy_gemm, **kwargs)

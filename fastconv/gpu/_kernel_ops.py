@@ -31,6 +31,12 @@ BIAS_GRAD_SLICES = 256
 # Slices per channel in the first pass of the batch-norm reductions (same reasoning).
 BN_SLICES = 256
 
+# The most bytes a convolution's unfolded (im2col) buffer may take at once: larger batches are
+# cut into chunks of images. VGG-16's first layers at batch 128 would otherwise unfold into
+# 14.8 GB (K = 576 taps x 50,176 pixels x 4 bytes per image); with this bound a call's extra
+# memory stays under ~3x it (the buffer, its GEMM's output and dy's transposed chunk).
+WORKSPACE_BYTES = 512 << 20
+
 
 def eps_bits(eps: float) -> int:
     """``eps`` as the int holding its float32 bits (the kernels take ints and arrays only)."""
@@ -63,11 +69,20 @@ def check_index_range(g) -> None:
 class KernelOps:
     """Backend interface of :mod:`fastconv.ops` on top of raw kernels and a GEMM."""
 
-    def __init__(self, xp, launch, gemm, direct_max_k: int = DIRECT_MAX_K):
+    def __init__(
+        self, xp, launch, gemm, direct_max_k: int = DIRECT_MAX_K, workspace_bytes=WORKSPACE_BYTES
+    ):
         self.xp = xp
         self.launch = launch
         self.gemm = gemm
         self.direct_max_k = direct_max_k
+        self.workspace_bytes = workspace_bytes
+
+    def _chunks(self, g, itemsize):
+        """``(n0, n1)`` image ranges whose unfolded buffers fit in ``workspace_bytes``."""
+        per_image = g.C * g.kh * g.kw * g.OH * g.OW * itemsize
+        step = max(1, min(g.N, self.workspace_bytes // max(per_image, 1)))
+        return [(n0, min(n0 + step, g.N)) for n0 in range(0, g.N, step)]
 
     def ascontiguous(self, a):
         return self.xp.ascontiguousarray(a)
@@ -101,8 +116,16 @@ class KernelOps:
             self.launch("conv2d_direct", y.size, x, w, bias, y, g.N, g.C, g.H, g.W, F, *g[4:],
                         has_bias, relu)  # fmt: skip
             return y
-        cols = self.im2col(x, g, BATCH)  # (N, K, P)
-        y = self.gemm(w.reshape(F, K), cols)  # strided-batched GEMM, W shared -> (N, F, P) = NCHW
+        chunks = self._chunks(g, x.dtype.itemsize)
+        if len(chunks) == 1:
+            cols = self.im2col(x, g, BATCH)  # (N, K, P)
+            y = self.gemm(w.reshape(F, K), cols)  # strided-batched GEMM, W shared: NCHW
+        else:
+            y = self.xp.empty((g.N, F, P), dtype=x.dtype)
+            for n0, n1 in chunks:
+                cols = self.im2col(x[n0:n1], g._replace(N=n1 - n0), BATCH)
+                y[n0:n1] = self.gemm(w.reshape(F, K), cols)
+                del cols
         if has_bias or relu:
             bias = b if b is not None else y
             self.launch("bias_act", y.size, y, bias, g.N, F, P, has_bias, relu)
@@ -112,16 +135,35 @@ class KernelOps:
         xp = self.xp
         F = w.shape[0]
         K, P = g.C * g.kh * g.kw, g.OH * g.OW
-        # Book layout turns both gradients into single 2-D GEMMs whose reduction runs over the
-        # whole batch (N*P for dW), instead of N small GEMMs followed by a sum.
-        dy_rows = xp.ascontiguousarray(dy.reshape(g.N, F, P).transpose(0, 2, 1)).reshape(-1, F)
-        cols = self.im2col(x, g, ROWS)  # (N*P, K)
-        dw = self.gemm(dy_rows, cols, trans_a=True).reshape(w.shape)  # (F, K)
-        if not need_dx:
-            return None, dw, self.bias_grad(dy, g.N, F, P)
-        dcols = self.gemm(dy_rows, w.reshape(F, K))  # (N*P, K)
-        dx = self.col2im(dcols, g, ROWS)
-        return dx, dw, self.bias_grad(dy, g.N, F, P)
+        db = self.bias_grad(dy, g.N, F, P)
+        dw32 = dx = None
+        chunks = self._chunks(g, x.dtype.itemsize)
+        if need_dx and len(chunks) > 1:
+            dx = xp.empty(g.x_shape, dtype=x.dtype)
+        for n0, n1 in chunks:
+            gc = g._replace(N=n1 - n0)
+            # Book layout turns both gradients into 2-D GEMMs whose reduction runs over the
+            # chunk's images and pixels (N*P for dW), instead of one small GEMM per image.
+            dy_rows = xp.ascontiguousarray(dy[n0:n1].reshape(gc.N, F, P).transpose(0, 2, 1))
+            dy_rows = dy_rows.reshape(-1, F)
+            cols = self.im2col(x[n0:n1], gc, ROWS)  # (n*P, K)
+            part = self.gemm(dy_rows, cols, trans_a=True)  # (F, K)
+            del cols
+            if len(chunks) == 1:
+                dw = part.reshape(w.shape)
+            else:  # chunks' partial sums added in float32, in chunk order (deterministic)
+                part = part.astype(np.float32)
+                dw32 = part if dw32 is None else dw32 + part
+            if need_dx:
+                dcols = self.gemm(dy_rows, w.reshape(F, K))  # (n*P, K)
+                dx_part = self.col2im(dcols, gc, ROWS)
+                if len(chunks) == 1:
+                    dx = dx_part
+                else:
+                    dx[n0:n1] = dx_part
+        if dw32 is not None:
+            dw = dw32.astype(x.dtype).reshape(w.shape)
+        return dx, dw, db
 
     def bias_grad(self, dy, N: int, F: int, P: int):
         """db = dy.sum over (n, p), with float accumulation and a fixed order (bit-reproducible)."""
