@@ -326,3 +326,44 @@ def test_a_small_resnet_learns_mnist_digits():
     model.fit(x, y, epochs=3, batch_size=32, verbose=0)  # 282 steps
     acc = model.evaluate(xt, yt)["accuracy"]
     assert acc > 0.8, acc  # chance is 0.1
+
+
+@pytest.mark.parametrize("layer_cls", ["BatchNorm2D", "BatchNorm1D"])
+def test_batchnorm_layers_track_pytorchs_running_statistics(layer_cls):
+    """Five training steps, then inference: outputs, input gradients and the running mean and
+    (unbiased) variance equal PyTorch's BatchNorm with momentum 1 - ours."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    shape = (6, 3, 5, 4) if layer_cls == "BatchNorm2D" else (7, 5)
+    layer = getattr(nn, layer_cls)(momentum=0.8, epsilon=1e-3)
+    tmod = (torch.nn.BatchNorm2d if layer_cls == "BatchNorm2D" else torch.nn.BatchNorm1d)(
+        shape[1], eps=1e-3, momentum=0.2
+    ).double()
+    x0 = rng.standard_normal(shape).astype(np.float32)
+    layer.forward(x0)  # build
+    gamma = rng.uniform(0.5, 1.5, shape[1]).astype(np.float32)
+    beta = rng.standard_normal(shape[1]).astype(np.float32)
+    layer.params["gamma"][...], layer.params["beta"][...] = gamma, beta
+    with torch.no_grad():
+        tmod.weight.copy_(torch.from_numpy(gamma.astype(np.float64)))
+        tmod.bias.copy_(torch.from_numpy(beta.astype(np.float64)))
+    for step in range(5):
+        x = (rng.standard_normal(shape) * (step + 1) + step).astype(np.float32)
+        dy = rng.standard_normal(shape).astype(np.float32)
+        y = layer.forward(x, training=True)
+        dx = layer.backward(dy)
+        tx = torch.from_numpy(x.astype(np.float64)).requires_grad_()
+        ty = tmod.train()(tx)
+        ty.backward(torch.from_numpy(dy.astype(np.float64)))
+        np.testing.assert_allclose(y, ty.detach().numpy(), rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(dx, tx.grad.numpy(), rtol=1e-3, atol=1e-5)
+        np.testing.assert_allclose(layer.grads["gamma"], tmod.weight.grad.numpy(), rtol=1e-4,
+                                   atol=1e-4)  # fmt: skip
+        tmod.zero_grad()
+    np.testing.assert_allclose(layer.buffers["moving_mean"], tmod.running_mean.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(layer.buffers["moving_variance"], tmod.running_var.numpy(),
+                               rtol=1e-5)  # fmt: skip
+    x = rng.standard_normal(shape).astype(np.float32)
+    with torch.no_grad():
+        want = tmod.eval()(torch.from_numpy(x.astype(np.float64))).numpy()
+    np.testing.assert_allclose(layer.forward(x), want, rtol=1e-4, atol=1e-5)
