@@ -126,38 +126,44 @@ def conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True):
     return _launch(be, "conv2d_backward", dy, x, w, g, need_dx=bool(need_dx))
 
 
-def max_pool2d(x, size=2, stride=None, pad=0):
+def max_pool2d(x, size=2, stride=None, pad=0, ceil_mode=False):
     """Max pooling; ``stride`` defaults to ``size`` and padding never wins the max.
+
+    ``ceil_mode`` rounds the output size up instead of down: the last window may run past the
+    bottom/right edge and is clipped there (PyTorch's ``ceil_mode=True``; GoogLeNet uses it).
 
     Returns
     -------
     ndarray, (N, C, OH, OW), same dtype as ``x``
     """
-    g = chk.validate_pool(x, size, stride, pad, max_pool=True)
+    g = chk.validate_pool(x, size, stride, pad, max_pool=True, ceil_mode=ceil_mode)
     be = _backend(x)
     (x,) = _contiguous(be, x)
     return _launch(be, "max_pool2d", x, g)
 
 
-def max_pool2d_backward(dy, x, size=2, stride=None, pad=0):
+def max_pool2d_backward(dy, x, size=2, stride=None, pad=0, ceil_mode=False):
     """Gradient of :func:`max_pool2d`, sent to the first maximum of each window (as PyTorch)."""
-    g = chk.validate_max_pool_backward(dy, x, size, stride, pad)
+    g = chk.validate_max_pool_backward(dy, x, size, stride, pad, ceil_mode)
     be = _backend(x)
     dy, x = _contiguous(be, dy, x)
     return _launch(be, "max_pool2d_backward", dy, x, g)
 
 
-def avg_pool2d(x, size=2, stride=None, pad=0):
-    """Average pooling; zero padding counts in the divisor (PyTorch's default)."""
-    g = chk.validate_pool(x, size, stride, pad, max_pool=False)
+def avg_pool2d(x, size=2, stride=None, pad=0, ceil_mode=False):
+    """Average pooling; zero padding counts in the divisor (PyTorch's default).
+
+    With ``ceil_mode`` a window running past the padded edge divides by the part of it inside
+    the padded input only (as PyTorch)."""
+    g = chk.validate_pool(x, size, stride, pad, max_pool=False, ceil_mode=ceil_mode)
     be = _backend(x)
     (x,) = _contiguous(be, x)
     return _launch(be, "avg_pool2d", x, g)
 
 
-def avg_pool2d_backward(dy, x_shape, size=2, stride=None, pad=0):
+def avg_pool2d_backward(dy, x_shape, size=2, stride=None, pad=0, ceil_mode=False):
     """Gradient of :func:`avg_pool2d` with respect to an input of shape ``x_shape``."""
-    g = chk.validate_avg_pool_backward(dy, x_shape, size, stride, pad)
+    g = chk.validate_avg_pool_backward(dy, x_shape, size, stride, pad, ceil_mode)
     be = _backend(dy)
     (dy,) = _contiguous(be, dy)
     return _launch(be, "avg_pool2d_backward", dy, g)
