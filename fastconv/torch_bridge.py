@@ -39,23 +39,31 @@ def _torch():
     return torch
 
 
+def _shape(layer, weight) -> tuple:
+    """A weight's declared shape (also for a model whose weights were not created)."""
+    for spec in layer.weight_specs(layer.input_shape):
+        if spec.name == weight:
+            return tuple(spec.shape)
+    raise KeyError(weight)
+
+
 def _module_for(layer, torch, inplace=False):
     """The torch module of ``layer``; ``inplace``: a ReLU may overwrite its input."""
     nn = torch.nn
     kind = type(layer).__name__
     if kind == "Conv2D":
-        F, C, kh, kw = layer.params["W"].shape
+        F, C, kh, kw = _shape(layer, "W")
         conv = nn.Conv2d(C, F, (kh, kw), layer.stride, layer.padding, bias=layer.use_bias)
         return nn.Sequential(conv, nn.ReLU(inplace=True)) if layer.activation == "relu" else conv
     if kind == "Dense":
-        n_in, n_out = layer.params["W"].shape
+        n_in, n_out = _shape(layer, "W")
         lin = nn.Linear(n_in, n_out, bias=layer.use_bias)
         return nn.Sequential(lin, nn.ReLU(inplace=True)) if layer.activation == "relu" else lin
     if kind == "ReLU":
         return nn.ReLU(inplace=inplace)
     if kind in ("BatchNorm2D", "BatchNorm1D"):
         cls = nn.BatchNorm2d if kind == "BatchNorm2D" else nn.BatchNorm1d
-        return cls(layer.params["gamma"].shape[0], eps=layer.epsilon, momentum=1 - layer.momentum)
+        return cls(_shape(layer, "gamma")[0], eps=layer.epsilon, momentum=1 - layer.momentum)
     if kind == "MaxPool2D":
         return nn.MaxPool2d(layer.size, layer.stride, layer.padding)
     if kind == "MaxPool2DCeil":  # fastconv.models (GoogLeNet)
@@ -112,11 +120,13 @@ _FRESH = frozenset(
 )
 
 
-def to_torch(model):
+def to_torch(model, copy_weights: bool = True):
     """A float32 CPU ``torch.nn.Module`` computing what ``model`` computes, weights copied.
 
     Dropout draws from PyTorch's own generator, so training-mode outputs differ where dropout
-    is active; everything else matches to float32 rounding.
+    is active; everything else matches to float32 rounding. ``copy_weights=False`` keeps
+    PyTorch's own initial weights (the same architecture; for memory measurements, where the
+    fastconv copy of the weights must not be created at all).
     """
     torch = _torch()
     model._require_built()
@@ -134,45 +144,53 @@ def to_torch(model):
         and it is no view of another value (Flatten, Dropout at inference, return those)."""
         return t.node is not None and type(t.node.layer).__name__ in _FRESH and uses[t.id] == 1
 
+    # Everything the module needs is computed here: the class must not refer to ``model``,
+    # or the twin would keep the fastconv model (and its weights) alive.
+    inplace = {}  # a weightless layer may be shared: in place only if every use may be
+    for node in model._nodes:
+        ok = all(private(t) for t in node.inputs)
+        inplace[node.layer.name] = inplace.get(node.layer.name, True) and ok
+    modules = {}
+    for layer in model.layers:
+        module = _module_for(layer, torch, inplace=inplace[layer.name])
+        if module is not None:
+            modules[module_key(layer.name)] = module
+    last_read = {}
+    for i, node in enumerate(model._nodes):
+        for t in node.inputs:
+            last_read[t.id] = i
+    graph = []  # (module key, kind, input ids, output id, axis, in place, ids last read here)
+    for i, node in enumerate(model._nodes):
+        ids = [t.id for t in node.inputs]
+        graph.append(
+            (
+                module_key(node.layer.name),
+                type(node.layer).__name__,
+                ids,
+                node.output.id,
+                getattr(node.layer, "axis", None),
+                private(node.inputs[0]),
+                sorted({t for t in ids if last_read[t] == i}),
+            )
+        )
+    frozen_bn = [
+        module_key(layer.name)
+        for layer in model.layers
+        if type(layer).__name__.startswith("BatchNorm") and not layer.trainable
+    ]
+    ends = (model._input.id, model._output.id)
+
     class Twin(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.layers = torch.nn.ModuleDict()
-            # (layer name, kind, input ids, output id, axis, in place, ids last read here)
-            self.graph = []
-            # Layers may be shared (weightless ones): one module per layer, in place only if
-            # every use of it may be.
-            inplace = {}
-            for node in model._nodes:
-                ok = all(private(t) for t in node.inputs)
-                inplace[node.layer.name] = inplace.get(node.layer.name, True) and ok
-            for layer in model.layers:
-                module = _module_for(layer, torch, inplace=inplace[layer.name])
-                if module is not None:
-                    self.layers[module_key(layer.name)] = module
-            last_read = {}
-            for i, node in enumerate(model._nodes):
-                for t in node.inputs:
-                    last_read[t.id] = i
-            for i, node in enumerate(model._nodes):
-                layer = node.layer
-                ids = [t.id for t in node.inputs]
-                self.graph.append(
-                    (
-                        layer.name,
-                        type(layer).__name__,
-                        ids,
-                        node.output.id,
-                        getattr(layer, "axis", None),
-                        private(node.inputs[0]),
-                        sorted({t for t in ids if last_read[t] == i}),
-                    )
-                )
-            self.input_id, self.output_id = model._input.id, model._output.id
+            self.layers = torch.nn.ModuleDict(modules)
+            self.graph = graph
+            self.frozen_bn = frozen_bn
+            self.input_id, self.output_id = ends
 
         def forward(self, x):
             values = {self.input_id: x}
-            for name, kind, inputs, out, axis, own_first, done in self.graph:
+            for key, kind, inputs, out, axis, own_first, done in self.graph:
                 xs = [values[t] for t in inputs]
                 for t in done:  # dropped after its last use, as a plain forward() would
                     del values[t]
@@ -184,19 +202,20 @@ def to_torch(model):
                 elif kind == "Concatenate":
                     y = torch.cat(xs, dim=axis)
                 else:
-                    y = self.layers[module_key(name)](xs[0])
+                    y = self.layers[key](xs[0])
                 del xs
                 values[out] = y
             return values[self.output_id]
 
         def train(self, mode=True):
             super().train(mode)
-            for layer in model.layers:  # frozen BatchNorm: moving statistics, as in fastconv
-                if type(layer).__name__.startswith("BatchNorm") and not layer.trainable:
-                    self.layers[module_key(layer.name)].eval()
+            for key in self.frozen_bn:  # frozen BatchNorm: moving statistics, as in fastconv
+                self.layers[key].eval()
             return self
 
     twin = Twin()
+    if not copy_weights:
+        return twin.train()
     with torch.no_grad():
         for layer in model.layers:
             if module_key(layer.name) not in twin.layers:
