@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from zoo_common import Spec, Worker, load_average, machine_line, write_section  # noqa: E402
+from zoo_common import Spec, Worker, _reproducible, load_average, machine_line, write_section  # noqa: E402
 
 NAMES = {
     "alexnet": "AlexNet",
@@ -59,19 +59,28 @@ def measure(spec: Spec, steps: int) -> dict:
         "peak_mb": peak["VmHWM"] / MB,
         "step_mb": (peak["VmHWM"] - info["rss_start_kb"]) / MB,
         "workspace_mb": peak.get("workspace_bytes", 0) / 2**20,
+        "workspace_resident_mb": (
+            (peak["VmRSS"] - peak["rss_without_workspaces_kb"]) / MB
+            if "rss_without_workspaces_kb" in peak
+            else 0.0
+        ),
     }
 
 
 def markdown(results, args) -> str:
     lines = [
         "| model | implementation | libraries | resident before the step | peak during the step "
-        "| model + step (peak - libraries) | vs PyTorch | of which conv workspaces |",
+        "| model + step (peak - libraries) | vs PyTorch | conv workspaces kept: allocated "
+        "(resident) |",
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for model, rows in results.items():
         base = next(r for r in rows if r["label"].startswith("PyTorch"))["step_mb"]
         for r in rows:
-            ws = f"{r['workspace_mb']:.0f} MB" if r["label"].startswith("fastconv") else ""
+            ws = ""
+            if r["label"].startswith("fastconv"):
+                resident = max(0.0, r["workspace_resident_mb"])  # RSS noise can be negative
+                ws = f"{r['workspace_mb']:.0f} MB ({resident:.0f} MB)"
             lines.append(
                 f"| {NAMES.get(model, model)} | {r['label']} | {r['libs_mb']:.0f} MB | "
                 f"{r['before_mb']:.0f} MB | {r['peak_mb']:.0f} MB | {r['step_mb']:.0f} MB | "
@@ -143,7 +152,7 @@ def main(argv=None) -> int:
         "--gpu-estimate", metavar="MODEL", help="print the GPU path's buffers for MODEL and exit"
     )
     args = p.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
+    args.argv = _reproducible(sys.argv[1:] if argv is None else list(argv))
     if args.gpu_estimate:
         print(gpu_estimate(args.gpu_estimate, args.batch))
         return 0

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo_common import (  # noqa: E402
     Spec,
     Worker,
+    _reproducible,
     interleave,
     load_average,
     machine_line,
@@ -182,7 +183,7 @@ def main(argv=None) -> int:
     p.add_argument("--plot", help="write a PNG of both sweeps")
     p.add_argument("--json", help="write the results as JSON")
     args = p.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
+    args.argv = _reproducible(sys.argv[1:] if argv is None else list(argv))
     notes = []
     batch_rows = sweep("batch", args.batches, args, notes)
     size_rows = sweep("size", args.sizes, args, notes)

@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from zoo_common import (  # noqa: E402
     Spec,
     Worker,
+    _reproducible,
     interleave,
     load_average,
     machine_line,
@@ -66,6 +67,11 @@ def run_model(model, args):
     return rows, infos[0]
 
 
+def _rounds(rows) -> str:
+    lo, hi = min(r["rounds"] for r in rows), max(r["rounds"] for r in rows)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
 def markdown(rows, args, infos) -> str:
     head = "| model | pass | PyTorch float32 | " + " | ".join(f"fastconv {d}" for d in args.dtypes)
     lines = [head + " |", "|---|---|---:|" + "---:|" * len(args.dtypes)]
@@ -81,8 +87,8 @@ def markdown(rows, args, infos) -> str:
     size = args.size or 224
     lines += [
         "",
-        f"Batch {args.batch}, {size}x{size}, medians of {rows[0]['rounds']}-"
-        f"{max(r['rounds'] for r in rows)} interleaved rounds per model; ratio = fastconv / "
+        f"Batch {args.batch}, {size}x{size}, medians of {_rounds(rows)} interleaved rounds per "
+        "model; ratio = fastconv / "
         "PyTorch in the same run (below 1 is faster). Training step: SGD with momentum, softmax "
         "cross-entropy. Machine: " + machine_line() + ".",
         "Reproduce: `python bench/zoo_speed.py " + " ".join(args.argv) + "`",
@@ -135,7 +141,7 @@ def main(argv=None) -> int:
     p.add_argument("--plot", help="write a PNG of the ratios")
     p.add_argument("--json", help="write the rows as JSON")
     args = p.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
+    args.argv = _reproducible(sys.argv[1:] if argv is None else list(argv))
     rows, infos = [], {}
     for model in args.models:
         print(f"{model}: timing (load average {load_average()})...", flush=True)
