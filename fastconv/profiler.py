@@ -552,7 +552,7 @@ def profile_torch(model, x, y=None, steps=5, warmup=2, training=True, threads=2,
             if not rng.name.startswith("fc::"):
                 add("framework", "forward", rng.name, rng.cpu_time_total)  # zero_grad
                 continue
-            part = "forward" if rng.name == "fc::forward" else "backward"
+            part = "backward" if rng.name in ("fc::backward", "fc::update") else "forward"
             children = 0.0
             for op in rng.cpu_children:
                 children += op.cpu_time_total

@@ -76,14 +76,16 @@ def test_seed_makes_weights_reproducible():
 # --- against the PyTorch twin ---------------------------------------------------------------------
 
 # name, builder arguments, batch, seed: reduced input sizes keep the test fast. GoogLeNet at 56x56
-# has ceil-mode pools whose last window runs past the edge (28 -> 14, 14 -> 7, 7 -> 4).
+# has ceil-mode pools whose last window runs past the edge (28 -> 14, 14 -> 7, 7 -> 4); smaller, it
+# is too ill-conditioned in float32 (3x3 maps in BatchNorm) for a tolerance that bites. ResNet-34
+# is ResNet-18's blocks in a 3-4-6-3 layout: its layout is checked by its parameter count, its
+# layers by ResNet-18's case (its twin test passes too, at 48x48, in 16 s: not worth CI time).
 TWIN_CASES = [
     ("lenet5", {}, 4, 0),
     ("lenet5", {"activation": "relu"}, 4, 0),
     ("alexnet", {"input_shape": (3, 63, 63), "dropout": 0.0}, 2, 0),
     ("vgg16", {"input_shape": (3, 32, 32), "dropout": 0.0}, 2, 0),
     ("resnet18", {"input_shape": (3, 64, 64)}, 2, 0),
-    ("resnet34", {"input_shape": (3, 48, 48)}, 2, 0),
     ("googlenet", {"input_shape": (3, 56, 56), "dropout": 0.0}, 2, 0),
     ("resnet-mnist", {}, 4, 0),
 ]
@@ -207,7 +209,8 @@ def test_forward_and_training_step_match_the_pytorch_twin(name, kwargs, batch, s
     input closer to zero than that can land on the other side of it in one float32 computation
     and not in another: that unit's gradient then changes, and every weight below it moves by a
     few percent. So whole-network gradients are held to PyTorch float32's accuracy (3x) only in
-    the shallower nets; in ResNet-34 and GoogLeNet to 5% (global relative L2 norm). A wrong
+    the shallower nets; in GoogLeNet (and ResNet-34) to 3x PyTorch's error plus 2% (global
+    relative L2 norm; PyTorch float32 itself is off by up to ~1.5% there). A wrong
     gradient (routing, concatenation order, a missing shortcut) is off by O(1) and fails both.
     """
     torch = pytest.importorskip("torch")
@@ -250,7 +253,11 @@ def test_forward_and_training_step_match_the_pytorch_twin(name, kwargs, batch, s
     if name in ("resnet34", "googlenet"):
         flat = lambda gs: np.concatenate([np.ravel(g) for g in gs])  # noqa: E731
         err = _rel_l2(flat(grads), flat(outs["64"][1]))
-        assert err < 5e-2, f"{name}: gradients off the float64 twin by {err:.2e} (L2)"
+        theirs = _rel_l2(flat(outs["32"][1]), flat(outs["64"][1]))
+        assert err < 3 * theirs + 2e-2, (
+            f"{name}: gradients off the float64 twin by {err:.2e} (L2), PyTorch float32 by "
+            f"{theirs:.2e}"
+        )
     else:
         for key, g, g32, g64 in zip(keys, grads, outs["32"][1], outs["64"][1], strict=True):
             check(f"gradient {key}", g, g32, g64, 1e-4)
@@ -259,14 +266,12 @@ def test_forward_and_training_step_match_the_pytorch_twin(name, kwargs, batch, s
     # Moving statistics after the step, as PyTorch's running ones.
     for layer in model.layers:
         if "moving_mean" in layer.buffers:
-            bn = twin64.layers[module_key(layer.name)]
+            key = module_key(layer.name)
+            bn32, bn64 = twin32.layers[key], twin64.layers[key]
             assert not np.array_equal(layer.buffers["moving_mean"], moving_before[layer.name])
-            np.testing.assert_allclose(
-                layer.buffers["moving_mean"], bn.running_mean.numpy(), rtol=1e-3, atol=1e-4
-            )
-            np.testing.assert_allclose(
-                layer.buffers["moving_variance"], bn.running_var.numpy(), rtol=1e-3, atol=1e-4
-            )
+            for ours, attr in (("moving_mean", "running_mean"), ("moving_variance", "running_var")):
+                t32, t64 = getattr(bn32, attr).numpy(), getattr(bn64, attr).numpy()
+                check(f"{layer.name} {ours}", layer.buffers[ours], t32, t64, 1e-5)
 
     # Inference: BatchNorm folded into the convolutions, moving statistics.
     twin64.eval()

@@ -70,8 +70,14 @@ def test_torch_breakdown_sums_to_one_and_names_its_operators():
     assert "aten::conv2d" in r.ops["conv"]
     assert any("ConvolutionBackward0" in op for op in r.ops["conv"])
     assert "aten::batch_norm" in r.ops["norm"]
-    # 3x3 convolutions on 16-64 channels dominate this net in any implementation.
-    assert 0.3 < r.conv_share < 1 and 0.3 < r.forward_conv_share < 1
+    # Shares themselves depend on the machine's load; only their consistency is checked.
+    assert 0 < r.conv_share < 1 and 0 < r.forward_conv_share < 1
+    layers_forward = sum(
+        v["forward"] for k, v in r.by_type_ms.items() if k not in ("loss", "update", "framework")
+    )
+    conv_forward = r.by_type_ms["conv"]["forward"]
+    assert r.forward_conv_share == pytest.approx(conv_forward / layers_forward, rel=1e-6)
+    assert r.by_type_ms["loss"]["forward"] > 0 and r.by_type_ms["loss"]["backward"] > 0
     assert r.by_type_ms["conv"]["backward"] > 0 and r.by_type_ms["update"]["forward"] == 0
     # Every category's operators add up to the category.
     for kind, ops in r.ops.items():
@@ -110,36 +116,31 @@ def test_chart_groups_and_plot(tmp_path):
     assert sum(chart_groups(inference.by_type_ms, "step").values()) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("forward_only", [False, True])
-def test_cli_model_json_with_the_torch_breakdown(capsys, tmp_path, forward_only):
+def test_cli_model_json_with_the_torch_breakdown(capsys, tmp_path):
     argv = ["profile", "--model", "lenet5", "--batch-size", "2", "--steps", "1", "--warmup", "0",
-            "--json"]  # fmt: skip
-    if forward_only:
-        argv.append("--forward-only")
-    else:
-        argv += ["--plot", str(tmp_path / "p.png")]
+            "--json", "--plot", str(tmp_path / "p.png")]  # fmt: skip
     assert _cli(argv) == 0
     d = json.loads(capsys.readouterr().out.strip())
-    assert d["model"] == "lenet5" and d["batch_size"] == 2 and d["training"] == (not forward_only)
+    assert d["model"] == "lenet5" and d["batch_size"] == 2 and d["training"]
     assert sum(d["by_type"].values()) == pytest.approx(1.0, abs=1e-9)
     assert [la["name"] for la in d["layers"]][:2] == ["c1", "tanh_1"]
     assert any("model: lenet5, input 1x32x32" in n for n in d["notes"])
+    assert set(d["groups"]["fastconv"]) == {"forward", "training step"}
     for shares in d["groups"]["fastconv"].values():
         assert sum(shares.values()) == pytest.approx(1.0, abs=1e-9)
+    assert (tmp_path / "p.png").exists()
     try:
         import torch  # noqa: F401
     except ImportError:
         assert d["torch"] is None
         return
-    t = d["torch"]
-    assert t["training"] == (not forward_only) and t["batch_size"] == 2
+    t = d["torch"]  # measured in a process of its own, on the same batch
+    assert t["training"] and t["batch_size"] == 2
     assert sum(t["by_type"].values()) == pytest.approx(1.0, abs=1e-9)
-    assert 0 < t["conv_share"] < 1
+    assert 0 < t["conv_share"] < 1 and "aten::conv2d" in t["ops"]["conv"]
     assert set(d["groups"]["torch"]) == set(d["groups"]["fastconv"])
     for shares in d["groups"]["torch"].values():
         assert sum(shares.values()) == pytest.approx(1.0, abs=1e-9)
-    if not forward_only:
-        assert (tmp_path / "p.png").exists()
 
 
 def test_cli_table_names_groups(capsys):
