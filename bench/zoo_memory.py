@@ -97,21 +97,27 @@ def markdown(results, args) -> str:
     return "\n".join(lines)
 
 
-def gpu_estimate(model_name: str, batch: int, dtype_bytes: int = 4) -> str:
-    """Per-convolution buffers of the GPU path for a whole batch (fastconv/gpu/_kernel_ops.py):
-    forward ``cols (N, K, P)`` unless ``K <= DIRECT_MAX_K``, plus the output; backward
-    ``dy_rows (N*P, F)``, ``cols (N*P, K)``, ``dcols (N*P, K)`` and ``dx``."""
-    from fastconv.gpu._kernel_ops import DIRECT_MAX_K
+def gpu_estimate(model_name: str, batch: int, dtype_bytes: int = 4, chunk_mib: int = 512) -> str:
+    """Per-convolution GPU buffers (``fastconv/gpu/_kernel_ops.py``) for a whole batch, and
+    with the batch cut into chunks whose unfolded matrix fits ``chunk_mib`` (the bound main's
+    GPU backend adopted, ``WORKSPACE_BYTES``; taken from the backend when it has one).
+
+    Forward: ``cols (n, K, P)`` unless ``K <= DIRECT_MAX_K``, plus the output ``y (N, F, P)``.
+    Backward: ``dy_rows (n*P, F)``, ``cols (n*P, K)`` and ``dcols (n*P, K)`` per chunk of ``n``
+    images, and ``dx`` for the whole batch.
+    """
+    from fastconv.gpu import _kernel_ops
     from fastconv.models import get_model
     from fastconv.nn.model import ALLOCATE_WEIGHTS
 
+    chunk_bytes = getattr(_kernel_ops, "WORKSPACE_BYTES", chunk_mib << 20)
     token = ALLOCATE_WEIGHTS.set(False)  # shapes only
     try:
         model = get_model(model_name)
     finally:
         ALLOCATE_WEIGHTS.reset(token)
-    gib = 2.0**30
-    rows, worst = [], (0.0, "")
+    gib = 2.0**30 / dtype_bytes
+    rows, worst = [], (0.0, 0.0, "")
     for node in model._nodes:
         layer = node.layer
         if type(layer).__name__ != "Conv2D":
@@ -119,23 +125,32 @@ def gpu_estimate(model_name: str, batch: int, dtype_bytes: int = 4) -> str:
         C, H, W = node.inputs[0].shape
         F, OH, OW = node.output.shape
         K, P = C * layer.kernel_size[0] * layer.kernel_size[1], OH * OW
-        x, y = batch * C * H * W, batch * F * P
-        fwd = (0 if K <= DIRECT_MAX_K else batch * K * P) + y
-        bwd = batch * P * F + 2 * batch * P * K + x
-        rows.append((layer.name, C, H, F, K, P, fwd * dtype_bytes / gib, bwd * dtype_bytes / gib))
-        worst = max(worst, (bwd * dtype_bytes / gib, layer.name))
+        n = max(1, min(batch, chunk_bytes // (K * P * dtype_bytes)))
+        direct = K <= _kernel_ops.DIRECT_MAX_K
+        cost = {}
+        for label, m in (("whole", batch), ("chunked", n)):
+            fwd = (0 if direct else m * K * P) + batch * F * P
+            bwd = m * P * F + 2 * m * P * K + batch * C * H * W
+            cost[label] = (fwd / gib, bwd / gib)
+        rows.append((layer.name, C, H, F, K, P, n, cost))
+        worst = max(worst, (cost["whole"][1], cost["chunked"][1], layer.name))
     out = [
         f"{model_name}, batch {batch}, {8 * dtype_bytes}-bit: transient GPU buffers per "
-        "convolution (GiB)",
-        "| layer | C | H | F | K = C*kh*kw | P = OH*OW | forward (cols + y) | backward "
-        "(dy_rows + cols + dcols + dx) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        f"convolution (GiB), whole batch / in chunks of {chunk_bytes >> 20} MiB of unfolded images",
+        "| layer | C | H | F | K = C*kh*kw | P = OH*OW | images per chunk | forward, whole | "
+        "backward, whole | forward, chunked | backward, chunked |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    out += [
-        f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {r[5]} | {r[6]:.2f} | {r[7]:.2f} |"
-        for r in rows
-    ]
-    out.append(f"largest: {worst[1]}, {worst[0]:.1f} GiB in its backward pass")
+    for name, C, H, F, K, P, n, cost in rows:
+        (fw, bw), (fc, bc) = cost["whole"], cost["chunked"]
+        out.append(
+            f"| {name} | {C} | {H} | {F} | {K} | {P} | {n} | {fw:.2f} | {bw:.2f} | {fc:.2f} | "
+            f"{bc:.2f} |"
+        )
+    out.append(
+        f"largest backward: {worst[2]}, {worst[0]:.1f} GiB for the whole batch, "
+        f"{worst[1]:.1f} GiB in chunks"
+    )
     return "\n".join(out)
 
 
