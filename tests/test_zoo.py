@@ -91,6 +91,15 @@ TWIN_CASES = [
 ]
 
 
+# Floors under "within 3x of PyTorch float32's error" (relative L2): float32 rounding through a
+# net, with room for Winograd F(4x4)'s 5-20x larger float32 error per layer (docs/kernels.md).
+# Real mistakes measured when breaking the code on purpose: 0.17 to 1.4 (a 1% error in the
+# BatchNorm backward, a halved shortcut gradient, a concatenation shifted by one channel).
+FORWARD_FLOOR = 1e-4
+GRADIENT_FLOOR = 5e-4
+LAYER_TOLERANCE = 5e-4  # one layer on identical inputs, against float64
+
+
 def _build(name, kwargs, seed):
     kwargs = dict(kwargs)
     if name not in ("lenet5", "resnet-mnist"):
@@ -183,13 +192,13 @@ def _replay_layers(model, twin32, rec, torch):
             dxs = dx if isinstance(dx, list) else [dx]
             for d, inp in zip(dxs, inputs, strict=True):
                 err = _rel_l2(d, inp.grad.numpy())
-                assert err < 1e-4, f"{what}: dx off by {err:.2e}"
+                assert err < LAYER_TOLERANCE, f"{what}: dx off by {err:.2e}"
         if module is not None:
             for wname, tensor, how in _pairs(layer, module, torch):
                 if wname in grads:
                     want = tensor.grad.numpy()
                     err = _rel_l2(grads[wname], want.T if how == "T" else want)
-                    assert err < 1e-4, f"{what}: gradient of {wname} off by {err:.2e}"
+                    assert err < LAYER_TOLERANCE, f"{what}: gradient of {wname} off by {err:.2e}"
         checked += 1
     return checked
 
@@ -247,7 +256,7 @@ def test_forward_and_training_step_match_the_pytorch_twin(name, kwargs, batch, s
             f"PyTorch float32 by {theirs:.2e}"
         )
 
-    check("training forward", y, outs["32"][0], outs["64"][0], 1e-5)
+    check("training forward", y, outs["32"][0], outs["64"][0], FORWARD_FLOOR)
     keys = model.trainable_weight_keys()
     assert len(grads) == len(keys) == len(outs["64"][1])
     if name in ("resnet34", "googlenet"):
@@ -260,7 +269,7 @@ def test_forward_and_training_step_match_the_pytorch_twin(name, kwargs, batch, s
         )
     else:
         for key, g, g32, g64 in zip(keys, grads, outs["32"][1], outs["64"][1], strict=True):
-            check(f"gradient {key}", g, g32, g64, 1e-4)
+            check(f"gradient {key}", g, g32, g64, GRADIENT_FLOOR)
     assert _replay_layers(model, twin32, rec, torch) >= len(keys) // 2
 
     # Moving statistics after the step, as PyTorch's running ones.
@@ -271,7 +280,7 @@ def test_forward_and_training_step_match_the_pytorch_twin(name, kwargs, batch, s
             assert not np.array_equal(layer.buffers["moving_mean"], moving_before[layer.name])
             for ours, attr in (("moving_mean", "running_mean"), ("moving_variance", "running_var")):
                 t32, t64 = getattr(bn32, attr).numpy(), getattr(bn64, attr).numpy()
-                check(f"{layer.name} {ours}", layer.buffers[ours], t32, t64, 1e-5)
+                check(f"{layer.name} {ours}", layer.buffers[ours], t32, t64, FORWARD_FLOOR)
 
     # Inference: BatchNorm folded into the convolutions, moving statistics.
     twin64.eval()
@@ -280,7 +289,7 @@ def test_forward_and_training_step_match_the_pytorch_twin(name, kwargs, batch, s
         want64 = twin64(torch.from_numpy(x).double()).numpy()
         want32 = twin32(torch.from_numpy(x)).numpy()
     y32 = model.predict(x)
-    check("inference", y32, want32, want64, 1e-5)
+    check("inference", y32, want32, want64, FORWARD_FLOOR)
 
     # float16 inference of the same model: about ten half-precision roundings of the output
     # scale (measured 5e-4 to 2e-3).
@@ -299,7 +308,8 @@ def test_deep_mnist_net_inference_matches_the_twin():
     twin = to_torch(model).eval()
     with torch.no_grad():
         want = twin(torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(model.predict(x), want, rtol=1e-4, atol=1e-5)
+    got = model.predict(x)
+    assert np.abs(got - want).max() <= FORWARD_FLOOR * np.abs(want).max()
 
 
 def test_one_training_step_updates_like_pytorch_sgd():
@@ -317,13 +327,13 @@ def test_one_training_step_updates_like_pytorch_sgd():
     loss.backward()
     opt.step()
     logs = model.train_on_batch(x, y)
-    assert logs["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert logs["loss"] == pytest.approx(loss.item(), rel=1e-4)
     expected = models.resnet_mnist(seed=0)
     copy_from_torch(twin, expected)
     for (layer, w), mine, want in zip(
         model.weight_entries(), model.get_weights(), expected.get_weights(), strict=True
     ):
-        np.testing.assert_allclose(mine, want, rtol=1e-4, atol=1e-6, err_msg=f"{layer.name}/{w}")
+        np.testing.assert_allclose(mine, want, rtol=1e-4, atol=1e-5, err_msg=f"{layer.name}/{w}")
 
 
 # --- float16 --------------------------------------------------------------------------------------
