@@ -18,7 +18,9 @@ SUPPORTED_DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
 def _type_name(obj) -> str:
     cls = type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}" if cls.__module__ != "builtins" else cls.__qualname__
+    return (
+        f"{cls.__module__}.{cls.__qualname__}" if cls.__module__ != "builtins" else cls.__qualname__
+    )
 
 
 def is_cupy_array(x) -> bool:
@@ -45,11 +47,13 @@ def check_same_kind(reference_name: str, reference, **others) -> None:
             continue
         if is_cupy_array(arr) != ref_gpu:
             where = "cupy.ndarray" if ref_gpu else "numpy.ndarray"
-            raise TypeError(f"{name} must be a {where} like {reference_name}, got {_type_name(arr)}")
+            raise TypeError(
+                f"{name} must be a {where} like {reference_name}, got {_type_name(arr)}"
+            )
         if arr.dtype != reference.dtype:
             raise TypeError(
-                f"{name} must have the same dtype as {reference_name} ({np.dtype(reference.dtype)}), "
-                f"got {np.dtype(arr.dtype)}"
+                f"{name} must have the same dtype as {reference_name} "
+                f"({np.dtype(reference.dtype)}), got {np.dtype(arr.dtype)}"
             )
 
 
@@ -74,13 +78,22 @@ def as_pair(value, name: str, minimum: int) -> tuple[int, int]:
     return v, v
 
 
-def _output_size(size: int, k: int, stride: int, pad: int, axis: str, what: str) -> int:
+def _output_size(
+    size: int, k: int, stride: int, pad: int, axis: str, what: str, ceil_mode: bool = False
+) -> int:
     padded = size + 2 * pad
     if k > padded:
         raise ValueError(
             f"{what} {axis} {k} exceeds the padded input {axis} {padded} (input {size}, pad {pad})"
         )
-    return (padded - k) // stride + 1
+    if not ceil_mode:
+        return (padded - k) // stride + 1
+    # ceil_mode (pooling): a last, partial window covers the rows the floor would drop; as in
+    # PyTorch it must start inside the input or its left/top padding, so it is never empty.
+    out = -(-(padded - k) // stride) + 1
+    if (out - 1) * stride >= size + pad:
+        out -= 1
+    return out
 
 
 class Geometry(NamedTuple):
@@ -108,7 +121,11 @@ class Geometry(NamedTuple):
         return (self.OH, self.OW)
 
 
-def window_geometry(x_shape, kernel, stride, pad, what: str = "kernel") -> Geometry:
+def window_geometry(
+    x_shape, kernel, stride, pad, what: str = "kernel", ceil_mode: bool = False
+) -> Geometry:
+    """The validated geometry; ``ceil_mode`` (pooling) rounds the output size up, the windows
+    past the bottom/right edge being clipped there (as PyTorch's ``ceil_mode=True``)."""
     if x_shape[2] < 1 or x_shape[3] < 1:
         # A 0-pixel image would leave windows with no pixel, which the kernels would read anyway.
         raise ValueError(f"x must have height and width >= 1, got shape {tuple(x_shape)}")
@@ -116,8 +133,8 @@ def window_geometry(x_shape, kernel, stride, pad, what: str = "kernel") -> Geome
     kh, kw = kernel
     sh, sw = as_pair(stride, "stride", 1)
     ph, pw = as_pair(pad, "pad", 0)
-    OH = _output_size(H, kh, sh, ph, "height", what)
-    OW = _output_size(W, kw, sw, pw, "width", what)
+    OH = _output_size(H, kh, sh, ph, "height", what, ceil_mode)
+    OW = _output_size(W, kw, sw, pw, "width", what, ceil_mode)
     return Geometry(N, C, H, W, kh, kw, sh, sw, ph, pw, OH, OW)
 
 
@@ -182,31 +199,39 @@ def validate_conv2d_backward(dy, x, w, stride, pad) -> Geometry:
     return g
 
 
-def validate_pool(x, size, stride, pad, max_pool: bool) -> Geometry:
+def check_ceil_mode(ceil_mode) -> bool:
+    if not isinstance(ceil_mode, (bool, np.bool_)):
+        raise TypeError(f"ceil_mode must be a bool, got {_type_name(ceil_mode)}")
+    return bool(ceil_mode)
+
+
+def validate_pool(x, size, stride, pad, max_pool: bool, ceil_mode=False) -> Geometry:
     check_array(x, "x", 4)
     kernel = as_pair(size, "size", 1)
     stride = kernel if stride is None else stride
-    g = window_geometry(x.shape, kernel, stride, pad, what="window")
+    ceil_mode = check_ceil_mode(ceil_mode)
+    g = window_geometry(x.shape, kernel, stride, pad, what="window", ceil_mode=ceil_mode)
     if max_pool and (2 * g.ph > g.kh or 2 * g.pw > g.kw):
         # Beyond half the window some windows hold only padding and would have no maximum.
         raise ValueError(f"pad must be at most half the window size {kernel}, got {(g.ph, g.pw)}")
     return g
 
 
-def validate_max_pool_backward(dy, x, size, stride, pad) -> Geometry:
-    g = validate_pool(x, size, stride, pad, max_pool=True)
+def validate_max_pool_backward(dy, x, size, stride, pad, ceil_mode=False) -> Geometry:
+    g = validate_pool(x, size, stride, pad, max_pool=True, ceil_mode=ceil_mode)
     check_array(dy, "dy", 4)
     check_same_kind("x", x, dy=dy)
     check_shape(dy, "dy", (g.N, g.C, g.OH, g.OW))
     return g
 
 
-def validate_avg_pool_backward(dy, x_shape, size, stride, pad) -> Geometry:
+def validate_avg_pool_backward(dy, x_shape, size, stride, pad, ceil_mode=False) -> Geometry:
     check_array(dy, "dy", 4)
     x_shape = check_x_shape(x_shape)
     kernel = as_pair(size, "size", 1)
     stride = kernel if stride is None else stride
-    g = window_geometry(x_shape, kernel, stride, pad, what="window")
+    ceil_mode = check_ceil_mode(ceil_mode)
+    g = window_geometry(x_shape, kernel, stride, pad, what="window", ceil_mode=ceil_mode)
     check_shape(dy, "dy", (g.N, g.C, g.OH, g.OW))
     return g
 
@@ -455,6 +480,8 @@ def _memory_bounds(a):
 def _may_overlap(a, b) -> bool:
     ba, bb = _memory_bounds(a), _memory_bounds(b)
     return ba is not None and bb is not None and ba[0] < bb[1] and bb[0] < ba[1]
+
+
 # --- convolution algorithms (CPU backend) ---------------------------------------------------
 
 CONV_ALGORITHMS = ("direct", "unfolded", "winograd4x4", "winograd2x2")

@@ -235,14 +235,17 @@ def clear_conv_algorithm_choices():
     _select.clear()
 
 
-def max_pool2d(x, size=2, stride=None, pad=0):
+def max_pool2d(x, size=2, stride=None, pad=0, ceil_mode=False):
     """Max pooling; ``stride`` defaults to ``size`` and padding never wins the max.
+
+    ``ceil_mode`` rounds the output size up instead of down: the last window may run past the
+    bottom/right edge and is clipped there (PyTorch's ``ceil_mode=True``; GoogLeNet uses it).
 
     Returns
     -------
     ndarray, (N, C, OH, OW), same dtype as ``x``
     """
-    g = chk.validate_pool(x, size, stride, pad, max_pool=True)
+    g = chk.validate_pool(x, size, stride, pad, max_pool=True, ceil_mode=ceil_mode)
     be = _backend(x)
     if g.N == 0:
         return be.zeros((0, g.C, g.OH, g.OW), x.dtype)
@@ -250,9 +253,9 @@ def max_pool2d(x, size=2, stride=None, pad=0):
     return _launch(be, "max_pool2d", x, g)
 
 
-def max_pool2d_backward(dy, x, size=2, stride=None, pad=0):
+def max_pool2d_backward(dy, x, size=2, stride=None, pad=0, ceil_mode=False):
     """Gradient of :func:`max_pool2d`, sent to the first maximum of each window (as PyTorch)."""
-    g = chk.validate_max_pool_backward(dy, x, size, stride, pad)
+    g = chk.validate_max_pool_backward(dy, x, size, stride, pad, ceil_mode)
     be = _backend(x)
     if g.N == 0:
         return be.zeros(g.x_shape, x.dtype)
@@ -260,9 +263,12 @@ def max_pool2d_backward(dy, x, size=2, stride=None, pad=0):
     return _launch(be, "max_pool2d_backward", dy, x, g)
 
 
-def avg_pool2d(x, size=2, stride=None, pad=0):
-    """Average pooling; zero padding counts in the divisor (PyTorch's default)."""
-    g = chk.validate_pool(x, size, stride, pad, max_pool=False)
+def avg_pool2d(x, size=2, stride=None, pad=0, ceil_mode=False):
+    """Average pooling; zero padding counts in the divisor (PyTorch's default).
+
+    With ``ceil_mode`` a window running past the padded edge divides by the part of it inside
+    the padded input only (as PyTorch)."""
+    g = chk.validate_pool(x, size, stride, pad, max_pool=False, ceil_mode=ceil_mode)
     be = _backend(x)
     if g.N == 0:
         return be.zeros((0, g.C, g.OH, g.OW), x.dtype)
@@ -270,9 +276,9 @@ def avg_pool2d(x, size=2, stride=None, pad=0):
     return _launch(be, "avg_pool2d", x, g)
 
 
-def avg_pool2d_backward(dy, x_shape, size=2, stride=None, pad=0):
+def avg_pool2d_backward(dy, x_shape, size=2, stride=None, pad=0, ceil_mode=False):
     """Gradient of :func:`avg_pool2d` with respect to an input of shape ``x_shape``."""
-    g = chk.validate_avg_pool_backward(dy, x_shape, size, stride, pad)
+    g = chk.validate_avg_pool_backward(dy, x_shape, size, stride, pad, ceil_mode)
     be = _backend(dy)
     if g.N == 0:
         return be.zeros(g.x_shape, dy.dtype)

@@ -51,8 +51,22 @@ def _windows(xp, g):
     ]
 
 
-def _pad(x, g, value=0.0):
-    return np.pad(x, ((0, 0), (0, 0), (g.ph, g.ph), (g.pw, g.pw)), constant_values=value)
+def _overhang(g):
+    """Rows and columns that ceil-mode windows reach past the padded input (0 otherwise)."""
+    eh = max(0, (g.OH - 1) * g.sh + g.kh - (g.H + 2 * g.ph))
+    ew = max(0, (g.OW - 1) * g.sw + g.kw - (g.W + 2 * g.pw))
+    return eh, ew
+
+
+def _pad(x, g, value=0.0, beyond=None):
+    """Pad with ``value``; the ceil-mode overhang past the padding with ``beyond`` (default
+    ``value``)."""
+    eh, ew = _overhang(g)
+    xp = np.pad(x, ((0, 0), (0, 0), (g.ph, g.ph), (g.pw, g.pw)), constant_values=value)
+    if eh or ew:
+        fill = value if beyond is None else beyond
+        xp = np.pad(xp, ((0, 0), (0, 0), (0, eh), (0, ew)), constant_values=fill)
+    return xp
 
 
 def _crop(xp, g):
@@ -61,7 +75,8 @@ def _crop(xp, g):
 
 def _scatter_windows(contrib, g):
     """Sum ``contrib`` (N, C, OH, OW, kh, kw) back onto the padded image; return it cropped."""
-    xp = np.zeros((g.N, g.C, g.H + 2 * g.ph, g.W + 2 * g.pw))
+    eh, ew = _overhang(g)
+    xp = np.zeros((g.N, g.C, g.H + 2 * g.ph + eh, g.W + 2 * g.pw + ew))
     for i in range(g.kh):
         for j in range(g.kw):
             xp[:, :, i : i + g.sh * g.OH : g.sh, j : j + g.sw * g.OW : g.sw] += contrib[..., i, j]
@@ -110,27 +125,35 @@ def conv2d_backward(dy, x, w, stride=1, pad=0):
     return dx, dw, db
 
 
-def _pool_geometry(x_shape, size, stride, pad, max_pool=False):
+def _pool_geometry(x_shape, size, stride, pad, ceil_mode=False, max_pool=False):
     kernel = as_pair(size, "size", 1)
-    g = window_geometry(x_shape, kernel, kernel if stride is None else stride, pad, "window")
+    stride = kernel if stride is None else stride
+    g = window_geometry(x_shape, kernel, stride, pad, "window", ceil_mode=bool(ceil_mode))
     if max_pool and (2 * g.ph > g.kh or 2 * g.pw > g.kw):
         # The public API's rule: beyond half the window some windows hold only padding.
         raise ValueError(f"pad must be at most half the window size {kernel}, got {(g.ph, g.pw)}")
     return g
 
 
-def max_pool2d(x, size=2, stride=None, pad=0):
+def _window_counts(g):
+    """(OH, OW) divisors of average pooling: the window's cells inside the zero-padded input
+    (kh*kw, except for ceil-mode windows running past it)."""
+    inside = _pad(np.ones((1, 1, g.H, g.W)), g, value=1.0, beyond=0.0)
+    return _windows(inside, g).sum(axis=(4, 5))[0, 0]
+
+
+def max_pool2d(x, size=2, stride=None, pad=0, ceil_mode=False):
     """Max over each window; padding is -inf so it never wins. NaN propagates."""
     x = _f64(x, "x")
-    g = _pool_geometry(x.shape, size, stride, pad, max_pool=True)
+    g = _pool_geometry(x.shape, size, stride, pad, ceil_mode, max_pool=True)
     win = _windows(_pad(x, g, -np.inf), g)
     return win.max(axis=(4, 5))
 
 
-def max_pool2d_backward(dy, x, size=2, stride=None, pad=0):
+def max_pool2d_backward(dy, x, size=2, stride=None, pad=0, ceil_mode=False):
     """Route each output gradient to the first maximum of its window (row-major), as PyTorch."""
     dy, x = _f64(dy, "dy"), _f64(x, "x")
-    g = _pool_geometry(x.shape, size, stride, pad, max_pool=True)
+    g = _pool_geometry(x.shape, size, stride, pad, ceil_mode, max_pool=True)
     win = _windows(_pad(x, g, -np.inf), g).reshape(g.N, g.C, g.OH, g.OW, g.kh * g.kw)
     real = _windows(_pad(np.ones(x.shape, bool), g, False), g).reshape(win.shape)
     m = win.max(axis=-1, keepdims=True)  # NaN if the window holds one
@@ -144,19 +167,20 @@ def max_pool2d_backward(dy, x, size=2, stride=None, pad=0):
     return _scatter_windows(contrib, g)
 
 
-def avg_pool2d(x, size=2, stride=None, pad=0):
-    """Mean over each window, zero padding counted in the divisor (PyTorch's default)."""
+def avg_pool2d(x, size=2, stride=None, pad=0, ceil_mode=False):
+    """Mean over each window, zero padding counted in the divisor (PyTorch's default); a
+    ceil-mode window past the padded input divides by its cells inside it (as PyTorch)."""
     x = _f64(x, "x")
-    g = _pool_geometry(x.shape, size, stride, pad)
-    return _windows(_pad(x, g), g).mean(axis=(4, 5))
+    g = _pool_geometry(x.shape, size, stride, pad, ceil_mode)
+    return _windows(_pad(x, g), g).sum(axis=(4, 5)) / _window_counts(g)
 
 
-def avg_pool2d_backward(dy, x_shape, size=2, stride=None, pad=0):
-    """Gradient of :func:`avg_pool2d`: each window gets ``dy / (kh*kw)``."""
+def avg_pool2d_backward(dy, x_shape, size=2, stride=None, pad=0, ceil_mode=False):
+    """Gradient of :func:`avg_pool2d`: each window gets ``dy`` over its divisor."""
     dy = _f64(dy, "dy")
-    g = _pool_geometry(check_x_shape(x_shape), size, stride, pad)
+    g = _pool_geometry(check_x_shape(x_shape), size, stride, pad, ceil_mode)
     contrib = np.broadcast_to(
-        dy[..., None, None] / (g.kh * g.kw), (g.N, g.C, g.OH, g.OW, g.kh, g.kw)
+        (dy / _window_counts(g))[..., None, None], (g.N, g.C, g.OH, g.OW, g.kh, g.kw)
     )
     return _scatter_windows(contrib, g)
 

@@ -6,6 +6,11 @@ twin's weights back. PyTorch is optional: it is imported only here, and only whe
 Layout differences handled: Dense weights are ``(in, out)`` here and ``(out, in)`` in
 ``nn.Linear``; BatchNorm's momentum is ``1 - momentum`` in PyTorch. Frozen BatchNorm layers are
 put in eval mode (they normalise with their moving statistics, as here).
+
+The twin runs the graph as torchvision's models do, so that time and memory compare fairly:
+ReLUs work in place where their input has no other use (``ReLU(inplace=True)``), a residual
+sum adds the shortcut into the branch's output in place (``out += identity``), and each
+intermediate value is dropped after its last use.
 """
 
 from __future__ import annotations
@@ -14,7 +19,13 @@ import numpy as np
 
 from .nn.backend import to_numpy
 
-__all__ = ["to_torch", "copy_from_torch"]
+__all__ = ["to_torch", "copy_from_torch", "module_key"]
+
+
+def module_key(name: str) -> str:
+    """The twin's ``layers`` key of fastconv layer ``name``: PyTorch refuses "." in module
+    names, which the zoo's torchvision-style names (``layer1.0.conv1``) contain."""
+    return name.replace(".", "_")
 
 
 def _torch():
@@ -28,28 +39,40 @@ def _torch():
     return torch
 
 
-def _module_for(layer, torch):
+def _shape(layer, weight) -> tuple:
+    """A weight's declared shape (also for a model whose weights were not created)."""
+    for spec in layer.weight_specs(layer.input_shape):
+        if spec.name == weight:
+            return tuple(spec.shape)
+    raise KeyError(weight)
+
+
+def _module_for(layer, torch, inplace=False):
+    """The torch module of ``layer``; ``inplace``: a ReLU may overwrite its input."""
     nn = torch.nn
     kind = type(layer).__name__
     if kind == "Conv2D":
-        F, C, kh, kw = layer.params["W"].shape
+        F, C, kh, kw = _shape(layer, "W")
         conv = nn.Conv2d(C, F, (kh, kw), layer.stride, layer.padding, bias=layer.use_bias)
-        return nn.Sequential(conv, nn.ReLU()) if layer.activation == "relu" else conv
+        return nn.Sequential(conv, nn.ReLU(inplace=True)) if layer.activation == "relu" else conv
     if kind == "Dense":
-        n_in, n_out = layer.params["W"].shape
+        n_in, n_out = _shape(layer, "W")
         lin = nn.Linear(n_in, n_out, bias=layer.use_bias)
-        return nn.Sequential(lin, nn.ReLU()) if layer.activation == "relu" else lin
+        return nn.Sequential(lin, nn.ReLU(inplace=True)) if layer.activation == "relu" else lin
+    if kind == "ReLU":
+        return nn.ReLU(inplace=inplace)
     if kind in ("BatchNorm2D", "BatchNorm1D"):
         cls = nn.BatchNorm2d if kind == "BatchNorm2D" else nn.BatchNorm1d
-        return cls(layer.params["gamma"].shape[0], eps=layer.epsilon, momentum=1 - layer.momentum)
+        return cls(_shape(layer, "gamma")[0], eps=layer.epsilon, momentum=1 - layer.momentum)
     if kind == "MaxPool2D":
         return nn.MaxPool2d(layer.size, layer.stride, layer.padding)
+    if kind == "MaxPool2DCeil":  # fastconv.models (GoogLeNet)
+        return nn.MaxPool2d(layer.size, layer.stride, layer.padding, ceil_mode=True)
     if kind == "AvgPool2D":
         return nn.AvgPool2d(layer.size, layer.stride, layer.padding, count_include_pad=True)
     if kind == "GlobalAveragePooling2D":
         return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
     simple = {
-        "ReLU": nn.ReLU,
         "Sigmoid": nn.Sigmoid,
         "Tanh": nn.Tanh,
         "Flatten": nn.Flatten,
@@ -90,65 +113,114 @@ def _pairs(layer, module, torch):
     return []
 
 
-def to_torch(model):
+# Layers whose twin returns a tensor of its own (no view, no alias of another live value).
+_FRESH = frozenset(
+    "Conv2D Dense BatchNorm2D BatchNorm1D Add Concatenate MaxPool2D MaxPool2DCeil AvgPool2D "
+    "GlobalAveragePooling2D ReLU Sigmoid Tanh Softmax".split()
+)
+
+
+def to_torch(model, copy_weights: bool = True):
     """A float32 CPU ``torch.nn.Module`` computing what ``model`` computes, weights copied.
 
     Dropout draws from PyTorch's own generator, so training-mode outputs differ where dropout
-    is active; everything else matches to float32 rounding.
+    is active; everything else matches to float32 rounding. ``copy_weights=False`` keeps
+    PyTorch's own initial weights (the same architecture; for memory measurements, where the
+    fastconv copy of the weights must not be created at all).
     """
     torch = _torch()
     model._require_built()
 
+    keys = [module_key(layer.name) for layer in model.layers]
+    if len(set(keys)) != len(keys):
+        raise ValueError("layer names must stay unique with '.' read as '_' to build a twin")
+    uses: dict[int, int] = {}  # tensor id -> number of nodes reading it
+    for node in model._nodes:
+        for t in node.inputs:
+            uses[t.id] = uses.get(t.id, 0) + 1
+
+    def private(t):
+        """May a node overwrite tensor ``t``? Only if nothing else reads it, nor the caller,
+        and it is no view of another value (Flatten, Dropout at inference, return those)."""
+        return t.node is not None and type(t.node.layer).__name__ in _FRESH and uses[t.id] == 1
+
+    # Everything the module needs is computed here: the class must not refer to ``model``,
+    # or the twin would keep the fastconv model (and its weights) alive.
+    inplace = {}  # a weightless layer may be shared: in place only if every use may be
+    for node in model._nodes:
+        ok = all(private(t) for t in node.inputs)
+        inplace[node.layer.name] = inplace.get(node.layer.name, True) and ok
+    modules = {}
+    for layer in model.layers:
+        module = _module_for(layer, torch, inplace=inplace[layer.name])
+        if module is not None:
+            modules[module_key(layer.name)] = module
+    last_read = {}
+    for i, node in enumerate(model._nodes):
+        for t in node.inputs:
+            last_read[t.id] = i
+    graph = []  # (module key, kind, input ids, output id, axis, in place, ids last read here)
+    for i, node in enumerate(model._nodes):
+        ids = [t.id for t in node.inputs]
+        graph.append(
+            (
+                module_key(node.layer.name),
+                type(node.layer).__name__,
+                ids,
+                node.output.id,
+                getattr(node.layer, "axis", None),
+                private(node.inputs[0]),
+                sorted({t for t in ids if last_read[t] == i}),
+            )
+        )
+    frozen_bn = [
+        module_key(layer.name)
+        for layer in model.layers
+        if type(layer).__name__.startswith("BatchNorm") and not layer.trainable
+    ]
+    ends = (model._input.id, model._output.id)
+
     class Twin(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.layers = torch.nn.ModuleDict()
-            self.graph = []  # (layer name, kind, input refs, output id, axis)
-            for layer in model.layers:
-                module = _module_for(layer, torch)
-                if module is not None:
-                    self.layers[layer.name] = module
-            for node in model._nodes:
-                layer = node.layer
-                self.graph.append(
-                    (
-                        layer.name,
-                        type(layer).__name__,
-                        [t.id for t in node.inputs],
-                        node.output.id,
-                        getattr(layer, "axis", None),
-                    )
-                )
-            self.input_id, self.output_id = model._input.id, model._output.id
+            self.layers = torch.nn.ModuleDict(modules)
+            self.graph = graph
+            self.frozen_bn = frozen_bn
+            self.input_id, self.output_id = ends
 
         def forward(self, x):
             values = {self.input_id: x}
-            for name, kind, inputs, out, axis in self.graph:
+            for key, kind, inputs, out, axis, own_first, done in self.graph:
                 xs = [values[t] for t in inputs]
+                for t in done:  # dropped after its last use, as a plain forward() would
+                    del values[t]
                 if kind == "Add":
-                    y = xs[0]
+                    # torchvision's "out += identity": into the branch's own output.
+                    y = xs[0] if own_first else xs[0].clone()
                     for more in xs[1:]:
-                        y = y + more
+                        y += more
                 elif kind == "Concatenate":
                     y = torch.cat(xs, dim=axis)
                 else:
-                    y = self.layers[name](xs[0])
+                    y = self.layers[key](xs[0])
+                del xs
                 values[out] = y
             return values[self.output_id]
 
         def train(self, mode=True):
             super().train(mode)
-            for layer in model.layers:  # frozen BatchNorm: moving statistics, as in fastconv
-                if type(layer).__name__.startswith("BatchNorm") and not layer.trainable:
-                    self.layers[layer.name].eval()
+            for key in self.frozen_bn:  # frozen BatchNorm: moving statistics, as in fastconv
+                self.layers[key].eval()
             return self
 
     twin = Twin()
+    if not copy_weights:
+        return twin.train()
     with torch.no_grad():
         for layer in model.layers:
-            if layer.name not in twin.layers:
+            if module_key(layer.name) not in twin.layers:
                 continue
-            for name, tensor, how in _pairs(layer, twin.layers[layer.name], torch):
+            for name, tensor, how in _pairs(layer, twin.layers[module_key(layer.name)], torch):
                 value = to_numpy(layer.get_weight(name)).astype(np.float32)
                 tensor.copy_(torch.from_numpy(value.T.copy() if how == "T" else value))
     return twin.train()
@@ -159,7 +231,9 @@ def copy_from_torch(module, model) -> None:
     torch = _torch()
     weights = []
     for layer, name in model.weight_entries():
-        pairs = {n: (t, how) for n, t, how in _pairs(layer, module.layers[layer.name], torch)}
+        pairs = {
+            n: (t, how) for n, t, how in _pairs(layer, module.layers[module_key(layer.name)], torch)
+        }
         tensor, how = pairs[name]
         value = tensor.detach().cpu().numpy()
         weights.append(value.T.copy() if how == "T" else value)

@@ -9,6 +9,9 @@ visited); a NaN in a window makes the output NaN and takes the gradient; ties se
 gradient to the first maximum in row-major window order; average pooling counts the zero
 padding in the divisor (``count_include_pad=True``). One difference: in a window with
 several NaNs the first takes the gradient (as ``fastconv.reference``), PyTorch's the last.
+In ceil mode (the geometry's output size rounded up) the last windows run past the
+bottom/right edge: they are clipped to the input, and an average window divides by its cells
+inside the padded input, as PyTorch.
 
 The deep-MNIST net only uses 2x2 stride-2 unpadded max pooling, so that case has its own
 kernels: no window bounds to clip, a branch-free 4-way max, and a backward pass that writes
@@ -90,16 +93,24 @@ def _max_backward(dy, x, dx, kh, kw, sh, sw, ph, pw):
                 dx[p, h, w] = store_value(dx, acc[h, w])
 
 
+@njit(inline="always")
+def _padded_extent(start, k, size, pad):
+    """Cells of a window starting at ``start`` inside the zero-padded input: ``k``, except for
+    a ceil-mode window running past the padding (which does not count, as in PyTorch)."""
+    return min(start + k, size + pad) - start
+
+
 @njit(parallel=True, cache=True)
 def _avg_forward(x, out, kh, kw, sh, sw, ph, pw):
     P, H, W = x.shape
     OH, OW = out.shape[1], out.shape[2]
-    scale = np.float32(1.0) / np.float32(kh * kw)
     for p in prange(P):
         for oh in range(OH):
             hs, he = _clip(oh * sh - ph, kh, H)
+            rows = _padded_extent(oh * sh - ph, kh, H, ph)
             for ow in range(OW):
                 ws, we = _clip(ow * sw - pw, kw, W)
+                scale = np.float32(1.0) / np.float32(rows * _padded_extent(ow * sw - pw, kw, W, pw))
                 s = np.float32(0.0)
                 for h in range(hs, he):
                     for w in range(ws, we):
@@ -113,7 +124,13 @@ def _avg_backward(dy, dx, kh, kw, sh, sw, ph, pw):
     # written once and no accumulation buffer is needed.
     P, H, W = dx.shape
     OH, OW = dy.shape[1], dy.shape[2]
-    scale = np.float32(1.0) / np.float32(kh * kw)
+    # 1 / divisor of each output row and column (kh, kw except for ceil-mode windows).
+    inv_rows = np.empty(OH, np.float32)
+    for oh in range(OH):
+        inv_rows[oh] = np.float32(1.0) / np.float32(_padded_extent(oh * sh - ph, kh, H, ph))
+    inv_cols = np.empty(OW, np.float32)
+    for ow in range(OW):
+        inv_cols[ow] = np.float32(1.0) / np.float32(_padded_extent(ow * sw - pw, kw, W, pw))
     for p in prange(P):
         for h in range(H):
             hp = h + ph
@@ -127,8 +144,8 @@ def _avg_backward(dy, dx, kh, kw, sh, sw, ph, pw):
                 s = np.float32(0.0)
                 for oh in range(oh0, oh1):
                     for ow in range(ow0, ow1):
-                        s += load(dy[p, oh, ow])
-                dx[p, h, w] = store_value(dx, s * scale)
+                        s += load(dy[p, oh, ow]) * (inv_rows[oh] * inv_cols[ow])
+                dx[p, h, w] = store_value(dx, s)
 
 
 # --- 2x2 stride-2 unpadded fast path -----------------------------------------------------------
@@ -265,7 +282,10 @@ def _backward_2x2_kernel_for(dtype):
 
 
 def _is_2x2(g) -> bool:
-    return (g.kh, g.kw, g.sh, g.sw, g.ph, g.pw) == (2, 2, 2, 2, 0, 0)
+    # Not in ceil mode on odd sizes: the fast kernels read whole 2x2 windows, unclipped.
+    return (g.kh, g.kw, g.sh, g.sw, g.ph, g.pw) == (2, 2, 2, 2, 0, 0) and (
+        2 * g.OH <= g.H and 2 * g.OW <= g.W
+    )
 
 
 def _planes(a, h, w):

@@ -70,16 +70,24 @@ __global__ void max_pool2d_backward(const T* __restrict__ dy, const T* __restric
     }
 }
 
+// Cells of a window starting at `start` inside the zero-padded input: k, except for a ceil-mode
+// window running past the padding, which does not count (as in PyTorch).
+__device__ __forceinline__ int padded_extent(int start, int k, int size, int pad) {
+    int end = start + k < size + pad ? start + k : size + pad;
+    return end - start;
+}
+
 // Zero padding counts in the divisor (PyTorch's count_include_pad=True default).
 template <typename T>
 __global__ void avg_pool2d(const T* __restrict__ x, T* __restrict__ y, int N, int C, int H, int W,
                            int kh, int kw, int sh, int sw, int ph, int pw, int OH, int OW) {
     const long long total = (long long)N * C * OH * OW;
-    const float scale = 1.0f / (float)(kh * kw);
     FC_GRID_STRIDE_LOOP(t, total) {
         int ow = t % OW;
         int oh = (t / OW) % OH;
         const T* xc = x + (t / ((long long)OH * OW)) * H * W;
+        const float scale = 1.0f / (float)(padded_extent(oh * sh - ph, kh, H, ph) *
+                                           padded_extent(ow * sw - pw, kw, W, pw));
         float acc = 0.0f;
         for (int i = 0; i < kh; ++i) {
             int h = oh * sh - ph + i;
@@ -98,16 +106,18 @@ __global__ void avg_pool2d_backward(const T* __restrict__ dy, T* __restrict__ dx
                                     int H, int W, int kh, int kw, int sh, int sw, int ph, int pw,
                                     int OH, int OW) {
     const long long total = (long long)N * C * H * W;
-    const float scale = 1.0f / (float)(kh * kw);
     FC_GRID_STRIDE_LOOP(t, total) {
         int w = t % W;
         int h = (t / W) % H;
         const T* dyc = dy + (t / ((long long)H * W)) * OH * OW;
         float acc = 0.0f;
         int oh1 = last_window(h, sh, ph, OH), ow1 = last_window(w, sw, pw, OW);
-        for (int oh = first_window(h, kh, sh, ph); oh <= oh1; ++oh)
+        for (int oh = first_window(h, kh, sh, ph); oh <= oh1; ++oh) {
+            const float rows = (float)padded_extent(oh * sh - ph, kh, H, ph);
             for (int ow = first_window(w, kw, sw, pw); ow <= ow1; ++ow)
-                acc += load_f(dyc, (long long)oh * OW + ow);
-        store_f(dx, t, acc * scale);
+                acc += load_f(dyc, (long long)oh * OW + ow) /
+                       (rows * (float)padded_extent(ow * sw - pw, kw, W, pw));
+        }
+        store_f(dx, t, acc);
     }
 }
