@@ -20,6 +20,7 @@ import numba
 import numpy as np
 
 from ._workspace import launch_guard
+from .augment import gaussian_blur, warp_bilinear
 from .conv import col2im, conv2d, conv2d_backward, im2col
 from .pool import avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward
 
@@ -49,6 +50,8 @@ __all__ = [
     "max_pool2d_backward",
     "avg_pool2d",
     "avg_pool2d_backward",
+    "warp_bilinear",
+    "gaussian_blur",
 ]
 
 

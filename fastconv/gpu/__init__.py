@@ -26,6 +26,8 @@ __all__ = [
     "max_pool2d_backward",
     "avg_pool2d",
     "avg_pool2d_backward",
+    "warp_bilinear",
+    "gaussian_blur",
 ]
 
 _INSTALL_HINT = (
@@ -140,3 +142,11 @@ def avg_pool2d(x, g):
 
 def avg_pool2d_backward(dy, g):
     return _ops().avg_pool2d_backward(dy, g)
+
+
+def warp_bilinear(x, theta, flow, out_hw):
+    return _ops().warp_bilinear(x, theta.reshape(x.shape[0], 6), flow, out_hw)
+
+
+def gaussian_blur(fields, taps):
+    return _ops().gaussian_blur(fields, taps)

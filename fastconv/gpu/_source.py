@@ -15,7 +15,7 @@ import re
 from pathlib import Path
 
 KERNEL_DIR = Path(__file__).parent / "kernels"
-SOURCE_FILES = ("im2col.cu", "pool.cu", "conv.cu")
+SOURCE_FILES = ("im2col.cu", "pool.cu", "conv.cu", "augment.cu")
 
 _GEOM = "i" * 12  # N, C, H, W, kh, kw, sh, sw, ph, pw, OH, OW
 
@@ -31,6 +31,10 @@ SIGNATURES: dict[str, str] = {
     "bias_grad_finish": "Rw" + "ii",  # F, S
     # N, C, H, W, F, kh, kw, sh, sw, ph, pw, OH, OW, has_bias, relu
     "conv2d_direct": "rrrw" + "i" * 13 + "ii",
+    # x, theta (N, 6), flow (N, 2, OH, OW), y; N, C, H, W, OH, OW, has_flow
+    "warp_bilinear": "rRRw" + "i" * 7,
+    # src, dst, taps; P, H, W, radius, axis
+    "blur_axis": "rwR" + "i" * 5,
 }
 
 # C++ spelling of each element type, keyed by numpy dtype name.
