@@ -1,18 +1,25 @@
 """Keras-like layers, models (functional ``Model`` and ``Sequential``), losses, optimizers,
 callbacks and checkpoints."""
 
-from . import initializers
+from . import initializers, metrics, regularizers
 from .backend import Backend
 from .callbacks import (
     Callback,
+    CosineDecay,
     CSVLogger,
     EarlyStopping,
+    ExponentialDecay,
     History,
     JSONLogger,
     LearningRateScheduler,
+    LRSchedule,
     ModelCheckpoint,
+    ReduceLROnPlateau,
+    StepDecay,
     TerminateOnNaN,
 )
+from .data import BackgroundBatches
+from .ensemble import Ensemble
 from .graph import Input, SymbolicTensor
 from .layers import (
     Add,
@@ -34,9 +41,10 @@ from .layers import (
     WeightSpec,
     register_layer,
 )
-from .losses import SoftmaxCrossEntropy
+from .losses import BinaryCrossEntropy, MeanSquaredError, SoftmaxCrossEntropy
 from .model import Hook, Model, Sequential
-from .optimizers import SGD, AdaGrad, Adam, Momentum, Nesterov, Optimizer, RMSProp
+from .optimizers import SGD, AdaGrad, Adam, AdamW, Momentum, Nesterov, Optimizer, RMSProp
+from .regularizers import L1, L1L2, L2
 from .saving import CheckpointError, load_model
 
 __all__ = [
@@ -66,6 +74,15 @@ __all__ = [
     "Add",
     "Concatenate",
     "SoftmaxCrossEntropy",
+    "BinaryCrossEntropy",
+    "MeanSquaredError",
+    "metrics",
+    "regularizers",
+    "L1",
+    "L2",
+    "L1L2",
+    "Ensemble",
+    "BackgroundBatches",
     "Optimizer",
     "SGD",
     "Momentum",
@@ -73,6 +90,7 @@ __all__ = [
     "AdaGrad",
     "RMSProp",
     "Adam",
+    "AdamW",
     "load_model",
     "CheckpointError",
     "Callback",
@@ -83,4 +101,9 @@ __all__ = [
     "CSVLogger",
     "JSONLogger",
     "TerminateOnNaN",
+    "LRSchedule",
+    "StepDecay",
+    "ExponentialDecay",
+    "CosineDecay",
+    "ReduceLROnPlateau",
 ]
