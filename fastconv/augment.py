@@ -324,7 +324,8 @@ class RandomTransform:
         Probability of a left-right mirror (0 for digits: a mirrored 2 is no 2).
     crop : int or (h, w), optional
         Output size: a window of this size at a uniformly random integer position in the image
-        zero-padded by ``padding`` (the CIFAR "random crop with padding").
+        zero-padded by ``padding`` (the CIFAR "random crop with padding"), taken after the
+        other transforms (from the flipped, rotated... content).
     padding : int >= 0
     elastic_alpha, elastic_sigma : numbers
         Elastic distortion (Simard et al., 2003): displacement scale in pixels (0: off) and
