@@ -421,3 +421,45 @@ def test_fit_with_augmentation_is_reproducible_and_resumable(tmp_path):
         np.testing.assert_array_equal(wa, wd)
     with pytest.raises(TypeError, match="augment"):
         conv_model(0).fit(x, y, augment="rotate")
+
+
+# --- transfer learning example ----------------------------------------------------------------
+
+
+def test_transfer_learning_example_freezes_then_fine_tunes(monkeypatch):
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "transfer_learning.py"
+    spec = importlib.util.spec_from_file_location("transfer_learning", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    calls = []
+    real_fit = nn.Sequential.fit
+
+    def spy_fit(self, x, y, **kwargs):
+        conv = example.conv_layers(self)
+        before = [w.copy() for layer in conv for w in layer.params.values()]
+        head = self.layers[-1].params["W"].copy()
+        out = real_fit(self, x, y, **kwargs)
+        after = [w for layer in conv for w in layer.params.values()]
+        calls.append(
+            (
+                len(x),
+                all(not layer.trainable for layer in conv),
+                any(not np.array_equal(a, b) for a, b in zip(before, after, strict=True)),
+                not np.array_equal(head, self.layers[-1].params["W"]),
+            )
+        )
+        return out
+
+    monkeypatch.setattr(nn.Sequential, "fit", spy_fit)
+    r = example.run(base_images=200, base_epochs=1, shots=3, head_epochs=2, finetune_epochs=1,
+                    limit_test=300, verbose=False)  # fmt: skip
+    base, head, tune, scratch = calls
+    assert base[0] == 200 and head[0] == tune[0] == scratch[0] == 15  # 3 shots x 5 digits
+    assert head[1] and not head[2] and head[3]  # frozen base unchanged, new head trained
+    assert not tune[1] and tune[2]  # unfrozen: the base moves when fine-tuned
+    assert r["base_unchanged_while_frozen"]
+    for key in ("base_accuracy_0_4", "head_only", "fine_tuned", "from_scratch"):
+        assert 0.0 <= r[key] <= 1.0
