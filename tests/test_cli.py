@@ -148,8 +148,14 @@ def test_recipe_schedule_and_ensemble(tmp_path, capsys):
 
 def test_training_flag_errors(tmp_path, capsys):
     parser = build_parser()
-    for bad in (["--augment", "rotation=nan"], ["--augment", "twist=3"],
-                ["--augment", "scale=-0.5"], ["--schedule", "linear"], ["--lr-gamma", "0"]):  # fmt: skip
+    bad_flags = [
+        ["--augment", "rotation=nan"],
+        ["--augment", "twist=3"],
+        ["--augment", "scale=-0.5"],
+        ["--schedule", "linear"],
+        ["--lr-gamma", "0"],
+    ]
+    for bad in bad_flags:
         with pytest.raises(SystemExit) as exc:
             parser.parse_args(["train-mnist", *bad])
         assert exc.value.code == 2
