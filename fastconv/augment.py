@@ -64,9 +64,10 @@ def _finite(value, name, minimum=None, maximum=None, strict_min=False):
     return value
 
 
-def _per_sample(value, name, n, check, width=None):
-    """A scalar (broadcast) or a per-sample array of ``n`` (or ``(n, width)``) values; each
-    checked by ``check(v, name)``. Returns float64 array of shape (n,) or (n, width)."""
+def _per_sample(value, name, n, low=None, high=None, low_open=False, width=None):
+    """A number (broadcast) or a per-sample array of ``n`` (or ``(n, width)``) numbers, each
+    finite and in [low, high] (``low`` excluded if ``low_open``); float64 (n,) or (n, width).
+    Arrays are checked as a whole (this runs for every augmented batch)."""
     shape = (n,) if width is None else (n, width)
     if isinstance(value, (list, tuple, np.ndarray)):
         a = np.asarray(value)
@@ -79,10 +80,17 @@ def _per_sample(value, name, n, check, width=None):
             raise ValueError(
                 f"{name} must be a number or an array of shape {shape}, got shape {a.shape}"
             )
-        for v in np.unique(a):
-            check(float(v), name)
+        bad = ~np.isfinite(a)
+        if low is not None:
+            bad |= (a <= low) if low_open else (a < low)
+        if high is not None:
+            bad |= a > high
+        if bad.any():
+            first = a[bad].flat[0]
+            rng = f" in [{low}, {high}]" if low is not None or high is not None else ""
+            raise ValueError(f"{name} must hold finite numbers{rng}, got {first!r}")
         return a
-    return np.full(shape, check(value, name), dtype=np.float64)
+    return np.full(shape, _finite(value, name, low, high, strict_min=low_open), dtype=np.float64)
 
 
 def _size(value, name):
@@ -126,10 +134,10 @@ def affine_matrices(
     n = chk.as_int(n, "n", 1)
     H, W = _size(in_size, "in_size")
     OH, OW = (H, W) if out_size is None else _size(out_size, "out_size")
-    rot = _per_sample(rotation, "rotation", n, lambda v, k: _finite(v, k))
-    sc = _per_sample(scale, "scale", n, lambda v, k: _finite(v, k, 0.0, strict_min=True))
-    sh = _per_sample(shear, "shear", n, lambda v, k: _finite(v, k, -89.0, 89.0))
-    t = _per_sample(shift, "shift", n, lambda v, k: _finite(v, k), width=2)
+    rot = _per_sample(rotation, "rotation", n)
+    sc = _per_sample(scale, "scale", n, low=0.0, low_open=True)
+    sh = _per_sample(shear, "shear", n, low=-89.0, high=89.0)
+    t = _per_sample(shift, "shift", n, width=2)
     if isinstance(flip, (list, tuple, np.ndarray)):
         fl = np.asarray(flip)
         if fl.shape != (n,) or fl.dtype.kind not in "biu":
