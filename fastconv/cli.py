@@ -85,7 +85,9 @@ def _add_train_mnist(subparsers):
             "Train the deep ConvNet of 'Deep Learning from Scratch' ch. 8 on MNIST. The last "
             "--val-size training images are held out: they pick the best epoch; the test set is "
             "evaluated once, at the end, with the best epoch's weights. Writes best.npz, "
-            "last.npz (resumable), history.json, curves.png and misclassified.png into --out."
+            "last.npz (resumable), history.json, curves.png, misclassified.png and "
+            "confusion.png into --out. --recipe augmented adds augmentation and a cosine "
+            "schedule; --ensemble K trains K members and averages them."
         ),
     )
     p.add_argument(
