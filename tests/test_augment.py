@@ -372,3 +372,28 @@ def test_augmented_batches_are_reproducible(rng):
     g = np.random.default_rng(123)
     for b, (xa, _) in enumerate(runs[0]):
         np.testing.assert_array_equal(xa, t(x[order[b * 8 : (b + 1) * 8]], g))
+
+
+# --- a real GPU (skipped without one) ---------------------------------------------------------
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(
+    not __import__("fastconv").gpu_available(), reason="no usable CUDA device (or no CuPy)"
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_augmentation_matches_the_cpu(rng, dtype):
+    import cupy
+
+    x = rng.standard_normal((6, 2, 12, 10)).astype(dtype)
+    t = A.RandomTransform(rotation=20, shift=2, scale=0.15, shear=5, flip=0.5, crop=(11, 9),
+                          padding=1, elastic_alpha=4, elastic_sigma=2)  # fmt: skip
+    got = t(cupy.asarray(x), np.random.default_rng(4))
+    want = t(x, np.random.default_rng(4))
+    assert isinstance(got, cupy.ndarray) and got.dtype == x.dtype
+    tol = 1e-5 if dtype == np.float32 else 2e-3  # FMA contraction on the GPU: ulps apart
+    np.testing.assert_allclose(cupy.asnumpy(got).astype(np.float32), want.astype(np.float32),
+                               atol=tol * 4, rtol=tol)  # fmt: skip
+    xr = cupy.asarray(x)
+    np.testing.assert_array_equal(cupy.asnumpy(A.affine(xr, rotation=90)),
+                                  np.rot90(x, 1, axes=(2, 3)))  # fmt: skip

@@ -463,3 +463,19 @@ def test_transfer_learning_example_freezes_then_fine_tunes(monkeypatch):
     assert r["base_unchanged_while_frozen"]
     for key in ("base_accuracy_0_4", "head_only", "fine_tuned", "from_scratch"):
         assert 0.0 <= r[key] <= 1.0
+
+
+def test_deep_mnist_bn_net_structure_and_one_step():
+    from fastconv.models import deep_mnist_bn_net
+
+    model = deep_mnist_bn_net(seed=0)
+    convs = [(16, 1), (16, 16), (32, 16), (32, 32), (64, 32), (64, 64)]
+    n_conv = sum(f * c * 9 for f, c in convs)  # no conv biases: BatchNorm's beta replaces them
+    n_bn = 2 * sum(f for f, _ in convs)
+    assert model.count_params() == n_conv + n_bn + (64 * 4 * 4 * 50 + 50) + (50 * 10 + 10)
+    kinds = [type(layer).__name__ for layer in model.layers]
+    assert kinds.count("BatchNorm2D") == 6 and kinds[-1] == "Dense"
+    x = np.random.default_rng(0).random((4, 1, 28, 28), dtype=np.float32)
+    model.compile("adam")
+    logs = model.train_on_batch(x, np.arange(4))
+    assert np.isfinite(logs["loss"]) and model.predict(x).shape == (4, 10)
