@@ -509,3 +509,45 @@ def check_conv_algorithm_applies(name: str, g: Geometry) -> None:
                 f"algorithm {name!r} needs a 3x3 kernel, stride 1 and pad <= 2, got a "
                 f"{g.kh}x{g.kw} kernel, stride {(g.sh, g.sw)}, pad {(g.ph, g.pw)}"
             )
+
+
+# --- augmentation -------------------------------------------------------------------------------
+
+
+def _check_float32_param(a, name, shape, reference):
+    """A float32 array of ``shape`` on the same library (NumPy/CuPy) as ``reference``."""
+    if not (isinstance(a, np.ndarray) or is_cupy_array(a)):
+        raise TypeError(f"{name} must be a numpy.ndarray or cupy.ndarray, got {_type_name(a)}")
+    if is_cupy_array(a) != is_cupy_array(reference):
+        where = "cupy.ndarray" if is_cupy_array(reference) else "numpy.ndarray"
+        raise TypeError(f"{name} must be a {where} like x, got {_type_name(a)}")
+    if np.dtype(a.dtype) != np.float32:
+        raise TypeError(f"{name} must have dtype float32, got {np.dtype(a.dtype)}")
+    check_shape(a, name, shape)
+
+
+def validate_warp(x, theta, flow, out_size) -> tuple[int, int]:
+    """Arguments of :func:`fastconv.ops.warp_bilinear`; returns the output ``(OH, OW)``."""
+    check_array(x, "x", 4)
+    N, _, H, W = x.shape
+    if H < 1 or W < 1:
+        raise ValueError(f"x must have height and width >= 1, got shape {tuple(x.shape)}")
+    out_hw = (H, W) if out_size is None else as_pair(out_size, "out_size", 1)
+    _check_float32_param(theta, "theta", (N, 2, 3), x)
+    if flow is not None:
+        _check_float32_param(flow, "flow", (N, 2, *out_hw), x)
+    return out_hw
+
+
+def validate_blur(fields, sigma) -> float:
+    """Arguments of :func:`fastconv.ops.gaussian_blur`: float32 planes (P, H, W), sigma > 0."""
+    if not (isinstance(fields, np.ndarray) or is_cupy_array(fields)):
+        raise TypeError(f"fields must be a numpy.ndarray or cupy.ndarray, got {_type_name(fields)}")
+    if np.dtype(fields.dtype) != np.float32:
+        raise TypeError(f"fields must have dtype float32, got {np.dtype(fields.dtype)}")
+    if fields.ndim != 3:
+        raise ValueError(f"fields must be 3-dimensional (P, H, W), got shape {fields.shape}")
+    ok = isinstance(sigma, numbers.Real) and not isinstance(sigma, bool)
+    if not ok or not 0 < sigma < np.inf:
+        raise ValueError(f"sigma must be a positive finite number, got {sigma!r}")
+    return float(sigma)

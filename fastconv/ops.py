@@ -35,6 +35,8 @@ __all__ = [
     "dense_backward",
     "relu",
     "relu_backward",
+    "warp_bilinear",
+    "gaussian_blur",
     "gpu_available",
     "to_gpu",
     "to_cpu",
@@ -495,6 +497,68 @@ def relu_backward(dy, y, out=None):
         return out if out is not None else be.zeros(dy.shape, dy.dtype)
     dy, y = _contiguous(be, dy, y)
     return _launch(be, "relu_backward", dy, y, out)
+
+
+# --- augmentation ------------------------------------------------------------------------------
+
+
+def _launch_serial(be, kernel, *args):
+    """Run a backend kernel without the launch guard. Only for kernels with no parallel region
+    (the CPU augmentation kernels): they are safe from any thread, and the batch loader's
+    thread must not wait for the training step's kernels to finish."""
+    return getattr(be, kernel)(*args)
+
+
+def warp_bilinear(x, theta, flow=None, out_size=None):
+    """Resample each image through its own affine map (and displacement field), bilinearly.
+
+    Parameters
+    ----------
+    x : ndarray, (N, C, H, W), float32 or float16
+    theta : ndarray, (N, 2, 3), float32
+        Per sample, the map from output pixel ``(j, i)`` (column, row) to the source point
+        ``(sx, sy) = theta[n] @ (j, i, 1)``, in pixel units (pixel centres at integers).
+    flow : ndarray, (N, 2, OH, OW), float32, optional
+        Displacements ``(dx, dy)`` added to the source point of each output pixel.
+    out_size : int or (int, int), optional
+        ``(OH, OW)``; default ``(H, W)``.
+
+    Returns
+    -------
+    ndarray, (N, C, OH, OW), same dtype as ``x``
+        Source points outside the image read as 0. Integer source points copy the pixel
+        exactly (a neighbour with bilinear weight 0 is never read).
+    """
+    out_hw = chk.validate_warp(x, theta, flow, out_size)
+    be = _backend(x)
+    if x.size == 0:
+        return be.zeros((*x.shape[:2], *out_hw), x.dtype)
+    x, theta, flow = _contiguous(be, x, theta, flow)
+    return _launch_serial(be, "warp_bilinear", x, theta, flow, out_hw)
+
+
+def gaussian_taps(sigma: float, truncate: float = 3.0) -> np.ndarray:
+    """Normalised float32 Gaussian taps of ``sigma`` (radius ``ceil(truncate * sigma)``)."""
+    radius = max(1, int(np.ceil(truncate * sigma)))
+    t = np.arange(-radius, radius + 1, dtype=np.float64)
+    taps = np.exp(-0.5 * (t / sigma) ** 2)
+    return (taps / taps.sum()).astype(np.float32)
+
+
+def gaussian_blur(fields, sigma):
+    """Separable Gaussian blur of float32 planes ``fields`` (P, H, W), zero outside each plane
+    (``scipy.ndimage.gaussian_filter(mode="constant", truncate=3)`` per plane)."""
+    sigma = chk.validate_blur(fields, sigma)
+    be = _backend(fields)
+    if fields.size == 0:
+        return be.zeros(fields.shape, fields.dtype)
+    (fields,) = _contiguous(be, fields)
+    taps = gaussian_taps(sigma)
+    if chk.is_cupy_array(fields):
+        import cupy
+
+        taps = cupy.asarray(taps)
+    return _launch_serial(be, "gaussian_blur", fields, taps)
 
 
 # --- devices -----------------------------------------------------------------------------------

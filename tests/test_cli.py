@@ -106,5 +106,64 @@ def test_resume_after_sigkill(tmp_path):
     assert f"after epoch {killed_at[-1]}" in done.stdout
     hist = json.loads((out / "history.json").read_text())
     assert hist["epoch"] == [1, 2, 3]
-    assert all(len(v) == 3 for v in hist.values())
+    assert all(len(v) == 3 for k, v in hist.items() if k != "test")
     assert load_model(out / "last.npz").optimizer.iterations == 3 * 40
+
+
+def test_recipe_schedule_and_ensemble(tmp_path, capsys):
+    """--recipe augmented with --ensemble 2: each member a full run with its own seed, the
+    ensemble's test accuracy the average of their best checkpoints; resumable."""
+    from fastconv.nn import Ensemble
+
+    out = tmp_path / "ens"
+    args = ["train-mnist", "--recipe", "augmented", "--ensemble", "2", "--epochs", "2"]
+    args += ["--limit-train", "250", "--val-size", "50", "--limit-test", "100", "--batch-size"]
+    args += ["50", "--schedule", "step", "--lr-step", "1", "--lr-gamma", "0.5", "--seed", "3"]
+    assert main([*args, "--out", str(out), "--quiet"]) == 0
+    text = capsys.readouterr().out
+    result = json.loads((out / "ensemble.json").read_text())
+    assert [m["seed"] for m in result["members"]] == [3, 4]
+    members = []
+    for k in (1, 2):
+        hist = json.loads((out / f"member-{k}" / "history.json").read_text())
+        assert hist["lr"] == pytest.approx([1e-3, 5e-4])  # the step schedule, per epoch
+        assert hist["test"]["accuracy"] == result["members"][k - 1]["accuracy"]
+        last = load_model(out / f"member-{k}" / "last.npz")
+        assert last.checkpoint_meta["extra"]["args"]["augment"] == "rotation=12,shift=2.5,scale=0.1"
+        members.append(load_model(out / f"member-{k}" / "best.npz"))
+    (_, _), (x_test, y_test) = load_mnist()
+    want = Ensemble(members).evaluate(x_test[:100], y_test[:100])
+    assert result["ensemble"]["accuracy"] == pytest.approx(want["accuracy"])
+    assert f"test accuracy {want['accuracy']:.4f}" in text
+    assert (out / "confusion.png").stat().st_size > 0
+    # refused without --resume; with it, the finished members are not retrained
+    assert main([*args, "--out", str(out), "--quiet"]) == 2
+    assert main([*args, "--out", str(out), "--quiet", "--resume"]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert json.loads((out / "ensemble.json").read_text()) == result
+    # a resumed member refuses other settings
+    rc = main(["train-mnist", "--recipe", "book", "--out", str(out / "member-1"), "--resume"])
+    assert rc == 2 and "--recipe book" in capsys.readouterr().err
+
+
+def test_training_flag_errors(tmp_path, capsys):
+    parser = build_parser()
+    bad_flags = [
+        ["--augment", "rotation=nan"],
+        ["--augment", "twist=3"],
+        ["--augment", "scale=-0.5"],
+        ["--schedule", "linear"],
+        ["--lr-gamma", "0"],
+    ]
+    for bad in bad_flags:
+        with pytest.raises(SystemExit) as exc:
+            parser.parse_args(["train-mnist", *bad])
+        assert exc.value.code == 2
+    capsys.readouterr()
+    base = ["train-mnist", "--limit-train", "200", "--val-size", "50", "--out", str(tmp_path)]
+    assert main([*base, "--weight-decay", "0.01"]) == 2
+    assert "--optimizer adamw" in capsys.readouterr().err
+    assert main([*base, "--warmup", "2", "--schedule", "step"]) == 2
+    assert "--schedule cosine" in capsys.readouterr().err
+    assert main([*base[:-4], "--val-size", "0", "--patience", "2", "--out", str(tmp_path)]) == 2
+    assert "--val-size" in capsys.readouterr().err

@@ -21,6 +21,7 @@ import numpy as np
 
 from ._workspace import launch_guard
 from .activation import relu, relu_backward
+from .augment import gaussian_blur, warp_bilinear
 from .batchnorm import (
     batch_norm_backward,
     batch_norm_forward,
@@ -71,6 +72,8 @@ __all__ = [
     "relu_backward",
     "zeros",
     "full",
+    "warp_bilinear",
+    "gaussian_blur",
 ]
 
 

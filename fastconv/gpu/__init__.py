@@ -39,6 +39,8 @@ __all__ = [
     "relu_backward",
     "zeros",
     "full",
+    "warp_bilinear",
+    "gaussian_blur",
 ]
 
 _INSTALL_HINT = (
@@ -248,3 +250,11 @@ def zeros(shape, dtype):
 
 def full(shape, value, dtype):
     return _ops().xp.full(shape, value, dtype=dtype)
+
+
+def warp_bilinear(x, theta, flow, out_hw):
+    return _ops().warp_bilinear(x, theta.reshape(x.shape[0], 6), flow, out_hw)
+
+
+def gaussian_blur(fields, taps):
+    return _ops().gaussian_blur(fields, taps)

@@ -200,6 +200,29 @@ class KernelOps:
         self.launch("avg_pool2d_backward", dx.size, dy, dx, *g)
         return dx
 
+    # --- augmentation ---------------------------------------------------------------------------
+
+    def warp_bilinear(self, x, theta, flow, out_hw):
+        """Bilinear warp of ``x`` (N, C, H, W) through ``theta`` (N, 2, 3) float32 and an
+        optional displacement ``flow`` (N, 2, OH, OW) float32 -> (N, C, OH, OW)."""
+        N, C, H, W = x.shape
+        OH, OW = out_hw
+        y = self.xp.empty((N, C, OH, OW), dtype=x.dtype)
+        has_flow = int(flow is not None)
+        f = flow if has_flow else theta  # any valid float pointer; unread when has_flow == 0
+        self.launch("warp_bilinear", N * OH * OW, x, theta, f, y, N, C, H, W, OH, OW, has_flow)
+        return y
+
+    def gaussian_blur(self, fields, taps):
+        """Separable blur of float32 planes ``fields`` (P, H, W): rows, then columns."""
+        P, H, W = fields.shape
+        radius = (taps.shape[0] - 1) // 2
+        tmp = self.xp.empty(fields.shape, dtype=fields.dtype)
+        out = self.xp.empty(fields.shape, dtype=fields.dtype)
+        self.launch("blur_axis", fields.size, fields, tmp, taps, P, H, W, radius, 1)
+        self.launch("blur_axis", fields.size, tmp, out, taps, P, H, W, radius, 0)
+        return out
+
     # --- batch normalisation (g: ChannelGeometry, N >= 1, C >= 1) -------------------------------
 
     def batch_norm_forward(self, x, gamma, beta, g, eps, relu):

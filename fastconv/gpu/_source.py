@@ -22,6 +22,7 @@ SOURCE_FILES = (
     "batchnorm.cu",
     "global_pool.cu",
     "activation.cu",
+    "augment.cu",
 )
 
 _GEOM = "i" * 12  # N, C, H, W, kh, kw, sh, sw, ph, pw, OH, OW
@@ -51,6 +52,10 @@ SIGNATURES: dict[str, str] = {
     "global_avg_pool2d_backward": "rw" + "ii",  # NC, P
     "relu_forward": "rw" + "i",  # n
     "relu_backward": "rrw" + "i",  # n
+    # x, theta (N, 6), flow (N, 2, OH, OW), y; N, C, H, W, OH, OW, has_flow
+    "warp_bilinear": "rRRw" + "i" * 7,
+    # src, dst, taps; P, H, W, radius, axis
+    "blur_axis": "rwR" + "i" * 5,
 }
 
 # NVRTC options of the RawModule. CuPy appends -ftz=true to every compile whatever we pass

@@ -1,19 +1,26 @@
 """Keras-like layers, models (functional ``Model`` and ``Sequential``), losses, optimizers,
 callbacks and checkpoints."""
 
-from . import initializers
+from . import initializers, metrics, regularizers
 from .backend import Backend
 from .callbacks import (
     Callback,
+    CosineDecay,
     CSVLogger,
     EarlyStopping,
+    ExponentialDecay,
     History,
     JSONLogger,
     LearningRateScheduler,
+    LRSchedule,
     ModelCheckpoint,
+    ReduceLROnPlateau,
+    StepDecay,
     TerminateOnNaN,
 )
+from .data import BackgroundBatches
 from .distributed import DistributedError, DistributedSetupError, MPIDataParallel
+from .ensemble import Ensemble
 from .graph import Input, SymbolicTensor
 from .layers import (
     Add,
@@ -23,6 +30,7 @@ from .layers import (
     Concatenate,
     Conv2D,
     Dense,
+    DropConnectDense,
     Dropout,
     Flatten,
     GlobalAveragePooling2D,
@@ -35,9 +43,10 @@ from .layers import (
     WeightSpec,
     register_layer,
 )
-from .losses import SoftmaxCrossEntropy
+from .losses import BinaryCrossEntropy, MeanSquaredError, SoftmaxCrossEntropy
 from .model import Hook, Model, Sequential
-from .optimizers import SGD, AdaGrad, Adam, Momentum, Nesterov, Optimizer, RMSProp
+from .optimizers import SGD, AdaGrad, Adam, AdamW, Momentum, Nesterov, Optimizer, RMSProp
+from .regularizers import L1, L1L2, L2
 from .saving import CheckpointError, load_model
 
 __all__ = [
@@ -58,6 +67,7 @@ __all__ = [
     "BatchNorm2D",
     "BatchNorm1D",
     "Dense",
+    "DropConnectDense",
     "ReLU",
     "Sigmoid",
     "Tanh",
@@ -67,6 +77,15 @@ __all__ = [
     "Add",
     "Concatenate",
     "SoftmaxCrossEntropy",
+    "BinaryCrossEntropy",
+    "MeanSquaredError",
+    "metrics",
+    "regularizers",
+    "L1",
+    "L2",
+    "L1L2",
+    "Ensemble",
+    "BackgroundBatches",
     "Optimizer",
     "SGD",
     "Momentum",
@@ -74,6 +93,7 @@ __all__ = [
     "AdaGrad",
     "RMSProp",
     "Adam",
+    "AdamW",
     "load_model",
     "CheckpointError",
     "Callback",
@@ -87,4 +107,9 @@ __all__ = [
     "MPIDataParallel",
     "DistributedError",
     "DistributedSetupError",
+    "LRSchedule",
+    "StepDecay",
+    "ExponentialDecay",
+    "CosineDecay",
+    "ReduceLROnPlateau",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import numbers
 import os
 
 from ._files import write_json_atomic
@@ -25,6 +26,13 @@ __all__ = [
     "CSVLogger",
     "JSONLogger",
     "TerminateOnNaN",
+    "LRSchedule",
+    "StepDecay",
+    "ExponentialDecay",
+    "CosineDecay",
+    "ReduceLROnPlateau",
+    "SCHEDULES",
+    "get_schedule",
 ]
 
 
@@ -221,9 +229,198 @@ class LearningRateScheduler(Callback):
 
     def on_epoch_begin(self, epoch, logs=None):
         lr = float(self.schedule(epoch, self.model.optimizer.lr))
-        if not lr > 0 or not math.isfinite(lr):
-            raise ValueError(f"schedule returned an invalid learning rate {lr!r}")
+        self.model.optimizer.lr = _checked_lr(lr, epoch, "schedule")
+
+
+def _checked_lr(lr, epoch, what) -> float:
+    """A learning rate a schedule produced for ``epoch`` (0-based), or a ValueError with it."""
+    lr = float(lr)
+    if not lr > 0 or not math.isfinite(lr):
+        raise ValueError(
+            f"{what} gave the learning rate {lr!r} at epoch {epoch + 1}; it must be a positive "
+            "finite number"
+        )
+    return lr
+
+
+def _number(value, name, low=None, high=None, low_open=False, high_open=False):
+    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        lo = "" if low is None else f"{'(' if low_open else '['}{low}, "
+        hi = "inf)" if high is None else f"{high}{')' if high_open else ']'}"
+        raise ValueError(f"{name} must be a finite number in {lo or '(-inf, '}{hi}, got {value!r}")
+    return float(value)
+
+
+def _count(value, name, minimum):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+    return int(value)
+
+
+class LRSchedule(Callback):
+    """Base of the learning-rate schedules: before every epoch, ``optimizer.lr`` is set to
+    :meth:`lr_at` (a closed form of the 0-based epoch and ``base_lr``).
+
+    ``base_lr`` defaults to the optimizer's learning rate when training begins; pass it when
+    resuming from a checkpoint, whose optimizer holds an already decayed rate. A value that is
+    not a positive finite number raises ValueError naming the epoch and the value.
+    """
+
+    def __init__(self, base_lr=None):
+        super().__init__()
+        self.base_lr = None if base_lr is None else _number(base_lr, "base_lr", 0, low_open=True)
+        self._base = self.base_lr
+
+    def on_train_begin(self, logs=None):
+        self._base = self.base_lr if self.base_lr is not None else self.model.optimizer.lr
+
+    def lr_at(self, epoch: int) -> float:
+        raise NotImplementedError
+
+    def on_epoch_begin(self, epoch, logs=None):
+        lr = _checked_lr(self.lr_at(epoch), epoch, type(self).__name__)
         self.model.optimizer.lr = lr
+
+
+class StepDecay(LRSchedule):
+    """``lr = base_lr * gamma ** (epoch // step_size)``."""
+
+    def __init__(self, step_size, gamma=0.1, base_lr=None):
+        super().__init__(base_lr)
+        self.step_size = _count(step_size, "step_size", 1)
+        self.gamma = _number(gamma, "gamma", 0, low_open=True)
+
+    def lr_at(self, epoch):
+        return self._base * self.gamma ** (epoch // self.step_size)
+
+
+class ExponentialDecay(LRSchedule):
+    """``lr = base_lr * gamma ** epoch``."""
+
+    def __init__(self, gamma=0.95, base_lr=None):
+        super().__init__(base_lr)
+        self.gamma = _number(gamma, "gamma", 0, low_open=True)
+
+    def lr_at(self, epoch):
+        return self._base * self.gamma**epoch
+
+
+class CosineDecay(LRSchedule):
+    """Linear warm-up, then half a cosine from ``base_lr`` down to ``min_lr``.
+
+    Epochs ``0 .. warmup_epochs - 1``: ``lr = base_lr * (epoch + 1) / (warmup_epochs + 1)``.
+    Then, with ``p = (epoch - warmup_epochs) / (epochs - warmup_epochs)`` (at most 1):
+    ``lr = min_lr + (base_lr - min_lr) * (1 + cos(pi * p)) / 2`` (Loshchilov & Hutter's SGDR
+    without restarts). Past ``epochs`` the rate stays ``min_lr``, which then must be > 0.
+    """
+
+    def __init__(self, epochs, warmup_epochs=0, min_lr=0.0, base_lr=None):
+        super().__init__(base_lr)
+        self.epochs = _count(epochs, "epochs", 1)
+        self.warmup_epochs = _count(warmup_epochs, "warmup_epochs", 0)
+        if self.warmup_epochs >= self.epochs:
+            raise ValueError(
+                f"warmup_epochs must be < epochs ({self.epochs}), got {self.warmup_epochs}"
+            )
+        self.min_lr = _number(min_lr, "min_lr", 0)
+
+    def lr_at(self, epoch):
+        w = self.warmup_epochs
+        if epoch < w:
+            return self._base * (epoch + 1) / (w + 1)
+        p = min(1.0, (epoch - w) / (self.epochs - w))
+        return self.min_lr + (self._base - self.min_lr) * 0.5 * (1.0 + math.cos(math.pi * p))
+
+
+class ReduceLROnPlateau(Callback):
+    """Multiply the learning rate by ``factor`` when ``monitor`` has not improved by more than
+    ``min_delta`` for ``patience`` epochs (then wait ``cooldown`` epochs), never below
+    ``min_lr``. :meth:`get_state` / :meth:`set_state` carry its counters across a resume."""
+
+    def __init__(
+        self, monitor="val_loss", factor=0.5, patience=3, min_delta=0.0, cooldown=0, min_lr=0.0,
+        mode="auto",
+    ):  # fmt: skip
+        super().__init__()
+        if not isinstance(monitor, str):
+            raise TypeError(f"monitor must be a str, got {type(monitor).__name__}")
+        self.monitor = monitor
+        self.mode = _mode_for(monitor, mode)
+        self.factor = _number(factor, "factor", 0, 1, low_open=True, high_open=True)
+        self.patience = _count(patience, "patience", 0)
+        self.min_delta = _number(min_delta, "min_delta", 0)
+        self.cooldown = _count(cooldown, "cooldown", 0)
+        self.min_lr = _number(min_lr, "min_lr", 0)
+        self.reset()
+
+    def reset(self):
+        self.best = -math.inf if self.mode == "max" else math.inf
+        self.wait = 0
+        self.cooldown_left = 0
+
+    def get_state(self) -> dict:
+        return {"best": self.best, "wait": self.wait, "cooldown_left": self.cooldown_left}
+
+    def set_state(self, state: dict) -> None:
+        self.best = float(state["best"])
+        self.wait = int(state["wait"])
+        self.cooldown_left = int(state["cooldown_left"])
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        if self.monitor not in logs:
+            raise KeyError(
+                f"ReduceLROnPlateau monitors {self.monitor!r}, which is not in the logs "
+                f"{sorted(logs)}; pass validation data to fit() to get val_* metrics"
+            )
+        value = float(logs[self.monitor])
+        better = (
+            value > self.best + self.min_delta
+            if self.mode == "max"
+            else value < self.best - self.min_delta
+        )
+        if self.cooldown_left > 0:
+            self.cooldown_left -= 1
+            self.wait = 0
+        if better:
+            self.best, self.wait = value, 0
+            return
+        self.wait += 1
+        if self.wait > self.patience:
+            opt = self.model.optimizer
+            new = max(opt.lr * self.factor, self.min_lr)
+            if new < opt.lr:
+                opt.lr = _checked_lr(new, epoch + 1, "ReduceLROnPlateau")
+                self.cooldown_left = self.cooldown
+            self.wait = 0
+
+
+#: names accepted by :func:`get_schedule` (and ``fastconv train-mnist --schedule``)
+SCHEDULES = ("constant", "step", "exponential", "cosine", "plateau")
+
+
+def get_schedule(name, epochs, base_lr, warmup_epochs=0, gamma=None, step_size=None, min_lr=0.0):
+    """A schedule callback by name (None for "constant")."""
+    if name == "constant":
+        if warmup_epochs:
+            raise ValueError("warmup_epochs needs the cosine schedule")
+        return None
+    if name not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {list(SCHEDULES)}, got {name!r}")
+    if warmup_epochs and name != "cosine":
+        raise ValueError("warmup_epochs needs the cosine schedule")
+    if name == "step":
+        return StepDecay(step_size or max(1, epochs // 3), gamma or 0.1, base_lr=base_lr)
+    if name == "exponential":
+        return ExponentialDecay(gamma or 0.9, base_lr=base_lr)
+    if name == "cosine":
+        return CosineDecay(epochs, warmup_epochs, min_lr, base_lr=base_lr)
+    return ReduceLROnPlateau("val_loss", gamma or 0.5, patience=step_size or 2, min_lr=min_lr)
 
 
 class CSVLogger(Callback):

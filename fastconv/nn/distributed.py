@@ -57,7 +57,6 @@ _LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE"
 
 DEFAULT_TIMEOUT = 600.0  # seconds; FASTCONV_MPI_TIMEOUT overrides
 _SPIN_S = 0.01  # poll without sleeping this long before backing off to 1 ms sleeps
-_METRICS = 2  # extra slots in the first bucket: this rank's share of loss and accuracy
 
 
 _TRAINING = weakref.WeakSet()  # strategies whose ranks may be waiting on this one
@@ -140,7 +139,7 @@ def _timeout_from_env() -> float:
 
 class _Bucket:
     """One contiguous float32 buffer holding several gradients (and, in the first bucket, this
-    rank's share of the batch loss and accuracy)."""
+    rank's share of the batch loss and metrics)."""
 
     def __init__(self, entries, extra):
         self.entries = []  # (key, shape, offset, size)
@@ -443,7 +442,9 @@ class MPIDataParallel:
             current.append((key, shape))
             used += size
         groups.append(current)
-        self._buckets = [_Bucket(g, _METRICS if i == 0 else 0) for i, g in enumerate(groups)]
+        # The first bucket's tail carries the step's logs: the loss and each compiled metric.
+        self._n_logs = 1 + len(model._metric_list())
+        self._buckets = [_Bucket(g, self._n_logs if i == 0 else 0) for i, g in enumerate(groups)]
 
     # -- per epoch and per step (called by fit and train_on_batch) ---------------------------------
     def begin_epoch(self, model, epoch: int) -> None:
@@ -459,13 +460,18 @@ class MPIDataParallel:
         own = type(bit_generator)(np.random.SeedSequence(words))
         bit_generator.state = own.state
 
-    def shard(self, idx):
-        """This rank's contiguous share of a global batch's sample indices."""
+    def share(self, idx):
+        """This rank's contiguous share of a global batch's sample indices (no side effects:
+        the background augmentation thread calls it ahead of the step)."""
         m = len(idx)
-        start, stop = m * self.rank // self.size, m * (self.rank + 1) // self.size
-        self._fraction = (stop - start) / m
+        return idx[m * self.rank // self.size : m * (self.rank + 1) // self.size]
+
+    def shard(self, idx):
+        """:meth:`share`, at the step that trains on it (records the share's fraction)."""
+        part = self.share(idx)
+        self._fraction = len(part) / len(idx)
         self._step += 1
-        return idx[start:stop]
+        return part
 
     def scale_loss_gradient(self, dscores):
         """The loss gradient of this rank's share, scaled to its part of the global mean."""
@@ -473,9 +479,15 @@ class MPIDataParallel:
             return dscores
         return (dscores * np.float32(self._fraction)).astype(dscores.dtype, copy=False)
 
-    def reduce_gradients(self, model, grads: dict, loss: float, accuracy: float):
+    def reduce_gradients(self, model, grads: dict, logs: dict) -> dict:
         """Sum the ranks' (already scaled) gradients in place in ``grads`` and return the global
-        batch's mean ``(loss, accuracy)``. Gradients come back as float32."""
+        batch's mean of each log (loss and metrics). Gradients come back as float32."""
+        if len(logs) != self._n_logs:
+            raise RuntimeError(
+                f"{len(logs)} step logs to reduce ({sorted(logs)}), planned for {self._n_logs}: "
+                "compile the model before fit(strategy=...)"
+            )
+        names = list(logs)
         what = f"summing the gradients of step {self._step} (epoch {self._epoch + 1})"
         requests = []
         for i, bucket in enumerate(self._buckets):
@@ -486,8 +498,8 @@ class MPIDataParallel:
                     raise RuntimeError(f"no gradient for {key[0]}/{key[1]} to reduce")
                 buf[offset : offset + size] = to_numpy(g).reshape(-1)  # float16 -> float32 here
             if i == 0:
-                buf[-2] = loss * self._fraction
-                buf[-1] = accuracy * self._fraction
+                tail = buf[len(buf) - len(names) :]
+                tail[:] = [logs[k] * self._fraction for k in names]
             requests.append(self.comm.Iallreduce(self.MPI.IN_PLACE, buf, op=self.MPI.SUM))
         for request in requests:
             self._wait(request, what)
@@ -497,7 +509,8 @@ class MPIDataParallel:
                     bucket.buffer[offset : offset + size].reshape(shape), np.float32
                 )
         first = self._buckets[0].buffer
-        return float(first[-2]), float(first[-1])
+        tail = first[len(first) - len(names) :]
+        return {k: float(v) for k, v in zip(names, tail, strict=True)}
 
     def agree_stop(self, stop: bool) -> bool:
         """True on every rank if a callback asked any rank to stop."""

@@ -459,7 +459,9 @@ class Model(Trainer):
         if self.optimizer is not None:
             new.compile(
                 type(self.optimizer)(**self.optimizer.get_config()),
-                type(self.loss)() if self.loss is not None else "softmax_cross_entropy",
+                type(self.loss)(**self.loss.get_config())
+                if hasattr(self.loss, "get_config")
+                else (type(self.loss)() if self.loss is not None else "softmax_cross_entropy"),
                 self.metrics,
             )
         return new

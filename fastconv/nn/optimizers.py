@@ -14,7 +14,9 @@ import numpy as np
 
 from .backend import array_module
 
-__all__ = ["Optimizer", "SGD", "Momentum", "Nesterov", "AdaGrad", "RMSProp", "Adam", "get"]
+__all__ = [
+    "Optimizer", "SGD", "Momentum", "Nesterov", "AdaGrad", "RMSProp", "Adam", "AdamW", "get",
+]  # fmt: skip
 
 _EPS = 1e-7  # the book's epsilon, added to sqrt(h) in AdaGrad/RMSProp/Adam
 
@@ -285,7 +287,33 @@ class Adam(Optimizer):
         p -= self._lr_t * m / (xp.sqrt(v) + np.float32(_EPS))
 
 
-OPTIMIZER_CLASSES = {cls.__name__: cls for cls in (SGD, Momentum, Nesterov, AdaGrad, RMSProp, Adam)}
+class AdamW(Adam):
+    """Adam with decoupled weight decay (Loshchilov & Hutter, 2019), PyTorch's ``AdamW``
+    order: first ``p -= lr * weight_decay * p`` (``lr`` the current, possibly scheduled, rate),
+    then the Adam step above. Unlike an L2 penalty, the decay is not rescaled by Adam's
+    per-weight step sizes. Applied to every trainable weight (biases and BatchNorm's gamma and
+    beta included), as PyTorch does by default.
+    """
+
+    def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, weight_decay=0.01):
+        super().__init__(lr, beta1, beta2)
+        ok = isinstance(weight_decay, numbers.Real) and not isinstance(weight_decay, bool)
+        if not ok or not 0 <= weight_decay < np.inf:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        self.weight_decay = float(weight_decay)
+
+    def get_config(self):
+        return {**super().get_config(), "weight_decay": self.weight_decay}
+
+    def _step(self, state, p, g):
+        if self.weight_decay:
+            p *= np.float32(1.0 - self.lr * self.weight_decay)
+        super()._step(state, p, g)
+
+
+OPTIMIZER_CLASSES = {
+    cls.__name__: cls for cls in (SGD, Momentum, Nesterov, AdaGrad, RMSProp, Adam, AdamW)
+}
 _BY_NAME = {name.lower(): cls for name, cls in OPTIMIZER_CLASSES.items()}
 
 

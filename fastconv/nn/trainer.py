@@ -13,19 +13,14 @@ import warnings
 import numpy as np
 
 from .. import _checks as chk
+from . import data
 from . import losses as losses_mod
+from . import metrics as metrics_mod
 from . import optimizers as optimizers_mod
 from .backend import array_module, to_numpy
 from .callbacks import Callback, History
 
 __all__ = ["Trainer"]
-
-
-def _accuracy(scores, y) -> float:
-    pred = scores.argmax(axis=1)
-    if y.ndim == 2:
-        y = y.argmax(axis=1)
-    return float((pred == y).mean())
 
 
 def _progress(total, desc, show):
@@ -39,16 +34,31 @@ def _progress(total, desc, show):
 class Trainer:
     """``compile``, ``train_on_batch``, ``fit``, ``evaluate`` and ``predict``."""
 
-    def compile(self, optimizer="adam", loss="softmax_cross_entropy", metrics=("accuracy",)):
-        """Attach an optimizer (name or object) and a loss (name or object)."""
+    def compile(self, optimizer="adam", loss="softmax_cross_entropy", metrics=None):
+        """Attach an optimizer (name or object), a loss (name or object, see
+        :mod:`fastconv.nn.losses`) and metrics (names or objects, see
+        :mod:`fastconv.nn.metrics`; default: accuracy for classification losses)."""
         self.optimizer = optimizers_mod.get(optimizer)
         self.loss = losses_mod.get(loss)
-        metrics = list(metrics or [])
-        for m in metrics:
-            if m != "accuracy":
-                raise ValueError(f"metrics may only contain 'accuracy', got {m!r}")
-        self.metrics = metrics
+        if metrics is None:
+            classify = getattr(self.loss, "classification", True) or (
+                getattr(self.loss, "name", None) == "binary_cross_entropy"
+            )
+            metrics = ["accuracy"] if classify else []
+        if isinstance(metrics, (str, metrics_mod.Metric)):
+            metrics = [metrics]
+        self._metric_fns = [metrics_mod.get(m, self.loss) for m in metrics]
+        names = [m.name for m in self._metric_fns]
+        if len(set(names)) != len(names) or "loss" in names:
+            raise ValueError(f"metrics must have distinct names other than 'loss', got {names}")
+        self.metrics = list(metrics)
         return self
+
+    def _metric_list(self):
+        fns = getattr(self, "_metric_fns", None)
+        if fns is None:  # compiled before metrics objects existed (or never): accuracy
+            fns = self._metric_fns = [metrics_mod.Accuracy()]
+        return fns
 
     def _require_compiled(self):
         if self.optimizer is None or self.loss is None:
@@ -94,6 +104,11 @@ class Trainer:
         """A batch on the model's backend and dtype."""
         return self.backend.asarray(x)
 
+    def _cast_for_augment(self, x):
+        """A batch in the model's dtype, on the library it already lives on (augmentation runs
+        where the data is: Numba for NumPy arrays, CUDA for CuPy arrays)."""
+        return x if x.dtype == self.dtype else x.astype(self.dtype)
+
     def _labels(self, y, n, name="y"):
         if isinstance(y, (list, tuple)):
             y = np.asarray(y)
@@ -102,7 +117,11 @@ class Trainer:
         if y.shape[:1] != (n,):
             raise ValueError(f"{name} must have {n} entries (one per sample), got shape {y.shape}")
         if self.built:
-            losses_mod.check_labels(y, n, self.output_shape[0], name)
+            loss = self.loss if hasattr(self.loss, "check_targets") else None
+            if loss is not None:
+                loss.check_targets(y, n, self.output_shape, name)
+            else:
+                losses_mod.check_labels(y, n, self.output_shape[0], name)
         return y
 
     # -- one step -------------------------------------------------------------------------------
@@ -111,7 +130,8 @@ class Trainer:
             getattr(h, what)(event, None)
 
     def train_on_batch(self, x, y) -> dict:
-        """One optimisation step on a batch. Returns ``{"loss", "accuracy"}`` (floats)."""
+        """One optimisation step on a batch. Returns ``{"loss", <metric>...}`` (floats; the
+        loss includes the layers' weight penalties)."""
         self._require_compiled()
         x = self._batch(self._prepare_x(x))
         self._ensure_built(x)
@@ -120,7 +140,7 @@ class Trainer:
         self._emit("loss_forward", "begin")
         loss = self.loss.forward(scores, y)
         self._emit("loss_forward", "end")
-        accuracy = _accuracy(scores, y)
+        logs = {"loss": loss, **{m.name: m(scores, y) for m in self._metric_list()}}
         self._emit("loss_backward", "begin")
         dscores = self.loss.backward()
         self._emit("loss_backward", "end")
@@ -128,10 +148,26 @@ class Trainer:
         if strategy is not None:  # this rank's share of the global batch's mean loss
             dscores = strategy.scale_loss_gradient(dscores)
         _, self._grads = self._run_backward(caches, dscores, need_dx=False)
-        if strategy is not None:  # the global batch's gradient and metrics, on every rank
-            loss, accuracy = strategy.reduce_gradients(self, self._grads, loss, accuracy)
+        if strategy is not None:  # the global batch's gradient and logs, on every rank
+            logs = strategy.reduce_gradients(self, self._grads, logs)
+        # After the reduction: the weights (and so the penalties) are the same on every rank.
+        logs["loss"] += self._regularize(self._grads)
         self._apply_gradients(self._grads)
-        return {"loss": loss, "accuracy": accuracy}
+        return logs
+
+    def _regularize(self, grads) -> float:
+        """Add every trainable layer's weight penalties to ``grads``; return their sum."""
+        total = 0.0
+        for layer in self.layers:
+            regs = getattr(layer, "regularizers", None)
+            if not regs or not layer.trainable:
+                continue
+            for name, reg in regs.items():
+                w = layer.params[name]
+                total += reg.penalty(w)
+                key = (layer.name, name)
+                grads[key] = grads[key] + reg.gradient(w)
+        return total
 
     def _apply_gradients(self, grads) -> None:
         keys = self.trainable_weight_keys()
@@ -142,40 +178,52 @@ class Trainer:
         self._emit("update", "end")
 
     # -- loops ----------------------------------------------------------------------------------
-    def predict(self, x, batch_size: int = 100):
+    def predict(self, x, batch_size: int = 100, probabilities: bool = False):
         """Outputs ``(N, ...)`` for ``x`` in inference mode (dropout off, BatchNorm on its
-        moving statistics), on the model's backend and dtype."""
+        moving statistics), on the model's backend and dtype.
+
+        With ``probabilities`` the scores go through the loss's output function: softmax for
+        softmax cross-entropy (the default loss), sigmoid for binary cross-entropy; float32.
+        """
         x = self._prepare_x(x)
         batch_size = chk.as_int(batch_size, "batch_size", 1)
+        if not isinstance(probabilities, (bool, np.bool_)):
+            raise TypeError(f"probabilities must be a bool, got {type(probabilities).__name__}")
         self._ensure_built(self._batch(x[:1]))
         outs = []
         for start in range(0, x.shape[0], batch_size):
             y, _ = self._run_forward(self._batch(x[start : start + batch_size]), training=False)
             outs.append(y)
-        return self.backend.xp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
+        out = self.backend.xp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
+        if probabilities:
+            out = (self.loss or losses_mod.SoftmaxCrossEntropy()).probabilities(out)
+        return out
 
     def evaluate(self, x, y, batch_size: int = 100, strategy=None) -> dict:
-        """Mean loss and accuracy over ``(x, y)`` in inference mode. With a ``strategy``
+        """Mean loss (without weight penalties) and metrics over ``(x, y)`` in inference
+        mode: ``{"loss", <metric>...}``. With a ``strategy``
         (:class:`~fastconv.nn.MPIDataParallel`) each rank evaluates its share of ``(x, y)`` and
         every rank gets the means over all of it."""
         x = self._prepare_x(x)
         batch_size = chk.as_int(batch_size, "batch_size", 1)
         loss_fn = self.loss or losses_mod.SoftmaxCrossEntropy()
+        metric_fns = self._metric_list() if self.loss is not None else [metrics_mod.Accuracy()]
         n = x.shape[0]
         self._ensure_built(self._batch(x[:1]))
         y = self._labels(y, n)
-        total_loss = total_correct = 0.0
+        totals = {"loss": 0.0, **{m.name: 0.0 for m in metric_fns}}
         first, stop = (0, n) if strategy is None else strategy.eval_range(n)
         for start in range(first, stop, batch_size):
             xb = self._batch(x[start : min(start + batch_size, stop)])
             yb = self.backend.labels(y[start : min(start + batch_size, stop)])
             scores, _ = self._run_forward(xb, training=False)
             m = xb.shape[0]
-            total_loss += loss_fn.forward(scores, yb) * m
-            total_correct += _accuracy(scores, yb) * m
+            totals["loss"] += loss_fn.forward(scores, yb) * m
+            for fn in metric_fns:
+                totals[fn.name] += fn(scores, yb) * m
         if strategy is not None:
-            total_loss, total_correct = strategy.sum_over_ranks(total_loss, total_correct)
-        return {"loss": total_loss / n, "accuracy": total_correct / n}
+            totals = dict(zip(totals, strategy.sum_over_ranks(*totals.values()), strict=True))
+        return {k: v / n for k, v in totals.items()}
 
     def fit(
         self,
@@ -192,6 +240,7 @@ class Trainer:
         initial_epoch=0,
         progress=None,
         check_finite=True,
+        augment=None,
         strategy=None,
     ) -> History:
         """Train for epochs ``initial_epoch .. epochs-1``; each epoch visits every sample once
@@ -212,10 +261,17 @@ class Trainer:
             Overrides whether the progress bar is shown.
         check_finite : bool
             Refuse inputs holding NaN or inf (checked once, before training).
+        augment : callable, optional
+            ``augment(x_batch, rng) -> x_batch``, e.g. a
+            :class:`fastconv.augment.RandomTransform`: training batches are augmented in a
+            background thread while the previous batch trains (:mod:`fastconv.nn.data`), with a
+            generator seeded from the model's, so runs are reproducible and resumable.
+            Validation data is never augmented.
         strategy : MPIDataParallel, optional
             Data-parallel training over MPI ranks (docs/distributed.md): ``batch_size`` is the
             global batch, split over the ranks; the logs are means over the ranks; only rank 0
-            prints and runs file-writing callbacks.
+            prints and runs file-writing callbacks. Each rank augments only its own share,
+            with its own generator.
 
         A callback stops training by setting ``model.stop_training``; an epoch cut short that
         way (e.g. by :class:`TerminateOnNaN`) is not reported to ``on_epoch_end``, so nothing
@@ -248,6 +304,7 @@ class Trainer:
             self._check_finite(x, "x")
             if validation_data is not None:
                 self._check_finite(xv, "validation_data[0]")
+        data.check_transform(augment)
         if isinstance(callbacks, Callback) or not isinstance(callbacks, (list, tuple)):
             raise TypeError(
                 f"callbacks must be a list of Callback objects, got {type(callbacks).__name__}"
@@ -290,37 +347,60 @@ class Trainer:
             order = self.rng.permutation(n) if shuffle else np.arange(n)
             if strategy is not None:
                 strategy.begin_epoch(self, epoch)
-            sum_loss = sum_acc = 0.0
+            loader = None
+            if augment is not None:
+                # Drawn after the permutation, from the model's generator (with a strategy:
+                # this rank's stream): a resumed run, which restores that generator, augments
+                # exactly as an uninterrupted one.
+                seed_b = int(self.rng.integers(2**63 - 1))
+                loader = data.augmented_batches(
+                    x,
+                    y,
+                    order,
+                    batch_size,
+                    augment,
+                    seed_b,
+                    self._cast_for_augment,
+                    share=None if strategy is None else strategy.share,
+                )
+                batches = iter(loader)
+            sums: dict = {}
             seen = 0
             bar = _progress(n_batches, f"Epoch {epoch + 1}/{epochs}", show_bar)
             for b in range(n_batches):
                 idx = order[b * batch_size : (b + 1) * batch_size]
                 part = idx if strategy is None else strategy.shard(idx)
-                logs = self.train_on_batch(self.backend.index(x, part), y[part])
-                m = len(idx)
-                sum_loss += logs["loss"] * m
-                sum_acc += logs["accuracy"] * m
+                if loader is None:
+                    xb, yb = self.backend.index(x, part), y[part]
+                else:
+                    xb, yb = next(batches)
+                logs = self.train_on_batch(xb, yb)
+                m = len(idx)  # the logs are the global batch's means
+                for k, v in logs.items():
+                    sums[k] = sums.get(k, 0.0) + v * m
                 seen += m
                 for cb in callbacks:
                     cb.on_batch_end(b, logs)
                 if bar is not None:
                     bar.update(1)
                     if b % 20 == 0 or b == n_batches - 1:
-                        bar.set_postfix(loss=f"{sum_loss / seen:.4f}", acc=f"{sum_acc / seen:.4f}")
+                        bar.set_postfix({k[:8]: f"{v / seen:.4f}" for k, v in sums.items()})
                 if strategy is not None:  # a rank stopping alone would leave the others waiting
                     self.stop_training = strategy.agree_stop(self.stop_training)
                 if self.stop_training and b < n_batches - 1:
                     break
             if bar is not None:
                 bar.close()
+            if loader is not None:
+                loader.close()
             if seen < n:  # cut short by a callback
                 break
-            epoch_logs = {"loss": sum_loss / seen, "accuracy": sum_acc / seen}
+            epoch_logs = {k: v / seen for k, v in sums.items()}
             if strategy is not None:
                 strategy.end_epoch(self)
             if validation_data is not None:
                 val = self.evaluate(xv, yv, batch_size=max(batch_size, 100), strategy=strategy)
-                epoch_logs.update(val_loss=val["loss"], val_accuracy=val["accuracy"])
+                epoch_logs.update({f"val_{k}": v for k, v in val.items()})
             epoch_logs["time"] = time.perf_counter() - t0
             if verbose:
                 parts = " - ".join(f"{k} {v:.4f}" for k, v in epoch_logs.items() if k != "time")

@@ -3,7 +3,7 @@
 from .activation import ReLU, Sigmoid, Softmax, Tanh
 from .base import LAYER_CLASSES, Layer, WeightSpec, register_layer
 from .conv import Conv2D
-from .core import Dense, Dropout, Flatten
+from .core import Dense, DropConnectDense, Dropout, Flatten
 from .merge import Add, Concatenate
 from .normalization import BatchNorm1D, BatchNorm2D
 from .pooling import AvgPool2D, GlobalAveragePooling2D, MaxPool2D
@@ -20,6 +20,7 @@ __all__ = [
     "BatchNorm2D",
     "BatchNorm1D",
     "Dense",
+    "DropConnectDense",
     "Dropout",
     "Flatten",
     "ReLU",

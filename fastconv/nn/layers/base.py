@@ -112,6 +112,27 @@ class Layer:
         self.rng: np.random.Generator | None = None  # set by the model: init and dropout
         self._eager = None  # (cache, output shape) of the last eager forward(training=True)
         self._symbolic_calls = 0
+        #: weight name -> :class:`fastconv.nn.regularizers.Regularizer` (penalty in training)
+        self.regularizers: dict = {}
+
+    def _set_regularizers(self, **by_weight) -> None:
+        """``kernel_regularizer``/``bias_regularizer`` arguments -> :attr:`regularizers`
+        (``by_weight`` maps weight names, e.g. ``W=...``, to a regularizer or None)."""
+        from .. import regularizers
+
+        self.regularizers = {}
+        for weight, value in by_weight.items():
+            reg = regularizers.get(value)
+            if reg is not None:
+                self.regularizers[weight] = reg
+
+    def _regularizer_config(self, **names) -> dict:
+        """Config entries for the regularizers set (none when unset: older configs stay)."""
+        return {
+            arg: self.regularizers[weight].get_config()
+            for arg, weight in names.items()
+            if weight in self.regularizers
+        }
 
     # -- freezing --------------------------------------------------------------------------------
     @property

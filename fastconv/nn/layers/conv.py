@@ -56,6 +56,8 @@ class Conv2D(Layer):
         False for a convolution followed by BatchNorm, whose beta replaces the bias.
     kernel_initializer : str
         ``he_normal`` (default), ``he_uniform``, ``glorot_normal`` or ``glorot_uniform``.
+    kernel_regularizer, bias_regularizer : Regularizer, optional
+        Weight penalties added to the training loss (:mod:`fastconv.nn.regularizers`).
     """
 
     kind = "conv"
@@ -71,6 +73,8 @@ class Conv2D(Layer):
         kernel_initializer="he_normal",
         name=None,
         trainable=True,
+        kernel_regularizer=None,
+        bias_regularizer=None,
     ):
         super().__init__(name, trainable)
         self.filters = chk.as_int(filters, "filters", 1)
@@ -85,6 +89,9 @@ class Conv2D(Layer):
             raise TypeError(f"use_bias must be a bool, got {type(use_bias).__name__}")
         self.use_bias = bool(use_bias)
         self.kernel_initializer = initializers.check_kernel_initializer(kernel_initializer)
+        if bias_regularizer is not None and not self.use_bias:
+            raise ValueError("bias_regularizer needs use_bias=True")
+        self._set_regularizers(W=kernel_regularizer, b=bias_regularizer)
         self._dy_buffer = None
 
     def get_config(self):
@@ -96,6 +103,7 @@ class Conv2D(Layer):
             "activation": self.activation,
             "use_bias": self.use_bias,
             "kernel_initializer": self.kernel_initializer,
+            **self._regularizer_config(kernel_regularizer="W", bias_regularizer="b"),
             **super().get_config(),
         }
 

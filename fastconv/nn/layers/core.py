@@ -12,7 +12,7 @@ from .. import initializers
 from ..backend import random_uniform
 from .base import Layer, WeightSpec, register_layer
 
-__all__ = ["Dense", "Dropout", "Flatten"]
+__all__ = ["Dense", "DropConnectDense", "Dropout", "Flatten"]
 
 
 @register_layer
@@ -20,7 +20,8 @@ class Dense(Layer):
     """Fully connected layer ``y = x @ W + b``, ``W`` of shape ``(in, out)`` as Keras.
 
     Inputs are ``(N, in)``: put a :class:`Flatten` after convolutional layers. ``activation``
-    "relu" is fused into the product's epilogue.
+    "relu" is fused into the product's epilogue. ``kernel_regularizer``/``bias_regularizer``
+    add weight penalties to the training loss (:mod:`fastconv.nn.regularizers`).
     """
 
     kind = "dense"
@@ -33,6 +34,8 @@ class Dense(Layer):
         kernel_initializer="he_normal",
         name=None,
         trainable=True,
+        kernel_regularizer=None,
+        bias_regularizer=None,
     ):
         super().__init__(name, trainable)
         self.units = chk.as_int(units, "units", 1)
@@ -43,6 +46,9 @@ class Dense(Layer):
             raise TypeError(f"use_bias must be a bool, got {type(use_bias).__name__}")
         self.use_bias = bool(use_bias)
         self.kernel_initializer = initializers.check_kernel_initializer(kernel_initializer)
+        if bias_regularizer is not None and not self.use_bias:
+            raise ValueError("bias_regularizer needs use_bias=True")
+        self._set_regularizers(W=kernel_regularizer, b=bias_regularizer)
 
     def get_config(self):
         return {
@@ -50,6 +56,7 @@ class Dense(Layer):
             "activation": self.activation,
             "use_bias": self.use_bias,
             "kernel_initializer": self.kernel_initializer,
+            **self._regularizer_config(kernel_regularizer="W", bias_regularizer="b"),
             **super().get_config(),
         }
 
@@ -89,6 +96,53 @@ class Dense(Layer):
         dx, dw, db = ops.dense_backward(dy, x, self.params["W"], need_dx=need_dx)
         if not self.trainable:
             return dx, {}
+        return dx, ({"W": dw, "b": db} if self.use_bias else {"W": dw})
+
+
+@register_layer
+class DropConnectDense(Dense):
+    """Dense layer with DropConnect (Wan et al., 2013): in training each weight of ``W`` is
+    dropped with probability ``rate`` and the survivors scaled by ``1/(1-rate)``; at inference
+    the full ``W`` (the mean network). One mask per mini-batch, shared by its samples (the
+    paper draws one per sample, a (N, in, out) tensor); the bias is never dropped. The mask
+    follows the model's seed.
+    """
+
+    def __init__(self, units, rate=0.5, **kwargs):
+        super().__init__(units, **kwargs)
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= rate < 1:
+            raise ValueError(f"rate must be a number in [0, 1), got {rate!r}")
+        self.rate = float(rate)
+
+    def get_config(self):
+        return {**super().get_config(), "rate": self.rate}
+
+    def call(self, x, training=False, fuse_relu=False):
+        if not training or self.rate == 0.0:
+            y, cache = super().call(x, training, fuse_relu)
+            return y, (None if cache is None else (*cache, None))
+        act = "relu" if fuse_relu else self.activation
+        w = self.params["W"]
+        keep = np.float32(1.0 - self.rate)
+        u = random_uniform(self._rng(), w.shape, like=w)
+        mask = (u < keep).astype(w.dtype) * w.dtype.type(1.0 / keep)
+        w_used = w * mask
+        y = ops.dense(x, w_used, self.params.get("b"), act)
+        return y, (x, y if act == "relu" else None, (w_used, mask))
+
+    def call_backward(self, cache, dy, need_dx=True):
+        x, y, dropped = cache
+        if dropped is None:
+            return super().call_backward((x, y), dy, need_dx)
+        w_used, mask = dropped
+        if y is not None:
+            dy = ops.relu_backward(dy, y)
+        if not self.trainable and not need_dx:
+            return None, {}
+        dx, dw, db = ops.dense_backward(dy, x, w_used, need_dx=need_dx)
+        if not self.trainable:
+            return dx, {}
+        dw = dw * mask  # d(W * mask)/dW: dropped weights get no gradient
         return dx, ({"W": dw, "b": db} if self.use_bias else {"W": dw})
 
 
