@@ -120,7 +120,10 @@ class ProfileResult:
     by_type_ms : dict
         ``{type: {"forward": ms, "backward": ms}}``; the optimizer update counts as backward.
     layers : list of dict
-        ``{"name", "type", "forward_ms", "backward_ms"}`` in layer order.
+        ``{"name", "type", "forward_ms", "backward_ms"}`` in layer order; CPU conv layers also
+        ``"algorithm"``: ``{pass: name}`` for the passes ``forward``, ``backward`` (dx and dW)
+        and ``backward_weights`` (dW only, the first layer), as
+        :func:`fastconv.ops.conv_algorithm_choices` recorded them.
     overhead : dict
         ``profiled_step_ms`` (wall time of a profiled step, median), ``untimed_step_ms`` (median of
         ``train_on_batch``, or of a plain forward pass in forward-only mode) and ``ratio``.
@@ -156,17 +159,21 @@ class ProfileResult:
         """Readable text report: per layer, per type, shares and overhead."""
         what = "training step" if self.training else "forward pass (inference mode)"
         width = max([14] + [len(la["name"]) + 2 for la in self.layers])
+        has_algorithms = any(la.get("algorithm") for la in self.layers)
         lines = [
             f"{what}: backend {self.backend}, {self.dtype}, batch {self.batch_size}, "
             f"mean of {self.steps} steps after {self.warmup} warm-up",
             "",
-            f"{'layer':<{width}}{'type':<12}{'forward ms':>12}{'backward ms':>13}{'share':>9}",
+            f"{'layer':<{width}}{'type':<12}{'forward ms':>12}{'backward ms':>13}{'share':>9}"
+            + ("  algorithm (forward/backward)" if has_algorithms else ""),
         ]
         for layer in self.layers:
             total = layer["forward_ms"] + layer["backward_ms"]
+            algo = _algorithm_label(layer.get("algorithm", {}))
             lines.append(
                 f"{layer['name']:<{width}}{layer['type']:<12}{layer['forward_ms']:>12.3f}"
                 f"{layer['backward_ms']:>13.3f}{total / self.step_ms:>9.1%}"
+                + (f"  {algo}" if algo else "")
             )
         if self.training:
             lines.append(
@@ -256,6 +263,63 @@ class _ClockHook:
         return [(e, la, self.clock.elapsed_ms(a, b)) for e, la, a, b in self.records]
 
 
+class _AlgorithmHook:
+    """Which CPU convolution algorithm each conv layer ran, per pass: the algorithm-choice
+    records (:func:`fastconv.ops.conv_algorithm_choices`) whose call counts grew between the
+    layer's begin and end events. Used on one untimed step, so its bookkeeping costs nothing
+    in the timed ones."""
+
+    def __init__(self):
+        self.by_layer: dict = {}
+        self._before = None
+
+    @staticmethod
+    def _counts():
+        from . import ops
+
+        return {
+            (c.pass_, c.dtype, c.x_shape, c.w_shape, c.stride, c.pad, c.algorithm): (
+                c.calls,
+                c.fallbacks,
+            )
+            for c in ops.conv_algorithm_choices()
+        }
+
+    def begin(self, event, layer):
+        if layer is not None and _type_of(layer) == "conv":
+            self._before = self._counts()
+
+    def end(self, event, layer):
+        if layer is None or self._before is None:
+            return
+        before, self._before = self._before, None
+        seen = self.by_layer.setdefault(layer.name, {})
+        for key, (calls, fallbacks) in self._counts().items():
+            old_calls, old_fallbacks = before.get(key, (0, 0))
+            if calls > old_calls:
+                name = key[-1] + (" (exact fallback)" if fallbacks > old_fallbacks else "")
+                seen[key[0]] = name
+
+
+def _conv_algorithms(model, step) -> dict:
+    """``{layer name: {pass: algorithm}}`` of one extra, untimed step (CPU backend)."""
+    hook = _AlgorithmHook()
+    model.hooks.append(hook)
+    try:
+        step()
+    finally:
+        model.hooks.remove(hook)
+    return hook.by_layer
+
+
+def _algorithm_label(passes: dict) -> str:
+    """``forward/backward`` algorithm names, ``-`` for a pass that did not run."""
+    if not passes:
+        return ""
+    backward = passes.get("backward") or passes.get("backward_weights")
+    return "/".join(name or "-" for name in (passes.get("forward"), backward) if name or backward)
+
+
 def _check_args(model, x, steps, warmup):
     if not (hasattr(model, "hooks") and hasattr(model, "_run_forward")):
         raise TypeError(f"model must be a fastconv.nn.Model, got {type(model).__name__}")
@@ -307,6 +371,7 @@ def _run(model, x, y, steps, warmup, training):
         _synchronize(xb)
         untimed_walls.append(time.perf_counter() - start)
 
+    algorithms = {} if gpu else _conv_algorithms(model, step)
     per_layer = {name: {"forward": 0.0, "backward": 0.0} for name in names}
     totals = {"loss_forward": 0.0, "loss_backward": 0.0, "update": 0.0, "framework": 0.0}
     step_totals = []
@@ -323,6 +388,11 @@ def _run(model, x, y, steps, warmup, training):
             "type": _type_of(layer),
             "forward_ms": per_layer[layer.name]["forward"],
             "backward_ms": per_layer[layer.name]["backward"],
+            **(
+                {"algorithm": algorithms.get(layer.name, {})}
+                if _type_of(layer) == "conv" and not gpu
+                else {}
+            ),
         }
         for layer in model.layers
     ]

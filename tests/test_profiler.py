@@ -215,3 +215,32 @@ def test_time_is_attributed_to_the_right_layer():
     assert r.conv_share == pytest.approx(r.by_type["conv"])
     # Each kind of layer that is missing from the model is missing from by_type.
     assert set(r.by_type) == {"conv", "pool", "dense", "loss", "update", "framework"}
+
+
+@pytest.mark.parametrize("setting", ["auto", "unfolded"])
+def test_each_conv_layer_reports_the_algorithm_it_ran(setting):
+    # Oracle: the documented "auto" rule (Winograd F(4x4) for 3x3 stride-1 layers with at
+    # least 8 input and output channels, else direct for stride 1) or the forced algorithm.
+    x, y = _batch()
+    previous = fastconv.set_conv_algorithm(setting)
+    try:
+        res = profile_model(_model(), x, y, steps=1, warmup=0)
+        fwd = profile_forward(_model(), x, steps=1, warmup=0)
+    finally:
+        fastconv.set_conv_algorithm(previous)
+    convs = [la for la in res.layers if la["type"] == "conv"]
+    assert len(convs) == 6
+    for i, layer in enumerate(convs):
+        if setting == "unfolded":
+            want = "unfolded"
+        else:
+            want = "direct" if i == 0 else "winograd4x4"  # conv1 has 1 input channel
+        algo = layer["algorithm"]
+        assert algo["forward"] == want, layer
+        # The first layer needs no dx: only the weight gradient runs.
+        assert set(algo) == ({"forward", "backward_weights"} if i == 0 else {"forward", "backward"})
+        assert (algo.get("backward") or algo["backward_weights"]) in (want, "unfolded")
+        assert f"  {want}/" in next(ln for ln in res.table().splitlines() if layer["name"] in ln)
+    for layer in (la for la in fwd.layers if la["type"] == "conv"):
+        assert set(layer["algorithm"]) == {"forward"}
+    assert all("algorithm" not in la for la in res.layers if la["type"] != "conv")
