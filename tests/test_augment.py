@@ -180,7 +180,9 @@ def test_gaussian_blur_matches_a_float64_convolution(rng):
 def test_gaussian_blur_matches_scipy_when_installed(rng):
     ndimage = pytest.importorskip("scipy.ndimage")
     fields = rng.uniform(-1, 1, (2, 12, 10)).astype(np.float32)
-    want = np.stack([ndimage.gaussian_filter(f.astype(np.float64), 2.0, mode="constant")
+    # truncate=3: the taps' documented radius ceil(3 * sigma) (scipy's default is 4 sigma).
+    want = np.stack([ndimage.gaussian_filter(f.astype(np.float64), 2.0, mode="constant",
+                                             truncate=3.0)
                      for f in fields])  # fmt: skip
     np.testing.assert_allclose(ops.gaussian_blur(fields, 2.0), want, atol=1e-6)
 
@@ -311,6 +313,15 @@ def test_cuda_augment_kernels_equal_the_cpu_kernels_in_emulation(rng, dtype):
     flow_gpu = kops.gaussian_blur(fields, taps)
     flow_cpu = cpu_aug.gaussian_blur(fields, taps)
     np.testing.assert_array_equal(flow_gpu, flow_cpu)
+    # The templated kernel also instantiates for half planes (not used by ops, which blurs
+    # float32 displacement fields): float32 sums of the same half values, one final rounding.
+    half = fields.astype(np.float16)
+    np.testing.assert_allclose(
+        kops.gaussian_blur(half, taps).astype(np.float32),
+        cpu_aug.gaussian_blur(half.astype(np.float32), taps),
+        rtol=2e-3,
+        atol=1e-3,
+    )
     flow = flow_cpu.reshape(4, 2, 8, 10)
     for f in (None, flow):
         got = kops.warp_bilinear(x, theta, f, (8, 10))

@@ -70,7 +70,9 @@ def test_to_dict_is_json_with_required_keys(result):
     d = json.loads(json.dumps(result.to_dict()))
     for key in ("conv_share", "forward_conv_share", "step_ms", "by_type", "layers", "overhead"):
         assert key in d
-    assert set(d["layers"][0]) == {"name", "type", "forward_ms", "backward_ms"}
+    assert set(d["layers"][0]) == {"name", "type", "forward_ms", "backward_ms", "algorithm"}
+    assert all(set(la) == {"name", "type", "forward_ms", "backward_ms"}
+               for la in d["layers"] if la["type"] != "conv")  # fmt: skip
     assert d["overhead"]["ratio"] == pytest.approx(
         d["overhead"]["profiled_step_ms"] / d["overhead"]["untimed_step_ms"]
     )
