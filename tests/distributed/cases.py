@@ -41,6 +41,23 @@ def plain_model(seed=0, units=16, dropout=0.0):
     return nn.Sequential(layers, seed=seed, input_shape=SHAPE)
 
 
+def l2_model(seed=0):
+    """Weight penalties: added once, after the ranks' gradients are summed (added per rank
+    before the sum, they would count twice)."""
+    return nn.Sequential(
+        [
+            nn.Conv2D(4, 3, padding=1, activation="relu", kernel_regularizer=nn.L2(0.01)),
+            nn.MaxPool2D(2),
+            nn.Flatten(),
+            nn.Dense(16, kernel_regularizer=nn.L2(0.01), bias_regularizer=nn.L1(0.001)),
+            nn.ReLU(),
+            nn.Dense(CLASSES),
+        ],
+        seed=seed,
+        input_shape=SHAPE,
+    )
+
+
 def bn_model(seed=0):
     return nn.Sequential(
         [
@@ -67,6 +84,7 @@ CASES = {
     "uneven": (plain_model, 11, 2, "float32", False),  # shares 5/6 of 11; last batch 9 (4/5)
     "sync_bn": (bn_model, 16, 2, "float32", True),
     "half": (plain_model, 16, 2, "float16", False),
+    "l2_top2": (l2_model, 16, 2, "float32", False),  # penalties, and a metric beyond accuracy
 }
 
 
@@ -76,7 +94,7 @@ def train(case, strategy=None, epochs=None):
     model = build(seed=0)
     if dtype != "float32":
         model = model.to(dtype=dtype)
-    model.compile(nn.Momentum(lr=0.05))
+    model.compile(nn.Momentum(lr=0.05), metrics=["accuracy", nn.metrics.TopKAccuracy(2)])
     x, y = data()
     xv, yv = data(n=20, seed=6)
     hist = model.fit(

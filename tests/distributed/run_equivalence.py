@@ -26,6 +26,20 @@ hist = model.fit(x, y, epochs=2, batch_size=16, verbose=0, strategy=strategy)
 cases.save(out / f"local_bn_rank{r}.npz", model.get_weights(), hist.history)
 
 
+# Augmentation in the background loader: each rank augments only its own share.
+def augment_run():
+    from fastconv.augment import RandomTransform
+
+    model = cases.plain_model(seed=4).compile(nn.Momentum(lr=0.05))
+    model.fit(x, y, epochs=2, batch_size=16, verbose=0, strategy=strategy, seed=7,
+              augment=RandomTransform(rotation=10, shift=1))  # fmt: skip
+    return model.get_weights()
+
+
+for name in ("augment_a", "augment_b"):
+    cases.save(out / f"{name}_rank{r}.npz", augment_run(), {})
+
+
 # Dropout: two runs with one seed agree, and 1 epoch + checkpoint + resume = 2 epochs straight.
 def dropout_run(epochs, initial_epoch=0, model=None):
     if model is None:
