@@ -27,6 +27,16 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+
+#: display names of the zoo models in the tables
+NAMES = {
+    "alexnet": "AlexNet",
+    "vgg16": "VGG-16",
+    "resnet18": "ResNet-18",
+    "resnet34": "ResNet-34",
+    "googlenet": "GoogLeNet",
+    "lenet5": "LeNet-5",
+}
 if str(ROOT) not in sys.path:  # run from a checkout without installing
     sys.path.insert(0, str(ROOT))
 

@@ -27,16 +27,16 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from zoo_common import Spec, Worker, _reproducible, load_average, machine_line, write_section  # noqa: E402
+from zoo_common import (  # noqa: E402
+    NAMES,
+    Spec,
+    Worker,
+    _reproducible,
+    load_average,
+    machine_line,
+    write_section,
+)
 
-NAMES = {
-    "alexnet": "AlexNet",
-    "vgg16": "VGG-16",
-    "resnet18": "ResNet-18",
-    "resnet34": "ResNet-34",
-    "googlenet": "GoogLeNet",
-    "lenet5": "LeNet-5",
-}
 MB = 1024.0  # kB per MiB
 
 

@@ -23,6 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from zoo_common import (  # noqa: E402
+    NAMES,
     Spec,
     Worker,
     _reproducible,
@@ -34,14 +35,6 @@ from zoo_common import (  # noqa: E402
     write_section,
 )
 
-NAMES = {
-    "alexnet": "AlexNet",
-    "vgg16": "VGG-16",
-    "resnet18": "ResNet-18",
-    "resnet34": "ResNet-34",
-    "googlenet": "GoogLeNet",
-    "lenet5": "LeNet-5",
-}
 MODES = {"forward": "forward (inference)", "train": "training step"}
 
 
