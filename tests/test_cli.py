@@ -167,3 +167,23 @@ def test_training_flag_errors(tmp_path, capsys):
     assert "--schedule cosine" in capsys.readouterr().err
     assert main([*base[:-4], "--val-size", "0", "--patience", "2", "--out", str(tmp_path)]) == 2
     assert "--val-size" in capsys.readouterr().err
+
+
+def test_ensemble_under_mpi_is_refused_with_what_to_do(tmp_path, capsys):
+    """--ensemble trains its members one after another in one process; under mpiexec each
+    rank would do that and write the same files, so it is refused on every rank."""
+    from fastconv import cli
+
+    class FakeRoot:  # what _train_mnist_checked asks of a strategy before training
+        is_root = True
+
+        def broadcast_object(self, value):
+            return value
+
+    args = build_parser().parse_args(
+        ["train-mnist", "--ensemble", "2", "--out", str(tmp_path / "ens")]
+    )
+    assert cli._train_mnist_checked(args, FakeRoot()) == 2
+    err = capsys.readouterr().err
+    assert "--ensemble" in err and "mpiexec" in err and "--seed" in err
+    assert not (tmp_path / "ens").exists()
