@@ -594,3 +594,66 @@ def to_cpu(x):
     if isinstance(x, np.ndarray):
         return x
     raise TypeError(f"x must be a numpy.ndarray or cupy.ndarray, got {type(x).__name__}")
+
+
+# --- optimizer updates (used by fastconv.nn.optimizers; not part of the public kernel API) --------
+
+
+def _fusable(p, *others) -> bool:
+    """The fused CPU kernel applies: NumPy float32 C-contiguous arrays of one shape, the
+    parameter sharing memory with none of the others."""
+    arrays = (p, *others)
+    return (
+        all(type(a) is np.ndarray for a in arrays)
+        and all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
+        and all(a.shape == p.shape for a in others)
+        and p.flags.writeable
+        and not any(chk._may_overlap(p, a) for a in others)
+    )
+
+
+def adam_update(p, g, m, v, beta1, beta2, lr_t, eps):
+    """One Adam step in place, the book's form: ``m += (1-beta1)*(g - m);
+    v += (1-beta2)*(g*g - v);  p -= lr_t*m / (sqrt(v) + eps)``, all in float32.
+
+    ``p``, ``g``, ``m``, ``v``: float32 arrays of one shape (NumPy or CuPy). On the CPU one fused
+    parallel pass (:mod:`fastconv.cpu.optim`), bit-identical to the array expressions used
+    otherwise.
+    """
+    c1, c2 = np.float32(1 - beta1), np.float32(1 - beta2)
+    lr_t, eps = np.float32(lr_t), np.float32(eps)
+    if _fusable(p, g, m, v):
+        from .cpu import optim
+
+        be = _backend(p)
+        with be.launch_guard():
+            optim.adam_update(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
+                              c1, c2, lr_t, eps)  # fmt: skip
+        return
+    xp = _xp(p)
+    m += c1 * (g - m)
+    v += c2 * (g * g - v)
+    p -= lr_t * m / (xp.sqrt(v) + eps)
+
+
+def momentum_update(p, g, v, momentum, lr):
+    """One momentum step in place: ``v = momentum*v - lr*g;  p += v`` (float32; fused on the
+    CPU, bit-identical to the array expressions)."""
+    momentum, lr = np.float32(momentum), np.float32(lr)
+    if _fusable(p, g, v):
+        from .cpu import optim
+
+        with _backend(p).launch_guard():
+            optim.momentum_update(p.reshape(-1), g.reshape(-1), v.reshape(-1), momentum, lr)
+        return
+    v *= momentum
+    v -= lr * g
+    p += v
+
+
+def _xp(a):
+    if chk.is_cupy_array(a):
+        import cupy
+
+        return cupy
+    return np

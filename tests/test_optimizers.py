@@ -128,3 +128,64 @@ def test_errors_and_lookup():
         SGD().step([p], [])
     with pytest.raises(ValueError, match="shape"):
         SGD().step([p], [np.zeros(4, np.float32)])
+
+
+# --- the fused CPU updates: bit-identical to the NumPy expressions they replace --------------
+
+
+def _adam_expressions(p, g, m, v, beta1, beta2, lr_t, eps):
+    m += np.float32(1 - beta1) * (g - m)
+    v += np.float32(1 - beta2) * (g * g - v)
+    p -= np.float32(lr_t) * m / (np.sqrt(v) + np.float32(eps))
+
+
+def _momentum_expressions(p, g, v, momentum, lr):
+    v *= np.float32(momentum)
+    v -= np.float32(lr) * g
+    p += v
+
+
+@pytest.mark.parametrize("shape", [(0,), (1,), (7, 3), (64, 3, 5, 5), (100003,)])
+def test_fused_updates_are_bit_identical_to_the_expressions(shape):
+    from fastconv import ops
+
+    rng = np.random.default_rng(1)
+    arrays = [rng.standard_normal(shape).astype(np.float32) for _ in range(3)]
+    arrays[2] = np.abs(arrays[2])  # v >= 0
+    p0, m0, v0 = arrays
+    fused = [a.copy() for a in (p0, m0, v0)]
+    plain = [a.copy() for a in (p0, m0, v0)]
+    for step in range(1, 4):
+        g = (rng.standard_normal(shape) * 10.0 ** rng.integers(-4, 3)).astype(np.float32)
+        lr_t = 1e-3 * np.sqrt(1 - 0.999**step) / (1 - 0.9**step)
+        ops.adam_update(*fused[:1], g, *fused[1:], 0.9, 0.999, lr_t, 1e-7)
+        _adam_expressions(plain[0], g, plain[1], plain[2], 0.9, 0.999, lr_t, 1e-7)
+        for a, b in zip(fused, plain, strict=True):
+            np.testing.assert_array_equal(a, b)
+    p, v = p0.copy(), m0.copy()
+    q, w = p0.copy(), m0.copy()
+    for _ in range(3):
+        g = rng.standard_normal(shape).astype(np.float32)
+        ops.momentum_update(p, g, v, 0.9, 0.01)
+        _momentum_expressions(q, g, w, 0.9, 0.01)
+        np.testing.assert_array_equal(p, q)
+        np.testing.assert_array_equal(v, w)
+
+
+def test_fused_updates_fall_back_for_other_layouts_and_propagate_nan():
+    from fastconv import ops
+
+    rng = np.random.default_rng(2)
+    base = rng.standard_normal((6, 8)).astype(np.float32)
+    p = base.T  # not C-contiguous: the expressions run, with the same result
+    g = rng.standard_normal((8, 6)).astype(np.float32)
+    m, v = np.zeros((8, 6), np.float32), np.zeros((8, 6), np.float32)
+    want = [p.copy(), m.copy(), v.copy()]
+    ops.adam_update(p, g, m, v, 0.9, 0.999, 1e-3, 1e-7)
+    _adam_expressions(want[0], g, want[1], want[2], 0.9, 0.999, 1e-3, 1e-7)
+    for a, b in zip((p, m, v), want, strict=True):
+        np.testing.assert_array_equal(a, b)
+    p = np.ones(4, np.float32)
+    g = np.array([1.0, np.nan, np.inf, -1.0], np.float32)
+    ops.momentum_update(p, g, np.zeros(4, np.float32), 0.9, 0.1)
+    assert np.isnan(p[1]) and np.isinf(p[2]) and np.isfinite(p[[0, 3]]).all()
