@@ -20,10 +20,11 @@ from typing import NamedTuple
 import numpy as np
 
 from ... import _checks as chk
+from ... import ops
 from .. import initializers
 from ..backend import array_module
 
-__all__ = ["Layer", "WeightSpec", "register_layer", "LAYER_CLASSES", "snake_case"]
+__all__ = ["Layer", "ProductLayer", "WeightSpec", "register_layer", "LAYER_CLASSES", "snake_case"]
 
 #: layer class name -> class; what ``load_model`` can rebuild (see :func:`register_layer`)
 LAYER_CLASSES: dict[str, type] = {}
@@ -277,6 +278,79 @@ class Layer:
     def __repr__(self):
         args = ", ".join(f"{k}={v!r}" for k, v in self.get_config().items())
         return f"{type(self).__name__}({args})"
+
+
+class ProductLayer(Layer):
+    """What Conv2D and Dense share: ``y = act(product(x, W) + b)`` with an optional bias, a
+    ReLU that runs in the product's epilogue (given, or fused from a following ReLU layer), and
+    weight penalties. Subclasses give the product and its backward (``_product``,
+    ``_product_backward``) and the shape of ``W``."""
+
+    def _init_product(
+        self, activation, use_bias, kernel_initializer, kernel_regularizer, bias_regularizer
+    ) -> None:
+        if activation not in chk.ACTIVATIONS:
+            raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+        self.activation = activation
+        if not isinstance(use_bias, (bool, np.bool_)):
+            raise TypeError(f"use_bias must be a bool, got {type(use_bias).__name__}")
+        self.use_bias = bool(use_bias)
+        self.kernel_initializer = initializers.check_kernel_initializer(kernel_initializer)
+        if bias_regularizer is not None and not self.use_bias:
+            raise ValueError("bias_regularizer needs use_bias=True")
+        self._set_regularizers(W=kernel_regularizer, b=bias_regularizer)
+
+    def _product_config(self) -> dict:
+        return {
+            "activation": self.activation,
+            "use_bias": self.use_bias,
+            "kernel_initializer": self.kernel_initializer,
+            **self._regularizer_config(kernel_regularizer="W", bias_regularizer="b"),
+            **Layer.get_config(self),
+        }
+
+    def _product_specs(self, w_shape, units) -> list:
+        specs = [WeightSpec("W", tuple(w_shape), self.kernel_initializer)]
+        if self.use_bias:
+            specs.append(WeightSpec("b", (units,), "zeros"))
+        return specs
+
+    @property
+    def fuses_relu(self) -> bool:
+        """A following ReLU layer can run inside this layer's epilogue."""
+        return self.activation is None
+
+    def call(self, x, training=False, fuse_relu=False):
+        act = "relu" if fuse_relu else self.activation
+        y = self._product(x, self.params["W"], self.params.get("b"), act)
+        if not training:
+            return y, None
+        return y, (x, y if act == "relu" else None)
+
+    def call_backward(self, cache, dy, need_dx=True):
+        x, y = cache
+        return self._backward_through(x, y, dy, self.params["W"], need_dx)
+
+    def _backward_through(self, x, y, dy, w, need_dx):
+        """Gradients of the forward that ran ``x`` through weights ``w`` (``y``: its output
+        when a ReLU was fused, else None)."""
+        if y is not None:
+            dy = self._relu_grad(dy, y)
+        if not self.trainable and not need_dx:
+            return None, {}
+        dx, dw, db = self._product_backward(dy, x, w, need_dx)
+        if not self.trainable:
+            return dx, {}
+        return dx, ({"W": dw, "b": db} if self.use_bias else {"W": dw})
+
+    def _relu_grad(self, dy, y):
+        return ops.relu_backward(dy, y)
+
+    def _product(self, x, w, b, activation):
+        raise NotImplementedError
+
+    def _product_backward(self, dy, x, w, need_dx):
+        raise NotImplementedError
 
 
 def check_gradient(dy, shape, what: str) -> None:

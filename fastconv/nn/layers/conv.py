@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import numpy as np
-
 from ... import _checks as chk
 from ... import ops
-from .. import initializers
 from ..backend import array_module
-from .base import Layer, WeightSpec, register_layer
+from .base import ProductLayer, register_layer
 
 __all__ = ["Conv2D", "spatial_shape"]
 
@@ -40,7 +37,7 @@ def _padding(padding, kernel_size):
 
 
 @register_layer
-class Conv2D(Layer):
+class Conv2D(ProductLayer):
     """2-D convolution (cross-correlation), NCHW, weights ``W (filters, in, kh, kw)`` as PyTorch.
 
     Parameters
@@ -82,16 +79,9 @@ class Conv2D(Layer):
         self.stride = chk.as_pair(stride, "stride", 1)
         self.padding_arg = padding if isinstance(padding, str) else None
         self.padding = _padding(padding, self.kernel_size)
-        if activation not in chk.ACTIVATIONS:
-            raise ValueError(f"activation must be None or 'relu', got {activation!r}")
-        self.activation = activation
-        if not isinstance(use_bias, (bool, np.bool_)):
-            raise TypeError(f"use_bias must be a bool, got {type(use_bias).__name__}")
-        self.use_bias = bool(use_bias)
-        self.kernel_initializer = initializers.check_kernel_initializer(kernel_initializer)
-        if bias_regularizer is not None and not self.use_bias:
-            raise ValueError("bias_regularizer needs use_bias=True")
-        self._set_regularizers(W=kernel_regularizer, b=bias_regularizer)
+        self._init_product(
+            activation, use_bias, kernel_initializer, kernel_regularizer, bias_regularizer
+        )
         self._dy_buffer = None
 
     def get_config(self):
@@ -100,11 +90,7 @@ class Conv2D(Layer):
             "kernel_size": list(self.kernel_size),
             "stride": list(self.stride),
             "padding": self.padding_arg or list(self.padding),
-            "activation": self.activation,
-            "use_bias": self.use_bias,
-            "kernel_initializer": self.kernel_initializer,
-            **self._regularizer_config(kernel_regularizer="W", bias_regularizer="b"),
-            **super().get_config(),
+            **self._product_config(),
         }
 
     def output_shape(self, input_shape):
@@ -117,35 +103,13 @@ class Conv2D(Layer):
 
     def weight_specs(self, input_shape):
         C = spatial_shape(input_shape, self)[0]
-        specs = [WeightSpec("W", (self.filters, C, *self.kernel_size), self.kernel_initializer)]
-        if self.use_bias:
-            specs.append(WeightSpec("b", (self.filters,), "zeros"))
-        return specs
+        return self._product_specs((self.filters, C, *self.kernel_size), self.filters)
 
-    @property
-    def fuses_relu(self) -> bool:
-        """A following ReLU layer can run inside this layer's epilogue."""
-        return self.activation is None
+    def _product(self, x, w, b, activation):
+        return ops.conv2d(x, w, b, self.stride, self.padding, activation)
 
-    def call(self, x, training=False, fuse_relu=False):
-        act = "relu" if fuse_relu else self.activation
-        y = ops.conv2d(x, self.params["W"], self.params.get("b"), self.stride, self.padding, act)
-        if not training:
-            return y, None
-        return y, (x, y if act == "relu" else None)
-
-    def call_backward(self, cache, dy, need_dx=True):
-        x, y = cache
-        if y is not None:
-            dy = self._relu_grad(dy, y)
-        if not self.trainable and not need_dx:
-            return None, {}
-        dx, dw, db = ops.conv2d_backward(
-            dy, x, self.params["W"], self.stride, self.padding, need_dx=need_dx
-        )
-        if not self.trainable:
-            return dx, {}
-        return dx, ({"W": dw, "b": db} if self.use_bias else {"W": dw})
+    def _product_backward(self, dy, x, w, need_dx):
+        return ops.conv2d_backward(dy, x, w, self.stride, self.padding, need_dx=need_dx)
 
     def _relu_grad(self, dy, y):
         """The fused ReLU's gradient, written into a buffer kept from step to step:

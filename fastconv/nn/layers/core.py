@@ -8,15 +8,14 @@ import numpy as np
 
 from ... import _checks as chk
 from ... import ops
-from .. import initializers
 from ..backend import random_uniform
-from .base import Layer, WeightSpec, register_layer
+from .base import Layer, ProductLayer, register_layer
 
 __all__ = ["Dense", "DropConnectDense", "Dropout", "Flatten"]
 
 
 @register_layer
-class Dense(Layer):
+class Dense(ProductLayer):
     """Fully connected layer ``y = x @ W + b``, ``W`` of shape ``(in, out)`` as Keras.
 
     Inputs are ``(N, in)``: put a :class:`Flatten` after convolutional layers. ``activation``
@@ -39,25 +38,14 @@ class Dense(Layer):
     ):
         super().__init__(name, trainable)
         self.units = chk.as_int(units, "units", 1)
-        if activation not in chk.ACTIVATIONS:
-            raise ValueError(f"activation must be None or 'relu', got {activation!r}")
-        self.activation = activation
-        if not isinstance(use_bias, (bool, np.bool_)):
-            raise TypeError(f"use_bias must be a bool, got {type(use_bias).__name__}")
-        self.use_bias = bool(use_bias)
-        self.kernel_initializer = initializers.check_kernel_initializer(kernel_initializer)
-        if bias_regularizer is not None and not self.use_bias:
-            raise ValueError("bias_regularizer needs use_bias=True")
-        self._set_regularizers(W=kernel_regularizer, b=bias_regularizer)
+        self._init_product(
+            activation, use_bias, kernel_initializer, kernel_regularizer, bias_regularizer
+        )
 
     def get_config(self):
         return {
             "units": self.units,
-            "activation": self.activation,
-            "use_bias": self.use_bias,
-            "kernel_initializer": self.kernel_initializer,
-            **self._regularizer_config(kernel_regularizer="W", bias_regularizer="b"),
-            **super().get_config(),
+            **self._product_config(),
         }
 
     def output_shape(self, input_shape):
@@ -70,33 +58,13 @@ class Dense(Layer):
         return (self.units,)
 
     def weight_specs(self, input_shape):
-        specs = [WeightSpec("W", (int(input_shape[0]), self.units), self.kernel_initializer)]
-        if self.use_bias:
-            specs.append(WeightSpec("b", (self.units,), "zeros"))
-        return specs
+        return self._product_specs((int(input_shape[0]), self.units), self.units)
 
-    @property
-    def fuses_relu(self) -> bool:
-        """A following ReLU layer can run inside this layer's epilogue."""
-        return self.activation is None
+    def _product(self, x, w, b, activation):
+        return ops.dense(x, w, b, activation)
 
-    def call(self, x, training=False, fuse_relu=False):
-        act = "relu" if fuse_relu else self.activation
-        y = ops.dense(x, self.params["W"], self.params.get("b"), act)
-        if not training:
-            return y, None
-        return y, (x, y if act == "relu" else None)
-
-    def call_backward(self, cache, dy, need_dx=True):
-        x, y = cache
-        if y is not None:
-            dy = ops.relu_backward(dy, y)
-        if not self.trainable and not need_dx:
-            return None, {}
-        dx, dw, db = ops.dense_backward(dy, x, self.params["W"], need_dx=need_dx)
-        if not self.trainable:
-            return dx, {}
-        return dx, ({"W": dw, "b": db} if self.use_bias else {"W": dw})
+    def _product_backward(self, dy, x, w, need_dx):
+        return ops.dense_backward(dy, x, w, need_dx=need_dx)
 
 
 @register_layer
@@ -127,7 +95,7 @@ class DropConnectDense(Dense):
         u = random_uniform(self._rng(), w.shape, like=w)
         mask = (u < keep).astype(w.dtype) * w.dtype.type(1.0 / keep)
         w_used = w * mask
-        y = ops.dense(x, w_used, self.params.get("b"), act)
+        y = self._product(x, w_used, self.params.get("b"), act)
         return y, (x, y if act == "relu" else None, (w_used, mask))
 
     def call_backward(self, cache, dy, need_dx=True):
@@ -135,15 +103,10 @@ class DropConnectDense(Dense):
         if dropped is None:
             return super().call_backward((x, y), dy, need_dx)
         w_used, mask = dropped
-        if y is not None:
-            dy = ops.relu_backward(dy, y)
-        if not self.trainable and not need_dx:
-            return None, {}
-        dx, dw, db = ops.dense_backward(dy, x, w_used, need_dx=need_dx)
-        if not self.trainable:
-            return dx, {}
-        dw = dw * mask  # d(W * mask)/dW: dropped weights get no gradient
-        return dx, ({"W": dw, "b": db} if self.use_bias else {"W": dw})
+        dx, grads = self._backward_through(x, y, dy, w_used, need_dx)
+        if "W" in grads:
+            grads["W"] = grads["W"] * mask  # d(W * mask)/dW: dropped weights get no gradient
+        return dx, grads
 
 
 @register_layer
