@@ -53,6 +53,15 @@ def _backend(x):
     return cpu
 
 
+def _xp(a):
+    """The array module of ``a``: ``cupy`` for a CuPy array, else ``numpy``."""
+    if chk.is_cupy_array(a):
+        import cupy
+
+        return cupy
+    return np
+
+
 def _launch(be, kernel, *args, **kwargs):
     """Run a backend kernel under the backend's launch guard (thread safety, see
     :mod:`fastconv.cpu._workspace`)."""
@@ -396,10 +405,7 @@ def fold_batch_norm(w, b, gamma, beta, mean, var, eps=1e-5):
         ``conv(x, w_folded, b_folded) == batch_norm_inference(conv(x, w, b), ...)``.
     """
     F, eps = chk.validate_fold_batch_norm(w, b, gamma, beta, mean, var, eps)
-    if chk.is_cupy_array(w):
-        import cupy as xp
-    else:
-        xp = np
+    xp = _xp(w)
     f32 = np.float32
     scale = gamma.astype(f32) / xp.sqrt(var + f32(eps))
     per_channel = scale.reshape(-1, 1, 1, 1) if w.ndim == 4 else scale.reshape(1, -1)
@@ -625,8 +631,7 @@ def adam_update(p, g, m, v, beta1, beta2, lr_t, eps):
     if _fusable(p, g, m, v):
         from .cpu import optim
 
-        be = _backend(p)
-        with be.launch_guard():
+        with _backend(p).launch_guard():
             optim.adam_update(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
                               c1, c2, lr_t, eps)  # fmt: skip
         return
@@ -649,11 +654,3 @@ def momentum_update(p, g, v, momentum, lr):
     v *= momentum
     v -= lr * g
     p += v
-
-
-def _xp(a):
-    if chk.is_cupy_array(a):
-        import cupy
-
-        return cupy
-    return np
