@@ -606,6 +606,7 @@ def _row(name, kind, dtype, direction, ms_ours, ms_torch, agree) -> dict:
 
 
 def layers(c: Check) -> dict:
+    c.need(60, "the layer timings")  # first: a section past the budget imports nothing
     import cupy
     import numpy as np
     import torch
@@ -613,7 +614,6 @@ def layers(c: Check) -> dict:
 
     import fastconv
 
-    c.need(60, "the layer timings")
     torch.backends.cudnn.benchmark = True
     torch.backends.cudnn.allow_tf32 = False  # same precision as fastconv's FP32 cuBLAS GEMMs
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -724,6 +724,7 @@ def _torch_deep_mnist(device):
 
 
 def training(c: Check) -> dict:
+    c.need(90, "one training epoch on each side")  # first: past the budget, import nothing
     import cupy
     import numpy as np
     import torch
@@ -732,7 +733,6 @@ def training(c: Check) -> dict:
     from fastconv.models import deep_mnist_net
     from fastconv.nn import Adam
 
-    c.need(90, "one training epoch on each side")
     (x_train, y_train), (x_test, y_test) = load_mnist()
     # fake-cupy: the kernels are emulated one thread at a time, so a token epoch.
     n, batch = (8, 4) if c.fake else (len(x_train), 100)

@@ -1,11 +1,54 @@
-"""Shared test fixtures and the one tolerance rule every kernel test uses."""
+"""Shared test fixtures, the one tolerance rule every kernel test uses, and the oracle markers.
+
+Oracles the README's install leaves out (PyTorch, MPI, NVRTC) are reached only through
+:func:`need_oracle` (or the ``torch`` fixture, which calls it), and every test that needs one
+carries its marker (``torch``, ``mpi``, ``nvrtc``). Without the package such a test is skipped
+with a reason naming it; CI's oracle stage installs them, sets ``FASTCONV_REQUIRE_ORACLES=1``
+(a skip becomes a failure) and runs ``-m "torch or mpi or nvrtc"``. A test skipped for an
+oracle without carrying its marker would run in neither stage: it fails instead.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import os
 
 import numpy as np
 import pytest
+
+#: marker -> (what to install, the words a skip reason of that oracle contains)
+ORACLES = {
+    "torch": ("pip install torch==2.13.0 (pinned CPU build)", ("torch",)),
+    "mpi": ("pip install -e '.[mpi]'", ("mpi4py", "mpiexec")),
+    "nvrtc": ("pip install -e '.[gpu-check]'", ("nvrtc",)),
+}
+
+
+def oracles_required() -> bool:
+    """True in CI's oracle stage: a missing oracle is a failure, not a skip."""
+    env = os.environ
+    return env.get("FASTCONV_REQUIRE_ORACLES") == "1" or env.get("FASTCONV_REQUIRE_MPI") == "1"
+
+
+def need_oracle(marker: str, missing: str | None) -> None:
+    """Skip (fail, in the oracle stage) with ``missing`` and how to install the oracle."""
+    if missing is None:
+        return
+    message = f"{missing}: {ORACLES[marker][0]}"
+    if oracles_required():
+        pytest.fail(f"the oracle stage requires it, but {message}")
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def torch():
+    """PyTorch, the comparison oracle; a test asking for it is marked ``torch``."""
+    found = importlib.util.find_spec("torch") is not None
+    need_oracle("torch", None if found else "needs torch, the comparison oracle")
+    import torch
+
+    return torch
 
 DTYPES = (np.float32, np.float16)
 
@@ -62,7 +105,38 @@ def distinct_values(shape, rng, dtype=np.float32):
     return values.reshape(shape).astype(dtype)
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(session, config, items):
-    """The GPU kernel-coverage check runs after every other test of the session."""
+    """Tests that use the ``torch`` fixture carry the ``torch`` marker; the GPU
+    kernel-coverage check runs after every other test of the session."""
+    for item in items:
+        if "torch" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.torch)
     last = [i for i in items if i.name == "test_zz_every_kernel_in_signatures_was_exercised"]
     items[:] = [i for i in items if i not in last] + last
+
+
+def pytest_deselected(items):
+    # Remembered for the kernel-coverage gate: a run that deselected an emulation test is no
+    # full run (tests/test_gpu_emulation.py).
+    _DESELECTED.extend(items)
+
+
+_DESELECTED: list = []
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A skip naming an oracle on a test without that oracle's marker is an error: CI's first
+    stage lacks the oracle and its second stage selects by marker, so the test would never run."""
+    report = yield
+    if report.skipped and call.when in ("setup", "call"):
+        reason = str(report.longrepr[2] if isinstance(report.longrepr, tuple) else "").lower()
+        for marker, (_, words) in ORACLES.items():
+            if any(w in reason for w in words) and item.get_closest_marker(marker) is None:
+                report.outcome = "failed"
+                report.longrepr = (
+                    f"{item.nodeid} was skipped for a missing oracle ({reason!r}) but does not "
+                    f"carry the '{marker}' marker, so no CI stage would run it"
+                )
+    return report

@@ -147,8 +147,7 @@ def test_deep_mnist_shape_float16(rng):
 
 @pytest.mark.parametrize("shape", [(8, 3, 6, 5), (16, 10), (4, 20, 4, 4)], ids=str)
 @pytest.mark.parametrize("activation", [None, "relu"])
-def test_matches_pytorch_training_and_autograd(shape, activation, rng):
-    torch = pytest.importorskip("torch")
+def test_matches_pytorch_training_and_autograd(torch, shape, activation, rng):
     F = torch.nn.functional
     x, gamma, beta = _params(rng, shape, np.float32)
     dy = rng.standard_normal(shape).astype(np.float32)
@@ -173,8 +172,7 @@ def test_matches_pytorch_training_and_autograd(shape, activation, rng):
 
 
 @pytest.mark.parametrize("shape", [(8, 3, 6, 5), (16, 10)], ids=str)
-def test_matches_pytorch_eval_mode(shape, rng):
-    torch = pytest.importorskip("torch")
+def test_matches_pytorch_eval_mode(torch, shape, rng):
     x, gamma, beta = _params(rng, shape, np.float32)
     mean = rng.standard_normal(shape[1]).astype(np.float32)
     var = rng.uniform(0.2, 2.0, shape[1]).astype(np.float32)

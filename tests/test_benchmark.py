@@ -12,9 +12,7 @@ import pytest
 
 from fastconv import benchmark, book_numpy
 from fastconv.models import deep_mnist_net
-
-torch = pytest.importorskip("torch")
-from fastconv.torch_bridge import copy_from_torch, to_torch  # noqa: E402
+from fastconv.torch_bridge import copy_from_torch, to_torch
 
 N = 3
 
@@ -34,7 +32,7 @@ def batch():
 
 
 @pytest.fixture(scope="module")
-def step(batch):
+def step(batch, torch):
     """Loss and gradients of one step of each implementation from the same weights."""
     x, y = batch
     fc = _fastconv()
@@ -119,7 +117,7 @@ def test_numpy_adam_matches_fastconv_adam(step):
         assert np.abs(b - w0).max() > 1e-3  # two steps of about lr each
 
 
-def test_torch_predict_matches_fastconv(batch):
+def test_torch_predict_matches_fastconv(batch, torch):
     x, _ = batch
     fc = _fastconv(seed=3, dropout=0.5)
     twin = to_torch(fc)  # dropout on, but predict is eval mode
@@ -141,7 +139,7 @@ def test_write_markdown_markers(tmp_path):
     assert text.count(benchmark.END_MARK) == 1
 
 
-def test_run_benchmark_tiny_and_cli(tmp_path, capsys):
+def test_run_benchmark_tiny_and_cli(torch, tmp_path, capsys):
     md = tmp_path / "b.md"
     code = benchmark.main(
         ["--steps", "1", "--repeats", "1", "--batch-size", "2", "--infer-images", "3",
@@ -166,7 +164,6 @@ def test_run_benchmark_tiny_and_cli(tmp_path, capsys):
     assert benchmark.START_MARK in text and "NumPy book-style float64" in text
     assert "Reproduce: `fastconv bench" in text
 
-    pytest.importorskip("matplotlib")
     png = tmp_path / "b.png"
     benchmark.write_png(png, report)
     assert png.read_bytes()[:4] == b"\x89PNG"

@@ -466,8 +466,7 @@ def test_bad_arguments_are_rejected():
     "case",
     [(3, 3, 9, 8, 4, 3, 3, 1, 1), (2, 16, 14, 14, 32, 3, 3, 1, 2), (2, 3, 9, 8, 5, 5, 2, 2, 1)],
 )
-def test_matches_torch(case):
-    torch = pytest.importorskip("torch")
+def test_matches_torch(torch, case):
     N, C, H, W, F, kh, kw, stride, pad = case
     rng = np.random.default_rng(10)
     x, w, b = _rand(rng, (N, C, H, W), np.float32), _rand(rng, (F, C, kh, kw), np.float32), None

@@ -57,8 +57,7 @@ def test_dense_backward_matches_reference(shape, dtype, rng):
     np.testing.assert_array_equal(db2, db)
 
 
-def test_dense_matches_pytorch_linear_and_autograd(rng):
-    torch = pytest.importorskip("torch")
+def test_dense_matches_pytorch_linear_and_autograd(torch, rng):
     x = rng.standard_normal((11, 20)).astype(np.float32)
     w = rng.standard_normal((20, 6)).astype(np.float32)
     b = rng.standard_normal(6).astype(np.float32)
@@ -120,8 +119,7 @@ def test_relu_and_its_gradient_are_numpy_bit_for_bit(shape, dtype, rng):
     assert_close(y, ref.relu(x), dtype)
 
 
-def test_relu_keeps_nan_payload_and_negative_zero_as_torch():
-    torch = pytest.importorskip("torch")
+def test_relu_keeps_nan_payload_and_negative_zero_as_torch(torch):
     x = np.array([-0.0, 0.0, -1.0, 2.0, np.nan], np.float32)
     y = fc.relu(x)
     want = torch.relu(torch.tensor(x)).numpy()

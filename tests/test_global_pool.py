@@ -45,8 +45,7 @@ def test_adjoint_identity(rng):
 
 
 @pytest.mark.parametrize("shape", [(4, 8, 7, 7), (2, 3, 1, 5), (100, 64, 4, 4)], ids=str)
-def test_matches_pytorch(shape, rng):
-    torch = pytest.importorskip("torch")
+def test_matches_pytorch(torch, shape, rng):
     x = rng.standard_normal(shape).astype(np.float32)
     dy = rng.standard_normal(shape[:2]).astype(np.float32)
     xt = torch.tensor(x, requires_grad=True)

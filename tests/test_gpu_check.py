@@ -49,9 +49,7 @@ def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_the_whole_check_runs_end_to_end_on_the_standin(tmp_path):
-    torch = pytest.importorskip("torch")
-    assert torch is not None
+def test_the_whole_check_runs_end_to_end_on_the_standin(torch, tmp_path):
     out = tmp_path / "report"
     done = _run("--out", str(out), "--fake-cupy")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -14,11 +14,12 @@ import shutil
 import subprocess
 
 import pytest
+from conftest import need_oracle
 
 from fastconv.gpu import _source
 
 NVCC = shutil.which("nvcc") or shutil.which("/usr/local/cuda/bin/nvcc")
-pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc (CUDA toolkit) is not installed")
+requires_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc (CUDA toolkit) is not installed")
 
 ARCHES = ("sm_80", "sm_90")
 
@@ -42,12 +43,14 @@ def ptx(tmp_path_factory):
     return out
 
 
+@requires_nvcc
 @pytest.mark.parametrize("arch", ARCHES)
 def test_all_kernels_compile(ptx, arch):
     rc, err, _ = ptx[arch]
     assert rc == 0, f"nvcc -arch={arch} failed:\n{err}"
 
 
+@requires_nvcc
 @pytest.mark.parametrize("arch", ARCHES)
 def test_every_kernel_and_precision_is_emitted(ptx, arch):
     rc, err, text = ptx[arch]
@@ -156,10 +159,14 @@ def _nvrtc_compile(arch: str, options):
         nvrtc.nvrtcDestroyProgram(ctypes.byref(prog))
 
 
-requires_nvrtc = pytest.mark.skipif(
-    NVRTC is None,
-    reason="libnvrtc and the CUDA headers not found (pip install -e '.[gpu-check]')",
-)
+@pytest.fixture
+def nvrtc_available():
+    need_oracle("nvrtc", None if NVRTC else "libnvrtc and the CUDA headers (cuda_fp16.h) not found")
+
+
+def requires_nvrtc(test):
+    """The ``nvrtc`` marker (CI's oracle stage) and the skip, or failure there, without it."""
+    return pytest.mark.nvrtc(pytest.mark.usefixtures("nvrtc_available")(test))
 
 
 @requires_nvrtc

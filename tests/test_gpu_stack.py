@@ -167,10 +167,16 @@ def test_to_gpu_without_a_usable_gpu_says_why(monkeypatch):
 
 
 def test_fit_with_device_inputs_and_host_labels(cupy):
-    """fit(x_on_gpu, y_on_cpu): batches of both are drawn with the same host index array."""
+    """fit(x_on_gpu, y_on_cpu): batches of both are drawn with the same host index array, so
+    the model trains exactly as the CPU one does on host arrays (labels paired with the wrong
+    images would train other weights)."""
     x, y = data()
-    model = compiled(small_net()).to("gpu")
-    model.fit(cupy.asarray(x), y, epochs=1, batch_size=8, verbose=0)
+    cpu = compiled(small_net())
+    cpu.build(x.shape[1:])
+    gpu = cpu.to("gpu")
+    cpu.fit(x, y, epochs=1, batch_size=8, verbose=0, seed=4)
+    gpu.fit(cupy.asarray(x), y, epochs=1, batch_size=8, verbose=0, seed=4)
+    assert_weights_close(gpu.get_weights(), cpu.get_weights())
 
 
 def test_gpu_dropout_follows_the_model_seed(cupy):

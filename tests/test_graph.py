@@ -268,8 +268,7 @@ def test_sequential_grows_after_build_and_layers_can_be_added_lazily():
 # --- against PyTorch -----------------------------------------------------------------------------
 
 
-def test_same_predictions_and_training_step_as_the_pytorch_twin():
-    torch = pytest.importorskip("torch")
+def test_same_predictions_and_training_step_as_the_pytorch_twin(torch):
     from fastconv.torch_bridge import copy_from_torch, to_torch
 
     torch.manual_seed(0)
@@ -329,10 +328,9 @@ def test_a_small_resnet_learns_mnist_digits():
 
 
 @pytest.mark.parametrize("layer_cls", ["BatchNorm2D", "BatchNorm1D"])
-def test_batchnorm_layers_track_pytorchs_running_statistics(layer_cls):
+def test_batchnorm_layers_track_pytorchs_running_statistics(torch, layer_cls):
     """Five training steps, then inference: outputs, input gradients and the running mean and
     (unbiased) variance equal PyTorch's BatchNorm with momentum 1 - ours."""
-    torch = pytest.importorskip("torch")
     rng = np.random.default_rng(11)
     shape = (6, 3, 5, 4) if layer_cls == "BatchNorm2D" else (7, 5)
     layer = getattr(nn, layer_cls)(momentum=0.8, epsilon=1e-3)

@@ -207,8 +207,7 @@ TORCH_CASES = [(2, None, 0), (3, 2, 1), ((2, 3), (1, 2), (1, 1)), (3, 1, 1)]
 
 
 @pytest.mark.parametrize(("size", "stride", "pad"), TORCH_CASES)
-def test_matches_torch(size, stride, pad, rng):
-    torch = pytest.importorskip("torch")
+def test_matches_torch(torch, size, stride, pad, rng):
     F = torch.nn.functional
     x = distinct_values((2, 3, 9, 8), rng)
     x[1, 2, 4, 4] = np.nan  # one NaN per window at most: torch's NaN choice is unambiguous
@@ -232,8 +231,7 @@ def test_matches_torch(size, stride, pad, rng):
     np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-6, atol=1e-6)
 
 
-def test_matches_torch_with_ties(rng):
-    torch = pytest.importorskip("torch")
+def test_matches_torch_with_ties(torch, rng):
     x = rng.integers(0, 2, size=(2, 3, 8, 8)).astype(np.float32)
     xt = torch.from_numpy(x.copy()).requires_grad_()
     for size, stride in [(2, 2), (3, 1)]:

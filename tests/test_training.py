@@ -130,8 +130,7 @@ def test_adamw_matches_a_hand_computed_step():
         nn.AdamW(weight_decay=-1)
 
 
-def test_adamw_matches_pytorch():
-    torch = pytest.importorskip("torch")
+def test_adamw_matches_pytorch(torch):
     rng = np.random.default_rng(1)
     p = rng.standard_normal((5, 3)).astype(np.float32)
     grads = [rng.standard_normal((5, 3)).astype(np.float32) for _ in range(5)]
@@ -244,8 +243,7 @@ def test_label_smoothing_against_the_hand_formula_and_gradient():
         losses.SoftmaxCrossEntropy(label_smoothing=1.0)
 
 
-def test_losses_match_pytorch():
-    torch = pytest.importorskip("torch")
+def test_losses_match_pytorch(torch):
     F = torch.nn.functional
     rng = np.random.default_rng(5)
     s = rng.standard_normal((7, 5)).astype(np.float32)

@@ -4,7 +4,6 @@ twin with copied weights, float16 inference, checkpoints, and inputs a model can
 from __future__ import annotations
 
 import copy
-import time
 
 import numpy as np
 import pytest
@@ -51,9 +50,7 @@ def test_parameter_counts_are_torchvisions(name):
 
 @pytest.mark.parametrize("name", ["resnet18", "googlenet", "lenet5", "resnet-mnist"])
 def test_built_models_report_their_counts(name):
-    start = time.perf_counter()
     model = models.get_model(name, seed=0)
-    built_s = time.perf_counter() - start
     count = TORCHVISION_COUNTS[name]
     assert model.count_params() == count
     text = model.summary(print_fn=None)
@@ -62,7 +59,6 @@ def test_built_models_report_their_counts(name):
     assert all(
         layer.get_weight(w) is not None for layer in model.layers for w in layer.weight_names()
     )
-    assert built_s < 30
 
 
 def test_seed_makes_weights_reproducible():
@@ -208,7 +204,7 @@ def _replay_layers(model, twin32, rec, torch):
     TWIN_CASES,
     ids=[f"{c[0]}-{c[1].get('activation', '')}" for c in TWIN_CASES],
 )
-def test_forward_and_training_step_match_the_pytorch_twin(name, kwargs, batch, seed):
+def test_forward_and_training_step_match_the_pytorch_twin(torch, name, kwargs, batch, seed):
     """The oracle is the twin in float64; the twin in float32 measures how well float32 can do.
 
     Forward passes (training and inference) must be within 3x of PyTorch float32's own error
@@ -222,7 +218,6 @@ def test_forward_and_training_step_match_the_pytorch_twin(name, kwargs, batch, s
     relative L2 norm; PyTorch float32 itself is off by up to ~1.5% there). A wrong
     gradient (routing, concatenation order, a missing shortcut) is off by O(1) and fails both.
     """
-    torch = pytest.importorskip("torch")
     from fastconv.torch_bridge import module_key, to_torch
 
     torch.set_num_threads(2)
@@ -299,8 +294,7 @@ def test_forward_and_training_step_match_the_pytorch_twin(name, kwargs, batch, s
     assert err < 1e-2, f"{name}: float16 off float32 by {err:.2e} of the output scale"
 
 
-def test_deep_mnist_net_inference_matches_the_twin():
-    torch = pytest.importorskip("torch")
+def test_deep_mnist_net_inference_matches_the_twin(torch):
     from fastconv.torch_bridge import to_torch
 
     model = models.deep_mnist_net(seed=0)
@@ -312,9 +306,8 @@ def test_deep_mnist_net_inference_matches_the_twin():
     assert np.abs(got - want).max() <= FORWARD_FLOOR * np.abs(want).max()
 
 
-def test_one_training_step_updates_like_pytorch_sgd():
+def test_one_training_step_updates_like_pytorch_sgd(torch):
     """train_on_batch (loss, gradients, SGD update) against the same step in PyTorch."""
-    torch = pytest.importorskip("torch")
     from fastconv.torch_bridge import copy_from_torch, to_torch
 
     model = models.resnet_mnist(seed=0).compile(SGD(lr=0.1), "softmax_cross_entropy")

@@ -96,8 +96,7 @@ def test_default_is_floor_and_bad_ceil_mode_is_a_type_error():
 
 
 @pytest.mark.parametrize("shape,size,stride,pad", CEIL_CASES)
-def test_reference_matches_pytorch(shape, size, stride, pad):
-    torch = pytest.importorskip("torch")
+def test_reference_matches_pytorch(torch, shape, size, stride, pad):
     rng = np.random.default_rng(4)
     x = rng.standard_normal(shape)
     tx = torch.tensor(x, requires_grad=True)
