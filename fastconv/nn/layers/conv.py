@@ -21,16 +21,24 @@ def spatial_shape(input_shape, layer) -> tuple:
     return shape
 
 
-def _padding(padding, kernel_size):
-    """int, (h, w), "valid" (0) or "same" (odd kernels: output size ceil(input / stride))."""
+def keras_same_padding(size, kernel, stride):
+    """Keras/TensorFlow ``padding="same"`` along one axis: ``(before, after)``.
+
+    The output keeps ``ceil(size / stride)`` positions; the padding that needs is split with
+    the odd pixel after (bottom/right), which is where TensorFlow puts it.
+    """
+    out = -(-size // stride)
+    total = max((out - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+def _padding(padding):
+    """int, (h, w), "valid" (0) or "same" (resolved per input size by :func:`keras_same_padding`
+    when the layer is built); ``None`` stands for "same" until then."""
     if padding == "valid":
         return (0, 0)
     if padding == "same":
-        if kernel_size[0] % 2 == 0 or kernel_size[1] % 2 == 0:
-            raise ValueError(
-                f"padding='same' needs an odd kernel_size (symmetric padding), got {kernel_size}"
-            )
-        return (kernel_size[0] // 2, kernel_size[1] // 2)
+        return None
     if isinstance(padding, str):
         raise ValueError(f"padding must be an int, a pair, 'valid' or 'same', got {padding!r}")
     return chk.as_pair(padding, "padding", 0)
@@ -46,7 +54,11 @@ class Conv2D(ProductLayer):
     kernel_size : int or (int, int)
     stride : int or (int, int)
     padding : int, (int, int), "valid" or "same"
-        "same" (odd kernels) keeps ``ceil(H / stride)`` rows and columns.
+        "same" pads exactly as Keras/TensorFlow: ``ceil(H / stride)`` rows and columns out,
+        the padding computed from the input size when the layer is built. Where Keras would
+        pad asymmetrically (an odd total, e.g. a 3x3 kernel at stride 2 on an even size),
+        the layer refuses with a ValueError rather than give other values: fastconv pads
+        symmetrically only.
     activation : None or "relu"
         Fused into the kernel's epilogue (one pass over the output).
     use_bias : bool
@@ -78,7 +90,7 @@ class Conv2D(ProductLayer):
         self.kernel_size = chk.as_pair(kernel_size, "kernel_size", 1)
         self.stride = chk.as_pair(stride, "stride", 1)
         self.padding_arg = padding if isinstance(padding, str) else None
-        self.padding = _padding(padding, self.kernel_size)
+        self.padding = _padding(padding)
         self._init_product(
             activation, use_bias, kernel_initializer, kernel_regularizer, bias_regularizer
         )
@@ -95,11 +107,34 @@ class Conv2D(ProductLayer):
 
     def output_shape(self, input_shape):
         C, H, W = spatial_shape(input_shape, self)
+        if self.padding_arg == "same":
+            self.padding = self._same_padding(H, W)
         try:
             g = chk.window_geometry((1, C, H, W), self.kernel_size, self.stride, self.padding)
         except ValueError as e:
             raise ValueError(f"Conv2D {self.name!r} on input {(C, H, W)}: {e}") from None
         return (self.filters, g.OH, g.OW)
+
+    def _same_padding(self, H, W):
+        """Keras's "same" padding for an ``H x W`` input, or a ValueError where it is
+        asymmetric (which Keras's values need and symmetric padding cannot give)."""
+        (top, bottom), (left, right) = (
+            keras_same_padding(n, k, s)
+            for n, k, s in zip((H, W), self.kernel_size, self.stride, strict=True)
+        )
+        if top != bottom or left != right:
+            # The symmetric padding that keeps Keras's output shape (PyTorch's usual choice).
+            sym = ((top + bottom + 1) // 2, (left + right + 1) // 2)
+            raise ValueError(
+                f"Conv2D {self.name!r}: padding='same' with kernel_size {self.kernel_size} and "
+                f"stride {self.stride} on a {H}x{W} input pads asymmetrically in Keras/"
+                f"TensorFlow (top {top}, bottom {bottom}, left {left}, right {right}); fastconv "
+                "pads symmetrically only, and a symmetric padding would give other values. "
+                f"Write padding={sym} for PyTorch-style padding with the same output shape "
+                "(the sampling grid one pixel earlier than Keras's), or use an input size for "
+                "which Keras's padding is symmetric"
+            )
+        return (top, left)
 
     def weight_specs(self, input_shape):
         C = spatial_shape(input_shape, self)[0]
