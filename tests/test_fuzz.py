@@ -192,8 +192,12 @@ def test_batch_norm_and_its_gradients(p):
     ry, rmean, rvar = ref.batch_norm_forward(x, gamma, beta, activation=act)
     np.testing.assert_allclose(mean, rmean, rtol=1e-5, atol=1e-5 * np.abs(x).max())
     np.testing.assert_allclose(var, rvar, rtol=1e-4, atol=1e-6 * np.abs(x).max() ** 2)
-    # normalised values are O(|gamma|) + |beta|: the tolerance scale of the output
-    assert_close(y, ry, dtype, m)
+    # Normalised values are O(|gamma|) + |beta|: the tolerance scale of the output. Its error
+    # budget is the chain mean -> variance (sums of m terms; x - mean loses up to |x|/|x - mean|
+    # of relative precision) -> rsqrt -> gamma*xhat + beta, which can cancel: hypothesis found
+    # 12 float32 ulps of |gamma*xhat| at m = 2 (a plain float32 NumPy computation: 8), beyond
+    # the budget of a single sum of m terms that this check used before.
+    assert_close(y, ry, dtype, 16 * m)
     dy = _rand(rng, shape, dtype)
     got = fc.batch_norm_backward(arrange(dy, ldy), arrange(x, lx), gamma, mean, var,
                                  y=y if act else None)  # fmt: skip
