@@ -28,9 +28,14 @@ def is_cupy_array(x) -> bool:
     return type(x).__module__.startswith("cupy") and type(x).__name__ == "ndarray"
 
 
+def is_array(x) -> bool:
+    """True for a NumPy or CuPy array (what every fastconv function takes)."""
+    return isinstance(x, np.ndarray) or is_cupy_array(x)
+
+
 def check_array(x, name: str, ndim: int | None = None):
     """Check that ``x`` is a float32/float16 NumPy or CuPy array of ``ndim`` dims."""
-    if not (isinstance(x, np.ndarray) or is_cupy_array(x)):
+    if not is_array(x):
         raise TypeError(f"{name} must be a numpy.ndarray or cupy.ndarray, got {_type_name(x)}")
     if np.dtype(x.dtype) not in SUPPORTED_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float16, got {np.dtype(x.dtype)}")
@@ -541,7 +546,7 @@ def validate_warp(x, theta, flow, out_size) -> tuple[int, int]:
 
 def validate_blur(fields, sigma) -> float:
     """Arguments of :func:`fastconv.ops.gaussian_blur`: float32 planes (P, H, W), sigma > 0."""
-    if not (isinstance(fields, np.ndarray) or is_cupy_array(fields)):
+    if not is_array(fields):
         raise TypeError(f"fields must be a numpy.ndarray or cupy.ndarray, got {_type_name(fields)}")
     if np.dtype(fields.dtype) != np.float32:
         raise TypeError(f"fields must have dtype float32, got {np.dtype(fields.dtype)}")

@@ -28,6 +28,7 @@ import numpy as np
 
 from . import _checks as chk
 from . import ops
+from .device import device_of
 
 __all__ = [
     "affine_matrices",
@@ -172,11 +173,7 @@ def affine_matrices(
 
 
 def _on_device(a, like):
-    if chk.is_cupy_array(like):
-        import cupy
-
-        return cupy.asarray(a)
-    return a
+    return device_of(like).asarray(a)
 
 
 def affine(x, rotation=0.0, scale=1.0, shear=0.0, shift=(0.0, 0.0), flip=False, out_size=None):
@@ -267,7 +264,7 @@ def elastic_flow(noise, alpha, sigma):
     """
     alpha = _finite(alpha, "alpha", 0.0)
     sigma = _finite(sigma, "sigma", 0.0, strict_min=True)
-    if not (isinstance(noise, np.ndarray) or chk.is_cupy_array(noise)) or noise.ndim != 4:
+    if not chk.is_array(noise) or noise.ndim != 4:
         raise ValueError("noise must be an array of shape (N, 2, H, W)")
     if noise.shape[1] != 2:
         raise ValueError(f"noise must have shape (N, 2, H, W), got {tuple(noise.shape)}")

@@ -1,7 +1,9 @@
-"""Public kernels: validate once, then dispatch on array type (NumPy -> ``cpu``, CuPy -> ``gpu``).
+"""Public kernels: validate once, then run on the arrays' device.
 
-Each backend module exposes the same functions taking already validated, C-contiguous
-arrays and a :class:`~fastconv._checks.Geometry`; this module is the only caller, so
+Every function here validates its arguments (:mod:`fastconv._checks`), finds the device of
+its arrays (:func:`fastconv.device.device_of`: NumPy -> CPU, CuPy -> GPU) and calls the op of
+that device's kernel set (the :class:`fastconv.kernels.Kernels` interface) with C-contiguous
+arrays and the validated geometry. This module is the only caller of a kernel set, so
 validation cannot be skipped on the way to a kernel that does no bounds checks.
 """
 
@@ -10,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _checks as chk
+from .device import CPU, device_of
 
 __all__ = [
     "im2col",
@@ -43,34 +46,15 @@ __all__ = [
 ]
 
 
-def _backend(x):
-    if chk.is_cupy_array(x):
-        from . import gpu
-
-        return gpu
-    from . import cpu
-
-    return cpu
+def _launch(dev, kernel, *args, **kwargs):
+    """Run ``kernel`` (a method of ``dev.kernels``) under the device's launch guard (thread
+    safety, see :mod:`fastconv.cpu._workspace`)."""
+    with dev.launch_guard():
+        return kernel(*args, **kwargs)
 
 
-def _xp(a):
-    """The array module of ``a``: ``cupy`` for a CuPy array, else ``numpy``."""
-    if chk.is_cupy_array(a):
-        import cupy
-
-        return cupy
-    return np
-
-
-def _launch(be, kernel, *args, **kwargs):
-    """Run a backend kernel under the backend's launch guard (thread safety, see
-    :mod:`fastconv.cpu._workspace`)."""
-    with be.launch_guard():
-        return getattr(be, kernel)(*args, **kwargs)
-
-
-def _contiguous(backend, *arrays):
-    return tuple(None if a is None else backend.ascontiguous(a) for a in arrays)
+def _contiguous(dev, *arrays):
+    return tuple(None if a is None else dev.ascontiguous(a) for a in arrays)
 
 
 # An empty batch (N = 0) is valid for every op, as in PyTorch: each op below returns its
@@ -94,11 +78,11 @@ def im2col(x, kh, kw, stride=1, pad=0):
         Rows ordered (n, oh, ow), columns (c, i, j), as in the book.
     """
     g = chk.validate_im2col(x, kh, kw, stride, pad)
-    be = _backend(x)
+    dev = device_of(x)
     if g.N == 0:
-        return be.zeros((0, g.C * g.kh * g.kw), x.dtype)
-    (x,) = _contiguous(be, x)
-    return _launch(be, "im2col", x, g)
+        return dev.zeros((0, g.C * g.kh * g.kw), x.dtype)
+    (x,) = _contiguous(dev, x)
+    return _launch(dev, dev.kernels.im2col, x, g)
 
 
 def col2im(cols, x_shape, kh, kw, stride=1, pad=0):
@@ -109,20 +93,20 @@ def col2im(cols, x_shape, kh, kw, stride=1, pad=0):
     ndarray, ``x_shape``, same dtype as ``cols``
     """
     g = chk.validate_col2im(cols, x_shape, kh, kw, stride, pad)
-    be = _backend(cols)
+    dev = device_of(cols)
     if g.N == 0:
-        return be.zeros(g.x_shape, cols.dtype)
-    (cols,) = _contiguous(be, cols)
-    return _launch(be, "col2im", cols, g)
+        return dev.zeros(g.x_shape, cols.dtype)
+    (cols,) = _contiguous(dev, cols)
+    return _launch(dev, dev.kernels.col2im, cols, g)
 
 
-def _conv_algorithm(algorithm, g, be):
+def _conv_algorithm(algorithm, g, dev):
     """Keyword arguments for the backend: ``{}`` (the process-wide choice, and always on the
     GPU, which has one implementation) or ``{"algorithm": canonical name or "auto"}``."""
     if algorithm is None:
         return {}
     name = chk.check_conv_algorithm(algorithm)
-    if be.__name__.endswith(".gpu"):
+    if not dev.kernels.conv_algorithms:
         if name == "auto":
             return {}
         raise ValueError(
@@ -158,12 +142,12 @@ def conv2d(x, w, b=None, stride=1, pad=0, activation=None, algorithm=None):
     ndarray, (N, F, OH, OW), same dtype as ``x``
     """
     g = chk.validate_conv2d(x, w, b, stride, pad, activation)
-    be = _backend(x)
-    choice = _conv_algorithm(algorithm, g, be)
+    dev = device_of(x)
+    choice = _conv_algorithm(algorithm, g, dev)
     if g.N == 0:
-        return be.zeros((0, w.shape[0], g.OH, g.OW), x.dtype)
-    x, w, b = _contiguous(be, x, w, b)
-    return _launch(be, "conv2d", x, w, b, g, activation, **choice)
+        return dev.zeros((0, w.shape[0], g.OH, g.OW), x.dtype)
+    x, w, b = _contiguous(dev, x, w, b)
+    return _launch(dev, dev.kernels.conv2d, x, w, b, g, activation, **choice)
 
 
 def conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True, algorithm=None):
@@ -186,13 +170,13 @@ def conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True, algorithm=None):
     g = chk.validate_conv2d_backward(dy, x, w, stride, pad)
     if not isinstance(need_dx, (bool, np.bool_)):
         raise TypeError(f"need_dx must be a bool, got {type(need_dx).__name__}")
-    be = _backend(x)
-    choice = _conv_algorithm(algorithm, g, be)
+    dev = device_of(x)
+    choice = _conv_algorithm(algorithm, g, dev)
     if g.N == 0:  # nothing to sum: zero weight and bias gradients
-        dx = be.zeros(x.shape, x.dtype) if need_dx else None
-        return dx, be.zeros(w.shape, x.dtype), be.zeros((w.shape[0],), x.dtype)
-    dy, x, w = _contiguous(be, dy, x, w)
-    return _launch(be, "conv2d_backward", dy, x, w, g, need_dx=bool(need_dx), **choice)
+        dx = dev.zeros(x.shape, x.dtype) if need_dx else None
+        return dx, dev.zeros(w.shape, x.dtype), dev.zeros((w.shape[0],), x.dtype)
+    dy, x, w = _contiguous(dev, dy, x, w)
+    return _launch(dev, dev.kernels.conv2d_backward, dy, x, w, g, need_dx=bool(need_dx), **choice)
 
 
 def set_conv_algorithm(algorithm="auto"):
@@ -257,21 +241,21 @@ def max_pool2d(x, size=2, stride=None, pad=0, ceil_mode=False):
     ndarray, (N, C, OH, OW), same dtype as ``x``
     """
     g = chk.validate_pool(x, size, stride, pad, max_pool=True, ceil_mode=ceil_mode)
-    be = _backend(x)
+    dev = device_of(x)
     if g.N == 0:
-        return be.zeros((0, g.C, g.OH, g.OW), x.dtype)
-    (x,) = _contiguous(be, x)
-    return _launch(be, "max_pool2d", x, g)
+        return dev.zeros((0, g.C, g.OH, g.OW), x.dtype)
+    (x,) = _contiguous(dev, x)
+    return _launch(dev, dev.kernels.max_pool2d, x, g)
 
 
 def max_pool2d_backward(dy, x, size=2, stride=None, pad=0, ceil_mode=False):
     """Gradient of :func:`max_pool2d`, sent to the first maximum of each window (as PyTorch)."""
     g = chk.validate_max_pool_backward(dy, x, size, stride, pad, ceil_mode)
-    be = _backend(x)
+    dev = device_of(x)
     if g.N == 0:
-        return be.zeros(g.x_shape, x.dtype)
-    dy, x = _contiguous(be, dy, x)
-    return _launch(be, "max_pool2d_backward", dy, x, g)
+        return dev.zeros(g.x_shape, x.dtype)
+    dy, x = _contiguous(dev, dy, x)
+    return _launch(dev, dev.kernels.max_pool2d_backward, dy, x, g)
 
 
 def avg_pool2d(x, size=2, stride=None, pad=0, ceil_mode=False):
@@ -280,21 +264,21 @@ def avg_pool2d(x, size=2, stride=None, pad=0, ceil_mode=False):
     With ``ceil_mode`` a window running past the padded edge divides by the part of it inside
     the padded input only (as PyTorch)."""
     g = chk.validate_pool(x, size, stride, pad, max_pool=False, ceil_mode=ceil_mode)
-    be = _backend(x)
+    dev = device_of(x)
     if g.N == 0:
-        return be.zeros((0, g.C, g.OH, g.OW), x.dtype)
-    (x,) = _contiguous(be, x)
-    return _launch(be, "avg_pool2d", x, g)
+        return dev.zeros((0, g.C, g.OH, g.OW), x.dtype)
+    (x,) = _contiguous(dev, x)
+    return _launch(dev, dev.kernels.avg_pool2d, x, g)
 
 
 def avg_pool2d_backward(dy, x_shape, size=2, stride=None, pad=0, ceil_mode=False):
     """Gradient of :func:`avg_pool2d` with respect to an input of shape ``x_shape``."""
     g = chk.validate_avg_pool_backward(dy, x_shape, size, stride, pad, ceil_mode)
-    be = _backend(dy)
+    dev = device_of(dy)
     if g.N == 0:
-        return be.zeros(g.x_shape, dy.dtype)
-    (dy,) = _contiguous(be, dy)
-    return _launch(be, "avg_pool2d_backward", dy, g)
+        return dev.zeros(g.x_shape, dy.dtype)
+    (dy,) = _contiguous(dev, dy)
+    return _launch(dev, dev.kernels.avg_pool2d_backward, dy, g)
 
 
 # --- batch normalisation ------------------------------------------------------------------------
@@ -327,12 +311,13 @@ def batch_norm_forward(x, gamma, beta, eps=1e-5, activation=None):
         When a channel holds exactly one value (N*H*W == 1): the variance is undefined.
     """
     g, eps = chk.validate_batch_norm(x, gamma, beta, eps, activation)
-    be = _backend(x)
+    dev = device_of(x)
     if g.N == 0 or g.C == 0:
-        mean, var = (be.full((g.C,), np.nan, np.float32) for _ in range(2))
-        return be.zeros(g.shape, x.dtype), mean, var
-    x, gamma, beta = _contiguous(be, x, gamma, beta)
-    return _launch(be, "batch_norm_forward", x, gamma, beta, g, eps, activation == "relu")
+        mean, var = (dev.full((g.C,), np.nan, np.float32) for _ in range(2))
+        return dev.zeros(g.shape, x.dtype), mean, var
+    x, gamma, beta = _contiguous(dev, x, gamma, beta)
+    relu = activation == "relu"
+    return _launch(dev, dev.kernels.batch_norm_forward, x, gamma, beta, g, eps, relu)
 
 
 def batch_norm_inference(x, gamma, beta, mean, var, eps=1e-5, activation=None):
@@ -342,13 +327,12 @@ def batch_norm_inference(x, gamma, beta, mean, var, eps=1e-5, activation=None):
     cuDNN requires). Returns an array of x's shape and dtype.
     """
     g, eps = chk.validate_batch_norm_inference(x, gamma, beta, mean, var, eps, activation)
-    be = _backend(x)
+    dev = device_of(x)
     if x.size == 0:
-        return be.zeros(g.shape, x.dtype)
-    x, gamma, beta, mean, var = _contiguous(be, x, gamma, beta, mean, var)
-    return _launch(
-        be, "batch_norm_inference", x, gamma, beta, mean, var, g, eps, activation == "relu"
-    )
+        return dev.zeros(g.shape, x.dtype)
+    x, gamma, beta, mean, var = _contiguous(dev, x, gamma, beta, mean, var)
+    relu = activation == "relu"
+    return _launch(dev, dev.kernels.batch_norm_inference, x, gamma, beta, mean, var, g, eps, relu)
 
 
 def batch_norm_backward(dy, x, gamma, mean, var, eps=1e-5, y=None):
@@ -370,23 +354,23 @@ def batch_norm_backward(dy, x, gamma, mean, var, eps=1e-5, y=None):
         ``dx = gamma*invstd/M * (M*dy - sum(dy) - xhat*sum(dy*xhat))``, ``M = N*H*W``.
     """
     g, eps = chk.validate_batch_norm_backward(dy, x, gamma, mean, var, eps, y)
-    be = _backend(x)
+    dev = device_of(x)
     if g.N == 0 or g.C == 0:  # sums over an empty batch: zero parameter gradients
-        zero = be.zeros((g.C,), x.dtype)
-        return be.zeros(g.shape, x.dtype), zero, be.zeros((g.C,), x.dtype)
-    dy, x, gamma, mean, var, y = _contiguous(be, dy, x, gamma, mean, var, y)
-    return _launch(be, "batch_norm_backward", dy, x, gamma, mean, var, g, eps, y)
+        zero = dev.zeros((g.C,), x.dtype)
+        return dev.zeros(g.shape, x.dtype), zero, dev.zeros((g.C,), x.dtype)
+    dy, x, gamma, mean, var, y = _contiguous(dev, dy, x, gamma, mean, var, y)
+    return _launch(dev, dev.kernels.batch_norm_backward, dy, x, gamma, mean, var, g, eps, y)
 
 
 def batch_norm_inference_backward(dy, gamma, var, eps=1e-5, y=None):
     """dx of :func:`batch_norm_inference` (a frozen BatchNorm layer): ``dy*gamma/sqrt(var+eps)``,
     with ``dy`` masked by ``y > 0`` when the forward fused a ReLU and ``y`` is given."""
     g, eps = chk.validate_batch_norm_inference_backward(dy, gamma, var, eps, y)
-    be = _backend(dy)
+    dev = device_of(dy)
     if dy.size == 0:
-        return be.zeros(g.shape, dy.dtype)
-    dy, gamma, var, y = _contiguous(be, dy, gamma, var, y)
-    return _launch(be, "batch_norm_inference_backward", dy, gamma, var, g, eps, y)
+        return dev.zeros(g.shape, dy.dtype)
+    dy, gamma, var, y = _contiguous(dev, dy, gamma, var, y)
+    return _launch(dev, dev.kernels.batch_norm_inference_backward, dy, gamma, var, g, eps, y)
 
 
 def fold_batch_norm(w, b, gamma, beta, mean, var, eps=1e-5):
@@ -405,7 +389,7 @@ def fold_batch_norm(w, b, gamma, beta, mean, var, eps=1e-5):
         ``conv(x, w_folded, b_folded) == batch_norm_inference(conv(x, w, b), ...)``.
     """
     F, eps = chk.validate_fold_batch_norm(w, b, gamma, beta, mean, var, eps)
-    xp = _xp(w)
+    xp = device_of(w).xp
     f32 = np.float32
     scale = gamma.astype(f32) / xp.sqrt(var + f32(eps))
     per_channel = scale.reshape(-1, 1, 1, 1) if w.ndim == 4 else scale.reshape(1, -1)
@@ -421,21 +405,21 @@ def fold_batch_norm(w, b, gamma, beta, mean, var, eps=1e-5):
 def global_avg_pool2d(x):
     """Mean of each channel plane: (N, C, H, W) -> (N, C), any H, W >= 1, x's dtype."""
     g = chk.validate_global_avg_pool(x)
-    be = _backend(x)
+    dev = device_of(x)
     if x.size == 0:
-        return be.zeros((g.N, g.C), x.dtype)
-    (x,) = _contiguous(be, x)
-    return _launch(be, "global_avg_pool2d", x, g)
+        return dev.zeros((g.N, g.C), x.dtype)
+    (x,) = _contiguous(dev, x)
+    return _launch(dev, dev.kernels.global_avg_pool2d, x, g)
 
 
 def global_avg_pool2d_backward(dy, x_shape):
     """Gradient of :func:`global_avg_pool2d`: (N, C) -> ``x_shape``, every pixel ``dy/(H*W)``."""
     g = chk.validate_global_avg_pool_backward(dy, x_shape)
-    be = _backend(dy)
+    dev = device_of(dy)
     if g.N == 0:
-        return be.zeros(g.shape, dy.dtype)
-    (dy,) = _contiguous(be, dy)
-    return _launch(be, "global_avg_pool2d_backward", dy, g)
+        return dev.zeros(g.shape, dy.dtype)
+    (dy,) = _contiguous(dev, dy)
+    return _launch(dev, dev.kernels.global_avg_pool2d_backward, dy, g)
 
 
 # --- dense and ReLU -------------------------------------------------------------------------------
@@ -456,11 +440,11 @@ def dense(x, w, b=None, activation=None):
     ndarray, (N, out), x's dtype (float32 accumulation)
     """
     g = chk.validate_dense(x, w, b, activation)
-    be = _backend(x)
+    dev = device_of(x)
     if g.N == 0 or g.F == 0:
-        return be.zeros((g.N, g.F), x.dtype)
-    x, w, b = _contiguous(be, x, w, b)
-    return _launch(be, "dense_forward", x, w, b, g, activation == "relu")
+        return dev.zeros((g.N, g.F), x.dtype)
+    x, w, b = _contiguous(dev, x, w, b)
+    return _launch(dev, dev.kernels.dense, x, w, b, g, activation == "relu")
 
 
 def dense_backward(dy, x, w, need_dx=True):
@@ -473,22 +457,22 @@ def dense_backward(dy, x, w, need_dx=True):
     db : ndarray, (out,)
     """
     g = chk.validate_dense_backward(dy, x, w, need_dx)
-    be = _backend(x)
+    dev = device_of(x)
     if g.N == 0:
-        dx = be.zeros((0, g.K), x.dtype) if need_dx else None
-        return dx, be.zeros((g.K, g.F), x.dtype), be.zeros((g.F,), x.dtype)
-    dy, x, w = _contiguous(be, dy, x, w)
-    return _launch(be, "dense_backward", dy, x, w, g, need_dx=bool(need_dx))
+        dx = dev.zeros((0, g.K), x.dtype) if need_dx else None
+        return dx, dev.zeros((g.K, g.F), x.dtype), dev.zeros((g.F,), x.dtype)
+    dy, x, w = _contiguous(dev, dy, x, w)
+    return _launch(dev, dev.kernels.dense_backward, dy, x, w, g, need_dx=bool(need_dx))
 
 
 def relu(x):
     """``max(x, 0)`` for any shape; NaN propagates. Returns a new array of x's dtype."""
     chk.validate_relu(x)
-    be = _backend(x)
+    dev = device_of(x)
     if x.size == 0:
-        return be.zeros(x.shape, x.dtype)
-    (x,) = _contiguous(be, x)
-    return _launch(be, "relu", x)
+        return dev.zeros(x.shape, x.dtype)
+    (x,) = _contiguous(dev, x)
+    return _launch(dev, dev.kernels.relu, x)
 
 
 def relu_backward(dy, y, out=None):
@@ -498,21 +482,14 @@ def relu_backward(dy, y, out=None):
     write into, e.g. a buffer reused from step to step; it is returned.
     """
     chk.validate_relu_backward(dy, y, out)
-    be = _backend(dy)
+    dev = device_of(dy)
     if dy.size == 0:
-        return out if out is not None else be.zeros(dy.shape, dy.dtype)
-    dy, y = _contiguous(be, dy, y)
-    return _launch(be, "relu_backward", dy, y, out)
+        return out if out is not None else dev.zeros(dy.shape, dy.dtype)
+    dy, y = _contiguous(dev, dy, y)
+    return _launch(dev, dev.kernels.relu_backward, dy, y, out)
 
 
 # --- augmentation ------------------------------------------------------------------------------
-
-
-def _launch_serial(be, kernel, *args):
-    """Run a backend kernel without the launch guard. Only for kernels with no parallel region
-    (the CPU augmentation kernels): they are safe from any thread, and the batch loader's
-    thread must not wait for the training step's kernels to finish."""
-    return getattr(be, kernel)(*args)
 
 
 def warp_bilinear(x, theta, flow=None, out_size=None):
@@ -536,11 +513,13 @@ def warp_bilinear(x, theta, flow=None, out_size=None):
         exactly (a neighbour with bilinear weight 0 is never read).
     """
     out_hw = chk.validate_warp(x, theta, flow, out_size)
-    be = _backend(x)
+    dev = device_of(x)
     if x.size == 0:
-        return be.zeros((*x.shape[:2], *out_hw), x.dtype)
-    x, theta, flow = _contiguous(be, x, theta, flow)
-    return _launch_serial(be, "warp_bilinear", x, theta, flow, out_hw)
+        return dev.zeros((*x.shape[:2], *out_hw), x.dtype)
+    x, theta, flow = _contiguous(dev, x, theta, flow)
+    # The augmentation kernels have no parallel region: they run outside the launch guard, so
+    # the batch loader's thread never waits for the training step's kernels.
+    return dev.kernels.warp_bilinear(x, theta, flow, out_hw)
 
 
 def gaussian_taps(sigma: float, truncate: float = 3.0) -> np.ndarray:
@@ -555,16 +534,12 @@ def gaussian_blur(fields, sigma):
     """Separable Gaussian blur of float32 planes ``fields`` (P, H, W), zero outside each plane
     (``scipy.ndimage.gaussian_filter(mode="constant", truncate=3)`` per plane)."""
     sigma = chk.validate_blur(fields, sigma)
-    be = _backend(fields)
+    dev = device_of(fields)
     if fields.size == 0:
-        return be.zeros(fields.shape, fields.dtype)
-    (fields,) = _contiguous(be, fields)
+        return dev.zeros(fields.shape, fields.dtype)
+    (fields,) = _contiguous(dev, fields)
     taps = gaussian_taps(sigma)
-    if chk.is_cupy_array(fields):
-        import cupy
-
-        taps = cupy.asarray(taps)
-    return _launch_serial(be, "gaussian_blur", fields, taps)
+    return dev.kernels.gaussian_blur(fields, dev.asarray(taps))  # serial, as warp_bilinear
 
 
 # --- devices -----------------------------------------------------------------------------------
@@ -595,27 +570,12 @@ def to_gpu(x):
 
 def to_cpu(x):
     """Return ``x`` as a NumPy array (copying from the GPU if needed)."""
-    if chk.is_cupy_array(x):
-        return x.get()
-    if isinstance(x, np.ndarray):
-        return x
-    raise TypeError(f"x must be a numpy.ndarray or cupy.ndarray, got {type(x).__name__}")
+    if not chk.is_array(x):
+        raise TypeError(f"x must be a numpy.ndarray or cupy.ndarray, got {type(x).__name__}")
+    return CPU.asarray(x)
 
 
 # --- optimizer updates (used by fastconv.nn.optimizers; not part of the public kernel API) --------
-
-
-def _fusable(p, *others) -> bool:
-    """The fused CPU kernel applies: NumPy float32 C-contiguous arrays of one shape, the
-    parameter sharing memory with none of the others."""
-    arrays = (p, *others)
-    return (
-        all(type(a) is np.ndarray for a in arrays)
-        and all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
-        and all(a.shape == p.shape for a in others)
-        and p.flags.writeable
-        and not any(chk._may_overlap(p, a) for a in others)
-    )
 
 
 def adam_update(p, g, m, v, beta1, beta2, lr_t, eps):
@@ -623,34 +583,18 @@ def adam_update(p, g, m, v, beta1, beta2, lr_t, eps):
     v += (1-beta2)*(g*g - v);  p -= lr_t*m / (sqrt(v) + eps)``, all in float32.
 
     ``p``, ``g``, ``m``, ``v``: float32 arrays of one shape (NumPy or CuPy). On the CPU one fused
-    parallel pass (:mod:`fastconv.cpu.optim`), bit-identical to the array expressions used
-    otherwise.
+    parallel pass (:mod:`fastconv.cpu.optim`), bit-identical to the array expressions of
+    :meth:`fastconv.kernels.Kernels.adam_update` used otherwise.
     """
+    dev = device_of(p)
     c1, c2 = np.float32(1 - beta1), np.float32(1 - beta2)
-    lr_t, eps = np.float32(lr_t), np.float32(eps)
-    if _fusable(p, g, m, v):
-        from .cpu import optim
-
-        with _backend(p).launch_guard():
-            optim.adam_update(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
-                              c1, c2, lr_t, eps)  # fmt: skip
-        return
-    xp = _xp(p)
-    m += c1 * (g - m)
-    v += c2 * (g * g - v)
-    p -= lr_t * m / (xp.sqrt(v) + eps)
+    with dev.launch_guard():
+        dev.kernels.adam_update(p, g, m, v, c1, c2, np.float32(lr_t), np.float32(eps))
 
 
 def momentum_update(p, g, v, momentum, lr):
     """One momentum step in place: ``v = momentum*v - lr*g;  p += v`` (float32; fused on the
     CPU, bit-identical to the array expressions)."""
-    momentum, lr = np.float32(momentum), np.float32(lr)
-    if _fusable(p, g, v):
-        from .cpu import optim
-
-        with _backend(p).launch_guard():
-            optim.momentum_update(p.reshape(-1), g.reshape(-1), v.reshape(-1), momentum, lr)
-        return
-    v *= momentum
-    v -= lr * g
-    p += v
+    dev = device_of(p)
+    with dev.launch_guard():
+        dev.kernels.momentum_update(p, g, v, np.float32(momentum), np.float32(lr))

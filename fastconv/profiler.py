@@ -33,7 +33,7 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from ._checks import is_cupy_array
+from .device import GPU, device_of
 
 __all__ = [
     "ProfileResult",
@@ -79,9 +79,7 @@ class _GpuClock:
     """CUDA events: recording is asynchronous, so marks cost little and time the device's work."""
 
     def __init__(self):
-        import cupy
-
-        self._cuda = cupy.cuda
+        self._cuda = GPU.xp.cuda
 
     def mark(self):
         event = self._cuda.Event()
@@ -96,10 +94,7 @@ class _GpuClock:
 
 
 def _synchronize(x):
-    if is_cupy_array(x):
-        import cupy
-
-        cupy.cuda.get_current_stream().synchronize()
+    device_of(x).synchronize()
 
 
 # --- result ------------------------------------------------------------------------------------
@@ -345,7 +340,7 @@ def _run(model, x, y, steps, warmup, training):
         step = lambda: model.train_on_batch(xb, y)  # noqa: E731
     else:
         step = lambda: model._run_forward(xb, training=False)  # noqa: E731
-    gpu = is_cupy_array(xb)
+    gpu = device_of(xb) is GPU
     clock = _GpuClock() if gpu else _CpuClock()
     hook = _ClockHook(clock)
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ._checks import as_int, as_pair, check_x_shape, window_geometry
+from ._checks import CONV_ALGORITHMS, as_int, as_pair, check_x_shape, window_geometry
+from .kernels import Kernels
 
 __all__ = [
     "im2col",
@@ -34,6 +35,10 @@ __all__ = [
     "dense_backward",
     "relu",
     "relu_backward",
+    "warp_bilinear",
+    "gaussian_blur",
+    "ReferenceKernels",
+    "KERNELS",
 ]
 
 
@@ -315,3 +320,141 @@ def relu(x):
 def relu_backward(dy, y):
     """``dy * (y > 0)`` (a NaN or inf in ``dy`` where y <= 0 gives NaN, as the product does)."""
     return _relu_masked(dy, y)
+
+
+def warp_bilinear(x, theta, flow=None, out_hw=None):
+    """Bilinear resampling: ``out[n, c, i, j] = x[n, c]`` at ``(sx, sy) = theta[n] @ (j, i, 1)``
+    (+ ``flow[n, :, i, j]``), pixel centres at integers, 0 outside; a neighbour of weight 0 is
+    not read (so NaN there does not spread)."""
+    x = _f64(x, "x")
+    N, C, H, W = x.shape
+    OH, OW = (H, W) if out_hw is None else out_hw
+    t = np.asarray(theta, np.float64).reshape(N, 2, 3)
+    i, j = np.meshgrid(np.arange(OH, dtype=np.float64), np.arange(OW, dtype=np.float64),
+                       indexing="ij")  # fmt: skip
+    sx = t[:, 0, 0, None, None] * j + t[:, 0, 1, None, None] * i + t[:, 0, 2, None, None]
+    sy = t[:, 1, 0, None, None] * j + t[:, 1, 1, None, None] * i + t[:, 1, 2, None, None]
+    if flow is not None:
+        flow = np.asarray(flow, np.float64)
+        sx, sy = sx + flow[:, 0], sy + flow[:, 1]
+    x0, y0 = np.floor(sx), np.floor(sy)
+    fx, fy = sx - x0, sy - y0
+    n = np.arange(N)[:, None, None]
+    out = np.zeros((N, C, OH, OW))
+    for dy_, wy in ((0, 1 - fy), (1, fy)):
+        for dx_, wx in ((0, 1 - fx), (1, fx)):
+            yy, xx = (y0 + dy_).astype(np.int64), (x0 + dx_).astype(np.int64)
+            read = (wx * wy != 0) & (yy >= 0) & (yy < H) & (xx >= 0) & (xx < W)
+            v = x[n, :, np.clip(yy, 0, H - 1), np.clip(xx, 0, W - 1)]  # (N, OH, OW, C)
+            out += np.where(read[..., None], (wx * wy)[..., None] * v, 0.0).transpose(0, 3, 1, 2)
+    return out
+
+
+def gaussian_blur(fields, taps):
+    """Separable convolution of planes ``fields`` (P, H, W) with centred ``taps``: along rows,
+    then columns, zero outside each plane."""
+    f = np.asarray(fields, np.float64)
+    taps = np.asarray(taps, np.float64)
+    r = (taps.size - 1) // 2
+    H, W = f.shape[1:]
+    padded = np.pad(f, ((0, 0), (0, 0), (r, r)))
+    rows = sum(t * padded[:, :, k : k + W] for k, t in enumerate(taps))
+    padded = np.pad(rows, ((0, 0), (r, r), (0, 0)))
+    return sum(t * padded[:, k : k + H, :] for k, t in enumerate(taps))
+
+
+# --- the float64 oracle as a backend of the kernel interface ------------------------------------
+
+
+def _ceil_mode(g) -> bool:
+    """Was geometry ``g`` made with ceil_mode (more windows than floor division gives)?"""
+    return (g.H + 2 * g.ph - g.kh) // g.sh + 1 < g.OH or (g.W + 2 * g.pw - g.kw) // g.sw + 1 < g.OW
+
+
+def _window_args(g) -> dict:
+    return {"stride": (g.sh, g.sw), "pad": (g.ph, g.pw)}
+
+
+def _pool_args(g) -> dict:
+    return {"size": (g.kh, g.kw), **_window_args(g), "ceil_mode": _ceil_mode(g)}
+
+
+class ReferenceKernels(Kernels):
+    """The float64 oracle behind the :class:`~fastconv.kernels.Kernels` interface: each op
+    computes in float64 and rounds once to the input's dtype (statistics to float32), so the
+    conformance test can run the public API over it (validation, empty batches, dtypes)."""
+
+    # One computation stands for every algorithm: a named one is accepted (and ignored).
+    conv_algorithms = CONV_ALGORITHMS
+
+    def im2col(self, x, g):
+        return im2col(x, g.kh, g.kw, **_window_args(g)).astype(x.dtype)
+
+    def col2im(self, cols, g):
+        return col2im(cols, g.x_shape, g.kh, g.kw, **_window_args(g)).astype(cols.dtype)
+
+    def conv2d(self, x, w, b, g, activation, algorithm=None):
+        return conv2d(x, w, b, activation=activation, **_window_args(g)).astype(x.dtype)
+
+    def conv2d_backward(self, dy, x, w, g, need_dx=True, algorithm=None):
+        dx, dw, db = conv2d_backward(dy, x, w, **_window_args(g))
+        return (dx.astype(x.dtype) if need_dx else None), dw.astype(x.dtype), db.astype(x.dtype)
+
+    def max_pool2d(self, x, g):
+        return max_pool2d(x, **_pool_args(g)).astype(x.dtype)
+
+    def max_pool2d_backward(self, dy, x, g):
+        return max_pool2d_backward(dy, x, **_pool_args(g)).astype(x.dtype)
+
+    def avg_pool2d(self, x, g):
+        return avg_pool2d(x, **_pool_args(g)).astype(x.dtype)
+
+    def avg_pool2d_backward(self, dy, g):
+        return avg_pool2d_backward(dy, g.x_shape, **_pool_args(g)).astype(dy.dtype)
+
+    def batch_norm_forward(self, x, gamma, beta, g, eps, relu):
+        y, mean, var = batch_norm_forward(x, gamma, beta, eps, "relu" if relu else None)
+        return y.astype(x.dtype), mean.astype(np.float32), var.astype(np.float32)
+
+    def batch_norm_inference(self, x, gamma, beta, mean, var, g, eps, relu):
+        y = batch_norm_inference(x, gamma, beta, mean, var, eps, "relu" if relu else None)
+        return y.astype(x.dtype)
+
+    def batch_norm_backward(self, dy, x, gamma, mean, var, g, eps, y=None):
+        grads = batch_norm_backward(dy, x, gamma, mean, var, eps, y)
+        return tuple(a.astype(x.dtype) for a in grads)
+
+    def batch_norm_inference_backward(self, dy, gamma, var, g, eps, y=None):
+        return batch_norm_inference_backward(dy, gamma, var, eps, y).astype(dy.dtype)
+
+    def global_avg_pool2d(self, x, g):
+        return global_avg_pool2d(x).astype(x.dtype)
+
+    def global_avg_pool2d_backward(self, dy, g):
+        return global_avg_pool2d_backward(dy, g.shape).astype(dy.dtype)
+
+    def dense(self, x, w, b, g, relu):
+        return dense(x, w, b, "relu" if relu else None).astype(x.dtype)
+
+    def dense_backward(self, dy, x, w, g, need_dx=True):
+        dx, dw, db = dense_backward(dy, x, w)
+        return (dx.astype(x.dtype) if need_dx else None), dw.astype(x.dtype), db.astype(x.dtype)
+
+    def relu(self, x):
+        return relu(x).astype(x.dtype)
+
+    def relu_backward(self, dy, y, out=None):
+        result = relu_backward(dy, y).astype(dy.dtype)
+        if out is None:
+            return result
+        out[...] = result
+        return out
+
+    def warp_bilinear(self, x, theta, flow, out_hw):
+        return warp_bilinear(x, theta, flow, out_hw).astype(x.dtype)
+
+    def gaussian_blur(self, fields, taps):
+        return gaussian_blur(fields, taps).astype(fields.dtype)
+
+
+KERNELS = ReferenceKernels()

@@ -358,24 +358,25 @@ def test_backend_module_and_cupy_launcher_on_the_standin(standin):
     from fastconv.gpu import _standin as sd
 
     cp = standin
+    kernels = gpu.kernels()
     rng = np.random.default_rng(10)
     for _ in range(2):  # a second round must reuse the module and every function
         for dtype in DTYPES:
             x, w = rand(rng, (3, 8, 12, 12), dtype), rand(rng, (16, 8, 3, 3), dtype)
             b = rand(rng, (16,), dtype)
             g = chk.validate_conv2d(x, w, b, 1, 1, "relu")
-            y = gpu.conv2d(cp.asarray(x), cp.asarray(w), cp.asarray(b), g, "relu")
+            y = kernels.conv2d(cp.asarray(x), cp.asarray(w), cp.asarray(b), g, "relu")
             assert_close(y.get(), ref.conv2d(x, w, b, 1, 1, "relu"), dtype, 2)
             dy = rand(rng, y.shape, dtype)
-            got = gpu.conv2d_backward(cp.asarray(dy), cp.asarray(x), cp.asarray(w), g)
+            got = kernels.conv2d_backward(cp.asarray(dy), cp.asarray(x), cp.asarray(w), g)
             for a, r in zip(got, ref.conv2d_backward(dy, x, w, 1, 1), strict=True):
                 assert_close(a.get(), r, dtype, 10)
             gp = chk.validate_pool(x, 2, None, 0, max_pool=True)
-            np.testing.assert_array_equal(gpu.max_pool2d(cp.asarray(x), gp).get(),
+            np.testing.assert_array_equal(kernels.max_pool2d(cp.asarray(x), gp).get(),
                                           ref.max_pool2d(x, 2))  # fmt: skip
             x1, w1 = rand(rng, (2, 1, 9, 9), dtype), rand(rng, (4, 1, 3, 3), dtype)  # direct
             g1 = chk.validate_conv2d(x1, w1, None, 1, 1)
-            y1 = gpu.conv2d(cp.asarray(x1), cp.asarray(w1), None, g1, None)
+            y1 = kernels.conv2d(cp.asarray(x1), cp.asarray(w1), None, g1, None)
             assert_close(y1.get(), ref.conv2d(x1, w1, None, 1, 1), dtype)
         if _ == 0:
             functions_after_first_round = sd.stats.get_function

@@ -160,6 +160,14 @@ def _cases():
     yield "dense_backward-dy", lambda: fc.dense_backward(x2, x2, w2), V, "dy must have shape"
     yield "relu-float64", lambda: fc.relu(x.astype(float)), T, "x must have dtype"
     yield "relu_backward-y", lambda: fc.relu_backward(x, x[:1]), V, "y must have shape"
+    theta = np.zeros((2, 2, 3), f32)
+    yield "warp_bilinear-theta-shape", lambda: fc.warp_bilinear(x, theta[:1]), V, "theta must"
+    yield "warp_bilinear-theta-half", lambda: fc.warp_bilinear(x, theta.astype(f16)), T, "theta"
+    yield "warp_bilinear-out-size", lambda: fc.warp_bilinear(x, theta, out_size=0), V, "out_size"
+    planes = np.zeros((2, 5, 5), f32)
+    yield "gaussian_blur-sigma", lambda: fc.gaussian_blur(planes, 0.0), V, "sigma must be"
+    yield "gaussian_blur-half", lambda: fc.gaussian_blur(planes.astype(f16), 1.0), T, "fields"
+    yield "gaussian_blur-ndim", lambda: fc.gaussian_blur(planes[0], 1.0), V, "fields must be 3"
 
 
 CASES = list(_cases())

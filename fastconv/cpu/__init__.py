@@ -19,6 +19,9 @@ import os
 import numba
 import numpy as np
 
+from .._checks import CONV_ALGORITHMS, _may_overlap
+from ..kernels import Kernels
+from . import optim
 from ._workspace import launch_guard
 from .activation import relu, relu_backward
 from .augment import gaussian_blur, warp_bilinear
@@ -49,42 +52,59 @@ def _choose_threading_layer() -> None:
 # before any fastconv parallel region.
 _choose_threading_layer()
 
-__all__ = [
-    "ascontiguous",
-    "launch_guard",
-    "im2col",
-    "col2im",
-    "conv2d",
-    "conv2d_backward",
-    "max_pool2d",
-    "max_pool2d_backward",
-    "avg_pool2d",
-    "avg_pool2d_backward",
-    "batch_norm_forward",
-    "batch_norm_inference",
-    "batch_norm_backward",
-    "batch_norm_inference_backward",
-    "global_avg_pool2d",
-    "global_avg_pool2d_backward",
-    "dense_forward",
-    "dense_backward",
-    "relu",
-    "relu_backward",
-    "zeros",
-    "full",
-    "warp_bilinear",
-    "gaussian_blur",
-]
+__all__ = ["KERNELS", "CpuKernels", "launch_guard"]
 
 
-def ascontiguous(a):
-    return np.ascontiguousarray(a)
+def _fusable(p, *others) -> bool:
+    """The fused optimizer kernels apply: NumPy float32 C-contiguous arrays of one shape, the
+    parameter sharing memory with none of the others."""
+    arrays = (p, *others)
+    return (
+        all(isinstance(a, np.ndarray) for a in arrays)
+        and all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
+        and all(a.shape == p.shape for a in others)
+        and p.flags.writeable
+        and not any(_may_overlap(p, a) for a in others)
+    )
 
 
-def zeros(shape, dtype):
-    """A zero-filled result (empty-batch shortcuts in :mod:`fastconv.ops`)."""
-    return np.zeros(shape, dtype=dtype)
+class CpuKernels(Kernels):
+    """The Numba kernels as the :class:`~fastconv.kernels.Kernels` interface: one line an op."""
+
+    conv_algorithms = CONV_ALGORITHMS
+    im2col = staticmethod(im2col)
+    col2im = staticmethod(col2im)
+    conv2d = staticmethod(conv2d)
+    conv2d_backward = staticmethod(conv2d_backward)
+    max_pool2d = staticmethod(max_pool2d)
+    max_pool2d_backward = staticmethod(max_pool2d_backward)
+    avg_pool2d = staticmethod(avg_pool2d)
+    avg_pool2d_backward = staticmethod(avg_pool2d_backward)
+    batch_norm_forward = staticmethod(batch_norm_forward)
+    batch_norm_inference = staticmethod(batch_norm_inference)
+    batch_norm_backward = staticmethod(batch_norm_backward)
+    batch_norm_inference_backward = staticmethod(batch_norm_inference_backward)
+    global_avg_pool2d = staticmethod(global_avg_pool2d)
+    global_avg_pool2d_backward = staticmethod(global_avg_pool2d_backward)
+    dense = staticmethod(dense_forward)
+    dense_backward = staticmethod(dense_backward)
+    relu = staticmethod(relu)
+    relu_backward = staticmethod(relu_backward)
+    warp_bilinear = staticmethod(warp_bilinear)
+    gaussian_blur = staticmethod(gaussian_blur)
+
+    # One fused parallel pass each (fastconv.cpu.optim), bit-identical to the base class's
+    # array expressions, which still serve arrays the fused kernels do not take.
+    def adam_update(self, p, g, m, v, c1, c2, lr_t, eps):
+        if not _fusable(p, g, m, v):
+            return super().adam_update(p, g, m, v, c1, c2, lr_t, eps)
+        optim.adam_update(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
+                          c1, c2, lr_t, eps)  # fmt: skip
+
+    def momentum_update(self, p, g, v, momentum, lr):
+        if not _fusable(p, g, v):
+            return super().momentum_update(p, g, v, momentum, lr)
+        optim.momentum_update(p.reshape(-1), g.reshape(-1), v.reshape(-1), momentum, lr)
 
 
-def full(shape, value, dtype):
-    return np.full(shape, value, dtype=dtype)
+KERNELS = CpuKernels()

@@ -8,40 +8,11 @@ whether a GPU can be used (CuPy, driver, device, and the kernel module compiled 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 
 from ._kernel_ops import KernelOps
 
-__all__ = [
-    "available",
-    "unavailable_reason",
-    "to_gpu",
-    "ascontiguous",
-    "launch_guard",
-    "im2col",
-    "col2im",
-    "conv2d",
-    "conv2d_backward",
-    "max_pool2d",
-    "max_pool2d_backward",
-    "avg_pool2d",
-    "avg_pool2d_backward",
-    "batch_norm_forward",
-    "batch_norm_inference",
-    "batch_norm_backward",
-    "batch_norm_inference_backward",
-    "global_avg_pool2d",
-    "global_avg_pool2d_backward",
-    "dense_forward",
-    "dense_backward",
-    "relu",
-    "relu_backward",
-    "zeros",
-    "full",
-    "warp_bilinear",
-    "gaussian_blur",
-]
+__all__ = ["available", "unavailable_reason", "to_gpu", "kernels", "reset"]
 
 _INSTALL_HINT = (
     "install the CuPy wheel matching your CUDA driver with the CUDA headers and NVRTC: "
@@ -162,99 +133,7 @@ def reset() -> None:
     _module.reset()
 
 
-def launch_guard():
-    """CuPy launches from several host threads are safe: nothing to serialise."""
-    return contextlib.nullcontext()
-
-
-def ascontiguous(a):
-    return _ops().ascontiguous(a)
-
-
-def im2col(x, g):
-    return _ops().im2col(x, g)
-
-
-def col2im(cols, g):
-    return _ops().col2im(cols, g)
-
-
-def conv2d(x, w, b, g, activation):
-    return _ops().conv2d(x, w, b, g, activation)
-
-
-def conv2d_backward(dy, x, w, g, need_dx=True):
-    return _ops().conv2d_backward(dy, x, w, g, need_dx)
-
-
-def max_pool2d(x, g):
-    return _ops().max_pool2d(x, g)
-
-
-def max_pool2d_backward(dy, x, g):
-    return _ops().max_pool2d_backward(dy, x, g)
-
-
-def avg_pool2d(x, g):
-    return _ops().avg_pool2d(x, g)
-
-
-def avg_pool2d_backward(dy, g):
-    return _ops().avg_pool2d_backward(dy, g)
-
-
-def batch_norm_forward(x, gamma, beta, g, eps, relu):
-    return _ops().batch_norm_forward(x, gamma, beta, g, eps, relu)
-
-
-def batch_norm_inference(x, gamma, beta, mean, var, g, eps, relu):
-    return _ops().batch_norm_inference(x, gamma, beta, mean, var, g, eps, relu)
-
-
-def batch_norm_backward(dy, x, gamma, mean, var, g, eps, y):
-    return _ops().batch_norm_backward(dy, x, gamma, mean, var, g, eps, y)
-
-
-def batch_norm_inference_backward(dy, gamma, var, g, eps, y):
-    return _ops().batch_norm_inference_backward(dy, gamma, var, g, eps, y)
-
-
-def global_avg_pool2d(x, g):
-    return _ops().global_avg_pool2d(x, g)
-
-
-def global_avg_pool2d_backward(dy, g):
-    return _ops().global_avg_pool2d_backward(dy, g)
-
-
-def dense_forward(x, w, b, g, relu):
-    return _ops().dense(x, w, b, g, relu)
-
-
-def dense_backward(dy, x, w, g, need_dx=True):
-    return _ops().dense_backward(dy, x, w, g, need_dx)
-
-
-def relu(x):
-    return _ops().relu(x)
-
-
-def relu_backward(dy, y, out=None):
-    return _ops().relu_backward(dy, y, out)
-
-
-def zeros(shape, dtype):
-    """A zero-filled result (empty-batch shortcuts in :mod:`fastconv.ops`)."""
-    return _ops().xp.zeros(shape, dtype=dtype)
-
-
-def full(shape, value, dtype):
-    return _ops().xp.full(shape, value, dtype=dtype)
-
-
-def warp_bilinear(x, theta, flow, out_hw):
-    return _ops().warp_bilinear(x, theta.reshape(x.shape[0], 6), flow, out_hw)
-
-
-def gaussian_blur(fields, taps):
-    return _ops().gaussian_blur(fields, taps)
+def kernels() -> KernelOps:
+    """The CUDA kernels as the :class:`~fastconv.kernels.Kernels` interface (CuPy, the
+    RawModule launcher and cuBLAS); built once, on first use."""
+    return _ops()

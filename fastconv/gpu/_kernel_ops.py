@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..kernels import Kernels
+
 ROWS = 0  # book layout: (N*OH*OW, C*kh*kw)
 BATCH = 1  # Caffe layout: (N, C*kh*kw, OH*OW), one GEMM operand per image
 
@@ -66,8 +68,8 @@ def check_index_range(g) -> None:
             )
 
 
-class KernelOps:
-    """Backend interface of :mod:`fastconv.ops` on top of raw kernels and a GEMM."""
+class KernelOps(Kernels):
+    """The :class:`~fastconv.kernels.Kernels` interface on top of raw kernels and a GEMM."""
 
     def __init__(
         self, xp, launch, gemm, direct_max_k: int = DIRECT_MAX_K, workspace_bytes=WORKSPACE_BYTES
@@ -105,7 +107,8 @@ class KernelOps:
 
     # --- convolution ----------------------------------------------------------------------------
 
-    def conv2d(self, x, w, b, g, activation):
+    def conv2d(self, x, w, b, g, activation, algorithm=None):
+        # One implementation (conv_algorithms is empty): ops refuses any named algorithm.
         F = w.shape[0]
         K, P = g.C * g.kh * g.kw, g.OH * g.OW
         has_bias, relu = int(b is not None), int(activation == "relu")
@@ -131,7 +134,7 @@ class KernelOps:
             self.launch("bias_act", y.size, y, bias, g.N, F, P, has_bias, relu)
         return y.reshape(g.N, F, g.OH, g.OW)
 
-    def conv2d_backward(self, dy, x, w, g, need_dx=True):
+    def conv2d_backward(self, dy, x, w, g, need_dx=True, algorithm=None):
         xp = self.xp
         F = w.shape[0]
         K, P = g.C * g.kh * g.kw, g.OH * g.OW
@@ -207,6 +210,7 @@ class KernelOps:
         optional displacement ``flow`` (N, 2, OH, OW) float32 -> (N, C, OH, OW)."""
         N, C, H, W = x.shape
         OH, OW = out_hw
+        theta = theta.reshape(N, 6)  # the kernel reads 6 floats a sample
         y = self.xp.empty((N, C, OH, OW), dtype=x.dtype)
         has_flow = int(flow is not None)
         f = flow if has_flow else theta  # any valid float pointer; unread when has_flow == 0

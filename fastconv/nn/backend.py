@@ -1,9 +1,8 @@
-"""Where a model's arrays live and in which dtype: the one place that knows NumPy from CuPy.
+"""Where a model's arrays live and in which dtype: a device (:mod:`fastconv.device`) and a dtype.
 
 A :class:`Backend` is owned by each model. Layers never ask which library an array comes from
 except through :func:`array_module`; transfers, casts and random numbers that must follow the
-model's seed go through the backend, so "is this CuPy?" is decided here and nowhere else in
-``fastconv.nn``.
+model's seed go through the backend, whose device decides NumPy from CuPy.
 """
 
 from __future__ import annotations
@@ -11,24 +10,12 @@ from __future__ import annotations
 import numpy as np
 
 from .._checks import is_cupy_array
+from ..device import array_module, device_of, get_device
+from ..device import to_host as to_numpy
 
 __all__ = ["Backend", "array_module", "to_numpy", "check_dtype", "check_backend_name"]
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
-
-
-def array_module(a):
-    """``cupy`` for a CuPy array, else ``numpy`` (CuPy is imported only when already in use)."""
-    if is_cupy_array(a):
-        import cupy
-
-        return cupy
-    return np
-
-
-def to_numpy(a):
-    """``a`` as a NumPy array (copied from the GPU when it lives there)."""
-    return a.get() if is_cupy_array(a) else np.asarray(a)
 
 
 def check_dtype(dtype) -> np.dtype:
@@ -62,6 +49,7 @@ class Backend:
     def __init__(self, name="cpu", dtype="float32"):
         self.name = check_backend_name(name)
         self.dtype = check_dtype(dtype)
+        self.device = get_device(self.name)
         if self.name == "gpu":
             from .. import ops
 
@@ -71,53 +59,26 @@ class Backend:
     @property
     def xp(self):
         """The array module: ``numpy`` or ``cupy``."""
-        if self.name == "gpu":
-            import cupy
-
-            return cupy
-        return np
+        return self.device.xp
 
     def owns(self, a) -> bool:
         """Is ``a`` an array of this backend's library (whatever its dtype)?"""
-        return is_cupy_array(a) == (self.name == "gpu")
+        return self.device.owns(a)
 
     def asarray(self, a, dtype=None):
         """``a`` on this backend in ``dtype`` (default: the backend's); no copy if it is already."""
-        dtype = self.dtype if dtype is None else np.dtype(dtype)
-        if self.name == "gpu":
-            if not is_cupy_array(a):
-                import cupy
-
-                a = cupy.asarray(np.asarray(a))
-        elif is_cupy_array(a):
-            a = a.get()
-        else:
-            a = np.asarray(a)
-        return a if a.dtype == dtype else a.astype(dtype)
+        return self.device.asarray(a, self.dtype if dtype is None else np.dtype(dtype))
 
     def labels(self, y):
         """Integer labels or one-hot targets moved (not cast) to this backend."""
-        if self.name == "gpu" and not is_cupy_array(y):
-            import cupy
-
-            return cupy.asarray(np.asarray(y))
-        if self.name == "cpu" and is_cupy_array(y):
-            return y.get()
-        return y
+        return self.device.asarray(y)
 
     def index(self, a, idx):
         """``a[idx]`` for an integer index array ``idx`` (NumPy), whichever library ``a`` uses."""
-        if is_cupy_array(a):
-            import cupy
-
-            return a[cupy.asarray(idx)]
-        return a[idx]
+        return a[device_of(a).asarray(idx)]
 
     def synchronize(self) -> None:
-        if self.name == "gpu":
-            import cupy
-
-            cupy.cuda.get_current_stream().synchronize()
+        self.device.synchronize()
 
     def __eq__(self, other):
         # ``model.backend == "gpu"`` reads naturally (and was the API before the Backend object).

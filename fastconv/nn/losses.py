@@ -35,7 +35,7 @@ __all__ = [
 
 def check_labels(y, n: int, num_classes: int, name: str = "y"):
     """Validate integer labels (N,) in [0, num_classes) or one-hot/probability targets (N, K)."""
-    if not (isinstance(y, np.ndarray) or chk.is_cupy_array(y)):
+    if not chk.is_array(y):
         raise TypeError(f"{name} must be a numpy.ndarray or cupy.ndarray, got {type(y).__name__}")
     if y.ndim == 1:
         if y.dtype.kind not in "iu":
@@ -183,7 +183,7 @@ class SoftmaxCrossEntropy(Loss):
 
 
 def _dense_targets(y, n, output_shape, name, what):
-    if not (isinstance(y, np.ndarray) or chk.is_cupy_array(y)):
+    if not chk.is_array(y):
         raise TypeError(f"{name} must be a numpy.ndarray or cupy.ndarray, got {type(y).__name__}")
     if y.dtype.kind not in "biuf":
         raise TypeError(f"{name} must hold numbers, got dtype {y.dtype}")

@@ -345,7 +345,7 @@ class Model(Trainer):
         if len(weights) != len(entries):
             raise ValueError(f"weights must be a list of {len(entries)} arrays, got {len(weights)}")
         for i, ((layer, name), w) in enumerate(zip(entries, weights, strict=True)):
-            if not (isinstance(w, np.ndarray) or chk.is_cupy_array(w)):
+            if not chk.is_array(w):
                 raise TypeError(f"weights[{i}] must be an array, got {type(w).__name__}")
             if w.dtype.kind != "f":
                 raise TypeError(f"weights[{i}] must have a floating dtype, got {w.dtype}")

@@ -13,6 +13,7 @@ import numbers
 import numpy as np
 
 from .. import ops
+from ..device import device_of
 from .backend import array_module
 
 __all__ = [
@@ -177,10 +178,7 @@ def _check_state_shape(a, p, entry):
 
 
 def _to_like(a, p):
-    from .._checks import is_cupy_array
-    from .backend import Backend
-
-    return Backend("gpu" if is_cupy_array(p) else "cpu").asarray(a, np.float32)
+    return device_of(p).asarray(a, np.float32)
 
 
 class SGD(Optimizer):

@@ -67,7 +67,7 @@ class Trainer:
     # -- inputs ---------------------------------------------------------------------------------
     def _prepare_x(self, x, name="x"):
         """Validate a user batch source; batches are cast and moved lazily."""
-        if not (isinstance(x, np.ndarray) or chk.is_cupy_array(x)):
+        if not chk.is_array(x):
             raise TypeError(
                 f"{name} must be a numpy.ndarray or cupy.ndarray, got {type(x).__name__}"
             )
@@ -112,7 +112,7 @@ class Trainer:
     def _labels(self, y, n, name="y"):
         if isinstance(y, (list, tuple)):
             y = np.asarray(y)
-        if not (isinstance(y, np.ndarray) or chk.is_cupy_array(y)):
+        if not chk.is_array(y):
             raise TypeError(f"{name} must be a numpy.ndarray, got {type(y).__name__}")
         if y.shape[:1] != (n,):
             raise ValueError(f"{name} must have {n} entries (one per sample), got shape {y.shape}")

@@ -21,6 +21,7 @@ import numpy as np
 
 from ... import _checks as chk
 from ... import ops
+from ...device import device_of
 from .. import initializers
 from ..backend import array_module
 
@@ -363,11 +364,7 @@ def check_gradient(dy, shape, what: str) -> None:
 
 def _like(value, x, dtype):
     """``value`` on ``x``'s array library, in ``dtype``."""
-    from .. import backend as be
-
-    if chk.is_cupy_array(x) != chk.is_cupy_array(value):
-        value = be.Backend("gpu" if chk.is_cupy_array(x) else "cpu", dtype).asarray(value)
-    return value if value.dtype == dtype else value.astype(dtype)
+    return device_of(x).asarray(value, dtype)
 
 
 def xp_of(x):
