@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from fastconv import datasets
+from fastconv.cli import main
 from fastconv.datasets import (
     MNIST_FILES,
     MNISTDownloadError,
@@ -328,3 +329,10 @@ def test_two_processes_downloading_at_once(tmp_path, server):
     assert _verified_cache(target) == sorted(MNIST_FILES)
     assert sorted(server.requests) == sorted(2 * list(MNIST_FILES))
 
+
+def test_cli_no_download_says_where_it_looked(tmp_path, cache, server, capsys):
+    out = tmp_path / "run"
+    assert main(["train-mnist", "--no-download", "--quiet", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: MNIST not found") and f"3. the user cache: {cache}" in err
+    assert server.requests == []
