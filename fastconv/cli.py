@@ -188,7 +188,17 @@ def _add_train_mnist(subparsers):
     p.add_argument(
         "--limit-test", type=_positive_int, default=None, help="use the first N test images"
     )
-    p.add_argument("--data", default=None, help="directory with the MNIST .gz files")
+    p.add_argument(
+        "--data",
+        default=None,
+        help="directory with the four MNIST .gz files (default: $FASTCONV_DATA, the source "
+        "checkout's data/mnist, else the user cache, downloading into it when needed)",
+    )
+    p.add_argument(
+        "--no-download",
+        action="store_true",
+        help="fail instead of downloading MNIST when it is not found (see docs/training.md)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
         "--distributed",
@@ -504,6 +514,14 @@ class _Patience:
         return False
 
 
+def _mnist_options(args) -> dict:
+    # --quiet silences the download's progress bar and its notices too
+    return {
+        "download": not args.no_download,
+        "progress": False if args.quiet else None,
+    }
+
+
 def _train_mnist(args, out: Path, last: Path, strategy=None) -> int:
     from .augment import RandomTransform
     from .datasets import load_mnist
@@ -542,7 +560,7 @@ def _train_mnist(args, out: Path, last: Path, strategy=None) -> int:
         print(f"error: {problem}", file=sys.stderr)
         return 2
     try:
-        (x_train, y_train), (x_test, y_test) = load_mnist(args.data)
+        (x_train, y_train), (x_test, y_test) = load_mnist(args.data, **_mnist_options(args))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -817,7 +835,7 @@ def _train_ensemble(args) -> int:
         hist = json.loads((member_out / "history.json").read_text())
         rows.append({"member": k + 1, "seed": margs.seed, **hist["test"]})
     try:
-        (_, _), (x_test, y_test) = load_mnist(args.data)
+        (_, _), (x_test, y_test) = load_mnist(args.data, **_mnist_options(args))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -781,9 +781,12 @@ def _inputs(args, input_shape, classes):
                 f"fastconv profile: --data mnist needs a model for 1x28x28 inputs "
                 f"({', '.join(_MNIST_MODELS)}); {args.model} takes {input_shape}"
             )
-        from .datasets import load_mnist
+        from .datasets import MNISTError, load_mnist
 
-        (x, y), _ = load_mnist(args.mnist_dir)
+        try:
+            (x, y), _ = load_mnist(args.mnist_dir)
+        except MNISTError as e:
+            raise SystemExit(f"fastconv profile: {e}") from None
         if args.batch_size > x.shape[0]:
             raise SystemExit(f"fastconv profile: --batch-size must be <= {x.shape[0]} for MNIST")
         return x[: args.batch_size], y[: args.batch_size]
@@ -952,7 +955,9 @@ def add_subcommand(subparsers):
     p.add_argument("--forward-only", action="store_true", help="profile inference only")
     p.add_argument("--data", choices=["random", "mnist"], default="random")
     p.add_argument(
-        "--mnist-dir", help="directory of the MNIST IDX .gz files (default: as load_mnist)"
+        "--mnist-dir",
+        help="directory of the MNIST IDX .gz files (default: found or downloaded as load_mnist "
+        "does, docs/training.md)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

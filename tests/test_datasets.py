@@ -58,18 +58,20 @@ def test_corrupt_file_fails_checksum(tmp_path):
 def test_environment_variable_is_used_without_checkout_data(tmp_path, monkeypatch):
     checkout = tmp_path / "checkout"
     checkout.mkdir()
-    monkeypatch.setattr(datasets, "_CHECKOUT_DIR", checkout)  # as an installed package
+    monkeypatch.setattr(datasets, "_CHECKOUT_DIR", checkout)  # a checkout without the files
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # empty: nothing cached
     env = tmp_path / "env"
     env.mkdir()
     monkeypatch.setenv("FASTCONV_DATA", str(env))
-    assert datasets.default_mnist_dir() == env
-    with pytest.raises(FileNotFoundError, match="FASTCONV_DATA"):
-        load_mnist()
+    with pytest.raises(FileNotFoundError, match=f"FASTCONV_DATA: {env}"):
+        load_mnist(download=False)
     (env / "mnist").mkdir()
     _copy_files(env / "mnist")
     assert datasets.default_mnist_dir() == env / "mnist"
     (_, y_train), _ = load_mnist()
     assert y_train.shape == (60000,)
-    # the checkout's copy wins when it exists
+    # $FASTCONV_DATA comes before the checkout's copy (tests/test_mnist_download.py: the order)
     _copy_files(checkout)
+    assert datasets.default_mnist_dir() == env / "mnist"
+    monkeypatch.delenv("FASTCONV_DATA")
     assert datasets.default_mnist_dir() == checkout
