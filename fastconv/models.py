@@ -37,10 +37,7 @@ from __future__ import annotations
 
 import numbers
 
-import numpy as np
-
 from . import _checks as chk
-from . import ops
 from .nn import (
     Add,
     AvgPool2D,
@@ -57,9 +54,8 @@ from .nn import (
     ReLU,
     Sequential,
     Tanh,
-    register_layer,
 )
-from .nn.layers.conv import spatial_shape
+from .nn.layers.pooling import MaxPool2DCeil  # noqa: F401  (its former home, for imports)
 
 __all__ = [
     "MODELS",
@@ -72,41 +68,8 @@ __all__ = [
     "googlenet",
     "deep_mnist_net",
     "resnet_mnist",
-    "MaxPool2DCeil",
     "deep_mnist_bn_net",
 ]
-
-
-# --- a layer the zoo needs --------------------------------------------------------------------
-
-
-@register_layer
-class MaxPool2DCeil(MaxPool2D):
-    """Max pooling in ceil mode (PyTorch's ``ceil_mode=True``): the output size is rounded up,
-    the last window running past the bottom/right edge being clipped there. GoogLeNet's
-    stride-2 pools need it (56x56 -> 28x28 with a 3x3/2 window, where floor gives 27x27).
-
-    Lives here until :class:`fastconv.nn.MaxPool2D` takes a ``ceil_mode`` argument.
-    """
-
-    def output_shape(self, input_shape):
-        C, H, W = spatial_shape(input_shape, self)
-        sample = np.broadcast_to(np.float32(0), (1, C, H, W))  # validation without allocating
-        try:
-            g = chk.validate_pool(sample, self.size, self.stride, self.padding, True, True)
-        except ValueError as e:
-            raise ValueError(
-                f"{type(self).__name__} {self.name!r} on input {(C, H, W)}: {e}"
-            ) from None
-        return (C, g.OH, g.OW)
-
-    def call(self, x, training=False):
-        y = ops.max_pool2d(x, self.size, self.stride, self.padding, ceil_mode=True)
-        return y, (x if training else None)
-
-    def call_backward(self, cache, dy, need_dx=True):
-        dx = ops.max_pool2d_backward(dy, cache, self.size, self.stride, self.padding, True)
-        return dx, {}
 
 
 # --- shared construction ----------------------------------------------------------------------
@@ -425,8 +388,8 @@ def googlenet(
 
     conv7x7/2(64) - maxpool 3x3/2 - conv1x1(64) - conv3x3(192) - maxpool - inception 3a, 3b -
     maxpool - 4a...4e - maxpool 2x2/2 - 5a, 5b - global average pooling - [dropout 0.2] -
-    Dense(classes). Every max pool between stages is in ceil mode (:class:`MaxPool2DCeil`), as
-    torchvision's, so 112 -> 56 -> 28 -> 14 -> 7 at 224x224.
+    Dense(classes). Every max pool between stages is in ceil mode
+    (``MaxPool2D(ceil_mode=True)``), as torchvision's, so 112 -> 56 -> 28 -> 14 -> 7 at 224x224.
 
     Differences from the 2014 paper (Szegedy et al.), all torchvision's: every convolution is
     followed by BatchNorm (epsilon 1e-3) and has no bias (the paper predates BatchNorm; that
@@ -444,15 +407,15 @@ def googlenet(
 
     def graph(inp):
         x = _basic_conv(inp, 64, 7, 2, 3, prefix="conv1")
-        x = MaxPool2DCeil(3, 2, name="maxpool1")(x)
+        x = MaxPool2D(3, 2, name="maxpool1", ceil_mode=True)(x)
         x = _basic_conv(x, 64, 1, prefix="conv2")
         x = _basic_conv(x, 192, 3, 1, 1, prefix="conv3")
-        x = MaxPool2DCeil(3, 2, name="maxpool2")(x)
+        x = MaxPool2D(3, 2, name="maxpool2", ceil_mode=True)(x)
         x = _inception(_inception(x, "3a"), "3b")
-        x = MaxPool2DCeil(3, 2, name="maxpool3")(x)
+        x = MaxPool2D(3, 2, name="maxpool3", ceil_mode=True)(x)
         for name in ("4a", "4b", "4c", "4d", "4e"):
             x = _inception(x, name)
-        x = MaxPool2DCeil(2, 2, name="maxpool4")(x)
+        x = MaxPool2D(2, 2, name="maxpool4", ceil_mode=True)(x)
         x = _inception(_inception(x, "5a"), "5b")
         x = GlobalAveragePooling2D(name="avgpool")(x)
         return Dense(num_classes, name="fc")(Dropout(rate, name="dropout")(x))

@@ -3,9 +3,11 @@
 ``to_torch(model)`` builds a ``torch.nn.Module`` that computes what ``model`` computes, with
 the weights copied; ``copy_from_torch(module, model)`` copies a (trained or freshly initialised)
 twin's weights back. PyTorch is optional: it is imported only here, and only when called.
-Layout differences handled: Dense weights are ``(in, out)`` here and ``(out, in)`` in
-``nn.Linear``; BatchNorm's momentum is ``1 - momentum`` in PyTorch. Frozen BatchNorm layers are
-put in eval mode (they normalise with their moving statistics, as here).
+Each layer builds its own twin (``Layer.torch_module``, ``torch_weights``, ``torch_merge``), so
+layout differences live with the layer (Dense weights are ``(in, out)`` here and ``(out, in)``
+in ``nn.Linear``; BatchNorm's momentum is ``1 - momentum`` in PyTorch); this module wires the
+graph. Frozen BatchNorm layers are put in eval mode (they normalise with their moving
+statistics, as here).
 
 The twin runs the graph as torchvision's models do, so that time and memory compare fairly:
 ReLUs work in place where their input has no other use (``ReLU(inplace=True)``), a residual
@@ -39,87 +41,6 @@ def _torch():
     return torch
 
 
-def _shape(layer, weight) -> tuple:
-    """A weight's declared shape (also for a model whose weights were not created)."""
-    for spec in layer.weight_specs(layer.input_shape):
-        if spec.name == weight:
-            return tuple(spec.shape)
-    raise KeyError(weight)
-
-
-def _module_for(layer, torch, inplace=False):
-    """The torch module of ``layer``; ``inplace``: a ReLU may overwrite its input."""
-    nn = torch.nn
-    kind = type(layer).__name__
-    if kind == "Conv2D":
-        F, C, kh, kw = _shape(layer, "W")
-        conv = nn.Conv2d(C, F, (kh, kw), layer.stride, layer.padding, bias=layer.use_bias)
-        return nn.Sequential(conv, nn.ReLU(inplace=True)) if layer.activation == "relu" else conv
-    if kind == "Dense":
-        n_in, n_out = _shape(layer, "W")
-        lin = nn.Linear(n_in, n_out, bias=layer.use_bias)
-        return nn.Sequential(lin, nn.ReLU(inplace=True)) if layer.activation == "relu" else lin
-    if kind == "ReLU":
-        return nn.ReLU(inplace=inplace)
-    if kind in ("BatchNorm2D", "BatchNorm1D"):
-        cls = nn.BatchNorm2d if kind == "BatchNorm2D" else nn.BatchNorm1d
-        return cls(_shape(layer, "gamma")[0], eps=layer.epsilon, momentum=1 - layer.momentum)
-    if kind == "MaxPool2D":
-        return nn.MaxPool2d(layer.size, layer.stride, layer.padding)
-    if kind == "MaxPool2DCeil":  # fastconv.models (GoogLeNet)
-        return nn.MaxPool2d(layer.size, layer.stride, layer.padding, ceil_mode=True)
-    if kind == "AvgPool2D":
-        return nn.AvgPool2d(layer.size, layer.stride, layer.padding, count_include_pad=True)
-    if kind == "GlobalAveragePooling2D":
-        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    simple = {
-        "Sigmoid": nn.Sigmoid,
-        "Tanh": nn.Tanh,
-        "Flatten": nn.Flatten,
-    }
-    if kind in simple:
-        return simple[kind]()
-    if kind == "Softmax":
-        return nn.Softmax(dim=1)
-    if kind == "Dropout":
-        return nn.Dropout(layer.rate)
-    if kind in ("Add", "Concatenate"):
-        return None  # merges are done in forward()
-    raise TypeError(f"no PyTorch equivalent known for layer {layer.name!r} ({kind})")
-
-
-def _core(module, torch):
-    """The parameterised module inside an optional Sequential(module, ReLU)."""
-    return module[0] if isinstance(module, torch.nn.Sequential) else module
-
-
-def _pairs(layer, module, torch):
-    """(fastconv weight name, torch tensor, transform) for every weight of ``layer``."""
-    kind = type(layer).__name__
-    core = _core(module, torch)
-    if kind == "Conv2D":
-        out = [("W", core.weight, None)]
-        return out + ([("b", core.bias, None)] if layer.use_bias else [])
-    if kind == "Dense":
-        out = [("W", core.weight, "T")]
-        return out + ([("b", core.bias, None)] if layer.use_bias else [])
-    if kind in ("BatchNorm2D", "BatchNorm1D"):
-        return [
-            ("gamma", core.weight, None),
-            ("beta", core.bias, None),
-            ("moving_mean", core.running_mean, None),
-            ("moving_variance", core.running_var, None),
-        ]
-    return []
-
-
-# Layers whose twin returns a tensor of its own (no view, no alias of another live value).
-_FRESH = frozenset(
-    "Conv2D Dense BatchNorm2D BatchNorm1D Add Concatenate MaxPool2D MaxPool2DCeil AvgPool2D "
-    "GlobalAveragePooling2D ReLU Sigmoid Tanh Softmax".split()
-)
-
-
 def to_torch(model, copy_weights: bool = True):
     """A float32 CPU ``torch.nn.Module`` computing what ``model`` computes, weights copied.
 
@@ -142,7 +63,7 @@ def to_torch(model, copy_weights: bool = True):
     def private(t):
         """May a node overwrite tensor ``t``? Only if nothing else reads it, nor the caller,
         and it is no view of another value (Flatten, Dropout at inference, return those)."""
-        return t.node is not None and type(t.node.layer).__name__ in _FRESH and uses[t.id] == 1
+        return t.node is not None and t.node.layer.torch_fresh and uses[t.id] == 1
 
     # Everything the module needs is computed here: the class must not refer to ``model``,
     # or the twin would keep the fastconv model (and its weights) alive.
@@ -152,23 +73,22 @@ def to_torch(model, copy_weights: bool = True):
         inplace[node.layer.name] = inplace.get(node.layer.name, True) and ok
     modules = {}
     for layer in model.layers:
-        module = _module_for(layer, torch, inplace=inplace[layer.name])
+        module = layer.torch_module(torch, inplace=inplace[layer.name])
         if module is not None:
             modules[module_key(layer.name)] = module
     last_read = {}
     for i, node in enumerate(model._nodes):
         for t in node.inputs:
             last_read[t.id] = i
-    graph = []  # (module key, kind, input ids, output id, axis, in place, ids last read here)
+    graph = []  # (module key, merge or None, input ids, output id, in place, ids last read here)
     for i, node in enumerate(model._nodes):
         ids = [t.id for t in node.inputs]
         graph.append(
             (
                 module_key(node.layer.name),
-                type(node.layer).__name__,
+                node.layer.torch_merge if node.layer.multi_input else None,  # weightless
                 ids,
                 node.output.id,
-                getattr(node.layer, "axis", None),
                 private(node.inputs[0]),
                 sorted({t for t in ids if last_read[t] == i}),
             )
@@ -176,7 +96,7 @@ def to_torch(model, copy_weights: bool = True):
     frozen_bn = [
         module_key(layer.name)
         for layer in model.layers
-        if type(layer).__name__.startswith("BatchNorm") and not layer.trainable
+        if layer.kind == "norm" and not layer.trainable
     ]
     ends = (model._input.id, model._output.id)
 
@@ -190,19 +110,11 @@ def to_torch(model, copy_weights: bool = True):
 
         def forward(self, x):
             values = {self.input_id: x}
-            for key, kind, inputs, out, axis, own_first, done in self.graph:
+            for key, merge, inputs, out, own_first, done in self.graph:
                 xs = [values[t] for t in inputs]
                 for t in done:  # dropped after its last use, as a plain forward() would
                     del values[t]
-                if kind == "Add":
-                    # torchvision's "out += identity": into the branch's own output.
-                    y = xs[0] if own_first else xs[0].clone()
-                    for more in xs[1:]:
-                        y += more
-                elif kind == "Concatenate":
-                    y = torch.cat(xs, dim=axis)
-                else:
-                    y = self.layers[key](xs[0])
+                y = merge(xs, own_first) if merge else self.layers[key](xs[0])
                 del xs
                 values[out] = y
             return values[self.output_id]
@@ -220,7 +132,7 @@ def to_torch(model, copy_weights: bool = True):
         for layer in model.layers:
             if module_key(layer.name) not in twin.layers:
                 continue
-            for name, tensor, how in _pairs(layer, twin.layers[module_key(layer.name)], torch):
+            for name, tensor, how in layer.torch_weights(twin.layers[module_key(layer.name)]):
                 value = to_numpy(layer.get_weight(name)).astype(np.float32)
                 tensor.copy_(torch.from_numpy(value.T.copy() if how == "T" else value))
     return twin.train()
@@ -228,12 +140,10 @@ def to_torch(model, copy_weights: bool = True):
 
 def copy_from_torch(module, model) -> None:
     """Set ``model``'s weights from its twin ``module`` (made by :func:`to_torch`)."""
-    torch = _torch()
     weights = []
     for layer, name in model.weight_entries():
-        pairs = {
-            n: (t, how) for n, t, how in _pairs(layer, module.layers[module_key(layer.name)], torch)
-        }
+        twin = module.layers[module_key(layer.name)]
+        pairs = {n: (t, how) for n, t, how in layer.torch_weights(twin)}
         tensor, how = pairs[name]
         value = tensor.detach().cpu().numpy()
         weights.append(value.T.copy() if how == "T" else value)

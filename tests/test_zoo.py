@@ -4,12 +4,13 @@ twin with copied weights, float16 inference, checkpoints, and inputs a model can
 from __future__ import annotations
 
 import copy
+import io
 
 import numpy as np
 import pytest
 
 from fastconv import models
-from fastconv.nn import SGD, load_model
+from fastconv.nn import SGD, MaxPool2D, Sequential, load_model
 from fastconv.nn.model import ALLOCATE_WEIGHTS
 
 # torchvision 0.2x: sum(p.numel() for p in model.parameters()) for the same architectures
@@ -109,13 +110,13 @@ def _rel_l2(a, b):
 
 
 def _twin_gradients(twin, model, torch):
-    from fastconv.torch_bridge import _pairs, module_key
+    from fastconv.torch_bridge import module_key
 
     by_name = {layer.name: layer for layer in model.layers}
     out = []
     for lname, wname in model.trainable_weight_keys():
         layer = by_name[lname]
-        pairs = {n: (t, how) for n, t, how in _pairs(layer, twin.layers[module_key(lname)], torch)}
+        pairs = {n: (t, h) for n, t, h in layer.torch_weights(twin.layers[module_key(lname)])}
         tensor, how = pairs[wname]
         g = tensor.grad.detach().numpy()
         out.append(g.T if how == "T" else g)
@@ -155,7 +156,7 @@ def _replay_layers(model, twin32, rec, torch):
     and output gradient: no error carried in from other layers. A ReLU fused into a layer (or a
     ReLU layer) keeps fastconv's on/off decisions, which the forward comparison checks; so a
     pre-activation that float32 rounds across zero cannot make the comparison fail."""
-    from fastconv.torch_bridge import _pairs, module_key
+    from fastconv.torch_bridge import module_key
 
     t64 = lambda a: torch.from_numpy(np.asarray(a, np.float64))  # noqa: E731
     checked = 0
@@ -190,7 +191,7 @@ def _replay_layers(model, twin32, rec, torch):
                 err = _rel_l2(d, inp.grad.numpy())
                 assert err < LAYER_TOLERANCE, f"{what}: dx off by {err:.2e}"
         if module is not None:
-            for wname, tensor, how in _pairs(layer, module, torch):
+            for wname, tensor, how in layer.torch_weights(module):
                 if wname in grads:
                     want = tensor.grad.numpy()
                     err = _rel_l2(grads[wname], want.T if how == "T" else want)
@@ -357,14 +358,40 @@ def test_float16_training_step_runs():
 
 
 def test_googlenet_checkpoint_round_trip(tmp_path):
-    # MaxPool2DCeil is a registered layer: load_model rebuilds it.
+    # MaxPool2D(ceil_mode=True) keeps its mode through the config: load_model rebuilds it.
     model = models.googlenet(num_classes=5, input_shape=(3, 40, 40), seed=0)
     x = np.random.default_rng(0).standard_normal((2, 3, 40, 40)).astype(np.float32)
     path = tmp_path / "googlenet.npz"
     model.save(path)
     loaded = load_model(path)
-    assert [type(la).__name__ for la in loaded.layers].count("MaxPool2DCeil") == 4
+    assert sum(getattr(la, "ceil_mode", False) for la in loaded.layers) == 4
     np.testing.assert_array_equal(loaded.predict(x), model.predict(x))
+
+
+def test_a_checkpoint_naming_maxpool2dceil_still_loads(tmp_path):
+    """Before MaxPool2D took ceil_mode, the zoo wrote MaxPool2DCeil into architectures."""
+    import json
+    import zipfile
+
+    model = Sequential([MaxPool2D(3, 2, ceil_mode=True)], input_shape=(1, 6, 6))
+    path = tmp_path / "m.npz"
+    model.save(path)
+    with zipfile.ZipFile(path) as z:
+        entries = {n: z.read(n) for n in z.namelist()}
+    arch = json.loads(np.load(io.BytesIO(entries["__architecture__.npy"])).item())
+    layer = arch["layers"][0]
+    layer["class"] = "MaxPool2DCeil"
+    layer["config"].pop("ceil_mode")
+    buf = io.BytesIO()
+    np.save(buf, np.array(json.dumps(arch)))
+    entries["__architecture__.npy"] = buf.getvalue()
+    with zipfile.ZipFile(path, "w") as z:
+        for n, data in entries.items():
+            z.writestr(n, data)
+    loaded = load_model(path)
+    assert type(loaded.layers[0]).__name__ == "MaxPool2DCeil" and loaded.layers[0].ceil_mode
+    x = np.arange(36, dtype=np.float32).reshape(1, 1, 6, 6)
+    assert loaded.predict(x).shape == (1, 1, 3, 3)  # ceil: 3x3 (floor would give 2x2)
 
 
 # --- inputs a model cannot take ----------------------------------------------------------------

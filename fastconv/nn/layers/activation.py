@@ -13,6 +13,7 @@ __all__ = ["ReLU", "Sigmoid", "Tanh", "Softmax"]
 class _Activation(Layer):
     kind = "activation"
     shareable = True
+    torch_fresh = True
 
 
 def _f32(x):
@@ -29,6 +30,9 @@ class ReLU(_Activation):
 
     def call_backward(self, cache, dy, need_dx=True):
         return ops.relu_backward(dy, cache), {}
+
+    def torch_module(self, torch, inplace=False):
+        return torch.nn.ReLU(inplace=inplace)
 
 
 @register_layer
@@ -47,6 +51,9 @@ class Sigmoid(_Activation):
         y = _f32(cache)
         return (_f32(dy) * y * (1.0 - y)).astype(dy.dtype), {}
 
+    def torch_module(self, torch, inplace=False):
+        return torch.nn.Sigmoid()
+
 
 @register_layer
 class Tanh(_Activation):
@@ -59,6 +66,9 @@ class Tanh(_Activation):
     def call_backward(self, cache, dy, need_dx=True):
         y = _f32(cache)
         return (_f32(dy) * (1.0 - y * y)).astype(dy.dtype), {}
+
+    def torch_module(self, torch, inplace=False):
+        return torch.nn.Tanh()
 
 
 @register_layer
@@ -86,3 +96,6 @@ class Softmax(_Activation):
     def call_backward(self, cache, dy, need_dx=True):
         y, g = _f32(cache), _f32(dy)
         return (y * (g - (g * y).sum(axis=1, keepdims=True))).astype(dy.dtype), {}
+
+    def torch_module(self, torch, inplace=False):
+        return torch.nn.Softmax(dim=1)

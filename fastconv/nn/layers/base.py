@@ -136,6 +136,32 @@ class Layer:
             if weight in self.regularizers
         }
 
+    # -- the PyTorch twin (fastconv.torch_bridge builds the graph from these) --------------------
+
+    #: whether the twin returns a tensor of its own (not a view or alias of its input), so a
+    #: following twin may work in place on it
+    torch_fresh = False
+
+    def torch_module(self, torch, inplace=False):
+        """The ``torch.nn.Module`` computing what this layer computes, for :func:`to_torch`;
+        ``inplace``: it may overwrite its input. Merge layers return None (see
+        :meth:`torch_merge`)."""
+        raise TypeError(
+            f"no PyTorch equivalent known for layer {self.name!r} ({type(self).__name__})"
+        )
+
+    def torch_weights(self, module) -> list:
+        """``[(weight name, tensor of the twin module, "T" if transposed else None)]``."""
+        return []
+
+    def declared_shape(self, weight: str) -> tuple:
+        """A weight's shape as declared for the built input shape (also when the weights were
+        not created, as for a twin of a model built without allocating them)."""
+        for spec in self.weight_specs(self.input_shape):
+            if spec.name == weight:
+                return tuple(spec.shape)
+        raise KeyError(weight)
+
     # -- freezing --------------------------------------------------------------------------------
     @property
     def trainable(self) -> bool:
@@ -285,7 +311,19 @@ class ProductLayer(Layer):
     """What Conv2D and Dense share: ``y = act(product(x, W) + b)`` with an optional bias, a
     ReLU that runs in the product's epilogue (given, or fused from a following ReLU layer), and
     weight penalties. Subclasses give the product and its backward (``_product``,
-    ``_product_backward``) and the shape of ``W``."""
+    ``_product_backward``), the shape of ``W`` and the twin's product module (``_torch_core``)."""
+
+    torch_fresh = True
+    _torch_transposed = None  # "T" where the twin stores W transposed (nn.Linear)
+
+    def torch_module(self, torch, inplace=False):
+        core = self._torch_core(torch)
+        return torch.nn.Sequential(core, torch.nn.ReLU(inplace=True)) if self.activation else core
+
+    def torch_weights(self, module) -> list:
+        core = module[0] if self.activation else module
+        out = [("W", core.weight, self._torch_transposed)]
+        return out + ([("b", core.bias, None)] if self.use_bias else [])
 
     def _init_product(
         self, activation, use_bias, kernel_initializer, kernel_regularizer, bias_regularizer

@@ -140,6 +140,10 @@ class Conv2D(ProductLayer):
         C = spatial_shape(input_shape, self)[0]
         return self._product_specs((self.filters, C, *self.kernel_size), self.filters)
 
+    def _torch_core(self, torch):
+        F, C, kh, kw = self.declared_shape("W")
+        return torch.nn.Conv2d(C, F, (kh, kw), self.stride, self.padding, bias=self.use_bias)
+
     def _product(self, x, w, b, activation):
         return ops.conv2d(x, w, b, self.stride, self.padding, activation)
 

@@ -60,6 +60,12 @@ class Dense(ProductLayer):
     def weight_specs(self, input_shape):
         return self._product_specs((int(input_shape[0]), self.units), self.units)
 
+    _torch_transposed = "T"  # nn.Linear keeps W as (out, in)
+
+    def _torch_core(self, torch):
+        n_in, n_out = self.declared_shape("W")
+        return torch.nn.Linear(n_in, n_out, bias=self.use_bias)
+
     def _product(self, x, w, b, activation):
         return ops.dense(x, w, b, activation)
 
@@ -137,6 +143,9 @@ class Dropout(Layer):
     def call_backward(self, cache, dy, need_dx=True):
         return (dy if cache is None else dy * cache), {}
 
+    def torch_module(self, torch, inplace=False):
+        return torch.nn.Dropout(self.rate)
+
 
 @register_layer
 class Flatten(Layer):
@@ -153,3 +162,6 @@ class Flatten(Layer):
 
     def call_backward(self, cache, dy, need_dx=True):
         return dy.reshape(cache), {}
+
+    def torch_module(self, torch, inplace=False):
+        return torch.nn.Flatten()

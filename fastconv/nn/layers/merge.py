@@ -12,6 +12,14 @@ class _Merge(Layer):
     kind = "merge"
     shareable = True
     multi_input = True
+    torch_fresh = True
+
+    def torch_module(self, torch, inplace=False):
+        return None  # the twin's graph calls torch_merge on the input tensors
+
+    def torch_merge(self, xs, own_first):
+        """The twin's merge of tensors ``xs``; ``own_first``: ``xs[0]`` may be overwritten."""
+        raise NotImplementedError
 
     def _shapes(self, input_shape):
         if not isinstance(input_shape, (list, tuple)) or len(input_shape) < 2:
@@ -42,6 +50,13 @@ class Add(_Merge):
     def call_backward(self, cache, dy, need_dx=True):
         # The same array for every input: the model's backward never writes into gradients.
         return [dy] * cache, {}
+
+    def torch_merge(self, xs, own_first):
+        # torchvision's "out += identity": into the branch's own output where it may be.
+        y = xs[0] if own_first else xs[0].clone()
+        for more in xs[1:]:
+            y += more
+        return y
 
 
 @register_layer
@@ -87,3 +102,8 @@ class Concatenate(_Merge):
             index[self.axis] = slice(lo, hi)
             out.append(dy[tuple(index)])
         return out, {}
+
+    def torch_merge(self, xs, own_first):
+        import torch
+
+        return torch.cat(xs, dim=self.axis)

@@ -83,6 +83,19 @@ class _BatchNorm(Layer):
         dx, dgamma, dbeta = ops.batch_norm_backward(dy, x, gamma, mean, var, self.epsilon, y=y)
         return dx, {"gamma": dgamma, "beta": dbeta}
 
+    # PyTorch's momentum weighs the batch statistic: ours is its complement.
+    torch_fresh = True
+    _torch_class = "BatchNorm2d"
+
+    def torch_module(self, torch, inplace=False):
+        cls = getattr(torch.nn, self._torch_class)
+        return cls(self.declared_shape("gamma")[0], eps=self.epsilon, momentum=1 - self.momentum)
+
+    def torch_weights(self, module) -> list:
+        return [("gamma", module.weight, None), ("beta", module.bias, None),
+                ("moving_mean", module.running_mean, None),
+                ("moving_variance", module.running_var, None)]  # fmt: skip
+
 
 @register_layer
 class BatchNorm2D(_BatchNorm):
@@ -106,6 +119,8 @@ class BatchNorm2D(_BatchNorm):
 @register_layer
 class BatchNorm1D(_BatchNorm):
     """Batch normalisation of ``(N, features)`` inputs (after Dense), per feature over N."""
+
+    _torch_class = "BatchNorm1d"
 
     def _channels(self, input_shape):
         shape = tuple(int(s) for s in input_shape)

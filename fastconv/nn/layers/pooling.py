@@ -9,34 +9,43 @@ from ... import ops
 from .base import Layer, register_layer
 from .conv import spatial_shape
 
-__all__ = ["MaxPool2D", "AvgPool2D", "GlobalAveragePooling2D"]
+__all__ = ["MaxPool2D", "MaxPool2DCeil", "AvgPool2D", "GlobalAveragePooling2D"]
 
 
 class _Pool2D(Layer):
     kind = "pool"
     shareable = True
+    torch_fresh = True
     _max = False
 
-    def __init__(self, size=2, stride=None, padding=0, name=None, trainable=True):
+    def __init__(
+        self, size=2, stride=None, padding=0, name=None, trainable=True, ceil_mode=False
+    ):
         super().__init__(name, trainable)
         self.size = chk.as_pair(size, "size", 1)
         self.stride = self.size if stride is None else chk.as_pair(stride, "stride", 1)
         self.padding = chk.as_pair(padding, "padding", 0)
+        self.ceil_mode = chk.check_ceil_mode(ceil_mode)
 
     def get_config(self):
-        return {
+        config = {
             "size": list(self.size),
             "stride": list(self.stride),
             "padding": list(self.padding),
             **super().get_config(),
         }
+        if self.ceil_mode:  # absent when False: configs written before ceil_mode stay the same
+            config["ceil_mode"] = True
+        return config
 
     def output_shape(self, input_shape):
         C, H, W = spatial_shape(input_shape, self)
         # A zero-strided view stands for one sample: validation without allocating it.
         sample = np.broadcast_to(np.float32(0), (1, C, H, W))
         try:
-            g = chk.validate_pool(sample, self.size, self.stride, self.padding, self._max)
+            g = chk.validate_pool(
+                sample, self.size, self.stride, self.padding, self._max, self.ceil_mode
+            )
         except ValueError as e:
             what = f"{type(self).__name__} {self.name!r} on input {(C, H, W)}"
             raise ValueError(f"{what}: {e}") from None
@@ -45,28 +54,55 @@ class _Pool2D(Layer):
 
 @register_layer
 class MaxPool2D(_Pool2D):
-    """Max pooling; ``stride`` defaults to ``size``; padding never wins the max."""
+    """Max pooling; ``stride`` defaults to ``size``; padding never wins the max.
+
+    ``ceil_mode=True`` rounds the output size up (PyTorch's ``ceil_mode``), the last window
+    running past the bottom/right edge being clipped there: GoogLeNet's stride-2 pools need it
+    (56x56 -> 28x28 with a 3x3/2 window, where floor gives 27x27).
+    """
 
     _max = True
 
     def call(self, x, training=False):
-        y = ops.max_pool2d(x, self.size, self.stride, self.padding)
+        y = ops.max_pool2d(x, self.size, self.stride, self.padding, self.ceil_mode)
         return y, (x if training else None)
 
     def call_backward(self, cache, dy, need_dx=True):
-        return ops.max_pool2d_backward(dy, cache, self.size, self.stride, self.padding), {}
+        args = (self.size, self.stride, self.padding, self.ceil_mode)
+        return ops.max_pool2d_backward(dy, cache, *args), {}
+
+    def torch_module(self, torch, inplace=False):
+        return torch.nn.MaxPool2d(self.size, self.stride, self.padding, ceil_mode=self.ceil_mode)
+
+
+@register_layer
+class MaxPool2DCeil(MaxPool2D):
+    """``MaxPool2D(..., ceil_mode=True)`` under the name the zoo used before ``ceil_mode``, so
+    checkpoints that name it still load."""
+
+    def __init__(self, size=2, stride=None, padding=0, name=None, trainable=True, ceil_mode=True):
+        if ceil_mode is not True:
+            raise ValueError("MaxPool2DCeil has ceil_mode=True; use MaxPool2D otherwise")
+        super().__init__(size, stride, padding, name, trainable, ceil_mode=True)
 
 
 @register_layer
 class AvgPool2D(_Pool2D):
-    """Average pooling; zero padding counts in the divisor (PyTorch's default)."""
+    """Average pooling; zero padding counts in the divisor (PyTorch's default); ``ceil_mode``
+    as :class:`MaxPool2D`'s (a window running past the padded input divides by its cells
+    inside it, as PyTorch's)."""
 
     def call(self, x, training=False):
-        y = ops.avg_pool2d(x, self.size, self.stride, self.padding)
+        y = ops.avg_pool2d(x, self.size, self.stride, self.padding, self.ceil_mode)
         return y, (tuple(x.shape) if training else None)
 
     def call_backward(self, cache, dy, need_dx=True):
-        return ops.avg_pool2d_backward(dy, cache, self.size, self.stride, self.padding), {}
+        args = (self.size, self.stride, self.padding, self.ceil_mode)
+        return ops.avg_pool2d_backward(dy, cache, *args), {}
+
+    def torch_module(self, torch, inplace=False):
+        return torch.nn.AvgPool2d(self.size, self.stride, self.padding, ceil_mode=self.ceil_mode,
+                                  count_include_pad=True)  # fmt: skip
 
 
 @register_layer
@@ -85,3 +121,8 @@ class GlobalAveragePooling2D(Layer):
 
     def call_backward(self, cache, dy, need_dx=True):
         return ops.global_avg_pool2d_backward(dy, cache), {}
+
+    torch_fresh = True
+
+    def torch_module(self, torch, inplace=False):
+        return torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
