@@ -25,13 +25,9 @@ from typing import NamedTuple
 import numpy as np
 
 from .. import _checks as chk
-from .. import ops
 from .backend import Backend, to_numpy
 from .graph import Input, SymbolicTensor, connect, trace
-from .layers.activation import ReLU
 from .layers.base import Layer, check_gradient, snake_case
-from .layers.conv import Conv2D
-from .layers.normalization import BatchNorm2D
 from .trainer import Trainer
 
 __all__ = ["Model", "Sequential", "Hook"]
@@ -168,11 +164,14 @@ class Model(Trainer):
             for t in node.inputs:
                 consumers.setdefault(t.id, []).append(node)
 
-        def only_consumer(node, cls):
+        def only_consumer(node, accepts):
             users = consumers.get(node.output.id, [])
-            if node.output is self._output or len(users) != 1 or type(users[0].layer) is not cls:
+            if node.output is self._output or len(users) != 1 or not accepts(users[0].layer):
                 return None
             return users[0]
+
+        def is_relu(layer):
+            return layer.epilogue == "relu"
 
         steps, absorbed = [], set()
         for node in self._nodes:
@@ -181,15 +180,16 @@ class Model(Trainer):
             layer, last, fuse_relu, folded = node.layer, node, False, None
             covered = [layer]
             if self.fuse:
-                bn = None
-                if not training and type(layer) is Conv2D and layer.activation is None:
-                    bn = only_consumer(node, BatchNorm2D)
+                def foldable(following, head=layer):
+                    return head.can_fold(following, training)
+
+                bn = only_consumer(node, foldable)
                 if bn is not None:
                     folded, last = bn.layer, bn
                     absorbed.add(id(bn))
                     covered.append(bn.layer)
-                if folded is not None or getattr(layer, "fuses_relu", False):
-                    relu = only_consumer(last, ReLU)
+                if folded is not None or layer.fuses_relu:
+                    relu = only_consumer(last, is_relu)
                     if relu is not None:
                         fuse_relu, last = True, relu
                         absorbed.add(id(relu))
@@ -227,7 +227,7 @@ class Model(Trainer):
             for h in hooks:
                 h.begin("forward", step.layer)
             if step.folded_bn is not None:
-                y, cache = _folded_conv(step, arg), None
+                y, cache = step.layer.call_folded(arg, step.folded_bn, step.fuse_relu), None
             elif step.fuse_relu:
                 y, cache = step.layer.call(arg, training=training, fuse_relu=True)
             else:
@@ -478,21 +478,6 @@ class Model(Trainer):
 
 def _shape_text(shape) -> str:
     return "(" + ", ".join(["N", *map(str, shape)]) + ")"
-
-
-def _folded_conv(step: Step, x):
-    conv, bn = step.layer, step.folded_bn
-    w, b = ops.fold_batch_norm(
-        conv.params["W"],
-        conv.params.get("b"),
-        bn.params["gamma"],
-        bn.params["beta"],
-        bn.buffers["moving_mean"],
-        bn.buffers["moving_variance"],
-        bn.epsilon,
-    )
-    act = "relu" if step.fuse_relu else None
-    return ops.conv2d(x, w, b, conv.stride, conv.padding, act)
 
 
 def _flat_keys(keys):

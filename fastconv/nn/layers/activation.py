@@ -22,7 +22,10 @@ def _f32(x):
 
 @register_layer
 class ReLU(_Activation):
-    """``max(x, 0)``; NaN propagates."""
+    """``max(x, 0)``; NaN propagates. A Conv2D, Dense or BatchNorm before it (its only input,
+    without activation) runs it in its own epilogue when the model fuses."""
+
+    epilogue = "relu"
 
     def call(self, x, training=False):
         y = ops.relu(x)

@@ -136,6 +136,25 @@ class Layer:
             if weight in self.regularizers
         }
 
+    # -- fusion (the model's execution plan asks the layers) --------------------------------------
+
+    #: "relu" for a ReLU layer, which a preceding layer may run in its epilogue
+    epilogue = None
+    #: whether a ReLU reading only this layer's output may run in this layer's epilogue
+    fuses_relu = False
+    #: whether this layer can be folded into a preceding convolution's weights at inference
+    folds_into_conv = False
+
+    def can_fold(self, following, training: bool) -> bool:
+        """May ``following`` (a layer reading only this layer's output) be folded into this
+        layer's weights for this pass? Then the plan runs :meth:`call_folded` instead."""
+        return False
+
+    def call_folded(self, x, folded, fuse_relu: bool):
+        """Inference output of this layer with layer ``folded`` folded in (see :meth:`can_fold`)
+        and a following ReLU fused when ``fuse_relu``."""
+        raise NotImplementedError
+
     # -- the PyTorch twin (fastconv.torch_bridge builds the graph from these) --------------------
 
     #: whether the twin returns a tensor of its own (not a view or alias of its input), so a

@@ -140,6 +140,14 @@ class Conv2D(ProductLayer):
         C = spatial_shape(input_shape, self)[0]
         return self._product_specs((self.filters, C, *self.kernel_size), self.filters)
 
+    def can_fold(self, following, training):
+        # Inference only (training needs the batch statistics), and only into a bare product.
+        return not training and self.activation is None and following.folds_into_conv
+
+    def call_folded(self, x, folded, fuse_relu):
+        w, b = folded.fold_into(self.params["W"], self.params.get("b"))
+        return ops.conv2d(x, w, b, self.stride, self.padding, "relu" if fuse_relu else None)
+
     def _torch_core(self, torch):
         F, C, kh, kw = self.declared_shape("W")
         return torch.nn.Conv2d(C, F, (kh, kw), self.stride, self.padding, bias=self.use_bias)

@@ -109,6 +109,15 @@ class BatchNorm2D(_BatchNorm):
         Added to the variance.
     """
 
+    folds_into_conv = True
+
+    def fold_into(self, w, b):
+        """The weights ``(w, b)`` of a preceding convolution with this layer folded in, with its
+        moving statistics (inference)."""
+        p, s = self.params, self.buffers
+        return ops.fold_batch_norm(w, b, p["gamma"], p["beta"], s["moving_mean"],
+                                   s["moving_variance"], self.epsilon)  # fmt: skip
+
     def _channels(self, input_shape):
         return spatial_shape(input_shape, self)[0]
 
