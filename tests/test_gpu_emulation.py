@@ -477,12 +477,29 @@ def test_launch_arguments_are_checked(standin):
         _module.launch("max_pool2d", 4, x1, y, *geom)
 
 
-def test_every_kernel_has_a_parameter_list_matching_its_signature():
-    """SIGNATURES against the __global__ declarations in the .cu files, without a compiler."""
-    for kernel, sig in _source.SIGNATURES.items():
+def test_signatures_are_read_from_every_global_kernel_of_the_sources():
+    """SIGNATURES is the __global__ declarations of the .cu files, without a compiler: every
+    kernel there (a launch-time name lookup), parameters of the five known kinds, unique names."""
+    import re
+
+    declared = re.findall(r"__global__\s+void\s+(\w+)", _source.module_source())
+    assert list(_source.SIGNATURES) == declared and len(declared) == len(set(declared))
+    assert _source.SIGNATURES["relu_backward"] == "rrwi"  # (dy, y, dx, n)
+    for kernel in _source.SIGNATURES:
         params = _source.kernel_params(kernel)
-        assert "".join(code for code, _ in params) == sig, (kernel, params)
         assert len({name for _, name in params}) == len(params), kernel
+
+
+def test_a_kernel_parameter_of_another_type_is_refused(monkeypatch):
+    original = _source.read
+
+    def read(name):
+        text = original(name)
+        return text.replace("int n)", "double n)", 1) if name == "activation.cu" else text
+
+    monkeypatch.setattr(_source, "read", read)
+    with pytest.raises(ValueError, match="relu_forward in activation.cu: parameters must be"):
+        _source._read_signatures()
 
 
 @pytest.mark.parametrize(
@@ -545,7 +562,8 @@ def test_zz_every_kernel_in_signatures_was_exercised(request):
     here = Path(__file__).parent
     collected = {item.path.name for item in request.session.items}
     missing_files = {p.name for p in here.glob("test_*.py")} - collected
-    parts = [f"files not collected: {sorted(missing_files)}"] if missing_files else []
+    some = ", ".join(sorted(missing_files)[:3]) + (", ..." if len(missing_files) > 3 else "")
+    parts = [f"{len(missing_files)} test file(s) not collected ({some})"] if missing_files else []
     parts += [f"{len(_DESELECTED)} test(s) deselected"] if _DESELECTED else []
     if parts:
         why = "kernel coverage is checked on full runs of tests/; this run had " + ", ".join(parts)

@@ -1,12 +1,13 @@
 """The CUDA sources and the table of kernel signatures: one source of truth for every consumer.
 
-The same table drives the CuPy ``RawModule`` name expressions, the explicit template
-instantiations of the nvcc compile test, the ``extern "C"`` wrappers of the g++ emulation and
-the argument conversion of both launchers, so a signature drift fails to compile in CI.
+:data:`SIGNATURES` is read from the ``__global__`` declarations of the ``.cu`` files, so a kernel
+is declared once, in its source. The table drives the CuPy ``RawModule`` name expressions, the
+explicit template instantiations of the nvcc compile test, the ``extern "C"`` wrappers of the
+g++ emulation and the argument conversion of both launchers.
 
 Signature codes: ``r`` = ``const T*`` (read), ``w`` = ``T*`` (written), ``R``/``W`` = the same
 for ``float`` whatever ``T`` is (fp32 scratch), ``i`` = ``int``. ``T`` is the dtype of the first
-``r``/``w`` argument.
+``r``/``w`` argument. A parameter of any other type is refused when the table is read.
 """
 
 from __future__ import annotations
@@ -24,39 +25,6 @@ SOURCE_FILES = (
     "activation.cu",
     "augment.cu",
 )
-
-_GEOM = "i" * 12  # N, C, H, W, kh, kw, sh, sw, ph, pw, OH, OW
-
-SIGNATURES: dict[str, str] = {
-    "im2col": "rw" + _GEOM + "i",  # + layout
-    "col2im": "rw" + _GEOM + "i",  # + layout
-    "max_pool2d": "rw" + _GEOM,
-    "max_pool2d_backward": "rrw" + _GEOM,
-    "avg_pool2d": "rw" + _GEOM,
-    "avg_pool2d_backward": "rw" + _GEOM,
-    "bias_act": "wr" + "iii" + "ii",  # N, F, P, has_bias, relu
-    "bias_grad_partial": "rW" + "iiii",  # N, F, P, S
-    "bias_grad_finish": "Rw" + "ii",  # F, S
-    # N, C, H, W, F, kh, kw, sh, sw, ph, pw, OH, OW, has_bias, relu
-    "conv2d_direct": "rrrw" + "i" * 13 + "ii",
-    # Batch norm: (N, C, P) tensors; S = slices per channel; eps as float32 bits in an int.
-    "bn_stats_partial": "rW" + "iiii",  # x, part; N, C, P, S
-    "bn_stats_finish": "RrrWWW" + "iiiii",  # part, gamma, beta, mean, var, coef; N, C, P, S, eps
-    "bn_inference_coef": "rrRRW" + "iii",  # gamma, beta, mean, var, coef; C, eps, has_beta
-    "bn_apply": "rwR" + "iiii",  # x, y, coef; N, C, P, relu
-    "bn_backward_partial": "rrrRW" + "iiiii",  # dy, x, y, mean, part; N, C, P, S, has_y
-    "bn_backward_finish": "RrRwwW" + "iiiii",  # part, gamma, var, dgamma, dbeta, coef; N..S, eps
-    "bn_backward_apply": "rrrRRw" + "iiii",  # dy, x, y, mean, coef, dx; N, C, P, has_y
-    "bn_scale_grad": "rrRw" + "iiii",  # dy, y, coef, dx; N, C, P, has_y
-    "global_avg_pool2d": "rw" + "ii",  # NC, P
-    "global_avg_pool2d_backward": "rw" + "ii",  # NC, P
-    "relu_forward": "rw" + "i",  # n
-    "relu_backward": "rrw" + "i",  # n
-    # x, theta (N, 6), flow (N, 2, OH, OW), y; N, C, H, W, OH, OW, has_flow
-    "warp_bilinear": "rRRw" + "i" * 7,
-    # src, dst, taps; P, H, W, radius, axis
-    "blur_axis": "rwR" + "i" * 5,
-}
 
 # NVRTC options of the RawModule. CuPy appends -ftz=true to every compile whatever we pass
 # (cupy/cuda/compiler.py), so float32 subnormals flush to zero on the device; we ask for it
@@ -123,6 +91,28 @@ def kernel_params(kernel: str) -> list[tuple[str, str]]:
         decl = decl.replace(" *", "*")
         out.append((_PARAM_CODES.get(decl, "?" + decl), name))
     return out
+
+
+_GLOBAL = re.compile(r"__global__\s+void\s+(\w+)\s*\(")
+
+
+def _read_signatures() -> dict[str, str]:
+    """``{kernel: codes}`` of every ``__global__`` kernel, in source order."""
+    table = {}
+    for name in SOURCE_FILES:
+        for kernel in _GLOBAL.findall(read(name)):
+            codes = "".join(code for code, _ in kernel_params(kernel))
+            if "?" in codes or kernel in table:
+                raise ValueError(
+                    f"kernel {kernel} in {name}: parameters must be const T*, T*, const float*, "
+                    f"float* or int, and names unique; got {kernel_params(kernel)}"
+                )
+            table[kernel] = codes
+    return table
+
+
+#: kernel name -> signature codes, from the sources (see the module docstring)
+SIGNATURES: dict[str, str] = _read_signatures()
 
 
 def name_expression(kernel: str, dtype_name: str) -> str:
