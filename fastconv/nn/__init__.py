@@ -1,7 +1,7 @@
 """Keras-like layers, models (functional ``Model`` and ``Sequential``), losses, optimizers,
 callbacks and checkpoints."""
 
-from . import initializers, metrics, regularizers
+from . import initializers, layers, metrics, regularizers
 from .backend import Backend
 from .callbacks import (
     Callback,
@@ -22,27 +22,7 @@ from .data import BackgroundBatches
 from .distributed import DistributedError, DistributedSetupError, MPIDataParallel
 from .ensemble import Ensemble
 from .graph import Input, SymbolicTensor
-from .layers import (
-    Add,
-    AvgPool2D,
-    BatchNorm1D,
-    BatchNorm2D,
-    Concatenate,
-    Conv2D,
-    Dense,
-    DropConnectDense,
-    Dropout,
-    Flatten,
-    GlobalAveragePooling2D,
-    Layer,
-    MaxPool2D,
-    ReLU,
-    Sigmoid,
-    Softmax,
-    Tanh,
-    WeightSpec,
-    register_layer,
-)
+from .layers import *  # noqa: F403  (every layer: layers.__all__)
 from .losses import BinaryCrossEntropy, MeanSquaredError, SoftmaxCrossEntropy
 from .model import Hook, Model, Sequential
 from .optimizers import SGD, AdaGrad, Adam, AdamW, Momentum, Nesterov, Optimizer, RMSProp
@@ -57,25 +37,7 @@ __all__ = [
     "Model",
     "Sequential",
     "Hook",
-    "Layer",
-    "WeightSpec",
-    "register_layer",
-    "Conv2D",
-    "MaxPool2D",
-    "AvgPool2D",
-    "GlobalAveragePooling2D",
-    "BatchNorm2D",
-    "BatchNorm1D",
-    "Dense",
-    "DropConnectDense",
-    "ReLU",
-    "Sigmoid",
-    "Tanh",
-    "Softmax",
-    "Dropout",
-    "Flatten",
-    "Add",
-    "Concatenate",
+    *layers.__all__,
     "SoftmaxCrossEntropy",
     "BinaryCrossEntropy",
     "MeanSquaredError",

@@ -7,7 +7,7 @@ from ... import ops
 from ..backend import array_module
 from .base import ProductLayer, register_layer
 
-__all__ = ["Conv2D", "spatial_shape"]
+__all__ = ["Conv2D"]
 
 
 def spatial_shape(input_shape, layer) -> tuple:

@@ -9,7 +9,7 @@ from ... import ops
 from .base import Layer, register_layer
 from .conv import spatial_shape
 
-__all__ = ["MaxPool2D", "MaxPool2DCeil", "AvgPool2D", "GlobalAveragePooling2D"]
+__all__ = ["MaxPool2D", "AvgPool2D", "GlobalAveragePooling2D"]
 
 
 class _Pool2D(Layer):
