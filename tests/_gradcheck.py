@@ -40,3 +40,17 @@ def numeric_directional(fn, arr, r, direction, eps=1e-3):
 def sample_indices(shape, k, rng):
     flat = rng.choice(int(np.prod(shape)), size=min(k, int(np.prod(shape))), replace=False)
     return [np.unravel_index(i, shape) for i in flat]
+
+
+def numerical_grad(f, a, dy, eps=1e-6):
+    """d<f(a), dy>/da by central differences (float64)."""
+    grad = np.zeros_like(a)
+    for idx in np.ndindex(a.shape):
+        old = a[idx]
+        a[idx] = old + eps
+        plus = np.sum(f(a) * dy)
+        a[idx] = old - eps
+        minus = np.sum(f(a) * dy)
+        a[idx] = old
+        grad[idx] = (plus - minus) / (2 * eps)
+    return grad
