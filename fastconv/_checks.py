@@ -337,7 +337,7 @@ def check_statistics(x_name: str, x, C: int, **stats) -> None:
         check_shape(a, name, (C,))
 
 
-def _check_like(x_name: str, x, **others) -> None:
+def _check_like(x_name: str, x, /, **others) -> None:
     """Arrays of exactly x's shape, dtype and array library (dy, y)."""
     for name, a in others.items():
         if a is None or _is_like(a, x, x.shape, x.dtype):
@@ -455,17 +455,40 @@ def validate_relu(x) -> None:
     check_array(x, "x")
 
 
-def validate_relu_backward(dy, y, out) -> None:
+def validate_relu_backward(dy, y, out, y_name: str = "y") -> None:
+    """dy, the forward's ``y`` (or ``x``: ``y_name``) alike; ``out`` alike, C-contiguous and
+    sharing memory with neither."""
     check_array(dy, "dy")
-    _check_like("dy", dy, y=y)
+    _check_like("dy", dy, **{y_name: y})
     if out is None:
         return
     _check_like("dy", dy, out=out)
     if not out.flags.c_contiguous:
         raise ValueError("out must be C-contiguous")
-    for name, a in (("dy", dy), ("y", y)):
+    for name, a in (("dy", dy), (y_name, y)):
         if _may_overlap(out, a):
             raise ValueError(f"out must not share memory with {name}")
+
+
+def check_slope(alpha) -> np.float32:
+    """A leaky ReLU's negative slope: a real number, finite in float32 (the kernels' type)."""
+    if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, numbers.Real):
+        raise TypeError(f"alpha must be a real number, got {_type_name(alpha)}")
+    with np.errstate(over="ignore"):
+        value = np.float32(alpha)
+    if not np.isfinite(value):
+        raise ValueError(f"alpha must be finite in float32, got {alpha!r}")
+    return value
+
+
+def validate_leaky_relu(x, alpha) -> np.float32:
+    check_array(x, "x")
+    return check_slope(alpha)
+
+
+def validate_leaky_relu_backward(dy, x, alpha, out) -> np.float32:
+    validate_relu_backward(dy, x, out, y_name="x")
+    return check_slope(alpha)
 
 
 def _memory_bounds(a):

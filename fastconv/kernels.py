@@ -121,6 +121,14 @@ class Kernels(abc.ABC):
     def relu_backward(self, dy, y, out=None):
         """``dy * (y > 0)``, into ``out`` when given."""
 
+    @abc.abstractmethod
+    def leaky_relu(self, x, alpha):
+        """``x`` where ``x > 0`` (its bits copied), else ``alpha * x`` (``alpha``: float32)."""
+
+    @abc.abstractmethod
+    def leaky_relu_backward(self, dy, x, alpha, out=None):
+        """``dy`` where ``x > 0``, else ``alpha * dy``, into ``out`` when given."""
+
     # --- augmentation (no parallel region: run outside the launch guard) ---------------------
 
     @abc.abstractmethod

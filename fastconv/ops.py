@@ -38,6 +38,8 @@ __all__ = [
     "dense_backward",
     "relu",
     "relu_backward",
+    "leaky_relu",
+    "leaky_relu_backward",
     "warp_bilinear",
     "gaussian_blur",
     "gpu_available",
@@ -487,6 +489,29 @@ def relu_backward(dy, y, out=None):
         return out if out is not None else dev.zeros(dy.shape, dy.dtype)
     dy, y = _contiguous(dev, dy, y)
     return _launch(dev, dev.kernels.relu_backward, dy, y, out)
+
+
+def leaky_relu(x, alpha=0.01):
+    """``x`` where ``x > 0``, else ``alpha * x``, for any shape (NaN propagates; float16
+    multiplies in float32). ``alpha`` defaults to PyTorch's 0.01 (``nn.LeakyReLU``'s default
+    is Keras's 0.3). Returns a new array of x's dtype."""
+    alpha = chk.validate_leaky_relu(x, alpha)
+    dev = device_of(x)
+    if x.size == 0:
+        return dev.zeros(x.shape, x.dtype)
+    (x,) = _contiguous(dev, x)
+    return _launch(dev, dev.kernels.leaky_relu, x, alpha)
+
+
+def leaky_relu_backward(dy, x, alpha=0.01, out=None):
+    """Gradient of :func:`leaky_relu` through its input: ``dy`` where ``x > 0``, else
+    ``alpha * dy``; ``out`` as for :func:`relu_backward`."""
+    alpha = chk.validate_leaky_relu_backward(dy, x, alpha, out)
+    dev = device_of(dy)
+    if dy.size == 0:
+        return out if out is not None else dev.zeros(dy.shape, dy.dtype)
+    dy, x = _contiguous(dev, dy, x)
+    return _launch(dev, dev.kernels.leaky_relu_backward, dy, x, alpha, out)
 
 
 # --- augmentation ------------------------------------------------------------------------------

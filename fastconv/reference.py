@@ -35,6 +35,8 @@ __all__ = [
     "dense_backward",
     "relu",
     "relu_backward",
+    "leaky_relu",
+    "leaky_relu_backward",
     "warp_bilinear",
     "gaussian_blur",
     "ReferenceKernels",
@@ -322,6 +324,18 @@ def relu_backward(dy, y):
     return _relu_masked(dy, y)
 
 
+def leaky_relu(x, alpha=0.01):
+    """``x`` where ``x > 0``, else ``alpha * x``; NaN propagates."""
+    x = np.asarray(x, np.float64)
+    return np.where(x > 0, x, float(alpha) * x)
+
+
+def leaky_relu_backward(dy, x, alpha=0.01):
+    """``dy`` where ``x > 0``, else ``alpha * dy`` (PyTorch's rule, through the input)."""
+    dy = np.asarray(dy, np.float64)
+    return np.where(np.asarray(x, np.float64) > 0, dy, float(alpha) * dy)
+
+
 def warp_bilinear(x, theta, flow=None, out_hw=None):
     """Bilinear resampling: ``out[n, c, i, j] = x[n, c]`` at ``(sx, sy) = theta[n] @ (j, i, 1)``
     (+ ``flow[n, :, i, j]``), pixel centres at integers, 0 outside; a neighbour of weight 0 is
@@ -445,6 +459,16 @@ class ReferenceKernels(Kernels):
 
     def relu_backward(self, dy, y, out=None):
         result = relu_backward(dy, y).astype(dy.dtype)
+        if out is None:
+            return result
+        out[...] = result
+        return out
+
+    def leaky_relu(self, x, alpha):
+        return leaky_relu(x, alpha).astype(x.dtype)
+
+    def leaky_relu_backward(self, dy, x, alpha, out=None):
+        result = leaky_relu_backward(dy, x, alpha).astype(dy.dtype)
         if out is None:
             return result
         out[...] = result

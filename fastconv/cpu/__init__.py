@@ -23,7 +23,7 @@ from .._checks import CONV_ALGORITHMS, _may_overlap
 from ..kernels import Kernels
 from . import optim
 from ._workspace import launch_guard
-from .activation import relu, relu_backward
+from .activation import leaky_relu, leaky_relu_backward, relu, relu_backward
 from .augment import gaussian_blur, warp_bilinear
 from .batchnorm import (
     batch_norm_backward,
@@ -90,6 +90,8 @@ class CpuKernels(Kernels):
     dense_backward = staticmethod(dense_backward)
     relu = staticmethod(relu)
     relu_backward = staticmethod(relu_backward)
+    leaky_relu = staticmethod(leaky_relu)
+    leaky_relu_backward = staticmethod(leaky_relu_backward)
     warp_bilinear = staticmethod(warp_bilinear)
     gaussian_blur = staticmethod(gaussian_blur)
 

@@ -1,4 +1,4 @@
-"""ReLU and its gradient on the CPU, float32 and float16 (as uint16 bits).
+"""ReLU and leaky ReLU with their gradients on the CPU, float32 and float16 (as uint16 bits).
 
 Why kernels rather than NumPy's ``np.maximum(x, 0)`` and ``dy * (y > 0)``: NumPy allocates a
 boolean mask and a fresh result each call (for a (100, 16, 28, 28) activation that is ~1.5 ms
@@ -11,6 +11,10 @@ The forward copies x's own bits where x is not below zero (NaN payloads and -0.0
 ``torch.relu``; NumPy's ``maximum`` keeps -0.0 in float16 but not in float32) and writes +0
 elsewhere. The gradient is exactly ``dy * 1`` or ``dy * 0`` in float32, rounded back to the
 dtype: NumPy's ``dy * (y > 0)`` bit for bit (so ``inf * 0`` gives NaN).
+
+Leaky ReLU follows PyTorch's ``leaky_relu``: ``x`` where ``x > 0`` (its bits copied), else
+``alpha * x`` in float32 rounded once; the gradient is taken through the input, ``dy`` where
+``x > 0`` else ``alpha * dy``, as ``leaky_relu_backward``.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from numba import njit, prange
 
 from ._half import bits_view, load, store_value
 
-__all__ = ["relu", "relu_backward"]
+__all__ = ["relu", "relu_backward", "leaky_relu", "leaky_relu_backward"]
 
 # Smaller arrays call the chunk functions directly, without a parallel region (even a one-task
 # region wakes the thread team, which under load can wait milliseconds).
@@ -87,4 +91,58 @@ def relu_backward(dy, y, out=None):
         _grad_chunk(*flat, 0, dy.size)
     else:
         _relu_grad(*flat, _chunk(dy.size))
+    return out
+
+
+@njit(cache=True)
+def _leaky_chunk(x, out, alpha, i0, i1):
+    xs, os = x[i0:i1], out[i0:i1]
+    for i in range(xs.size):
+        v = load(xs[i])
+        os[i] = xs[i] if v > np.float32(0.0) else store_value(os, v * alpha)
+
+
+@njit(parallel=True, cache=True)
+def _leaky(x, out, alpha, chunk):
+    n = x.size
+    for b in prange((n + chunk - 1) // chunk):
+        _leaky_chunk(x, out, alpha, b * chunk, min(n, (b + 1) * chunk))
+
+
+@njit(cache=True)
+def _leaky_grad_chunk(dy, x, out, alpha, i0, i1):
+    ds, xs, os = dy[i0:i1], x[i0:i1], out[i0:i1]
+    for i in range(ds.size):
+        g = load(ds[i])
+        os[i] = store_value(os, g if load(xs[i]) > np.float32(0.0) else g * alpha)
+
+
+@njit(parallel=True, cache=True)
+def _leaky_grad(dy, x, out, alpha, chunk):
+    n = dy.size
+    for b in prange((n + chunk - 1) // chunk):
+        _leaky_grad_chunk(dy, x, out, alpha, b * chunk, min(n, (b + 1) * chunk))
+
+
+def leaky_relu(x, alpha):
+    """Backend of :func:`fastconv.leaky_relu` (validated, C-contiguous, non-empty; ``alpha`` a
+    float32)."""
+    out = np.empty(x.shape, dtype=x.dtype)
+    xv, ov = bits_view(x).reshape(-1), bits_view(out).reshape(-1)
+    if x.size < _PARALLEL_MIN:
+        _leaky_chunk(xv, ov, alpha, 0, x.size)
+    else:
+        _leaky(xv, ov, alpha, _chunk(x.size))
+    return out
+
+
+def leaky_relu_backward(dy, x, alpha, out=None):
+    """Backend of :func:`fastconv.leaky_relu_backward`, into ``out`` if given."""
+    if out is None:
+        out = np.empty(dy.shape, dtype=dy.dtype)
+    flat = tuple(bits_view(a).reshape(-1) for a in (dy, x, out))
+    if dy.size < _PARALLEL_MIN:
+        _leaky_grad_chunk(*flat, alpha, 0, dy.size)
+    else:
+        _leaky_grad(*flat, alpha, _chunk(dy.size))
     return out

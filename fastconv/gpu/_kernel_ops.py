@@ -322,6 +322,17 @@ class KernelOps(Kernels):
         self.launch("relu_backward", dy.size, dy, y, out, dy.size)
         return out
 
+    def leaky_relu(self, x, alpha):
+        y = self.xp.empty(x.shape, dtype=x.dtype)
+        self.launch("leaky_relu_forward", x.size, x, y, x.size, eps_bits(alpha))
+        return y
+
+    def leaky_relu_backward(self, dy, x, alpha, out=None):
+        if out is None:
+            out = self.xp.empty(dy.shape, dtype=dy.dtype)
+        self.launch("leaky_relu_backward", dy.size, dy, x, out, dy.size, eps_bits(alpha))
+        return out
+
 
 def numpy_gemm(a, b, trans_a: bool = False, trans_b: bool = False):
     """NumPy model of :func:`fastconv.gpu._module.gemm` (cuBLAS with CUBLAS_COMPUTE_32F): half

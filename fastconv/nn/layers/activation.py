@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
+from ... import _checks as chk
 from ... import ops
 from .base import Layer, register_layer, xp_of
 
-__all__ = ["ReLU", "Sigmoid", "Tanh", "Softmax"]
+__all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softmax"]
 
 
 class _Activation(Layer):
@@ -36,6 +37,30 @@ class ReLU(_Activation):
 
     def torch_module(self, torch, inplace=False):
         return torch.nn.ReLU(inplace=inplace)
+
+
+@register_layer
+class LeakyReLU(_Activation):
+    """``x`` where ``x > 0``, else ``alpha * x`` (Keras's LeakyReLU, default slope 0.3);
+    the gradient goes through the input, as PyTorch's ``nn.LeakyReLU``."""
+
+    def __init__(self, alpha=0.3, name=None, trainable=True):
+        super().__init__(name, trainable)
+        chk.check_slope(alpha)
+        self.alpha = float(alpha)
+
+    def get_config(self):
+        return {"alpha": self.alpha, **super().get_config()}
+
+    def call(self, x, training=False):
+        return ops.leaky_relu(x, self.alpha), (x if training else None)
+
+    def call_backward(self, cache, dy, need_dx=True):
+        return ops.leaky_relu_backward(dy, cache, self.alpha), {}
+
+    def torch_module(self, torch, inplace=False):
+        # The gradient needs the input, which an in-place twin would overwrite.
+        return torch.nn.LeakyReLU(self.alpha)
 
 
 @register_layer
