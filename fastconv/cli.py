@@ -411,12 +411,41 @@ def train_mnist(args) -> int:
 
 
 def _train_mnist_checked(args, strategy) -> int:
+    """Lock the run folder (rank 0 alone writes it), then check and train."""
+    from ._runlock import RunFolderBusy, RunLock
+
+    out = Path(args.out)
+    lock = RunLock(out, command="fastconv train-mnist")
+
+    def take():  # on rank 0; every rank gets the outcome
+        if out.exists() and not out.is_dir():
+            return f"--out {out} is a file, not a directory"
+        try:
+            note = lock.acquire()
+        except RunFolderBusy as e:
+            return str(e)
+        except OSError as e:
+            return f"cannot use --out {out}: {e.strerror or e}"
+        if note:
+            print(note, file=sys.stderr, flush=True)
+        return None
+
+    try:
+        problem = _on_root(strategy, take)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+        return _train_mnist_locked(args, strategy, out)
+    finally:
+        lock.release()
+
+
+def _train_mnist_locked(args, strategy, out: Path) -> int:
     from .nn import CheckpointError
     from .nn._files import remove_stale_temp_files
 
-    out = Path(args.out)
     last = out / "last.npz"
-    if out.is_dir() and _is_root(strategy):
+    if _is_root(strategy):  # under the lock no other fastconv run writes here
         remove_stale_temp_files(out)
     if _on_root(strategy, last.exists) and not (args.resume or args.overwrite):
         print(
