@@ -364,10 +364,16 @@ class ReduceLROnPlateau(Callback):
         self.cooldown_left = 0
 
     def get_state(self) -> dict:
-        return {"best": self.best, "wait": self.wait, "cooldown_left": self.cooldown_left}
+        """The counters as JSON types (strict JSON: ``best`` is None until a finite value was
+        seen, rather than an infinity)."""
+        best = self.best if math.isfinite(self.best) else None
+        return {"best": best, "wait": self.wait, "cooldown_left": self.cooldown_left}
 
     def set_state(self, state: dict) -> None:
-        self.best = float(state["best"])
+        best = state["best"]
+        if best is None:
+            best = -math.inf if self.mode == "max" else math.inf
+        self.best = float(best)
         self.wait = int(state["wait"])
         self.cooldown_left = int(state["cooldown_left"])
 

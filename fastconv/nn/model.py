@@ -446,8 +446,14 @@ class Model(Trainer):
     def to(self, backend=None, dtype=None) -> Model:
         """A copy on ``backend`` ("cpu"/"gpu") in ``dtype`` ("float32"/"float16"): weights
         converted, generator state copied, a fresh optimizer of the same kind and settings."""
+        from .backend import check_backend_name, check_dtype
         from .saving import fill_weights, model_from_config
 
+        # Checked here: model_from_config would blame a bad value on the "architecture".
+        if backend is not None:
+            check_backend_name(backend)
+        if dtype is not None:
+            check_dtype(dtype)
         if not self.built:
             return self._copy_unbuilt(backend or self.backend.name, dtype or self.dtype)
         new = model_from_config(
