@@ -9,17 +9,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from fastconv import cli
 from fastconv._runlock import LOCK_NAME, RunFolderBusy, RunLock
-from fastconv.nn import load_model
+from fastconv.nn import Dense, Flatten, Sequential, load_model
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -173,3 +175,76 @@ def test_out_that_is_a_file_is_an_error_line(tmp_path, capsys):
     assert _train(target) == 2
     assert "is a file, not a directory" in _one_error_line(capsys.readouterr().err)
     assert target.read_text() == "x"
+
+
+# --- --resume of checkpoints that are valid but unusable ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One real one-epoch run, copied by each test that damages it."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert _train(out) == 0
+    return out
+
+
+def _copy_run(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _rewrite(path, **entries):
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    arrays.update({k: np.array(v) for k, v in entries.items()})
+    np.savez(path, **arrays)
+
+
+def _resume(out):
+    return cli.main(["train-mnist", "--epochs", "2", "--resume", "--out", str(out), "--quiet"])
+
+
+def test_resume_of_another_models_checkpoint_is_an_error_line(finished_run, tmp_path, capsys):
+    out = _copy_run(finished_run, tmp_path / "run")
+    last = out / "last.npz"
+    meta = load_model(last).checkpoint_meta
+    other = Sequential([Flatten(), Dense(5)], input_shape=(1, 28, 28), seed=0)
+    other.compile("adam")
+    other.save(last, epoch=meta["epoch"], extra=meta["extra"])  # the run's own metadata
+    capsys.readouterr()
+    assert _resume(out) == 2
+    line = _one_error_line(capsys.readouterr().err)
+    assert f"{last} holds a model for inputs (1, 28, 28) and (5,) outputs, not for MNIST" in line
+    assert "start afresh with --overwrite" in line
+
+
+BAD_RUN_META = {
+    "epoch a string": lambda m: m.update(epoch="abc"),
+    "negative epoch": lambda m: m.update(epoch=-1),
+    "extra a string": lambda m: m.update(extra="abc"),
+    "history a string": lambda m: m["extra"].update(history="abc"),
+    "history without its epochs": lambda m: m["extra"].update(history=[{"train_loss": 1.0}]),
+    "best score a string": lambda m: m["extra"].update(best_score="high"),
+    "batch size a string": lambda m: m["extra"]["args"].update(batch_size="abc"),
+    "batch size zero": lambda m: m["extra"]["args"].update(batch_size=0),
+    "unknown optimizer": lambda m: m["extra"]["args"].update(optimizer="lion"),
+    "negative seed": lambda m: m["extra"]["args"].update(seed=-5),
+    "ranks a string": lambda m: m["extra"]["args"].update(ranks="2"),
+    "augment a number": lambda m: m["extra"]["args"].update(augment=12),
+}
+
+
+@pytest.mark.parametrize("change", list(BAD_RUN_META), ids=list(BAD_RUN_META))
+def test_resume_with_bad_metadata_is_an_error_line(finished_run, tmp_path, capsys, change):
+    out = _copy_run(finished_run, tmp_path / "run")
+    last = out / "last.npz"
+    with np.load(last, allow_pickle=False) as f:
+        meta = json.loads(str(f["__meta__"][()]))
+    BAD_RUN_META[change](meta)
+    _rewrite(last, __meta__=json.dumps(meta))
+    before = last.read_bytes()
+    capsys.readouterr()
+    assert _resume(out) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert line.startswith(f"error: checkpoint {last}: ")
+    assert last.read_bytes() == before  # nothing trained, nothing written
