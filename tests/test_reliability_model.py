@@ -12,7 +12,23 @@ import sys
 import numpy as np
 import pytest
 
-from fastconv.nn import CheckpointError, Conv2D, Dense, Flatten, Sequential, load_model
+from fastconv.nn import (
+    L2,
+    Callback,
+    CheckpointError,
+    Conv2D,
+    CosineDecay,
+    Dense,
+    ExponentialDecay,
+    Flatten,
+    LearningRateScheduler,
+    ModelCheckpoint,
+    ReduceLROnPlateau,
+    Sequential,
+    StepDecay,
+    load_model,
+    optimizers,
+)
 from fastconv.nn._files import TEMP_PREFIX, atomic_write
 
 
@@ -69,7 +85,7 @@ def test_a_failed_write_removes_its_own_temporary_file(tmp_path):
     assert names[0].startswith(own) and len(names[0]) == len(own) + 8
 
 
-# --- checkpoint metadata -------------------------------------------------------------------------
+# --- checkpoint metadata --------------------------------------------------------------------------
 
 
 def _rewrite(path, **entries):
@@ -205,3 +221,172 @@ def test_plateau_state_is_strict_json_before_any_epoch():
     other = ReduceLROnPlateau()
     other.set_state(state)
     assert other.best == float("inf") and other.get_state() == state
+
+
+# --- NaN by the back door -------------------------------------------------------------------------
+
+
+def _targets(loss, n, rng):
+    if loss == "softmax_cross_entropy":
+        return np.eye(3, dtype=np.float32)[rng.integers(0, 3, n)]
+    return rng.random((n, 3), dtype=np.float32)  # in [0, 1]: valid BCE and MSE targets
+
+
+@pytest.mark.parametrize("loss", ["softmax_cross_entropy", "binary_cross_entropy",
+                                  "mean_squared_error"])  # fmt: skip
+def test_non_finite_targets_are_refused(loss):
+    rng = np.random.default_rng(0)
+    x, _ = _data()
+    y = _targets(loss, 40, rng)
+    y[5, 1] = np.nan
+    model = _net()
+    model.compile("sgd", loss)
+    before = model.get_weights()
+    with pytest.raises(
+        ValueError, match=r"^y holds NaN or infinite values in 1 samples \(first: \[5\]\)"
+    ):
+        model.fit(x, y, verbose=0)
+    yv = _targets(loss, 10, rng)
+    yv[2, 0] = np.nan  # (an inf is also out of BCE's [0, 1], refused by that check first)
+    with pytest.raises(ValueError, match=r"^validation_data\[1\] holds NaN or infinite"):
+        model.fit(x, _targets(loss, 40, rng), verbose=0, validation_data=(x[:10], yv))
+    for a, b in zip(before, model.get_weights(), strict=True):  # nothing was trained
+        np.testing.assert_array_equal(a, b)
+
+
+def test_inputs_beyond_float16_range_are_refused_for_a_float16_model():
+    x, y = _data()
+    x[2, 0, 1, 1] = 1e5  # finite in float32, inf in float16
+    model = _net(dtype="float16")
+    model.compile("sgd")
+    msg = r"^x holds values beyond float16's range \(\|v\| > 65504\) in 1 samples \(first: \[2\]\)"
+    for check_finite in (True, False):  # not a NaN check: the cast itself would make the inf
+        with pytest.raises(ValueError, match=msg):
+            model.fit(x, y, verbose=0, check_finite=check_finite)
+    cast = r"^x holds values up to 100000, beyond float16's range"
+    with pytest.raises(ValueError, match=cast):
+        model.predict(x)
+    with pytest.raises(ValueError, match=cast):
+        model.evaluate(x, y)
+    with pytest.raises(ValueError, match=cast):
+        model.train_on_batch(x[:4], y[:4])
+    with pytest.raises(ValueError, match=cast):  # what the augmentation loader casts with
+        model._cast_for_augment(x)
+    x[2, 0, 1, 1] = -6e4  # inside the range: fine
+    assert np.isfinite(model.predict(x)).all()
+    model.fit(x, y, verbose=0)
+    # a float32 model takes any finite float32
+    x[2, 0, 1, 1] = 1e30
+    m32 = _net()
+    m32.compile("sgd")
+    assert np.isfinite(m32.predict(x)).all()
+
+
+ALL_OPTIMIZERS = ["SGD", "Momentum", "Nesterov", "AdaGrad", "RMSProp", "Adam", "AdamW"]
+
+
+@pytest.mark.parametrize("name", ALL_OPTIMIZERS)
+def test_learning_rates_must_be_finite_and_nonzero_in_float32(name):
+    cls = getattr(optimizers, name)
+    for bad in (1e39, 1e-50, float("inf"), float("nan"), 0, -1, True, "0.1"):
+        with pytest.raises(ValueError, match=r"lr must be a positive finite number \(in float32"):
+            cls(lr=bad)
+    opt = cls(lr=3e38)  # the largest float32s are fine
+    with pytest.raises(ValueError, match="lr must be"):
+        opt.lr = 1e39  # what schedules do
+    assert opt.lr == 3e38
+
+
+def test_other_hyper_parameters_must_be_finite_in_float32():
+    with pytest.raises(
+        ValueError, match="beta2 must be a number in .* float32 does not round to 1"
+    ):
+        optimizers.Adam(beta2=1 - 1e-10)
+    with pytest.raises(ValueError, match="momentum must be a number in .* round to 1"):
+        optimizers.Momentum(momentum=1 - 1e-9)
+    with pytest.raises(ValueError, match=r"weight_decay must be a finite number >= 0 \(in float32"):
+        optimizers.AdamW(weight_decay=1e39)
+    with pytest.raises(ValueError, match=r"lr \* weight_decay must be finite in float32"):
+        optimizers.AdamW(lr=1e30, weight_decay=1e10)
+    opt = optimizers.AdamW(lr=1.0, weight_decay=1e30)
+    with pytest.raises(ValueError, match=r"lr \* weight_decay"):
+        opt.lr = 1e10  # a scheduled rate is checked against the decay too
+    for make, match in [
+        (lambda: StepDecay(2, gamma=1e39), "gamma must be a finite number"),
+        (lambda: ExponentialDecay(base_lr=1e39), "base_lr must be a finite number"),
+        (lambda: CosineDecay(5, min_lr=1e39), "min_lr must be a finite number"),
+        (lambda: ReduceLROnPlateau(min_lr=1e39), "min_lr must be a finite number"),
+        (lambda: L2(1e39), r"l2 must be a finite number >= 0 \(in float32\)"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            make()
+
+
+def test_a_schedule_leaving_float32_raises_at_that_epoch():
+    x, y = _data()
+    model = _net()
+    model.compile(optimizers.SGD(lr=1e-30))
+    grow = ExponentialDecay(gamma=1e30, base_lr=1e-30)  # 1e-30, 1, 1e30, then 1e60
+    with pytest.raises(
+        ValueError, match=r"ExponentialDecay gave the learning rate 1[.0-9]*e\+60 at epoch 4"
+    ):
+        model.fit(x, y, epochs=5, verbose=0, callbacks=[grow])
+    lrs = LearningRateScheduler(lambda epoch, lr: 1e39)
+    with pytest.raises(
+        ValueError, match=r"schedule gave the learning rate 1e\+39 at epoch 1; .* float32"
+    ):
+        model.fit(x, y, epochs=1, verbose=0, callbacks=[lrs])
+
+
+class _Poison(Callback):
+    """Puts a NaN into the first weight (or the epoch's logs) at the end of one epoch, before
+    the callbacks after it run."""
+
+    def __init__(self, epoch, logs_key=None):
+        super().__init__()
+        self.epoch, self.logs_key = epoch, logs_key
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            if self.logs_key:
+                logs[self.logs_key] = float("nan")
+            else:
+                self.model.layers[0].params["W"][0, 0, 0, 0] = np.nan
+
+
+def test_model_checkpoint_never_writes_a_diverged_model(tmp_path):
+    x, y = _data()
+    model = _net()
+    model.compile(optimizers.SGD(lr=0.01))
+    ckpt = ModelCheckpoint(tmp_path / "ck-{epoch}.npz", save_best_only=False)
+    with pytest.warns(RuntimeWarning, match=r"weight conv2d_1/W holds NaN or inf after epoch 2"):
+        history = model.fit(x, y, epochs=5, verbose=0, callbacks=[_Poison(1), ckpt])
+    assert history.epoch == [0, 1]  # stopped: nothing after a NaN weight could be saved
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck-1.npz"]
+    assert "not saved over" in ckpt.refused
+    # save_best_only: a NaN monitored value is not an improvement to save either
+    model = _net()
+    model.compile(optimizers.SGD(lr=0.01))
+    best = ModelCheckpoint(tmp_path / "best.npz", monitor="loss")
+    with pytest.warns(RuntimeWarning, match="the monitored loss is nan after epoch 2"):
+        model.fit(x, y, epochs=3, verbose=0, callbacks=[_Poison(1, "loss"), best])
+    assert load_model(tmp_path / "best.npz").checkpoint_meta["epoch"] == 1
+
+
+def test_plain_fit_that_diverges_writes_only_finite_checkpoints(tmp_path):
+    """No TerminateOnNaN (fit's default, as Keras): the checkpoint callback itself refuses."""
+    rng = np.random.default_rng(0)
+    x = rng.random((40, 1, 6, 6), dtype=np.float32) * 10
+    y = rng.random((40, 3), dtype=np.float32)
+    model = Sequential([Flatten(), Dense(3)], seed=0, input_shape=(1, 6, 6))
+    model.compile(optimizers.SGD(lr=1.0), "mean_squared_error")  # diverges: inf, then NaN
+    ckpt = ModelCheckpoint(tmp_path / "ck-{epoch}.npz", monitor="loss", save_best_only=False)
+    with (
+        np.errstate(over="ignore", invalid="ignore"),  # NumPy's own warnings on the way
+        pytest.warns(RuntimeWarning, match=r"ModelCheckpoint: weight dense_1/W holds NaN"),
+    ):
+        history = model.fit(x, y, epochs=8, batch_size=8, verbose=0, callbacks=[ckpt])
+    assert len(history.epoch) < 8
+    assert [p.name for p in tmp_path.iterdir()]  # the finite epochs were saved
+    for path in tmp_path.iterdir():
+        assert all(np.isfinite(w).all() for w in load_model(path).get_weights())

@@ -14,6 +14,9 @@ import json
 import math
 import numbers
 import os
+import warnings
+
+import numpy as np
 
 from ._files import write_json_atomic
 
@@ -145,7 +148,13 @@ class ModelCheckpoint(_Monitor):
     """Save the model to ``path`` (``.npz``) at the end of each epoch, or only on improvement
     of ``monitor`` when ``save_best_only``. ``path`` may contain ``{epoch}`` (1-based) and any
     log key, e.g. ``"ckpt-{epoch:02d}-{val_accuracy:.4f}.npz"``. ``include_optimizer`` also
-    stores the optimizer state and epoch, for resuming."""
+    stores the optimizer state and epoch, for resuming.
+
+    Never writes a diverged model: when the weights (or, with ``save_best_only``, the monitored
+    value) are NaN or infinite at the end of an epoch, nothing is saved, a RuntimeWarning says
+    so, ``refused`` holds the message, and training stops (NaN weights stay NaN: nothing later
+    could be saved either). The last checkpoint written stays the last finite one.
+    """
 
     def __init__(
         self,
@@ -159,16 +168,42 @@ class ModelCheckpoint(_Monitor):
         self.path = os.fspath(path)
         self.save_best_only = bool(save_best_only)
         self.include_optimizer = bool(include_optimizer)
+        self.refused = None
+
+    def _refuse(self, epoch, what):
+        self.refused = (
+            f"ModelCheckpoint: {what} after epoch {epoch + 1}; not saved over {self.path!r} "
+            "and training stopped (add TerminateOnNaN() to stop at the first bad batch)"
+        )
+        warnings.warn(self.refused, RuntimeWarning, stacklevel=2)
+        self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         if self.save_best_only:
             value = self._value(logs)
+            if not math.isfinite(value):
+                return self._refuse(epoch, f"the monitored {self.monitor} is {value}")
             if not self._improved(value):
                 return
+        bad = _first_non_finite_weight(self.model)
+        if bad is not None:
+            return self._refuse(epoch, f"weight {bad} holds NaN or inf")
+        if self.save_best_only:
             self.best = value
         path = self.path.format(epoch=epoch + 1, **logs)
         self.model.save(path, include_optimizer=self.include_optimizer, epoch=epoch + 1)
+
+
+def _first_non_finite_weight(model):
+    """``"layer/weight"`` of the first weight holding NaN or inf, or None."""
+    from .backend import array_module
+
+    for layer, name in model.weight_entries():
+        w = layer.get_weight(name)
+        if not bool(array_module(w).isfinite(w).all()):
+            return f"{layer.name}/{name}"
+    return None
 
 
 class EarlyStopping(_Monitor):
@@ -232,19 +267,24 @@ class LearningRateScheduler(Callback):
         self.model.optimizer.lr = _checked_lr(lr, epoch, "schedule")
 
 
+# Learning rates and factors end up as float32 in the updates: finite there, not just in float64.
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 def _checked_lr(lr, epoch, what) -> float:
     """A learning rate a schedule produced for ``epoch`` (0-based), or a ValueError with it."""
     lr = float(lr)
-    if not lr > 0 or not math.isfinite(lr):
+    if not lr > 0 or not lr <= _F32_MAX or float(np.float32(lr)) == 0.0:
         raise ValueError(
             f"{what} gave the learning rate {lr!r} at epoch {epoch + 1}; it must be a positive "
-            "finite number"
+            "finite number in float32"
         )
     return lr
 
 
 def _number(value, name, low=None, high=None, low_open=False, high_open=False):
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and abs(value) <= _F32_MAX
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
