@@ -390,3 +390,132 @@ def test_plain_fit_that_diverges_writes_only_finite_checkpoints(tmp_path):
     assert [p.name for p in tmp_path.iterdir()]  # the finite epochs were saved
     for path in tmp_path.iterdir():
         assert all(np.isfinite(w).all() for w in load_model(path).get_weights())
+
+
+# --- arguments that fail with a message naming them -----------------------------------------------
+
+
+def test_a_refused_layer_does_not_stay_in_the_model():
+    model = Sequential([Flatten(), Dense(3)], input_shape=(1, 4, 4))
+    with pytest.raises(ValueError, match="Conv2D 'conv2d' expects inputs of shape"):
+        model.add(Conv2D(2, 3))  # a convolution after a Dense layer
+    model.add(Dense(2))  # every later add failed on the refused layer
+    assert [type(layer).__name__ for layer in model.layers] == ["Flatten", "Dense", "Dense"]
+    assert model.output_shape == (2,)
+    assert model.predict(np.zeros((1, 1, 4, 4), np.float32)).shape == (1, 2)
+    unbuilt = Sequential([Dense(3, name="d")])
+    with pytest.raises(ValueError, match="layer names must be unique"):
+        unbuilt.add(Dense(2, name="d"))
+    unbuilt.add(Dense(2))
+    assert len(unbuilt.layers) == 2
+
+
+# Sizes beyond any machine's memory (terabytes), so that no test run tries to allocate them.
+@pytest.mark.parametrize("layers, shape, what", [
+    (lambda: [Conv2D(10**9, 3)], (64, 8, 8),
+     r"Conv2D 'conv2d_1': weight W of shape \(1000000000, 64, 3, 3\) needs 2,304,0"),
+    (lambda: [Flatten(), Dense(10**9)], (10**4,),
+     r"Dense 'dense_1': weight W of shape \(10000, 1000000000\) needs 40,000,0"),
+])  # fmt: skip
+def test_weights_larger_than_memory_are_refused_before_allocating(layers, shape, what):
+    more = r"[\d,]+ bytes \([\d,.]+ GiB\), more than this machine's memory"
+    with pytest.raises(ValueError, match=what + more):
+        Sequential(layers(), input_shape=shape)
+
+
+def test_an_allocation_failure_names_the_layer(monkeypatch):
+    from fastconv.nn import initializers
+
+    def no_memory(shape, rng):
+        raise MemoryError
+
+    monkeypatch.setattr(initializers, "get", lambda name: no_memory)
+    what = r"Dense 'dense_1': weight W of shape \(16, 3\) needs 192 bytes \(0.0 GiB\)"
+    with pytest.raises(ValueError, match=what + ": out of memory"):
+        Sequential([Flatten(), Dense(3)], input_shape=(1, 4, 4))
+
+
+def test_a_per_sample_shape_no_array_can_hold_is_refused():
+    from fastconv.nn import Input
+
+    with pytest.raises(ValueError, match="more elements per sample than an array can hold"):
+        Sequential([Flatten()], input_shape=(3, 2**31, 2**31))
+    with pytest.raises(ValueError, match="more elements per sample"):
+        Input((3, 2**31, 2**31))
+    # Flatten counts in Python ints: no wrap-around to a negative size
+    assert Flatten().output_shape((3, 2**30, 2**31)) == (3 * 2**61,)
+    with pytest.raises(
+        ValueError, match=r"Flatten 'flatten': per-sample shape .* elements, more than"
+    ):
+        Flatten().output_shape((2**40, 2**40))
+
+
+def test_compile_and_fit_arguments_are_named():
+    x, y = _data()
+    model = _net()
+    with pytest.raises(
+        TypeError, match="^metrics must be a list of metric names or Metric objects, got int$"
+    ):
+        model.compile("sgd", metrics=5)
+    model.compile("sgd")
+    with pytest.raises(
+        TypeError, match="^strategy must be None or a fastconv.nn.MPIDataParallel, got str"
+    ):
+        model.fit(x, y, verbose=0, strategy="mpi")
+    with pytest.raises(TypeError, match="^strategy must be"):
+        model.evaluate(x, y, strategy="mpi")
+    with pytest.raises(TypeError, match="^shuffle must be a bool, got str$"):
+        model.fit(x, y, verbose=0, shuffle="no")
+    with pytest.raises(TypeError, match="^validation_split must be a number, got str$"):
+        model.fit(x, y, verbose=0, validation_split="0.1")
+    with pytest.raises(ValueError, match=r"^validation_split must be in \[0, 1\), got 1.5$"):
+        model.fit(x, y, verbose=0, validation_split=1.5)
+    history = model.fit(x, y, verbose=0, validation_split=np.float32(0.1))  # NumPy floats
+    assert "val_loss" in history.history
+
+
+@pytest.mark.parametrize("bad, error", [(-1, ValueError), ("a", TypeError), (1.5, TypeError),
+                                        (True, TypeError)])  # fmt: skip
+def test_a_bad_seed_is_named(bad, error):
+    got = bad if error is ValueError else type(bad).__name__
+    with pytest.raises(error, match=f"^seed must be None or an int >= 0, got {got}$"):
+        Sequential([Dense(2)], seed=bad)
+    x, y = _data()
+    model = _net()
+    model.compile("sgd")
+    with pytest.raises(error, match="^seed must be None or an int >= 0"):
+        model.fit(x, y, verbose=0, seed=bad)
+
+
+def test_callbacks_needing_missing_log_keys_fail_before_the_first_epoch(tmp_path):
+    from fastconv.nn import EarlyStopping
+
+    x, y = _data()
+    model = _net()
+    model.compile("sgd")
+    epochs_run = []
+
+    class Count(Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            epochs_run.append(epoch)
+
+    cases = [
+        (ModelCheckpoint(tmp_path / "c-{val_accuracy:.4f}.npz", save_best_only=False),
+         r"ModelCheckpoint path .* cannot be formatted from the epoch logs "
+         r"\(KeyError: 'val_accuracy'.*pass validation_data"),
+        (ModelCheckpoint(tmp_path / "c-{epoch}-{}.npz", save_best_only=False), "IndexError"),
+        (ModelCheckpoint(tmp_path / "c.npz"),
+         r"ModelCheckpoint monitors 'val_accuracy', which the epoch logs will not have "
+         r"\(they have \['loss', 'accuracy', 'time'\]\)"),
+        (EarlyStopping(), "EarlyStopping monitors 'val_loss'"),
+        (ReduceLROnPlateau(monitor="val_acc"), "ReduceLROnPlateau monitors 'val_acc'"),
+        (EarlyStopping(monitor="los"), "EarlyStopping monitors 'los'"),
+    ]  # fmt: skip
+    for callback, match in cases:
+        with pytest.raises(ValueError, match=match):
+            model.fit(x, y, epochs=2, verbose=0, callbacks=[Count(), callback])
+    assert epochs_run == [] and list(tmp_path.iterdir()) == []
+    # with validation data the same callbacks run
+    ckpt = ModelCheckpoint(tmp_path / "c-{epoch}-{val_accuracy:.4f}.npz")
+    model.fit(x, y, epochs=1, verbose=0, validation_split=0.25, callbacks=[ckpt, EarlyStopping()])
+    assert len(list(tmp_path.iterdir())) == 1

@@ -112,6 +112,22 @@ class History(Callback):
             self.history.setdefault(key, []).append(value)
 
 
+def _log_keys(callback):
+    """The keys the model's epoch logs will have (set by ``fit``), or None outside fit."""
+    return getattr(callback.model, "epoch_log_keys", None)
+
+
+def _check_log_key(callback, key, what) -> None:
+    """At train begin: a monitored key the logs will not have fails now, not after an epoch."""
+    keys = _log_keys(callback)
+    if keys is not None and key not in keys:
+        hint = "; pass validation_data to fit() to get val_* metrics" if "val_" in key else ""
+        raise ValueError(
+            f"{type(callback).__name__} {what} {key!r}, which the epoch logs will not have "
+            f"(they have {list(keys)}){hint}"
+        )
+
+
 def _mode_for(monitor: str, mode: str) -> str:
     if mode not in ("auto", "min", "max"):
         raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
@@ -129,6 +145,9 @@ class _Monitor(Callback):
         self.mode = _mode_for(monitor, mode)
         self.min_delta = abs(float(min_delta))
         self.best = -math.inf if self.mode == "max" else math.inf
+
+    def on_train_begin(self, logs=None):
+        _check_log_key(self, self.monitor, "monitors")
 
     def _value(self, logs):
         if not logs or self.monitor not in logs:
@@ -169,6 +188,25 @@ class ModelCheckpoint(_Monitor):
         self.save_best_only = bool(save_best_only)
         self.include_optimizer = bool(include_optimizer)
         self.refused = None
+
+    def on_train_begin(self, logs=None):
+        if self.save_best_only:
+            _check_log_key(self, self.monitor, "monitors")
+        keys = _log_keys(self)
+        if keys is None:
+            return
+        try:  # the path with every field the logs will have: a KeyError now, not after epoch 1
+            path = self.path.format(epoch=1, **{k: 0.5 for k in keys})
+        except (KeyError, IndexError, ValueError) as e:
+            hint = (
+                "; pass validation_data to fit() to get val_* metrics" if "val_" in str(e) else ""
+            )
+            raise ValueError(
+                f"ModelCheckpoint path {self.path!r} cannot be formatted from the epoch logs "
+                f"({type(e).__name__}: {e}; fields: 'epoch' and {list(keys)}){hint}"
+            ) from None
+        if not path.endswith(".npz"):
+            raise ValueError(f"ModelCheckpoint path must end with .npz, got {self.path!r}")
 
     def _refuse(self, epoch, what):
         self.refused = (
@@ -229,6 +267,7 @@ class EarlyStopping(_Monitor):
         self.wait = 0
 
     def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
         self.best = -math.inf if self.mode == "max" else math.inf
         self.wait = 0
         self.best_weights = None
@@ -397,6 +436,9 @@ class ReduceLROnPlateau(Callback):
         self.cooldown = _count(cooldown, "cooldown", 0)
         self.min_lr = _number(min_lr, "min_lr", 0)
         self.reset()
+
+    def on_train_begin(self, logs=None):
+        _check_log_key(self, self.monitor, "monitors")
 
     def reset(self):
         self.best = -math.inf if self.mode == "max" else math.inf

@@ -98,8 +98,8 @@ class Model(Trainer):
         self, inputs=None, outputs=None, *, seed=None, backend="cpu", dtype="float32", name=None
     ):
         self.name = name or snake_case(type(self).__name__)
-        self.seed = seed
-        self.rng = np.random.default_rng(seed)
+        self.seed = chk.as_seed(seed)
+        self.rng = np.random.default_rng(self.seed)
         self.backend = Backend(backend, dtype)
         self.loss = None
         self.optimizer = None
@@ -566,11 +566,18 @@ class Sequential(Model):
                 f"layer {layer.name!r} appears twice; a layer with weights can appear once"
             )
         self._chain.append(layer)
-        if self.built:
-            self.build(self.input_shape)
-        else:
-            _name_layers(self._chain)
-            self.layers = list(self._chain)
+        try:
+            if self.built:
+                self.build(self.input_shape)
+            else:
+                _name_layers(self._chain)
+                self.layers = list(self._chain)
+        except BaseException:
+            # A refused layer must not stay in the chain: every later add would fail on it.
+            self._chain.pop()
+            if self.built:  # rewire the chain as it was (its layers are built: no new weights)
+                self.build(self.input_shape)
+            raise
 
     def build(self, input_shape) -> None:
         """Build every layer for per-sample ``input_shape`` (e.g. ``(1, 28, 28)``)."""

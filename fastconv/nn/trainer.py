@@ -7,6 +7,7 @@ model's execution API (``_run_forward``, ``_run_backward``), its backend and its
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 
@@ -33,6 +34,18 @@ def _progress(total, desc, show):
     return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
 
 
+def _check_strategy(strategy) -> None:
+    """None or an MPI strategy object (importing its module does not import MPI); a string
+    such as "mpi" was an AttributeError deep inside fit."""
+    from .distributed import MPIDataParallel
+
+    if strategy is not None and not isinstance(strategy, MPIDataParallel):
+        raise TypeError(
+            "strategy must be None or a fastconv.nn.MPIDataParallel, got "
+            f"{type(strategy).__name__} (for MPI: strategy=MPIDataParallel())"
+        )
+
+
 class Trainer:
     """``compile``, ``train_on_batch``, ``fit``, ``evaluate`` and ``predict``."""
 
@@ -49,6 +62,11 @@ class Trainer:
             metrics = ["accuracy"] if classify else []
         if isinstance(metrics, (str, metrics_mod.Metric)):
             metrics = [metrics]
+        if not isinstance(metrics, (list, tuple)):
+            raise TypeError(
+                "metrics must be a list of metric names or Metric objects, got "
+                f"{type(metrics).__name__}"
+            )
         self._metric_fns = [metrics_mod.get(m, self.loss) for m in metrics]
         names = [m.name for m in self._metric_fns]
         if len(set(names)) != len(names) or "loss" in names:
@@ -248,6 +266,7 @@ class Trainer:
         every rank gets the means over all of it."""
         x = self._prepare_x(x)
         batch_size = chk.as_int(batch_size, "batch_size", 1)
+        _check_strategy(strategy)
         loss_fn = self.loss or losses_mod.SoftmaxCrossEntropy()
         metric_fns = self._metric_list() if self.loss is not None else [metrics_mod.Accuracy()]
         n = x.shape[0]
@@ -331,11 +350,18 @@ class Trainer:
         epochs = chk.as_int(epochs, "epochs", 0)
         initial_epoch = chk.as_int(initial_epoch, "initial_epoch", 0)
         batch_size = chk.as_int(batch_size, "batch_size", 1)
+        if not isinstance(shuffle, (bool, np.bool_)):  # "no" is truthy: it shuffled
+            raise TypeError(f"shuffle must be a bool, got {type(shuffle).__name__}")
+        seed = chk.as_seed(seed)
+        _check_strategy(strategy)
         self._ensure_built(self._batch(x[:1]))
         y = self._labels(y, x.shape[0])
         split = validation_split
-        if isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 <= split < 1:
-            raise ValueError(f"validation_split must be a number in [0, 1), got {split!r}")
+        if isinstance(split, (bool, np.bool_)) or not isinstance(split, numbers.Real):
+            raise TypeError(f"validation_split must be a number, got {type(split).__name__}")
+        if not 0 <= split < 1:  # NumPy floats are numbers.Real: np.float32(0.1) is fine
+            raise ValueError(f"validation_split must be in [0, 1), got {split!r}")
+        split = float(split)
         if split and validation_data is not None:
             raise ValueError("pass validation_data or validation_split, not both")
         if split:
@@ -387,6 +413,12 @@ class Trainer:
         n = x.shape[0]
         history = History()
         callbacks = [history, *callbacks]
+        # The keys every epoch's logs will have, for callbacks to check at train begin (a
+        # monitor or a checkpoint path naming a missing key fails now, not after an epoch).
+        names = ["loss", *(m.name for m in self._metric_list())]
+        self.epoch_log_keys = (
+            *names, *(f"val_{k}" for k in names if validation_data is not None), "time",
+        )  # fmt: skip
         for cb in callbacks:
             cb.set_model(self)
         self.stop_training = False
