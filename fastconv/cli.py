@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -291,7 +292,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _error_text(e: BaseException) -> str:
+    """A user-caused exception as the text of one ``error:`` line."""
+    if isinstance(e, MemoryError):  # NumPy's says how much; a bare one says nothing
+        return f"out of memory{': ' + str(e) if str(e) else ''}"
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.strerror}: {e.filename}"
+    return str(e) or type(e).__name__
+
+
 def main(argv=None) -> int:
+    """Run one command. Whatever a user can cause (a bad value, a missing or unwritable file, a
+    damaged checkpoint, too little memory) ends in one ``error: ...`` line on stderr and a
+    non-zero exit, never a traceback; ``FASTCONV_TRACEBACK=1`` shows the traceback instead
+    (for reporting a bug)."""
+    from .nn.saving import CheckpointError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
@@ -302,6 +322,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:  # a command's own message (profile, bench): same form
+        if isinstance(e.code, str) and not e.code.startswith("error: "):
+            raise SystemExit(f"error: {_one_line(e.code)}") from None
+        raise
+    except (CheckpointError, ValueError, TypeError, OSError, MemoryError) as e:
+        if os.environ.get("FASTCONV_TRACEBACK"):
+            raise
+        print(f"error: {_one_line(_error_text(e))}", file=sys.stderr)
+        return 1
 
 
 # --- train-mnist ---------------------------------------------------------------------------------
@@ -878,6 +907,9 @@ def _train_mnist_mpi(args, strategy) -> int:
             rc = 130
         except DistributedError as e:
             print(f"error: {e}", file=sys.stderr)
+            rc = 1
+        except (ValueError, TypeError, OSError, MemoryError) as e:  # as main() does
+            print(f"error: {_one_line(_error_text(e))}", file=sys.stderr)
             rc = 1
         except Exception:
             traceback.print_exc()

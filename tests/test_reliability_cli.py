@@ -46,7 +46,7 @@ def _one_error_line(err: str) -> str:
     return lines[0]
 
 
-# --- run folders -------------------------------------------------------------------------------
+# --- run folders ----------------------------------------------------------------------------------
 
 # Run A pauses after its first epoch (its checkpoint written) until the test says go, so that
 # run B starts while A certainly holds the folder.
@@ -231,6 +231,7 @@ BAD_RUN_META = {
     "negative seed": lambda m: m["extra"]["args"].update(seed=-5),
     "ranks a string": lambda m: m["extra"]["args"].update(ranks="2"),
     "augment a number": lambda m: m["extra"]["args"].update(augment=12),
+    "augment out of range": lambda m: m["extra"]["args"].update(augment="rotation=1e308"),
 }
 
 
@@ -248,3 +249,104 @@ def test_resume_with_bad_metadata_is_an_error_line(finished_run, tmp_path, capsy
     line = _one_error_line(capsys.readouterr().err)
     assert line.startswith(f"error: checkpoint {last}: ")
     assert last.read_bytes() == before  # nothing trained, nothing written
+
+
+# --- one error line for whatever a user can cause -------------------------------------------------
+
+
+def _run(argv, capsys):
+    """``fastconv ARGV`` in this process, as the console script ends it: ``(exit code, stderr)``
+    (a SystemExit with a message prints it and exits 1, as Python does)."""
+    capsys.readouterr()
+    try:
+        rc = cli.main(argv)
+    except SystemExit as e:
+        if isinstance(e.code, str):
+            print(e.code, file=sys.stderr)
+            rc = 1
+        else:
+            rc = e.code
+    return rc, capsys.readouterr().err
+
+
+PROFILE = ["profile", "--no-torch", "--steps", "1", "--warmup", "0"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([*PROFILE, "--data", "mnist", "--mnist-dir", "/no/such/dir"],
+     "error: fastconv profile: --data mnist: MNIST file /no/such/dir/train-images-idx3-ubyte.gz "
+     "is missing"),
+    ([*PROFILE, "--plot", "/no/such/dir/p.png"],
+     "error: fastconv profile: --plot /no/such/dir/p.png: the folder /no/such/dir does not exist"),
+    ([*PROFILE, "--plot", "/"], "error: fastconv profile: --plot /: is a directory"),
+    ([*PROFILE, "--model", "alexnet", "--input-size", "100000"],
+     "error: fastconv profile: Dense 'fc6': weight W of shape (2498400256, 4096) needs "
+     "40,933,789,794,304 bytes"),
+    ([*PROFILE, "--model", "resnet18", "--input-size", "20000"],
+     "error: fastconv profile: a batch of 8 3x20000x20000 inputs through --model resnet18 "
+     "(every layer's output, kept for the backward pass) needs"),
+    (["train-mnist", "--data", "/no/such/dir", "--out", "OUT"],
+     "error: MNIST file /no/such/dir/train-images-idx3-ubyte.gz is missing"),
+])  # fmt: skip
+def test_user_mistakes_are_one_error_line_before_any_work(argv, message, capsys, tmp_path):
+    argv = [str(tmp_path / "run") if a == "OUT" else a for a in argv]
+    t0 = time.perf_counter()
+    rc, err = _run(argv, capsys)
+    assert rc == 1 and _one_error_line(err).startswith(message), err
+    assert time.perf_counter() - t0 < 30  # refused up front, not after a run
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train-mnist", "--seed", "-1"], "argument --seed: expected an integer seed >= 0, got -1"),
+    (["profile", "--seed", "-1"], "argument --seed: expected an integer seed >= 0, got -1"),
+    (["train-mnist", "--augment", "rotation=1e308"],
+     "argument --augment: rotation must lie within [-360.0, 360.0], got 1e+308"),
+    (["train-mnist", "--augment", "elastic_alpha=1,elastic_sigma=1e308"],
+     "argument --augment: elastic_sigma must be <= 1000.0, got 1e+308"),
+    (["train-mnist", "--augment", "shift=1e300"],
+     "argument --augment: shift must be <= 1000000.0, got 1e+300"),
+])  # fmt: skip
+def test_bad_flag_values_are_usage_errors(argv, message, capsys):
+    rc, err = _run(argv, capsys)
+    assert rc == 2 and "Traceback" not in err
+    assert err.strip().splitlines()[-1].endswith(f": error: {message}")
+
+
+@pytest.mark.parametrize("exc, line", [
+    (ValueError("bad value\nsecond line"), "error: bad value second line"),
+    (TypeError("bad type"), "error: bad type"),
+    (FileNotFoundError(2, "No such file or directory", "/x/y"),
+     "error: No such file or directory: /x/y"),
+    (PermissionError(13, "Permission denied", "/x"), "error: Permission denied: /x"),
+    (MemoryError(), "error: out of memory"),
+    (MemoryError("Unable to allocate 3 GiB"), "error: out of memory: Unable to allocate 3 GiB"),
+])  # fmt: skip
+def test_the_top_level_handler_maps_user_errors_to_one_line(exc, line, capsys, monkeypatch):
+    def command(args):
+        raise exc
+
+    monkeypatch.setattr(cli, "train_mnist", command)
+    monkeypatch.setattr(cli, "_add_train_mnist", _with_func(cli._add_train_mnist, command))
+    rc, err = _run(["train-mnist"], capsys)
+    assert rc == 1 and _one_error_line(err) == line
+    monkeypatch.setenv("FASTCONV_TRACEBACK", "1")  # for bug reports: the traceback
+    with pytest.raises(type(exc)):
+        cli.main(["train-mnist"])
+
+
+def _with_func(add, func):
+    def wrapped(subparsers):
+        p = add(subparsers)
+        p.set_defaults(func=func)
+        return p
+
+    return wrapped
+
+
+def test_a_real_cli_error_exits_non_zero_with_one_line(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "fastconv", *PROFILE, "--plot",
+                           str(tmp_path / "no" / "p.png")],
+                          env=ENV, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 1
+    assert "does not exist" in _one_error_line(done.stderr)

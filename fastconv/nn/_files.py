@@ -19,7 +19,7 @@ import tempfile
 
 __all__ = [
     "atomic_write", "write_json_atomic", "remove_stale_temp_files", "strict_json", "TEMP_PREFIX",
-    "pid_alive",
+    "pid_alive", "check_writable_file",
 ]  # fmt: skip
 
 #: how every temporary file written here starts
@@ -88,6 +88,22 @@ def atomic_write(path, write, suffix: str = "") -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def check_writable_file(path, what: str) -> None:
+    """Refuse, before any work, an output file that cannot be written: a directory, a folder
+    that does not exist or is not writable, a read-only file (a failed write after a long run
+    loses the run). Raises ValueError naming ``what`` (e.g. ``"--plot"``)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        raise ValueError(f"{what} {path}: is a directory, not a file")
+    if not os.path.isdir(folder):
+        raise ValueError(f"{what} {path}: the folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: the folder {folder} is not writable")
+    if os.path.exists(path) and not os.access(path, os.W_OK):
+        raise ValueError(f"{what} {path}: the file is not writable")
 
 
 def strict_json(value):
