@@ -11,6 +11,8 @@ import sys
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from fastconv.nn import (
     L2,
@@ -174,6 +176,24 @@ def test_brackets_inside_json_strings_are_not_nesting(tmp_path):
     text = '[[[\\"{{' * 100  # escaped quotes do not end the string
     _rewrite(path, __meta__=json.dumps({**_meta(path), "extra": {"s": text}}))
     assert load_model(path).checkpoint_meta["extra"] == {"s": text}
+
+
+def test_metadata_of_older_versions_and_huge_numbers(tmp_path):
+    path = _saved(tmp_path, epoch=2)
+    meta = _meta(path)
+    # older versions wrote a NaN in extra as bare NaN: it still loads where nothing compares it
+    _rewrite(path, __meta__=json.dumps({**meta, "extra": {"note": float("nan")}}))
+    assert np.isnan(load_model(path).checkpoint_meta["extra"]["note"])
+    _rewrite(path, __meta__=json.dumps({**meta, "extra": {"best_score": float("nan")}}))
+    with pytest.raises(CheckpointError, match=r"best_score'\] must be a finite number, got nan"):
+        load_model(path)
+    # beyond Python's 4300-digit int limit: a ValueError of the parser, not a JSON error
+    _rewrite(path, __meta__='{"epoch": ' + "9" * 5000 + "}")
+    with pytest.raises(CheckpointError, match="'__meta__' is not valid JSON"):
+        load_model(path)
+    _rewrite(path, __meta__='{"epoch": ' + "9" * 4000 + "}")
+    with pytest.raises(CheckpointError, match=r"got an int of 4000 digits$"):
+        load_model(path)
 
 
 def test_save_refuses_metadata_that_would_not_load(tmp_path):
@@ -519,3 +539,93 @@ def test_callbacks_needing_missing_log_keys_fail_before_the_first_epoch(tmp_path
     ckpt = ModelCheckpoint(tmp_path / "c-{epoch}-{val_accuracy:.4f}.npz")
     model.fit(x, y, epochs=1, verbose=0, validation_split=0.25, callbacks=[ckpt, EarlyStopping()])
     assert len(list(tmp_path.iterdir())) == 1
+
+
+# --- fuzz: crafted metadata is a CheckpointError or loads, nothing else ---------------------------
+
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.text(max_size=8),
+    st.integers(min_value=-(2**70), max_value=2**70), st.sampled_from([-1, 0, 1, 2**31, 2**63]),
+    st.floats(allow_nan=True, allow_infinity=True),
+)  # fmt: skip
+_json = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4),
+                            st.dictionaries(st.text(max_size=6), inner, max_size=4)),
+    max_leaves=12,
+)  # fmt: skip
+_rng_states = st.one_of(
+    _json,
+    st.fixed_dictionaries({
+        "bit_generator": st.sampled_from(["PCG64", "MT19937", "Philox", 5]),
+        "state": st.one_of(_json, st.fixed_dictionaries({"state": _scalars, "inc": _scalars})),
+        "has_uint32": _scalars,
+        "uinteger": _scalars,
+    }),
+)  # fmt: skip
+_records = st.dictionaries(
+    st.sampled_from(["epoch", "train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr"]),
+    _scalars, max_size=6,
+)  # fmt: skip
+_extras = st.one_of(
+    _json,
+    st.fixed_dictionaries({}, optional={
+        "history": st.one_of(_json, st.lists(st.one_of(_records, _scalars), max_size=3)),
+        "best_score": _scalars,
+        "schedule_state": st.one_of(_json, st.fixed_dictionaries(
+            {"best": _scalars, "wait": _scalars, "cooldown_left": _scalars})),
+        "args": st.one_of(_json, st.dictionaries(st.sampled_from(
+            ["batch_size", "lr", "seed", "optimizer", "ranks", "augment"]), _json, max_size=4)),
+    }),
+)  # fmt: skip
+_metas = st.one_of(
+    _json,
+    st.fixed_dictionaries({}, optional={
+        "epoch": _scalars, "rng_state": _rng_states,
+        "loss": st.one_of(_scalars, st.sampled_from(["mean_squared_error", "hinge"])),
+        "extra": _extras,
+    }),
+)  # fmt: skip
+# Raw texts: nesting of any depth, invalid JSON, numbers beyond Python's 4300-digit int limit.
+_texts = st.one_of(
+    st.integers(0, 400).map(lambda d: '{"extra": ' + "[" * d + "]" * d + "}"),
+    st.integers(0, 400).map(lambda d: '{"extra": ' + '{"a":' * d + "1" + "}" * d + "}"),
+    st.integers(4000, 5000).map(lambda n: '{"epoch": ' + "9" * n + "}"),
+    st.text(max_size=30),
+)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def checkpoint_bytes(tmp_path_factory):
+    model = _net()
+    model.compile("adam")
+    x, y = _data(8)
+    model.train_on_batch(x, y)  # optimizer state to restore too
+    path = tmp_path_factory.mktemp("fuzz") / "base.npz"
+    model.save(path, epoch=1)
+    return path.read_bytes()
+
+
+# tmp_path is shared by the examples (each overwrites the file): the health check is moot.
+_FUZZ_SETTINGS = settings(
+    max_examples=300,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
+
+
+@_FUZZ_SETTINGS
+@given(meta=st.one_of(_metas.map(lambda m: json.dumps(m)), _texts))
+def test_fuzz_load_model_over_crafted_metadata(meta, tmp_path, checkpoint_bytes):
+    path = tmp_path / "fuzz.npz"
+    path.write_bytes(checkpoint_bytes)
+    _rewrite(path, __meta__=meta)
+    try:
+        model = load_model(path)
+    except CheckpointError:
+        return
+    # loaded: the metadata is what the loader promises
+    meta = model.checkpoint_meta
+    assert isinstance(meta, dict) and isinstance(meta.get("extra", {}), dict)
+    epoch = meta.get("epoch")
+    assert epoch is None or (type(epoch) is int and 0 <= epoch < 2**31)

@@ -17,7 +17,8 @@ Format 2 (written today; format 1, written before the model graph, still loads):
 
 ``__meta__`` fields (checked on save and on load, :func:`meta_problem`): ``epoch`` None or an
 int in [0, 2**31); ``rng_state`` None or a NumPy bit-generator state object; ``loss`` None or a
-loss name; ``extra`` a JSON object of the caller's, with finite numbers only (strict JSON).
+loss name; ``extra`` a JSON object of the caller's, with finite numbers only (strict JSON; on
+load a NaN from an older file is let through where nothing compares it).
 Four keys of ``extra`` are what ``fastconv train-mnist`` records and are checked as such:
 ``history`` (a list of per-epoch objects of numbers), ``best_score`` (a finite number),
 ``schedule_state`` ({best, wait, cooldown_left}) and ``args`` (an object of plain values).
@@ -86,6 +87,15 @@ def json_depth(text: str) -> int:
     return int(np.cumsum(step).max())
 
 
+def _short(value, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters: a message names a crafted value, it does
+    not print a 4000-digit number or a megabyte of JSON."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**limit:
+        return f"an int of {len(str(abs(value)))} digits"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
 def _is_int(v) -> bool:
     return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
@@ -94,28 +104,28 @@ def _is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
-def _json_problem(value, where, depth=0):
-    """``(exception class, message)`` if ``value`` is not strict JSON (finite numbers, string
-    keys, at most MAX_JSON_DEPTH levels), else None."""
+def _json_problem(value, where, strict, depth=0):
+    """``(exception class, message)`` if ``value`` is not JSON (string keys, at most
+    MAX_JSON_DEPTH levels; with ``strict`` finite numbers only), else None."""
     if depth > MAX_JSON_DEPTH:
         return ValueError, f"{where} is nested deeper than {MAX_JSON_DEPTH} levels"
     if value is None or isinstance(value, (str, bool)) or _is_int(value):
         return None
     if isinstance(value, float):
-        if not math.isfinite(value):
+        if strict and not math.isfinite(value):
             return ValueError, f"{where} is {value!r}: checkpoints hold strict JSON, finite only"
         return None
     if isinstance(value, dict):
         for k, v in value.items():
             if not isinstance(k, str):
-                return TypeError, f"{where} has a key {k!r} that is not a str"
-            problem = _json_problem(v, f"{where}[{k!r}]", depth + 1)
+                return TypeError, f"{where} has a key {_short(k)} that is not a str"
+            problem = _json_problem(v, f"{where}[{k!r}]", strict, depth + 1)
             if problem:
                 return problem
         return None
     if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-            problem = _json_problem(v, f"{where}[{i}]", depth + 1)
+            problem = _json_problem(v, f"{where}[{i}]", strict, depth + 1)
             if problem:
                 return problem
         return None
@@ -139,18 +149,21 @@ def _run_record_problem(extra):
                     return ValueError, f"extra['history'][{i}]['epoch'] must be an int >= 1"
                 if v is not None and not _is_number(v):
                     return TypeError, (
-                        f"extra['history'][{i}][{key!r}] must be a number or None, got {v!r}"
+                        f"extra['history'][{i}][{key!r}] must be a number or None, got {_short(v)}"
                     )
-    if "best_score" in extra and not _is_number(extra["best_score"]):
-        return TypeError, f"extra['best_score'] must be a number, got {extra['best_score']!r}"
+    best = extra.get("best_score", 0.0)
+    if not _is_number(best) or not math.isfinite(best):
+        kind = ValueError if _is_number(best) else TypeError
+        return kind, f"extra['best_score'] must be a finite number, got {_short(best)}"
     state = extra.get("schedule_state")
     if state is not None:
         if not isinstance(state, dict) or set(state) != {"best", "wait", "cooldown_left"}:
             return ValueError, (
                 "extra['schedule_state'] must be an object {best, wait, cooldown_left}"
             )
-        if state["best"] is not None and not _is_number(state["best"]):
-            return TypeError, "extra['schedule_state']['best'] must be a number or None"
+        best = state["best"]
+        if best is not None and not (_is_number(best) and math.isfinite(best)):
+            return TypeError, "extra['schedule_state']['best'] must be a finite number or None"
         for key in ("wait", "cooldown_left"):
             if not (_is_int(state[key]) and 0 <= state[key] <= _MAX_EPOCH):
                 return ValueError, f"extra['schedule_state'][{key!r}] must be an int >= 0"
@@ -160,30 +173,32 @@ def _run_record_problem(extra):
             return TypeError, f"extra['args'] must be an object, got {type(args).__name__}"
         for key, v in args.items():
             if isinstance(v, (dict, list)):
-                return TypeError, f"extra['args'][{key!r}] must be a plain value, got {v!r}"
+                return TypeError, f"extra['args'][{key!r}] must be a plain value, got {_short(v)}"
     return None
 
 
-def meta_problem(meta):
+def meta_problem(meta, strict=True):
     """``(exception class, message)`` for what is wrong with a checkpoint's ``__meta__``
     (see the module docstring), or None. Used on save (raised as is) and on load (raised as
-    :class:`CheckpointError`), so that whatever is saved loads again."""
+    :class:`CheckpointError`), so that whatever is saved loads again. ``strict=False`` (load)
+    lets NaN and inf through in ``extra``'s own values (older versions wrote them as bare NaN),
+    never in the fields that a run compares (best scores)."""
     if not isinstance(meta, dict):
         return TypeError, "'__meta__' must be a JSON object"
     epoch = meta.get("epoch")
     if epoch is not None and not (_is_int(epoch) and 0 <= epoch <= _MAX_EPOCH):
         kind = ValueError if _is_int(epoch) else TypeError
-        return kind, f"epoch must be None or an int in [0, {_MAX_EPOCH}], got {epoch!r}"
+        return kind, f"epoch must be None or an int in [0, {_MAX_EPOCH}], got {_short(epoch)}"
     rng_state = meta.get("rng_state")
     if rng_state is not None and not isinstance(rng_state, dict):
-        return TypeError, f"rng_state must be a generator state object, got {rng_state!r}"
+        return TypeError, f"rng_state must be a generator state object, got {_short(rng_state)}"
     loss = meta.get("loss")
     if loss is not None and not isinstance(loss, str):
-        return TypeError, f"loss must be a loss name or None, got {loss!r}"
+        return TypeError, f"loss must be a loss name or None, got {_short(loss)}"
     extra = meta.get("extra", {})
     if not isinstance(extra, dict):
         return TypeError, f"extra must be a dict (JSON object), got {type(extra).__name__}"
-    return _json_problem(extra, "extra") or _run_record_problem(extra)
+    return _json_problem(extra, "extra", strict) or _run_record_problem(extra)
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -402,7 +417,9 @@ class _Archive:
             )
         try:
             return json.loads(text)
-        except (json.JSONDecodeError, RecursionError) as e:  # RecursionError: belt and braces
+        # ValueError: also an integer of more than 4300 digits (Python's limit on int(str));
+        # RecursionError: belt and braces, the depth is bounded above.
+        except (ValueError, RecursionError) as e:
             raise self.error(f"entry {key!r} is not valid JSON ({type(e).__name__}: {e})") from None
 
     def close(self):
@@ -487,7 +504,7 @@ def _load(ar: _Archive, backend, dtype, compile):
     fill_weights(model, [ar.array(k) for k in keys])
 
     meta = ar.json("__meta__") if "__meta__" in ar.names else {}
-    problem = meta_problem(meta)
+    problem = meta_problem(meta, strict=False)
     if problem:
         raise ar.error(f"'__meta__': {problem[1]}")
     if meta.get("rng_state"):
