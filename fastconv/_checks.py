@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import os
 from typing import NamedTuple
 
 import numpy as np
@@ -69,6 +70,38 @@ def as_int(value, name: str, minimum: int) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return value
+
+
+def as_seed(value, name: str = "seed"):
+    """None or an int >= 0 (what :func:`numpy.random.default_rng` takes as a seed), with the
+    argument's name in the message rather than NumPy's "expected non-negative integer"."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be None or an int >= 0, got {_type_name(value)}")
+    if value < 0:
+        raise ValueError(f"{name} must be None or an int >= 0, got {value}")
+    return int(value)
+
+
+def physical_memory() -> int | None:
+    """Bytes of RAM of this machine, or None where the system does not say."""
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE")) * int(os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def check_allocation(nbytes: int, what: str) -> None:
+    """Refuse, before allocating, an array larger than this machine's memory: NumPy would
+    raise a bare MemoryError, or (with overcommit) the kernel kill the process while the
+    array is being filled."""
+    ram = physical_memory()
+    if ram is not None and nbytes > ram:
+        raise ValueError(
+            f"{what} needs {nbytes:,} bytes ({nbytes / 2**30:,.1f} GiB), more than this "
+            f"machine's memory ({ram / 2**30:,.1f} GiB)"
+        )
 
 
 def as_pair(value, name: str, minimum: int) -> tuple[int, int]:

@@ -49,6 +49,10 @@ _SNAP = 1e-6
 # --- parameter checks (ValueError naming the parameter) -----------------------------------------
 
 
+_MAX_PIXELS = 1e6  # shifts and elastic displacements (RandomTransform)
+_MAX_SIGMA = 1000.0  # elastic smoothing (RandomTransform)
+
+
 def _is_real(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
@@ -318,9 +322,10 @@ class RandomTransform:
     Parameters
     ----------
     rotation : number >= 0 or (low, high)
-        Degrees; a number r draws uniformly from [-r, r].
+        Degrees; a number r draws uniformly from [-r, r]; within [-360, 360].
     shift : number >= 0, (rows, cols) of numbers, or None
-        Pixels; a number s draws each axis from [-s, s]; a pair gives per-axis maxima.
+        Pixels; a number s draws each axis from [-s, s]; a pair gives per-axis maxima (at most
+        10**6).
     scale : number in [0, 1) or (low, high) with 0 < low <= high
         Zoom; a number z draws from [1 - z, 1 + z].
     shear : number >= 0 or (low, high)
@@ -333,8 +338,9 @@ class RandomTransform:
         other transforms (from the flipped, rotated... content).
     padding : int >= 0
     elastic_alpha, elastic_sigma : numbers
-        Elastic distortion (Simard et al., 2003): displacement scale in pixels (0: off) and
-        smoothing in pixels (> 0). Simard used alpha 34, sigma 4 for MNIST.
+        Elastic distortion (Simard et al., 2003): displacement scale in pixels (0: off; at most
+        10**6) and smoothing in pixels (> 0, at most 1000). Simard used alpha 34, sigma 4 for
+        MNIST.
 
     ``transform(x, rng)`` (or calling the object) returns the augmented batch on ``x``'s
     backend and dtype; with ``rng`` a seeded :class:`numpy.random.Generator` it is reproducible.
@@ -352,15 +358,22 @@ class RandomTransform:
         elastic_alpha=0.0,
         elastic_sigma=4.0,
     ):
-        self.rotation = _symmetric(rotation, "rotation")
+        # Bounds that keep every value meaningful and finite in the float32 sampling grid
+        # (rotation=1e308 overflowed NumPy's uniform mid-training): a rotation range within one
+        # turn each way, shifts and elastic displacements up to a million pixels, a blur of at
+        # most 1000 pixels (its taps are allocated: 6 per sigma).
+        self.rotation = _symmetric(rotation, "rotation", maximum=360.0)
         if isinstance(shift, (tuple, list)):
             if len(shift) != 2:
                 raise ValueError(
                     f"shift must be a number >= 0 or a pair (rows, cols), got {shift!r}"
                 )
-            self.shift = (_finite(shift[0], "shift[0]", 0.0), _finite(shift[1], "shift[1]", 0.0))
+            self.shift = (
+                _finite(shift[0], "shift[0]", 0.0, _MAX_PIXELS),
+                _finite(shift[1], "shift[1]", 0.0, _MAX_PIXELS),
+            )
         else:
-            v = _finite(shift, "shift", 0.0)
+            v = _finite(shift, "shift", 0.0, _MAX_PIXELS)
             self.shift = (v, v)
         if isinstance(scale, (tuple, list)):
             if len(scale) != 2:
@@ -383,8 +396,10 @@ class RandomTransform:
         self.crop = None if crop is None else _size(crop, "crop")
         if self.crop is None and self.padding:
             raise ValueError("padding only applies with crop=(h, w)")
-        self.elastic_alpha = _finite(elastic_alpha, "elastic_alpha", 0.0)
-        self.elastic_sigma = _finite(elastic_sigma, "elastic_sigma", 0.0, strict_min=True)
+        self.elastic_alpha = _finite(elastic_alpha, "elastic_alpha", 0.0, _MAX_PIXELS)
+        self.elastic_sigma = _finite(
+            elastic_sigma, "elastic_sigma", 0.0, _MAX_SIGMA, strict_min=True
+        )
 
     def get_config(self) -> dict:
         return {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -164,7 +165,9 @@ def _add_train_mnist(subparsers):
         choices=["float32", "float16"],
         help="model dtype (float32); float16 is experimental for training (float32 masters)",
     )
-    p.add_argument("--seed", type=int, default=None, help="seed for init, shuffling, dropout")
+    p.add_argument(
+        "--seed", type=_seed, default=None, help="seed (>= 0) for init, shuffling, dropout"
+    )
     p.add_argument(
         "--val-size",
         type=_non_negative_int,
@@ -256,6 +259,17 @@ def _augment_spec(text):
     return text.strip()
 
 
+def _seed(text):
+    """--seed: NumPy seeds are integers >= 0 (a negative one failed inside NumPy, mid-run)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer seed >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer seed >= 0, got {value}")
+    return value
+
+
 def _non_negative_int(text):
     try:
         value = int(text)
@@ -288,7 +302,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def _error_text(e: BaseException) -> str:
+    """A user-caused exception as the text of one ``error:`` line."""
+    if isinstance(e, MemoryError):  # NumPy's says how much; a bare one says nothing
+        return f"out of memory{': ' + str(e) if str(e) else ''}"
+    if isinstance(e, OSError) and e.filename is not None and e.strerror:
+        return f"{e.strerror}: {e.filename}"
+    return str(e) or type(e).__name__
+
+
 def main(argv=None) -> int:
+    """Run one command. Whatever a user can cause (a bad value, a missing or unwritable file, a
+    damaged checkpoint, too little memory) ends in one ``error: ...`` line on stderr and a
+    non-zero exit, never a traceback; ``FASTCONV_TRACEBACK=1`` shows the traceback instead
+    (for reporting a bug)."""
+    from .nn.saving import CheckpointError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if getattr(args, "func", None) is None:
@@ -299,6 +332,15 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
         return 130
+    except SystemExit as e:  # a command's own message (profile, bench): same form
+        if isinstance(e.code, str) and not e.code.startswith("error: "):
+            raise SystemExit(f"error: {_one_line(e.code)}") from None
+        raise
+    except (CheckpointError, ValueError, TypeError, OSError, MemoryError) as e:
+        if os.environ.get("FASTCONV_TRACEBACK"):
+            raise
+        print(f"error: {_one_line(_error_text(e))}", file=sys.stderr)
+        return 1
 
 
 # --- train-mnist ---------------------------------------------------------------------------------
@@ -332,6 +374,8 @@ class _RunRecorder:
         self.schedule = None
 
     def epoch_end(self, model, epoch, logs):
+        from .nn._files import strict_json
+
         record = {
             "epoch": epoch + 1,
             "train_loss": logs["loss"],
@@ -349,6 +393,9 @@ class _RunRecorder:
         extra = {"history": self.history, "best_score": self.best, "args": self.run_args}
         if hasattr(self.schedule, "get_state"):
             extra["schedule_state"] = self.schedule.get_state()
+        # Checkpoints hold strict JSON: a NaN validation loss is recorded as null, as in
+        # history.json (save_model refuses non-finite numbers rather than write bare NaN).
+        extra = strict_json(extra)
         model.save(self.out / "last.npz", include_optimizer=True, epoch=epoch + 1, extra=extra)
         _write_history(self.out, self.history)
         val = (
@@ -409,6 +456,85 @@ def _resolve_run_args(args, saved=None):
     return conflicts
 
 
+def _train_mnist_options() -> dict:
+    """``{dest: argparse action}`` of the train-mnist options."""
+    p = _add_train_mnist(argparse.ArgumentParser().add_subparsers())
+    return {a.dest: a for a in p._actions}
+
+
+def _check_saved_args(saved: dict, last) -> None:
+    """The settings a resumed run takes from its checkpoint must be values the command line
+    would accept for the same flags (a crafted or damaged ``args`` is a CheckpointError, not
+    a traceback mid-training)."""
+    from .nn import CheckpointError
+
+    options = _train_mnist_options()
+    kinds = {_positive_int: int, _non_negative_int: int, _seed: int, _positive_float: float,
+             _non_negative_float: float, _augment_spec: str}  # fmt: skip
+    defaults = {**_RUN_DEFAULTS, **RECIPES["book"]}
+    for key, value in saved.items():
+        action = options.get(key)
+        if key == "ranks":
+            ok = isinstance(value, int) and not isinstance(value, bool) and value >= 1
+            problem = None if ok else "expected a positive integer"
+        elif action is None or key not in (*defaults, "recipe", "epochs"):
+            continue  # recorded for the record only (--out, --quiet...): not reused
+        elif value is None:  # only where None is the default (not given: no limit...)
+            nullable = key in defaults and defaults[key] is None
+            problem = None if nullable else "expected a value"
+        elif action.choices is not None:
+            problem = None if value in action.choices else f"expected one of {action.choices}"
+        else:
+            kind = kinds.get(action.type)
+            if kind is int and not (isinstance(value, int) and not isinstance(value, bool)):
+                problem = "expected an integer"
+            elif kind is float and not (isinstance(value, (int, float))
+                                        and not isinstance(value, bool)):  # fmt: skip
+                problem = "expected a number"
+            elif kind is str and not isinstance(value, str):
+                problem = "expected a string"
+            else:
+                try:
+                    action.type(str(value))
+                    problem = None
+                except argparse.ArgumentTypeError as e:
+                    problem = str(e)
+        if problem:
+            raise CheckpointError(
+                f"checkpoint {last}: the recorded setting {key}={value!r} is not valid ({problem})"
+            )
+
+
+def _check_history(history: list, last, validate: bool) -> None:
+    """The per-epoch records a resumed run continues: epochs 1, 2, ... with the numbers the
+    early stopping and the plots read."""
+    from .nn import CheckpointError
+
+    for i, record in enumerate(history):
+        missing = [k for k in ("epoch", "train_loss", "train_accuracy") if record.get(k) is None]
+        if validate and record.get("val_accuracy") is None:
+            missing.append("val_accuracy")
+        if missing or record["epoch"] != i + 1:
+            raise CheckpointError(
+                f"checkpoint {last}: history record {i} is not epoch {i + 1}'s record (missing "
+                f"or wrong: {missing or ['epoch']})"
+            )
+
+
+def _model_fits_data(model, x_train, args) -> str | None:
+    """What makes a resumed model unusable on this data, or None."""
+    classes = 10
+    got = f"inputs {tuple(model.input_shape)} and {model.output_shape} outputs"
+    if tuple(model.input_shape) != tuple(x_train.shape[1:]) or model.output_shape != (classes,):
+        return (
+            f"holds a model for {got}, not for MNIST's {tuple(x_train.shape[1:])} images and "
+            f"{classes} classes"
+        )
+    if model.dtype.name != args.dtype:
+        return f"holds a {model.dtype.name} model, but its run settings say {args.dtype}"
+    return None
+
+
 def train_mnist(args) -> int:
     try:
         strategy = _strategy_for(args)
@@ -421,12 +547,41 @@ def train_mnist(args) -> int:
 
 
 def _train_mnist_checked(args, strategy) -> int:
+    """Lock the run folder (rank 0 alone writes it), then check and train."""
+    from ._runlock import RunFolderBusy, RunLock
+
+    out = Path(args.out)
+    lock = RunLock(out, command="fastconv train-mnist")
+
+    def take():  # on rank 0; every rank gets the outcome
+        if out.exists() and not out.is_dir():
+            return f"--out {out} is a file, not a directory"
+        try:
+            note = lock.acquire()
+        except RunFolderBusy as e:
+            return str(e)
+        except OSError as e:
+            return f"cannot use --out {out}: {e.strerror or e}"
+        if note:
+            print(note, file=sys.stderr, flush=True)
+        return None
+
+    try:
+        problem = _on_root(strategy, take)
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 2
+        return _train_mnist_locked(args, strategy, out)
+    finally:
+        lock.release()
+
+
+def _train_mnist_locked(args, strategy, out: Path) -> int:
     from .nn import CheckpointError
     from .nn._files import remove_stale_temp_files
 
-    out = Path(args.out)
     last = out / "last.npz"
-    if out.is_dir() and _is_root(strategy):
+    if _is_root(strategy):  # under the lock no other fastconv run writes here
         remove_stale_temp_files(out)
     if _on_root(strategy, last.exists) and not (args.resume or args.overwrite):
         print(
@@ -533,9 +688,10 @@ def _train_mnist(args, out: Path, last: Path, strategy=None) -> int:
     if args.resume and _on_root(strategy, last.exists):
         loader = load_model if strategy is None else strategy.load_model
         model = loader(last, backend=args.backend)
-        saved = model.checkpoint_meta.get("extra", {}).get("args")
-        if not isinstance(saved, dict):
-            saved = {}
+        # The loader checked the metadata's types; the values must also be settings this
+        # command accepts, as if given on the command line.
+        saved = model.checkpoint_meta.get("extra", {}).get("args") or {}
+        _check_saved_args(saved, last)
         before = saved.get("ranks", 1)
         if before != ranks:
             how = "one process" if before == 1 else f"mpiexec -n {before}"
@@ -575,6 +731,11 @@ def _train_mnist(args, out: Path, last: Path, strategy=None) -> int:
             file=sys.stderr,
         )
         return 2
+    if model is not None:
+        problem = _model_fits_data(model, x_train, args)
+        if problem:
+            print(f"error: {last} {problem}; start afresh with --overwrite", file=sys.stderr)
+            return 2
     validation = None
     if args.val_size:
         validation = (x_train[-args.val_size :], y_train[-args.val_size :])
@@ -590,6 +751,7 @@ def _train_mnist(args, out: Path, last: Path, strategy=None) -> int:
         initial_epoch = int(meta.get("epoch") or 0)
         extra = meta.get("extra", {})
         history = list(extra.get("history", []))[:initial_epoch]
+        _check_history(history, last, validate=bool(args.val_size))
         best = float(extra.get("best_score", -1.0))
         schedule_state = extra.get("schedule_state")
         optimizer = model.optimizer if model.optimizer is not None else _make_optimizer(args)
@@ -763,6 +925,9 @@ def _train_mnist_mpi(args, strategy) -> int:
             rc = 130
         except DistributedError as e:
             print(f"error: {e}", file=sys.stderr)
+            rc = 1
+        except (ValueError, TypeError, OSError, MemoryError) as e:  # as main() does
+            print(f"error: {_one_line(_error_text(e))}", file=sys.stderr)
             rc = 1
         except Exception:
             traceback.print_exc()

@@ -28,12 +28,14 @@ is ``framework``. ``fastconv profile --model NAME`` runs both and draws them sid
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
 from .device import GPU, device_of
+from .nn._files import check_writable_file
 
 __all__ = [
     "ProfileResult",
@@ -785,8 +787,8 @@ def _inputs(args, input_shape, classes):
 
         try:
             (x, y), _ = load_mnist(args.mnist_dir)
-        except MNISTError as e:
-            raise SystemExit(f"fastconv profile: {e}") from None
+        except (MNISTError, OSError, ValueError) as exc:  # missing, unreadable or corrupt
+            raise SystemExit(f"fastconv profile: --data mnist: {exc}") from None
         if args.batch_size > x.shape[0]:
             raise SystemExit(f"fastconv profile: --batch-size must be <= {x.shape[0]} for MNIST")
         return x[: args.batch_size], y[: args.batch_size]
@@ -835,6 +837,26 @@ def _profile_torch_in_subprocess(args, x, y):
     return TorchProfileResult(**value)
 
 
+def _check_memory(args, model) -> None:
+    """Refuse a batch whose activations cannot fit in memory before allocating it (a large
+    --input-size was a MemoryError in the middle of the first step, or the OOM killer)."""
+    from ._checks import check_allocation
+
+    itemsize = np.dtype(args.dtype).itemsize
+    per_sample = sum(math.prod(shape) for shape in model._shapes.values())
+    size = "x".join(map(str, model.input_shape))
+    try:  # every layer's output is kept for the backward pass of a training step
+        check_allocation(
+            per_sample * args.batch_size * itemsize,
+            f"a batch of {args.batch_size} {size} inputs through --model {args.model} (every "
+            "layer's output, kept for the backward pass)",
+        )
+    except ValueError as exc:
+        raise SystemExit(
+            f"fastconv profile: {exc}; use a smaller --input-size or --batch-size"
+        ) from None
+
+
 def _defaults(args, model_name):
     big = model_name not in ("deep-mnist", "resnet-mnist", "lenet5")
     if args.batch_size is None:
@@ -860,12 +882,18 @@ def _command(args) -> int:
             f"fastconv profile: --data mnist needs a model for 1x28x28 inputs "
             f"({', '.join(_MNIST_MODELS)}), got --model {args.model}"
         )
+    if args.plot:  # before the run, not after it
+        try:
+            check_writable_file(args.plot, "--plot")
+        except ValueError as exc:
+            raise SystemExit(f"fastconv profile: {exc}") from None
     try:
         model = _build_model(args)
     except RuntimeError as exc:  # e.g. --backend gpu without CuPy or a CUDA device
         raise SystemExit(f"fastconv profile: {exc}") from exc
-    except ValueError as exc:  # an input size the architecture cannot take
+    except ValueError as exc:  # an input size the architecture cannot take, or cannot hold
         raise SystemExit(f"fastconv profile: {exc}") from exc
+    _check_memory(args, model)
     x, y = _inputs(args, model.input_shape, model.output_shape[0])
     if args.forward_only:
         result = profile_forward(model, x, args.steps, args.warmup)
@@ -916,6 +944,7 @@ def _command(args) -> int:
 
 def add_subcommand(subparsers):
     """Add ``fastconv profile`` to an argparse ``subparsers`` object."""
+    from .cli import _seed
     from .models import MODELS
 
     p = subparsers.add_parser(
@@ -959,7 +988,7 @@ def add_subcommand(subparsers):
         help="directory of the MNIST IDX .gz files (default: found or downloaded as load_mnist "
         "does, docs/training.md)",
     )
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_seed, default=0, help="seed (>= 0) of weights and inputs")
     p.add_argument(
         "--no-torch",
         action="store_true",

@@ -27,6 +27,7 @@ from fastconv.nn import (
     TerminateOnNaN,
     load_model,
 )
+from fastconv.nn._files import TEMP_PREFIX
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL = ["--limit-train", "300", "--val-size", "100", "--limit-test", "100", "--batch-size", "50"]
@@ -163,18 +164,19 @@ def test_resume_on_a_damaged_checkpoint_is_an_error_line(tmp_path, capsys, damag
 
 
 def test_stale_temp_files_are_removed(tmp_path):
+    """train-mnist owns its run folder: it removes what killed fastconv writers left there."""
     out = tmp_path / "run"
     out.mkdir()
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True).stdout.strip()  # fmt: skip
-    stale = [out / f".tmp-{dead}-abc.npz", out / f".tmp-{dead}-def.json"]
+    stale = [out / f"{TEMP_PREFIX}{dead}-abcd1234.npz", out / f"{TEMP_PREFIX}{dead}-efgh_678.json"]
     for p in stale:
         p.write_bytes(b"half written")
-    mine = out / f".tmp-{os.getpid()}-live.npz"  # a live writer's file stays
+    mine = out / f"{TEMP_PREFIX}{os.getpid()}-live1234.npz"  # a live writer's file stays
     mine.write_bytes(b"in progress")
     assert _run_small(out) == 0
     assert not any(p.exists() for p in stale) and mine.exists()
-    assert [p.name for p in out.iterdir() if p.name.startswith(".tmp")] == [mine.name]
+    assert [p.name for p in out.iterdir() if p.name.startswith(TEMP_PREFIX)] == [mine.name]
 
 
 def test_a_full_disk_is_an_error_line(tmp_path):
@@ -192,7 +194,8 @@ def test_a_full_disk_is_an_error_line(tmp_path):
                           text=True, timeout=300)  # fmt: skip
     assert done.returncode == 1, done.stderr[-2000:]
     assert "error: cannot write the run's files" in done.stderr and "Traceback" not in done.stderr
-    assert [p.name for p in out.iterdir() if p.name.startswith(".tmp")] == []
+    # no temporary file left (the folder itself is gone when the run wrote nothing into it)
+    assert not out.exists() or not [p for p in out.iterdir() if p.name.startswith(TEMP_PREFIX)]
 
 
 def test_ctrl_c_while_importing_or_plotting_is_not_a_traceback(monkeypatch, capsys, tmp_path):
@@ -251,11 +254,11 @@ def test_kill_during_a_checkpoint_write_then_resume_is_bit_identical(tmp_path):
     )  # epoch 1 wrote best.npz and last.npz: the 3rd is epoch 2's
     assert killed.returncode == -signal.SIGKILL
     assert load_model(tmp_path / "killed" / "last.npz").checkpoint_meta["epoch"] == 1
-    assert any(p.name.startswith(".tmp-") for p in (tmp_path / "killed").iterdir())
+    assert any(p.name.startswith(TEMP_PREFIX) for p in (tmp_path / "killed").iterdir())
     resumed = run(tmp_path / "killed", 0, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "after epoch 1" in resumed.stdout
-    assert not any(p.name.startswith(".tmp-") for p in (tmp_path / "killed").iterdir())
+    assert not any(p.name.startswith(TEMP_PREFIX) for p in (tmp_path / "killed").iterdir())
     a = load_model(tmp_path / "straight" / "last.npz")
     b = load_model(tmp_path / "killed" / "last.npz")
     for wa, wb in zip(a.get_weights(), b.get_weights(), strict=True):

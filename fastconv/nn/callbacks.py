@@ -14,6 +14,9 @@ import json
 import math
 import numbers
 import os
+import warnings
+
+import numpy as np
 
 from ._files import write_json_atomic
 
@@ -109,6 +112,22 @@ class History(Callback):
             self.history.setdefault(key, []).append(value)
 
 
+def _log_keys(callback):
+    """The keys the model's epoch logs will have (set by ``fit``), or None outside fit."""
+    return getattr(callback.model, "epoch_log_keys", None)
+
+
+def _check_log_key(callback, key, what) -> None:
+    """At train begin: a monitored key the logs will not have fails now, not after an epoch."""
+    keys = _log_keys(callback)
+    if keys is not None and key not in keys:
+        hint = "; pass validation_data to fit() to get val_* metrics" if "val_" in key else ""
+        raise ValueError(
+            f"{type(callback).__name__} {what} {key!r}, which the epoch logs will not have "
+            f"(they have {list(keys)}){hint}"
+        )
+
+
 def _mode_for(monitor: str, mode: str) -> str:
     if mode not in ("auto", "min", "max"):
         raise ValueError(f"mode must be 'auto', 'min' or 'max', got {mode!r}")
@@ -126,6 +145,9 @@ class _Monitor(Callback):
         self.mode = _mode_for(monitor, mode)
         self.min_delta = abs(float(min_delta))
         self.best = -math.inf if self.mode == "max" else math.inf
+
+    def on_train_begin(self, logs=None):
+        _check_log_key(self, self.monitor, "monitors")
 
     def _value(self, logs):
         if not logs or self.monitor not in logs:
@@ -145,7 +167,13 @@ class ModelCheckpoint(_Monitor):
     """Save the model to ``path`` (``.npz``) at the end of each epoch, or only on improvement
     of ``monitor`` when ``save_best_only``. ``path`` may contain ``{epoch}`` (1-based) and any
     log key, e.g. ``"ckpt-{epoch:02d}-{val_accuracy:.4f}.npz"``. ``include_optimizer`` also
-    stores the optimizer state and epoch, for resuming."""
+    stores the optimizer state and epoch, for resuming.
+
+    Never writes a diverged model: when the weights (or, with ``save_best_only``, the monitored
+    value) are NaN or infinite at the end of an epoch, nothing is saved, a RuntimeWarning says
+    so, ``refused`` holds the message, and training stops (NaN weights stay NaN: nothing later
+    could be saved either). The last checkpoint written stays the last finite one.
+    """
 
     def __init__(
         self,
@@ -159,16 +187,61 @@ class ModelCheckpoint(_Monitor):
         self.path = os.fspath(path)
         self.save_best_only = bool(save_best_only)
         self.include_optimizer = bool(include_optimizer)
+        self.refused = None
+
+    def on_train_begin(self, logs=None):
+        if self.save_best_only:
+            _check_log_key(self, self.monitor, "monitors")
+        keys = _log_keys(self)
+        if keys is None:
+            return
+        try:  # the path with every field the logs will have: a KeyError now, not after epoch 1
+            path = self.path.format(epoch=1, **{k: 0.5 for k in keys})
+        except (KeyError, IndexError, ValueError) as e:
+            hint = (
+                "; pass validation_data to fit() to get val_* metrics" if "val_" in str(e) else ""
+            )
+            raise ValueError(
+                f"ModelCheckpoint path {self.path!r} cannot be formatted from the epoch logs "
+                f"({type(e).__name__}: {e}; fields: 'epoch' and {list(keys)}){hint}"
+            ) from None
+        if not path.endswith(".npz"):
+            raise ValueError(f"ModelCheckpoint path must end with .npz, got {self.path!r}")
+
+    def _refuse(self, epoch, what):
+        self.refused = (
+            f"ModelCheckpoint: {what} after epoch {epoch + 1}; not saved over {self.path!r} "
+            "and training stopped (add TerminateOnNaN() to stop at the first bad batch)"
+        )
+        warnings.warn(self.refused, RuntimeWarning, stacklevel=2)
+        self.model.stop_training = True
 
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         if self.save_best_only:
             value = self._value(logs)
+            if not math.isfinite(value):
+                return self._refuse(epoch, f"the monitored {self.monitor} is {value}")
             if not self._improved(value):
                 return
+        bad = _first_non_finite_weight(self.model)
+        if bad is not None:
+            return self._refuse(epoch, f"weight {bad} holds NaN or inf")
+        if self.save_best_only:
             self.best = value
         path = self.path.format(epoch=epoch + 1, **logs)
         self.model.save(path, include_optimizer=self.include_optimizer, epoch=epoch + 1)
+
+
+def _first_non_finite_weight(model):
+    """``"layer/weight"`` of the first weight holding NaN or inf, or None."""
+    from .backend import array_module
+
+    for layer, name in model.weight_entries():
+        w = layer.get_weight(name)
+        if not bool(array_module(w).isfinite(w).all()):
+            return f"{layer.name}/{name}"
+    return None
 
 
 class EarlyStopping(_Monitor):
@@ -194,6 +267,7 @@ class EarlyStopping(_Monitor):
         self.wait = 0
 
     def on_train_begin(self, logs=None):
+        super().on_train_begin(logs)
         self.best = -math.inf if self.mode == "max" else math.inf
         self.wait = 0
         self.best_weights = None
@@ -232,19 +306,24 @@ class LearningRateScheduler(Callback):
         self.model.optimizer.lr = _checked_lr(lr, epoch, "schedule")
 
 
+# Learning rates and factors end up as float32 in the updates: finite there, not just in float64.
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 def _checked_lr(lr, epoch, what) -> float:
     """A learning rate a schedule produced for ``epoch`` (0-based), or a ValueError with it."""
     lr = float(lr)
-    if not lr > 0 or not math.isfinite(lr):
+    if not lr > 0 or not lr <= _F32_MAX or float(np.float32(lr)) == 0.0:
         raise ValueError(
             f"{what} gave the learning rate {lr!r} at epoch {epoch + 1}; it must be a positive "
-            "finite number"
+            "finite number in float32"
         )
     return lr
 
 
 def _number(value, name, low=None, high=None, low_open=False, high_open=False):
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and abs(value) <= _F32_MAX
     if ok and low is not None:
         ok = value > low if low_open else value >= low
     if ok and high is not None:
@@ -358,16 +437,25 @@ class ReduceLROnPlateau(Callback):
         self.min_lr = _number(min_lr, "min_lr", 0)
         self.reset()
 
+    def on_train_begin(self, logs=None):
+        _check_log_key(self, self.monitor, "monitors")
+
     def reset(self):
         self.best = -math.inf if self.mode == "max" else math.inf
         self.wait = 0
         self.cooldown_left = 0
 
     def get_state(self) -> dict:
-        return {"best": self.best, "wait": self.wait, "cooldown_left": self.cooldown_left}
+        """The counters as JSON types (strict JSON: ``best`` is None until a finite value was
+        seen, rather than an infinity)."""
+        best = self.best if math.isfinite(self.best) else None
+        return {"best": best, "wait": self.wait, "cooldown_left": self.cooldown_left}
 
     def set_state(self, state: dict) -> None:
-        self.best = float(state["best"])
+        best = state["best"]
+        if best is None:
+            best = -math.inf if self.mode == "max" else math.inf
+        self.best = float(best)
         self.wait = int(state["wait"])
         self.cooldown_left = int(state["cooldown_left"])
 

@@ -8,9 +8,15 @@ turns the graph between a model's input and output into nodes in execution order
 from __future__ import annotations
 
 import itertools
+import math
 import numbers
 
-__all__ = ["SymbolicTensor", "Node", "Input", "connect", "trace"]
+import numpy as np
+
+__all__ = ["SymbolicTensor", "Node", "Input", "connect", "trace", "MAX_ELEMENTS"]
+
+#: the most elements one array can have (NumPy indexes with intp)
+MAX_ELEMENTS = int(np.iinfo(np.intp).max)
 
 _ids = itertools.count()
 
@@ -57,6 +63,11 @@ def Input(shape, name: str = "input") -> SymbolicTensor:
     for i, s in enumerate(shape):
         if isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1:
             raise ValueError(f"shape[{i}] must be a positive int, got {s!r} (in {tuple(shape)})")
+    if math.prod(int(s) for s in shape) > MAX_ELEMENTS:
+        raise ValueError(
+            f"shape {tuple(shape)} has more elements per sample than an array can hold "
+            f"({MAX_ELEMENTS:,})"
+        )
     if not isinstance(name, str) or not name or "/" in name:
         raise TypeError(f"name must be a non-empty str without '/', got {name!r}")
     return SymbolicTensor(shape, None, name)

@@ -94,8 +94,8 @@ class Model(Trainer):
         self, inputs=None, outputs=None, *, seed=None, backend="cpu", dtype="float32", name=None
     ):
         self.name = name or snake_case(type(self).__name__)
-        self.seed = seed
-        self.rng = np.random.default_rng(seed)
+        self.seed = chk.as_seed(seed)
+        self.rng = np.random.default_rng(self.seed)
         self.backend = Backend(backend, dtype)
         self.loss = None
         self.optimizer = None
@@ -446,8 +446,14 @@ class Model(Trainer):
     def to(self, backend=None, dtype=None) -> Model:
         """A copy on ``backend`` ("cpu"/"gpu") in ``dtype`` ("float32"/"float16"): weights
         converted, generator state copied, a fresh optimizer of the same kind and settings."""
+        from .backend import check_backend_name, check_dtype
         from .saving import fill_weights, model_from_config
 
+        # Checked here: model_from_config would blame a bad value on the "architecture".
+        if backend is not None:
+            check_backend_name(backend)
+        if dtype is not None:
+            check_dtype(dtype)
         if not self.built:
             return self._copy_unbuilt(backend or self.backend.name, dtype or self.dtype)
         new = model_from_config(
@@ -545,11 +551,18 @@ class Sequential(Model):
                 f"layer {layer.name!r} appears twice; a layer with weights can appear once"
             )
         self._chain.append(layer)
-        if self.built:
-            self.build(self.input_shape)
-        else:
-            _name_layers(self._chain)
-            self.layers = list(self._chain)
+        try:
+            if self.built:
+                self.build(self.input_shape)
+            else:
+                _name_layers(self._chain)
+                self.layers = list(self._chain)
+        except BaseException:
+            # A refused layer must not stay in the chain: every later add would fail on it.
+            self._chain.pop()
+            if self.built:  # rewire the chain as it was (its layers are built: no new weights)
+                self.build(self.input_shape)
+            raise
 
     def build(self, input_shape) -> None:
         """Build every layer for per-sample ``input_shape`` (e.g. ``(1, 28, 28)``)."""

@@ -21,18 +21,28 @@ __all__ = [
 ]  # fmt: skip
 
 _EPS = 1e-7  # the book's epsilon, added to sqrt(h) in AdaGrad/RMSProp/Adam
+# Updates run in float32 (the state, the master copies): a hyper-parameter must be a finite,
+# and where it must be nonzero a nonzero, float32. Adam(lr=1e39) was accepted and became inf.
+_F32 = np.finfo(np.float32)
+_F32_MAX = float(_F32.max)  # a Python float: comparing with the NumPy scalar casts to float32
 
 
 def _positive(value, name):
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not ok or not 0 < value < np.inf:
-        raise ValueError(f"{name} must be a positive finite number, got {value!r}")
+    if not ok or not 0 < value <= _F32_MAX or float(np.float32(value)) == 0.0:
+        raise ValueError(
+            f"{name} must be a positive finite number (in float32, where updates run: "
+            f"{_F32.smallest_subnormal:.3g} to {_F32.max:.3g}), got {value!r}"
+        )
     return float(value)
 
 
 def _unit(value, name):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
         raise ValueError(f"{name} must be a number in [0, 1), got {value!r}")
+    if np.float32(value) == 1:  # 1 - value would be 0 in the float32 update
+        raise ValueError(f"{name} must be a number in [0, 1) that float32 does not round to 1, "
+                         f"got {value!r}")  # fmt: skip
     return float(value)
 
 
@@ -289,11 +299,24 @@ class AdamW(Adam):
     """
 
     def __init__(self, lr=0.001, beta1=0.9, beta2=0.999, weight_decay=0.01):
-        super().__init__(lr, beta1, beta2)
         ok = isinstance(weight_decay, numbers.Real) and not isinstance(weight_decay, bool)
-        if not ok or not 0 <= weight_decay < np.inf:
-            raise ValueError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+        if not ok or not 0 <= weight_decay <= _F32_MAX:
+            raise ValueError(
+                f"weight_decay must be a finite number >= 0 (in float32), got {weight_decay!r}"
+            )
         self.weight_decay = float(weight_decay)
+        super().__init__(lr, beta1, beta2)
+
+    @Optimizer.lr.setter
+    def lr(self, value):
+        # The decay factor 1 - lr * weight_decay is a float32 too (also for scheduled rates).
+        lr = _positive(value, "lr")
+        if not abs(1.0 - lr * self.weight_decay) <= _F32_MAX:
+            raise ValueError(
+                f"lr * weight_decay must be finite in float32, got lr={lr!r} and "
+                f"weight_decay={self.weight_decay!r}"
+            )
+        self._lr = lr
 
     def get_config(self):
         return {**super().get_config(), "weight_decay": self.weight_decay}

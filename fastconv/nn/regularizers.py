@@ -21,8 +21,9 @@ __all__ = ["Regularizer", "L1", "L2", "L1L2", "get"]
 
 def _factor(value, name):
     ok = isinstance(value, numbers.Real) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or value < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    # finite in float32 too: the gradient term is computed in float32
+    if not ok or not math.isfinite(value) or value < 0 or value > float(np.finfo(np.float32).max):
+        raise ValueError(f"{name} must be a finite number >= 0 (in float32), got {value!r}")
     return float(value)
 
 

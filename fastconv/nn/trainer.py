@@ -7,6 +7,7 @@ model's execution API (``_run_forward``, ``_run_backward``), its backend and its
 from __future__ import annotations
 
 import math
+import numbers
 import time
 import warnings
 
@@ -22,6 +23,8 @@ from .callbacks import Callback, History
 
 __all__ = ["Trainer"]
 
+_F16_MAX = float(np.finfo(np.float16).max)  # 65504
+
 
 def _progress(total, desc, show):
     if not show:
@@ -29,6 +32,18 @@ def _progress(total, desc, show):
     from tqdm.auto import tqdm
 
     return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
+
+
+def _check_strategy(strategy) -> None:
+    """None or an MPI strategy object (importing its module does not import MPI); a string
+    such as "mpi" was an AttributeError deep inside fit."""
+    from .distributed import MPIDataParallel
+
+    if strategy is not None and not isinstance(strategy, MPIDataParallel):
+        raise TypeError(
+            "strategy must be None or a fastconv.nn.MPIDataParallel, got "
+            f"{type(strategy).__name__} (for MPI: strategy=MPIDataParallel())"
+        )
 
 
 class Trainer:
@@ -47,6 +62,11 @@ class Trainer:
             metrics = ["accuracy"] if classify else []
         if isinstance(metrics, (str, metrics_mod.Metric)):
             metrics = [metrics]
+        if not isinstance(metrics, (list, tuple)):
+            raise TypeError(
+                "metrics must be a list of metric names or Metric objects, got "
+                f"{type(metrics).__name__}"
+            )
         self._metric_fns = [metrics_mod.get(m, self.loss) for m in metrics]
         names = [m.name for m in self._metric_fns]
         if len(set(names)) != len(names) or "loss" in names:
@@ -90,6 +110,7 @@ class Trainer:
 
     @staticmethod
     def _check_finite(x, name):
+        """Inputs or targets holding NaN or inf (once, before training)."""
         if x.dtype.kind != "f":
             return
         finite = array_module(x).isfinite(x).reshape(x.shape[0], -1).all(axis=1)
@@ -100,14 +121,53 @@ class Trainer:
                 f"{bad[:5].tolist()}); fix the data or pass check_finite=False"
             )
 
+    def _check_range(self, x, name):
+        """Inputs that the cast to a float16 model would turn into inf (once, before training;
+        every batch is checked again where it is cast, see :meth:`_batch`)."""
+        if self.dtype != np.float16 or x.dtype == np.float16:
+            return
+        xp = array_module(x)
+        if -_F16_MAX <= float(x.min()) and float(x.max()) <= _F16_MAX:
+            return  # no temporary the size of the data set in the common case
+        big = ((xp.abs(x) > _F16_MAX) & xp.isfinite(x)).reshape(x.shape[0], -1).any(axis=1)
+        if bool(big.any()):
+            bad = np.flatnonzero(to_numpy(big))
+            raise ValueError(
+                f"{name} holds values beyond float16's range (|v| > {_F16_MAX:g}) in {bad.size} "
+                f"samples (first: {bad[:5].tolist()}); this model computes in float16: scale "
+                "the data or use a float32 model"
+            )
+
+    def _checked_cast(self, x, out, name="x"):
+        """``out`` (``x`` cast to the model's dtype), or a ValueError when the cast overflowed
+        (a finite value beyond float16's range became inf: NaN by the back door)."""
+        if out.dtype != np.float16 or x.dtype == np.float16:
+            return out
+        if bool(array_module(out).isfinite(out).all()):  # the common case: one cheap pass
+            return out
+        xp = array_module(x)
+        values = x[xp.isfinite(x)] if x.dtype.kind == "f" else x
+        largest = float(xp.abs(values).max()) if values.size else 0.0
+        if largest > _F16_MAX:
+            raise ValueError(
+                f"{name} holds values up to {largest:g}, beyond float16's range "
+                f"(|v| <= {_F16_MAX:g}); this model computes in float16: scale the data or use "
+                "a float32 model"
+            )
+        return out  # inf or NaN in x itself: the user's call (check_finite=False)
+
     def _batch(self, x):
         """A batch on the model's backend and dtype."""
-        return self.backend.asarray(x)
+        with np.errstate(over="ignore"):  # an overflow is an error below, not a warning
+            return self._checked_cast(x, self.backend.asarray(x))
 
     def _cast_for_augment(self, x):
         """A batch in the model's dtype, on the library it already lives on (augmentation runs
         where the data is: Numba for NumPy arrays, CUDA for CuPy arrays)."""
-        return x if x.dtype == self.dtype else x.astype(self.dtype)
+        if x.dtype == self.dtype:
+            return x
+        with np.errstate(over="ignore"):
+            return self._checked_cast(x, x.astype(self.dtype))
 
     def _labels(self, y, n, name="y"):
         if isinstance(y, (list, tuple)):
@@ -206,6 +266,7 @@ class Trainer:
         every rank gets the means over all of it."""
         x = self._prepare_x(x)
         batch_size = chk.as_int(batch_size, "batch_size", 1)
+        _check_strategy(strategy)
         loss_fn = self.loss or losses_mod.SoftmaxCrossEntropy()
         metric_fns = self._metric_list() if self.loss is not None else [metrics_mod.Accuracy()]
         n = x.shape[0]
@@ -260,7 +321,9 @@ class Trainer:
         progress : bool, optional
             Overrides whether the progress bar is shown.
         check_finite : bool
-            Refuse inputs holding NaN or inf (checked once, before training).
+            Refuse inputs and targets holding NaN or inf (checked once, before training).
+            Inputs beyond float16's range are refused for a float16 model whatever this says
+            (the cast would make them inf).
         augment : callable, optional
             ``augment(x_batch, rng) -> x_batch``, e.g. a
             :class:`fastconv.augment.RandomTransform`: training batches are augmented in a
@@ -276,17 +339,29 @@ class Trainer:
         A callback stops training by setting ``model.stop_training``; an epoch cut short that
         way (e.g. by :class:`TerminateOnNaN`) is not reported to ``on_epoch_end``, so nothing
         saves the weights of a half-finished, diverged epoch.
+
+        NaN: as in Keras, ``fit`` does not stop on a non-finite loss by itself (a loss can
+        recover, and stopping is a policy): pass ``callbacks=[TerminateOnNaN()]`` to stop at
+        the first such batch (``fastconv train-mnist`` always does). Whatever the callbacks,
+        :class:`ModelCheckpoint` never writes weights or a monitored value that are not finite.
         """
         self._require_compiled()
         x = self._prepare_x(x)
         epochs = chk.as_int(epochs, "epochs", 0)
         initial_epoch = chk.as_int(initial_epoch, "initial_epoch", 0)
         batch_size = chk.as_int(batch_size, "batch_size", 1)
+        if not isinstance(shuffle, (bool, np.bool_)):  # "no" is truthy: it shuffled
+            raise TypeError(f"shuffle must be a bool, got {type(shuffle).__name__}")
+        seed = chk.as_seed(seed)
+        _check_strategy(strategy)
         self._ensure_built(self._batch(x[:1]))
         y = self._labels(y, x.shape[0])
         split = validation_split
-        if isinstance(split, bool) or not isinstance(split, (int, float)) or not 0 <= split < 1:
-            raise ValueError(f"validation_split must be a number in [0, 1), got {split!r}")
+        if isinstance(split, (bool, np.bool_)) or not isinstance(split, numbers.Real):
+            raise TypeError(f"validation_split must be a number, got {type(split).__name__}")
+        if not 0 <= split < 1:  # NumPy floats are numbers.Real: np.float32(0.1) is fine
+            raise ValueError(f"validation_split must be in [0, 1), got {split!r}")
+        split = float(split)
         if split and validation_data is not None:
             raise ValueError("pass validation_data or validation_split, not both")
         if split:
@@ -301,9 +376,15 @@ class Trainer:
             xv = self._prepare_x(validation_data[0], "validation_data[0]")
             yv = self._labels(validation_data[1], xv.shape[0], "validation_data[1]")
         if check_finite:
+            # Targets too: a NaN in one-hot, BCE or MSE targets trains the weights into NaN.
             self._check_finite(x, "x")
+            self._check_finite(y, "y")
             if validation_data is not None:
                 self._check_finite(xv, "validation_data[0]")
+                self._check_finite(yv, "validation_data[1]")
+        self._check_range(x, "x")
+        if validation_data is not None:
+            self._check_range(xv, "validation_data[0]")
         data.check_transform(augment)
         if isinstance(callbacks, Callback) or not isinstance(callbacks, (list, tuple)):
             raise TypeError(
@@ -332,6 +413,12 @@ class Trainer:
         n = x.shape[0]
         history = History()
         callbacks = [history, *callbacks]
+        # The keys every epoch's logs will have, for callbacks to check at train begin (a
+        # monitor or a checkpoint path naming a missing key fails now, not after an epoch).
+        names = ["loss", *(m.name for m in self._metric_list())]
+        self.epoch_log_keys = (
+            *names, *(f"val_{k}" for k in names if validation_data is not None), "time",
+        )  # fmt: skip
         for cb in callbacks:
             cb.set_model(self)
         self.stop_training = False

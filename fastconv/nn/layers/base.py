@@ -15,6 +15,7 @@ using one layer on its own (as in the book): they keep the last cache on the lay
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -77,6 +78,12 @@ class WeightSpec(NamedTuple):
 
 def _per_sample(shape) -> tuple:
     return tuple(int(s) for s in shape)
+
+
+def _weight_bytes(spec) -> int:
+    """Bytes of a weight as it is created (float32, see :meth:`Layer.build`), in Python ints:
+    no overflow whatever the shape."""
+    return math.prod(int(s) for s in spec.shape) * 4
 
 
 class Layer:
@@ -217,12 +224,26 @@ class Layer:
         self.output_shape(shape)  # validates
         self.input_shape = shape
         self.params, self.buffers = {}, {}
-        for spec in self.weight_specs(shape):
+        specs = self.weight_specs(shape)
+        if allocate:  # all sizes first: refuse before any weight exists
+            for spec in specs:
+                chk.check_allocation(_weight_bytes(spec), self._weight_what(spec))
+        for spec in specs:
             value = None
             if allocate:
-                value = initializers.get(spec.initializer)(spec.shape, self._rng())
+                try:
+                    value = initializers.get(spec.initializer)(spec.shape, self._rng())
+                except MemoryError:
+                    nbytes = _weight_bytes(spec)
+                    raise ValueError(
+                        f"{self._weight_what(spec)} needs {nbytes:,} bytes "
+                        f"({nbytes / 2**30:,.1f} GiB): out of memory"
+                    ) from None
             (self.params if spec.trainable else self.buffers)[spec.name] = value
         self.built = True
+
+    def _weight_what(self, spec) -> str:
+        return f"{type(self).__name__} {self.name!r}: weight {spec.name} of shape {spec.shape}"
 
     def get_config(self) -> dict:
         """Constructor arguments, JSON-serialisable (checkpoints rebuild layers from them)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 import numpy as np
@@ -9,6 +10,7 @@ import numpy as np
 from ... import _checks as chk
 from ... import ops
 from ..backend import random_uniform
+from ..graph import MAX_ELEMENTS
 from .base import Layer, ProductLayer, register_layer
 
 __all__ = ["Dense", "DropConnectDense", "Dropout", "Flatten"]
@@ -155,7 +157,14 @@ class Flatten(Layer):
     shareable = True
 
     def output_shape(self, input_shape):
-        return (int(np.prod(input_shape, dtype=np.int64)),)
+        # Python ints: np.prod wrapped around to a negative size for (3, 2**31, 2**31).
+        size = math.prod(int(s) for s in input_shape)
+        if size > MAX_ELEMENTS:
+            raise ValueError(
+                f"Flatten {self.name!r}: per-sample shape {tuple(input_shape)} has {size:,} "
+                f"elements, more than an array can hold ({MAX_ELEMENTS:,})"
+            )
+        return (size,)
 
     def call(self, x, training=False):
         return x.reshape(x.shape[0], -1), (tuple(x.shape) if training else None)
