@@ -22,6 +22,8 @@ from ._files import write_json_atomic
 
 __all__ = [
     "Callback",
+    "CallbackList",
+    "ProgressLogger",
     "History",
     "ModelCheckpoint",
     "EarlyStopping",
@@ -40,8 +42,11 @@ __all__ = [
 
 
 class Callback:
+    """Base class: every hook does nothing. ``model`` and ``params`` are set by ``fit``."""
+
     def __init__(self):
         self.model = None
+        self.params: dict = {}
 
     def set_model(self, model):
         self.model = model
@@ -60,6 +65,83 @@ class Callback:
 
     def on_batch_end(self, batch, logs=None):
         pass
+
+
+class CallbackList:
+    """Callbacks called in order, each hook once for all; ``params`` (the fit's epochs, steps
+    per epoch, samples, batch size) is given to each callback as ``callback.params``."""
+
+    def __init__(self, callbacks, model, params: dict):
+        self.callbacks = list(callbacks)
+        for cb in self.callbacks:
+            cb.params = params
+            cb.set_model(model)
+
+    def on_train_begin(self):
+        for cb in self.callbacks:
+            cb.on_train_begin()
+
+    def on_train_end(self):
+        for cb in self.callbacks:
+            cb.on_train_end()
+
+    def on_epoch_begin(self, epoch):
+        for cb in self.callbacks:
+            cb.on_epoch_begin(epoch)
+
+    def on_epoch_end(self, epoch, logs):
+        for cb in self.callbacks:
+            cb.on_epoch_end(epoch, logs)
+
+    def on_batch_end(self, batch, logs):
+        for cb in self.callbacks:
+            cb.on_batch_end(batch, logs)
+
+
+class ProgressLogger(Callback):
+    """What ``fit(verbose=...)`` shows: a progress bar per epoch with the running means of the
+    logs (``bar``), and a summary line per epoch (``line``)."""
+
+    def __init__(self, bar: bool = True, line: bool = True):
+        super().__init__()
+        self.bar, self.line = bar, line
+        self._bar = None
+
+    def _close(self):
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._close()
+        self._sums, self._seen = {}, 0
+        if self.bar:
+            from tqdm.auto import tqdm
+
+            p = self.params
+            self._bar = tqdm(total=p["steps"], desc=f"Epoch {epoch + 1}/{p['epochs']}",
+                             unit="batch", leave=False, dynamic_ncols=True)  # fmt: skip
+
+    def on_batch_end(self, batch, logs=None):
+        if self._bar is None:
+            return
+        p = self.params
+        m = min(p["batch_size"], p["samples"] - batch * p["batch_size"])  # the last may be short
+        for k, v in (logs or {}).items():
+            self._sums[k] = self._sums.get(k, 0.0) + v * m
+        self._seen += m
+        self._bar.update(1)
+        if batch % 20 == 0 or batch == p["steps"] - 1:
+            self._bar.set_postfix({k[:8]: f"{v / self._seen:.4f}" for k, v in self._sums.items()})
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._close()
+        if self.line:
+            parts = " - ".join(f"{k} {v:.4f}" for k, v in logs.items() if k != "time")
+            print(f"epoch {epoch + 1}/{self.params['epochs']} - {parts} - {logs['time']:.1f}s")
+
+    def on_train_end(self, logs=None):
+        self._close()
 
 
 class TerminateOnNaN(Callback):

@@ -19,7 +19,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["BackgroundBatches", "augmented_batches", "check_transform"]
+__all__ = ["BackgroundBatches", "EpochIterator", "augmented_batches", "check_transform"]
 
 _DONE = object()
 
@@ -129,3 +129,47 @@ def augmented_batches(x, y, order, batch_size, transform, seed, cast, depth: int
         return xb, y[idx]
 
     return BackgroundBatches(make, n_batches, depth)
+
+
+class EpochIterator:
+    """The batches of each epoch of ``fit``: the sample order (a permutation drawn from the
+    model's generator when ``shuffle``), this process's share of each global batch (the
+    strategy's), and augmentation in a background thread when ``augment`` is given.
+
+    :meth:`epoch` yields ``(b, x_batch, y_batch, m)`` with ``m`` the global batch's size (the
+    logs are its means). The generator draws happen in a fixed order (permutation, the
+    strategy's ``begin_epoch``, the augmentation seed), so a resumed run, which restores the
+    model's generator, sees exactly the batches an uninterrupted one would.
+    """
+
+    def __init__(self, model, x, y, batch_size, shuffle, augment, strategy):
+        self.model, self.x, self.y = model, x, y
+        self.batch_size, self.shuffle, self.augment = batch_size, shuffle, augment
+        self.strategy = strategy
+        self.samples = x.shape[0]
+        self.steps = -(-self.samples // batch_size)
+
+    def epoch(self, epoch: int):
+        model, strategy, bs = self.model, self.strategy, self.batch_size
+        order = model.rng.permutation(self.samples) if self.shuffle else np.arange(self.samples)
+        strategy.begin_epoch(model, epoch)
+        loader = None
+        if self.augment is not None:
+            # Drawn after the permutation, from the model's generator (this rank's stream
+            # under a strategy that switched it).
+            seed = int(model.rng.integers(2**63 - 1))
+            loader = augmented_batches(self.x, self.y, order, bs, self.augment, seed,
+                                       model._cast_for_augment, share=strategy.share)  # fmt: skip
+            batches = iter(loader)
+        try:
+            for b in range(self.steps):
+                idx = order[b * bs : (b + 1) * bs]
+                part = strategy.shard(idx)
+                if loader is None:
+                    xb, yb = model.backend.index(self.x, part), self.y[part]
+                else:
+                    xb, yb = next(batches)
+                yield b, xb, yb, len(idx)
+        finally:  # also when fit stops mid-epoch
+            if loader is not None:
+                loader.close()

@@ -24,7 +24,6 @@ instead of a silent deadlock. A rank killed outright is normally handled sooner 
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import os
@@ -36,7 +35,8 @@ import weakref
 
 import numpy as np
 
-from .backend import array_module, to_numpy
+from .backend import to_numpy
+from .strategy import Strategy
 
 __all__ = [
     "MPIDataParallel",
@@ -151,7 +151,7 @@ class _Bucket:
         self.buffer = np.zeros(offset + extra, np.float32)
 
 
-class MPIDataParallel:
+class MPIDataParallel(Strategy):
     """Synchronous data parallelism over MPI ranks, for :meth:`Model.fit`.
 
     ::
@@ -218,7 +218,7 @@ class MPIDataParallel:
         self._buckets: list[_Bucket] = []
         self._fraction = 1.0
         self._shared_rng_state = None
-        self._patched: list = []
+        self._synchronised: list = []
         self._epoch = 0
         self._step = 0
 
@@ -338,7 +338,7 @@ class MPIDataParallel:
         self._broadcast_state(model)
         self._plan_buckets(model)
         if self.sync_batch_norm:
-            self._patch_batch_norm(model)
+            self._synchronise_batch_norm(model)
         self._epoch, self._step = initial_epoch, 0
         self._shared_rng_state = None
         self.phase = "training"
@@ -529,7 +529,7 @@ class MPIDataParallel:
         """After the last epoch (also one cut short by a callback)."""
         if self._restore_rng(model):  # cut short mid-epoch: end_epoch did not run
             self._average_buffers(model)
-        self._unpatch_batch_norm()
+        self._release_batch_norm()
         self.phase = "done"
 
     def _restore_rng(self, model) -> bool:
@@ -677,20 +677,18 @@ class MPIDataParallel:
             os.remove(tmp)
 
     # -- synchronised BatchNorm --------------------------------------------------------------------
-    def _patch_batch_norm(self, model) -> None:
-        from .layers.normalization import _BatchNorm
-
+    def _synchronise_batch_norm(self, model) -> None:
+        """Give every BatchNorm layer this strategy's sum over ranks as its reduction hook:
+        its training statistics (and their gradients) are then the global batch's."""
         for layer in model.layers:
-            if isinstance(layer, _BatchNorm):
-                layer.call = functools.partial(_sync_bn_call, self, layer)
-                layer.call_backward = functools.partial(_sync_bn_backward, self, layer)
-                self._patched.append(layer)
+            if layer.kind == "norm":
+                layer.reduction = self._allreduce
+                self._synchronised.append(layer)
 
-    def _unpatch_batch_norm(self) -> None:
-        for layer in self._patched:
-            for attr in ("call", "call_backward"):
-                layer.__dict__.pop(attr, None)
-        self._patched = []
+    def _release_batch_norm(self) -> None:
+        for layer in self._synchronised:
+            layer.reduction = None
+        self._synchronised = []
 
 
 def _root_only(callback) -> bool:
@@ -731,81 +729,3 @@ def _describe(key, ours, theirs, rank) -> str:
     if key == "fastconv version":
         return f"rank {rank} runs fastconv {theirs}, rank 0 runs {ours}"
     return f"rank {rank} has a different {key}"
-
-
-# -- synchronised BatchNorm: statistics over the global batch ------------------------------------
-
-
-def _bn_axes(x):
-    return (0,) if x.ndim == 2 else (0, 2, 3)
-
-
-def _per_channel(v, x):
-    return v.reshape((1, -1) + (1,) * (x.ndim - 2))
-
-
-def _sync_bn_call(strategy, layer, x, training=False, fuse_relu=False):
-    if not (training and layer.trainable and strategy.phase == "training"):
-        return type(layer).call(layer, x, training=training, fuse_relu=fuse_relu)
-    from .. import ops
-
-    xp = array_module(x)
-    axes = _bn_axes(x)
-    x32 = x.astype(np.float32, copy=False)
-    count = x.size // x.shape[1]
-    # Sums in float64: E[x^2] - E[x]^2 over the global batch without catastrophic cancellation.
-    sums = np.concatenate(
-        [
-            to_numpy(x32.sum(axis=axes, dtype=np.float64)),
-            to_numpy((x32 * x32).sum(axis=axes, dtype=np.float64)),
-            [float(count)],
-        ]
-    )
-    strategy._allreduce(sums, f"synchronising BatchNorm {layer.name!r}")
-    c = x.shape[1]
-    total = sums[-1]
-    if total < 2:
-        raise ValueError(f"BatchNorm {layer.name!r} needs more than 1 value per channel")
-    mean = sums[:c] / total
-    var = np.maximum(sums[c : 2 * c] / total - mean * mean, 0.0)
-    mean32 = xp.asarray(mean.astype(np.float32))
-    var32 = xp.asarray(var.astype(np.float32))
-    act = "relu" if fuse_relu else None
-    gamma, beta = layer.params["gamma"], layer.params["beta"]
-    y = ops.batch_norm_inference(x, gamma, beta, mean32, var32, layer.epsilon, activation=act)
-    m = np.float32(layer.momentum)
-    mm, mv = layer.buffers["moving_mean"], layer.buffers["moving_variance"]
-    mm *= m
-    mm += (1 - m) * mean32
-    mv *= m
-    mv += ((1 - m) * np.float32(total / (total - 1))) * var32
-    return y, ("sync", x, mean32, var32, y if fuse_relu else None, total)
-
-
-def _sync_bn_backward(strategy, layer, cache, dy, need_dx=True):
-    if cache is None or cache[0] != "sync":
-        return type(layer).call_backward(layer, cache, dy, need_dx=need_dx)
-    _, x, mean, var, y, total = cache
-    xp = array_module(x)
-    if y is not None:  # fused ReLU
-        dy = dy * (y > 0)
-    axes = _bn_axes(x)
-    inv = 1.0 / xp.sqrt(var + np.float32(layer.epsilon))
-    xhat = (x.astype(np.float32) - _per_channel(mean, x)) * _per_channel(inv, x)
-    d = dy.astype(np.float32)
-    dbeta = d.sum(axis=axes)  # this rank's part; the bucket allreduce sums the weight grads
-    dgamma = (d * xhat).sum(axis=axes)
-    grads = {"gamma": dgamma.astype(x.dtype), "beta": dbeta.astype(x.dtype)}
-    if not need_dx:
-        return None, grads
-    c = x.shape[1]
-    sums = np.concatenate([to_numpy(dbeta), to_numpy(dgamma)]).astype(np.float64)
-    strategy._allreduce(sums, f"synchronising BatchNorm {layer.name!r} gradients")
-    g_beta = xp.asarray(sums[:c].astype(np.float32))
-    g_gamma = xp.asarray(sums[c:].astype(np.float32))
-    gamma = layer.params["gamma"].astype(np.float32)
-    n = np.float32(total)
-    dx = _per_channel(gamma * inv / n, x) * (
-        n * d - _per_channel(g_beta, x) - xhat * _per_channel(g_gamma, x)
-    )
-    return dx.astype(x.dtype), grads

@@ -19,31 +19,13 @@ from . import losses as losses_mod
 from . import metrics as metrics_mod
 from . import optimizers as optimizers_mod
 from .backend import array_module, to_numpy
-from .callbacks import Callback, History
+from .callbacks import Callback, CallbackList, History, ProgressLogger
+from .data import EpochIterator
+from .strategy import LOCAL, check_strategy
 
 __all__ = ["Trainer"]
 
 _F16_MAX = float(np.finfo(np.float16).max)  # 65504
-
-
-def _progress(total, desc, show):
-    if not show:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="batch", leave=False, dynamic_ncols=True)
-
-
-def _check_strategy(strategy) -> None:
-    """None or an MPI strategy object (importing its module does not import MPI); a string
-    such as "mpi" was an AttributeError deep inside fit."""
-    from .distributed import MPIDataParallel
-
-    if strategy is not None and not isinstance(strategy, MPIDataParallel):
-        raise TypeError(
-            "strategy must be None or a fastconv.nn.MPIDataParallel, got "
-            f"{type(strategy).__name__} (for MPI: strategy=MPIDataParallel())"
-        )
 
 
 class Trainer:
@@ -193,9 +175,15 @@ class Trainer:
         """One optimisation step on a batch. Returns ``{"loss", <metric>...}`` (floats; the
         loss includes the layers' weight penalties)."""
         self._require_compiled()
-        x = self._batch(self._prepare_x(x))
-        self._ensure_built(x)
-        y = self.backend.labels(self._labels(y, x.shape[0]))
+        x = self._prepare_x(x)
+        self._ensure_built(self._batch(x[:1]))
+        return self._train_step(x, self._labels(y, x.shape[0]))
+
+    def _train_step(self, x, y) -> dict:
+        """The step of :meth:`train_on_batch` on arguments already checked (``fit`` checks its
+        data once, not every batch)."""
+        x = self._batch(x)
+        y = self.backend.labels(y)
         scores, caches = self._run_forward(x, training=True)
         self._emit("loss_forward", "begin")
         loss = self.loss.forward(scores, y)
@@ -204,12 +192,10 @@ class Trainer:
         self._emit("loss_backward", "begin")
         dscores = self.loss.backward()
         self._emit("loss_backward", "end")
-        strategy = getattr(self, "_strategy", None)  # set by fit(strategy=...)
-        if strategy is not None:  # this rank's share of the global batch's mean loss
-            dscores = strategy.scale_loss_gradient(dscores)
+        strategy = getattr(self, "_strategy", LOCAL)  # fit's, during fit
+        dscores = strategy.scale_loss_gradient(dscores)  # this rank's part of the mean loss
         _, self._grads = self._run_backward(caches, dscores, need_dx=False)
-        if strategy is not None:  # the global batch's gradient and logs, on every rank
-            logs = strategy.reduce_gradients(self, self._grads, logs)
+        logs = strategy.reduce_gradients(self, self._grads, logs)  # the global batch's
         # After the reduction: the weights (and so the penalties) are the same on every rank.
         logs["loss"] += self._regularize(self._grads)
         self._apply_gradients(self._grads)
@@ -266,14 +252,14 @@ class Trainer:
         every rank gets the means over all of it."""
         x = self._prepare_x(x)
         batch_size = chk.as_int(batch_size, "batch_size", 1)
-        _check_strategy(strategy)
+        strategy = check_strategy(strategy)
         loss_fn = self.loss or losses_mod.SoftmaxCrossEntropy()
         metric_fns = self._metric_list() if self.loss is not None else [metrics_mod.Accuracy()]
         n = x.shape[0]
         self._ensure_built(self._batch(x[:1]))
         y = self._labels(y, n)
         totals = {"loss": 0.0, **{m.name: 0.0 for m in metric_fns}}
-        first, stop = (0, n) if strategy is None else strategy.eval_range(n)
+        first, stop = strategy.eval_range(n)
         for start in range(first, stop, batch_size):
             xb = self._batch(x[start : min(start + batch_size, stop)])
             yb = self.backend.labels(y[start : min(start + batch_size, stop)])
@@ -282,8 +268,7 @@ class Trainer:
             totals["loss"] += loss_fn.forward(scores, yb) * m
             for fn in metric_fns:
                 totals[fn.name] += fn(scores, yb) * m
-        if strategy is not None:
-            totals = dict(zip(totals, strategy.sum_over_ranks(*totals.values()), strict=True))
+        totals = dict(zip(totals, strategy.sum_over_ranks(*totals.values()), strict=True))
         return {k: v / n for k, v in totals.items()}
 
     def fit(
@@ -345,6 +330,62 @@ class Trainer:
         the first such batch (``fastconv train-mnist`` always does). Whatever the callbacks,
         :class:`ModelCheckpoint` never writes weights or a monitored value that are not finite.
         """
+        x, y, val, epochs, initial_epoch, batch_size, callbacks, strategy = self._fit_inputs(
+            x, y, epochs, batch_size, validation_data, validation_split, shuffle, callbacks,
+            seed, initial_epoch, check_finite, augment, strategy,
+        )  # fmt: skip
+        callbacks, verbose, progress = strategy.begin(
+            self, x=x, y=y, validation=val, batch_size=batch_size, epochs=epochs,
+            initial_epoch=initial_epoch, shuffle=shuffle, callbacks=callbacks, verbose=verbose,
+            progress=progress,
+        )  # fmt: skip
+        batches = EpochIterator(self, x, y, batch_size, shuffle, augment, strategy)
+        history = self.history = History()
+        show_bar = verbose == 1 if progress is None else bool(progress)
+        logger = [ProgressLogger(bar=show_bar, line=bool(verbose))] if show_bar or verbose else []
+        params = {"epochs": epochs, "steps": batches.steps, "samples": batches.samples,
+                  "batch_size": batch_size}  # fmt: skip
+        cbs = CallbackList([history, *logger, *callbacks], self, params)
+        self._strategy, self.stop_training = strategy, False
+        cbs.on_train_begin()
+        for epoch in range(initial_epoch, epochs):
+            cbs.on_epoch_begin(epoch)
+            t0 = time.perf_counter()
+            sums, seen = {}, 0
+            epoch_batches = batches.epoch(epoch)
+            for b, xb, yb, m in epoch_batches:
+                logs = self._train_step(xb, yb)
+                for k, v in logs.items():  # the logs are the global batch's means
+                    sums[k] = sums.get(k, 0.0) + v * m
+                seen += m
+                cbs.on_batch_end(b, logs)
+                # Agreed by every rank: one stopping alone would leave the others waiting.
+                self.stop_training = strategy.agree_stop(self.stop_training)
+                if self.stop_training:
+                    break
+            epoch_batches.close()
+            if seen < batches.samples:  # cut short by a callback: not reported as an epoch
+                break
+            strategy.end_epoch(self)
+            epoch_logs = {k: v / seen for k, v in sums.items()}
+            if val is not None:
+                scores = self.evaluate(*val, batch_size=max(batch_size, 100), strategy=strategy)
+                epoch_logs.update({f"val_{k}": v for k, v in scores.items()})
+            epoch_logs["time"] = time.perf_counter() - t0
+            cbs.on_epoch_end(epoch, epoch_logs)
+            self.stop_training = strategy.agree_stop(self.stop_training)
+            if self.stop_training:
+                break
+        strategy.end(self)
+        self._strategy = LOCAL
+        cbs.on_train_end()
+        return history
+
+    def _fit_inputs(self, x, y, epochs, batch_size, validation_data, validation_split, shuffle,
+                    callbacks, seed, initial_epoch, check_finite, augment, strategy):  # fmt: skip
+        """fit's arguments checked once (batches are not checked again): ``(x, y, validation
+        pair or None, epochs, initial_epoch, batch_size, callbacks, strategy)``, the model's
+        generator reseeded when ``seed`` is given and ``epoch_log_keys`` set for callbacks."""
         self._require_compiled()
         x = self._prepare_x(x)
         epochs = chk.as_int(epochs, "epochs", 0)
@@ -353,7 +394,7 @@ class Trainer:
         if not isinstance(shuffle, (bool, np.bool_)):  # "no" is truthy: it shuffled
             raise TypeError(f"shuffle must be a bool, got {type(shuffle).__name__}")
         seed = chk.as_seed(seed)
-        _check_strategy(strategy)
+        strategy = check_strategy(strategy)
         self._ensure_built(self._batch(x[:1]))
         y = self._labels(y, x.shape[0])
         split = validation_split
@@ -370,21 +411,21 @@ class Trainer:
                 raise ValueError(f"validation_split={split} leaves no training samples")
             validation_data = (x[-n_val:], y[-n_val:])
             x, y = x[:-n_val], y[:-n_val]
+        val = None
         if validation_data is not None:
             if not isinstance(validation_data, (tuple, list)) or len(validation_data) != 2:
                 raise ValueError("validation_data must be a pair (x_val, y_val)")
             xv = self._prepare_x(validation_data[0], "validation_data[0]")
-            yv = self._labels(validation_data[1], xv.shape[0], "validation_data[1]")
+            val = (xv, self._labels(validation_data[1], xv.shape[0], "validation_data[1]"))
+        named = [(x, "x"), (y, "y")]
+        if val is not None:
+            named += [(val[0], "validation_data[0]"), (val[1], "validation_data[1]")]
         if check_finite:
             # Targets too: a NaN in one-hot, BCE or MSE targets trains the weights into NaN.
-            self._check_finite(x, "x")
-            self._check_finite(y, "y")
-            if validation_data is not None:
-                self._check_finite(xv, "validation_data[0]")
-                self._check_finite(yv, "validation_data[1]")
-        self._check_range(x, "x")
-        if validation_data is not None:
-            self._check_range(xv, "validation_data[0]")
+            for a, name in named:
+                self._check_finite(a, name)
+        for a, name in named[::2]:  # the inputs
+            self._check_range(a, name)
         data.check_transform(augment)
         if isinstance(callbacks, Callback) or not isinstance(callbacks, (list, tuple)):
             raise TypeError(
@@ -395,112 +436,9 @@ class Trainer:
                 raise TypeError(f"callbacks must be Callback objects, got {type(cb).__name__}")
         if seed is not None:
             self.rng.bit_generator.state = np.random.default_rng(seed).bit_generator.state
-        if strategy is not None:  # agree with the other ranks, take rank 0's weights
-            callbacks, verbose, progress = strategy.begin(
-                self,
-                x=x,
-                y=y,
-                validation=None if validation_data is None else (xv, yv),
-                batch_size=batch_size,
-                epochs=epochs,
-                initial_epoch=initial_epoch,
-                shuffle=shuffle,
-                callbacks=callbacks,
-                verbose=verbose,
-                progress=progress,
-            )
-        self._strategy = strategy
-        n = x.shape[0]
-        history = History()
-        callbacks = [history, *callbacks]
         # The keys every epoch's logs will have, for callbacks to check at train begin (a
         # monitor or a checkpoint path naming a missing key fails now, not after an epoch).
         names = ["loss", *(m.name for m in self._metric_list())]
-        self.epoch_log_keys = (
-            *names, *(f"val_{k}" for k in names if validation_data is not None), "time",
-        )  # fmt: skip
-        for cb in callbacks:
-            cb.set_model(self)
-        self.stop_training = False
-        self.history = history
-        for cb in callbacks:
-            cb.on_train_begin()
-        n_batches = -(-n // batch_size)
-        show_bar = verbose == 1 if progress is None else bool(progress)
-        for epoch in range(initial_epoch, epochs):
-            for cb in callbacks:
-                cb.on_epoch_begin(epoch)
-            t0 = time.perf_counter()
-            order = self.rng.permutation(n) if shuffle else np.arange(n)
-            if strategy is not None:
-                strategy.begin_epoch(self, epoch)
-            loader = None
-            if augment is not None:
-                # Drawn after the permutation, from the model's generator (with a strategy:
-                # this rank's stream): a resumed run, which restores that generator, augments
-                # exactly as an uninterrupted one.
-                seed_b = int(self.rng.integers(2**63 - 1))
-                loader = data.augmented_batches(
-                    x,
-                    y,
-                    order,
-                    batch_size,
-                    augment,
-                    seed_b,
-                    self._cast_for_augment,
-                    share=None if strategy is None else strategy.share,
-                )
-                batches = iter(loader)
-            sums: dict = {}
-            seen = 0
-            bar = _progress(n_batches, f"Epoch {epoch + 1}/{epochs}", show_bar)
-            for b in range(n_batches):
-                idx = order[b * batch_size : (b + 1) * batch_size]
-                part = idx if strategy is None else strategy.shard(idx)
-                if loader is None:
-                    xb, yb = self.backend.index(x, part), y[part]
-                else:
-                    xb, yb = next(batches)
-                logs = self.train_on_batch(xb, yb)
-                m = len(idx)  # the logs are the global batch's means
-                for k, v in logs.items():
-                    sums[k] = sums.get(k, 0.0) + v * m
-                seen += m
-                for cb in callbacks:
-                    cb.on_batch_end(b, logs)
-                if bar is not None:
-                    bar.update(1)
-                    if b % 20 == 0 or b == n_batches - 1:
-                        bar.set_postfix({k[:8]: f"{v / seen:.4f}" for k, v in sums.items()})
-                if strategy is not None:  # a rank stopping alone would leave the others waiting
-                    self.stop_training = strategy.agree_stop(self.stop_training)
-                if self.stop_training and b < n_batches - 1:
-                    break
-            if bar is not None:
-                bar.close()
-            if loader is not None:
-                loader.close()
-            if seen < n:  # cut short by a callback
-                break
-            epoch_logs = {k: v / seen for k, v in sums.items()}
-            if strategy is not None:
-                strategy.end_epoch(self)
-            if validation_data is not None:
-                val = self.evaluate(xv, yv, batch_size=max(batch_size, 100), strategy=strategy)
-                epoch_logs.update({f"val_{k}": v for k, v in val.items()})
-            epoch_logs["time"] = time.perf_counter() - t0
-            if verbose:
-                parts = " - ".join(f"{k} {v:.4f}" for k, v in epoch_logs.items() if k != "time")
-                print(f"epoch {epoch + 1}/{epochs} - {parts} - {epoch_logs['time']:.1f}s")
-            for cb in callbacks:
-                cb.on_epoch_end(epoch, epoch_logs)
-            if strategy is not None:
-                self.stop_training = strategy.agree_stop(self.stop_training)
-            if self.stop_training:
-                break
-        if strategy is not None:
-            strategy.end(self)
-        self._strategy = None
-        for cb in callbacks:
-            cb.on_train_end()
-        return history
+        val_names = [f"val_{k}" for k in names] if val is not None else []
+        self.epoch_log_keys = (*names, *val_names, "time")
+        return x, y, val, epochs, initial_epoch, batch_size, list(callbacks), strategy

@@ -7,6 +7,7 @@ import numbers
 import numpy as np
 
 from ... import ops
+from ..backend import array_module, to_numpy
 from .base import Layer, WeightSpec, register_layer
 from .conv import spatial_shape
 
@@ -33,6 +34,10 @@ class _BatchNorm(Layer):
 
     kind = "norm"
     fuses_relu = True
+    #: set by a data-parallel strategy (``MPIDataParallel(sync_batch_norm=True)``) while it
+    #: trains: ``reduction(sums, what)`` sums a float64 array over the processes in place, and
+    #: the training statistics are then those of the global batch
+    reduction = None
 
     def __init__(self, momentum=0.9, epsilon=1e-5, name=None, trainable=True):
         super().__init__(name, trainable)
@@ -60,6 +65,8 @@ class _BatchNorm(Layer):
         act = "relu" if fuse_relu else None
         gamma, beta = self.params["gamma"], self.params["beta"]
         mm, mv = self.buffers["moving_mean"], self.buffers["moving_variance"]
+        if training and self.trainable and self.reduction is not None:
+            return self._call_synchronised(x, fuse_relu)
         if training and self.trainable:
             y, mean, var = ops.batch_norm_forward(x, gamma, beta, self.epsilon, activation=act)
             count = x.size // x.shape[1]
@@ -76,12 +83,70 @@ class _BatchNorm(Layer):
         )
 
     def call_backward(self, cache, dy, need_dx=True):
+        if cache[0] == "sync":
+            return self._backward_synchronised(cache, dy, need_dx)
         mode, x, mean, var, y = cache
         gamma = self.params["gamma"]
         if mode == "moving":  # frozen: a fixed affine map, no weight gradients
             return ops.batch_norm_inference_backward(dy, gamma, var, self.epsilon, y=y), {}
         dx, dgamma, dbeta = ops.batch_norm_backward(dy, x, gamma, mean, var, self.epsilon, y=y)
         return dx, {"gamma": dgamma, "beta": dbeta}
+
+    # -- synchronised statistics (the global batch's, through ``reduction``) --------------------
+
+    def _call_synchronised(self, x, fuse_relu):
+        xp = array_module(x)
+        axes = _axes(x)
+        x32 = x.astype(np.float32, copy=False)
+        count = x.size // x.shape[1]
+        # Sums in float64: E[x^2] - E[x]^2 over the global batch without catastrophic cancellation.
+        sums = np.concatenate([to_numpy(x32.sum(axis=axes, dtype=np.float64)),
+                               to_numpy((x32 * x32).sum(axis=axes, dtype=np.float64)),
+                               [float(count)]])  # fmt: skip
+        self.reduction(sums, f"synchronising BatchNorm {self.name!r}")
+        c, total = x.shape[1], sums[-1]
+        if total < 2:
+            raise ValueError(f"BatchNorm {self.name!r} needs more than 1 value per channel")
+        mean = sums[:c] / total
+        var = np.maximum(sums[c : 2 * c] / total - mean * mean, 0.0)
+        mean32 = xp.asarray(mean.astype(np.float32))
+        var32 = xp.asarray(var.astype(np.float32))
+        act = "relu" if fuse_relu else None
+        gamma, beta = self.params["gamma"], self.params["beta"]
+        y = ops.batch_norm_inference(x, gamma, beta, mean32, var32, self.epsilon, activation=act)
+        m = np.float32(self.momentum)
+        mm, mv = self.buffers["moving_mean"], self.buffers["moving_variance"]
+        mm *= m
+        mm += (1 - m) * mean32
+        mv *= m
+        mv += ((1 - m) * np.float32(total / (total - 1))) * var32
+        return y, ("sync", x, mean32, var32, y if fuse_relu else None, total)
+
+    def _backward_synchronised(self, cache, dy, need_dx):
+        _, x, mean, var, y, total = cache
+        xp = array_module(x)
+        if y is not None:  # fused ReLU
+            dy = dy * (y > 0)
+        axes = _axes(x)
+        inv = 1.0 / xp.sqrt(var + np.float32(self.epsilon))
+        xhat = (x.astype(np.float32) - _per_channel(mean, x)) * _per_channel(inv, x)
+        d = dy.astype(np.float32)
+        dbeta = d.sum(axis=axes)  # this process's part; the strategy sums the weight gradients
+        dgamma = (d * xhat).sum(axis=axes)
+        grads = {"gamma": dgamma.astype(x.dtype), "beta": dbeta.astype(x.dtype)}
+        if not need_dx:
+            return None, grads
+        c = x.shape[1]
+        sums = np.concatenate([to_numpy(dbeta), to_numpy(dgamma)]).astype(np.float64)
+        self.reduction(sums, f"synchronising BatchNorm {self.name!r} gradients")
+        g_beta = xp.asarray(sums[:c].astype(np.float32))
+        g_gamma = xp.asarray(sums[c:].astype(np.float32))
+        gamma = self.params["gamma"].astype(np.float32)
+        n = np.float32(total)
+        dx = _per_channel(gamma * inv / n, x) * (
+            n * d - _per_channel(g_beta, x) - xhat * _per_channel(g_gamma, x)
+        )
+        return dx.astype(x.dtype), grads
 
     # PyTorch's momentum weighs the batch statistic: ours is its complement.
     torch_fresh = True
@@ -142,3 +207,12 @@ class BatchNorm1D(_BatchNorm):
 
     def output_shape(self, input_shape):
         return (self._channels(input_shape),)
+
+
+def _axes(x):
+    """The axes a channel's statistics run over: N (and H, W)."""
+    return (0,) if x.ndim == 2 else (0, 2, 3)
+
+
+def _per_channel(v, x):
+    return v.reshape((1, -1) + (1,) * (x.ndim - 2))
