@@ -37,6 +37,7 @@ __all__ = [
     "dense_backward",
     "relu",
     "relu_backward",
+    "dropout",
     "zeros",
     "full",
     "warp_bilinear",
@@ -241,6 +242,11 @@ def relu(x):
 
 def relu_backward(dy, y, out=None):
     return _ops().relu_backward(dy, y, out)
+
+
+def dropout(x, key, rate):
+    """``x * mask``, the mask drawn by Philox from ``key`` (see :mod:`fastconv.gpu._random`)."""
+    return _ops().dropout(_ops().ascontiguous(x), key, rate)
 
 
 def zeros(shape, dtype):

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import _random
+
 ROWS = 0  # book layout: (N*OH*OW, C*kh*kw)
 BATCH = 1  # Caffe layout: (N, C*kh*kw, OH*OW), one GEMM operand per image
 
@@ -306,6 +308,18 @@ class KernelOps:
         db = self.bias_grad(dy, g.N, g.F, 1)
         dx = self.gemm(dy, w, trans_b=True) if need_dx else None  # (N, K)
         return dx, dw, db
+
+    # --- dropout ---------------------------------------------------------------------------------
+
+    def dropout(self, x, key, rate):
+        """``x * mask`` with the Philox mask of ``key`` (two 31-bit words) and ``rate``
+        (:mod:`fastconv.gpu._random`): one launch, nothing stored; the same key gives the same
+        mask for any array of the same size."""
+        keep_bits, scale_bits = _random.kernel_scalars(rate, x.dtype)
+        y = self.xp.empty(x.shape, dtype=x.dtype)
+        self.launch("dropout", -(-x.size // 4), x, y, x.size, int(key[0]), int(key[1]),
+                    keep_bits, scale_bits)  # fmt: skip
+        return y
 
     def relu(self, x):
         y = self.xp.empty(x.shape, dtype=x.dtype)

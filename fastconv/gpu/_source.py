@@ -23,6 +23,7 @@ SOURCE_FILES = (
     "global_pool.cu",
     "activation.cu",
     "augment.cu",
+    "dropout.cu",
 )
 
 _GEOM = "i" * 12  # N, C, H, W, kh, kw, sh, sw, ph, pw, OH, OW
@@ -56,6 +57,8 @@ SIGNATURES: dict[str, str] = {
     "warp_bilinear": "rRRw" + "i" * 7,
     # src, dst, taps; P, H, W, radius, axis
     "blur_axis": "rwR" + "i" * 5,
+    # x, y; n, key0, key1, keep (float32 bits), scale (float32 bits of 1/keep rounded to T)
+    "dropout": "rw" + "i" * 5,
 }
 
 # NVRTC options of the RawModule. CuPy appends -ftz=true to every compile whatever we pass

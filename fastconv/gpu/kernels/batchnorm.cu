@@ -5,22 +5,6 @@
 // has one thread per channel combine its S partials in a fixed order. Arithmetic is float.
 #include "common.cuh"
 
-#ifdef FASTCONV_HOST_SHIM
-#include <cstring>
-#endif
-
-// eps travels as the bits of a float32 in an int argument: the launchers pass only ints and
-// arrays, and a one-element device array would cost an allocation and a copy on every call.
-__device__ __forceinline__ float bn_float_from_bits(int bits) {
-#ifdef FASTCONV_HOST_SHIM
-    float f;
-    std::memcpy(&f, &bits, sizeof f);
-    return f;
-#else
-    return __int_as_float(bits);
-#endif
-}
-
 // 1 / sqrt(var + eps), spelled as on the CPU backend.
 __device__ __forceinline__ float bn_inv_std(float var, float eps) {
     return 1.0f / sqrtf(var + eps);
@@ -66,7 +50,7 @@ __global__ void bn_stats_finish(const float* __restrict__ part, const T* __restr
                                 float* __restrict__ var_out, float* __restrict__ coef, int N,
                                 int C, int P, int S, int eps_bits) {
     const long long M = (long long)N * P;
-    const float eps = bn_float_from_bits(eps_bits);
+    const float eps = float_from_bits(eps_bits);
     FC_GRID_STRIDE_LOOP(c, (long long)C) {
         float mean = 0.0f, m2 = 0.0f, n_a = 0.0f;
         for (int s = 0; s < S; ++s) {
@@ -92,7 +76,7 @@ template <typename T>
 __global__ void bn_inference_coef(const T* __restrict__ gamma, const T* __restrict__ beta,
                                   const float* __restrict__ mean, const float* __restrict__ var,
                                   float* __restrict__ coef, int C, int eps_bits, int has_beta) {
-    const float eps = bn_float_from_bits(eps_bits);
+    const float eps = float_from_bits(eps_bits);
     FC_GRID_STRIDE_LOOP(c, (long long)C) {
         const float scale = load_f(gamma, c) * bn_inv_std(var[c], eps);
         coef[c] = scale;
@@ -142,7 +126,7 @@ __global__ void bn_backward_finish(const float* __restrict__ part, const T* __re
                                    const float* __restrict__ var, T* __restrict__ dgamma,
                                    T* __restrict__ dbeta, float* __restrict__ coef, int N, int C,
                                    int P, int S, int eps_bits) {
-    const float eps = bn_float_from_bits(eps_bits);
+    const float eps = float_from_bits(eps_bits);
     const float M = (float)((long long)N * P);
     FC_GRID_STRIDE_LOOP(c, (long long)C) {
         float sum_dy = 0.0f, sum_dy_xc = 0.0f;

@@ -4,6 +4,8 @@
 
 #ifndef FASTCONV_HOST_SHIM
 #include <cuda_fp16.h>
+#else
+#include <cstring>
 #endif
 
 // fp16 policy: load half, compute in float, store half with round-to-nearest-even.
@@ -11,6 +13,19 @@ __device__ __forceinline__ float load_f(const float* p, long long i) { return p[
 __device__ __forceinline__ float load_f(const __half* p, long long i) { return __half2float(p[i]); }
 __device__ __forceinline__ void store_f(float* p, long long i, float v) { p[i] = v; }
 __device__ __forceinline__ void store_f(__half* p, long long i, float v) { p[i] = __float2half_rn(v); }
+
+// A float32 scalar (eps, a probability) travels as its bits in an int argument: the launchers
+// pass only ints and arrays, and a one-element device array would cost an allocation and a copy
+// on every call.
+__device__ __forceinline__ float float_from_bits(int bits) {
+#ifdef FASTCONV_HOST_SHIM
+    float f;
+    std::memcpy(&f, &bits, sizeof f);
+    return f;
+#else
+    return __int_as_float(bits);
+#endif
+}
 
 // v != v rather than isnan(): identical in NVRTC, nvcc and g++. No -use_fast_math anywhere, but
 // not IEEE-exact either: the device compiles with -ftz=true (CuPy forces it; float32 subnormals
