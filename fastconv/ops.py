@@ -606,14 +606,16 @@ def to_cpu(x):
 
 
 def _fusable(p, *others) -> bool:
-    """The fused CPU kernel applies: NumPy float32 C-contiguous arrays of one shape, the
-    parameter sharing memory with none of the others."""
+    """A fused kernel applies: float32 C-contiguous arrays of one shape and one library (NumPy:
+    the Numba kernels; CuPy: the CUDA kernels), the parameter sharing memory with none of the
+    others (the kernels read each element once, so an alias would read an updated value)."""
     arrays = (p, *others)
+    on_gpu = chk.is_cupy_array(p)
     return (
-        all(type(a) is np.ndarray for a in arrays)
+        all((chk.is_cupy_array(a) if on_gpu else type(a) is np.ndarray) for a in arrays)
         and all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
         and all(a.shape == p.shape for a in others)
-        and p.flags.writeable
+        and (on_gpu or p.flags.writeable)
         and not any(chk._may_overlap(p, a) for a in others)
     )
 
@@ -622,13 +624,17 @@ def adam_update(p, g, m, v, beta1, beta2, lr_t, eps):
     """One Adam step in place, the book's form: ``m += (1-beta1)*(g - m);
     v += (1-beta2)*(g*g - v);  p -= lr_t*m / (sqrt(v) + eps)``, all in float32.
 
-    ``p``, ``g``, ``m``, ``v``: float32 arrays of one shape (NumPy or CuPy). On the CPU one fused
-    parallel pass (:mod:`fastconv.cpu.optim`), bit-identical to the array expressions used
-    otherwise.
+    ``p``, ``g``, ``m``, ``v``: float32 arrays of one shape (NumPy or CuPy). One fused pass: on
+    the CPU a parallel Numba kernel (:mod:`fastconv.cpu.optim`), on the GPU one CUDA kernel
+    launch (``kernels/optim.cu``); both bit-identical to the array expressions used otherwise
+    (the GPU flushes float32 subnormals to zero).
     """
     c1, c2 = np.float32(1 - beta1), np.float32(1 - beta2)
     lr_t, eps = np.float32(lr_t), np.float32(eps)
     if _fusable(p, g, m, v):
+        if chk.is_cupy_array(p):
+            _launch(_backend(p), "adam_update", p, g, m, v, c1, c2, lr_t, eps)
+            return
         from .cpu import optim
 
         with _backend(p).launch_guard():
@@ -643,9 +649,12 @@ def adam_update(p, g, m, v, beta1, beta2, lr_t, eps):
 
 def momentum_update(p, g, v, momentum, lr):
     """One momentum step in place: ``v = momentum*v - lr*g;  p += v`` (float32; fused on the
-    CPU, bit-identical to the array expressions)."""
+    CPU and on the GPU, bit-identical to the array expressions)."""
     momentum, lr = np.float32(momentum), np.float32(lr)
     if _fusable(p, g, v):
+        if chk.is_cupy_array(p):
+            _launch(_backend(p), "momentum_update", p, g, v, momentum, lr)
+            return
         from .cpu import optim
 
         with _backend(p).launch_guard():

@@ -38,6 +38,8 @@ __all__ = [
     "relu",
     "relu_backward",
     "dropout",
+    "adam_update",
+    "momentum_update",
     "zeros",
     "full",
     "warp_bilinear",
@@ -247,6 +249,14 @@ def relu_backward(dy, y, out=None):
 def dropout(x, key, rate):
     """``x * mask``, the mask drawn by Philox from ``key`` (see :mod:`fastconv.gpu._random`)."""
     return _ops().dropout(_ops().ascontiguous(x), key, rate)
+
+
+def adam_update(p, g, m, v, c1, c2, lr_t, eps):
+    _ops().adam_update(p, g, m, v, c1, c2, lr_t, eps)
+
+
+def momentum_update(p, g, v, momentum, lr):
+    _ops().momentum_update(p, g, v, momentum, lr)
 
 
 def zeros(shape, dtype):

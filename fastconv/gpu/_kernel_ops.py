@@ -41,7 +41,8 @@ WORKSPACE_BYTES = 512 << 20
 
 
 def eps_bits(eps: float) -> int:
-    """``eps`` as the int holding its float32 bits (the kernels take ints and arrays only)."""
+    """``eps`` (or any float32 scalar) as the int holding its float32 bits (the kernels take
+    ints and arrays only)."""
     return int(np.asarray(eps, dtype=np.float32).view(np.int32))
 
 
@@ -320,6 +321,17 @@ class KernelOps:
         self.launch("dropout", -(-x.size // 4), x, y, x.size, int(key[0]), int(key[1]),
                     keep_bits, scale_bits)  # fmt: skip
         return y
+
+    # --- optimizer updates (float32 p, g and state of one shape, C-contiguous) ------------------
+
+    def adam_update(self, p, g, m, v, c1, c2, lr_t, eps):
+        """In place: ``m += c1*(g - m);  v += c2*(g*g - v);  p -= lr_t*m / (sqrt(v) + eps)``."""
+        self.launch("adam_update", p.size, p, g, m, v, p.size, eps_bits(c1), eps_bits(c2),
+                    eps_bits(lr_t), eps_bits(eps))  # fmt: skip
+
+    def momentum_update(self, p, g, v, momentum, lr):
+        """In place: ``v = momentum*v - lr*g;  p += v``."""
+        self.launch("momentum_update", p.size, p, g, v, p.size, eps_bits(momentum), eps_bits(lr))
 
     def relu(self, x):
         y = self.xp.empty(x.shape, dtype=x.dtype)

@@ -24,6 +24,7 @@ SOURCE_FILES = (
     "activation.cu",
     "augment.cu",
     "dropout.cu",
+    "optim.cu",
 )
 
 _GEOM = "i" * 12  # N, C, H, W, kh, kw, sh, sw, ph, pw, OH, OW
@@ -59,6 +60,10 @@ SIGNATURES: dict[str, str] = {
     "blur_axis": "rwR" + "i" * 5,
     # x, y; n, key0, key1, keep (float32 bits), scale (float32 bits of 1/keep rounded to T)
     "dropout": "rw" + "i" * 5,
+    # p, g, m, v; n, then 1 - beta1, 1 - beta2, lr_t, eps as float32 bits
+    "adam_update": "wrWW" + "i" * 5,
+    # p, g, v; n, then momentum, lr as float32 bits
+    "momentum_update": "wrW" + "i" * 3,
 }
 
 # NVRTC options of the RawModule. CuPy appends -ftz=true to every compile whatever we pass
