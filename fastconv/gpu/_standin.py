@@ -44,7 +44,8 @@ MULTIPROCESSOR_COUNT = 1  # grid cap 32 blocks: the grid-stride loops run severa
 # What tests can set: an exception RawModule.compile() raises (to test the availability
 # reason), and counters that prove caching.
 config = types.SimpleNamespace(compile_error=None)
-stats = types.SimpleNamespace(modules=[], get_function=0, launches=[], gemm_calls=[])
+stats = types.SimpleNamespace(modules=[], get_function=0, launches=[], gemm_calls=[],
+                              allocators=[])  # fmt: skip
 
 _state = threading.local()
 _allocs: dict[int, tuple[int, int, weakref.ref]] = {}  # start -> (nbytes, device, owner ref)
@@ -537,6 +538,33 @@ def get_elapsed_time(start, stop):
     return (stop.t - start.t) * 1e3
 
 
+class _MemoryPool:
+    """CuPy's default memory pool as far as fastconv's tools read it: the stand-in keeps its
+    arrays in host memory, so the pool holds nothing."""
+
+    def used_bytes(self):
+        return 0
+
+    def total_bytes(self):
+        return 0
+
+    def free_all_blocks(self):
+        pass
+
+
+_memory_pool = _MemoryPool()
+
+
+def get_default_memory_pool():
+    return _memory_pool
+
+
+def _set_allocator(allocator=None):
+    """``cupy.cuda.set_allocator``: recorded (``None`` = no pool, every allocation a
+    cudaMalloc; what gpu_check's sanitizer tour asks for)."""
+    stats.allocators.append(allocator)
+
+
 runtime = types.ModuleType("cupy.cuda.runtime")
 runtime.CUDARuntimeError = CUDARuntimeError
 runtime.CUDA_R_32F, runtime.CUDA_R_16F = 0, 2
@@ -756,6 +784,7 @@ cuda.Device, cuda.Stream, cuda.Event = Device, Stream, Event
 cuda.get_current_stream, cuda.get_elapsed_time = get_current_stream, get_elapsed_time
 cuda.runtime, cuda.cublas, cuda.nvrtc = runtime, cublas, nvrtc
 cuda.MemoryPointer = MemoryPointer
+cuda.set_allocator = _set_allocator
 cuda.is_available = lambda: True
 
 _MODULES = {
@@ -807,6 +836,7 @@ def reset_stats() -> None:
     stats.modules.clear()
     stats.launches.clear()
     stats.gemm_calls.clear()
+    stats.allocators.clear()
     stats.get_function = 0
     config.compile_error = None
 
