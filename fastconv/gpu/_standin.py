@@ -693,6 +693,17 @@ def _handle(h):
     return state
 
 
+def _ordered(state) -> None:
+    """A GEMM must run on the stream of the kernels around it: on a GPU a handle bound to
+    another stream (the default one, while CuPy's current stream is a non-blocking one) runs
+    the GEMM unordered with them, a race. The stand-in refuses it."""
+    if state["stream"] != get_current_stream().ptr:
+        raise RuntimeError(
+            f"cuBLAS handle bound to stream {state['stream']:#x}, CuPy's current stream is "
+            f"{get_current_stream().ptr:#x}: the GEMM would race the kernels (cublasSetStream)"
+        )
+
+
 cublas.create = _create
 cublas.destroy = lambda h: _handles.pop(h)
 cublas.setMathMode = lambda h, mode: _handle(h).__setitem__("math", mode)
@@ -751,6 +762,7 @@ def _scalar(ptr):
 def _gemmEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C,
             Ctype, ldc, computeType, algo):  # fmt: skip
     state = _handle(handle)
+    _ordered(state)
     stats.gemm_calls.append(("gemmEx", state["math"], computeType, Atype, (m, n, k)))
     _gemm_one(state, transa, transb, m, n, k, _scalar(alpha), A, Atype, lda, B, Btype, ldb,
               _scalar(beta), C, Ctype, ldc, computeType)  # fmt: skip
@@ -760,6 +772,7 @@ def _gemmStridedBatchedEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda,
                           Btype, ldb, strideB, beta, C, Ctype, ldc, strideC, batchCount,
                           computeType, algo):  # fmt: skip
     state = _handle(handle)
+    _ordered(state)
     stats.gemm_calls.append(
         ("gemmStridedBatchedEx", state["math"], computeType, Atype, (m, n, k, batchCount))
     )
