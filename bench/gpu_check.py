@@ -90,8 +90,8 @@ CAPS = {
     "training": (80, 60),
     "chunked": (45, 30),
     "fp16": (25, 40),
-    "tests": (70, 90),
-    "sanitizer": (55, 60),
+    "tests": (60, 90),
+    "sanitizer": (65, 60),
 }
 DEFAULT_BUDGET_S = 470.0
 MIN_SECTION_S = 5.0  # less than this left: the section is skipped, not started
