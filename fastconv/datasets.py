@@ -246,7 +246,7 @@ def _say(message: str, progress: bool | None) -> None:
 def _remove_stale_parts(cache: Path) -> None:
     """Delete ``*.part-<pid>-*`` files whose writer is no longer running (killed mid-download);
     a live writer's file is its own business."""
-    from .nn._files import _alive
+    from .nn._files import pid_alive
 
     try:
         names = os.listdir(cache)
@@ -254,7 +254,7 @@ def _remove_stale_parts(cache: Path) -> None:
         return
     for name in names:
         m = _PART.search(name)
-        if m and not _alive(int(m.group(1))):
+        if m and not pid_alive(int(m.group(1))):
             try:
                 os.remove(cache / name)
             except OSError:

@@ -29,7 +29,23 @@ import abc
 
 import numpy as np
 
-__all__ = ["Kernels", "OPS"]
+from ._checks import _may_overlap
+
+__all__ = ["Kernels", "OPS", "fusable_update"]
+
+
+def fusable_update(p, *others) -> bool:
+    """May a fused optimizer kernel update ``p`` from ``others``? Float32 C-contiguous arrays of
+    one shape and one library, ``p`` writable and sharing memory with none of the others (the
+    kernels read each element once, so an alias would read an already updated value)."""
+    arrays = (p, *others)
+    return (
+        all(type(a) is type(p) for a in arrays)
+        and all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
+        and all(a.shape == p.shape for a in others)
+        and getattr(p.flags, "writeable", True)  # CuPy arrays have no read-only flag
+        and not any(_may_overlap(p, a) for a in others)
+    )
 
 
 class Kernels(abc.ABC):

@@ -607,9 +607,11 @@ def adam_update(p, g, m, v, beta1, beta2, lr_t, eps):
     """One Adam step in place, the book's form: ``m += (1-beta1)*(g - m);
     v += (1-beta2)*(g*g - v);  p -= lr_t*m / (sqrt(v) + eps)``, all in float32.
 
-    ``p``, ``g``, ``m``, ``v``: float32 arrays of one shape (NumPy or CuPy). On the CPU one fused
-    parallel pass (:mod:`fastconv.cpu.optim`), bit-identical to the array expressions of
-    :meth:`fastconv.kernels.Kernels.adam_update` used otherwise.
+    ``p``, ``g``, ``m``, ``v``: float32 arrays of one shape (NumPy or CuPy). One fused pass where
+    :func:`fastconv.kernels.fusable_update` allows: on the CPU a parallel Numba kernel
+    (:mod:`fastconv.cpu.optim`), on the GPU one CUDA kernel launch (``kernels/optim.cu``); both
+    bit-identical to the array expressions of :meth:`fastconv.kernels.Kernels.adam_update` used
+    otherwise (the GPU flushes float32 subnormals to zero).
     """
     dev = device_of(p)
     c1, c2 = np.float32(1 - beta1), np.float32(1 - beta2)
@@ -619,7 +621,7 @@ def adam_update(p, g, m, v, beta1, beta2, lr_t, eps):
 
 def momentum_update(p, g, v, momentum, lr):
     """One momentum step in place: ``v = momentum*v - lr*g;  p += v`` (float32; fused on the
-    CPU, bit-identical to the array expressions)."""
+    CPU and on the GPU, bit-identical to the array expressions)."""
     dev = device_of(p)
     with dev.launch_guard():
         dev.kernels.momentum_update(p, g, v, np.float32(momentum), np.float32(lr))

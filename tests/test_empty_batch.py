@@ -79,6 +79,8 @@ def _cases(dtype):
         ),
         "relu": (lambda: fc.relu(x), [x.shape]),
         "relu_backward": (lambda: fc.relu_backward(x, x), [x.shape]),
+        "leaky_relu": (lambda: fc.leaky_relu(x, 0.2), [x.shape]),
+        "leaky_relu_backward": (lambda: fc.leaky_relu_backward(x, x, 0.2), [x.shape]),
         "warp_bilinear": (
             lambda: fc.warp_bilinear(x, z((0, 2, 3), np.float32), out_size=(4, 4)),
             [(0, 3, 4, 4)],

@@ -449,6 +449,34 @@ def test_cublas_model_bites(standin):
         call(0, 3)  # too small: cuBLAS refuses it
 
 
+def test_gemms_follow_cupys_current_stream(standin):
+    """The backend's cuBLAS handle is re-bound to CuPy's current stream: a convolution on a
+    non-blocking stream runs its GEMMs there, ordered with its kernels. The stand-in refuses a
+    GEMM on a handle bound to another stream (a race on a GPU), shown on a raw call."""
+    from fastconv.gpu import _module
+
+    cp, cublas = standin, standin.cuda.cublas
+    rng = np.random.default_rng(14)
+    x, w = rand(rng, (2, 8, 6, 6), np.float32), rand(rng, (4, 8, 3, 3), np.float32)
+    g = chk.validate_conv2d(x, w, None, 1, 1)
+    ops = __import__("fastconv").gpu.kernels()
+    want = ops.conv2d(cp.asarray(x), cp.asarray(w), None, g, None).get()
+    stream = cp.cuda.Stream(non_blocking=True)
+    with stream:
+        y = ops.conv2d(cp.asarray(x), cp.asarray(w), None, g, None)
+        dx, dw, _ = ops.conv2d_backward(cp.asarray(want), cp.asarray(x), cp.asarray(w), g)
+        h = _module._cublas_handle(0)
+        assert cublas.getStream(h) == stream.ptr != 0
+    np.testing.assert_array_equal(y.get(), want)
+    # Back on the default stream, the next GEMM re-binds the handle.
+    ops.conv2d(cp.asarray(x), cp.asarray(w), None, g, None)
+    assert cublas.getStream(h) == 0
+    a = cp.asarray(rand(rng, (4, 4), np.float32))
+    with stream, pytest.raises(RuntimeError, match="would race the kernels"):
+        cublas.gemmEx(h, 0, 0, 4, 4, 4, _module._ONE.ctypes.data, a.data.ptr, 0, 4, a.data.ptr,
+                      0, 4, _module._ZERO.ctypes.data, a.data.ptr, 0, 4, 68, -1)  # fmt: skip
+
+
 def test_launch_arguments_are_checked(standin):
     from fastconv.gpu import _module
 

@@ -180,8 +180,8 @@ def test_fit_with_device_inputs_and_host_labels(cupy):
 
 
 def test_gpu_dropout_follows_the_model_seed(cupy):
-    """Two runs from the same seed train identically: GPU dropout masks come from a CuPy
-    generator seeded by the model's generator, not from CuPy's global one."""
+    """Two runs from the same seed train identically: GPU dropout masks come from Philox keys
+    drawn from the model's generator, not from CuPy's global generator."""
     x, y = data()
     runs = []
     for _ in range(2):

@@ -39,7 +39,13 @@ BACKENDS = {
 }
 
 
-@pytest.fixture(params=list(BACKENDS), scope="module")
+# The emulated CUDA kernels carry the gpu_emulation marker: the sanitizer run
+# (tests/test_gpu_sanitize.py) selects them, and every kernel of the sources must run there.
+@pytest.fixture(
+    params=[pytest.param(b, marks=pytest.mark.gpu_emulation) if "cuda" in b else b
+            for b in BACKENDS],
+    scope="module",
+)  # fmt: skip
 def kernels(request):
     return BACKENDS[request.param]()
 

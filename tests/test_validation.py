@@ -160,6 +160,8 @@ def _cases():
     yield "dense_backward-dy", lambda: fc.dense_backward(x2, x2, w2), V, "dy must have shape"
     yield "relu-float64", lambda: fc.relu(x.astype(float)), T, "x must have dtype"
     yield "relu_backward-y", lambda: fc.relu_backward(x, x[:1]), V, "y must have shape"
+    yield "leaky_relu-alpha", lambda: fc.leaky_relu(x, "0.1"), T, "alpha must be a real number"
+    yield "leaky_relu_backward-x", lambda: fc.leaky_relu_backward(x, x[:1]), V, "x must have shape"
     theta = np.zeros((2, 2, 3), f32)
     yield "warp_bilinear-theta-shape", lambda: fc.warp_bilinear(x, theta[:1]), V, "theta must"
     yield "warp_bilinear-theta-half", lambda: fc.warp_bilinear(x, theta.astype(f16)), T, "theta"

@@ -17,10 +17,9 @@ only if no parallel Numba code has run yet (``numba.set_num_threads`` counts: im
 import os
 
 import numba
-import numpy as np
 
-from .._checks import CONV_ALGORITHMS, _may_overlap
-from ..kernels import Kernels
+from .._checks import CONV_ALGORITHMS
+from ..kernels import Kernels, fusable_update
 from . import optim
 from ._workspace import launch_guard
 from .activation import leaky_relu, leaky_relu_backward, relu, relu_backward
@@ -55,19 +54,6 @@ _choose_threading_layer()
 __all__ = ["KERNELS", "CpuKernels", "launch_guard"]
 
 
-def _fusable(p, *others) -> bool:
-    """The fused optimizer kernels apply: NumPy float32 C-contiguous arrays of one shape, the
-    parameter sharing memory with none of the others."""
-    arrays = (p, *others)
-    return (
-        all(isinstance(a, np.ndarray) for a in arrays)
-        and all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays)
-        and all(a.shape == p.shape for a in others)
-        and p.flags.writeable
-        and not any(_may_overlap(p, a) for a in others)
-    )
-
-
 class CpuKernels(Kernels):
     """The Numba kernels as the :class:`~fastconv.kernels.Kernels` interface: one line an op."""
 
@@ -98,13 +84,13 @@ class CpuKernels(Kernels):
     # One fused parallel pass each (fastconv.cpu.optim), bit-identical to the base class's
     # array expressions, which still serve arrays the fused kernels do not take.
     def adam_update(self, p, g, m, v, c1, c2, lr_t, eps):
-        if not _fusable(p, g, m, v):
+        if not fusable_update(p, g, m, v):
             return super().adam_update(p, g, m, v, c1, c2, lr_t, eps)
         optim.adam_update(p.reshape(-1), g.reshape(-1), m.reshape(-1), v.reshape(-1),
                           c1, c2, lr_t, eps)  # fmt: skip
 
     def momentum_update(self, p, g, v, momentum, lr):
-        if not _fusable(p, g, v):
+        if not fusable_update(p, g, v):
             return super().momentum_update(p, g, v, momentum, lr)
         optim.momentum_update(p.reshape(-1), g.reshape(-1), v.reshape(-1), momentum, lr)
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..kernels import Kernels
+from ..kernels import Kernels, fusable_update
+from . import _random
 
 ROWS = 0  # book layout: (N*OH*OW, C*kh*kw)
 BATCH = 1  # Caffe layout: (N, C*kh*kw, OH*OW), one GEMM operand per image
@@ -41,7 +42,8 @@ WORKSPACE_BYTES = 512 << 20
 
 
 def eps_bits(eps: float) -> int:
-    """``eps`` as the int holding its float32 bits (the kernels take ints and arrays only)."""
+    """``eps`` (or any float32 scalar) as the int holding its float32 bits (the kernels take
+    ints and arrays only)."""
     return int(np.asarray(eps, dtype=np.float32).view(np.int32))
 
 
@@ -310,6 +312,43 @@ class KernelOps(Kernels):
         db = self.bias_grad(dy, g.N, g.F, 1)
         dx = self.gemm(dy, w, trans_b=True) if need_dx else None  # (N, K)
         return dx, dw, db
+
+    # --- dropout ---------------------------------------------------------------------------------
+
+    def dropout(self, x, key, rate):
+        """``x * mask`` with the Philox mask of ``key`` (two 31-bit words) and ``rate``
+        (:mod:`fastconv.gpu._random`): one launch, nothing stored; the same key gives the same
+        mask for any array of the same size."""
+        keep_bits, scale_bits = _random.kernel_scalars(rate, x.dtype)
+        y = self.xp.empty(x.shape, dtype=x.dtype)
+        self.launch("dropout", -(-x.size // 4), x, y, x.size, int(key[0]), int(key[1]),
+                    keep_bits, scale_bits)  # fmt: skip
+        return y
+
+    # --- optimizer updates (float32 p, g and state of one shape, C-contiguous) ------------------
+
+    def adam_update(self, p, g, m, v, c1, c2, lr_t, eps):
+        """In place: ``m += c1*(g - m);  v += c2*(g*g - v);  p -= lr_t*m / (sqrt(v) + eps)``;
+        the fused kernel where :func:`~fastconv.kernels.fusable_update` allows."""
+        if not fusable_update(p, g, m, v):
+            return super().adam_update(p, g, m, v, c1, c2, lr_t, eps)
+        self.fused_adam(p, g, m, v, c1, c2, lr_t, eps)
+
+    def fused_adam(self, p, g, m, v, c1, c2, lr_t, eps):
+        """The ``adam_update`` kernel itself: ``p``, ``g`` in T (float32, or half: updated in
+        float32, rounded once), ``m``, ``v`` float32, C-contiguous, one shape, no aliasing."""
+        self.launch("adam_update", p.size, p, g, m, v, p.size, eps_bits(c1), eps_bits(c2),
+                    eps_bits(lr_t), eps_bits(eps))  # fmt: skip
+
+    def momentum_update(self, p, g, v, momentum, lr):
+        """In place: ``v = momentum*v - lr*g;  p += v`` (fused as :meth:`adam_update`)."""
+        if not fusable_update(p, g, v):
+            return super().momentum_update(p, g, v, momentum, lr)
+        self.fused_momentum(p, g, v, momentum, lr)
+
+    def fused_momentum(self, p, g, v, momentum, lr):
+        """The ``momentum_update`` kernel itself (arguments as :meth:`fused_adam`'s)."""
+        self.launch("momentum_update", p.size, p, g, v, p.size, eps_bits(momentum), eps_bits(lr))
 
     def relu(self, x):
         y = self.xp.empty(x.shape, dtype=x.dtype)

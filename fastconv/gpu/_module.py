@@ -190,19 +190,33 @@ _tls = threading.local()
 
 
 def _cublas_handle(dev: int):
-    """A cuBLAS handle of our own for (this host thread, device ``dev``): its math mode stays
-    ours whatever CuPy or the user set on CuPy's handle (cuBLAS handles are per thread in CuPy
-    too, since setting a handle's stream is not thread-safe)."""
+    """A cuBLAS handle of our own for (this host thread, device ``dev``), bound to CuPy's
+    current stream: its math mode stays ours whatever CuPy or the user set on CuPy's handle
+    (cuBLAS handles are per thread in CuPy too, since setting a handle's stream is not
+    thread-safe). The stream is re-bound whenever CuPy's current stream changed since the last
+    GEMM: a handle left on the default stream would run the GEMM unordered with the kernels
+    around it on a non-blocking stream (im2col's buffer read before it is written)."""
+    from cupy.cuda import cublas
+
     handles = _tls.__dict__.setdefault("handles", {})
     h = handles.get(dev)
     if h is None:
-        from cupy.cuda import cublas
-
         h = cublas.create()
         cublas.setMathMode(h, CUBLAS_DEFAULT_MATH)
         cublas.setPointerMode(h, CUBLAS_POINTER_MODE_HOST)
         handles[dev] = h
+    streams = _tls.__dict__.setdefault("streams", {})
+    stream = _current_stream_ptr()
+    if streams.get(dev) != stream:
+        cublas.setStream(h, stream)
+        streams[dev] = stream
     return h
+
+
+def _current_stream_ptr() -> int:
+    import cupy
+
+    return cupy.cuda.get_current_stream().ptr
 
 
 def _gemm_operand(a, name: str, ndim: int, dtype, dev: int):

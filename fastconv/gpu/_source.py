@@ -24,6 +24,8 @@ SOURCE_FILES = (
     "global_pool.cu",
     "activation.cu",
     "augment.cu",
+    "dropout.cu",
+    "optim.cu",
 )
 
 # NVRTC options of the RawModule. CuPy appends -ftz=true to every compile whatever we pass

@@ -44,7 +44,8 @@ MULTIPROCESSOR_COUNT = 1  # grid cap 32 blocks: the grid-stride loops run severa
 # What tests can set: an exception RawModule.compile() raises (to test the availability
 # reason), and counters that prove caching.
 config = types.SimpleNamespace(compile_error=None)
-stats = types.SimpleNamespace(modules=[], get_function=0, launches=[], gemm_calls=[])
+stats = types.SimpleNamespace(modules=[], get_function=0, launches=[], gemm_calls=[],
+                              allocators=[])  # fmt: skip
 
 _state = threading.local()
 _allocs: dict[int, tuple[int, int, weakref.ref]] = {}  # start -> (nbytes, device, owner ref)
@@ -537,6 +538,33 @@ def get_elapsed_time(start, stop):
     return (stop.t - start.t) * 1e3
 
 
+class _MemoryPool:
+    """CuPy's default memory pool as far as fastconv's tools read it: the stand-in keeps its
+    arrays in host memory, so the pool holds nothing."""
+
+    def used_bytes(self):
+        return 0
+
+    def total_bytes(self):
+        return 0
+
+    def free_all_blocks(self):
+        pass
+
+
+_memory_pool = _MemoryPool()
+
+
+def get_default_memory_pool():
+    return _memory_pool
+
+
+def _set_allocator(allocator=None):
+    """``cupy.cuda.set_allocator``: recorded (``None`` = no pool, every allocation a
+    cudaMalloc; what gpu_check's sanitizer tour asks for)."""
+    stats.allocators.append(allocator)
+
+
 runtime = types.ModuleType("cupy.cuda.runtime")
 runtime.CUDARuntimeError = CUDARuntimeError
 runtime.CUDA_R_32F, runtime.CUDA_R_16F = 0, 2
@@ -665,6 +693,17 @@ def _handle(h):
     return state
 
 
+def _ordered(state) -> None:
+    """A GEMM must run on the stream of the kernels around it: on a GPU a handle bound to
+    another stream (the default one, while CuPy's current stream is a non-blocking one) runs
+    the GEMM unordered with them, a race. The stand-in refuses it."""
+    if state["stream"] != get_current_stream().ptr:
+        raise RuntimeError(
+            f"cuBLAS handle bound to stream {state['stream']:#x}, CuPy's current stream is "
+            f"{get_current_stream().ptr:#x}: the GEMM would race the kernels (cublasSetStream)"
+        )
+
+
 cublas.create = _create
 cublas.destroy = lambda h: _handles.pop(h)
 cublas.setMathMode = lambda h, mode: _handle(h).__setitem__("math", mode)
@@ -723,6 +762,7 @@ def _scalar(ptr):
 def _gemmEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda, B, Btype, ldb, beta, C,
             Ctype, ldc, computeType, algo):  # fmt: skip
     state = _handle(handle)
+    _ordered(state)
     stats.gemm_calls.append(("gemmEx", state["math"], computeType, Atype, (m, n, k)))
     _gemm_one(state, transa, transb, m, n, k, _scalar(alpha), A, Atype, lda, B, Btype, ldb,
               _scalar(beta), C, Ctype, ldc, computeType)  # fmt: skip
@@ -732,6 +772,7 @@ def _gemmStridedBatchedEx(handle, transa, transb, m, n, k, alpha, A, Atype, lda,
                           Btype, ldb, strideB, beta, C, Ctype, ldc, strideC, batchCount,
                           computeType, algo):  # fmt: skip
     state = _handle(handle)
+    _ordered(state)
     stats.gemm_calls.append(
         ("gemmStridedBatchedEx", state["math"], computeType, Atype, (m, n, k, batchCount))
     )
@@ -756,6 +797,7 @@ cuda.Device, cuda.Stream, cuda.Event = Device, Stream, Event
 cuda.get_current_stream, cuda.get_elapsed_time = get_current_stream, get_elapsed_time
 cuda.runtime, cuda.cublas, cuda.nvrtc = runtime, cublas, nvrtc
 cuda.MemoryPointer = MemoryPointer
+cuda.set_allocator = _set_allocator
 cuda.is_available = lambda: True
 
 _MODULES = {
@@ -807,6 +849,7 @@ def reset_stats() -> None:
     stats.modules.clear()
     stats.launches.clear()
     stats.gemm_calls.clear()
+    stats.allocators.clear()
     stats.get_function = 0
     config.compile_error = None
 

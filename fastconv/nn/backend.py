@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from .._checks import is_cupy_array
-from ..device import array_module, device_of, get_device
+from ..device import GPU, array_module, device_of, get_device
 from ..device import to_host as to_numpy
 
-__all__ = ["Backend", "array_module", "to_numpy", "check_dtype", "check_backend_name"]
+__all__ = [
+    "Backend", "DropoutMask", "array_module", "to_numpy", "check_dtype", "check_backend_name",
+]  # fmt: skip
 
 DTYPES = (np.dtype(np.float32), np.dtype(np.float16))
 
@@ -95,15 +96,41 @@ class Backend:
         return f"Backend({self.name!r}, {self.dtype.name!r})"
 
 
-def random_uniform(rng: np.random.Generator, shape, like):
-    """Uniform [0, 1) float32 numbers on ``like``'s device, drawn from the seeded ``rng``.
+class DropoutMask:
+    """One training call's dropout mask, drawn from the model's generator ``rng``:
+    ``apply(a)`` is ``a * mask``, with ``mask`` 0 where a unit is dropped (probability
+    ``rate``) and ``1/(1-rate)`` (rounded to ``a``'s dtype) where it is kept.
 
-    On the GPU a CuPy generator is seeded from ``rng`` on every call, so dropout masks follow the
-    model's seed on both backends (not the same numbers: the generators differ).
+    CPU: the mask is an array made from ``rng.random`` (float32 uniforms).
+    GPU: one Philox key is drawn from ``rng`` instead (:mod:`fastconv.gpu._random`) and the
+    ``dropout`` kernel regenerates the mask from it on every ``apply``: no generator is built
+    per call (a CuPy generator sets up a cuRAND state per thread of its launch, on every
+    construction), no mask is stored between the forward and backward passes, and a forward
+    costs one launch. Both follow the model's seed; the two backends' masks differ (different
+    generators).
     """
-    if is_cupy_array(like):
-        import cupy
 
-        seed = int(rng.integers(0, 2**63 - 1))
-        return cupy.random.default_rng(seed).random(shape, dtype=np.float32)
-    return rng.random(shape, dtype=np.float32)
+    __slots__ = ("shape", "rate", "_mask", "_key")
+
+    def __init__(self, rng: np.random.Generator, shape, like, rate: float):
+        self.shape = tuple(shape)
+        self.rate = float(rate)
+        if device_of(like) is GPU:
+            from ..gpu import _random
+
+            self._key, self._mask = _random.draw_key(rng), None
+        else:
+            keep = np.float32(1.0 - rate)
+            u = rng.random(self.shape, dtype=np.float32)
+            self._key = None
+            self._mask = (u < keep).astype(like.dtype) * like.dtype.type(1.0 / keep)
+
+    def apply(self, a):
+        """``a * mask`` for an array ``a`` of the mask's shape (on the backend it was drawn
+        for)."""
+        if tuple(a.shape) != self.shape:
+            raise ValueError(f"dropout mask of shape {self.shape} applied to shape {a.shape}")
+        if self._key is None:
+            return a * self._mask
+        # The mask's own key and a's own size: no user argument reaches this kernel.
+        return GPU.kernels.dropout(GPU.ascontiguous(a), self._key, self.rate)

@@ -1,5 +1,5 @@
 """``import cupy`` -> fastconv's stand-in CuPy (``fastconv.gpu._standin``), for processes started
-with this directory on ``PYTHONPATH`` (``bench/gpu_check.py --fake-cupy`` and its tests)."""
+with this directory on ``PYTHONPATH`` (``bench/gpu_check.py --dry-run`` and its tests)."""
 
 from fastconv.gpu import _standin
 

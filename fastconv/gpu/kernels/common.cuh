@@ -14,9 +14,9 @@ __device__ __forceinline__ float load_f(const __half* p, long long i) { return _
 __device__ __forceinline__ void store_f(float* p, long long i, float v) { p[i] = v; }
 __device__ __forceinline__ void store_f(__half* p, long long i, float v) { p[i] = __float2half_rn(v); }
 
-// A float argument (eps, a slope) travels as the bits of a float32 in an int: the launchers pass
-// only ints and arrays, and a one-element device array would cost an allocation and a copy on
-// every call.
+// A float32 scalar (eps, a probability, a slope) travels as its bits in an int argument: the launchers
+// pass only ints and arrays, and a one-element device array would cost an allocation and a copy
+// on every call.
 __device__ __forceinline__ float float_from_bits(int bits) {
 #ifdef FASTCONV_HOST_SHIM
     float f;

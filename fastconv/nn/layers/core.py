@@ -5,11 +5,9 @@ from __future__ import annotations
 import math
 import numbers
 
-import numpy as np
-
 from ... import _checks as chk
 from ... import ops
-from ..backend import random_uniform
+from ..backend import DropoutMask
 from ..graph import MAX_ELEMENTS
 from .base import Layer, ProductLayer, register_layer
 
@@ -99,10 +97,8 @@ class DropConnectDense(Dense):
             return y, (None if cache is None else (*cache, None))
         act = "relu" if fuse_relu else self.activation
         w = self.params["W"]
-        keep = np.float32(1.0 - self.rate)
-        u = random_uniform(self._rng(), w.shape, like=w)
-        mask = (u < keep).astype(w.dtype) * w.dtype.type(1.0 / keep)
-        w_used = w * mask
+        mask = DropoutMask(self._rng(), w.shape, w, self.rate)
+        w_used = mask.apply(w)
         y = self._product(x, w_used, self.params.get("b"), act)
         return y, (x, y if act == "relu" else None, (w_used, mask))
 
@@ -113,7 +109,7 @@ class DropConnectDense(Dense):
         w_used, mask = dropped
         dx, grads = self._backward_through(x, y, dy, w_used, need_dx)
         if "W" in grads:
-            grads["W"] = grads["W"] * mask  # d(W * mask)/dW: dropped weights get no gradient
+            grads["W"] = mask.apply(grads["W"])  # d(W * mask)/dW: dropped weights get none
         return dx, grads
 
 
@@ -137,13 +133,11 @@ class Dropout(Layer):
     def call(self, x, training=False):
         if not training or self.rate == 0.0:
             return x, None
-        keep = np.float32(1.0 - self.rate)
-        u = random_uniform(self._rng(), x.shape, like=x)
-        mask = (u < keep).astype(x.dtype) * x.dtype.type(1.0 / keep)
-        return x * mask, mask
+        mask = DropoutMask(self._rng(), x.shape, x, self.rate)
+        return mask.apply(x), mask
 
     def call_backward(self, cache, dy, need_dx=True):
-        return (dy if cache is None else dy * cache), {}
+        return (dy if cache is None else cache.apply(dy)), {}
 
     def torch_module(self, torch, inplace=False):
         return torch.nn.Dropout(self.rate)
