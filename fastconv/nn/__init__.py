@@ -23,11 +23,12 @@ from .distributed import DistributedError, DistributedSetupError, MPIDataParalle
 from .ensemble import Ensemble
 from .graph import Input, SymbolicTensor
 from .layers import *  # noqa: F403  (every layer: layers.__all__)
+from .loading import load_model
 from .losses import BinaryCrossEntropy, MeanSquaredError, SoftmaxCrossEntropy
 from .model import Hook, Model, Sequential
 from .optimizers import SGD, AdaGrad, Adam, AdamW, Momentum, Nesterov, Optimizer, RMSProp
 from .regularizers import L1, L1L2, L2
-from .saving import CheckpointError, load_model
+from .saving import CheckpointError
 
 __all__ = [
     "initializers",

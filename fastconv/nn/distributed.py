@@ -650,7 +650,8 @@ class MPIDataParallel(Strategy):
     def load_model(self, path, backend="cpu"):
         """Rank 0 loads and validates checkpoint ``path``; the other ranks get its bytes (no
         shared file system needed). Errors are raised on every rank."""
-        from .saving import CheckpointError, load_model
+        from .loading import load_model
+        from .saving import CheckpointError
 
         what = f"receiving {path} from rank 0"
         error = None

@@ -27,7 +27,8 @@ import numpy as np
 from .. import _checks as chk
 from .backend import Backend, to_numpy
 from .graph import Input, SymbolicTensor, connect, trace
-from .layers.base import Layer, check_gradient, snake_case
+from .layers.base import LAYER_CLASSES, Layer, check_gradient, snake_case
+from .saving import CheckpointError, save_model
 from .trainer import Trainer
 
 __all__ = ["Model", "Sequential", "Hook"]
@@ -439,16 +440,12 @@ class Model(Trainer):
 
     def save(self, path, include_optimizer=True, epoch=None, extra=None) -> None:
         """Write an ``.npz`` checkpoint atomically (format in :mod:`fastconv.nn.saving`)."""
-        from .saving import save_model
-
         save_model(self, path, include_optimizer=include_optimizer, epoch=epoch, extra=extra)
 
     def to(self, backend=None, dtype=None) -> Model:
         """A copy on ``backend`` ("cpu"/"gpu") in ``dtype`` ("float32"/"float16"): weights
         converted, generator state copied, a fresh optimizer of the same kind and settings."""
         from .backend import check_backend_name, check_dtype
-        from .saving import fill_weights, model_from_config
-
         # Checked here: model_from_config would blame a bad value on the "architecture".
         if backend is not None:
             check_backend_name(backend)
@@ -599,3 +596,108 @@ class Sequential(Model):
         if self.optimizer is not None:
             new.compile(type(self.optimizer)(**self.optimizer.get_config()), type(self.loss)())
         return new
+
+
+# --- building from an architecture (checkpoints, to()) ---------------------------------------
+
+
+def _layer_from_spec(spec, where):
+    if not isinstance(spec, dict) or not isinstance(spec.get("config"), dict):
+        raise CheckpointError(f"{where}: a layer entry must be {{'class', 'config'}}, got {spec!r}")
+    cls = LAYER_CLASSES.get(spec.get("class"))
+    if cls is None:
+        raise CheckpointError(
+            f"{where}: unknown layer class {spec.get('class')!r} (user-defined layers must be "
+            "registered with @fastconv.nn.register_layer before loading)"
+        )
+    try:
+        return cls(**spec["config"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{where}: bad arguments for {cls.__name__}: {e}") from None
+
+
+def model_from_config(config, backend="cpu", dtype=None, allocate=True):
+    """A model from :meth:`Model.get_config` output (format 2), weights fresh or, with
+    ``allocate=False``, declared but not created (the loader fills them)."""
+    where = "architecture"
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{where} must be a JSON object")
+    kind = config.get("class")
+    if kind not in ("Sequential", "Model"):
+        raise CheckpointError(f"{where}: unknown model class {kind!r}")
+    shape = config.get("input_shape")
+    if (
+        not isinstance(shape, list)
+        or not shape
+        or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= 2**31 for s in shape
+        )
+    ):
+        raise CheckpointError(
+            f"{where}: input_shape must be a list of positive ints, got {shape!r}"
+        )
+    specs = config.get("layers")
+    if not isinstance(specs, list) or not specs:
+        raise CheckpointError(f"{where}: 'layers' must be a non-empty list")
+    layers = [_layer_from_spec(s, f"{where}, layer {i}") for i, s in enumerate(specs)]
+    kwargs = {"backend": backend, "dtype": dtype or config.get("dtype", "float32")}
+    name = config.get("name")
+    if name is not None and not isinstance(name, str):
+        raise CheckpointError(f"{where}: name must be a string")
+    token = ALLOCATE_WEIGHTS.set(allocate)
+    try:
+        if kind == "Sequential":
+            return Sequential(layers, name=name, input_shape=tuple(shape), **kwargs)
+        return _functional(config, layers, tuple(shape), name, kwargs)
+    except CheckpointError:
+        raise
+    except ValueError as e:
+        raise CheckpointError(f"{where}: {e}") from None
+    finally:
+        ALLOCATE_WEIGHTS.reset(token)
+
+
+def _functional(config, layers, shape, name, kwargs):
+    by_name = {layer.name: layer for layer in layers}
+    if len(by_name) != len(layers):
+        raise CheckpointError("architecture: layer names are not unique")
+    input_name = config.get("input_name", "input")
+    if not isinstance(input_name, str):
+        raise CheckpointError("architecture: input_name must be a string")
+    inp = Input(shape, name=input_name)
+    nodes = config.get("nodes")
+    if not isinstance(nodes, list) or not nodes:
+        raise CheckpointError("architecture: 'nodes' must be a non-empty list")
+    tensors = []
+    for i, node in enumerate(nodes):
+        if not isinstance(node, dict) or node.get("layer") not in by_name:
+            raise CheckpointError(f"architecture: node {i} names no known layer: {node!r}")
+        refs = node.get("inputs")
+        if not isinstance(refs, list) or not refs:
+            raise CheckpointError(f"architecture: node {i} has no inputs")
+        ins = []
+        for r in refs:
+            if r == input_name:
+                ins.append(inp)
+            elif isinstance(r, int) and not isinstance(r, bool) and 0 <= r < i:
+                ins.append(tensors[r])
+            else:  # only earlier nodes: a stored graph cannot have a cycle
+                raise CheckpointError(f"architecture: node {i} has a bad input reference {r!r}")
+        layer = by_name[node["layer"]]
+        tensors.append(layer(ins if layer.multi_input else ins[0]))
+    return Model(inp, tensors[-1], name=name, **kwargs)
+
+
+def _spec_shape(layer, name):
+    for spec in layer.weight_specs(layer.input_shape):
+        if spec.name == name:
+            return tuple(spec.shape)
+    raise KeyError(name)
+
+
+def fill_weights(model, arrays) -> None:
+    """Set every weight of a model built with ``allocate=False`` (or any model) from NumPy
+    arrays in :meth:`Model.weight_entries` order, converting backend and dtype."""
+    for (layer, name), value in zip(model.weight_entries(), arrays, strict=True):
+        dtype = layer.weight_dtype(name, model.dtype)
+        layer.set_weight(name, model.backend.asarray(np.array(value, copy=True), dtype))
