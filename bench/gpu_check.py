@@ -45,9 +45,9 @@ whose parent disappears (the run killed with SIGKILL) kills its own group. The w
 within ``--budget-s`` (default 470 s: under 8 minutes on an H100).
 
 ``--dry-run`` runs every section's code on the CPU against the stand-in CuPy
-(:mod:`fastconv.gpu._standin`: NumPy arrays, the g++-emulated kernels, a model of cuBLAS) and
-PyTorch on the CPU, with tiny sizes and short caps: CI runs it to prove the script end to end.
-Timing goals are not judged there (``met: null``); correctness goals are. ``--plan`` prints
+(:mod:`fastconv_testing.cupy_standin`: NumPy arrays, the g++-emulated kernels, a model of
+cuBLAS) and PyTorch on the CPU, with tiny sizes and short caps: CI runs it to prove the script
+end to end. Timing goals are not judged there (``met: null``); correctness goals are. ``--plan`` prints
 this and exits.
 """
 
@@ -209,7 +209,7 @@ def _start_watchdog() -> None:
 
 
 def _child_env(dry: bool) -> dict:
-    from fastconv.gpu import _standin
+    from fastconv_testing import cupy_standin as _standin
 
     parts = [str(ROOT)] + ([_standin.PATH_DIR] if dry else [])
     old = os.environ.get("PYTHONPATH")
@@ -516,7 +516,7 @@ def correctness(c: Ctx) -> dict:
     import numpy as np
 
     from fastconv import gpu
-    from fastconv.gpu import _emulation as emu
+    from fastconv_testing import emulation as emu
 
     if shutil.which("g++") is None:
         raise Skipped("g++ not found: the emulation to compare against cannot be built")
@@ -1347,7 +1347,7 @@ def tour_main(args) -> int:
     """Every kernel in both dtypes (:func:`kernel_tour`) with CuPy's memory pool disabled, the
     (kernel, dtype) pairs launched recorded; prints TOUR DONE and writes the coverage."""
     if args.dry_run:
-        from fastconv.gpu import _standin
+        from fastconv_testing import cupy_standin as _standin
 
         if not _standin.is_standin(sys.modules.get("cupy")):
             _standin.install()
@@ -1395,7 +1395,7 @@ FUNCTIONS = {
 def child_section(args) -> int:
     _start_watchdog()
     if args.dry_run:
-        from fastconv.gpu import _standin
+        from fastconv_testing import cupy_standin as _standin
 
         _standin.install()
     c = Ctx(args)

@@ -298,7 +298,7 @@ def test_warp_validates_before_the_kernel(x):
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_cuda_augment_kernels_equal_the_cpu_kernels_in_emulation(rng, dtype):
     from fastconv.cpu import augment as cpu_aug
-    from fastconv.gpu import _emulation as emu
+    from fastconv_testing import emulation as emu
 
     launcher = emu.EmulatedLauncher(emu.build_library(), block=256, max_blocks=3)
     kops = emu.emulated_ops(launcher)

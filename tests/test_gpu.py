@@ -109,7 +109,7 @@ _NO_NVRTC = ImportError('Failure finding "libnvrtc.so.13": No such file: libnvrt
 def test_availability_compiles_the_kernels_and_says_what_is_missing(error, message):
     """gpu_available() is False, and to_gpu says which package to install, when the module
     does not compile: CuPy and a device alone are not enough (the stand-in CuPy has both)."""
-    from fastconv.gpu import _standin
+    from fastconv_testing import cupy_standin as _standin
 
     with _standin.activated():
         assert gpu.available() is True  # compiles (the emulation) on the stand-in
@@ -332,7 +332,7 @@ def test_device_matches_the_emulation_bit_for_bit():
     if shutil.which("g++") is None:
         pytest.skip("g++ is needed for the emulation")
     from fastconv import _checks as chk
-    from fastconv.gpu import _emulation as emu
+    from fastconv_testing import emulation as emu
 
     ops = emu.emulated_ops(emu.EmulatedLauncher(emu.build_library()), direct_max_k=10**6)
     rng = np.random.default_rng(7)

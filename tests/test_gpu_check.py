@@ -258,7 +258,7 @@ def test_the_tour_reports_kernels_it_did_not_launch(tmp_path, monkeypatch):
     """The sanitizer tour's coverage check can fail: a tour run in float32 only leaves every
     half instantiation unlaunched, and says which."""
     mod = _load()
-    from fastconv.gpu import _standin
+    from fastconv_testing import cupy_standin as _standin
 
     tour = mod.kernel_tour
     monkeypatch.setattr(mod, "kernel_tour", lambda k, dev, host: tour(k, dev, host, ("float32",)))
@@ -289,7 +289,7 @@ def test_without_a_gpu_it_says_why_and_exits_2(tmp_path):
 def test_device_tests_pass_on_the_standin():
     """Every ``gpu``-marked test, run against the stand-in CuPy: a device test that cannot pass
     (a wrong expectation, not a device problem) shows up here instead of on a lent GPU."""
-    from fastconv.gpu import _standin
+    from fastconv_testing import cupy_standin as _standin
 
     env = _env(PYTHONPATH=os.pathsep.join([str(ROOT), _standin.PATH_DIR]))
     done = subprocess.run(

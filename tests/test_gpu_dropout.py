@@ -13,8 +13,8 @@ import shutil
 import numpy as np
 import pytest
 
-from fastconv.gpu import _emulation as emu
 from fastconv.gpu import _random
+from fastconv_testing import emulation as emu
 
 pytestmark = [
     pytest.mark.gpu_emulation,
@@ -104,7 +104,7 @@ def test_draw_key_takes_62_bits_from_the_generator():
 
 @pytest.fixture
 def cupy():
-    from fastconv.gpu import _standin
+    from fastconv_testing import cupy_standin as _standin
 
     with _standin.activated() as cp:
         yield cp
@@ -127,7 +127,7 @@ def test_no_generator_is_built_per_forward_call(cupy, monkeypatch):
     """Every CuPy generator the stand-in makes goes through _Generator.__init__ (default_rng,
     Generator, seed): count them over several training steps. The dropout kernel must run
     instead, forward and backward, for both layers that drop."""
-    from fastconv.gpu import _standin
+    from fastconv_testing import cupy_standin as _standin
 
     built = []
     original = _standin._Generator.__init__

@@ -1,5 +1,5 @@
 """The batch-norm, global-pooling, dense and ReLU CUDA kernels, run on the CPU through the g++
-host emulation (``fastconv.gpu._emulation``) and the GPU backend's own ``KernelOps`` code,
+host emulation (``fastconv_testing.emulation``) and the GPU backend's own ``KernelOps`` code,
 against the float64 reference. Outputs are allocated NaN-filled, so an element a kernel fails
 to write cannot pass; launches with a grid smaller than the work walk the grid-stride loops.
 """
@@ -14,8 +14,8 @@ from conftest import assert_close
 
 from fastconv import _checks as chk
 from fastconv import reference as ref
-from fastconv.gpu import _emulation as emu
 from fastconv.gpu._kernel_ops import BN_SLICES, eps_bits
+from fastconv_testing import emulation as emu
 
 pytestmark = [
     pytest.mark.gpu_emulation,
@@ -193,7 +193,7 @@ def test_public_api_on_the_standin_cupy():
     """Every new public op on stand-in CuPy arrays: validation, the GPU backend, the launcher and
     the cuBLAS model, against the float64 reference."""
     import fastconv as fc
-    from fastconv.gpu import _standin
+    from fastconv_testing import cupy_standin as _standin
 
     rng = np.random.default_rng(10)
     with _standin.activated() as cp:

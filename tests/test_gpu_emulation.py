@@ -20,9 +20,9 @@ from hypothesis import strategies as st
 
 from fastconv import _checks as chk
 from fastconv import reference as ref
-from fastconv.gpu import _emulation as emu
 from fastconv.gpu import _source
 from fastconv.gpu._kernel_ops import BATCH, ROWS
+from fastconv_testing import emulation as emu
 
 pytestmark = [
     pytest.mark.gpu_emulation,
@@ -346,7 +346,7 @@ def test_random_geometry_conv_and_pool(lib, n, c, h, w, k, s, p, seed):
 
 @pytest.fixture
 def standin():
-    from fastconv.gpu import _standin
+    from fastconv_testing import cupy_standin as _standin
 
     with _standin.activated() as cp:
         yield cp
@@ -355,7 +355,7 @@ def standin():
 def test_backend_module_and_cupy_launcher_on_the_standin(standin):
     from fastconv import gpu
     from fastconv.gpu import _module
-    from fastconv.gpu import _standin as sd
+    from fastconv_testing import cupy_standin as sd
 
     cp = standin
     kernels = gpu.kernels()

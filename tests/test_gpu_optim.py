@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from fastconv import ops
-from fastconv.gpu import _emulation as emu
+from fastconv_testing import emulation as emu
 
 pytestmark = [
     pytest.mark.gpu_emulation,
@@ -100,7 +100,7 @@ def test_half_instantiations_update_in_float32_and_round_once(kops):
 
 @pytest.fixture
 def cupy():
-    from fastconv.gpu import _standin
+    from fastconv_testing import cupy_standin as _standin
 
     with _standin.activated() as cp:
         yield cp
@@ -110,8 +110,8 @@ def cupy():
 def test_optimizers_take_one_launch_per_parameter_and_match_the_cpu(cupy, name):
     """Through the public optimizer on the stand-in CuPy: each parameter costs exactly one
     fused launch per step (no elementwise temporaries), with the CPU's bits."""
-    from fastconv.gpu import _standin
     from fastconv.nn import optimizers
+    from fastconv_testing import cupy_standin as _standin
 
     rng = np.random.default_rng(4)
     shapes = [(16, 3, 3, 3), (16,), (40, 10)]
@@ -131,7 +131,7 @@ def test_optimizers_take_one_launch_per_parameter_and_match_the_cpu(cupy, name):
 
 
 def test_non_contiguous_parameters_fall_back_to_the_expressions(cupy):
-    from fastconv.gpu import _standin
+    from fastconv_testing import cupy_standin as _standin
 
     rng = np.random.default_rng(5)
     base = rng.standard_normal((6, 8)).astype(np.float32)

@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from fastconv.gpu import _emulation as emu
 from fastconv.gpu import _source
+from fastconv_testing import emulation as emu
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -84,7 +84,7 @@ def test_asan_catches_a_planted_out_of_bounds_read():
     code = f"""
         import numpy as np
         from fastconv import _checks as chk
-        from fastconv.gpu import _emulation as emu
+        from fastconv_testing import emulation as emu
         ops = emu.emulated_ops(emu.EmulatedLauncher({str(lib)!r}))
         x = np.ones((1, 1, 4, 4), np.float32)
         ops.im2col(x, chk.validate_im2col(x, 3, 3, 1, 1))
@@ -106,7 +106,7 @@ def test_ubsan_catches_the_int_overflow_that_validation_rules_out():
     code = f"""
         import numpy as np
         from fastconv import _checks as chk
-        from fastconv.gpu import _emulation as emu
+        from fastconv_testing import emulation as emu
         launcher = emu.EmulatedLauncher({str(lib)!r})
         g = chk.validate_avg_pool_backward(
             np.ones((1, 1, 1, 1), np.float32), (1, 1, 2, 1), 1, (2**31 - 1, 1), (1, 0))

@@ -2,9 +2,9 @@
 
 Only the public API: ``model.to("gpu")``, ``fit``, ``predict``, ``evaluate``, ``save``,
 ``load_model(path, backend="gpu")`` and ``.to("gpu", "float16")``. The stand-in CuPy
-(:mod:`fastconv.gpu._standin`) gives NumPy-backed arrays of a distinct type that refuse to mix
-with NumPy arrays (as CuPy's do), runs every RawModule launch through the g++ emulation of the
-CUDA kernels and every cuBLAS call through a column-major model of cuBLAS. The oracle is the
+(:mod:`fastconv_testing.cupy_standin`) gives NumPy-backed arrays of a distinct type that refuse
+to mix with NumPy arrays (as CuPy's do), runs every RawModule launch through the g++ emulation of
+the CUDA kernels and every cuBLAS call through a column-major model of cuBLAS. The oracle is the
 CPU backend (Numba kernels, an independent implementation) running the same model from the
 same weights: after training, weights, predictions and metrics must agree to float32 rounding.
 """
@@ -34,7 +34,7 @@ pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="g++ emulate
 
 @pytest.fixture
 def cupy():
-    from fastconv.gpu import _standin
+    from fastconv_testing import cupy_standin as _standin
 
     with _standin.activated() as cp:
         yield cp
@@ -97,7 +97,7 @@ def test_fit_predict_evaluate_on_gpu_match_the_cpu(cupy):
     assert e_gpu["accuracy"] == e_cpu["accuracy"]
     assert e_gpu["loss"] == pytest.approx(e_cpu["loss"], rel=1e-4)
     # the kernels really ran through the emulated CUDA path, GEMMs included
-    from fastconv.gpu import _standin
+    from fastconv_testing import cupy_standin as _standin
 
     kernels = {k for k, *_ in _standin.stats.launches}
     assert {"conv2d_direct", "im2col", "col2im", "max_pool2d_backward"} <= kernels
@@ -145,7 +145,7 @@ def test_float16_inference_on_gpu(cupy):
     want = model.predict(x)
     scale = float(np.abs(want).max())
     assert float(np.abs(out.astype(np.float64) - want).max()) <= 1e-2 * max(scale, 1.0)
-    from fastconv.gpu import _standin
+    from fastconv_testing import cupy_standin as _standin
 
     # half operands reached cuBLAS as CUDA_R_16F (2) with compute 32F (68): no float32 copies
     half_gemms = [c for c in _standin.stats.gemm_calls if c[3] == 2]

@@ -26,7 +26,7 @@ from fastconv.kernels import OPS, Kernels
 def _emulated():
     if shutil.which("g++") is None:
         pytest.skip("g++ is needed to emulate the CUDA kernels")
-    from fastconv.gpu import _emulation as emu
+    from fastconv_testing import emulation as emu
 
     # A plain NumPy module: the public API's arrays are plain NumPy arrays here.
     return emu.emulated_ops(emu.EmulatedLauncher(emu.build_library()), xp=np)

@@ -117,7 +117,7 @@ def test_reference_matches_pytorch(torch, shape, size, stride, pad):
 @pytest.mark.skipif(shutil.which("g++") is None, reason="g++ is needed to emulate CUDA")
 @pytest.mark.parametrize("shape,size,stride,pad", CEIL_CASES)
 def test_cuda_sources_in_ceil_mode(shape, size, stride, pad):
-    from fastconv.gpu import _emulation as emu
+    from fastconv_testing import emulation as emu
 
     gops = emu.emulated_ops(emu.EmulatedLauncher(emu.build_library(), block=256, max_blocks=3))
     rng = np.random.default_rng(5)

@@ -4,7 +4,7 @@ and a GEMM.
 :class:`KernelOps` is what :mod:`fastconv.gpu` runs with ``cupy`` + the CuPy ``RawModule``
 launcher + cuBLAS (:func:`fastconv.gpu._module.gemm`). The emulation tests run the very same
 methods with ``numpy`` + the g++-compiled kernels + a float32-accumulating NumPy GEMM, and the
-stand-in CuPy (:mod:`fastconv.gpu._standin`) runs them with a model of the cuBLAS calls, so
+stand-in CuPy (:mod:`fastconv_testing.cupy_standin`) runs them with a model of the cuBLAS calls, so
 buffer shapes, layouts, argument order and the GEMM wiring are all proven without a GPU.
 
 A launcher is ``launch(kernel_name, n_threads, *args)``: ``args`` follow

@@ -1,4 +1,4 @@
-"""Run the CUDA kernel sources on the CPU: g++ + ``kernels/host_shim.h`` + ctypes.
+"""Run the CUDA kernel sources on the CPU: g++ + ``host_shim.h`` (beside this file) + ctypes.
 
 Test and debugging support, not a backend: a launch executes every (block, thread) of the grid
 sequentially. :func:`emulated_ops` returns the GPU backend's own :class:`KernelOps` wired to
@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _source
-from ._kernel_ops import KernelOps, numpy_gemm
+from fastconv.gpu import _source
+from fastconv.gpu._kernel_ops import KernelOps, numpy_gemm
 
 # -ffp-contract=off: no FMA contraction (the device compiles with -fmad=false); x86-64 float math
 # is SSE, whose FTZ/DAZ host_shim.h sets during a launch (the device compiles with -ftz=true).
@@ -92,9 +92,12 @@ def _check_private(path: Path) -> None:
         )
 
 
+_HOST_SHIM = Path(__file__).parent / "host_shim.h"
+
+
 def _sources(mutate) -> dict[str, str]:
-    names = ("host_shim.h", "common.cuh", *_source.SOURCE_FILES)
-    texts = {name: _source.read(name) for name in names}
+    texts = {"host_shim.h": _HOST_SHIM.read_text()}  # the harness's own header, then the sources
+    texts.update({name: _source.read(name) for name in ("common.cuh", *_source.SOURCE_FILES)})
     if mutate is not None:
         texts = {name: mutate(name, text) for name, text in texts.items()}
     return texts

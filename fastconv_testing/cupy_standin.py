@@ -9,7 +9,7 @@ copy back. Each array belongs to a device (two stand-in devices), selected as in
 ``cupy.cuda.Device(i)`` as a context manager or ``.use()``.
 
 ``RawModule`` "compiles" by building the g++ emulation of the same ``.cu`` sources
-(:mod:`fastconv.gpu._emulation`); its functions take ``(grid, block, args)`` like CuPy's and
+(:mod:`fastconv_testing.emulation`); its functions take ``(grid, block, args)`` like CuPy's and
 run the emulated kernel with exactly that grid, checking that every pointer argument is a
 C-contiguous stand-in array of the kernel's element type and every scalar an exact ``int32``
 (a Python ``int`` reaches a real kernel as 64 bits and is read wrong). ``cupy.cuda.cublas``'s
@@ -34,10 +34,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import _source
+from fastconv.gpu import _source
 
 __version__ = "0.0-standin"
-PATH_DIR = str(Path(__file__).parent / "_standin_path")  # holds cupy.py -> install()
+PATH_DIR = str(Path(__file__).parent / "standin_path")  # holds cupy.py -> install()
 NUM_DEVICES = 2
 MULTIPROCESSOR_COUNT = 1  # grid cap 32 blocks: the grid-stride loops run several rounds
 
@@ -593,7 +593,7 @@ _lib_cache: dict[str, object] = {}
 
 
 def _kernel_library():
-    from . import _emulation
+    from . import emulation as _emulation
 
     lib = _lib_cache.get("lib")
     if lib is None:
@@ -862,7 +862,7 @@ def is_standin(mod) -> bool:
 def activated():
     """``with activated() as cupy:`` the stand-in is ``cupy`` and fastconv's GPU backend starts
     afresh (availability, module, function and handle caches); both are restored after."""
-    from .. import gpu
+    from fastconv import gpu
 
     m = install()
     reset_stats()
