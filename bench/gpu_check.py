@@ -47,8 +47,8 @@ within ``--budget-s`` (default 470 s: under 8 minutes on an H100).
 ``--dry-run`` runs every section's code on the CPU against the stand-in CuPy
 (:mod:`fastconv_testing.cupy_standin`: NumPy arrays, the g++-emulated kernels, a model of
 cuBLAS) and PyTorch on the CPU, with tiny sizes and short caps: CI runs it to prove the script
-end to end. Timing goals are not judged there (``met: null``); correctness goals are. ``--plan`` prints
-this and exits.
+end to end. Timing goals are not judged there (``met: null``); correctness goals are. ``--plan``
+prints this and exits.
 """
 
 from __future__ import annotations
