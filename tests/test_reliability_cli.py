@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import fastconv.train.mnist
 from fastconv import cli
 from fastconv._runlock import LOCK_NAME, RunFolderBusy, RunLock
 from fastconv.nn import Dense, Flatten, Sequential, load_model
@@ -54,15 +55,16 @@ PAUSED_RUN = """
 import sys, time
 from pathlib import Path
 from fastconv import cli
+from fastconv.nn import ResumableCheckpoint
 ready, go = Path(sys.argv[1]), Path(sys.argv[2])
-real = cli._RunRecorder.epoch_end
-def epoch_end(self, model, epoch, logs):
-    real(self, model, epoch, logs)
+real = ResumableCheckpoint.on_epoch_end
+def on_epoch_end(self, epoch, logs=None):
+    real(self, epoch, logs)
     ready.touch()
     deadline = time.monotonic() + 300
     while not go.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-cli._RunRecorder.epoch_end = epoch_end
+ResumableCheckpoint.on_epoch_end = on_epoch_end
 sys.exit(cli.main(sys.argv[3:]))
 """
 
@@ -132,7 +134,7 @@ def test_the_lock_is_released_on_errors_and_ctrl_c(tmp_path, capsys, monkeypatch
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "plot_misclassified", interrupted)
+    monkeypatch.setattr(fastconv.train.mnist, "plot_misclassified", interrupted)
     assert _train(out) == 130
     assert not (out / LOCK_NAME).exists() and (out / "last.npz").exists()
 
