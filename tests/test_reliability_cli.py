@@ -171,6 +171,27 @@ def test_an_unreadable_lock_is_reported_after_a_short_wait(tmp_path, monkeypatch
         RunLock(tmp_path).acquire()
 
 
+def test_weights_diverging_at_an_epoch_end_are_an_error_line(tmp_path, capsys, monkeypatch):
+    """An epoch whose last update leaves NaN weights behind a finite loss: neither checkpoint
+    takes it, training stops, and the run ends with one error line, its files at epoch 1."""
+    import fastconv.nn.callbacks as callbacks
+
+    real, checks = callbacks._first_non_finite_weight, []
+
+    def diverged_after_epoch_1(model):  # epoch 1: best.npz, then last.npz; then NaN
+        checks.append(model)
+        return "conv2d_1/W" if len(checks) > 2 else real(model)
+
+    monkeypatch.setattr(callbacks, "_first_non_finite_weight", diverged_after_epoch_1)
+    out = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="weight conv2d_1/W holds NaN or inf after epoch 2"):
+        assert _train(out, epochs=3) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "after epoch 2" in line and line.endswith(f"{out / 'last.npz'} keeps epoch 1")
+    assert load_model(out / "last.npz").checkpoint_meta["epoch"] == 1
+    assert json.loads((out / "history.json").read_text())["epoch"] == [1]
+
+
 def test_out_that_is_a_file_is_an_error_line(tmp_path, capsys):
     target = tmp_path / "file"
     target.write_text("x")
