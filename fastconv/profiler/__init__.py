@@ -33,15 +33,15 @@ here.
 
 import time
 
-#: The CPU clock: the one place the profiler reads the time, so tests can substitute a clock
-#: that advances by known amounts (their assertions then hold on any machine load). Read through
-#: this package at every call (:mod:`~fastconv.profiler.timing`), so substituting it here works.
-_now = time.perf_counter
+from .charts import GROUPS, chart_groups, comparison_table, plot_comparison
+from .command import add_subcommand
+from .timing import ProfileResult, profile_forward, profile_model
+from .torch_twin import TorchProfileResult, profile_torch, torch_category
 
-from .charts import GROUPS, chart_groups, comparison_table, plot_comparison  # noqa: E402
-from .command import add_subcommand  # noqa: E402
-from .timing import ProfileResult, profile_forward, profile_model  # noqa: E402
-from .torch_twin import TorchProfileResult, profile_torch, torch_category  # noqa: E402
+#: The CPU clock: the one place the profiler reads the time, so tests can substitute a clock
+#: that advances by known amounts (their assertions then hold on any machine load). The timing
+#: code reads it through this package at every call, so substituting it here works.
+_now = time.perf_counter
 
 __all__ = [
     "ProfileResult",
