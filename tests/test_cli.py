@@ -172,9 +172,9 @@ def test_training_flag_errors(tmp_path, capsys):
 def test_ensemble_under_mpi_is_refused_with_what_to_do(tmp_path, capsys):
     """--ensemble trains its members one after another in one process; under mpiexec each
     rank would do that and write the same files, so it is refused on every rank."""
-    from fastconv import cli
+    from fastconv.train import mnist
 
-    class FakeRoot:  # what _train_mnist_checked asks of a strategy before training
+    class FakeRoot:  # what train_checked asks of a strategy before training
         is_root = True
 
         def broadcast_object(self, value):
@@ -183,7 +183,7 @@ def test_ensemble_under_mpi_is_refused_with_what_to_do(tmp_path, capsys):
     args = build_parser().parse_args(
         ["train-mnist", "--ensemble", "2", "--out", str(tmp_path / "ens")]
     )
-    assert cli._train_mnist_checked(args, FakeRoot()) == 2
+    assert mnist.train_checked(args, FakeRoot()) == 2
     err = capsys.readouterr().err
     assert "--ensemble" in err and "mpiexec" in err and "--seed" in err
     assert not (tmp_path / "ens").exists()

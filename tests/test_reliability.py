@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import fastconv.train.mnist
 import fastconv_cli
 from fastconv import cli
 from fastconv.nn import (
@@ -214,7 +215,7 @@ def test_ctrl_c_while_importing_or_plotting_is_not_a_traceback(monkeypatch, caps
     def plot(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "plot_misclassified", plot)
+    monkeypatch.setattr(fastconv.train.mnist, "plot_misclassified", plot)
     assert _run_small(tmp_path / "run") == 130
     assert "interrupted" in capsys.readouterr().err
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import fastconv.train.mnist
 from fastconv import cli
 from fastconv._runlock import LOCK_NAME, RunFolderBusy, RunLock
 from fastconv.nn import Dense, Flatten, Sequential, load_model
@@ -54,15 +55,16 @@ PAUSED_RUN = """
 import sys, time
 from pathlib import Path
 from fastconv import cli
+from fastconv.nn import ResumableCheckpoint
 ready, go = Path(sys.argv[1]), Path(sys.argv[2])
-real = cli._RunRecorder.epoch_end
-def epoch_end(self, model, epoch, logs):
-    real(self, model, epoch, logs)
+real = ResumableCheckpoint.on_epoch_end
+def on_epoch_end(self, epoch, logs=None):
+    real(self, epoch, logs)
     ready.touch()
     deadline = time.monotonic() + 300
     while not go.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
-cli._RunRecorder.epoch_end = epoch_end
+ResumableCheckpoint.on_epoch_end = on_epoch_end
 sys.exit(cli.main(sys.argv[3:]))
 """
 
@@ -132,7 +134,7 @@ def test_the_lock_is_released_on_errors_and_ctrl_c(tmp_path, capsys, monkeypatch
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli, "plot_misclassified", interrupted)
+    monkeypatch.setattr(fastconv.train.mnist, "plot_misclassified", interrupted)
     assert _train(out) == 130
     assert not (out / LOCK_NAME).exists() and (out / "last.npz").exists()
 
@@ -167,6 +169,27 @@ def test_an_unreadable_lock_is_reported_after_a_short_wait(tmp_path, monkeypatch
     Path(tmp_path / LOCK_NAME).write_text("")  # created, never written (a crash in between)
     with pytest.raises(RunFolderBusy, match="cannot be read; if no run uses that folder"):
         RunLock(tmp_path).acquire()
+
+
+def test_weights_diverging_at_an_epoch_end_are_an_error_line(tmp_path, capsys, monkeypatch):
+    """An epoch whose last update leaves NaN weights behind a finite loss: neither checkpoint
+    takes it, training stops, and the run ends with one error line, its files at epoch 1."""
+    import fastconv.nn.callbacks as callbacks
+
+    real, checks = callbacks._first_non_finite_weight, []
+
+    def diverged_after_epoch_1(model):  # epoch 1: best.npz, then last.npz; then NaN
+        checks.append(model)
+        return "conv2d_1/W" if len(checks) > 2 else real(model)
+
+    monkeypatch.setattr(callbacks, "_first_non_finite_weight", diverged_after_epoch_1)
+    out = tmp_path / "run"
+    with pytest.warns(RuntimeWarning, match="weight conv2d_1/W holds NaN or inf after epoch 2"):
+        assert _train(out, epochs=3) == 1
+    line = _one_error_line(capsys.readouterr().err)
+    assert "after epoch 2" in line and line.endswith(f"{out / 'last.npz'} keeps epoch 1")
+    assert load_model(out / "last.npz").checkpoint_meta["epoch"] == 1
+    assert json.loads((out / "history.json").read_text())["epoch"] == [1]
 
 
 def test_out_that_is_a_file_is_an_error_line(tmp_path, capsys):

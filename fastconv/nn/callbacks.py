@@ -18,7 +18,7 @@ import warnings
 
 import numpy as np
 
-from ._files import write_json_atomic
+from ._files import strict_json, write_json_atomic
 
 __all__ = [
     "Callback",
@@ -26,6 +26,7 @@ __all__ = [
     "ProgressLogger",
     "History",
     "ModelCheckpoint",
+    "ResumableCheckpoint",
     "EarlyStopping",
     "LearningRateScheduler",
     "CSVLogger",
@@ -100,9 +101,13 @@ class CallbackList:
 
 class ProgressLogger(Callback):
     """What ``fit(verbose=...)`` shows: a progress bar per epoch with the running means of the
-    logs (``bar``), and a summary line per epoch (``line``)."""
+    logs (``bar``), and a summary line per epoch (``line``).
 
-    def __init__(self, bar: bool = True, line: bool = True):
+    ``line`` may also be a callable ``line(epoch, logs) -> str`` that makes the epoch's line
+    (``epoch`` 0-based), for a program with its own format.
+    """
+
+    def __init__(self, bar: bool = True, line=True):
         super().__init__()
         self.bar, self.line = bar, line
         self._bar = None
@@ -136,7 +141,9 @@ class ProgressLogger(Callback):
 
     def on_epoch_end(self, epoch, logs=None):
         self._close()
-        if self.line:
+        if callable(self.line):
+            print(self.line(epoch, logs), flush=True)
+        elif self.line:
             parts = " - ".join(f"{k} {v:.4f}" for k, v in logs.items() if k != "time")
             print(f"epoch {epoch + 1}/{self.params['epochs']} - {parts} - {logs['time']:.1f}s")
 
@@ -249,7 +256,9 @@ class ModelCheckpoint(_Monitor):
     """Save the model to ``path`` (``.npz``) at the end of each epoch, or only on improvement
     of ``monitor`` when ``save_best_only``. ``path`` may contain ``{epoch}`` (1-based) and any
     log key, e.g. ``"ckpt-{epoch:02d}-{val_accuracy:.4f}.npz"``. ``include_optimizer`` also
-    stores the optimizer state and epoch, for resuming.
+    stores the optimizer state and epoch, for resuming. ``initial_value_threshold`` (as in
+    Keras) is the value an epoch must beat to be saved with ``save_best_only``: the best value of
+    a run being continued, so that its best checkpoint is only replaced by a better epoch.
 
     Never writes a diverged model: when the weights (or, with ``save_best_only``, the monitored
     value) are NaN or infinite at the end of an epoch, nothing is saved, a RuntimeWarning says
@@ -264,11 +273,17 @@ class ModelCheckpoint(_Monitor):
         save_best_only=True,
         mode="auto",
         include_optimizer=False,
+        initial_value_threshold=None,
     ):
         super().__init__(monitor, mode)
         self.path = os.fspath(path)
         self.save_best_only = bool(save_best_only)
         self.include_optimizer = bool(include_optimizer)
+        if initial_value_threshold is not None:
+            value = initial_value_threshold
+            if not (_is_real(value) and math.isfinite(value)):
+                raise ValueError(f"initial_value_threshold must be a finite number, got {value!r}")
+            self.best = float(value)
         self.refused = None
 
     def on_train_begin(self, logs=None):
@@ -290,29 +305,112 @@ class ModelCheckpoint(_Monitor):
         if not path.endswith(".npz"):
             raise ValueError(f"ModelCheckpoint path must end with .npz, got {self.path!r}")
 
-    def _refuse(self, epoch, what):
-        self.refused = (
-            f"ModelCheckpoint: {what} after epoch {epoch + 1}; not saved over {self.path!r} "
-            "and training stopped (add TerminateOnNaN() to stop at the first bad batch)"
-        )
-        warnings.warn(self.refused, RuntimeWarning, stacklevel=2)
-        self.model.stop_training = True
-
     def on_epoch_end(self, epoch, logs=None):
         logs = logs or {}
         if self.save_best_only:
             value = self._value(logs)
             if not math.isfinite(value):
-                return self._refuse(epoch, f"the monitored {self.monitor} is {value}")
+                return _refuse(self, epoch, f"the monitored {self.monitor} is {value}")
             if not self._improved(value):
                 return
         bad = _first_non_finite_weight(self.model)
         if bad is not None:
-            return self._refuse(epoch, f"weight {bad} holds NaN or inf")
+            return _refuse(self, epoch, f"weight {bad} holds NaN or inf")
         if self.save_best_only:
             self.best = value
         path = self.path.format(epoch=epoch + 1, **logs)
         self.model.save(path, include_optimizer=self.include_optimizer, epoch=epoch + 1)
+
+
+def _refuse(callback, epoch, what) -> None:
+    """A checkpoint callback's refusal to save a diverged model: ``refused`` set, a
+    RuntimeWarning, training stopped."""
+    callback.refused = (
+        f"{type(callback).__name__}: {what} after epoch {epoch + 1}; not saved over "
+        f"{callback.path!r} and training stopped (add TerminateOnNaN() to stop at the first bad "
+        "batch)"
+    )
+    warnings.warn(callback.refused, RuntimeWarning, stacklevel=2)
+    callback.model.stop_training = True
+
+
+class ResumableCheckpoint(Callback):
+    """After every epoch, everything a run needs to continue: the model with its optimizer
+    state and the epoch, and the run's history, in one ``.npz`` written atomically.
+
+    After epoch ``e`` (0-based) a record is appended to :attr:`history`: ``epoch`` (``e + 1``),
+    the logs (each key ``k`` of ``columns`` under the name ``columns[k]``, None where the logs
+    lack it; without ``columns``, every log key under its own name) and ``lr``, the learning
+    rate the epoch trained with. Then the model is saved to ``path`` with its optimizer,
+    ``epoch=e + 1`` and ``extra={"history": history, **extra}`` as strict JSON (NaN and inf as
+    null); a callable value of ``extra`` is called at every save, so that it can record the
+    state of other callbacks (``{"best_score": lambda: checkpoint.best}``). Then, with
+    ``history_path``, the history is rewritten column by column (:meth:`history_columns`) as
+    JSON: after the checkpoint, so the file never runs ahead of the checkpoint.
+
+    To continue a run: ``model = load_model(path)``, ``initial_epoch = callback.restore(model)``
+    and ``model.fit(..., initial_epoch=initial_epoch, callbacks=[..., callback])``. Unlike
+    Keras's ``BackupAndRestore``, the file stays when training ends: it is the run's last state,
+    from which a later run can train further epochs.
+
+    As :class:`ModelCheckpoint`, it never saves weights that hold NaN or inf: it warns, sets
+    ``refused`` and stops training, and the file keeps the last finite epoch. Under MPI only
+    rank 0 writes.
+    """
+
+    root_only = True
+
+    def __init__(self, path, history_path=None, columns=None, extra=None):
+        super().__init__()
+        self.path = os.fspath(path)
+        if not self.path.endswith(".npz"):
+            raise ValueError(f"ResumableCheckpoint path must end with .npz, got {self.path!r}")
+        self.history_path = None if history_path is None else os.fspath(history_path)
+        self.columns = None if columns is None else dict(columns)
+        self.extra = dict(extra or {})
+        self.history: list[dict] = []
+        self.refused = None
+        self._lr = None
+
+    def restore(self, model) -> int:
+        """Continue the history of the checkpoint ``model`` was loaded from (a file this
+        callback wrote); returns the number of finished epochs, fit's ``initial_epoch``."""
+        meta = getattr(model, "checkpoint_meta", None) or {}
+        epoch = int(meta.get("epoch") or 0)
+        # A history longer than the checkpoint's epoch is cut: the epochs after it are redone.
+        self.history = list(meta.get("extra", {}).get("history", []))[:epoch]
+        return epoch
+
+    def history_columns(self) -> dict:
+        """The history as ``{"epoch": [...], name: [...], ..., "lr": [...]}``."""
+        if self.columns is not None:
+            names = ["epoch", *self.columns.values(), "lr"]
+        else:
+            names = list(dict.fromkeys(k for record in self.history for k in record))
+        return {k: [record.get(k) for record in self.history] for k in names}
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._lr = self.model.optimizer.lr  # after a schedule earlier in the list set it
+
+    def on_epoch_end(self, epoch, logs=None):
+        logs = logs or {}
+        bad = _first_non_finite_weight(self.model)
+        if bad is not None:
+            return _refuse(self, epoch, f"weight {bad} holds NaN or inf")
+        if self.columns is not None:
+            values = {name: logs.get(key) for key, name in self.columns.items()}
+        else:
+            values = dict(logs)
+        self.history.append({"epoch": epoch + 1, **values, "lr": self._lr})
+        extra = {"history": self.history}
+        for key, value in self.extra.items():
+            extra[key] = value() if callable(value) else value
+        # Checkpoints hold strict JSON (save refuses a NaN rather than write bare NaN): a NaN
+        # validation loss is recorded as null, as in the history file.
+        self.model.save(self.path, include_optimizer=True, epoch=epoch + 1,
+                        extra=strict_json(extra))  # fmt: skip
+        if self.history_path is not None:
+            write_json_atomic(self.history_path, self.history_columns())
 
 
 def _first_non_finite_weight(model):
@@ -328,7 +426,13 @@ def _first_non_finite_weight(model):
 
 class EarlyStopping(_Monitor):
     """Stop when ``monitor`` has not improved by more than ``min_delta`` for ``patience``
-    epochs; with ``restore_best_weights`` the best epoch's weights are put back at the end."""
+    epochs; with ``restore_best_weights`` the best epoch's weights are put back at the end.
+
+    :meth:`get_state` / :meth:`set_state` carry the count across a resume: after
+    ``set_state``, the next ``fit`` continues from that state instead of starting afresh (the
+    best weights of an earlier fit are not kept: ``restore_best_weights`` restores only those
+    seen since).
+    """
 
     def __init__(
         self,
@@ -347,13 +451,32 @@ class EarlyStopping(_Monitor):
         self.best_epoch = None
         self.stopped_epoch = None
         self.wait = 0
+        self._resumed = False
+
+    def get_state(self) -> dict:
+        """``best`` (None until a finite value was seen), ``best_epoch`` (0-based, or None) and
+        ``wait`` (epochs since the best), as JSON types."""
+        best = self.best if math.isfinite(self.best) else None
+        return {"best": best, "best_epoch": self.best_epoch, "wait": self.wait}
+
+    def set_state(self, state: dict) -> None:
+        """Continue from ``state`` (:meth:`get_state` of an earlier run) at the next ``fit``."""
+        best = state["best"]
+        if best is None:
+            best = -math.inf if self.mode == "max" else math.inf
+        self.best = float(best)
+        self.best_epoch = None if state["best_epoch"] is None else int(state["best_epoch"])
+        self.wait = _count(state["wait"], "wait", 0)
+        self._resumed = True
 
     def on_train_begin(self, logs=None):
         super().on_train_begin(logs)
-        self.best = -math.inf if self.mode == "max" else math.inf
-        self.wait = 0
+        if not self._resumed:
+            self.best = -math.inf if self.mode == "max" else math.inf
+            self.wait = 0
+            self.best_epoch = None
+        self._resumed = False  # one resume per set_state: a later fit starts afresh
         self.best_weights = None
-        self.best_epoch = None
         self.stopped_epoch = None
 
     def on_epoch_end(self, epoch, logs=None):
@@ -404,7 +527,7 @@ def _checked_lr(lr, epoch, what) -> float:
 
 
 def _number(value, name, low=None, high=None, low_open=False, high_open=False):
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    ok = _is_real(value) and math.isfinite(value)
     ok = ok and abs(value) <= _F32_MAX
     if ok and low is not None:
         ok = value > low if low_open else value >= low
@@ -415,6 +538,10 @@ def _number(value, name, low=None, high=None, low_open=False, high_open=False):
         hi = "inf)" if high is None else f"{high}{')' if high_open else ']'}"
         raise ValueError(f"{name} must be a finite number in {lo or '(-inf, '}{hi}, got {value!r}")
     return float(value)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _count(value, name, minimum):
