@@ -1478,7 +1478,7 @@ def _run_tests_section(args, cap, work, env) -> dict:
     if args.dry_run:
         # The stand-in emulates the kernels one thread at a time: a few device tests prove the
         # flow (pytest in a child group, the summary parsed, the verdict).
-        targets = ["tests/test_gpu.py", "-k",
+        targets = ["tests/gpu/test_gpu.py", "-k",
                    "gemm_pinned or non_default_stream or mixing_numpy or capped_grid"]  # fmt: skip
     else:
         targets = ["tests/"]

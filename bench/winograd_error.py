@@ -6,7 +6,7 @@ each algorithm and each dtype, the largest error of y, dx and dW in two units:
 * ``rel``: max |error| / max |exact| over the tensor;
 * ``eps.mag``: max |error| / (eps32 * magnitude), magnitude being the reference applied to
   absolute values, widened for Winograd to the largest magnitude of each output tile /
-  filter (the terms it mixes; ``tests/test_conv.py``, ``mixed_magnitude``). The tests allow
+  filter (the terms it mixes; ``tests/kernels/test_conv.py``, ``mixed_magnitude``). The tests allow
   (2 * n + WINOGRAD_TERM) of this unit for a sum of n terms (WINOGRAD_TERM = 200 for
   F(4x4,3x3), 16 for F(2x2,3x3), 0 otherwise); float16 results also half an ulp of half.
 

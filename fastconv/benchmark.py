@@ -131,7 +131,7 @@ def _implementation(key, seed, batch_size, infer_images, torch_threads):
     """``(train or None, infer)`` callables of one implementation, from fastconv's initial weights.
 
     Every implementation starts from the weights of ``deep_mnist_net(seed)`` and sees the same
-    inputs, so the benchmark times equal work (checked by ``tests/test_benchmark.py``).
+    inputs, so the benchmark times equal work (checked by ``tests/cli/test_benchmark.py``).
     """
     x, y, x_infer = _inputs(seed, batch_size, infer_images)
     fc = _fastconv_model(seed)

@@ -14,7 +14,7 @@ Three implementations exist, each one object:
 - :data:`fastconv.reference.KERNELS`, the float64 NumPy oracle, rounded to the input's dtype.
 
 Every op is an abstract method, so a backend that lacks one cannot be instantiated, and the
-conformance test (tests/test_kernel_interface.py) walks :data:`OPS` over every backend.
+conformance test (tests/kernels/test_kernel_interface.py) walks :data:`OPS` over every backend.
 Optimizer updates have a default here (array expressions over ``xp``) that a backend may
 replace with a fused kernel.
 

@@ -9,7 +9,7 @@ CuPy (:mod:`fastconv.gpu._standin`) covers the CuPy glue too.
 The library can also be built with AddressSanitizer + UndefinedBehaviorSanitizer
 (``FASTCONV_EMULATION_SANITIZE=1`` or ``sanitize=True``); it must then be loaded into a process
 started with :func:`sanitizer_env` (libasan preloaded), which is what
-``tests/test_gpu_sanitize.py`` does.
+``tests/gpu/test_gpu_sanitize.py`` does.
 
 Built libraries are cached by source hash in a directory only the current user can write
 (``$FASTCONV_CACHE_DIR``, else ``$XDG_CACHE_HOME/fastconv`` or ``~/.cache/fastconv``), never

@@ -125,7 +125,7 @@ def pytest_collection_modifyitems(session, config, items):
 
 def pytest_deselected(items):
     # Remembered for the kernel-coverage gate: a run that deselected an emulation test is no
-    # full run (tests/test_gpu_emulation.py).
+    # full run (tests/gpu/test_gpu_emulation.py).
     _DESELECTED.extend(items)
 
 

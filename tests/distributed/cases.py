@@ -1,4 +1,4 @@
-"""Models, data and training runs shared by the MPI scripts and tests/test_distributed.py.
+"""Models, data and training runs shared by the MPI scripts and tests/nn/test_distributed.py.
 
 The scripts run a case under ``mpiexec -n 2`` with :class:`fastconv.nn.MPIDataParallel`; the
 test runs the same case in one plain process (which never imports MPI) as the oracle.

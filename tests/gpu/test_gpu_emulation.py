@@ -587,10 +587,11 @@ def test_zz_every_kernel_in_signatures_was_exercised(request):
     so the gate cannot be skipped unseen."""
     from conftest import _DESELECTED
 
-    here = Path(__file__).parent
-    collected = {item.path.name for item in request.session.items}
-    missing_files = {p.name for p in here.glob("test_*.py")} - collected
-    some = ", ".join(sorted(missing_files)[:3]) + (", ..." if len(missing_files) > 3 else "")
+    tests = Path(__file__).resolve().parents[1]
+    collected = {item.path.resolve() for item in request.session.items}
+    missing_files = {p.resolve() for p in tests.rglob("test_*.py")} - collected
+    names = sorted(str(p.relative_to(tests)) for p in missing_files)
+    some = ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
     parts = [f"{len(missing_files)} test file(s) not collected ({some})"] if missing_files else []
     parts += [f"{len(_DESELECTED)} test(s) deselected"] if _DESELECTED else []
     if parts:

@@ -1,6 +1,6 @@
 """Every CPU convolution algorithm pinned explicitly, and the algorithm-selection API.
 
-Oracles: the float64 ``fastconv.reference``. Bounds: ``tests/test_conv.py``'s
+Oracles: the float64 ``fastconv.reference``. Bounds: ``tests/kernels/test_conv.py``'s
 ``assert_within_bound``: ``2 * n * eps32 * magnitude`` (+ half an ulp of float16 for half
 results), ``magnitude`` the reference applied to absolute values; for Winograd the largest
 magnitude of each tile / filter (``mixed_magnitude``) and ``WINOGRAD_TERM`` more eps32 *

@@ -1,6 +1,7 @@
-"""leaky_relu end to end: the kernels (every backend, through tests/test_kernel_interface.py)
-against PyTorch's leaky_relu and its autograd bit for bit, the special values, validation, and
-the LeakyReLU layer (numerical gradient, PyTorch twin, checkpoint)."""
+"""leaky_relu end to end: the kernels (every backend, through
+tests/kernels/test_kernel_interface.py) against PyTorch's leaky_relu and its autograd bit for
+bit, the special values, validation, and the LeakyReLU layer (numerical gradient, PyTorch
+twin, checkpoint)."""
 
 from __future__ import annotations
 

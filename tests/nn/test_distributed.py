@@ -25,7 +25,7 @@ from fastconv.cli import main
 from fastconv.nn import MPIDataParallel, load_model
 from fastconv.nn.distributed import launcher_world_size
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 SCRIPTS = REPO / "tests" / "distributed"
 sys.path.insert(0, str(SCRIPTS))
 

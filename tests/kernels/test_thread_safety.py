@@ -17,7 +17,7 @@ import pytest
 
 import fastconv as fc
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 THREADS = 4
 ROUNDS = 12
 

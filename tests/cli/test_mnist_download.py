@@ -24,7 +24,7 @@ from fastconv.datasets import (
     load_mnist,
 )
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 REAL = REPO / "data" / "mnist"  # the committed originals, served by the test server
 FAST = {"backoff": 0.0, "progress": False}  # no waiting between tries, no output
 

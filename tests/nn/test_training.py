@@ -428,7 +428,7 @@ def test_transfer_learning_example_freezes_then_fine_tunes(monkeypatch):
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parent.parent / "examples" / "transfer_learning.py"
+    path = Path(__file__).resolve().parents[2] / "examples" / "transfer_learning.py"
     spec = importlib.util.spec_from_file_location("transfer_learning", path)
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)

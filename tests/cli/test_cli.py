@@ -15,7 +15,7 @@ from fastconv.cli import build_parser, main
 from fastconv.datasets import load_mnist
 from fastconv.nn import load_model
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 
 
 def test_train_mnist_smoke(tmp_path, capsys):

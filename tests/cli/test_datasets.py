@@ -70,7 +70,7 @@ def test_environment_variable_is_used_without_checkout_data(tmp_path, monkeypatc
     assert datasets.default_mnist_dir() == env / "mnist"
     (_, y_train), _ = load_mnist()
     assert y_train.shape == (60000,)
-    # $FASTCONV_DATA comes before the checkout's copy (tests/test_mnist_download.py: the order)
+    # $FASTCONV_DATA comes before the checkout's copy (tests/cli/test_mnist_download.py: the order)
     _copy_files(checkout)
     assert datasets.default_mnist_dir() == env / "mnist"
     monkeypatch.delenv("FASTCONV_DATA")

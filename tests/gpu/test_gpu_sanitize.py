@@ -21,7 +21,7 @@ import pytest
 from fastconv.gpu import _source
 from fastconv_testing import emulation as emu
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _sanitizer_env():

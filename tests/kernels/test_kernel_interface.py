@@ -40,7 +40,7 @@ BACKENDS = {
 
 
 # The emulated CUDA kernels carry the gpu_emulation marker: the sanitizer run
-# (tests/test_gpu_sanitize.py) selects them, and every kernel of the sources must run there.
+# (tests/gpu/test_gpu_sanitize.py) selects them, and every kernel of the sources must run there.
 @pytest.fixture(
     params=[pytest.param(b, marks=pytest.mark.gpu_emulation) if "cuda" in b else b
             for b in BACKENDS],

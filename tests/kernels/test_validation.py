@@ -141,7 +141,7 @@ def _cases():
     yield "set_conv_algorithm-name", lambda: sa("fastest"), V, "algorithm must be one of"
 
     # The batch-norm, global-pooling, dense and ReLU ops: one or two cases each here; their
-    # full lists are in tests/test_batchnorm.py, test_global_pool.py and test_dense_relu.py.
+    # full lists are in tests/kernels/test_batchnorm.py, test_global_pool.py and test_dense_relu.py.
     g3, s3 = np.ones(3, f32), np.ones(3, np.float32)
     yield "batch_norm_forward-x-int", lambda: fc.batch_norm_forward(x.astype(int), g3, g3), T, "x"
     yield "batch_norm_forward-gamma", lambda: fc.batch_norm_forward(x, g3[:2], g3), V, "gamma"

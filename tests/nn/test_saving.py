@@ -15,7 +15,7 @@ import pytest
 from fastconv import nn
 from fastconv.nn import Adam, CheckpointError, load_model
 
-FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures"
 
 
 def residual_model(seed=0):

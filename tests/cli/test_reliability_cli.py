@@ -24,7 +24,7 @@ from fastconv import cli
 from fastconv._runlock import LOCK_NAME, RunFolderBusy, RunLock
 from fastconv.nn import Dense, Flatten, Sequential, load_model
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 ENV = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
 SMALL = ["--limit-train", "300", "--val-size", "100", "--limit-test", "100", "--batch-size", "50"]
 

@@ -30,7 +30,7 @@ from fastconv.nn import (
 )
 from fastconv.nn._files import TEMP_PREFIX
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SMALL = ["--limit-train", "300", "--val-size", "100", "--limit-test", "100", "--batch-size", "50"]
 TRAIN_ONE_EPOCH = ["train-mnist", "--epochs", "1", *SMALL, "--quiet"]
 
