@@ -6,7 +6,7 @@ net (``deep_mnist_net(seed=0)``, Adam 1e-3, batch 100 of real-shaped random data
 asks the trees in turn, round after round, so both see the same machine load, and reports the
 median time per step of each and the ratio of the medians (with the per-round ratios' range).
 
-    python bench/ab_step.py --a /path/to/old/checkout --b . --rounds 15 --steps 10
+    python -m bench.ab_step --a /path/to/old/checkout --b . --rounds 15 --steps 10
 """
 
 from __future__ import annotations

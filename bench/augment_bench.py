@@ -12,7 +12,7 @@ Interleaved in one run, batch 100, float32, on the CPU:
   meanwhile (what ``fit(augment=...)`` runs), against ``step`` to see what overlap leaves.
 
 Prints median milliseconds and the ratios, with the load average; ``--json`` writes them.
-Run: ``python bench/augment_bench.py [--rounds 30]``.
+Run: ``python -m bench.augment_bench [--rounds 30]``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ NumPy reference is left to that script, being too slow for many rounds.
 from __future__ import annotations
 
 import pytest
-from kernel_table import LAYERS, make_calls
+
+from bench.kernel_table import LAYERS, make_calls
 
 IMPLS = ("fastconv fp32", "fastconv fp16", "torch")
 

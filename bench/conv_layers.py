@@ -9,7 +9,7 @@ inputs (default 64: 224 / 3.5; ``--size 224`` for the real thing, ~1 minute a ro
 ``--algorithms`` lists the fastconv algorithms to time (default ``auto``, the per-shape rule;
 the algorithm it picked is printed per layer).
 
-    PYTHONPATH=. python bench/conv_layers.py [--repeats 15] [--threads 2] [--stat median|min]
+    python -m bench.conv_layers [--repeats 15] [--threads 2] [--stat median|min]
         [--net mnist|vgg] [--batch N] [--size 64] [--no-fp16] [--layers conv1,conv2]
         [--algorithms auto,direct,winograd4x4] [--forward-only] [--clock wall|cpu]
 
@@ -27,16 +27,10 @@ import time
 import numpy as np
 
 import fastconv as fc
+from bench.common import deep_mnist_layers
 
-# (name, C_in, F, H=W, pad), all 3x3 stride 1 (book ch. 8).
-LAYERS = [
-    ("conv1", 1, 16, 28, 1),
-    ("conv2", 16, 16, 28, 1),
-    ("conv3", 16, 32, 14, 1),
-    ("conv4", 32, 32, 14, 2),
-    ("conv5", 32, 64, 8, 1),
-    ("conv6", 64, 64, 8, 1),
-]
+# (name, C_in, F, H=W, pad), all 3x3 stride 1 (book ch. 8), read from deep_mnist_net().
+LAYERS = [(m.name, m.C, m.F, m.H, m.pad) for m in deep_mnist_layers() if m.kind == "conv"]
 
 
 def vgg_layers(size=64):

@@ -10,7 +10,7 @@ Two numbers per thread count:
 
 Usage::
 
-    PYTHONPATH=. python bench/fma_peak.py [--threads 1,2] [--seconds 0.5] [--repeats 5]
+    python -m bench.fma_peak [--threads 1,2] [--seconds 0.5] [--repeats 5]
 
 Reports the best of ``--repeats`` timed runs and the load average. Time is CPU time per
 thread (process CPU time / threads): on a machine shared with other busy processes, wall time
@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
-from pathlib import Path
 
 import numba
 import numpy as np
@@ -32,8 +30,6 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.core import cgutils
 from numba.extending import intrinsic
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
 import fastconv.cpu  # noqa: E402,F401  (threading layer first)
 from fastconv.cpu._simd import MR, NR, gemm_block  # noqa: E402

@@ -1,4 +1,4 @@
-"""One-shot GPU check for a lent device: ``python bench/gpu_check.py`` (the report goes to $OUT).
+"""One-shot GPU check for a lent device: ``python -m bench.gpu_check`` (the report goes to $OUT).
 
 For a person with an NVIDIA GPU for a few minutes (H100/H200 in mind; Python, CuPy and PyTorch
 preinstalled, no internet), run from the repository root. ``--out DIR`` or else ``$OUT`` names
@@ -69,7 +69,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = Path(__file__).resolve()
-sys.path.insert(0, str(ROOT))  # this checkout's fastconv, even when PYTHONPATH is unset
 
 SECTIONS = (
     "environment",

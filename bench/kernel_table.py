@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/kernel_table.py [--out docs/benchmarks.md] [--repeats 15] [--ref-repeats 3]
+    python -m bench.kernel_table [--out docs/benchmarks.md] [--repeats 15] [--ref-repeats 3]
 
 Layers are those of the book's deep MNIST ConvNet (ch. 8) at batch 100: conv1..conv6 with
 their fused bias+ReLU forward and their (dx, dw, db) backward, and the three 2x2 max-pool
@@ -15,10 +15,6 @@ every ratio is against PyTorch (fp32, 2 threads) measured in the same run; below
 from __future__ import annotations
 
 import argparse
-import datetime as dt
-import os
-import platform
-import re
 import statistics
 import sys
 import time
@@ -28,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-
 import fastconv  # noqa: E402
+from bench.common import deep_mnist_layers, machine_line
 from fastconv import reference as ref  # noqa: E402
 
 try:
@@ -62,18 +57,9 @@ class Layer:
         return f"{self.C}@{self.H}x{self.H}, 2x2/2"
 
 
-# The deep MNIST net (book ch. 8): shapes follow from 28x28 input, conv4 has pad 2.
-LAYERS = [
-    Layer("conv1", "conv", 1, 28, 16, 1),
-    Layer("conv2", "conv", 16, 28, 16, 1),
-    Layer("pool1", "pool", 16, 28),
-    Layer("conv3", "conv", 16, 14, 32, 1),
-    Layer("conv4", "conv", 32, 14, 32, 2),
-    Layer("pool2", "pool", 32, 16),
-    Layer("conv5", "conv", 32, 8, 64, 1),
-    Layer("conv6", "conv", 64, 8, 64, 1),
-    Layer("pool3", "pool", 64, 8),
-]
+# The deep MNIST net (book ch. 8), read from deep_mnist_net(): shapes follow from the 28x28
+# input, conv4 has pad 2.
+LAYERS = [Layer(m.name, m.kind, m.C, m.H, m.F, m.pad) for m in deep_mnist_layers()]
 
 
 def make_calls(layer: Layer, seed: int = 0) -> dict[str, dict[str, Callable[[], object]]]:
@@ -162,30 +148,6 @@ def time_layer(
     return {key: STATS[stat](ts) for key, ts in samples.items()}
 
 
-def machine_description() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"^model name\s*:\s*(.+)$", f.read(), re.M)
-            cpu = m.group(1).strip() if m else cpu
-    except OSError:
-        pass
-    import numba
-
-    versions = [
-        f"Python {platform.python_version()}",
-        f"NumPy {np.__version__}",
-        f"Numba {numba.__version__} ({numba.config.NUMBA_NUM_THREADS} threads)",
-        f"PyTorch {torch.__version__} ({torch.get_num_threads()} threads)"
-        if torch
-        else "no PyTorch",
-    ]
-    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    # Timings on a shared machine are only as good as its load: say what it was.
-    load = f"; load average {os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else ""
-    return f"{cpu}, {os.cpu_count()} logical cores; {', '.join(versions)}; {now}{load}"
-
-
 def _cell(t: float | None, base: float | None) -> str:
     if t is None:
         return "n/a"
@@ -247,7 +209,7 @@ def build_table(
         "fastconv runs its default per-shape algorithm (`fastconv.set_conv_algorithm`); "
         "conv backward returns dx, dw, db; PyTorch pooling is the training pair "
         "`max_pool2d_with_indices` + its backward.\n\n"
-        f"Machine: {machine_description()}."
+        f"Machine: {machine_line()}."
     )
     return "\n".join(rows) + "\n\n" + notes + "\n"
 

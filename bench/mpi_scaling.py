@@ -1,6 +1,6 @@
 """One process x 2 Numba threads against 2 MPI ranks x 1 thread, on deep-MNIST train-mnist.
 
-    .venv/bin/python bench/mpi_scaling.py [--epochs 2] [--repeats 1] [--limit-train N]
+    .venv/bin/python -m bench.mpi_scaling [--epochs 2] [--repeats 1] [--limit-train N]
 
 Needs the ``mpi`` extra. Runs ``fastconv train-mnist`` in both configurations, interleaved
 (A B A B ...), with the same seed and settings, and prints a Markdown table: seconds per epoch

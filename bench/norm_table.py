@@ -2,7 +2,7 @@
 
 Usage::
 
-    python bench/norm_table.py [--out docs/benchmarks.md] [--repeats 200] [--stat median]
+    python -m bench.norm_table [--out docs/benchmarks.md] [--repeats 200] [--stat median]
 
 For every activation shape of the book's deep MNIST net at batch 100 (16@28x28, 32@14x14,
 32@16x16, 64@8x8, and 64@4x4 after the last pool) this times one training step of each layer:
@@ -33,12 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-
 import fastconv  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from kernel_table import machine_description  # noqa: E402
+from bench.common import machine_line  # noqa: E402
 
 try:
     import torch
@@ -166,7 +162,7 @@ def build_table(repeats: int, stat: str, ops=OPS, shapes=SHAPES, log=print) -> s
             + ", ".join(f"{OP_NAMES[op]} {impl} {r:.2f}x" for (op, impl), r in worst.items())
             + "."
         )
-    notes += f"\n\nMachine: {machine_description()}"
+    notes += f"\n\nMachine: {machine_line()}"
     if load:
         notes += f"; load average at the end {load[0]:.1f}/{load[1]:.1f}/{load[2]:.1f} (1/5/15 min)"
     return "\n".join(rows) + "\n\n" + notes + ".\n"

@@ -10,7 +10,7 @@ peak: that is the point of it.
 
 Usage::
 
-    PYTHONPATH=. python bench/roofline.py [--threads 2] [--repeats 15] [--stat median|min]
+    python -m bench.roofline [--threads 2] [--repeats 15] [--stat median|min]
                                           [--png docs/roofline.png] [--md out.md]
                                           [--clock wall|cpu]
 """
@@ -28,13 +28,9 @@ from pathlib import Path
 import numba
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench/ modules
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-
-from conv_layers import LAYERS  # noqa: E402
-from fma_peak import fma_peak, micro_kernel_rate  # noqa: E402
-
 import fastconv as fc  # noqa: E402
+from bench.conv_layers import LAYERS  # noqa: E402
+from bench.fma_peak import fma_peak, micro_kernel_rate  # noqa: E402
 
 try:
     import torch

@@ -5,7 +5,7 @@ single-threaded caller) and set against the calls they guard: the smallest conv 
 MNIST conv layer, and a whole training step. Prints a Markdown table; ``--out FILE`` replaces
 the block between ``<!-- reliability-cost:start/end -->`` in FILE.
 
-    python bench/thread_safety_cost.py --out docs/reliability.md
+    python -m bench.thread_safety_cost --out docs/reliability.md
 """
 
 from __future__ import annotations
@@ -95,7 +95,7 @@ def main(argv=None) -> int:
         f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} logical cores, "
         f"Python {platform.python_version()}, NumPy {np.__version__}; "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {load:.2f}. "
-        "Regenerate: `python bench/thread_safety_cost.py --out docs/reliability.md`.",
+        "Regenerate: `python -m bench.thread_safety_cost --out docs/reliability.md`.",
     ]
     text = "\n".join(lines)
     print(text)

@@ -1,6 +1,6 @@
 """PyTorch's own profiler on the deep MNIST net: share of a CPU training step spent in convolution.
 
-``python bench/torch_profile.py [--steps 20] [--batch-size 100] [--threads 2] [--json]``
+``python -m bench.torch_profile [--steps 20] [--batch-size 100] [--threads 2] [--json]``
 
 The PyTorch twin of ``deep_mnist_net(seed)`` (``fastconv.torch_bridge.to_torch``: the same
 weights; PyTorch CPU, float32). Every step is

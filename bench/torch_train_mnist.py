@@ -6,7 +6,7 @@ dropout 0.5, softmax cross-entropy, the same MNIST files, the last 5,000 trainin
 out for validation. The epoch is chosen on validation accuracy; the test set is evaluated once,
 with that epoch's weights. Prints one line per epoch and, with ``--json``, writes a summary.
 
-    python bench/torch_train_mnist.py --epochs 20 --threads 2 --json runs/torch_mnist.json
+    python -m bench.torch_train_mnist --epochs 20 --threads 2 --json runs/torch_mnist.json
 """
 
 from __future__ import annotations

@@ -12,25 +12,19 @@ each algorithm and each dtype, the largest error of y, dx and dW in two units:
 
 Usage::
 
-    PYTHONPATH=. python bench/winograd_error.py [--trials 3]
+    python -m bench.winograd_error [--trials 3]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
-
-from conv_layers import LAYERS  # noqa: E402
-from test_conv import mixed_magnitude  # noqa: E402
-
 import fastconv as fc  # noqa: E402
+from bench.conv_layers import LAYERS  # noqa: E402
 from fastconv import reference as ref  # noqa: E402
+from fastconv_testing.winograd import mixed_magnitude  # noqa: E402
 
 EPS32 = float(np.finfo(np.float32).eps)
 ALGORITHMS = ("direct", "winograd2x2", "winograd4x4")

@@ -15,7 +15,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from zoo_common import Spec, build
+
+from bench.zoo_common import Spec, build
 
 MODELS = ("alexnet", "vgg16", "resnet18", "googlenet")
 IMPLS = (("fastconv", "float32"), ("fastconv", "float16"), ("torch", "float32"))

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import gc
 import multiprocessing
-import os
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,8 +35,6 @@ NAMES = {
     "googlenet": "GoogLeNet",
     "lenet5": "LeNet-5",
 }
-if str(ROOT) not in sys.path:  # run from a checkout without installing
-    sys.path.insert(0, str(ROOT))
 
 
 @dataclass(frozen=True)
@@ -272,23 +268,6 @@ def interleave(workers, modes, budget_s: float, min_rounds: int = 3, max_rounds:
                 samples[(w.spec.label, mode)].append(w.time(mode))
         rounds += 1
     return samples, rounds
-
-
-def load_average() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.1f}/{five:.1f}/{fifteen:.1f}"
-
-
-def machine_line() -> str:
-    """One line: CPU, cores, library versions, date and load average."""
-    from fastconv.benchmark import machine_info
-
-    info = machine_info(torch_threads=2)
-    return (
-        f"{info['cpu']}, {info['cores']} cores; Python {info['python']}, NumPy {info['numpy']}, "
-        f"Numba {info['numba']} ({info['numba_threads']} threads), PyTorch {info['torch']} "
-        f"(2 threads); {info['date']}; load average {load_average()} (1/5/15 min)"
-    )
 
 
 def median(values) -> float:

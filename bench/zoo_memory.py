@@ -1,10 +1,10 @@
 """Peak memory (RSS) of a training step: fastconv CPU against the PyTorch twin; and what the
 GPU path's unfolded matrices would need.
 
-    python bench/zoo_memory.py                        # AlexNet, VGG-16, ResNet-18, GoogLeNet
-    python bench/zoo_memory.py --models resnet18 --size 64                  # a quick check
-    python bench/zoo_memory.py --out-md docs/benchmarks.md
-    python bench/zoo_memory.py --gpu-estimate vgg16 --batch 128   # no GPU needed
+    python -m bench.zoo_memory                        # AlexNet, VGG-16, ResNet-18, GoogLeNet
+    python -m bench.zoo_memory --models resnet18 --size 64                  # a quick check
+    python -m bench.zoo_memory --out-md docs/benchmarks.md
+    python -m bench.zoo_memory --gpu-estimate vgg16 --batch 128   # no GPU needed
 
 Each implementation runs alone in a fresh process, one after the other: it imports its
 libraries (the RSS then is its baseline), builds the model, runs one forward pass and one
@@ -25,15 +25,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from zoo_common import (  # noqa: E402
+from bench.common import load_average, machine_line
+from bench.zoo_common import (  # noqa: E402
     NAMES,
     Spec,
     Worker,
     _reproducible,
-    load_average,
-    machine_line,
     write_section,
 )
 
@@ -92,7 +89,7 @@ def markdown(results, args) -> str:
         f"Training step (SGD with momentum), batch {args.batch}, {size}x{size}; each row a "
         f"fresh process; peak = VmHWM over {args.steps} step(s) after a warm-up step. "
         "Machine: " + machine_line() + ".",
-        "Reproduce: `python bench/zoo_memory.py " + " ".join(args.argv) + "`",
+        "Reproduce: `python -m bench.zoo_memory " + " ".join(args.argv) + "`",
     ]
     return "\n".join(lines)
 

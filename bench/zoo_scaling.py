@@ -2,9 +2,9 @@
 224x224 and against the image size (32, 64, 128, 224) at batch 8, fastconv CPU float32 against
 the PyTorch twin (CPU, 2 threads), forward pass and training step, interleaved.
 
-    python bench/zoo_scaling.py                           # both sweeps, default budgets
-    python bench/zoo_scaling.py --batches 1 8 --sizes 32 64 --budget 20      # a quick check
-    python bench/zoo_scaling.py --out-md docs/benchmarks.md --plot docs/zoo_scaling.png
+    python -m bench.zoo_scaling                           # both sweeps, default budgets
+    python -m bench.zoo_scaling --batches 1 8 --sizes 32 64 --budget 20      # a quick check
+    python -m bench.zoo_scaling --out-md docs/benchmarks.md --plot docs/zoo_scaling.png
 
 Every configuration gets two worker processes (fastconv, PyTorch) timed round-robin until
 ``--budget`` seconds have passed (at least 3 rounds); the tables give the median time per image
@@ -20,15 +20,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from zoo_common import (  # noqa: E402
+from bench.common import load_average, machine_line
+from bench.zoo_common import (  # noqa: E402
     Spec,
     Worker,
     _reproducible,
     interleave,
-    load_average,
-    machine_line,
     median,
     write_section,
 )
@@ -201,7 +198,7 @@ def main(argv=None) -> int:
             f"{args.budget:.0f} s per configuration); ratio = fastconv / PyTorch in the same run. "
             "Machine: " + machine_line() + ".",
             *[f"Note: {n}." for n in notes],
-            "Reproduce: `python bench/zoo_scaling.py " + " ".join(args.argv) + "`",
+            "Reproduce: `python -m bench.zoo_scaling " + " ".join(args.argv) + "`",
         ]
     )
     print(text)

@@ -1,9 +1,9 @@
 """Forward pass and training step of the ImageNet zoo models: fastconv CPU (float32, float16)
 against the PyTorch twin (CPU, float32, 2 threads), interleaved, ratios from the same run.
 
-    python bench/zoo_speed.py                       # AlexNet, VGG-16, ResNet-18, GoogLeNet
-    python bench/zoo_speed.py --models resnet18 --budget 60 --size 64      # a quick check
-    python bench/zoo_speed.py --out-md docs/benchmarks.md --plot docs/zoo_speed.png
+    python -m bench.zoo_speed                       # AlexNet, VGG-16, ResNet-18, GoogLeNet
+    python -m bench.zoo_speed --models resnet18 --budget 60 --size 64      # a quick check
+    python -m bench.zoo_speed --out-md docs/benchmarks.md --plot docs/zoo_speed.png
 
 For each model, three worker processes (fastconv float32, fastconv float16, PyTorch) build the
 same weights (one seed) and warm up; then one forward pass and one training step (SGD with
@@ -20,16 +20,13 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from zoo_common import (  # noqa: E402
+from bench.common import load_average, machine_line
+from bench.zoo_common import (  # noqa: E402
     NAMES,
     Spec,
     Worker,
     _reproducible,
     interleave,
-    load_average,
-    machine_line,
     median,
     ratio_cell,
     write_section,
@@ -84,7 +81,7 @@ def markdown(rows, args, infos) -> str:
         "model; ratio = fastconv / "
         "PyTorch in the same run (below 1 is faster). Training step: SGD with momentum, softmax "
         "cross-entropy. Machine: " + machine_line() + ".",
-        "Reproduce: `python bench/zoo_speed.py " + " ".join(args.argv) + "`",
+        "Reproduce: `python -m bench.zoo_speed " + " ".join(args.argv) + "`",
     ]
     return "\n".join(lines)
 

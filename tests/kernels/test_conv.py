@@ -21,6 +21,7 @@ import fastconv as fc
 from fastconv import reference as ref
 from fastconv.cpu import _winograd as cpu_winograd
 from fastconv.cpu import conv as cpu_conv
+from fastconv_testing.winograd import mixed_magnitude
 
 EPS32 = float(np.finfo(np.float32).eps)
 EPS16 = float(np.finfo(np.float16).eps)
@@ -58,31 +59,6 @@ def assert_within_bound(got, exact, magnitude, n_terms, dtype, what, algorithm=N
 # (bench/winograd_error.py, docs/kernels.md). The bounds add this many eps32 * magnitude, 3x
 # the worst measured, to the 2*n*eps32*magnitude allowed for any float32 sum of n terms.
 WINOGRAD_TERM = {"winograd4x4": 200.0, "winograd2x2": 16.0}
-_WINOGRAD_TILE = {"winograd4x4": 4, "winograd2x2": 2}
-
-
-def mixed_magnitude(magnitude, kind, algorithm):
-    """The magnitude that bounds Winograd's rounding error for each result.
-
-    Winograd computes a whole m x m output tile (y; dx, a convolution of dy) from one
-    transformed product, and each filter's 3x3 dW taps from one transformed 6x6 sum, so an
-    element's error scales with the largest term of its tile or filter, not its own: a dW tap
-    that only ever meets padding is exactly 0 for direct convolution but carries the rounding
-    of its neighbours here. Tiles start at the origin of the output.
-    """
-    m = _WINOGRAD_TILE.get(algorithm)
-    if m is None or kind in (None, "db"):
-        return magnitude
-    if kind == "dw":
-        return np.broadcast_to(magnitude.max(axis=(2, 3), keepdims=True), magnitude.shape)
-    N, F, H, W = magnitude.shape
-    Hp, Wp = -(-H // m) * m, -(-W // m) * m
-    padded = np.zeros((N, F, Hp, Wp))
-    padded[:, :, :H, :W] = magnitude
-    tiles = padded.reshape(N, F, Hp // m, m, Wp // m, m).max(axis=(3, 5))
-    return np.repeat(np.repeat(tiles, m, axis=2), m, axis=3)[:, :, :H, :W]
-
-
 def ran(pass_):
     """The algorithm recorded for ``pass_`` since the last clear (None if none ran)."""
     names = [c.algorithm for c in fc.conv_algorithm_choices() if c.pass_ == pass_]
