@@ -654,3 +654,65 @@ def momentum_update(p, g, v, momentum, lr):
     v *= momentum
     v -= lr * g
     p += v
+
+
+def sgd_update(p, g, lr):
+    """One SGD step in place: ``p -= lr*g`` (float32; fused on the CPU, bit-identical to the
+    array expression)."""
+    lr = np.float32(lr)
+    if _fusable(p, g):
+        from .cpu import optim
+
+        with _backend(p).launch_guard():
+            optim.sgd_update(p.reshape(-1), g.reshape(-1), lr)
+        return
+    p -= lr * g
+
+
+def nesterov_update(p, g, v, momentum, lr):
+    """One step of the book's Nesterov form in place: ``v = momentum*v - lr*g;
+    p += momentum*momentum*v - (1+momentum)*lr*g`` (float32; fused on the CPU, bit-identical
+    to the array expressions)."""
+    m, lr = np.float32(momentum), np.float32(lr)
+    mm, c = m * m, (1 + m) * lr  # float32 scalars, rounded as the expressions round them
+    if _fusable(p, g, v):
+        from .cpu import optim
+
+        with _backend(p).launch_guard():
+            optim.nesterov_update(p.reshape(-1), g.reshape(-1), v.reshape(-1), m, lr, mm, c)
+        return
+    v *= m
+    v -= lr * g
+    p += mm * v
+    p -= c * g
+
+
+def adagrad_update(p, g, h, lr, eps):
+    """One AdaGrad step in place: ``h += g*g;  p -= lr*g / (sqrt(h) + eps)`` (float32; fused on
+    the CPU, bit-identical to the array expressions)."""
+    lr, eps = np.float32(lr), np.float32(eps)
+    if _fusable(p, g, h):
+        from .cpu import optim
+
+        with _backend(p).launch_guard():
+            optim.adagrad_update(p.reshape(-1), g.reshape(-1), h.reshape(-1), lr, eps)
+        return
+    h += g * g
+    p -= lr * g / (_xp(p).sqrt(h) + eps)
+
+
+def rmsprop_update(p, g, h, decay_rate, lr, eps):
+    """One RMSProp step in place: ``h = decay_rate*h + (1-decay_rate)*g*g;
+    p -= lr*g / (sqrt(h) + eps)`` (float32; fused on the CPU, bit-identical to the array
+    expressions)."""
+    d, lr, eps = np.float32(decay_rate), np.float32(lr), np.float32(eps)
+    c = 1 - d  # a float32 scalar, as in the expression
+    if _fusable(p, g, h):
+        from .cpu import optim
+
+        with _backend(p).launch_guard():
+            optim.rmsprop_update(p.reshape(-1), g.reshape(-1), h.reshape(-1), d, c, lr, eps)
+        return
+    h *= d
+    h += c * g * g
+    p -= lr * g / (_xp(p).sqrt(h) + eps)
