@@ -39,8 +39,8 @@ START, END = "<!-- gemm-table:start -->", "<!-- gemm-table:end -->"
 #: (name, in, out) of every distinct Dense layer of the zoo (fastconv.models)
 LAYERS = [
     ("alexnet-fc6", 9216, 4096),
-    ("fc7 (AlexNet, VGG-16)", 4096, 4096),
-    ("fc8 (AlexNet, VGG-16)", 4096, 1000),
+    ("alexnet/vgg16-fc7", 4096, 4096),
+    ("alexnet/vgg16-fc8", 4096, 1000),
     ("vgg16-fc6", 25088, 4096),
     ("googlenet-fc", 1024, 1000),
     ("resnet-fc", 512, 1000),
