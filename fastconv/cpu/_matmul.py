@@ -31,7 +31,9 @@ from ._half import bits_view, load, store_value
 from ._layout import aligned_empty, image_range
 from ._simd import MR, NR, copy_row, gemm_packed, load_transposed
 
-__all__ = ["Blocking", "blocking", "matmul"]
+__all__ = ["SERIAL_FLOPS", "Blocking", "blocking", "matmul"]
+
+SERIAL_FLOPS = 4_000_000  # ~40 us on one core; a parallel launch costs ~10-50 us (measured)
 
 
 class Blocking(NamedTuple):
@@ -188,6 +190,20 @@ def _matmul(a, trans_a, b, trans_b, out, bias, has_bias, relu, K, blk, a_pack, b
         )
 
 
+@njit(cache=True)
+def _matmul_serial(a, trans_a, b, trans_b, out, bias, has_bias, relu, K, blk, a_pack, bp, cbuf):
+    """:func:`_matmul` on the calling thread (small products: no fork/join)."""
+    M, N = out.shape
+    offs_a = np.arange(16) * MR
+    for ib in range(-(-M // MR)):
+        _pack_a(a, trans_a, M, K, a_pack, ib, offs_a)
+    items = -(-M // blk.MC) * -(-N // blk.NC)
+    _items(
+        a_pack, b, trans_b, out, bias, has_bias, relu, K, blk, 0, items, bp[0], cbuf[0],
+        np.arange(16) * NR,
+    )  # fmt: skip
+
+
 def _workspace_make(M, K, blk, n_threads):
     def make():
         a_pack = aligned_empty((-(-M // MR) * MR * max(K, 1),))
@@ -213,7 +229,8 @@ def matmul(a, b, out, trans_a=False, trans_b=False, bias=None, relu=False, blk=N
     K = a.shape[0] if trans_a else a.shape[1]
     if M == 0 or N == 0:
         return out
-    n_threads = max(1, numba.get_num_threads())
+    # Products under SERIAL_FLOPS run on the calling thread: a parallel launch costs more.
+    n_threads = 1 if 2 * M * N * K < SERIAL_FLOPS else max(1, numba.get_num_threads())
     if blk is None:
         blk = blocking(M, K, N, n_threads, trans_b)
     items = -(-M // blk.MC) * -(-N // blk.NC)
@@ -221,7 +238,8 @@ def matmul(a, b, out, trans_a=False, trans_b=False, bias=None, relu=False, blk=N
     key = ("matmul", -(-M // MR) * MR * max(K, 1), blk, n_threads)
     with _workspace.checkout(key, _workspace_make(M, K, blk, n_threads)) as (a_pack, bp, cbuf):
         bv = bits_view(bias) if bias is not None else bits_view(out[0])
-        _matmul(
+        kernel = _matmul_serial if n_threads == 1 else _matmul
+        kernel(
             bits_view(a), bool(trans_a), bits_view(b), bool(trans_b), bits_view(out), bv,
             bias is not None, bool(relu), K, blk, a_pack, bp, cbuf,
         )  # fmt: skip
