@@ -3,14 +3,16 @@
 ``op(a)`` is ``a`` or ``a.T`` (likewise ``b``), so the Dense layer's three products need no
 transposed copies: forward ``x @ w``, ``dx = dy @ w.T``, ``dW = x.T @ dy``.
 
-Structure (Goto / BLIS): ``op(a)`` (M x K) is packed once per call into MR-row panels stored
-column after column (:func:`_pack_a`, shared by all threads); the output is cut into work items
-of MC x NC; for each item and each block of KC reduction steps a thread packs the KC x NC block
-of ``op(b)`` into NR-column panels (its own buffer, which stays in L2) and runs the
-register-blocked micro-kernel :func:`~fastconv.cpu._simd.gemm_packed` over every MR x NR tile,
-accumulating into a float32 buffer; the epilogue adds the bias, applies ReLU and stores
-float32 or half. Packing converts half to float32 once per value, so the micro-kernel only
-ever sees float32; rows and columns past the edges are packed as zeros and never stored.
+Structure (Goto / BLIS): the output is cut into work items of MC x NC, which the threads take
+from a shared counter. For each block of KC reduction steps an item packs its MC x KC block of
+``op(a)`` into MR-row panels stored column after column and the KC x NC block of ``op(b)`` into
+NR-column panels (per-thread buffers that stay in L2), then runs the register-blocked
+micro-kernel :func:`~fastconv.cpu._simd.gemm_packed` over every MR x NR tile, accumulating into
+a float32 buffer; the epilogue adds the bias, applies ReLU and stores float32 or half. Packing
+converts half to float32 once per value (vector loads, 16 x 16 transposes in registers for the
+transposed operands), so the micro-kernel only ever sees float32; rows and columns past the
+edges are packed as zeros and never stored. Products under :data:`SERIAL_FLOPS` run on the
+calling thread. Measurements behind the choices: docs/kernels.md, "Dense layers".
 
 Determinism: each output element is one chain of fused multiply-adds over ascending k (the
 micro-kernel reloads its float32 partial result between KC blocks, so the blocking does not
@@ -28,8 +30,8 @@ from numba import njit, prange
 
 from . import _workspace
 from ._half import bits_view, load, store_value
-from ._layout import aligned_empty, image_range
-from ._simd import MR, NR, copy_row, gemm_packed, load_transposed
+from ._layout import aligned_empty
+from ._simd import MR, NR, copy_row, fetch_add, gemm_packed, load_transposed
 
 __all__ = ["SERIAL_FLOPS", "Blocking", "blocking", "matmul"]
 
@@ -47,46 +49,60 @@ class Blocking(NamedTuple):
     ldc: int
 
 
-def blocking(M, K, N, n_threads, trans_b=False, b_block=131072, c_block=65536, kc_trans=1024):
+def blocking(
+    M, K, N, n_threads, trans_b=False, b_block=131072, c_block=65536, kc_trans=1024, split=2
+):
     """:class:`Blocking` for an (M x K) @ (K x N) product on ``n_threads`` threads.
 
     Chosen so that ``b`` streams from memory in long runs, which is what bounds the products
     where few rows share each value of ``b`` (runs of 1 KiB every 16 KiB read at 9 GB/s on
     one core, whole 16 KiB rows at 20 GB/s). MC: all rows up to 128, so that each packed
     block of ``op(b)`` serves every row. Plain ``b`` (rows of ``op(b)`` contiguous): NC, the
-    columns split evenly between the threads, at most what keeps the float32 output buffer
-    within ``c_block`` floats; KC, what keeps the packed block within ``b_block`` floats (L2).
-    Transposed ``b`` (runs along the reduction): KC = ``kc_trans``, NC what fits ``b_block``.
+    columns split into ``split`` items per thread, at most what keeps the float32 output
+    buffer within ``c_block`` floats; KC, what keeps the packed block within ``b_block``
+    floats (L2). Transposed ``b`` (runs along the reduction): KC = ``kc_trans``, NC what fits
+    ``b_block``. The defaults were measured on the fc6-fc8 shapes (docs/kernels.md).
     """
+    return Blocking(*_choose(M, K, N, n_threads, trans_b, b_block, c_block, kc_trans, split))
+
+
+@njit(cache=True)
+def _choose(M, K, N, n_threads, trans_b, b_block, c_block, kc_trans, split):
+    """(KC, MC, NC, ldc) of :func:`blocking`."""
     mc = min(128, -(-M // MR) * MR)
     if trans_b:
         kc = max(16, min(kc_trans, K))
-        nc = min(-(-N // n_threads), max(NR, b_block // kc))
+        nc = min(-(-N // (n_threads * split)), max(NR, b_block // kc))
     else:
-        nc = min(-(-N // n_threads), max(NR, c_block // mc))
+        nc = min(-(-N // (n_threads * split)), max(NR, c_block // mc))
+        kc = 0
     nc = -(-nc // NR) * NR
     if not trans_b:
         kc = max(16, min(b_block // nc, K))
     # Rows a multiple of 4 KiB apart share L1 sets (see _layout.row_stride): one more line.
     ldc = nc + 16 if nc % 1024 == 0 else nc
-    return Blocking(kc, mc, nc, ldc)
+    return kc, mc, nc, ldc
 
 
 @njit(cache=True)
-def _pack_a(a, trans, M, K, ap, ib, offs):
-    """Panel ``ib`` of op(a) (M x K): ``ap[(ib*K + k)*MR + r] = op(a)[ib*MR + r, k]``, zeros
-    for rows past M. ``offs`` holds ``c*MR`` for c < 16."""
-    r0 = ib * MR
-    rows = min(MR, M - r0)
-    base = ib * K * MR
-    if rows < MR:
-        ap[base : base + K * MR] = 0.0
-    if trans:  # op(a)[i, k] = a[k, i]: MR contiguous values per k
-        for k in range(K):
-            copy_row(a, k * M + r0, ap, base + k * MR, rows)
-    else:  # a transpose, 16 x rows values at a time in registers
-        for k0 in range(0, K, 16):
-            load_transposed(a, r0 * K + k0, K, rows, min(16, K - k0), ap, base + k0 * MR, offs, 0)
+def _pack_a(a, trans, M, K, i0, mc, pc, kc, ap, offs):
+    """Block ``op(a)[i0:i0+mc, pc:pc+kc]`` as MR-row panels stored column after column:
+    ``ap[(ir*kc + kk)*MR + r] = op(a)[i0 + ir*MR + r, pc + kk]``, zeros for rows past M.
+    ``offs`` holds ``c*MR`` for c < 16."""
+    for ir in range(-(-mc // MR)):
+        r0 = i0 + ir * MR
+        rows = min(MR, M - r0)
+        base = ir * kc * MR
+        if rows < MR:
+            ap[base : base + kc * MR] = 0.0
+        if trans:  # op(a)[i, k] = a[k, i]: MR contiguous values per k
+            for kk in range(kc):
+                copy_row(a, (pc + kk) * M + r0, ap, base + kk * MR, rows)
+        else:  # a transpose, rows x 16 values at a time in registers
+            for k0 in range(0, kc, 16):
+                load_transposed(
+                    a, r0 * K + pc + k0, K, rows, min(16, kc - k0), ap, base + k0 * MR, offs, 0
+                )
 
 
 @njit(cache=True)
@@ -146,70 +162,87 @@ def _store(cbuf, ldc, out, i0, rows, j0, cols, bias, has_bias, relu):
 
 
 @njit(cache=True)
-def _items(a_pack, b, trans_b, out, bias, has_bias, relu, K, blk, lo, hi, bp, cbuf, offs_b):
-    """Work items lo .. hi-1 of one thread (item = row block * column blocks + column block)."""
+def _items(a, trans_a, b, trans_b, out, bias, has_bias, relu, K, blk, counter, ap, bp, cbuf):
+    """Work items taken from ``counter`` until none is left (item = row block * column blocks
+    + column block): dynamic scheduling, so a thread that the OS preempts (the cores are
+    shared) holds the others up less at the join; each item is computed whole by one
+    thread, so the results do not depend on who took what. Each item packs its own blocks of
+    both operands (the blocks of ``op(a)`` are repacked by every column block: 1/NC of the
+    item's work), so one parallel region does the whole product."""
     M, N = out.shape
     KC, MC, NC, ldc = blk
+    offs_a = np.arange(16) * MR
+    offs_b = np.arange(16) * NR
     n_cols = -(-N // NC)
-    for item in range(lo, hi):
+    items = -(-M // MC) * n_cols
+    while True:
+        item = fetch_add(counter, 1)
+        if item >= items:
+            break
         i0 = (item // n_cols) * MC
         j0 = (item % n_cols) * NC
         mc = min(MC, M - i0)
         nc = min(NC, N - j0)
         panels = -(-nc // NR)
         blocks = -(-mc // MR)
-        ib0 = i0 // MR
         if K == 0:
             for r in range(mc):
                 cbuf[r * ldc : r * ldc + nc] = 0.0
         for pc in range(0, K, KC):
             kc = min(KC, K - pc)
+            _pack_a(a, trans_a, M, K, i0, mc, pc, kc, ap, offs_a)
             _pack_b(b, trans_b, K, N, pc, kc, j0, nc, bp, offs_b)
             for jr in range(panels):
                 for ir in range(blocks):
                     gemm_packed(
-                        a_pack, ((ib0 + ir) * K + pc) * MR, bp, jr * kc * NR, kc,
+                        ap, ir * kc * MR, bp, jr * kc * NR, kc,
                         cbuf, ir * MR * ldc + jr * NR, ldc, pc > 0,
                     )  # fmt: skip
         _store(cbuf, ldc, out, i0, mc, j0, nc, bias, has_bias, relu)
 
 
 @njit(cache=True, parallel=True)
-def _matmul(a, trans_a, b, trans_b, out, bias, has_bias, relu, K, blk, a_pack, bp, cbuf):
-    M, N = out.shape
-    offs_a = np.arange(16) * MR
-    offs_b = np.arange(16) * NR
-    for ib in prange(-(-M // MR)):
-        _pack_a(a, trans_a, M, K, a_pack, ib, offs_a)
-    n_threads = bp.shape[0]
-    items = -(-M // blk.MC) * -(-N // blk.NC)
-    for t in prange(n_threads):
-        lo, hi = image_range(t, n_threads, items)
+def _matmul(a, trans_a, b, trans_b, out, bias, has_bias, relu, K, blk, ap, bp, cbuf):
+    counter = np.zeros(1, np.int64)
+    for t in prange(bp.shape[0]):
         _items(
-            a_pack, b, trans_b, out, bias, has_bias, relu, K, blk, lo, hi, bp[t], cbuf[t], offs_b
-        )
+            a, trans_a, b, trans_b, out, bias, has_bias, relu, K, blk, counter, ap[t], bp[t],
+            cbuf[t],
+        )  # fmt: skip
 
 
 @njit(cache=True)
-def _matmul_serial(a, trans_a, b, trans_b, out, bias, has_bias, relu, K, blk, a_pack, bp, cbuf):
+def _matmul_serial(a, trans_a, b, trans_b, out, bias, has_bias, relu, K, blk, ap, bp, cbuf):
     """:func:`_matmul` on the calling thread (small products: no fork/join)."""
-    M, N = out.shape
-    offs_a = np.arange(16) * MR
-    for ib in range(-(-M // MR)):
-        _pack_a(a, trans_a, M, K, a_pack, ib, offs_a)
-    items = -(-M // blk.MC) * -(-N // blk.NC)
+    counter = np.zeros(1, np.int64)
     _items(
-        a_pack, b, trans_b, out, bias, has_bias, relu, K, blk, 0, items, bp[0], cbuf[0],
-        np.arange(16) * NR,
-    )  # fmt: skip
+        a, trans_a, b, trans_b, out, bias, has_bias, relu, K, blk, counter, ap[0], bp[0], cbuf[0]
+    )
 
 
-def _workspace_make(M, K, blk, n_threads):
+@njit(cache=True)
+def _matmul_small(a, trans_a, b, trans_b, out, bias, has_bias, relu):
+    """A small product in one call from Python: blocking chosen and buffers allocated here,
+    which takes the overhead of an 8x84x10 product from ~8 to ~3 us."""
+    M, N = out.shape
+    K = a.shape[0] if trans_a else a.shape[1]
+    kc, mc, nc, ldc = _choose(M, K, N, 1, trans_b, 131072, 65536, 1024, 1)
+    blk = Blocking(kc, mc, nc, ldc)
+    ap = np.empty((1, mc * kc), np.float32)
+    bp = np.empty((1, kc * nc), np.float32)
+    cbuf = np.empty((1, mc * ldc), np.float32)
+    counter = np.zeros(1, np.int64)
+    _items(
+        a, trans_a, b, trans_b, out, bias, has_bias, relu, K, blk, counter, ap[0], bp[0], cbuf[0]
+    )
+
+
+def _workspace_make(blk, n_threads):
     def make():
-        a_pack = aligned_empty((-(-M // MR) * MR * max(K, 1),))
+        ap = aligned_empty((n_threads, blk.MC * blk.KC))
         bp = aligned_empty((n_threads, blk.KC * blk.NC))
         cbuf = aligned_empty((n_threads, blk.MC * blk.ldc))
-        return a_pack, bp, cbuf
+        return ap, bp, cbuf
 
     return make
 
@@ -229,18 +262,24 @@ def matmul(a, b, out, trans_a=False, trans_b=False, bias=None, relu=False, blk=N
     K = a.shape[0] if trans_a else a.shape[1]
     if M == 0 or N == 0:
         return out
+    bv = bits_view(bias) if bias is not None else bits_view(out[0])
     # Products under SERIAL_FLOPS run on the calling thread: a parallel launch costs more.
-    n_threads = 1 if 2 * M * N * K < SERIAL_FLOPS else max(1, numba.get_num_threads())
+    if blk is None and 2 * M * N * K < SERIAL_FLOPS:
+        _matmul_small(
+            bits_view(a), bool(trans_a), bits_view(b), bool(trans_b), bits_view(out), bv,
+            bias is not None, bool(relu),
+        )  # fmt: skip
+        return out
+    n_threads = max(1, numba.get_num_threads())
     if blk is None:
         blk = blocking(M, K, N, n_threads, trans_b)
     items = -(-M // blk.MC) * -(-N // blk.NC)
     n_threads = min(n_threads, items)
-    key = ("matmul", -(-M // MR) * MR * max(K, 1), blk, n_threads)
-    with _workspace.checkout(key, _workspace_make(M, K, blk, n_threads)) as (a_pack, bp, cbuf):
-        bv = bits_view(bias) if bias is not None else bits_view(out[0])
+    key = ("matmul", blk, n_threads)
+    with _workspace.checkout(key, _workspace_make(blk, n_threads)) as (ap, bp, cbuf):
         kernel = _matmul_serial if n_threads == 1 else _matmul
         kernel(
             bits_view(a), bool(trans_a), bits_view(b), bool(trans_b), bits_view(out), bv,
-            bias is not None, bool(relu), K, blk, a_pack, bp, cbuf,
+            bias is not None, bool(relu), K, blk, ap, bp, cbuf,
         )  # fmt: skip
     return out

@@ -31,6 +31,7 @@ __all__ = [
     "gemm_block16",
     "gemm_packed",
     "copy_row",
+    "fetch_add",
     "load_transposed",
     "store_transposed",
 ]
@@ -415,6 +416,20 @@ def _masked_store(builder, aty, value, ptr, mask):
         [_VTY, _VTY.as_pointer(), _I32, _MASK],
     )
     builder.call(fn, [value, builder.bitcast(ptr, _VTY.as_pointer()), ir.Constant(_I32, 4), mask])
+
+
+@intrinsic
+def fetch_add(typingctx, counter, value):
+    """Atomically add ``value`` to ``counter[0]`` (an int64 array) and return the old value:
+    threads taking work items from a shared counter (dynamic scheduling)."""
+    sig = types.int64(counter, value)
+
+    def codegen(context, builder, signature, args):
+        counter, value = args
+        ptr = _data(context, builder, signature.args[0], counter)
+        return builder.atomic_rmw("add", ptr, value, "seq_cst")
+
+    return sig, codegen
 
 
 @intrinsic
