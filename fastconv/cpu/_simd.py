@@ -31,6 +31,7 @@ __all__ = [
     "gemm_block16",
     "gemm_packed",
     "copy_row",
+    "copy_block",
     "fetch_add",
     "load_transposed",
     "store_transposed",
@@ -455,6 +456,28 @@ def copy_row(typingctx, src, s_off, dst, d_off, n):
             mask = _lane_mask(builder, rest)
             v = _masked_load(builder, sty, builder.gep(s_ptr, [full]), mask)
             _masked_store(builder, dty, v, builder.gep(d_ptr, [full]), mask)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def copy_block(typingctx, src, s_off, s_stride, dst, d_off, d_stride, rows, cols):
+    """``dst[d_off + r*d_stride + c] = float(src[s_off + r*s_stride + c])`` for r < rows,
+    c < cols <= 16: one masked vector per row, the mask made once (a loop of :func:`copy_row`
+    calls measured ~40 cycles per 8-value row)."""
+    sig = types.void(src, s_off, s_stride, dst, d_off, d_stride, rows, cols)
+
+    def codegen(context, builder, signature, args):
+        src, s_off, s_stride, dst, d_off, d_stride, rows, cols = args
+        sty, dty = signature.args[0], signature.args[3]
+        s_ptr = builder.gep(_data(context, builder, sty, src), [s_off])
+        d_ptr = builder.gep(_data(context, builder, dty, dst), [d_off])
+        mask = _lane_mask(builder, cols)
+        with cgutils.for_range(builder, rows) as loop:
+            r = loop.index
+            v = _masked_load(builder, sty, builder.gep(s_ptr, [builder.mul(r, s_stride)]), mask)
+            _masked_store(builder, dty, v, builder.gep(d_ptr, [builder.mul(r, d_stride)]), mask)
         return context.get_dummy_value()
 
     return sig, codegen
