@@ -14,8 +14,8 @@ worker process of its own (fastconv float32, fastconv float16, NumPy float32, Py
 another library in the same process needs (see docs/kernels.md). The parent times one call of
 each worker in turn, product by product, round after round, sleeping ``--settle`` seconds
 before each call so that the previous worker's spinning threads have gone to sleep; each cell
-is the median over ``--rounds`` rounds, and every ratio is against NumPy in the same run. Small
-products are timed as a loop of calls lasting at least 20 ms.
+is the median over ``--rounds`` rounds, and every ratio is against NumPy in the same run. Each
+timing is a loop of the same number of calls for every implementation (20 ms at 50 GFLOP/s).
 """
 
 from __future__ import annotations
@@ -51,6 +51,13 @@ LAYERS = [
 ]
 PRODUCTS = ("forward", "dx", "dW")
 IMPLS = ("numpy", "fastconv float32", "fastconv float16", "torch")
+
+
+def _calls(M, K, N):
+    """Calls per timing, the same for every implementation: a loop of at least 20 ms at
+    50 GFLOP/s (a timing that depended on each implementation's own first call would time
+    one cold call for some and a warm loop for others)."""
+    return max(1, round(0.02 * 50e9 / (2.0 * M * K * N)))
 
 
 def product_shape(product, M, K, N):
@@ -120,7 +127,7 @@ def _serve(conn, impl):
             torch.set_num_threads(2)
         else:
             import fastconv.cpu  # noqa: F401  (threading layer before any parallel region)
-        calls, reps = {}, {}
+        calls = {}
         conn.send(("ok", _blas_info()))
         while True:
             cmd, arg = conn.recv()
@@ -128,14 +135,13 @@ def _serve(conn, impl):
                 return
             if cmd == "setup":
                 calls = _make_calls(impl, *arg)
-                for product, call in calls.items():  # warm up, and pick a loop length
+                for call in calls.values():  # warm up (compilation, first touch)
                     call()
-                    t0 = time.perf_counter()
                     call()
-                    reps[product] = max(1, int(0.02 / max(time.perf_counter() - t0, 1e-7)))
                 conn.send(("ok", None))
             elif cmd == "time":
-                call, n = calls[arg], reps[arg]
+                product, n = arg
+                call = calls[product]
                 t0 = time.perf_counter()
                 for _ in range(n):
                     call()
@@ -190,7 +196,7 @@ def run(layers, batches, impls, rounds, settle):
                     for p in PRODUCTS:
                         for w in workers:
                             time.sleep(settle)
-                            samples[(w.impl, p)].append(w.ask("time", p))
+                            samples[(w.impl, p)].append(w.ask("time", (p, _calls(M, K, N))))
                 for p in PRODUCTS:
                     r, k, c = product_shape(p, M, K, N)
                     flops = 2.0 * r * k * c
