@@ -155,7 +155,8 @@ class Kernels(abc.ABC):
     def gaussian_blur(self, fields, taps):
         """Separable blur of float32 planes with normalised ``taps``, zero outside."""
 
-    # --- optimizer updates: array expressions, which a backend may fuse --------------------
+    # --- optimizer updates: array expressions, which a backend may fuse ----------------------
+    # (the scalars are float32, prepared by fastconv.ops as the expressions round them)
 
     def adam_update(self, p, g, m, v, c1, c2, lr_t, eps):
         """In place: ``m += c1*(g - m);  v += c2*(g*g - v);  p -= lr_t*m / (sqrt(v) + eps)``
@@ -169,6 +170,29 @@ class Kernels(abc.ABC):
         v *= momentum
         v -= lr * g
         p += v
+
+    def sgd_update(self, p, g, lr):
+        """In place: ``p -= lr*g``."""
+        p -= lr * g
+
+    def nesterov_update(self, p, g, v, m, lr, mm, c):
+        """In place: ``v = m*v - lr*g;  p += mm*v;  p -= c*g`` (``mm = m*m``,
+        ``c = (1 + m)*lr``: the book's Nesterov form)."""
+        v *= m
+        v -= lr * g
+        p += mm * v
+        p -= c * g
+
+    def adagrad_update(self, p, g, h, lr, eps):
+        """In place: ``h += g*g;  p -= lr*g / (sqrt(h) + eps)``."""
+        h += g * g
+        p -= lr * g / (self.xp.sqrt(h) + eps)
+
+    def rmsprop_update(self, p, g, h, d, c, lr, eps):
+        """In place: ``h = d*h + c*g*g;  p -= lr*g / (sqrt(h) + eps)`` (``c = 1 - d``)."""
+        h *= d
+        h += c * g * g
+        p -= lr * g / (self.xp.sqrt(h) + eps)
 
 
 #: every op of the interface, in the order above

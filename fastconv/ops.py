@@ -625,3 +625,41 @@ def momentum_update(p, g, v, momentum, lr):
     dev = device_of(p)
     with dev.launch_guard():
         dev.kernels.momentum_update(p, g, v, np.float32(momentum), np.float32(lr))
+
+
+def sgd_update(p, g, lr):
+    """One SGD step in place: ``p -= lr*g`` (float32; fused on the CPU, bit-identical to the
+    array expression)."""
+    dev = device_of(p)
+    with dev.launch_guard():
+        dev.kernels.sgd_update(p, g, np.float32(lr))
+
+
+def nesterov_update(p, g, v, momentum, lr):
+    """One step of the book's Nesterov form in place: ``v = momentum*v - lr*g;
+    p += momentum*momentum*v - (1+momentum)*lr*g`` (float32; fused on the CPU, bit-identical
+    to the array expressions)."""
+    m, lr = np.float32(momentum), np.float32(lr)
+    mm, c = m * m, (1 + m) * lr  # float32 scalars, rounded as the expressions round them
+    dev = device_of(p)
+    with dev.launch_guard():
+        dev.kernels.nesterov_update(p, g, v, m, lr, mm, c)
+
+
+def adagrad_update(p, g, h, lr, eps):
+    """One AdaGrad step in place: ``h += g*g;  p -= lr*g / (sqrt(h) + eps)`` (float32; fused on
+    the CPU, bit-identical to the array expressions)."""
+    dev = device_of(p)
+    with dev.launch_guard():
+        dev.kernels.adagrad_update(p, g, h, np.float32(lr), np.float32(eps))
+
+
+def rmsprop_update(p, g, h, decay_rate, lr, eps):
+    """One RMSProp step in place: ``h = decay_rate*h + (1-decay_rate)*g*g;
+    p -= lr*g / (sqrt(h) + eps)`` (float32; fused on the CPU, bit-identical to the array
+    expressions)."""
+    d = np.float32(decay_rate)
+    c = 1 - d  # a float32 scalar, as in the expression
+    dev = device_of(p)
+    with dev.launch_guard():
+        dev.kernels.rmsprop_update(p, g, h, d, c, np.float32(lr), np.float32(eps))

@@ -94,5 +94,25 @@ class CpuKernels(Kernels):
             return super().momentum_update(p, g, v, momentum, lr)
         optim.momentum_update(p.reshape(-1), g.reshape(-1), v.reshape(-1), momentum, lr)
 
+    def sgd_update(self, p, g, lr):
+        if not fusable_update(p, g):
+            return super().sgd_update(p, g, lr)
+        optim.sgd_update(p.reshape(-1), g.reshape(-1), lr)
+
+    def nesterov_update(self, p, g, v, m, lr, mm, c):
+        if not fusable_update(p, g, v):
+            return super().nesterov_update(p, g, v, m, lr, mm, c)
+        optim.nesterov_update(p.reshape(-1), g.reshape(-1), v.reshape(-1), m, lr, mm, c)
+
+    def adagrad_update(self, p, g, h, lr, eps):
+        if not fusable_update(p, g, h):
+            return super().adagrad_update(p, g, h, lr, eps)
+        optim.adagrad_update(p.reshape(-1), g.reshape(-1), h.reshape(-1), lr, eps)
+
+    def rmsprop_update(self, p, g, h, d, c, lr, eps):
+        if not fusable_update(p, g, h):
+            return super().rmsprop_update(p, g, h, d, c, lr, eps)
+        optim.rmsprop_update(p.reshape(-1), g.reshape(-1), h.reshape(-1), d, c, lr, eps)
+
 
 KERNELS = CpuKernels()

@@ -29,6 +29,10 @@ __all__ = [
     "make_program",
     "gemm_block",
     "gemm_block16",
+    "gemm_packed",
+    "copy_row",
+    "copy_block",
+    "fetch_add",
     "load_transposed",
     "store_transposed",
 ]
@@ -254,6 +258,68 @@ def _gemm_block_codegen(nv):
     return codegen
 
 
+def _make_gemm_packed(mr, nv):
+    """The packed-operand micro-kernel for ``mr`` rows x ``nv * LANES`` columns."""
+
+    @intrinsic
+    def block(typingctx, ap, a_off, bp, b_off, k, c, c_off, ldc, accumulate):
+        sig = types.void(ap, a_off, bp, b_off, k, c, c_off, ldc, accumulate)
+        return sig, _gemm_packed_codegen(mr, nv)
+
+    return block
+
+
+def _gemm_packed_codegen(mr, nv):
+    nr = nv * LANES
+
+    def codegen(context, builder, signature, args):
+        ap, a_off, bp, b_off, k, c, c_off, ldc, accumulate = args
+        aty, bty, cty = signature.args[0], signature.args[2], signature.args[5]
+        a_ptr = builder.gep(_data(context, builder, aty, ap), [a_off])
+        b_ptr = builder.gep(_data(context, builder, bty, bp), [b_off])
+        c_ptr = _data(context, builder, cty, c)
+        fma = _function(builder, "llvm.fma.v16f32", _VTY, [_VTY] * 3)
+
+        def const(v):
+            return ir.Constant(_I64, v)
+
+        c_rows = [
+            builder.gep(c_ptr, [builder.add(c_off, builder.mul(const(r), ldc))]) for r in range(mr)
+        ]
+        acc = [[cgutils.alloca_once(builder, _VTY) for _ in range(nv)] for _ in range(mr)]
+        with builder.if_else(cgutils.as_bool_bit(builder, accumulate)) as (load_c, zero_c):
+            with load_c:
+                for r in range(mr):
+                    for j in range(nv):
+                        v = builder.load(_vector_at(builder, c_rows[r], const(j * LANES)), align=4)
+                        builder.store(v, acc[r][j])
+            with zero_c:
+                for r in range(mr):
+                    for j in range(nv):
+                        builder.store(ir.Constant(_VTY, None), acc[r][j])
+        with cgutils.for_range(builder, k) as loop:
+            kk = loop.index
+            b_row = builder.gep(b_ptr, [builder.mul(kk, const(nr))])
+            a_row = builder.gep(a_ptr, [builder.mul(kk, const(mr))])
+            bv = [
+                builder.load(_vector_at(builder, b_row, const(j * LANES)), align=4)
+                for j in range(nv)
+            ]
+            for r in range(mr):
+                av = _splat(builder, builder.load(builder.gep(a_row, [const(r)])))
+                for j in range(nv):
+                    builder.store(
+                        builder.call(fma, [av, bv[j], builder.load(acc[r][j])]), acc[r][j]
+                    )
+        for r in range(mr):
+            for j in range(nv):
+                p = _vector_at(builder, c_rows[r], const(j * LANES))
+                builder.store(builder.load(acc[r][j]), p, align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
 gemm_block = _make_gemm_block(NR // LANES)
 gemm_block.__doc__ = """C[MR x NR] (+)= A[MR x k] @ B[k x NR], float32, accumulated in registers.
 
@@ -265,6 +331,16 @@ guarantees that every row read or written holds NR values. Signature
 """
 gemm_block16 = _make_gemm_block(1)
 gemm_block16.__doc__ = "As :func:`gemm_block` for NR = LANES (16) columns."
+gemm_packed = _make_gemm_packed(MR, NR // LANES)
+gemm_packed.__doc__ = """C[MR x NR] (+)= A @ B from packed panels, float32 (registers).
+
+``A[r, kk]`` at ``ap[a_off + kk*MR + r]`` (an MR-row panel, column after column), ``B[kk, j]``
+at ``bp[b_off + kk*NR + j]`` (an NR-column panel, row after row), ``C`` row
+``r`` at ``c[c_off + r*ldc :][:NR]``. With ``accumulate`` C is loaded first and the chain goes
+on from it, so splitting k into blocks gives the same bits as one call: every element is the
+chain ``acc = fma(A[r, kk], B[kk, j], acc)`` over ascending ``kk``. Signature
+``gemm_packed(ap, a_off, bp, b_off, k, c, c_off, ldc, accumulate)``.
+"""
 
 
 # --- 16 x 16 transposes between image-major and image-innermost layouts -------------------------
@@ -341,6 +417,70 @@ def _masked_store(builder, aty, value, ptr, mask):
         [_VTY, _VTY.as_pointer(), _I32, _MASK],
     )
     builder.call(fn, [value, builder.bitcast(ptr, _VTY.as_pointer()), ir.Constant(_I32, 4), mask])
+
+
+@intrinsic
+def fetch_add(typingctx, counter, value):
+    """Atomically add ``value`` to ``counter[0]`` (an int64 array) and return the old value:
+    threads taking work items from a shared counter (dynamic scheduling)."""
+    sig = types.int64(counter, value)
+
+    def codegen(context, builder, signature, args):
+        counter, value = args
+        ptr = _data(context, builder, signature.args[0], counter)
+        return builder.atomic_rmw("add", ptr, value, "seq_cst")
+
+    return sig, codegen
+
+
+@intrinsic
+def copy_row(typingctx, src, s_off, dst, d_off, n):
+    """``dst[d_off + p] = float(src[s_off + p])`` for p < n: a float32 or half-bits (uint16)
+    source of any dimension (flat offsets into its data), a float32 destination. Whole
+    vectors, then one masked vector for the last ``n % 16`` values."""
+    sig = types.void(src, s_off, dst, d_off, n)
+
+    def codegen(context, builder, signature, args):
+        src, s_off, dst, d_off, n = args
+        sty, dty = signature.args[0], signature.args[2]
+        s_ptr = builder.gep(_data(context, builder, sty, src), [s_off])
+        d_ptr = builder.gep(_data(context, builder, dty, dst), [d_off])
+        lanes = ir.Constant(_I64, LANES)
+        full = builder.mul(builder.sdiv(n, lanes), lanes)
+        all_lanes = ir.Constant(_MASK, [1] * LANES)
+        with cgutils.for_range_slice(builder, ir.Constant(_I64, 0), full, lanes) as (pos, _):
+            v = _masked_load(builder, sty, builder.gep(s_ptr, [pos]), all_lanes)
+            builder.store(v, _vector_at(builder, d_ptr, pos), align=4)
+        rest = builder.sub(n, full)
+        with builder.if_then(builder.icmp_signed(">", rest, ir.Constant(_I64, 0))):
+            mask = _lane_mask(builder, rest)
+            v = _masked_load(builder, sty, builder.gep(s_ptr, [full]), mask)
+            _masked_store(builder, dty, v, builder.gep(d_ptr, [full]), mask)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def copy_block(typingctx, src, s_off, s_stride, dst, d_off, d_stride, rows, cols):
+    """``dst[d_off + r*d_stride + c] = float(src[s_off + r*s_stride + c])`` for r < rows,
+    c < cols <= 16: one masked vector per row, the mask made once (a loop of :func:`copy_row`
+    calls measured ~40 cycles per 8-value row)."""
+    sig = types.void(src, s_off, s_stride, dst, d_off, d_stride, rows, cols)
+
+    def codegen(context, builder, signature, args):
+        src, s_off, s_stride, dst, d_off, d_stride, rows, cols = args
+        sty, dty = signature.args[0], signature.args[3]
+        s_ptr = builder.gep(_data(context, builder, sty, src), [s_off])
+        d_ptr = builder.gep(_data(context, builder, dty, dst), [d_off])
+        mask = _lane_mask(builder, cols)
+        with cgutils.for_range(builder, rows) as loop:
+            r = loop.index
+            v = _masked_load(builder, sty, builder.gep(s_ptr, [builder.mul(r, s_stride)]), mask)
+            _masked_store(builder, dty, v, builder.gep(d_ptr, [builder.mul(r, d_stride)]), mask)
+        return context.get_dummy_value()
+
+    return sig, codegen
 
 
 @intrinsic

@@ -189,3 +189,80 @@ def test_fused_updates_fall_back_for_other_layouts_and_propagate_nan():
     g = np.array([1.0, np.nan, np.inf, -1.0], np.float32)
     ops.momentum_update(p, g, np.zeros(4, np.float32), 0.9, 0.1)
     assert np.isnan(p[1]) and np.isinf(p[2]) and np.isfinite(p[[0, 3]]).all()
+
+
+# The array expressions the optimizers ran before their fused kernels, copied verbatim (float32
+# scalars, the same operation order): the kernels must give the same bits.
+
+
+def _sgd_expressions(p, g, lr):
+    p -= np.float32(lr) * g
+
+
+def _nesterov_expressions(p, g, v, momentum, lr):
+    m, lr = np.float32(momentum), np.float32(lr)
+    v *= m
+    v -= lr * g
+    p += (m * m) * v
+    p -= ((1 + m) * lr) * g
+
+
+def _adagrad_expressions(p, g, h, lr, eps):
+    h += g * g
+    p -= np.float32(lr) * g / (np.sqrt(h) + np.float32(eps))
+
+
+def _rmsprop_expressions(p, g, h, decay_rate, lr, eps):
+    d = np.float32(decay_rate)
+    h *= d
+    h += (1 - d) * g * g
+    p -= np.float32(lr) * g / (np.sqrt(h) + np.float32(eps))
+
+
+_FUSED = {  # name: (fused op, expressions, number of state arrays, hyper-parameters)
+    "sgd": ("sgd_update", _sgd_expressions, 0, (0.01,)),
+    "nesterov": ("nesterov_update", _nesterov_expressions, 1, (0.9, 0.01)),
+    "adagrad": ("adagrad_update", _adagrad_expressions, 1, (0.01, 1e-7)),
+    "rmsprop": ("rmsprop_update", _rmsprop_expressions, 1, (0.99, 0.01, 1e-7)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_FUSED))
+@pytest.mark.parametrize("shape", [(0,), (1,), (7, 3), (64, 3, 5, 5), (100003,)])
+def test_fused_sgd_nesterov_adagrad_rmsprop_are_bit_identical(name, shape):
+    from fastconv import ops
+
+    op_name, expressions, n_state, hp = _FUSED[name]
+    rng = np.random.default_rng(3)
+    p0 = rng.standard_normal(shape).astype(np.float32)
+    state0 = [np.abs(rng.standard_normal(shape)).astype(np.float32) for _ in range(n_state)]
+    fused = [p0.copy(), *(s.copy() for s in state0)]
+    plain = [p0.copy(), *(s.copy() for s in state0)]
+    for _ in range(3):
+        # Gradients over many magnitudes, with NaN, inf and signed zeros where there is room.
+        g = (rng.standard_normal(shape) * 10.0 ** rng.integers(-6, 4, size=shape)).astype(
+            np.float32
+        )
+        specials = np.array([0.0, -0.0, np.inf, -np.inf, np.nan, 1e-30, 3e38], np.float32)
+        if g.size > 2 * specials.size:
+            g.flat[-specials.size :] = specials
+        with np.errstate(all="ignore"):  # inf * 0, inf / inf: NaN on purpose
+            getattr(ops, op_name)(fused[0], g, *fused[1:], *hp)
+            expressions(plain[0], g, *plain[1:], *hp)
+        for a, b in zip(fused, plain, strict=True):
+            # Bits, not values: NaN payloads and signed zeros included.
+            np.testing.assert_array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+@pytest.mark.parametrize("cls", [SGD, Nesterov, AdaGrad, RMSProp])
+def test_optimizer_steps_run_the_fused_updates(cls, monkeypatch):
+    from fastconv import ops
+
+    name = {"SGD": "sgd", "Nesterov": "nesterov", "AdaGrad": "adagrad", "RMSProp": "rmsprop"}
+    op_name = _FUSED[name[cls.__name__]][0]
+    calls = []
+    real = getattr(ops, op_name)
+    monkeypatch.setattr(ops, op_name, lambda *a: calls.append(1) or real(*a))
+    p = np.ones((3, 4), np.float32)
+    cls(lr=0.1).step([p], [np.full((3, 4), 0.5, np.float32)])
+    assert calls == [1]
