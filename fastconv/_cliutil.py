@@ -16,51 +16,31 @@ __all__ = [
 ]  # fmt: skip
 
 
-def positive_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
+def _number(convert, ok, expected: str, out_of_range: str | None = None):
+    """An argparse type: ``convert(text)`` if ``ok`` accepts it, else an ArgumentTypeError
+    saying what was expected (``out_of_range``: its wording for a number outside the range)."""
 
-def positive_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
-    if not value > 0 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text}")
-    return value
+    def parse(text):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+        if not ok(value):
+            shown = value if convert is int else text
+            raise argparse.ArgumentTypeError(f"expected {out_of_range or expected}, got {shown}")
+        return value
 
-def non_negative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
-    if not value >= 0 or not np.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text}")
-    return value
+    return parse
 
-def non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
-def seed(text):
-    """--seed: NumPy seeds are integers >= 0 (a negative one failed inside NumPy, mid-run)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer seed >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer seed >= 0, got {value}")
-    return value
+positive_int = _number(int, lambda v: v >= 1, "a positive integer")
+non_negative_int = _number(int, lambda v: v >= 0, "an integer >= 0")
+positive_float = _number(float, lambda v: v > 0 and np.isfinite(v), "a positive number")
+non_negative_float = _number(
+    float, lambda v: v >= 0 and np.isfinite(v), "a number >= 0", "a finite number >= 0"
+)
+#: --seed: NumPy seeds are integers >= 0 (a negative one failed inside NumPy, mid-run)
+seed = _number(int, lambda v: v >= 0, "an integer seed >= 0")
 
 
 def one_line(text: str) -> str:
