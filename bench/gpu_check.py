@@ -105,17 +105,20 @@ EPOCH_VS_TORCH_MAX = 1.0
 # (docs/mnist_book_curves.png, epoch 1); a wrong gradient or mask leaves it far lower.
 TEST_ACCURACY_MIN = 0.94
 
-# name, (C, H, W) input, filters, kernel, stride, pad: the deep MNIST net's convolutions.
-MNIST_CONVS = [
-    ("mnist conv1", (1, 28, 28), 16, 3, 1, 1),
-    ("mnist conv2", (16, 28, 28), 16, 3, 1, 1),
-    ("mnist conv3", (16, 14, 14), 32, 3, 1, 1),
-    ("mnist conv4", (32, 14, 14), 32, 3, 1, 2),
-    ("mnist conv5", (32, 8, 8), 64, 3, 1, 1),
-    ("mnist conv6", (64, 8, 8), 64, 3, 1, 1),
-]
-MNIST_POOLS = [("mnist pool1", (16, 28, 28)), ("mnist pool2", (32, 16, 16)),
-               ("mnist pool3", (64, 8, 8))]  # fmt: skip
+
+def _mnist_layers():
+    """The deep MNIST net's convolutions, ``(name, (C, H, W), filters, kernel, stride, pad)``,
+    and pools, ``(name, (C, H, W))``: read from ``deep_mnist_net()`` (:mod:`bench.common`), as
+    every benchmark reads them (when a section runs: importing fastconv costs a second)."""
+    from bench.common import deep_mnist_layers
+
+    layers = deep_mnist_layers()
+    convs = [(f"mnist {m.name}", (m.C, m.H, m.H), m.F, 3, 1, m.pad)
+             for m in layers if m.kind == "conv"]  # fmt: skip
+    pools = [(f"mnist {m.name}", (m.C, m.H, m.H)) for m in layers if m.kind == "pool"]
+    return convs, pools
+
+
 # ResNet-18/34 layers at ImageNet resolution (batch IMAGENET_BATCH).
 IMAGENET_CONVS = [
     ("resnet stem 7x7/2", (3, 224, 224), 64, 7, 2, 3),
@@ -895,8 +898,9 @@ def layers(c: Ctx) -> dict:
     imagenet_batch = 1 if c.dry else IMAGENET_BATCH
     # PyTorch's CPU convolutions do not take half: a dry run checks the float32 flow only.
     dtypes = ("float32",) if c.dry else DTYPES
-    plan = [("conv", layer, mnist_batch) for layer in MNIST_CONVS]
-    plan += [("pool", layer, mnist_batch) for layer in MNIST_POOLS]
+    mnist_convs, mnist_pools = _mnist_layers()
+    plan = [("conv", layer, mnist_batch) for layer in mnist_convs]
+    plan += [("pool", layer, mnist_batch) for layer in mnist_pools]
     plan += [("conv", layer, imagenet_batch) for layer in IMAGENET_CONVS]
     plan += [("imagenet pool", ("resnet maxpool 3x3/2", (64, 112, 112)), imagenet_batch)]
     for dtype in dtypes:

@@ -51,9 +51,6 @@ class Device:
     def full(self, shape, value, dtype):
         return self.xp.full(shape, value, dtype=dtype)
 
-    def empty(self, shape, dtype):
-        return self.xp.empty(shape, dtype=dtype)
-
     def asarray(self, a, dtype=None):
         """``a`` on this device (copied there from the other one if needed), in ``dtype``
         when given; no copy when it is already there in that dtype."""
@@ -84,7 +81,7 @@ class _Cpu(Device):
 
         return launch_guard()
 
-    def ascontiguous(self, a):
+    def ascontiguous(self, a):  # every op calls it: NumPy directly, not through xp
         return np.ascontiguousarray(a)
 
     def asarray(self, a, dtype=None):
@@ -106,9 +103,6 @@ class _Gpu(Device):
         from . import gpu
 
         return gpu.kernels()
-
-    def ascontiguous(self, a):
-        return self.kernels.ascontiguous(a)
 
     def asarray(self, a, dtype=None):
         if not is_cupy_array(a):
