@@ -417,14 +417,16 @@ class Trainer:
                 raise ValueError("validation_data must be a pair (x_val, y_val)")
             xv = self._prepare_x(validation_data[0], "validation_data[0]")
             val = (xv, self._labels(validation_data[1], xv.shape[0], "validation_data[1]"))
-        named = [(x, "x"), (y, "y")]
+        inputs, targets = [(x, "x")], [(y, "y")]
         if val is not None:
-            named += [(val[0], "validation_data[0]"), (val[1], "validation_data[1]")]
+            inputs.append((val[0], "validation_data[0]"))
+            targets.append((val[1], "validation_data[1]"))
         if check_finite:
             # Targets too: a NaN in one-hot, BCE or MSE targets trains the weights into NaN.
-            for a, name in named:
-                self._check_finite(a, name)
-        for a, name in named[::2]:  # the inputs
+            for pair in zip(inputs, targets, strict=True):  # x, y, then the validation pair
+                for a, name in pair:
+                    self._check_finite(a, name)
+        for a, name in inputs:
             self._check_range(a, name)
         data.check_transform(augment)
         if isinstance(callbacks, Callback) or not isinstance(callbacks, (list, tuple)):
