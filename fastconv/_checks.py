@@ -484,44 +484,38 @@ def validate_dense_backward(dy, x, w, need_dx) -> DenseGeometry:
     return g
 
 
-def validate_relu(x) -> None:
-    check_array(x, "x")
+# --- elementwise ops: any shape; what an elementwise op composes its validation from ----------
 
 
-def validate_relu_backward(dy, y, out, y_name: str = "y") -> None:
-    """dy, the forward's ``y`` (or ``x``: ``y_name``) alike; ``out`` alike, C-contiguous and
-    sharing memory with neither."""
+def validate_elementwise(x, name: str = "x") -> None:
+    """Any shape, a float32/float16 array."""
+    check_array(x, name)
+
+
+def validate_elementwise_backward(dy, saved, out, saved_name: str) -> None:
+    """``dy`` and the array the forward saved (its ``y`` or ``x``: ``saved_name``) alike;
+    ``out`` alike, C-contiguous and sharing memory with neither."""
     check_array(dy, "dy")
-    _check_like("dy", dy, **{y_name: y})
+    _check_like("dy", dy, **{saved_name: saved})
     if out is None:
         return
     _check_like("dy", dy, out=out)
     if not out.flags.c_contiguous:
         raise ValueError("out must be C-contiguous")
-    for name, a in (("dy", dy), (y_name, y)):
+    for name, a in (("dy", dy), (saved_name, saved)):
         if _may_overlap(out, a):
             raise ValueError(f"out must not share memory with {name}")
 
 
-def check_slope(alpha) -> np.float32:
-    """A leaky ReLU's negative slope: a real number, finite in float32 (the kernels' type)."""
-    if isinstance(alpha, (bool, np.bool_)) or not isinstance(alpha, numbers.Real):
-        raise TypeError(f"alpha must be a real number, got {_type_name(alpha)}")
+def as_finite_float32(value, name: str) -> np.float32:
+    """A real scalar (a slope, a clip bound...), finite in float32, the kernels' type."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {_type_name(value)}")
     with np.errstate(over="ignore"):
-        value = np.float32(alpha)
-    if not np.isfinite(value):
-        raise ValueError(f"alpha must be finite in float32, got {alpha!r}")
-    return value
-
-
-def validate_leaky_relu(x, alpha) -> np.float32:
-    check_array(x, "x")
-    return check_slope(alpha)
-
-
-def validate_leaky_relu_backward(dy, x, alpha, out) -> np.float32:
-    validate_relu_backward(dy, x, out, y_name="x")
-    return check_slope(alpha)
+        result = np.float32(value)
+    if not np.isfinite(result):
+        raise ValueError(f"{name} must be finite in float32, got {value!r}")
+    return result
 
 
 def _memory_bounds(a):

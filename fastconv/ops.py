@@ -5,6 +5,9 @@ its arrays (:func:`fastconv.device.device_of`: NumPy -> CPU, CuPy -> GPU) and ca
 that device's kernel set (the :class:`fastconv.kernels.Kernels` interface) with C-contiguous
 arrays and the validated geometry. This module is the only caller of a kernel set, so
 validation cannot be skipped on the way to a kernel that does no bounds checks.
+
+It is also the op table: each function marked ``@kernel_op`` is an op every backend
+implements, by a method of the same name (:data:`fastconv.kernels.OPS`).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import numpy as np
 
 from . import _checks as chk
 from .device import CPU, device_of
+from .kernels import kernel_op
 
 __all__ = [
     "im2col",
@@ -64,6 +68,7 @@ def _contiguous(dev, *arrays):
 # kernel on nothing.
 
 
+@kernel_op
 def im2col(x, kh, kw, stride=1, pad=0):
     """Unfold sliding windows into a matrix.
 
@@ -87,6 +92,7 @@ def im2col(x, kh, kw, stride=1, pad=0):
     return _launch(dev, dev.kernels.im2col, x, g)
 
 
+@kernel_op
 def col2im(cols, x_shape, kh, kw, stride=1, pad=0):
     """Adjoint of :func:`im2col`: sum every column entry back into its image pixel.
 
@@ -120,6 +126,7 @@ def _conv_algorithm(algorithm, g, dev):
     return {"algorithm": name}
 
 
+@kernel_op
 def conv2d(x, w, b=None, stride=1, pad=0, activation=None, algorithm=None):
     """2-D cross-correlation (the deep-learning "convolution").
 
@@ -152,6 +159,7 @@ def conv2d(x, w, b=None, stride=1, pad=0, activation=None, algorithm=None):
     return _launch(dev, dev.kernels.conv2d, x, w, b, g, activation, **choice)
 
 
+@kernel_op
 def conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True, algorithm=None):
     """Gradients of :func:`conv2d` (without activation).
 
@@ -232,6 +240,7 @@ def clear_conv_algorithm_choices():
     _select.clear()
 
 
+@kernel_op
 def max_pool2d(x, size=2, stride=None, pad=0, ceil_mode=False):
     """Max pooling; ``stride`` defaults to ``size`` and padding never wins the max.
 
@@ -250,6 +259,7 @@ def max_pool2d(x, size=2, stride=None, pad=0, ceil_mode=False):
     return _launch(dev, dev.kernels.max_pool2d, x, g)
 
 
+@kernel_op
 def max_pool2d_backward(dy, x, size=2, stride=None, pad=0, ceil_mode=False):
     """Gradient of :func:`max_pool2d`, sent to the first maximum of each window (as PyTorch)."""
     g = chk.validate_max_pool_backward(dy, x, size, stride, pad, ceil_mode)
@@ -260,6 +270,7 @@ def max_pool2d_backward(dy, x, size=2, stride=None, pad=0, ceil_mode=False):
     return _launch(dev, dev.kernels.max_pool2d_backward, dy, x, g)
 
 
+@kernel_op
 def avg_pool2d(x, size=2, stride=None, pad=0, ceil_mode=False):
     """Average pooling; zero padding counts in the divisor (PyTorch's default).
 
@@ -273,6 +284,7 @@ def avg_pool2d(x, size=2, stride=None, pad=0, ceil_mode=False):
     return _launch(dev, dev.kernels.avg_pool2d, x, g)
 
 
+@kernel_op
 def avg_pool2d_backward(dy, x_shape, size=2, stride=None, pad=0, ceil_mode=False):
     """Gradient of :func:`avg_pool2d` with respect to an input of shape ``x_shape``."""
     g = chk.validate_avg_pool_backward(dy, x_shape, size, stride, pad, ceil_mode)
@@ -286,6 +298,7 @@ def avg_pool2d_backward(dy, x_shape, size=2, stride=None, pad=0, ceil_mode=False
 # --- batch normalisation ------------------------------------------------------------------------
 
 
+@kernel_op
 def batch_norm_forward(x, gamma, beta, eps=1e-5, activation=None):
     """Batch normalisation in training mode, with the batch's own statistics.
 
@@ -322,6 +335,7 @@ def batch_norm_forward(x, gamma, beta, eps=1e-5, activation=None):
     return _launch(dev, dev.kernels.batch_norm_forward, x, gamma, beta, g, eps, relu)
 
 
+@kernel_op
 def batch_norm_inference(x, gamma, beta, mean, var, eps=1e-5, activation=None):
     """Batch normalisation with given statistics: ``gamma*(x - mean)/sqrt(var + eps) + beta``.
 
@@ -337,6 +351,7 @@ def batch_norm_inference(x, gamma, beta, mean, var, eps=1e-5, activation=None):
     return _launch(dev, dev.kernels.batch_norm_inference, x, gamma, beta, mean, var, g, eps, relu)
 
 
+@kernel_op
 def batch_norm_backward(dy, x, gamma, mean, var, eps=1e-5, y=None):
     """Gradients of :func:`batch_norm_forward` (training mode).
 
@@ -364,6 +379,7 @@ def batch_norm_backward(dy, x, gamma, mean, var, eps=1e-5, y=None):
     return _launch(dev, dev.kernels.batch_norm_backward, dy, x, gamma, mean, var, g, eps, y)
 
 
+@kernel_op
 def batch_norm_inference_backward(dy, gamma, var, eps=1e-5, y=None):
     """dx of :func:`batch_norm_inference` (a frozen BatchNorm layer): ``dy*gamma/sqrt(var+eps)``,
     with ``dy`` masked by ``y > 0`` when the forward fused a ReLU and ``y`` is given."""
@@ -404,6 +420,7 @@ def fold_batch_norm(w, b, gamma, beta, mean, var, eps=1e-5):
 # --- global average pooling ----------------------------------------------------------------------
 
 
+@kernel_op
 def global_avg_pool2d(x):
     """Mean of each channel plane: (N, C, H, W) -> (N, C), any H, W >= 1, x's dtype."""
     g = chk.validate_global_avg_pool(x)
@@ -414,6 +431,7 @@ def global_avg_pool2d(x):
     return _launch(dev, dev.kernels.global_avg_pool2d, x, g)
 
 
+@kernel_op
 def global_avg_pool2d_backward(dy, x_shape):
     """Gradient of :func:`global_avg_pool2d`: (N, C) -> ``x_shape``, every pixel ``dy/(H*W)``."""
     g = chk.validate_global_avg_pool_backward(dy, x_shape)
@@ -427,6 +445,7 @@ def global_avg_pool2d_backward(dy, x_shape):
 # --- dense and ReLU -------------------------------------------------------------------------------
 
 
+@kernel_op
 def dense(x, w, b=None, activation=None):
     """Fully connected layer ``act(x @ w + b)``.
 
@@ -449,6 +468,7 @@ def dense(x, w, b=None, activation=None):
     return _launch(dev, dev.kernels.dense, x, w, b, g, activation == "relu")
 
 
+@kernel_op
 def dense_backward(dy, x, w, need_dx=True):
     """Gradients of :func:`dense` (without activation).
 
@@ -467,9 +487,10 @@ def dense_backward(dy, x, w, need_dx=True):
     return _launch(dev, dev.kernels.dense_backward, dy, x, w, g, need_dx=bool(need_dx))
 
 
+@kernel_op
 def relu(x):
     """``max(x, 0)`` for any shape; NaN propagates. Returns a new array of x's dtype."""
-    chk.validate_relu(x)
+    chk.validate_elementwise(x)
     dev = device_of(x)
     if x.size == 0:
         return dev.zeros(x.shape, x.dtype)
@@ -477,13 +498,14 @@ def relu(x):
     return _launch(dev, dev.kernels.relu, x)
 
 
+@kernel_op
 def relu_backward(dy, y, out=None):
     """ReLU gradient seen through its output: ``dy * (y > 0)``.
 
     ``out``: optional C-contiguous array of dy's shape and dtype (not ``dy`` or ``y``) to
     write into, e.g. a buffer reused from step to step; it is returned.
     """
-    chk.validate_relu_backward(dy, y, out)
+    chk.validate_elementwise_backward(dy, y, out, "y")
     dev = device_of(dy)
     if dy.size == 0:
         return out if out is not None else dev.zeros(dy.shape, dy.dtype)
@@ -491,11 +513,13 @@ def relu_backward(dy, y, out=None):
     return _launch(dev, dev.kernels.relu_backward, dy, y, out)
 
 
+@kernel_op
 def leaky_relu(x, alpha=0.01):
     """``x`` where ``x > 0``, else ``alpha * x``, for any shape (NaN propagates; float16
     multiplies in float32). ``alpha`` defaults to PyTorch's 0.01 (``nn.LeakyReLU``'s default
     is Keras's 0.3). Returns a new array of x's dtype."""
-    alpha = chk.validate_leaky_relu(x, alpha)
+    chk.validate_elementwise(x)
+    alpha = chk.as_finite_float32(alpha, "alpha")
     dev = device_of(x)
     if x.size == 0:
         return dev.zeros(x.shape, x.dtype)
@@ -503,10 +527,12 @@ def leaky_relu(x, alpha=0.01):
     return _launch(dev, dev.kernels.leaky_relu, x, alpha)
 
 
+@kernel_op
 def leaky_relu_backward(dy, x, alpha=0.01, out=None):
     """Gradient of :func:`leaky_relu` through its input: ``dy`` where ``x > 0``, else
     ``alpha * dy``; ``out`` as for :func:`relu_backward`."""
-    alpha = chk.validate_leaky_relu_backward(dy, x, alpha, out)
+    chk.validate_elementwise_backward(dy, x, out, "x")
+    alpha = chk.as_finite_float32(alpha, "alpha")
     dev = device_of(dy)
     if dy.size == 0:
         return out if out is not None else dev.zeros(dy.shape, dy.dtype)
@@ -517,6 +543,7 @@ def leaky_relu_backward(dy, x, alpha=0.01, out=None):
 # --- augmentation ------------------------------------------------------------------------------
 
 
+@kernel_op
 def warp_bilinear(x, theta, flow=None, out_size=None):
     """Resample each image through its own affine map (and displacement field), bilinearly.
 
@@ -555,6 +582,7 @@ def gaussian_taps(sigma: float, truncate: float = 3.0) -> np.ndarray:
     return (taps / taps.sum()).astype(np.float32)
 
 
+@kernel_op
 def gaussian_blur(fields, sigma):
     """Separable Gaussian blur of float32 planes ``fields`` (P, H, W), zero outside each plane
     (``scipy.ndimage.gaussian_filter(mode="constant", truncate=3)`` per plane)."""

@@ -22,19 +22,14 @@ from .._checks import CONV_ALGORITHMS
 from ..kernels import Kernels, fusable_update
 from . import optim
 from ._workspace import launch_guard
-from .activation import leaky_relu, leaky_relu_backward, relu, relu_backward
-from .augment import gaussian_blur, warp_bilinear
-from .batchnorm import (
-    batch_norm_backward,
-    batch_norm_forward,
-    batch_norm_inference,
-    batch_norm_inference_backward,
-)
-from .conv import conv2d, conv2d_backward
-from .dense import dense_backward, dense_forward
-from .global_pool import global_avg_pool2d, global_avg_pool2d_backward
-from .im2col import col2im, im2col
-from .pool import avg_pool2d, avg_pool2d_backward, max_pool2d, max_pool2d_backward
+from .activation import ActivationKernels
+from .augment import AugmentKernels
+from .batchnorm import BatchNormKernels
+from .conv import ConvKernels
+from .dense import DenseKernels
+from .global_pool import GlobalPoolKernels
+from .im2col import UnfoldKernels
+from .pool import PoolKernels
 
 
 def _choose_threading_layer() -> None:
@@ -54,32 +49,22 @@ _choose_threading_layer()
 __all__ = ["KERNELS", "CpuKernels", "launch_guard"]
 
 
-class CpuKernels(Kernels):
-    """The Numba kernels as the :class:`~fastconv.kernels.Kernels` interface: one line an op."""
+class CpuKernels(
+    UnfoldKernels,
+    ConvKernels,
+    PoolKernels,
+    BatchNormKernels,
+    GlobalPoolKernels,
+    DenseKernels,
+    ActivationKernels,
+    AugmentKernels,
+    Kernels,
+):
+    """The Numba kernels as the :class:`~fastconv.kernels.Kernels` interface. Each kernel
+    module declares its ops in a small class next to the kernels (``ActivationKernels`` in
+    :mod:`.activation`...), so an op added to a module needs no line here."""
 
     conv_algorithms = CONV_ALGORITHMS
-    im2col = staticmethod(im2col)
-    col2im = staticmethod(col2im)
-    conv2d = staticmethod(conv2d)
-    conv2d_backward = staticmethod(conv2d_backward)
-    max_pool2d = staticmethod(max_pool2d)
-    max_pool2d_backward = staticmethod(max_pool2d_backward)
-    avg_pool2d = staticmethod(avg_pool2d)
-    avg_pool2d_backward = staticmethod(avg_pool2d_backward)
-    batch_norm_forward = staticmethod(batch_norm_forward)
-    batch_norm_inference = staticmethod(batch_norm_inference)
-    batch_norm_backward = staticmethod(batch_norm_backward)
-    batch_norm_inference_backward = staticmethod(batch_norm_inference_backward)
-    global_avg_pool2d = staticmethod(global_avg_pool2d)
-    global_avg_pool2d_backward = staticmethod(global_avg_pool2d_backward)
-    dense = staticmethod(dense_forward)
-    dense_backward = staticmethod(dense_backward)
-    relu = staticmethod(relu)
-    relu_backward = staticmethod(relu_backward)
-    leaky_relu = staticmethod(leaky_relu)
-    leaky_relu_backward = staticmethod(leaky_relu_backward)
-    warp_bilinear = staticmethod(warp_bilinear)
-    gaussian_blur = staticmethod(gaussian_blur)
 
     # One fused parallel pass each (fastconv.cpu.optim), bit-identical to the base class's
     # array expressions, which still serve arrays the fused kernels do not take.

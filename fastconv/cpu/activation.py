@@ -146,3 +146,13 @@ def leaky_relu_backward(dy, x, alpha, out=None):
     else:
         _leaky_grad(*flat, alpha, _chunk(dy.size))
     return out
+
+
+class ActivationKernels:
+    """This module's ops as methods of the CPU kernel set (:class:`fastconv.cpu.CpuKernels`
+    inherits them): adding an op here registers it there."""
+
+    relu = staticmethod(relu)
+    relu_backward = staticmethod(relu_backward)
+    leaky_relu = staticmethod(leaky_relu)
+    leaky_relu_backward = staticmethod(leaky_relu_backward)

@@ -126,3 +126,11 @@ def gaussian_blur(fields, taps):
     _blur_axis(fields, tmp, taps, 1)
     _blur_axis(tmp, out, taps, 0)
     return out
+
+
+class AugmentKernels:
+    """This module's ops as methods of the CPU kernel set (:class:`fastconv.cpu.CpuKernels`
+    inherits them): adding an op here registers it there."""
+
+    warp_bilinear = staticmethod(warp_bilinear)
+    gaussian_blur = staticmethod(gaussian_blur)

@@ -416,3 +416,13 @@ def batch_norm_inference_backward(dy, gamma, var, g, eps, y):
     else:
         _scale_grad(dyv, yv, y is not None, scale, _rows(dx, g), _row_block(g))
     return dx
+
+
+class BatchNormKernels:
+    """This module's ops as methods of the CPU kernel set (:class:`fastconv.cpu.CpuKernels`
+    inherits them): adding an op here registers it there."""
+
+    batch_norm_forward = staticmethod(batch_norm_forward)
+    batch_norm_inference = staticmethod(batch_norm_inference)
+    batch_norm_backward = staticmethod(batch_norm_backward)
+    batch_norm_inference_backward = staticmethod(batch_norm_inference_backward)

@@ -305,3 +305,11 @@ def conv2d_backward(dy, x, w, g, need_dx=True, algorithm=None):
         out, fell_back = _backward_with(name, dy, x, w, g, need_dx)
     _select.record(pass_, x.dtype, g, F, name, source, fell_back)
     return out
+
+
+class ConvKernels:
+    """This module's ops as methods of the CPU kernel set (:class:`fastconv.cpu.CpuKernels`
+    inherits them): adding an op here registers it there."""
+
+    conv2d = staticmethod(conv2d)
+    conv2d_backward = staticmethod(conv2d_backward)

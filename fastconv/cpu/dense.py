@@ -52,3 +52,11 @@ def dense_backward(dy, x, w, g, need_dx=True):
         return None, dw, db
     dx = matmul(dy, w, np.empty((g.N, g.K), dtype=x.dtype), trans_b=True)
     return dx, dw, db
+
+
+class DenseKernels:
+    """This module's ops as methods of the CPU kernel set (:class:`fastconv.cpu.CpuKernels`
+    inherits them): adding an op here registers it there."""
+
+    dense = staticmethod(dense_forward)
+    dense_backward = staticmethod(dense_backward)

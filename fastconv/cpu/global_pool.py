@@ -83,3 +83,11 @@ def global_avg_pool2d_backward(dy, g):
     else:
         _backward(dyv, dxv, _rows_per_task(g))
     return dx
+
+
+class GlobalPoolKernels:
+    """This module's ops as methods of the CPU kernel set (:class:`fastconv.cpu.CpuKernels`
+    inherits them): adding an op here registers it there."""
+
+    global_avg_pool2d = staticmethod(global_avg_pool2d)
+    global_avg_pool2d_backward = staticmethod(global_avg_pool2d_backward)

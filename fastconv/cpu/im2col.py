@@ -82,3 +82,11 @@ def col2im(cols, g):
     out = np.empty(g.x_shape, dtype=cols.dtype)
     _col2im_kernel(bits_view(cols), bits_view(out), g)
     return out
+
+
+class UnfoldKernels:
+    """This module's ops as methods of the CPU kernel set (:class:`fastconv.cpu.CpuKernels`
+    inherits them): adding an op here registers it there."""
+
+    im2col = staticmethod(im2col)
+    col2im = staticmethod(col2im)

@@ -330,3 +330,13 @@ def avg_pool2d_backward(dy, g):
     dx = np.empty((g.N * g.C, g.H, g.W), dtype=dyp.dtype)
     _avg_backward(dyp, dx, *_window_args(g))
     return from_bits(dx, dy.dtype).reshape(g.x_shape)
+
+
+class PoolKernels:
+    """This module's ops as methods of the CPU kernel set (:class:`fastconv.cpu.CpuKernels`
+    inherits them): adding an op here registers it there."""
+
+    max_pool2d = staticmethod(max_pool2d)
+    max_pool2d_backward = staticmethod(max_pool2d_backward)
+    avg_pool2d = staticmethod(avg_pool2d)
+    avg_pool2d_backward = staticmethod(avg_pool2d_backward)

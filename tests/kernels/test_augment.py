@@ -14,10 +14,12 @@ import threading
 import time
 
 import numpy as np
+import op_cases
 import pytest
 
 from fastconv import augment as A
 from fastconv import ops
+from fastconv import reference as ref
 from fastconv.nn.data import BackgroundBatches, augmented_batches
 
 DTYPES = (np.float32, np.float16)
@@ -412,3 +414,30 @@ def test_gpu_augmentation_matches_the_cpu(rng, dtype):
     xs = np.ascontiguousarray(x[..., :10, :10])
     np.testing.assert_array_equal(cupy.asnumpy(A.affine(cupy.asarray(xs), rotation=90)),
                                   np.rot90(xs, 1, axes=(2, 3)))  # fmt: skip
+
+
+# --- conformance cases (tests/kernels/op_cases.py; run by test_kernel_interface.py) -------------
+
+
+def _warp_inputs(rng, dt, n):
+    theta = np.array([[0.9, 0.2, 0.3], [-0.1, 1.1, -0.4]]) + 0 * op_cases.normal(
+        rng, (n, 1, 1), np.float32
+    )
+    return op_cases.normal(rng, (n, 2, 6, 8), dt), theta.astype(np.float32)
+
+
+op_cases.register(
+    "warp_bilinear",
+    lambda x, t: ops.warp_bilinear(x, t, out_size=(5, 7)),
+    lambda x, t: ref.warp_bilinear(x, t, None, (5, 7)),
+    _warp_inputs,
+    terms=4,
+)
+op_cases.register(
+    "gaussian_blur",
+    lambda f: ops.gaussian_blur(f, 1.2),
+    lambda f: ref.gaussian_blur(f, ops.gaussian_taps(1.2)),
+    # displacement fields: float32 whatever the model's dtype (half planes are refused)
+    lambda rng, dt, n: (op_cases.normal(rng, (n, 6, 7), np.float32),),
+    terms=98,
+)

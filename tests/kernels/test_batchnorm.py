@@ -4,6 +4,7 @@ gradients and closed forms; edge cases, NaN, determinism, validation and folding
 from __future__ import annotations
 
 import numpy as np
+import op_cases
 import pytest
 from _gradcheck import numeric_directional
 from conftest import assert_close
@@ -382,3 +383,52 @@ def _bad_calls():
 def test_bad_arguments_are_named(call, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call()
+
+
+# --- conformance cases (tests/kernels/op_cases.py; run by test_kernel_interface.py) -------------
+
+
+def _bn_inputs(rng, dtype, n):
+    r = op_cases.normal
+    x = r(rng, (n, 3, 4, 5), dtype)
+    gamma, beta = r(rng, (3,), dtype), r(rng, (3,), dtype)
+    mean, var = r(rng, (3,), np.float32), np.abs(r(rng, (3,), np.float32)) + 0.5
+    return x, gamma, beta, mean, var
+
+
+def _bn_batch_inputs(rng, dtype, n):
+    """As _bn_inputs, with the batch's own statistics (what the training backward takes)."""
+    x, gamma, beta, _, _ = _bn_inputs(rng, dtype, n)
+    x64 = x.astype(np.float64)
+    mean, var = x64.mean(axis=(0, 2, 3)), x64.var(axis=(0, 2, 3))
+    return x, gamma, beta, mean.astype(np.float32), var.astype(np.float32)
+
+
+op_cases.register(
+    "batch_norm_forward",
+    lambda x, ga, be, m, v: fc.batch_norm_forward(x, ga, be, activation="relu"),
+    lambda x, ga, be, m, v: ref.batch_norm_forward(x, ga, be, 1e-5, "relu"),
+    _bn_inputs,
+    terms=100,
+)
+op_cases.register(
+    "batch_norm_inference",
+    lambda x, ga, be, m, v: fc.batch_norm_inference(x, ga, be, m, v, activation="relu"),
+    lambda x, ga, be, m, v: ref.batch_norm_inference(x, ga, be, m, v, 1e-5, "relu"),
+    _bn_inputs,
+    terms=4,
+)
+op_cases.register(
+    "batch_norm_backward",
+    lambda x, ga, be, m, v: fc.batch_norm_backward(x[::-1].copy(), x, ga, m, v),
+    lambda x, ga, be, m, v: ref.batch_norm_backward(x[::-1].copy(), x, ga, m, v),
+    _bn_batch_inputs,
+    terms=100,
+)
+op_cases.register(
+    "batch_norm_inference_backward",
+    lambda x, ga, be, m, v: fc.batch_norm_inference_backward(x, ga, v, y=x[::-1].copy()),
+    lambda x, ga, be, m, v: ref.batch_norm_inference_backward(x, ga, v, y=x[::-1].copy()),
+    _bn_inputs,
+    terms=4,
+)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import numba
 import numpy as np
+import op_cases
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -479,3 +480,40 @@ def test_empty_dimensions(x_shape, w_shape, dtype):
         np.testing.assert_allclose(
             got, exact, rtol=1e-2, atol=1e-2 * (np.abs(exact).max(initial=0) + 1)
         )
+
+
+# --- conformance cases (tests/kernels/op_cases.py; run by test_kernel_interface.py) -------------
+
+
+def _conv_inputs(rng, dtype, n):
+    r = op_cases.normal
+    return r(rng, (n, 3, 7, 6), dtype), r(rng, (4, 3, 3, 3), dtype), r(rng, (4,), dtype)
+
+
+op_cases.register(
+    "im2col",
+    lambda x: fc.im2col(x, 3, 3, 2, 1),
+    lambda x: ref.im2col(x, 3, 3, 2, 1),
+    lambda rng, dt, n: (op_cases.normal(rng, (n, 2, 7, 6), dt),),
+)
+op_cases.register(
+    "col2im",
+    lambda c: fc.col2im(c, (c.shape[0] // 12, 2, 7, 6), 3, 3, 2, 1),
+    lambda c: ref.col2im(c, (c.shape[0] // 12, 2, 7, 6), 3, 3, 2, 1),
+    lambda rng, dt, n: (op_cases.normal(rng, (n * 12, 18), dt),),
+    terms=4,
+)
+op_cases.register(
+    "conv2d",
+    lambda x, w, b: fc.conv2d(x, w, b, 1, 1, "relu"),
+    lambda x, w, b: ref.conv2d(x, w, b, 1, 1, "relu"),
+    _conv_inputs,
+    terms=27,
+)
+op_cases.register(
+    "conv2d_backward",
+    lambda dy, x, w: fc.conv2d_backward(dy, x, w, 1, 1),
+    lambda dy, x, w: ref.conv2d_backward(dy, x, w, 1, 1),
+    lambda rng, dt, n: (op_cases.normal(rng, (n, 4, 7, 6), dt), *_conv_inputs(rng, dt, n)[:2]),
+    terms=200,
+)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import op_cases
 import pytest
 from conftest import assert_close
 
@@ -191,3 +192,43 @@ def _bad_calls():
 def test_bad_arguments_are_named(call, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call()
+
+
+# --- conformance cases (tests/kernels/op_cases.py; run by test_kernel_interface.py) -------------
+
+
+def _dense_inputs(rng, dt, n, out_first=False):
+    r = op_cases.normal
+    first = r(rng, (n, 7 if out_first else 13), dt)
+    return first, *((r(rng, (n, 13), dt),) if out_first else ()), r(rng, (13, 7), dt)
+
+
+op_cases.register(
+    "dense",
+    lambda x, w, b: fc.dense(x, w, b, "relu"),
+    lambda x, w, b: ref.dense(x, w, b, "relu"),
+    lambda rng, dt, n: (*_dense_inputs(rng, dt, n), op_cases.normal(rng, (7,), dt)),
+    terms=13,
+)
+op_cases.register(
+    "dense_backward",
+    fc.dense_backward,
+    ref.dense_backward,
+    lambda rng, dt, n: _dense_inputs(rng, dt, n, out_first=True),
+    terms=13,
+)
+op_cases.register(
+    "relu",
+    fc.relu,
+    ref.relu,
+    lambda rng, dt, n: (op_cases.normal(rng, (n, 3, 4, 4), dt),),
+    any_rank=True,
+)
+op_cases.register(
+    "relu_backward",
+    fc.relu_backward,
+    ref.relu_backward,
+    lambda rng, dt, n: tuple(op_cases.normal(rng, (n, 3, 4, 4), dt) for _ in range(2)),
+    refusals=[(lambda dy, y: fc.relu_backward(dy, y[:1]), ValueError, "y must have shape")],
+    any_rank=True,
+)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import op_cases
 import pytest
 from conftest import assert_close
 
@@ -107,3 +108,20 @@ def _bad_calls():
 def test_bad_arguments_are_named(call, exc, pattern):
     with pytest.raises(exc, match=pattern):
         call()
+
+
+# --- conformance cases (tests/kernels/op_cases.py; run by test_kernel_interface.py) -------------
+
+op_cases.register(
+    "global_avg_pool2d",
+    fc.global_avg_pool2d,
+    ref.global_avg_pool2d,
+    lambda rng, dt, n: (op_cases.normal(rng, (n, 3, 5, 4), dt),),
+    terms=20,
+)
+op_cases.register(
+    "global_avg_pool2d_backward",
+    lambda dy: fc.global_avg_pool2d_backward(dy, (dy.shape[0], 3, 5, 4)),
+    lambda dy: ref.global_avg_pool2d_backward(dy, (dy.shape[0], 3, 5, 4)),
+    lambda rng, dt, n: (op_cases.normal(rng, (n, 3), dt),),
+)

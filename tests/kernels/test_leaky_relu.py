@@ -6,6 +6,7 @@ twin, checkpoint)."""
 from __future__ import annotations
 
 import numpy as np
+import op_cases
 import pytest
 from _gradcheck import numerical_grad
 
@@ -119,3 +120,28 @@ def test_layer_checkpoint_keeps_the_slope(tmp_path):
     assert again.layers[0].alpha == 0.25
     x = np.array([[-4.0, 0.0, 2.0]], np.float32)
     np.testing.assert_array_equal(again.predict(x), [[-1.0, 0.0, 2.0]])
+
+
+# --- conformance cases (tests/kernels/op_cases.py; run by test_kernel_interface.py) -------------
+
+
+def _planes(rng, dt, n):
+    return (op_cases.normal(rng, (n, 3, 4, 4), dt),)
+
+
+op_cases.register(
+    "leaky_relu",
+    lambda x: fc.leaky_relu(x, 0.2),
+    lambda x: ref.leaky_relu(x, 0.2),
+    _planes,
+    refusals=[(lambda x: fc.leaky_relu(x, "0.1"), TypeError, "alpha must be a real number")],
+    any_rank=True,
+)
+op_cases.register(
+    "leaky_relu_backward",
+    lambda dy, x: fc.leaky_relu_backward(dy, x, 0.2),
+    lambda dy, x: ref.leaky_relu_backward(dy, x, 0.2),
+    lambda rng, dt, n: (*_planes(rng, dt, n), *_planes(rng, dt, n)),
+    refusals=[(lambda dy, x: fc.leaky_relu_backward(dy, x[:1]), ValueError, "x must have shape")],
+    any_rank=True,
+)

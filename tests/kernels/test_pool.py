@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import op_cases
 import pytest
 from conftest import assert_close, distinct_values
 from hypothesis import assume, given, settings
@@ -241,3 +242,38 @@ def test_matches_torch_with_ties(torch, rng):
         yt.backward(torch.from_numpy(dy))
         dx = fastconv.max_pool2d_backward(dy, x, size, stride)
         np.testing.assert_allclose(dx, xt.grad.numpy(), rtol=1e-6, atol=1e-6)
+
+
+# --- conformance cases (tests/kernels/op_cases.py; run by test_kernel_interface.py) -------------
+
+
+def _planes(rng, dt, n, h=7, w=6):
+    return (op_cases.normal(rng, (n, 2, h, w), dt),)
+
+
+op_cases.register(
+    "max_pool2d",
+    lambda x: fastconv.max_pool2d(x, 3, 2, 1, ceil_mode=True),
+    lambda x: ref.max_pool2d(x, 3, 2, 1, ceil_mode=True),
+    _planes,
+)
+op_cases.register(
+    "max_pool2d_backward",
+    lambda dy, x: fastconv.max_pool2d_backward(dy, x, 2),
+    lambda dy, x: ref.max_pool2d_backward(dy, x, 2),
+    lambda rng, dt, n: (*_planes(rng, dt, n, 3, 3), *_planes(rng, dt, n)),
+)
+op_cases.register(
+    "avg_pool2d",
+    lambda x: fastconv.avg_pool2d(x, 3, 1, 1),
+    lambda x: ref.avg_pool2d(x, 3, 1, 1),
+    _planes,
+    terms=9,
+)
+op_cases.register(
+    "avg_pool2d_backward",
+    lambda dy: fastconv.avg_pool2d_backward(dy, (dy.shape[0], 2, 7, 6), 3, 1, 1),
+    lambda dy: ref.avg_pool2d_backward(dy, (dy.shape[0], 2, 7, 6), 3, 1, 1),
+    _planes,
+    terms=9,
+)

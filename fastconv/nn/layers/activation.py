@@ -46,7 +46,7 @@ class LeakyReLU(_Activation):
 
     def __init__(self, alpha=0.3, name=None, trainable=True):
         super().__init__(name, trainable)
-        chk.check_slope(alpha)
+        chk.as_finite_float32(alpha, "alpha")
         self.alpha = float(alpha)
 
     def get_config(self):
