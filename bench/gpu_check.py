@@ -54,6 +54,7 @@ prints this and exits.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import platform
@@ -377,6 +378,7 @@ def kernel_tour(k, dev, host, dtypes=DTYPES, seed=0) -> dict:
 
     from fastconv import _checks as chk
     from fastconv.gpu import _random
+    from fastconv.gpu._kernel_ops import elementwise_ops
 
     rng = np.random.default_rng(seed)
     out = {}
@@ -442,13 +444,13 @@ def kernel_tour(k, dev, host, dtypes=DTYPES, seed=0) -> dict:
             ddx, ddw, ddb = k.dense_backward(dev(r(5, 6)), dev(xd), dev(wd), gd)
             out[f"dense_dx {name}"], out[f"dense_dw {name}"] = host(ddx), host(ddw)
             out[f"dense_db {name}"] = host(ddb)
-            xr = r(3, 5, 7)
-            out[f"relu {name}"] = host(k.relu(dev(xr)))
-            out[f"relu_dx {name}"] = host(k.relu_backward(dev(r(3, 5, 7)), dev(xr)))
-            out[f"leaky {name}"] = host(k.leaky_relu(dev(xr), np.float32(0.2)))
-            out[f"leaky_dx {name}"] = host(
-                k.leaky_relu_backward(dev(r(3, 5, 7)), dev(xr), np.float32(0.2))
-            )
+            # Every elementwise op (relu, leaky_relu... and their gradients), with no line of
+            # its own: arrays of one shape for x/y/dy, 0.2 for each scalar, no out.
+            for op in elementwise_ops(k):
+                params = inspect.signature(getattr(k, op)).parameters
+                args = [dev(r(3, 5, 7)) if p in ("x", "y", "dy") else np.float32(0.2)
+                        for p in params if p != "out"]  # fmt: skip
+                out[f"{op} {name}"] = host(getattr(k, op)(*args))
             theta = np.array([[0.9, -0.2, 1.3, 0.25, 1.1, -0.7]] * 2, np.float32)
             flow = (0.5 * rng.standard_normal((2, 2, 7, 6))).astype(np.float32)
             out[f"warp {name}"] = host(k.warp_bilinear(X, dev(theta), None, (7, 6)))

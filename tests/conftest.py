@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -69,6 +70,67 @@ def rng():
 @pytest.fixture(params=DTYPES, ids=lambda d: np.dtype(d).name)
 def dtype(request):
     return np.dtype(request.param)
+
+
+def _emulated_kernels():
+    if shutil.which("g++") is None:
+        pytest.skip("g++ is needed to emulate the CUDA kernels")
+    from fastconv_testing import emulation as emu
+
+    # A plain NumPy module: the public API's arrays are plain NumPy arrays here.
+    return emu.emulated_ops(emu.EmulatedLauncher(emu.build_library()), xp=np)
+
+
+def _numba_kernels():
+    from fastconv import cpu
+
+    return cpu.KERNELS
+
+
+def _reference_kernels():
+    from fastconv import reference
+
+    return reference.KERNELS
+
+
+#: every backend of the kernel interface: name -> its kernel set (fastconv.kernels.Kernels)
+BACKENDS = {
+    "numba": _numba_kernels,
+    "cuda-emulated": _emulated_kernels,
+    "reference": _reference_kernels,
+}
+
+
+# The emulated CUDA kernels carry the gpu_emulation marker: the sanitizer run
+# (tests/gpu/test_gpu_sanitize.py) selects them, and every kernel of the sources must run there.
+@pytest.fixture(
+    params=[pytest.param(b, marks=pytest.mark.gpu_emulation) if "cuda" in b else b
+            for b in BACKENDS],
+    scope="module",
+)  # fmt: skip
+def kernels(request):
+    """Each backend's kernel set in turn."""
+    return BACKENDS[request.param]()
+
+
+@pytest.fixture
+def on(monkeypatch):
+    """``on(kernel_set)``: run the public API on NumPy arrays with ``kernel_set`` behind the
+    CPU device (validation and dispatch unchanged)."""
+    from fastconv import device
+
+    def use(kernel_set):
+        monkeypatch.setattr(type(device.CPU), "kernels", property(lambda self: kernel_set))
+
+    return use
+
+
+@pytest.fixture
+def backend(kernels, on):
+    """A kernel test that takes ``backend`` runs the public API (``fastconv.relu(x)``...) over
+    every backend: the Numba kernels, the CUDA kernels in emulation, the float64 reference."""
+    on(kernels)
+    return kernels
 
 
 def tolerance(dtype, k: int = 1) -> float:

@@ -50,6 +50,20 @@ def eps_bits(eps: float) -> int:
 INT32_MAX = 2**31 - 1
 
 
+def elementwise(launcher):
+    """Mark a :class:`KernelOps` method as an elementwise op: its array parameters (``x``,
+    ``y``, ``dy``) share one shape, every other parameter but ``out`` is a float32 scalar.
+    bench/gpu_check.py's kernel tour runs every such method (a new one needs no line there)."""
+    launcher.elementwise = True
+    return launcher
+
+
+def elementwise_ops(kernel_ops) -> list[str]:
+    """The names of ``kernel_ops``'s methods marked :func:`elementwise`."""
+    cls = type(kernel_ops)
+    return sorted(n for n in dir(cls) if getattr(getattr(cls, n), "elementwise", False))
+
+
 def check_index_range(g) -> None:
     """Refuse geometries whose 32-bit index arithmetic inside the kernels could overflow.
 
@@ -350,22 +364,26 @@ class KernelOps(Kernels):
         """The ``momentum_update`` kernel itself (arguments as :meth:`fused_adam`'s)."""
         self.launch("momentum_update", p.size, p, g, v, p.size, eps_bits(momentum), eps_bits(lr))
 
+    @elementwise
     def relu(self, x):
         y = self.xp.empty(x.shape, dtype=x.dtype)
         self.launch("relu_forward", x.size, x, y, x.size)
         return y
 
+    @elementwise
     def relu_backward(self, dy, y, out=None):
         if out is None:
             out = self.xp.empty(dy.shape, dtype=dy.dtype)
         self.launch("relu_backward", dy.size, dy, y, out, dy.size)
         return out
 
+    @elementwise
     def leaky_relu(self, x, alpha):
         y = self.xp.empty(x.shape, dtype=x.dtype)
         self.launch("leaky_relu_forward", x.size, x, y, x.size, eps_bits(alpha))
         return y
 
+    @elementwise
     def leaky_relu_backward(self, dy, x, alpha, out=None):
         if out is None:
             out = self.xp.empty(dy.shape, dtype=dy.dtype)

@@ -25,7 +25,7 @@ def _dense_bound(x, w, b, dtype):
 @pytest.mark.parametrize("shape", DENSE_SHAPES, ids=str)
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("activation", [None, "relu"])
-def test_dense_matches_reference(shape, bias, activation, dtype, rng):
+def test_dense_matches_reference(backend, shape, bias, activation, dtype, rng):
     N, K, F = shape
     x = rng.standard_normal((N, K)).astype(dtype)
     w = (rng.standard_normal((K, F)) / np.sqrt(K)).astype(dtype)
@@ -39,7 +39,7 @@ def test_dense_matches_reference(shape, bias, activation, dtype, rng):
 
 
 @pytest.mark.parametrize("shape", DENSE_SHAPES, ids=str)
-def test_dense_backward_matches_reference(shape, dtype, rng):
+def test_dense_backward_matches_reference(backend, shape, dtype, rng):
     N, K, F = shape
     x = rng.standard_normal((N, K)).astype(dtype)
     w = rng.standard_normal((K, F)).astype(dtype)
@@ -71,7 +71,7 @@ def test_dense_matches_pytorch_linear_and_autograd(torch, rng):
         np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_dense_nan_inf_and_non_contiguous(dtype, rng):
+def test_dense_nan_inf_and_non_contiguous(backend, dtype, rng):
     x = rng.standard_normal((6, 8)).astype(dtype)
     w = rng.standard_normal((8, 5)).astype(dtype)
     x[2, 3] = np.nan
@@ -97,7 +97,7 @@ SPECIALS = [np.nan, np.inf, -np.inf, 0.0, -0.0, 1.5, -2.5, 65504.0, 1e-7, -1e-7]
 
 
 @pytest.mark.parametrize("shape", [(3, 4, 9, 11), (5,), (2, 7), (200, 300)], ids=str)
-def test_relu_and_its_gradient_are_numpy_bit_for_bit(shape, dtype, rng):
+def test_relu_and_its_gradient_are_numpy_bit_for_bit(backend, shape, dtype, rng):
     x = rng.standard_normal(shape).astype(dtype)
     dy = rng.standard_normal(shape).astype(dtype)
     k = min(len(SPECIALS), x.size)
@@ -128,7 +128,7 @@ def test_relu_keeps_nan_payload_and_negative_zero_as_torch(torch):
     assert np.isnan(y[4])
 
 
-def test_relu_backward_writes_into_out(dtype, rng):
+def test_relu_backward_writes_into_out(backend, dtype, rng):
     y = rng.standard_normal((4, 5, 6)).astype(dtype)
     dy = rng.standard_normal(y.shape).astype(dtype)
     out = np.full(y.shape, 7, dtype)
@@ -153,7 +153,7 @@ def test_relu_backward_writes_into_out(dtype, rng):
         fc.relu_backward(dy, y, out=np.empty(y.shape, other))
 
 
-def test_empty_inputs(dtype):
+def test_empty_inputs(backend, dtype):
     assert fc.relu(np.zeros((0, 3), dtype)).shape == (0, 3)
     assert fc.relu_backward(np.zeros((0,), dtype), np.zeros((0,), dtype)).shape == (0,)
     x = np.zeros((0, 4), dtype)

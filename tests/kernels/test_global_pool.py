@@ -14,7 +14,7 @@ SHAPES = [(2, 3, 5, 7), (4, 1, 1, 1), (3, 6, 1, 9), (1, 2, 28, 28), (100, 64, 4,
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
-def test_forward_and_backward_match_reference(shape, dtype, rng):
+def test_forward_and_backward_match_reference(backend, shape, dtype, rng):
     x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
     y = fc.global_avg_pool2d(x)
     assert y.shape == shape[:2] and y.dtype == dtype
@@ -25,7 +25,7 @@ def test_forward_and_backward_match_reference(shape, dtype, rng):
     assert_close(dx, ref.global_avg_pool2d_backward(dy, shape), dtype)
 
 
-def test_closed_forms():
+def test_closed_forms(backend):
     """Constant planes average to the constant; the gradient spreads dy evenly (exactly, for
     a power-of-two plane) and sums back to dy."""
     x = np.broadcast_to(np.arange(6, dtype=np.float32).reshape(2, 3, 1, 1), (2, 3, 4, 4)).copy()
@@ -36,7 +36,7 @@ def test_closed_forms():
     np.testing.assert_array_equal(dx.sum(axis=(2, 3)), dy)
 
 
-def test_adjoint_identity(rng):
+def test_adjoint_identity(backend, rng):
     """<gap(x), dy> == <x, gap_backward(dy)>: the backward is the forward's transpose."""
     x = rng.standard_normal((3, 5, 6, 7)).astype(np.float32)
     dy = rng.standard_normal((3, 5)).astype(np.float32)
@@ -58,7 +58,7 @@ def test_matches_pytorch(torch, shape, rng):
                                rtol=1e-6, atol=1e-7)  # fmt: skip
 
 
-def test_nan_and_inf_stay_in_their_plane(dtype):
+def test_nan_and_inf_stay_in_their_plane(backend, dtype):
     x = np.ones((2, 3, 4, 4), dtype)
     x[0, 1, 2, 2] = np.nan
     x[1, 2, 0, 0] = np.inf
@@ -71,7 +71,7 @@ def test_nan_and_inf_stay_in_their_plane(dtype):
     assert np.isnan(dx[1, 0]).all() and np.isfinite(dx[0]).all()
 
 
-def test_empty_batch_and_non_contiguous(dtype, rng):
+def test_empty_batch_and_non_contiguous(backend, dtype, rng):
     x = np.zeros((0, 3, 4, 4), dtype)
     assert fc.global_avg_pool2d(x).shape == (0, 3)
     dx = fc.global_avg_pool2d_backward(np.zeros((0, 3), dtype), (0, 3, 4, 4))

@@ -13,55 +13,14 @@ cases in tests/kernels/op_cases.py; ``test_every_op_has_a_case_...`` fails for a
 
 from __future__ import annotations
 
-import shutil
 import threading
 
 import numpy as np
 import op_cases
 import pytest
-from conftest import assert_close
+from conftest import BACKENDS, assert_close
 
-from fastconv import cpu, device
-from fastconv import reference as ref
 from fastconv.kernels import OPS, Kernels, missing_ops
-
-
-def _emulated():
-    if shutil.which("g++") is None:
-        pytest.skip("g++ is needed to emulate the CUDA kernels")
-    from fastconv_testing import emulation as emu
-
-    # A plain NumPy module: the public API's arrays are plain NumPy arrays here.
-    return emu.emulated_ops(emu.EmulatedLauncher(emu.build_library()), xp=np)
-
-
-BACKENDS = {
-    "numba": lambda: cpu.KERNELS,
-    "cuda-emulated": _emulated,
-    "reference": lambda: ref.KERNELS,
-}
-
-
-# The emulated CUDA kernels carry the gpu_emulation marker: the sanitizer run
-# (tests/gpu/test_gpu_sanitize.py) selects them, and every kernel of the sources must run there.
-@pytest.fixture(
-    params=[pytest.param(b, marks=pytest.mark.gpu_emulation) if "cuda" in b else b
-            for b in BACKENDS],
-    scope="module",
-)  # fmt: skip
-def kernels(request):
-    return BACKENDS[request.param]()
-
-
-@pytest.fixture
-def on(monkeypatch):
-    """Run the public API on NumPy arrays with the given kernel set behind the CPU device."""
-
-    def use(kernel_set):
-        monkeypatch.setattr(type(device.CPU), "kernels", property(lambda self: kernel_set))
-
-    return use
-
 
 op_cases.import_test_modules()
 CASES = op_cases.CASES

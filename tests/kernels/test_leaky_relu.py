@@ -1,7 +1,7 @@
-"""leaky_relu end to end: the kernels (every backend, through
-tests/kernels/test_kernel_interface.py) against PyTorch's leaky_relu and its autograd bit for
-bit, the special values, validation, and the LeakyReLU layer (numerical gradient, PyTorch
-twin, checkpoint)."""
+"""leaky_relu end to end: the kernels against PyTorch's leaky_relu and its autograd bit for
+bit, the special values and ``out`` on every backend (the ``backend`` fixture), validation,
+the LeakyReLU layer (numerical gradient, PyTorch twin, checkpoint), and the op's conformance
+case (registered at the end, run over every backend by test_kernel_interface.py)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def test_matches_pytorch_bit_for_bit(torch, alpha, dtype):
     np.testing.assert_array_equal(fc.leaky_relu_backward(dy, x, alpha), want_dx)
 
 
-def test_special_values_against_the_reference(dtype):
+def test_special_values_against_the_reference(backend, dtype):
     x = SPECIAL.astype(dtype)
     y = fc.leaky_relu(x, 0.5)
     np.testing.assert_array_equal(y, ref.leaky_relu(x, 0.5).astype(dtype))
@@ -42,7 +42,7 @@ def test_special_values_against_the_reference(dtype):
                                   [0.5, 0.5, 0.5, 0.5, 0.5, 1, 1, 1, 0.5])  # fmt: skip
 
 
-def test_backward_writes_into_out_and_refuses_aliases():
+def test_backward_writes_into_out_and_refuses_aliases(backend):
     x = np.linspace(-2, 2, 12, dtype=np.float32).reshape(3, 4)
     dy = np.ones_like(x)
     out = np.empty_like(x)
