@@ -1,4 +1,5 @@
-"""Activation layers: ReLU (a kernel), Sigmoid, Tanh and Softmax (array code, float32 math)."""
+"""Activation layers: ReLU and LeakyReLU (kernels), ReLU6 (the ReLU kernel and a clip), Sigmoid,
+Tanh and Softmax (array code, float32 math)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from ... import _checks as chk
 from ... import ops
 from .base import Layer, register_layer, xp_of
 
-__all__ = ["ReLU", "LeakyReLU", "Sigmoid", "Tanh", "Softmax"]
+__all__ = ["ReLU", "ReLU6", "LeakyReLU", "Sigmoid", "Tanh", "Softmax"]
 
 
 class _Activation(Layer):
@@ -37,6 +38,28 @@ class ReLU(_Activation):
 
     def torch_module(self, torch, inplace=False):
         return torch.nn.ReLU(inplace=inplace)
+
+
+@register_layer
+class ReLU6(_Activation):
+    """``min(max(x, 0), 6)`` (MobileNet's activation; PyTorch's ``nn.ReLU6``); NaN propagates.
+
+    The gradient passes where ``0 < x < 6`` and is zero elsewhere (at both kinks too, as
+    PyTorch's). Not fused into a preceding layer's epilogue: the ReLU kernel, then a clip.
+    """
+
+    def call(self, x, training=False):
+        y = ops.relu(x)  # a new array: clipped in place (minimum propagates NaN)
+        xp_of(y).minimum(y, y.dtype.type(6), out=y)
+        return y, (y if training else None)
+
+    def call_backward(self, cache, dy, need_dx=True):
+        # From the output: 0 < y < 6 exactly where 0 < x < 6 (y is x there).
+        y = cache
+        return xp_of(dy).where((y > 0) & (y < 6), dy, dy.dtype.type(0)), {}
+
+    def torch_module(self, torch, inplace=False):
+        return torch.nn.ReLU6(inplace=inplace)
 
 
 @register_layer
