@@ -9,6 +9,7 @@ builder            input       parameters        layout
 ``resnet18``       3x224x224   11,689,512        torchvision's ResNet-18 (BasicBlock, 2-2-2-2)
 ``resnet34``       3x224x224   21,797,672        torchvision's ResNet-34 (BasicBlock, 3-4-6-3)
 ``googlenet``      3x224x224   6,624,904         torchvision's GoogLeNet (Inception v1), no aux
+``mobilenet_v2``   3x224x224   3,504,872         torchvision's MobileNetV2 (width 1.0)
 ``deep_mnist_net`` 1x28x28     123,552           *Deep Learning from Scratch*, ch. 8
 ``resnet_mnist``   1x28x28     77,754            a small residual net for digits
 =================  ==========  ================  ==================================================
@@ -45,6 +46,7 @@ from .nn import (
     Concatenate,
     Conv2D,
     Dense,
+    DepthwiseConv2D,
     Dropout,
     Flatten,
     GlobalAveragePooling2D,
@@ -52,6 +54,7 @@ from .nn import (
     MaxPool2D,
     Model,
     ReLU,
+    ReLU6,
     Sequential,
     Tanh,
 )
@@ -66,6 +69,7 @@ __all__ = [
     "resnet18",
     "resnet34",
     "googlenet",
+    "mobilenet_v2",
     "deep_mnist_net",
     "resnet_mnist",
     "deep_mnist_bn_net",
@@ -423,6 +427,80 @@ def googlenet(
     return _build("googlenet", graph, shape, seed, dtype, backend)
 
 
+# --- MobileNetV2 -----------------------------------------------------------------------------
+
+# (expansion t, output channels c, blocks n, first block's stride s), torchvision's table
+_MOBILENET_V2 = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1),
+                 (6, 160, 3, 2), (6, 320, 1, 1))  # fmt: skip
+
+
+def _conv_bn_relu6(x, filters, k, stride, prefix, depthwise=False):
+    """torchvision's Conv2dNormActivation: conv (no bias, padding ``(k - 1) // 2``), BatchNorm
+    (epsilon 1e-5), ReLU6; ``depthwise``: one group per channel."""
+    pad = (k - 1) // 2
+    if depthwise:
+        x = DepthwiseConv2D(k, stride, pad, use_bias=False, name=f"{prefix}.0")(x)
+    else:
+        x = Conv2D(filters, k, stride=stride, padding=pad, use_bias=False, name=f"{prefix}.0")(x)
+    x = BatchNorm2D(momentum=0.9, epsilon=1e-5, name=f"{prefix}.1")(x)
+    return ReLU6(name=f"{prefix}.2")(x)
+
+
+def _inverted_residual(x, out, stride, t, prefix):
+    """torchvision's InvertedResidual: 1x1 expansion to ``t`` times the channels (none when
+    ``t`` is 1), 3x3 depthwise with ``stride``, 1x1 linear projection (conv-BN, no
+    activation); the input added back when the shape is kept (stride 1, as many channels)."""
+    inp = x.shape[0]
+    y, i = x, 0
+    if t != 1:
+        y = _conv_bn_relu6(y, inp * t, 1, 1, f"{prefix}.conv.0")
+        i = 1
+    y = _conv_bn_relu6(y, None, 3, stride, f"{prefix}.conv.{i}", depthwise=True)
+    y = Conv2D(out, 1, use_bias=False, name=f"{prefix}.conv.{i + 1}")(y)
+    y = BatchNorm2D(momentum=0.9, epsilon=1e-5, name=f"{prefix}.conv.{i + 2}")(y)
+    if stride == 1 and inp == out:
+        y = Add(name=f"{prefix}.add")([y, x])  # into the branch's output (the twin: in place)
+    return y
+
+
+def mobilenet_v2(
+    num_classes=1000, input_shape=None, *, dropout=0.2, seed=None, dtype="float32", backend="cpu"
+) -> Model:
+    """MobileNetV2 (Sandler et al. 2018) as torchvision builds it (width multiplier 1.0):
+    3,504,872 parameters for 1000 classes.
+
+    ``features``: conv3x3/2(32)-BN-ReLU6, then 17 inverted residual blocks
+    (t, c, n, s = 1,16,1,1 / 6,24,2,2 / 6,32,3,2 / 6,64,4,2 / 6,96,3,1 / 6,160,3,2 /
+    6,320,1,1: the first block of each row has stride s; each block expands to t times its
+    input channels with a 1x1 conv-BN-ReLU6, filters with a 3x3 depthwise conv-BN-ReLU6, and
+    projects to c channels with a linear 1x1 conv-BN, the input added back where stride is 1
+    and the channels agree), then conv1x1(1280)-BN-ReLU6; global average pooling -
+    [dropout 0.2] - Dense(classes). Convolutions have no bias; BatchNorm epsilon 1e-5,
+    momentum 0.9 here = PyTorch's 0.1. Layer names are torchvision's module paths
+    (``features.3.conv.1.0`` is block 3's depthwise convolution).
+
+    Global average pooling takes any feature-map size: ``input_shape`` changes no weight
+    (from 32x32 down the feature maps are 1x1 at the end).
+    """
+    num_classes = chk.as_int(num_classes, "num_classes", 1)
+    rate = _rate(dropout, "dropout")
+    shape = _input_shape(input_shape, (3, 224, 224))
+
+    def graph(inp):
+        x = _conv_bn_relu6(inp, 32, 3, 2, "features.0")
+        index = 1
+        for t, c, n, s in _MOBILENET_V2:
+            for i in range(n):
+                x = _inverted_residual(x, c, s if i == 0 else 1, t, f"features.{index}")
+                index += 1
+        x = _conv_bn_relu6(x, 1280, 1, 1, f"features.{index}")
+        x = GlobalAveragePooling2D(name="avgpool")(x)
+        x = Dropout(rate, name="classifier.0")(x)
+        return Dense(num_classes, name="classifier.1")(x)
+
+    return _build("mobilenet_v2", graph, shape, seed, dtype, backend)
+
+
 # --- MNIST models -----------------------------------------------------------------------------
 
 
@@ -500,6 +578,7 @@ MODELS = {
     "resnet18": resnet18,
     "resnet34": resnet34,
     "googlenet": googlenet,
+    "mobilenet_v2": mobilenet_v2,
     "deep-mnist": deep_mnist_net,
     "resnet-mnist": resnet_mnist,
 }

@@ -22,6 +22,7 @@ TORCHVISION_COUNTS = {
     "resnet18": 11_689_512,
     "resnet34": 21_797_672,
     "googlenet": 6_624_904,
+    "mobilenet_v2": 3_504_872,
     "lenet5": 61_706,
     "deep-mnist": 123_552,
     "resnet-mnist": 77_754,
@@ -84,6 +85,7 @@ TWIN_CASES = [
     ("vgg16", {"input_shape": (3, 32, 32), "dropout": 0.0}, 2, 0),
     ("resnet18", {"input_shape": (3, 64, 64)}, 2, 0),
     ("googlenet", {"input_shape": (3, 56, 56), "dropout": 0.0}, 2, 0),
+    ("mobilenet_v2", {"input_shape": (3, 64, 64), "dropout": 0.0}, 2, 0),
     ("resnet-mnist", {}, 4, 0),
 ]
 
@@ -151,51 +153,74 @@ class _Recorder:
         return wrapped
 
 
+def _replay_layer(layer, twin32, xs, y, fused, dy, torch, dtype):
+    """One layer's backward pass in its twin module of ``dtype`` fed fastconv's own inputs and
+    output gradient: ``(input gradients, {weight: gradient})``."""
+    from fastconv.torch_bridge import module_key
+
+    t = lambda a: torch.from_numpy(np.asarray(a, np.float64)).to(dtype)  # noqa: E731
+    kind = type(layer).__name__
+    inputs = [t(a).requires_grad_(True) for a in (xs if isinstance(xs, list) else [xs])]
+    module = None
+    mask = t(y > 0)
+    if kind == "Add":
+        out = sum(inputs[1:], inputs[0])
+    elif kind == "Concatenate":
+        out = torch.cat(inputs, dim=layer.axis)
+    elif kind == "ReLU":
+        out = inputs[0] * mask
+    elif kind == "ReLU6":  # fastconv's clipping decisions, as for ReLU
+        out = inputs[0] * t((y > 0) & (y < 6)) + 6 * t(y >= 6)
+    else:
+        module = copy.deepcopy(twin32.layers[module_key(layer.name)]).to(dtype).train()
+        relu = fused or getattr(layer, "activation", None) == "relu"
+        # The twin of a Conv2D/Dense with activation="relu" is Sequential(..., core, ReLU).
+        core = module[:-1] if isinstance(module, torch.nn.Sequential) and relu else module
+        out = core(inputs[0])
+        if relu:
+            out = out * mask
+    out.backward(t(dy))
+    weights = {}
+    if module is not None:
+        for wname, tensor, how in layer.torch_weights(module):
+            if tensor.grad is not None:
+                g = tensor.grad.numpy()
+                weights[wname] = g.T if how == "T" else g
+    return [inp.grad.numpy() for inp in inputs], weights
+
+
 def _replay_layers(model, twin32, rec, torch):
     """Every layer's backward pass against its float64 twin module fed fastconv's own inputs
     and output gradient: no error carried in from other layers. A ReLU fused into a layer (or a
     ReLU layer) keeps fastconv's on/off decisions, which the forward comparison checks; so a
-    pre-activation that float32 rounds across zero cannot make the comparison fail."""
-    from fastconv.torch_bridge import module_key
+    pre-activation that float32 rounds across zero cannot make the comparison fail.
 
-    t64 = lambda a: torch.from_numpy(np.asarray(a, np.float64))  # noqa: E731
+    Within :data:`LAYER_TOLERANCE`, or 3x the float32 twin's own error on the same inputs: a
+    gradient that an invariance makes zero in exact arithmetic (a BatchNorm's gamma before a
+    ReLU6, a depthwise convolution and another BatchNorm in training mode, which undoes any
+    scaling) is a sum that cancels, which no float32 computation gets to 5e-4."""
     checked = 0
     for layer in model.layers:
         if layer.name not in rec.backward:
             continue  # e.g. a Flatten after nothing trainable: no gradient asked of it
         ((xs, y, fused),) = rec.forward[layer.name]
         ((dy, dx, grads),) = rec.backward[layer.name]
-        kind = type(layer).__name__
-        inputs = [t64(a).requires_grad_(True) for a in (xs if isinstance(xs, list) else [xs])]
-        module = None
-        mask = t64(y > 0)
-        if kind == "Add":
-            out = sum(inputs[1:], inputs[0])
-        elif kind == "Concatenate":
-            out = torch.cat(inputs, dim=layer.axis)
-        elif kind == "ReLU":
-            out = inputs[0] * mask
-        else:
-            module = copy.deepcopy(twin32.layers[module_key(layer.name)]).double().train()
-            relu = fused or getattr(layer, "activation", None) == "relu"
-            # The twin of a Conv2D/Dense with activation="relu" is Sequential(core, ReLU).
-            core = module[0] if isinstance(module, torch.nn.Sequential) and relu else module
-            out = core(inputs[0])
-            if relu:
-                out = out * mask
-        out.backward(t64(dy))
-        what = f"{model.name} layer {layer.name!r} ({kind})"
+        args = (layer, twin32, xs, y, fused, dy, torch)
+        dx64, w64 = _replay_layer(*args, torch.float64)
+        dx32, w32 = _replay_layer(*args, torch.float32)
+        what = f"{model.name} layer {layer.name!r} ({type(layer).__name__})"
+
+        def check(part, ours, want, theirs):
+            err, bound = _rel_l2(ours, want), LAYER_TOLERANCE + 3 * _rel_l2(theirs, want)
+            assert err < bound, f"{what}: {part} off by {err:.2e} (bound {bound:.2e})"
+
         if dx is not None:
             dxs = dx if isinstance(dx, list) else [dx]
-            for d, inp in zip(dxs, inputs, strict=True):
-                err = _rel_l2(d, inp.grad.numpy())
-                assert err < LAYER_TOLERANCE, f"{what}: dx off by {err:.2e}"
-        if module is not None:
-            for wname, tensor, how in layer.torch_weights(module):
-                if wname in grads:
-                    want = tensor.grad.numpy()
-                    err = _rel_l2(grads[wname], want.T if how == "T" else want)
-                    assert err < LAYER_TOLERANCE, f"{what}: gradient of {wname} off by {err:.2e}"
+            for d, want, theirs in zip(dxs, dx64, dx32, strict=True):
+                check("dx", d, want, theirs)
+        for wname, want in w64.items():
+            if wname in grads:
+                check(f"gradient of {wname}", grads[wname], want, w32[wname])
         checked += 1
     return checked
 
@@ -288,11 +313,18 @@ def test_forward_and_training_step_match_the_pytorch_twin(torch, name, kwargs, b
     check("inference", y32, want32, want64, FORWARD_FLOOR)
 
     # float16 inference of the same model: about ten half-precision roundings of the output
-    # scale (measured 5e-4 to 2e-3).
+    # scale (measured 5e-4 to 2e-3), or within 3x of the twin's own float16 error where a
+    # deep net rounds more often (MobileNetV2: ~1.1e-2 in PyTorch, 1.3e-2 here).
     y16 = model.to(dtype="float16").predict(x.astype(np.float16))
     assert y16.dtype == np.float16 and y16.shape == y32.shape and np.isfinite(y16).all()
-    err = np.abs(y16.astype(np.float64) - y32).max() / np.abs(y32).max()
-    assert err < 1e-2, f"{name}: float16 off float32 by {err:.2e} of the output scale"
+    scale = np.abs(want64).max()
+    err = np.abs(y16.astype(np.float64) - want64).max() / scale
+    bound = 1e-2
+    if err >= bound:  # only then: PyTorch's float16 convolutions on the CPU are slow
+        with torch.no_grad():
+            twin16 = copy.deepcopy(twin32).half()(torch.from_numpy(x).half()).double().numpy()
+        bound = 3 * np.abs(twin16 - want64).max() / scale
+    assert err < bound, f"{name}: float16 off float64 by {err:.2e} of the output scale"
 
 
 def test_deep_mnist_net_inference_matches_the_twin(torch):
