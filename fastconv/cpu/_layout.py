@@ -30,6 +30,8 @@ __all__ = [
     "stack_images",
     "packed_weights",
     "store_rows",
+    "add_residual_block",
+    "add_residual_image",
 ]
 
 # GEMM rows (accumulators, stacked planes) start on 64-byte boundaries: unaligned AVX-512
@@ -206,3 +208,36 @@ def store_rows(acc, col0, row_stride, dst, rows, cols, bias, relu):
             else:
                 for s in range(cols):
                     out[s] = store_value(out, src[s] + bm)
+
+
+# --- residual epilogue (prepared inference: ResNet's relu(bn(conv(x)) + shortcut)) ---------
+
+
+@njit(cache=True)
+def add_residual_block(y, res, d_off, d_stride, rows, cols, relu):
+    """``y[q] = act(y[q] + res[q])`` for the block ``q = d_off + c*d_stride + r`` (r < rows,
+    c < cols) that the Winograd epilogue has just stored, so it is still in L1. ``y`` was
+    rounded to its dtype first and the sum is rounded again: the bits of the unfused conv,
+    Add and ReLU (float16 included, which NumPy adds in float32)."""
+    yf = y.reshape(-1)
+    rf = res.reshape(-1)
+    for c in range(cols):
+        base = d_off + c * d_stride
+        for r in range(rows):
+            v = load(yf[base + r]) + load(rf[base + r])
+            if relu and v < np.float32(0.0):  # False for NaN: NaN is kept
+                v = np.float32(0.0)
+            yf[base + r] = store_value(yf, v)
+
+
+@njit(cache=True)
+def add_residual_image(y, res, n, relu):
+    """``y[n] = act(y[n] + res[n])`` for one image the GEMM epilogue has just stored (its
+    F*OH*OW values are still in L1/L2); rounded as :func:`add_residual_block`."""
+    yn = y[n].reshape(-1)
+    rn = res[n].reshape(-1)
+    for q in range(yn.shape[0]):
+        v = load(yn[q]) + load(rn[q])
+        if relu and v < np.float32(0.0):
+            v = np.float32(0.0)
+        yn[q] = store_value(yn, v)
