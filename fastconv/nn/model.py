@@ -335,13 +335,17 @@ class Model(Trainer):
                     pending[t] = d if t not in pending else pending[t] + d
         return pending.get(self._input.id), grads
 
-    def forward(self, x, training: bool = False):
+    def forward(self, x, training: bool = False, prepared: bool = False):
         """Run the model on a batch already on its backend and dtype. With ``training`` the
-        caches are kept for :meth:`backward` (eager use; ``fit`` keeps its own)."""
+        caches are kept for :meth:`backward` (eager use; ``fit`` keeps its own).
+
+        Inference here reads the layers' arrays on every call (``prepared=False``), so eager
+        code that writes into them in place (finite differences, hand-made updates) sees its
+        writes; ``predict`` and ``evaluate`` use the prepared weights."""
         self._ensure_built(x)
         chk.check_array(x, "x")
         self._check_input_shape(x, "x")
-        y, caches = self._run_forward(x, training)
+        y, caches = self._run_forward(x, training, prepared=bool(prepared))
         self._tape = (caches, tuple(y.shape)) if training else None
         return y
 
