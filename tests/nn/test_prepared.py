@@ -68,13 +68,33 @@ def test_prepared_conv_copies_its_weights(rng):
     assert np.array_equal(prepared(x), before)
 
 
-def test_batch_one_serial_kernel_matches_batch_slices(rng, dtype):
+@pytest.mark.parametrize("algorithm", ["winograd4x4", "direct", "unfolded"])
+def test_batch_one_serial_kernel_matches_batch_slices(rng, dtype, algorithm):
     # Batch 1 runs the serial twins, batch 40 the parallel kernels: per image the same bits.
     x, w, b = _conv_case(rng, dtype, 40, 16, 14, 16, 3, 1, 1)
     prepared = prepare_conv2d(w, b, 1, 1)
-    whole = prepared(x, "relu")
-    for i in (0, 17, 39):
-        assert np.array_equal(_bits(prepared(x[i : i + 1], "relu")), _bits(whole[i : i + 1]))
+    previous = fc.set_conv_algorithm(algorithm)
+    try:
+        whole = prepared(x, "relu")
+        for i in (0, 17, 39):
+            one = prepared(x[i : i + 1], "relu")
+            assert np.array_equal(_bits(one), _bits(whole[i : i + 1]))
+    finally:
+        fc.set_conv_algorithm(previous)
+
+
+def test_one_small_image_goes_direct(rng):
+    # Winograd's runs (tile columns x images) would fill under half a vector.
+    x, w, b = _conv_case(rng, np.float32, 2, 16, 14, 16, 3, 1, 1)
+    big = rng.standard_normal((1, 16, 40, 40)).astype(np.float32)
+    fc.clear_conv_algorithm_choices()
+    fc.conv2d(x[:1], w, b, 1, 1)  # 4 tile columns x 1 image
+    fc.conv2d(x, w, b, 1, 1)  # 4 x 2
+    fc.conv2d(big, w, b, 1, 1)  # 10 x 1
+    fc.conv2d_backward(np.ones((1, 16, 14, 14), np.float32), x[:1], w, 1, 1)
+    algorithms = [(c.pass_, c.x_shape[0], c.algorithm) for c in fc.conv_algorithm_choices()]
+    assert algorithms == [("forward", 1, "direct"), ("forward", 2, "winograd4x4"),
+                          ("forward", 1, "winograd4x4"), ("backward", 1, "winograd4x4")]
 
 
 def test_prepared_conv_falls_back_like_conv2d(rng):
