@@ -23,7 +23,7 @@ from numba import njit, prange
 from . import _unfolded
 from ._gemm import FASTMATH, gemm_nn, gemm_nt
 from ._half import load, store_value
-from ._layout import add_residual_image, image_range, stack_images, store_rows
+from ._layout import add_residual_image, image_range, serial_twin, stack_images, store_rows
 
 __all__ = ["GemmPlan", "ForwardWork", "BackwardWork", "forward_kernel", "backward_kernel",
            "reduce_partials"]  # fmt: skip
@@ -119,7 +119,7 @@ def _forward_residual(x, w_fk, bias, relu, y, ws, plan, x_layout, g, res, has_re
 
 
 forward_residual = njit(cache=True, parallel=True)(_forward_residual)
-forward_residual_serial = njit(cache=True)(_forward_residual)
+forward_residual_serial = serial_twin(forward_residual)
 
 
 @njit(cache=True, fastmath=FASTMATH)

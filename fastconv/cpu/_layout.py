@@ -8,6 +8,7 @@ matrix row of tap (c, i, j) is the stack shifted by ``c*cstride + i*stride + j``
 
 from __future__ import annotations
 
+import types
 from typing import NamedTuple
 
 import numba
@@ -32,6 +33,7 @@ __all__ = [
     "store_rows",
     "add_residual_block",
     "add_residual_image",
+    "serial_twin",
 ]
 
 # GEMM rows (accumulators, stacked planes) start on 64-byte boundaries: unaligned AVX-512
@@ -241,3 +243,19 @@ def add_residual_image(y, res, n, relu):
         if relu and v < np.float32(0.0):
             v = np.float32(0.0)
         yn[q] = store_value(yn, v)
+
+
+def serial_twin(dispatcher):
+    """The serial compilation of a ``parallel=True`` kernel's source (``prange`` is ``range``
+    there): same work in the same order, so the same bits, without the thread pool.
+
+    The function is copied under its own name: Numba's on-disk cache is keyed by the
+    function's qualified name and source line, not by ``parallel``, so a second dispatcher of
+    the same function shared the first one's cache and the parallel kernel loaded the serial
+    machine code (caught by tests/kernels/test_threading.py: no parallel region ever ran)."""
+    fn = dispatcher.py_func
+    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                              fn.__defaults__, fn.__closure__)  # fmt: skip
+    twin.__qualname__ = fn.__qualname__ + "_serial"
+    twin.__module__ = fn.__module__
+    return njit(cache=True)(twin)

@@ -45,7 +45,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._half import store_value
-from ._layout import add_residual_block, image_range
+from ._layout import add_residual_block, image_range, serial_twin
 from ._simd import (
     MR,
     NR,
@@ -508,7 +508,7 @@ def _forward_residual(x, u, bias, relu, y, plan, ws, flags, res, has_res):
 # a few MFLOP cannot amortise; the serial twin (prange is range there) runs the same work
 # items in the same order on the calling thread, so its results are bitwise the same.
 forward_residual = njit(cache=True, parallel=True)(_forward_residual)
-forward_residual_serial = njit(cache=True)(_forward_residual)
+forward_residual_serial = serial_twin(forward_residual)
 
 
 # --- weight gradient ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._half import bits_view, from_bits, load, store_value
+from ._layout import serial_twin
 
 __all__ = ["max_pool2d", "max_pool2d_backward", "avg_pool2d", "avg_pool2d_backward"]
 
@@ -304,9 +305,9 @@ def _window_args(g):
 # values per pooling layer; at batch 100, 0.3M-1.2M.
 SERIAL_POOL_VALUES = 65536
 
-_max_forward_2x2_serial = njit(cache=True)(_max_forward_2x2.py_func)
-_max_forward_serial = njit(cache=True)(_max_forward.py_func)
-_avg_forward_serial = njit(cache=True)(_avg_forward.py_func)
+_max_forward_2x2_serial = serial_twin(_max_forward_2x2)
+_max_forward_serial = serial_twin(_max_forward)
+_avg_forward_serial = serial_twin(_avg_forward)
 
 
 def max_pool2d(x, g):
