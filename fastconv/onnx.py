@@ -226,9 +226,12 @@ def _product_inputs(w, layer, x, out):
 
 def _emit_conv(w, layer, ins, out):
     (ph, pw), (kh, kw) = layer.padding, layer.kernel_size
+    # Keras's "same" is ONNX's SAME_UPPER (the odd pixel after); the layer refuses the sizes
+    # where that is asymmetric, so the two agree, and load gives "same" back.
+    pad = {"auto_pad": "SAME_UPPER"} if layer.padding_arg == "same" else {"pads": [ph, pw, ph, pw]}
     _with_relu(w, layer, "Conv", _product_inputs(w, layer, ins[0], out), out,
-               kernel_shape=[kh, kw], strides=list(layer.stride), pads=[ph, pw, ph, pw],
-               dilations=[1, 1], group=1)  # fmt: skip
+               kernel_shape=[kh, kw], strides=list(layer.stride), dilations=[1, 1], group=1,
+               **pad)  # fmt: skip
 
 
 def _emit_dense(w, layer, ins, out):
@@ -557,7 +560,8 @@ class _Reader:
             self.refuse(node, f"attribute {unknown[0]!r} is not supported")
 
     def window(self, node, attrs, x, kernel):
-        """Strides and symmetric padding of a Conv or pooling node, or a refusal."""
+        """Strides and symmetric padding of a Conv or pooling node, or a refusal; the padding is
+        "same" for ``auto_pad`` SAME_UPPER/SAME_LOWER (symmetric here, so both are Keras's)."""
         if any(d != 1 for d in attrs.get("dilations", [1, 1])):
             self.refuse(node, f"dilations {list(attrs['dilations'])} (only 1 is supported)")
         strides = list(attrs.get("strides", [1, 1]))
@@ -579,7 +583,6 @@ class _Reader:
         if auto == "VALID":
             return strides, (0, 0)
         if auto in ("SAME_UPPER", "SAME_LOWER"):
-            padding = []
             for n, k, s in zip(x.shape[1:], kernel, strides, strict=True):
                 total = max((math.ceil(n / s) - 1) * s + k - n, 0)
                 if total % 2:
@@ -588,9 +591,15 @@ class _Reader:
                         f"auto_pad {auto} pads {total} pixels on a {n}-pixel axis, asymmetric "
                         "padding that fastconv cannot express",
                     )
-                padding.append(total // 2)
-            return strides, tuple(padding)
+            return strides, "same"
         self.refuse(node, f"auto_pad {auto!r} is not supported")
+
+    @staticmethod
+    def same_padding(x, kernel, strides):
+        return tuple(
+            max((math.ceil(n / s) - 1) * s + k - n, 0) // 2
+            for n, k, s in zip(x.shape[1:], kernel, strides, strict=True)
+        )
 
     def fused_relu(self, node):
         """The Relu node our exporter writes after a Conv or Gemm (``<node>/relu``), or None:
@@ -677,6 +686,8 @@ class _Reader:
         x = self.tensor(node, node.input[0])
         kernel = list(attrs["kernel_shape"])
         strides, padding = self.window(node, attrs, x, kernel)
+        if padding == "same":  # the pools take numbers: what "same" resolves to here
+            padding = self.same_padding(x, kernel, strides)
         if extra:
             extra(attrs, padding)
         layer = self.make(node, cls, tuple(kernel), tuple(strides), padding,
