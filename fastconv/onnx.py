@@ -68,6 +68,8 @@ def _onnx():
         import onnx
     except ImportError as e:
         raise ImportError(f"ONNX export and import need the onnx package ({e}): {INSTALL}") from None
+    if not hasattr(onnx, "ModelProto"):  # a folder named onnx on sys.path, not the package
+        raise ImportError(f"ONNX export and import need the onnx package: {INSTALL}")
     return onnx
 
 
