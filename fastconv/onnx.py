@@ -67,7 +67,9 @@ def _onnx():
     try:
         import onnx
     except ImportError as e:
-        raise ImportError(f"ONNX export and import need the onnx package ({e}): {INSTALL}") from None
+        raise ImportError(
+            f"ONNX export and import need the onnx package ({e}): {INSTALL}"
+        ) from None
     if not hasattr(onnx, "ModelProto"):  # a folder named onnx on sys.path, not the package
         raise ImportError(f"ONNX export and import need the onnx package: {INSTALL}")
     return onnx
@@ -97,7 +99,9 @@ def to_onnx(model, *, opset: int = DEFAULT_OPSET):
     from .nn.model import Model
 
     if not isinstance(model, Model):
-        raise TypeError(f"model must be a fastconv.nn Model or Sequential, got {type(model).__name__}")
+        raise TypeError(
+            f"model must be a fastconv.nn Model or Sequential, got {type(model).__name__}"
+        )
     if not model.built:
         raise ValueError("model is not built: build it (or run it once) before exporting")
     newest = onnx.defs.onnx_opset_version()
@@ -336,7 +340,9 @@ def load(path):
     try:
         proto.ParseFromString(p.read_bytes())
     except Exception as e:  # protobuf's DecodeError and friends: not a model
-        raise ValueError(f"{os.fspath(path)}: not an ONNX model (unreadable protobuf: {e})") from None
+        raise ValueError(
+            f"{os.fspath(path)}: not an ONNX model (unreadable protobuf: {e})"
+        ) from None
     return from_onnx(proto, where=os.fspath(path))
 
 
@@ -516,7 +522,9 @@ class _Reader:
             self.refuse(node, f"{what} {name!r} must be a constant (an initializer)")
         array = self.onnx.numpy_helper.to_array(self.consts[name])
         if dtype is not None and array.dtype != dtype:
-            self.refuse(node, f"{what} {name!r} has dtype {array.dtype}, expected {np.dtype(dtype)}")
+            self.refuse(
+                node, f"{what} {name!r} has dtype {array.dtype}, expected {np.dtype(dtype)}"
+            )
         return array
 
     def layer_name(self, node):
@@ -607,8 +615,11 @@ class _Reader:
         """The Relu node our exporter writes after a Conv or Gemm (``<node>/relu``), or None:
         it becomes the layer's ``activation="relu"`` (any other Relu stays a ReLU layer)."""
         user = self.only_consumer(node.output[0])
-        if user is not None and user.op_type == "Relu" and node.name and (
-            user.name == f"{node.name}/relu"
+        if (
+            user is not None
+            and user.op_type == "Relu"
+            and node.name
+            and (user.name == f"{node.name}/relu")
         ):
             self.absorbed.add(id(user))
             return user
@@ -623,7 +634,7 @@ class _Reader:
             weights["b"] = (b, bname, node)
         self.connect(node, layer, x, (relu or node).output[0], weights)
 
-    # -- operators ----------------------------------------------------------------------------------
+    # -- operators --------------------------------------------------------------------------------
     def _op_Conv(self, node):
         from .nn.layers import Conv2D
 
@@ -638,7 +649,9 @@ class _Reader:
             self.refuse(node, f"weight of shape {w.shape}: only 2-D convolutions are supported")
         kernel = list(attrs.get("kernel_shape", w.shape[2:]))
         if kernel != list(w.shape[2:]):
-            self.refuse(node, f"kernel_shape {kernel} differs from the weight's {list(w.shape[2:])}")
+            self.refuse(
+                node, f"kernel_shape {kernel} differs from the weight's {list(w.shape[2:])}"
+            )
         strides, padding = self.window(node, attrs, x, kernel)
         has_b = len(node.input) > 2 and node.input[2]
         b = self.const(node, node.input[2], "bias") if has_b else None
@@ -752,7 +765,8 @@ class _Reader:
             self.refuse(node, f"input of per-sample shape {x.shape}; only (N, C, H, W) or (N, C)")
         names = ("gamma", "beta", "moving_mean", "moving_variance")
         weights = {
-            n: (self.const(node, v, n), v, node) for n, v in zip(names, node.input[1:5], strict=True)
+            n: (self.const(node, v, n), v, node)
+            for n, v in zip(names, node.input[1:5], strict=True)
         }
         layer = self.make(node, cls, momentum=_float32_attr(attrs.get("momentum", 0.9)),
                           epsilon=_float32_attr(attrs.get("epsilon", 1e-5)))  # fmt: skip

@@ -67,8 +67,9 @@ def onnx():
     # A spec without an origin is a namespace package: tests/onnx itself, found on sys.path
     # through tests/ when the real package is missing.
     missing = [
-        m for m in ("onnx", "onnxruntime") if getattr(importlib.util.find_spec(m), "origin", None)
-        is None
+        m
+        for m in ("onnx", "onnxruntime")
+        if getattr(importlib.util.find_spec(m), "origin", None) is None
     ]
     need_oracle("onnx", f"needs {' and '.join(missing)}" if missing else None)
     import onnx
@@ -82,6 +83,7 @@ def ort(onnx):
     import onnxruntime
 
     return onnxruntime
+
 
 DTYPES = (np.float32, np.float16)
 

@@ -38,7 +38,7 @@ def randomize_state(model, rng) -> None:
     initialisers has zero biases and the identity BatchNorm, which would hide a swapped mean
     and variance or a lost bias. Kernels keep their He-normal values."""
     weights = []
-    for (layer, name), w in zip(model.weight_entries(), model.get_weights(), strict=True):
+    for (_, name), w in zip(model.weight_entries(), model.get_weights(), strict=True):
         if name in ("moving_variance", "gamma"):
             w = rng.uniform(0.5, 1.5, w.shape)
         elif name in ("b", "beta", "moving_mean"):

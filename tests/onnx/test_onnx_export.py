@@ -24,7 +24,9 @@ ZOO = [
 ]
 
 
-@pytest.mark.parametrize(("name", "kwargs", "batch"), ZOO, ids=lambda v: v if isinstance(v, str) else None)
+@pytest.mark.parametrize(
+    ("name", "kwargs", "batch"), ZOO, ids=lambda v: v if isinstance(v, str) else None
+)
 def test_zoo_model_runs_the_same_in_onnx_runtime(
     name, kwargs, batch, tmp_path, onnx, run_ort, randomize_state, assert_logits_close
 ):
@@ -47,8 +49,9 @@ def test_bn_net_runs_the_same_in_onnx_runtime(tmp_path, run_ort, randomize_state
     assert_logits_close(run_ort(path, x), model.predict(x))
 
 
-def test_every_layer_runs_the_same_in_onnx_runtime(tmp_path, onnx, run_ort, randomize_state,
-                                                   assert_logits_close, every_layer_model):  # fmt: skip
+def test_every_layer_runs_the_same_in_onnx_runtime(
+    tmp_path, onnx, run_ort, randomize_state, assert_logits_close, every_layer_model
+):
     rng = np.random.default_rng(11)
     model = every_layer_model()
     randomize_state(model, rng)

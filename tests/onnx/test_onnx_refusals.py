@@ -152,7 +152,9 @@ def test_graph_ends_fastconv_cannot_take(onnx, tmp_path):
     _refused(onnx, proto, tmp_path, "input 'x' must be a float32 tensor")
     # two outputs
     proto = _graph(onnx, relu + [helper.make_node("Sigmoid", ["x"], ["z"], name="s")], {})
-    proto.graph.output.append(helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [None] * 4))
+    proto.graph.output.append(
+        helper.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [None] * 4)
+    )
     _refused(onnx, proto, tmp_path, "2 outputs")
     # two inputs
     proto = _graph(onnx, [helper.make_node("Add", ["x", "x2"], ["y"], name="a")], {})
