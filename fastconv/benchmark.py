@@ -118,7 +118,8 @@ def machine_line(torch_threads: int | None = 2, extra: str = "") -> str:
     (another library), date and load average."""
     info = machine_info(torch_threads=torch_threads)
     libraries = [f"Python {info['python']}", f"NumPy {info['numpy']}",
-                 f"Numba {info['numba']} ({info['numba_threads']} threads)"]  # fmt: skip
+                 f"Numba {info['numba']} ({info['numba_threads']} "
+                 f"thread{'' if info['numba_threads'] == 1 else 's'})"]  # fmt: skip
     if torch_threads is not None:
         libraries.append(
             f"PyTorch {info['torch']} ({torch_threads} threads)" if info["torch"] else "no PyTorch"

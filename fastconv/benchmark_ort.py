@@ -259,13 +259,15 @@ def _machine(threads) -> dict:
 
     from .benchmark import machine_line
 
+    ort = f"ONNX Runtime {onnxruntime.__version__} ({_threads(threads, 'intra-op thread')})"
     return {
-        "line": machine_line(
-            torch_threads=None,
-            extra=f"ONNX Runtime {onnxruntime.__version__} ({threads} intra-op threads)",
-        ),  # fmt: skip
+        "line": machine_line(torch_threads=None, extra=ort),
         "onnxruntime": onnxruntime.__version__,
     }
+
+
+def _threads(n, what="thread") -> str:
+    return f"{n} {what}{'' if n == 1 else 's'}"
 
 
 def _cell(value, spread):
@@ -288,11 +290,12 @@ def ort_markdown_table(report: dict, command: str | None = None) -> str:
             f"| {_cell(r['ort_ms'], r['ort_range'])} | {r['ratio']:.2f}x |"
         )
     agree = ", ".join(f"{k} {v:.1e}" for k, v in report["agreement"].items())
+    resnet = f" (ResNet-18: {s['resnet_repeats']})" if s["resnet"] else ""
     lines += [
         "",
-        f"Deep MNIST net unless named; both in one process, {s['threads']} threads each (Numba; "
-        f"ONNX Runtime intra-op, ORT_ENABLE_ALL, CPUExecutionProvider), {s['repeats']} "
-        f"interleaved rounds (ResNet-18: {s['resnet_repeats']}); medians with the range of the "
+        f"Deep MNIST net unless named; both in one process, {_threads(s['threads'])} each "
+        f"(Numba; ONNX Runtime intra-op, ORT_ENABLE_ALL, CPUExecutionProvider), {s['repeats']} "
+        f"interleaved rounds{resnet}; medians with the range of the "
         f"samples in brackets; latency percentiles over {s['latency_images']} single images a "
         f"round; ratios are medians of the per-round ratios (percentile rows: of the "
         f"percentiles), lower is faster for fastconv. Largest logit difference, relative to "
