@@ -1,9 +1,9 @@
 """What the benchmarks share: the deep-MNIST layer table, read from ``deep_mnist_net()`` itself,
-and one description of the machine and its load."""
+and one description of the machine and its load (fastconv.benchmark.machine_line, which the
+package's own benchmarks print too)."""
 
 from __future__ import annotations
 
-import os
 from typing import NamedTuple
 
 __all__ = ["MnistLayer", "deep_mnist_layers", "machine_line", "load_average"]
@@ -39,19 +39,19 @@ def deep_mnist_layers() -> list[MnistLayer]:
     return layers
 
 
+# The machine line is written once, in the package (fastconv bench prints it too); imported
+# when called, as before, so that importing this module imports no fastconv.
+
+
 def load_average() -> str:
-    one, five, fifteen = os.getloadavg()
-    return f"{one:.1f}/{five:.1f}/{fifteen:.1f}"
+    """The 1/5/15-minute load averages as ``a/b/c``."""
+    from fastconv.benchmark import load_average_text
+
+    return load_average_text()
 
 
 def machine_line(torch_threads: int = 2) -> str:
     """One line: CPU, cores, library versions (PyTorch's threads), date and load average."""
-    from fastconv.benchmark import machine_info
+    from fastconv.benchmark import machine_line as line
 
-    info = machine_info(torch_threads=torch_threads)
-    torch = f"PyTorch {info['torch']} ({torch_threads} threads)" if info["torch"] else "no PyTorch"
-    return (
-        f"{info['cpu']}, {info['cores']} cores; Python {info['python']}, NumPy {info['numpy']}, "
-        f"Numba {info['numba']} ({info['numba_threads']} threads), {torch}; {info['date']}; "
-        f"load average {load_average()} (1/5/15 min)"
-    )
+    return line(torch_threads)

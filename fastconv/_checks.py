@@ -134,6 +134,31 @@ def _output_size(
     return out
 
 
+def as_pads(value, name: str = "pad") -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` from an int, an ``(h, w)`` pair or a 4-tuple of ints
+    >= 0 (the order of ONNX's ``pads`` is ``(top, left, bottom, right)``: reorder it)."""
+    if isinstance(value, (tuple, list)) and len(value) == 4:
+        return tuple(as_int(v, f"{name}[{i}]", 0) for i, v in enumerate(value))
+    if isinstance(value, (tuple, list)) and len(value) != 2:
+        raise ValueError(
+            f"{name} must be an int, a pair (h, w) or (top, bottom, left, right), got {value!r}"
+        )
+    if not isinstance(value, (tuple, list)) and (
+        isinstance(value, bool) or not isinstance(value, numbers.Integral)
+    ):
+        raise TypeError(
+            f"{name} must be an int, a pair (h, w) or (top, bottom, left, right) of ints, got "
+            f"{_type_name(value)}"
+        )
+    ph, pw = as_pair(value, name, 0)
+    return ph, ph, pw, pw
+
+
+def symmetric(pads) -> bool:
+    """Do ``(top, bottom, left, right)`` pads equal the kernels' symmetric form?"""
+    return pads[0] == pads[1] and pads[2] == pads[3]
+
+
 class Geometry(NamedTuple):
     """A validated sliding-window problem; every backend receives this."""
 
@@ -229,6 +254,112 @@ def validate_conv2d(x, w, b, stride, pad, activation=None) -> Geometry:
     return window_geometry(x.shape, (kh, kw), stride, pad)
 
 
+class ConvProblem(NamedTuple):
+    """A validated convolution with every feature: ``pads`` ``(top, bottom, left, right)``,
+    ``dilation`` ``(dh, dw)`` and ``groups``. :attr:`plain` problems go to the kernels'
+    symmetric :class:`Geometry` directly; :attr:`depthwise` ones to the depthwise kernels."""
+
+    N: int
+    C: int
+    H: int
+    W: int
+    F: int
+    kh: int
+    kw: int
+    sh: int
+    sw: int
+    pads: tuple
+    dh: int
+    dw: int
+    groups: int
+    OH: int
+    OW: int
+
+    @property
+    def plain(self) -> bool:
+        """One group, no dilation, the same padding on opposite sides."""
+        return self.groups == 1 and (self.dh, self.dw) == (1, 1) and symmetric(self.pads)
+
+    @property
+    def depthwise(self) -> bool:
+        """Each input channel convolved on its own (``groups == C``, ``F`` a multiple of it)."""
+        return self.groups == self.C and self.C > 1
+
+    @property
+    def extent(self) -> tuple[int, int]:
+        """The dilated kernel's height and width."""
+        return (self.kh - 1) * self.dh + 1, (self.kw - 1) * self.dw + 1
+
+    def geometry(self) -> Geometry:
+        """The symmetric :class:`Geometry` of a :attr:`plain` problem."""
+        t, _, left, _ = self.pads
+        return Geometry(self.N, self.C, self.H, self.W, self.kh, self.kw, self.sh, self.sw,
+                        t, left, self.OH, self.OW)  # fmt: skip
+
+
+def _conv_out(size, extent, stride, before, after, axis, dilated) -> int:
+    padded = size + before + after
+    if extent > padded:
+        what = "kernel (dilated)" if dilated else "kernel"
+        pad = before if before == after else f"{before} + {after}"
+        raise ValueError(
+            f"{what} {axis} {extent} exceeds the padded input {axis} {padded} (input {size}, "
+            f"pad {pad})"
+        )
+    return (padded - extent) // stride + 1
+
+
+def as_groups(groups, C: int, F: int) -> int:
+    """``groups``: an int >= 1 dividing the input channels ``C`` and the filters ``F``."""
+    groups = as_int(groups, "groups", 1)
+    if C % groups or F % groups:
+        raise ValueError(
+            f"groups must divide the input channels {C} and the output channels {F}, got {groups}"
+        )
+    return groups
+
+
+def validate_conv(x, w, b, stride, pad, activation=None, groups=1, dilation=1) -> ConvProblem:
+    """Every argument of :func:`fastconv.ops.conv2d`; ``w`` is ``(F, C // groups, kh, kw)``."""
+    check_array(x, "x", 4)
+    check_array(w, "w", 4)
+    if b is not None:
+        check_array(b, "b", 1)
+    check_same_kind("x", x, w=w, b=b)
+    N, C, H, W = x.shape
+    F, Cg, kh, kw = w.shape
+    if kh < 1 or kw < 1:
+        raise ValueError(f"w must have kernel height and width >= 1, got shape {tuple(w.shape)}")
+    if H < 1 or W < 1:
+        raise ValueError(f"x must have height and width >= 1, got shape {tuple(x.shape)}")
+    groups = as_groups(groups, C, F)
+    if Cg * groups != C:
+        raise ValueError(
+            f"w must have {C} input channels (w.shape[1]) to match x.shape[1], got {Cg}"
+            if groups == 1
+            else f"w must have {C // groups} input channels (w.shape[1] = x.shape[1] / groups "
+            f"= {C} / {groups}), got {Cg}"
+        )
+    if b is not None and b.shape[0] != F:
+        raise ValueError(f"b must have length {F} (w.shape[0]), got {b.shape[0]}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    sh, sw = as_pair(stride, "stride", 1)
+    dh, dw = as_pair(dilation, "dilation", 1)
+    pads = as_pads(pad)
+    OH = _conv_out(H, (kh - 1) * dh + 1, sh, pads[0], pads[1], "height", dh > 1)
+    OW = _conv_out(W, (kw - 1) * dw + 1, sw, pads[2], pads[3], "width", dw > 1)
+    return ConvProblem(N, C, H, W, F, kh, kw, sh, sw, pads, dh, dw, groups, OH, OW)
+
+
+def validate_conv_backward(dy, x, w, stride, pad, groups=1, dilation=1) -> ConvProblem:
+    p = validate_conv(x, w, None, stride, pad, None, groups, dilation)
+    check_array(dy, "dy", 4)
+    check_same_kind("x", x, dy=dy)
+    check_shape(dy, "dy", (p.N, p.F, p.OH, p.OW))
+    return p
+
+
 def validate_conv2d_backward(dy, x, w, stride, pad) -> Geometry:
     g = validate_conv2d(x, w, None, stride, pad)
     check_array(dy, "dy", 4)
@@ -253,6 +384,45 @@ def validate_pool(x, size, stride, pad, max_pool: bool, ceil_mode=False) -> Geom
         # Beyond half the window some windows hold only padding and would have no maximum.
         raise ValueError(f"pad must be at most half the window size {kernel}, got {(g.ph, g.pw)}")
     return g
+
+
+def check_count_include_pad(value) -> bool:
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"count_include_pad must be a bool, got {_type_name(value)}")
+    return bool(value)
+
+
+def pool_pads(x_shape, size, stride, pad, max_pool, ceil_mode, count_include_pad=True):
+    """Pooling with ``pad`` an int, a pair or ``(top, bottom, left, right)``: returns
+    ``(pads, extra, g)``: the four pads, the zeros (-inf for max) to add on each side
+    explicitly, and the :class:`Geometry` of the kernels' symmetric problem on the input so
+    padded. Refuses a side padded past half the window (a window of padding only: no maximum,
+    no real cell to average) and ceil_mode with asymmetric padding."""
+    kernel = as_pair(size, "size", 1)
+    stride = kernel if stride is None else stride
+    ceil_mode = check_ceil_mode(ceil_mode)
+    count_include_pad = check_count_include_pad(count_include_pad)
+    pads = as_pads(pad)
+    if (max_pool or not count_include_pad) and (
+        2 * max(pads[:2]) > kernel[0] or 2 * max(pads[2:]) > kernel[1]
+    ):
+        what = "pad" if symmetric(pads) else "each pad"
+        shown = (pads[0], pads[2]) if symmetric(pads) else pads
+        raise ValueError(f"{what} must be at most half the window size {kernel}, got {shown}")
+    if symmetric(pads):
+        g = window_geometry(x_shape, kernel, stride, (pads[0], pads[2]), "window", ceil_mode)
+        return pads, (0, 0, 0, 0), g
+    if ceil_mode:
+        raise ValueError(
+            f"ceil_mode=True needs the same padding on opposite sides, got pad {pads} "
+            "(top, bottom, left, right)"
+        )
+    t, b, left, r = pads
+    ph, pw = min(t, b), min(left, r)
+    extra = (t - ph, b - ph, left - pw, r - pw)
+    N, C, H, W = x_shape
+    padded = (N, C, H + extra[0] + extra[1], W + extra[2] + extra[3])
+    return pads, extra, window_geometry(padded, kernel, stride, (ph, pw), "window")
 
 
 def validate_max_pool_backward(dy, x, size, stride, pad, ceil_mode=False) -> Geometry:

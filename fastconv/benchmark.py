@@ -12,6 +12,9 @@ The baselines are built from fastconv's own model, so the architecture is define
 (:func:`fastconv.models.deep_mnist_net`): PyTorch's through :func:`fastconv.torch_bridge.to_torch`,
 the NumPy one through :func:`fastconv.book_numpy.from_model`. Everything is in the package:
 ``fastconv bench`` runs from an installed wheel.
+
+``fastconv bench --vs onnxruntime`` compares inference with ONNX Runtime on the exported net
+instead (:mod:`fastconv.benchmark_ort`).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ import numpy as np
 
 __all__ = [
     "machine_info",
+    "machine_line",
     "run_benchmark",
     "markdown_table",
     "write_markdown",
@@ -99,6 +103,33 @@ def machine_info(torch_threads=None) -> dict:
     except ImportError:
         info["torch"] = None
     return info
+
+
+def load_average_text() -> str:
+    """The 1/5/15-minute load averages as ``a/b/c`` ("n/a" where the system has none)."""
+    if not hasattr(os, "getloadavg"):
+        return "n/a"
+    return "/".join(f"{v:.1f}" for v in os.getloadavg())
+
+
+def machine_line(torch_threads: int | None = 2, extra: str = "") -> str:
+    """The one-line description of the machine every benchmark prints: CPU, cores, library
+    versions (PyTorch's threads; PyTorch left out with ``torch_threads=None``), ``extra``
+    (another library), date and load average."""
+    info = machine_info(torch_threads=torch_threads)
+    libraries = [f"Python {info['python']}", f"NumPy {info['numpy']}",
+                 f"Numba {info['numba']} ({info['numba_threads']} "
+                 f"thread{'' if info['numba_threads'] == 1 else 's'})"]  # fmt: skip
+    if torch_threads is not None:
+        libraries.append(
+            f"PyTorch {info['torch']} ({torch_threads} threads)" if info["torch"] else "no PyTorch"
+        )
+    if extra:
+        libraries.append(extra)
+    return (
+        f"{info['cpu']}, {info['cores']} cores; {', '.join(libraries)}; {info['date']}; "
+        f"load average {load_average_text()} (1/5/15 min)"
+    )
 
 
 def _fastconv_model(seed, dtype="float32"):
@@ -398,14 +429,15 @@ def markdown_table(report: dict, command: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path, table: str) -> None:
-    """Put ``table`` between the e2e-table markers of ``path`` (markers appended if missing)."""
+def write_markdown(path, table: str, start_mark=START_MARK, end_mark=END_MARK) -> None:
+    """Put ``table`` between the markers (the e2e-table ones by default) of ``path`` (markers
+    appended if missing)."""
     path = Path(path)
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{START_MARK}\n{table}\n{END_MARK}"
-    start, end = text.find(START_MARK), text.find(END_MARK)
+    block = f"{start_mark}\n{table}\n{end_mark}"
+    start, end = text.find(start_mark), text.find(end_mark)
     if start != -1 and end > start:
-        text = text[:start] + block + text[end + len(END_MARK) :]
+        text = text[:start] + block + text[end + len(end_mark) :]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -450,6 +482,10 @@ def _command(args) -> int:
     import json
 
     log = (lambda msg: print(msg, file=sys.stderr)) if not args.quiet else None
+    if args.vs == "onnxruntime":
+        from . import benchmark_ort
+
+        return benchmark_ort.command(args, log)
     try:
         report = _run_from_args(args, log)
     except (ValueError, RuntimeError) as exc:
@@ -499,6 +535,18 @@ def _add_arguments(p):
     p.add_argument("--out-md", metavar="FILE", help="markdown file to put the table in")
     p.add_argument("--out-png", metavar="FILE", help="PNG bar chart to write")
     p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.add_argument("--vs", choices=("pytorch", "onnxruntime"), default="pytorch",
+                   help="baseline: PyTorch and the NumPy net (default), or ONNX Runtime on the "
+                   "exported net (inference only; needs the onnx extra)")  # fmt: skip
+    ort = p.add_argument_group("--vs onnxruntime")
+    ort.add_argument("--latency-images", type=int, default=200,
+                     help="single images timed per round for batch-1 latency (200)")  # fmt: skip
+    ort.add_argument("--threads", type=int, default=2,
+                     help="Numba threads and ONNX Runtime intra-op threads (2)")  # fmt: skip
+    ort.add_argument("--resnet", action="store_true",
+                     help="add ResNet-18, batch 8, 224x224 (slow: seconds a sample)")  # fmt: skip
+    ort.add_argument("--hog", action="store_true",
+                     help="add batch-1 latency while a process spins on one core")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     p.set_defaults(func=_command)
 

@@ -23,6 +23,8 @@ __all__ = [
     "col2im",
     "conv2d",
     "conv2d_backward",
+    "depthwise_conv2d",
+    "depthwise_conv2d_backward",
     "set_conv_algorithm",
     "get_conv_algorithm",
     "conv_algorithm_choices",
@@ -127,15 +129,20 @@ def _conv_algorithm(algorithm, g, dev):
 
 
 @kernel_op
-def conv2d(x, w, b=None, stride=1, pad=0, activation=None, algorithm=None):
+def conv2d(x, w, b=None, stride=1, pad=0, activation=None, algorithm=None, *, groups=1,
+           dilation=1):  # fmt: skip
     """2-D cross-correlation (the deep-learning "convolution").
 
     Parameters
     ----------
     x : ndarray, (N, C, H, W)
-    w : ndarray, (F, C, kh, kw)
+    w : ndarray, (F, C // groups, kh, kw)
     b : ndarray, (F,), optional
-    stride, pad : int or (int, int)
+    stride : int or (int, int)
+    pad : int, (int, int) or (top, bottom, left, right)
+        Zero padding; the 4-tuple form pads opposite sides differently (Keras/TensorFlow
+        "same" with a stride, ONNX's ``SAME_UPPER``; ONNX's ``pads`` list is
+        ``(top, left, bottom, right)``).
     activation : None or "relu"
         Fused epilogue applied after the bias.
     algorithm : None or str
@@ -144,14 +151,23 @@ def conv2d(x, w, b=None, stride=1, pad=0, activation=None, algorithm=None):
         pad <= 2), or ``"auto"`` (the fixed rule of :func:`set_conv_algorithm`). None
         (default) uses :func:`set_conv_algorithm`'s setting. An algorithm that cannot run
         the layer raises ValueError. The GPU backend has one implementation: there only None
-        and ``"auto"`` are accepted.
+        and ``"auto"`` are accepted. Depthwise layers have their own kernel (any algorithm
+        named is refused for them).
+    groups : int
+        Channel groups, dividing C and F (ResNeXt); ``groups == C`` is a depthwise
+        convolution, run by :func:`depthwise_conv2d`'s kernel.
+    dilation : int or (int, int)
+        Spacing of the kernel's taps (DeepLab's atrous convolution).
 
     Returns
     -------
     ndarray, (N, F, OH, OW), same dtype as ``x``
     """
-    g = chk.validate_conv2d(x, w, b, stride, pad, activation)
+    p = chk.validate_conv(x, w, b, stride, pad, activation, groups, dilation)
     dev = device_of(x)
+    if not p.plain:
+        return _conv2d_general(dev, p, x, w, b, activation, algorithm)
+    g = p.geometry()
     choice = _conv_algorithm(algorithm, g, dev)
     if g.N == 0:
         return dev.zeros((0, w.shape[0], g.OH, g.OW), x.dtype)
@@ -160,7 +176,8 @@ def conv2d(x, w, b=None, stride=1, pad=0, activation=None, algorithm=None):
 
 
 @kernel_op
-def conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True, algorithm=None):
+def conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True, algorithm=None, *, groups=1,
+                    dilation=1):  # fmt: skip
     """Gradients of :func:`conv2d` (without activation).
 
     Parameters
@@ -168,25 +185,153 @@ def conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True, algorithm=None):
     need_dx : bool
         False skips computing ``dx`` (e.g. for a network's first layer, whose input needs no
         gradient) and returns None in its place.
-    algorithm : None or str
-        As for :func:`conv2d`.
+    algorithm, groups, dilation, pad : as for :func:`conv2d`.
 
     Returns
     -------
     dx : ndarray, (N, C, H, W), or None when ``need_dx`` is False
-    dw : ndarray, (F, C, kh, kw)
+    dw : ndarray, (F, C // groups, kh, kw)
     db : ndarray, (F,)
     """
-    g = chk.validate_conv2d_backward(dy, x, w, stride, pad)
+    p = chk.validate_conv_backward(dy, x, w, stride, pad, groups, dilation)
     if not isinstance(need_dx, (bool, np.bool_)):
         raise TypeError(f"need_dx must be a bool, got {type(need_dx).__name__}")
     dev = device_of(x)
+    if p.N == 0:  # nothing to sum: zero weight and bias gradients
+        dx = dev.zeros(x.shape, x.dtype) if need_dx else None
+        return dx, dev.zeros(w.shape, x.dtype), dev.zeros((w.shape[0],), x.dtype)
+    if not p.plain:
+        return _conv2d_backward_general(dev, p, dy, x, w, bool(need_dx), algorithm)
+    g = p.geometry()
     choice = _conv_algorithm(algorithm, g, dev)
-    if g.N == 0:  # nothing to sum: zero weight and bias gradients
+    dy, x, w = _contiguous(dev, dy, x, w)
+    return _launch(dev, dev.kernels.conv2d_backward, dy, x, w, g, need_dx=bool(need_dx), **choice)
+
+
+# --- grouped, dilated and asymmetrically padded convolutions -------------------------------------
+#
+# Depthwise problems go to their own kernels. Everything else is composed here from the
+# kernels' symmetric, ungrouped, undilated convolution, identically on every device:
+# asymmetric padding as explicit zero rows/columns on the side that needs more, dilation as
+# zeros between the taps of the weights, groups as one convolution per group.
+
+
+def _extra_pads(p):
+    """The zeros to add to the input explicitly, and the symmetric pad left to the kernel."""
+    t, b, left, r = p.pads
+    ph, pw = min(t, b), min(left, r)
+    return (t - ph, b - ph, left - pw, r - pw), (ph, pw)
+
+
+def _dilated(dev, w, p):
+    """``w`` with ``dh - 1`` / ``dw - 1`` zeros between its taps."""
+    if (p.dh, p.dw) == (1, 1):
+        return w
+    kh, kw = p.extent
+    wd = dev.zeros((w.shape[0], w.shape[1], kh, kw), w.dtype)
+    wd[:, :, :: p.dh, :: p.dw] = w
+    return wd
+
+
+def _conv2d_general(dev, p, x, w, b, activation, algorithm):
+    if p.depthwise:
+        if algorithm not in (None, "auto"):
+            raise ValueError(
+                f"algorithm={algorithm!r}: a depthwise convolution (groups == channels) has "
+                "one implementation; use algorithm=None or 'auto'"
+            )
+        return depthwise_conv2d(x, w, b, (p.sh, p.sw), p.pads, activation, (p.dh, p.dw))
+    if p.N == 0:
+        return dev.zeros((0, p.F, p.OH, p.OW), x.dtype)
+    extra, sym = _extra_pads(p)
+    if any(extra):
+        x = dev.xp.pad(x, ((0, 0), (0, 0), extra[:2], extra[2:]))
+    wd = _dilated(dev, w, p)
+    if p.groups == 1:
+        return conv2d(x, wd, b, (p.sh, p.sw), sym, activation, algorithm)
+    Cg, Fg = p.C // p.groups, p.F // p.groups
+    y = dev.xp.empty((p.N, p.F, p.OH, p.OW), x.dtype)
+    for k in range(p.groups):
+        cs, fs = slice(k * Cg, (k + 1) * Cg), slice(k * Fg, (k + 1) * Fg)
+        bk = None if b is None else b[fs]
+        y[:, fs] = conv2d(x[:, cs], wd[fs], bk, (p.sh, p.sw), sym, activation, algorithm)
+    return y
+
+
+def _conv2d_backward_general(dev, p, dy, x, w, need_dx, algorithm):
+    if p.depthwise:
+        if algorithm not in (None, "auto"):
+            raise ValueError(
+                f"algorithm={algorithm!r}: a depthwise convolution (groups == channels) has "
+                "one implementation; use algorithm=None or 'auto'"
+            )
+        return depthwise_conv2d_backward(dy, x, w, (p.sh, p.sw), p.pads, need_dx, (p.dh, p.dw))
+    extra, sym = _extra_pads(p)
+    if any(extra):
+        x = dev.xp.pad(x, ((0, 0), (0, 0), extra[:2], extra[2:]))
+    wd = _dilated(dev, w, p)
+    Cg, Fg = p.C // p.groups, p.F // p.groups
+    dx = dev.xp.empty(x.shape, x.dtype) if need_dx else None
+    dw = dev.xp.empty(wd.shape, x.dtype)
+    db = dev.xp.empty((p.F,), x.dtype)
+    for k in range(p.groups):
+        cs, fs = slice(k * Cg, (k + 1) * Cg), slice(k * Fg, (k + 1) * Fg)
+        dxk, dw[fs], db[fs] = conv2d_backward(dy[:, fs], x[:, cs], wd[fs], (p.sh, p.sw), sym,
+                                              need_dx, algorithm)  # fmt: skip
+        if need_dx:
+            dx[:, cs] = dxk
+    if (p.dh, p.dw) != (1, 1):
+        dw = dev.ascontiguous(dw[:, :, :: p.dh, :: p.dw])
+    if need_dx and any(extra):
+        t, _, left, _ = extra
+        dx = dev.ascontiguous(dx[:, :, t : t + p.H, left : left + p.W])
+    return dx, dw, db
+
+
+@kernel_op
+def depthwise_conv2d(x, w, b=None, stride=1, pad=0, activation=None, dilation=1):
+    """Depthwise convolution: each input channel ``c`` convolved with its own ``M`` filters
+    ``w[c*M : (c+1)*M]`` (MobileNet's 3x3 layers); the same as ``conv2d(..., groups=C)``.
+
+    Parameters
+    ----------
+    x : ndarray, (N, C, H, W)
+    w : ndarray, (C * M, 1, kh, kw)
+        PyTorch's layout for ``groups=C`` (Keras's ``depth_multiplier`` is ``M``).
+    b : ndarray, (C * M,), optional
+    stride, pad, activation, dilation : as for :func:`conv2d`
+
+    Returns
+    -------
+    ndarray, (N, C * M, OH, OW), same dtype as ``x``
+    """
+    p = chk.validate_conv(x, w, b, stride, pad, activation, x.shape[1] if _is_4d(x) else 1,
+                          dilation)  # fmt: skip
+    dev = device_of(x)
+    if p.N == 0:
+        return dev.zeros((0, p.F, p.OH, p.OW), x.dtype)
+    x, w, b = _contiguous(dev, x, w, b)
+    return _launch(dev, dev.kernels.depthwise_conv2d, x, w, b, p, activation)
+
+
+@kernel_op
+def depthwise_conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True, dilation=1):
+    """Gradients ``(dx or None, dw, db)`` of :func:`depthwise_conv2d` (without activation)."""
+    p = chk.validate_conv_backward(dy, x, w, stride, pad, x.shape[1] if _is_4d(x) else 1,
+                                   dilation)  # fmt: skip
+    if not isinstance(need_dx, (bool, np.bool_)):
+        raise TypeError(f"need_dx must be a bool, got {type(need_dx).__name__}")
+    dev = device_of(x)
+    if p.N == 0:
         dx = dev.zeros(x.shape, x.dtype) if need_dx else None
         return dx, dev.zeros(w.shape, x.dtype), dev.zeros((w.shape[0],), x.dtype)
     dy, x, w = _contiguous(dev, dy, x, w)
-    return _launch(dev, dev.kernels.conv2d_backward, dy, x, w, g, need_dx=bool(need_dx), **choice)
+    return _launch(dev, dev.kernels.depthwise_conv2d_backward, dy, x, w, p, bool(need_dx))
+
+
+def _is_4d(x) -> bool:
+    """Whether ``x`` can give its channel count (validation then names what is wrong)."""
+    return chk.is_array(x) and x.ndim == 4
 
 
 def set_conv_algorithm(algorithm="auto"):
@@ -240,59 +385,109 @@ def clear_conv_algorithm_choices():
     _select.clear()
 
 
+def _pre_pad(dev, a, extra, value):
+    """``a`` with ``extra`` (top, bottom, left, right) rows/columns of ``value`` added: the
+    asymmetric part of a padding, which the kernels' symmetric padding cannot express."""
+    if not any(extra):
+        return a
+    spec = ((0, 0), (0, 0), extra[:2], extra[2:])
+    return dev.xp.pad(a, spec, constant_values=value)
+
+
+def _crop(dev, a, extra, x_shape):
+    if not any(extra):
+        return a
+    t, left = extra[0], extra[2]
+    return dev.ascontiguous(a[:, :, t : t + x_shape[2], left : left + x_shape[3]])
+
+
 @kernel_op
 def max_pool2d(x, size=2, stride=None, pad=0, ceil_mode=False):
     """Max pooling; ``stride`` defaults to ``size`` and padding never wins the max.
 
-    ``ceil_mode`` rounds the output size up instead of down: the last window may run past the
-    bottom/right edge and is clipped there (PyTorch's ``ceil_mode=True``; GoogLeNet uses it).
+    ``pad``: int, ``(h, w)`` or ``(top, bottom, left, right)`` (each side at most half the
+    window). ``ceil_mode`` rounds the output size up instead of down: the last window may run
+    past the bottom/right edge and is clipped there (PyTorch's ``ceil_mode=True``; GoogLeNet
+    uses it); it needs symmetric padding.
 
     Returns
     -------
     ndarray, (N, C, OH, OW), same dtype as ``x``
     """
-    g = chk.validate_pool(x, size, stride, pad, max_pool=True, ceil_mode=ceil_mode)
+    chk.check_array(x, "x", 4)
+    _, extra, g = chk.pool_pads(x.shape, size, stride, pad, True, ceil_mode)
     dev = device_of(x)
     if g.N == 0:
         return dev.zeros((0, g.C, g.OH, g.OW), x.dtype)
-    (x,) = _contiguous(dev, x)
+    (x,) = _contiguous(dev, _pre_pad(dev, x, extra, -np.inf))
     return _launch(dev, dev.kernels.max_pool2d, x, g)
 
 
 @kernel_op
 def max_pool2d_backward(dy, x, size=2, stride=None, pad=0, ceil_mode=False):
-    """Gradient of :func:`max_pool2d`, sent to the first maximum of each window (as PyTorch)."""
-    g = chk.validate_max_pool_backward(dy, x, size, stride, pad, ceil_mode)
+    """Gradient of :func:`max_pool2d`, sent to the first maximum of each window (as PyTorch;
+    with asymmetric padding, a window whose input cells are all -inf may send it to the
+    padding)."""
+    chk.check_array(x, "x", 4)
+    _, extra, g = chk.pool_pads(x.shape, size, stride, pad, True, ceil_mode)
+    chk.check_array(dy, "dy", 4)
+    chk.check_same_kind("x", x, dy=dy)
+    chk.check_shape(dy, "dy", (g.N, g.C, g.OH, g.OW))
     dev = device_of(x)
     if g.N == 0:
-        return dev.zeros(g.x_shape, x.dtype)
-    dy, x = _contiguous(dev, dy, x)
-    return _launch(dev, dev.kernels.max_pool2d_backward, dy, x, g)
+        return dev.zeros(x.shape, x.dtype)
+    dy, xp = _contiguous(dev, dy, _pre_pad(dev, x, extra, -np.inf))
+    dx = _launch(dev, dev.kernels.max_pool2d_backward, dy, xp, g)
+    return _crop(dev, dx, extra, x.shape)
+
+
+def _real_fraction(dev, x_shape, extra, g):
+    """(OH, OW) float32: the share of each window's divisor that is input cells (what turns
+    the kernels' count-the-padding average into ``count_include_pad=False``'s)."""
+    ones = dev.full((1, 1, *x_shape[2:]), 1.0, np.float32)
+    ones = dev.ascontiguous(_pre_pad(dev, ones, extra, 0.0))
+    with dev.launch_guard():
+        return dev.kernels.avg_pool2d(ones, g._replace(N=1, C=1))[0, 0]
 
 
 @kernel_op
-def avg_pool2d(x, size=2, stride=None, pad=0, ceil_mode=False):
-    """Average pooling; zero padding counts in the divisor (PyTorch's default).
+def avg_pool2d(x, size=2, stride=None, pad=0, ceil_mode=False, count_include_pad=True):
+    """Average pooling.
 
-    With ``ceil_mode`` a window running past the padded edge divides by the part of it inside
-    the padded input only (as PyTorch)."""
-    g = chk.validate_pool(x, size, stride, pad, max_pool=False, ceil_mode=ceil_mode)
+    ``count_include_pad=True`` (PyTorch's default): zero padding counts in the divisor; with
+    ``ceil_mode`` a window running past the padded edge divides by the part of it inside the
+    padded input only (as PyTorch). False (ONNX's default, Keras's ``padding="same"``): each
+    window divides by its input cells only (each pad side then at most half the window).
+    ``pad``: int, ``(h, w)`` or ``(top, bottom, left, right)``."""
+    chk.check_array(x, "x", 4)
+    _, extra, g = chk.pool_pads(x.shape, size, stride, pad, False, ceil_mode, count_include_pad)
     dev = device_of(x)
     if g.N == 0:
         return dev.zeros((0, g.C, g.OH, g.OW), x.dtype)
-    (x,) = _contiguous(dev, x)
-    return _launch(dev, dev.kernels.avg_pool2d, x, g)
+    (xp,) = _contiguous(dev, _pre_pad(dev, x, extra, 0.0))
+    y = _launch(dev, dev.kernels.avg_pool2d, xp, g)
+    if count_include_pad:
+        return y
+    frac = _real_fraction(dev, x.shape, extra, g)
+    return (y.astype(np.float32) / frac).astype(x.dtype)
 
 
 @kernel_op
-def avg_pool2d_backward(dy, x_shape, size=2, stride=None, pad=0, ceil_mode=False):
+def avg_pool2d_backward(dy, x_shape, size=2, stride=None, pad=0, ceil_mode=False,
+                        count_include_pad=True):  # fmt: skip
     """Gradient of :func:`avg_pool2d` with respect to an input of shape ``x_shape``."""
-    g = chk.validate_avg_pool_backward(dy, x_shape, size, stride, pad, ceil_mode)
+    chk.check_array(dy, "dy", 4)
+    x_shape = chk.check_x_shape(x_shape)
+    _, extra, g = chk.pool_pads(x_shape, size, stride, pad, False, ceil_mode, count_include_pad)
+    chk.check_shape(dy, "dy", (g.N, g.C, g.OH, g.OW))
     dev = device_of(dy)
     if g.N == 0:
-        return dev.zeros(g.x_shape, dy.dtype)
+        return dev.zeros(x_shape, dy.dtype)
+    if not count_include_pad:
+        dy = (dy.astype(np.float32) / _real_fraction(dev, x_shape, extra, g)).astype(dy.dtype)
     (dy,) = _contiguous(dev, dy)
-    return _launch(dev, dev.kernels.avg_pool2d_backward, dy, g)
+    dx = _launch(dev, dev.kernels.avg_pool2d_backward, dy, g)
+    return _crop(dev, dx, extra, x_shape)
 
 
 # --- batch normalisation ------------------------------------------------------------------------

@@ -12,7 +12,14 @@ from __future__ import annotations
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from ._checks import CONV_ALGORITHMS, as_int, as_pair, check_x_shape, window_geometry
+from ._checks import (
+    CONV_ALGORITHMS,
+    as_int,
+    check_x_shape,
+    pool_pads,
+    validate_conv,
+    window_geometry,
+)
 from .kernels import Kernels
 
 __all__ = [
@@ -20,6 +27,8 @@ __all__ = [
     "col2im",
     "conv2d",
     "conv2d_backward",
+    "depthwise_conv2d",
+    "depthwise_conv2d_backward",
     "max_pool2d",
     "max_pool2d_backward",
     "avg_pool2d",
@@ -108,11 +117,40 @@ def col2im(cols, x_shape, kh, kw, stride=1, pad=0):
     return _scatter_windows(contrib, g)
 
 
-def conv2d(x, w, b=None, stride=1, pad=0, activation=None):
-    """Cross-correlation ``y[n,f] = sum_c x[n,c] * w[f,c] + b[f]``, optionally followed by ReLU."""
+def _conv_problem(x, w, stride, pad, groups, dilation):
+    """Validated sizes, and the input zero-padded on its four sides."""
+    p = validate_conv(x.astype(np.float32), w.astype(np.float32), None, stride, pad, None,
+                      groups, dilation)  # fmt: skip
+    t, bottom, left, right = p.pads
+    xp = np.pad(x, ((0, 0), (0, 0), (t, bottom), (left, right)))
+    return p, xp
+
+
+def _tap(p, i, j):
+    """The slice of the padded input that kernel tap ``(i, j)`` meets at every output."""
+    r, c = i * p.dh, j * p.dw
+    rows = slice(r, r + p.sh * (p.OH - 1) + 1, p.sh)
+    cols = slice(c, c + p.sw * (p.OW - 1) + 1, p.sw)
+    return slice(None), slice(None), rows, cols
+
+
+def conv2d(x, w, b=None, stride=1, pad=0, activation=None, groups=1, dilation=1):
+    """Cross-correlation ``y[n,f] = sum_c x[n,c] * w[f,c] + b[f]`` over channel groups, optionally
+    followed by ReLU: written as a sum over the kernel's taps (each a strided slice of the padded
+    input), so it shares nothing with the kernels' windows, im2col or Winograd.
+
+    ``pad``: int, ``(h, w)`` or ``(top, bottom, left, right)``; ``dilation``: int or ``(dh, dw)``;
+    ``w``: ``(F, C // groups, kh, kw)``."""
     x, w = _f64(x, "x"), np.asarray(w, dtype=np.float64)
-    g = window_geometry(x.shape, w.shape[2:], stride, pad)
-    y = np.einsum("ncxyij,fcij->nfxy", _windows(_pad(x, g), g), w, optimize=True)
+    p, xp = _conv_problem(x, w, stride, pad, groups, dilation)
+    G, Fg, Cg = p.groups, p.F // p.groups, p.C // p.groups
+    wg = w.reshape(G, Fg, Cg, p.kh, p.kw)
+    y = np.zeros((p.N, G, Fg, p.OH, p.OW))
+    for i in range(p.kh):
+        for j in range(p.kw):
+            xs = xp[_tap(p, i, j)].reshape(p.N, G, Cg, p.OH, p.OW)
+            y += np.einsum("ngcxy,gfc->ngfxy", xs, wg[..., i, j])
+    y = y.reshape(p.N, p.F, p.OH, p.OW)
     if b is not None:
         y += np.asarray(b, dtype=np.float64)[None, :, None, None]
     if activation == "relu":
@@ -120,49 +158,97 @@ def conv2d(x, w, b=None, stride=1, pad=0, activation=None):
     return y
 
 
-def conv2d_backward(dy, x, w, stride=1, pad=0):
-    """Gradients ``(dx, dw, db)`` of :func:`conv2d` (without activation) given ``dy``."""
+def conv2d_backward(dy, x, w, stride=1, pad=0, groups=1, dilation=1):
+    """Gradients ``(dx, dw, db)`` of :func:`conv2d` (without activation) given ``dy``: each tap's
+    share of ``dw`` from its input slice, and of ``dx`` scattered back onto that slice."""
     dy, x, w = _f64(dy, "dy"), _f64(x, "x"), np.asarray(w, dtype=np.float64)
-    g = window_geometry(x.shape, w.shape[2:], stride, pad)
-    win = _windows(_pad(x, g), g)
-    dw = np.einsum("nfxy,ncxyij->fcij", dy, win, optimize=True)
-    db = dy.sum(axis=(0, 2, 3))
-    contrib = np.einsum("nfxy,fcij->ncxyij", dy, w, optimize=True)
-    dx = _scatter_windows(contrib, g)
-    return dx, dw, db
+    p, xp = _conv_problem(x, w, stride, pad, groups, dilation)
+    G, Fg, Cg = p.groups, p.F // p.groups, p.C // p.groups
+    wg = w.reshape(G, Fg, Cg, p.kh, p.kw)
+    dyg = dy.reshape(p.N, G, Fg, p.OH, p.OW)
+    dxp = np.zeros_like(xp)
+    dw = np.zeros((G, Fg, Cg, p.kh, p.kw))
+    for i in range(p.kh):
+        for j in range(p.kw):
+            tap = _tap(p, i, j)
+            xs = xp[tap].reshape(p.N, G, Cg, p.OH, p.OW)
+            dw[..., i, j] = np.einsum("ngfxy,ngcxy->gfc", dyg, xs)
+            dxp[tap] += np.einsum("ngfxy,gfc->ngcxy", dyg, wg[..., i, j]).reshape(
+                p.N, p.C, p.OH, p.OW
+            )
+    t, _, left, _ = p.pads
+    dx = dxp[:, :, t : t + p.H, left : left + p.W]
+    return dx, dw.reshape(w.shape), dy.sum(axis=(0, 2, 3))
 
 
-def _pool_geometry(x_shape, size, stride, pad, ceil_mode=False, max_pool=False):
-    kernel = as_pair(size, "size", 1)
-    stride = kernel if stride is None else stride
-    g = window_geometry(x_shape, kernel, stride, pad, "window", ceil_mode=bool(ceil_mode))
-    if max_pool and (2 * g.ph > g.kh or 2 * g.pw > g.kw):
-        # The public API's rule: beyond half the window some windows hold only padding.
-        raise ValueError(f"pad must be at most half the window size {kernel}, got {(g.ph, g.pw)}")
-    return g
+def depthwise_conv2d(x, w, b=None, stride=1, pad=0, activation=None, dilation=1):
+    """:func:`conv2d` with one group per input channel (``w``: ``(C * M, 1, kh, kw)``)."""
+    return conv2d(x, w, b, stride, pad, activation, groups=np.shape(x)[1], dilation=dilation)
 
 
-def _window_counts(g):
-    """(OH, OW) divisors of average pooling: the window's cells inside the zero-padded input
-    (kh*kw, except for ceil-mode windows running past it)."""
-    inside = _pad(np.ones((1, 1, g.H, g.W)), g, value=1.0, beyond=0.0)
-    return _windows(inside, g).sum(axis=(4, 5))[0, 0]
+def depthwise_conv2d_backward(dy, x, w, stride=1, pad=0, dilation=1):
+    """Gradients ``(dx, dw, db)`` of :func:`depthwise_conv2d` (without activation)."""
+    return conv2d_backward(dy, x, w, stride, pad, groups=np.shape(x)[1], dilation=dilation)
+
+
+def _pool_geometry(x_shape, size, stride, pad, ceil_mode=False, max_pool=False,
+                   count_include_pad=True):  # fmt: skip
+    """The pooling problem as the public API validates it: ``(g, pads)``, ``g`` a symmetric
+    :class:`Geometry` when the pads are symmetric, else None (no ceil_mode then)."""
+    pads, extra, g = pool_pads(x_shape, size, stride, pad, max_pool, ceil_mode, count_include_pad)
+    return (g if not any(extra) else None), pads, g
+
+
+def _pooled(x, size, stride, pad, ceil_mode, max_pool, count_include_pad=True):
+    """``(windows, real, counts)`` of a pooling: the padded input's windows (N, C, OH, OW, kh, kw)
+    (padding -inf for max, 0 for average), a mask of the cells that are input pixels, and the
+    divisor of each average (cells inside the padded input, or real cells only)."""
+    sym, pads, g = _pool_geometry(x.shape, size, stride, pad, ceil_mode, max_pool,
+                                  count_include_pad)  # fmt: skip
+    fill = -np.inf if max_pool else 0.0
+    if sym is not None:
+        win = _windows(_pad(x, sym, fill), sym)
+        real = _windows(_pad(np.ones(x.shape, bool), sym, False), sym)
+        inside = _windows(_pad(np.ones((1, 1, sym.H, sym.W)), sym, 1.0, beyond=0.0), sym)
+        real1 = _windows(_pad(np.ones((1, 1, sym.H, sym.W)), sym, 0.0), sym)
+    else:  # asymmetric: each side padded as given, no ceil-mode overhang
+        t, b, left, r = pads
+        spec = ((0, 0), (0, 0), (t, b), (left, r))
+        win = _windows(np.pad(x, spec, constant_values=fill), g)
+        real = _windows(np.pad(np.ones(x.shape, bool), spec), g)
+        inside = np.ones((1, 1, g.OH, g.OW, g.kh, g.kw))
+        real1 = _windows(np.pad(np.ones((1, 1, *x.shape[2:])), spec), g)
+    counts = (inside if count_include_pad else real1).sum(axis=(4, 5))[0, 0]
+    return win, real, counts, sym, pads, g
+
+
+def _scatter(contrib, x_shape, pads, sym, g):
+    """Sum window contributions back onto the input (cropping the padding)."""
+    if sym is not None:
+        return _scatter_windows(contrib, sym)
+    t, b, left, r = pads
+    N, C, H, W = x_shape
+    xp = np.zeros((N, C, H + t + b, W + left + r))
+    for i in range(g.kh):
+        for j in range(g.kw):
+            xp[:, :, i : i + g.sh * g.OH : g.sh, j : j + g.sw * g.OW : g.sw] += contrib[..., i, j]
+    return xp[:, :, t : t + H, left : left + W]
 
 
 def max_pool2d(x, size=2, stride=None, pad=0, ceil_mode=False):
-    """Max over each window; padding is -inf so it never wins. NaN propagates."""
+    """Max over each window; padding is -inf so it never wins. NaN propagates. ``pad``: int,
+    ``(h, w)`` or ``(top, bottom, left, right)``."""
     x = _f64(x, "x")
-    g = _pool_geometry(x.shape, size, stride, pad, ceil_mode, max_pool=True)
-    win = _windows(_pad(x, g, -np.inf), g)
+    win = _pooled(x, size, stride, pad, ceil_mode, True)[0]
     return win.max(axis=(4, 5))
 
 
 def max_pool2d_backward(dy, x, size=2, stride=None, pad=0, ceil_mode=False):
     """Route each output gradient to the first maximum of its window (row-major), as PyTorch."""
     dy, x = _f64(dy, "dy"), _f64(x, "x")
-    g = _pool_geometry(x.shape, size, stride, pad, ceil_mode, max_pool=True)
-    win = _windows(_pad(x, g, -np.inf), g).reshape(g.N, g.C, g.OH, g.OW, g.kh * g.kw)
-    real = _windows(_pad(np.ones(x.shape, bool), g, False), g).reshape(win.shape)
+    win, real, _, sym, pads, g = _pooled(x, size, stride, pad, ceil_mode, True)
+    win = win.reshape(*win.shape[:4], g.kh * g.kw)
+    real = real.reshape(win.shape)
     m = win.max(axis=-1, keepdims=True)  # NaN if the window holds one
     # The first real pixel equal to the max (or the first NaN): padding must not take the
     # gradient even when the window's real pixels are all -inf, as in PyTorch.
@@ -170,26 +256,29 @@ def max_pool2d_backward(dy, x, size=2, stride=None, pad=0, ceil_mode=False):
     first = np.argmax(hit, axis=-1)
     onehot = np.zeros(win.shape)
     np.put_along_axis(onehot, first[..., None], 1.0, axis=-1)
-    contrib = (onehot * dy[..., None]).reshape(g.N, g.C, g.OH, g.OW, g.kh, g.kw)
-    return _scatter_windows(contrib, g)
+    contrib = (onehot * dy[..., None]).reshape(*win.shape[:4], g.kh, g.kw)
+    return _scatter(contrib, x.shape, pads, sym, g)
 
 
-def avg_pool2d(x, size=2, stride=None, pad=0, ceil_mode=False):
-    """Mean over each window, zero padding counted in the divisor (PyTorch's default); a
-    ceil-mode window past the padded input divides by its cells inside it (as PyTorch)."""
+def avg_pool2d(x, size=2, stride=None, pad=0, ceil_mode=False, count_include_pad=True):
+    """Mean over each window. ``count_include_pad``: zero padding counted in the divisor
+    (PyTorch's default; a ceil-mode window past the padded input divides by its cells inside
+    it, as PyTorch); False: only the input's cells (ONNX's default, Keras's "same")."""
     x = _f64(x, "x")
-    g = _pool_geometry(x.shape, size, stride, pad, ceil_mode)
-    return _windows(_pad(x, g), g).sum(axis=(4, 5)) / _window_counts(g)
+    win, _, counts, *_ = _pooled(x, size, stride, pad, ceil_mode, False, count_include_pad)
+    return win.sum(axis=(4, 5)) / counts
 
 
-def avg_pool2d_backward(dy, x_shape, size=2, stride=None, pad=0, ceil_mode=False):
+def avg_pool2d_backward(dy, x_shape, size=2, stride=None, pad=0, ceil_mode=False,
+                        count_include_pad=True):  # fmt: skip
     """Gradient of :func:`avg_pool2d`: each window gets ``dy`` over its divisor."""
     dy = _f64(dy, "dy")
-    g = _pool_geometry(check_x_shape(x_shape), size, stride, pad, ceil_mode)
-    contrib = np.broadcast_to(
-        (dy / _window_counts(g))[..., None, None], (g.N, g.C, g.OH, g.OW, g.kh, g.kw)
-    )
-    return _scatter_windows(contrib, g)
+    x_shape = check_x_shape(x_shape)
+    _, _, counts, sym, pads, g = _pooled(np.zeros(x_shape), size, stride, pad, ceil_mode, False,
+                                         count_include_pad)  # fmt: skip
+    N, C = x_shape[:2]
+    contrib = np.broadcast_to((dy / counts)[..., None, None], (N, C, g.OH, g.OW, g.kh, g.kw))
+    return _scatter(contrib, x_shape, pads, sym, g)
 
 
 # --- batch normalisation, global pooling, dense, ReLU -------------------------------------------
@@ -412,6 +501,15 @@ class ReferenceKernels(Kernels):
 
     def conv2d_backward(self, dy, x, w, g, need_dx=True, algorithm=None):
         dx, dw, db = conv2d_backward(dy, x, w, **_window_args(g))
+        return (dx.astype(x.dtype) if need_dx else None), dw.astype(x.dtype), db.astype(x.dtype)
+
+    def depthwise_conv2d(self, x, w, b, p, activation):
+        args = {"stride": (p.sh, p.sw), "pad": p.pads, "dilation": (p.dh, p.dw)}
+        return depthwise_conv2d(x, w, b, activation=activation, **args).astype(x.dtype)
+
+    def depthwise_conv2d_backward(self, dy, x, w, p, need_dx=True):
+        args = {"stride": (p.sh, p.sw), "pad": p.pads, "dilation": (p.dh, p.dw)}
+        dx, dw, db = depthwise_conv2d_backward(dy, x, w, **args)
         return (dx.astype(x.dtype) if need_dx else None), dw.astype(x.dtype), db.astype(x.dtype)
 
     def max_pool2d(self, x, g):

@@ -1,10 +1,11 @@
 """Shared test fixtures, the one tolerance rule every kernel test uses, and the oracle markers.
 
-Oracles the README's install leaves out (PyTorch, MPI, NVRTC) are reached only through
-:func:`need_oracle` (or the ``torch`` fixture, which calls it), and every test that needs one
-carries its marker (``torch``, ``mpi``, ``nvrtc``). Without the package such a test is skipped
-with a reason naming it; CI's oracle stage installs them, sets ``FASTCONV_REQUIRE_ORACLES=1``
-(a skip becomes a failure) and runs ``-m "torch or mpi or nvrtc"``. A test skipped for an
+Oracles the README's install leaves out (PyTorch, MPI, NVRTC, ONNX Runtime) are reached only
+through :func:`need_oracle` (or the ``torch`` and ``onnx`` fixtures, which call it), and every
+test that needs one carries its marker (``torch``, ``mpi``, ``nvrtc``, ``onnx``). Without the
+package such a test is skipped with a reason naming it; CI's oracle stage installs them, sets
+``FASTCONV_REQUIRE_ORACLES=1`` (a skip becomes a failure) and runs
+``-m "torch or mpi or nvrtc or onnx"``. A test skipped for an
 oracle without carrying its marker would run in neither stage: it fails instead.
 """
 
@@ -30,6 +31,7 @@ ORACLES = {
     "torch": ("pip install torch==2.13.0 (pinned CPU build)", ("'torch'", "needs torch")),
     "mpi": ("pip install -e '.[mpi]'", ("mpi4py", "mpiexec")),
     "nvrtc": ("pip install -e '.[gpu-check]'", ("libnvrtc",)),
+    "onnx": ("pip install -e '.[onnx]'", ("onnx",)),
 }
 
 
@@ -57,6 +59,32 @@ def torch():
     import torch
 
     return torch
+
+
+@pytest.fixture(scope="session")
+def onnx():
+    """The onnx package, with ONNX Runtime (the oracle of the ONNX tests) present too; a test
+    asking for it (or for ``ort``) is marked ``onnx``."""
+    # A spec without an origin is a namespace package: tests/onnx itself, found on sys.path
+    # through tests/ when the real package is missing.
+    missing = [
+        m
+        for m in ("onnx", "onnxruntime")
+        if getattr(importlib.util.find_spec(m), "origin", None) is None
+    ]
+    need_oracle("onnx", f"needs {' and '.join(missing)}" if missing else None)
+    import onnx
+
+    return onnx
+
+
+@pytest.fixture(scope="session")
+def ort(onnx):
+    """ONNX Runtime, the oracle the ONNX tests compare with."""
+    import onnxruntime
+
+    return onnxruntime
+
 
 DTYPES = (np.float32, np.float16)
 
@@ -176,11 +204,14 @@ def distinct_values(shape, rng, dtype=np.float32):
 
 @pytest.hookimpl(tryfirst=True)  # before -m deselects by marker
 def pytest_collection_modifyitems(session, config, items):
-    """Tests that use the ``torch`` fixture carry the ``torch`` marker; the GPU
-    kernel-coverage check runs after every other test of the session."""
+    """Tests that use the ``torch`` (``onnx``) fixture carry the ``torch`` (``onnx``) marker;
+    the GPU kernel-coverage check runs after every other test of the session."""
     for item in items:
-        if "torch" in getattr(item, "fixturenames", ()):
+        fixtures = getattr(item, "fixturenames", ())
+        if "torch" in fixtures:
             item.add_marker(pytest.mark.torch)
+        if "onnx" in fixtures:  # also through the ``ort`` fixture, which asks for it
+            item.add_marker(pytest.mark.onnx)
     last = [i for i in items if i.name == "test_zz_every_kernel_in_signatures_was_exercised"]
     items[:] = [i for i in items if i not in last] + last
 

@@ -27,6 +27,7 @@ from .augment import AugmentKernels
 from .batchnorm import BatchNormKernels
 from .conv import ConvKernels
 from .dense import DenseKernels
+from .depthwise import DepthwiseKernels
 from .global_pool import GlobalPoolKernels
 from .im2col import UnfoldKernels
 from .pool import PoolKernels
@@ -52,6 +53,7 @@ __all__ = ["KERNELS", "CpuKernels", "launch_guard"]
 class CpuKernels(
     UnfoldKernels,
     ConvKernels,
+    DepthwiseKernels,
     PoolKernels,
     BatchNormKernels,
     GlobalPoolKernels,

@@ -23,7 +23,7 @@ from numba import njit, prange
 from . import _unfolded
 from ._gemm import FASTMATH, gemm_nn, gemm_nt
 from ._half import load, store_value
-from ._layout import image_range, stack_images, store_rows
+from ._layout import add_residual_image, image_range, serial_twin, stack_images, store_rows
 
 __all__ = ["GemmPlan", "ForwardWork", "BackwardWork", "forward_kernel", "backward_kernel",
            "reduce_partials"]  # fmt: skip
@@ -66,14 +66,20 @@ class BackwardWork(NamedTuple):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _forward_images(x, lo, hi, w_fk, bias, relu, y, buf, acc, plan, x_layout, g):
+def _forward_images(x, lo, hi, w_fk, bias, relu, y, buf, acc, plan, x_layout, g, res, has_res):
+    """Images lo .. hi-1 of a forward call; with ``has_res`` each image gets ``res`` added
+    before the ReLU right after its store (:func:`~fastconv.cpu._layout.add_residual_image`)."""
     nb = plan.nb
+    store_relu = relu and not has_res
     if not plan.direct:
         for n0 in range(lo, hi, nb):
             count = min(nb, hi - n0)
             _unfolded.forward_block(
-                x, n0, count, nb, w_fk, plan.offs_x, bias, relu, y, buf, acc, g
+                x, n0, count, nb, w_fk, plan.offs_x, bias, store_relu, y, buf, acc, g
             )  # fmt: skip
+            if has_res:
+                for b in range(count):
+                    add_residual_image(y, res, n0 + b, relu)
         return
     rows, stride, _ = x_layout
     tile = rows * stride
@@ -83,7 +89,9 @@ def _forward_images(x, lo, hi, w_fk, bias, relu, y, buf, acc, plan, x_layout, g)
         acc[:] = 0.0
         gemm_nn(w_fk, buf, plan.offs_x, (count - 1) * tile + (g.OH - 1) * stride + g.OW, acc)
         for b in range(count):
-            store_rows(acc, b * tile, stride, y[n0 + b], g.OH, g.OW, bias, relu)
+            store_rows(acc, b * tile, stride, y[n0 + b], g.OH, g.OW, bias, store_relu)
+            if has_res:
+                add_residual_image(y, res, n0 + b, relu)
 
 
 @njit(cache=True, parallel=True)
@@ -93,8 +101,25 @@ def forward_kernel(x, w_fk, bias, relu, y, ws, plan, x_layout, g):
     for t in prange(n_threads):
         lo, hi = image_range(t, n_threads, x.shape[0])
         _forward_images(
-            x, lo, hi, w_fk, bias, relu, y, ws.buf[t], ws.acc[t], plan, x_layout, g
+            x, lo, hi, w_fk, bias, relu, y, ws.buf[t], ws.acc[t], plan, x_layout, g, y, False
         )  # fmt: skip
+
+
+def _forward_residual(x, w_fk, bias, relu, y, ws, plan, x_layout, g, res, has_res):
+    """:func:`forward_kernel` with an optional residual: the prepared inference path's
+    kernel. Compiled twice, like the Winograd one: parallel, and serial for small calls
+    (the same images in the same order on the calling thread: the same bits)."""
+    n_threads = ws.buf.shape[0]
+    for t in prange(n_threads):
+        lo, hi = image_range(t, n_threads, x.shape[0])
+        _forward_images(
+            x, lo, hi, w_fk, bias, relu, y, ws.buf[t], ws.acc[t], plan, x_layout, g, res,
+            has_res,
+        )  # fmt: skip
+
+
+forward_residual = njit(cache=True, parallel=True)(_forward_residual)
+forward_residual_serial = serial_twin(forward_residual)
 
 
 @njit(cache=True, fastmath=FASTMATH)

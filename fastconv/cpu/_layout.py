@@ -8,6 +8,7 @@ matrix row of tap (c, i, j) is the stack shifted by ``c*cstride + i*stride + j``
 
 from __future__ import annotations
 
+import types
 from typing import NamedTuple
 
 import numba
@@ -30,6 +31,9 @@ __all__ = [
     "stack_images",
     "packed_weights",
     "store_rows",
+    "add_residual_block",
+    "add_residual_image",
+    "serial_twin",
 ]
 
 # GEMM rows (accumulators, stacked planes) start on 64-byte boundaries: unaligned AVX-512
@@ -206,3 +210,52 @@ def store_rows(acc, col0, row_stride, dst, rows, cols, bias, relu):
             else:
                 for s in range(cols):
                     out[s] = store_value(out, src[s] + bm)
+
+
+# --- residual epilogue (prepared inference: ResNet's relu(bn(conv(x)) + shortcut)) ---------
+
+
+@njit(cache=True)
+def add_residual_block(y, res, d_off, d_stride, rows, cols, relu):
+    """``y[q] = act(y[q] + res[q])`` for the block ``q = d_off + c*d_stride + r`` (r < rows,
+    c < cols) that the Winograd epilogue has just stored, so it is still in L1. ``y`` was
+    rounded to its dtype first and the sum is rounded again: the bits of the unfused conv,
+    Add and ReLU (float16 included, which NumPy adds in float32)."""
+    yf = y.reshape(-1)
+    rf = res.reshape(-1)
+    for c in range(cols):
+        base = d_off + c * d_stride
+        for r in range(rows):
+            v = load(yf[base + r]) + load(rf[base + r])
+            if relu and v < np.float32(0.0):  # False for NaN: NaN is kept
+                v = np.float32(0.0)
+            yf[base + r] = store_value(yf, v)
+
+
+@njit(cache=True)
+def add_residual_image(y, res, n, relu):
+    """``y[n] = act(y[n] + res[n])`` for one image the GEMM epilogue has just stored (its
+    F*OH*OW values are still in L1/L2); rounded as :func:`add_residual_block`."""
+    yn = y[n].reshape(-1)
+    rn = res[n].reshape(-1)
+    for q in range(yn.shape[0]):
+        v = load(yn[q]) + load(rn[q])
+        if relu and v < np.float32(0.0):
+            v = np.float32(0.0)
+        yn[q] = store_value(yn, v)
+
+
+def serial_twin(dispatcher):
+    """The serial compilation of a ``parallel=True`` kernel's source (``prange`` is ``range``
+    there): same work in the same order, so the same bits, without the thread pool.
+
+    The function is copied under its own name: Numba's on-disk cache is keyed by the
+    function's qualified name and source line, not by ``parallel``, so a second dispatcher of
+    the same function shared the first one's cache and the parallel kernel loaded the serial
+    machine code (caught by tests/kernels/test_threading.py: no parallel region ever ran)."""
+    fn = dispatcher.py_func
+    twin = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__ + "_serial",
+                              fn.__defaults__, fn.__closure__)  # fmt: skip
+    twin.__qualname__ = fn.__qualname__ + "_serial"
+    twin.__module__ = fn.__module__
+    return njit(cache=True)(twin)

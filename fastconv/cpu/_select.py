@@ -108,12 +108,25 @@ def candidates(g):
 _WINOGRAD_MIN_CHANNELS = 8
 
 
+# Winograd's transforms run over runs of (tile column, image) values, 16 lanes a vector: a
+# forward call of one image whose tile row is shorter than this leaves half the lanes or more
+# idle and goes direct. Measured at batch 1 on the deep-MNIST layers (runs of 7, 4 and 2;
+# serial kernels, 20th percentiles of 300 calls): direct 42-152 us, Winograd F(4x4)
+# 108-215 us; at batch 4 (runs of 28, 16, 8) Winograd is level or ahead. Batches of two or
+# more keep Winograd (the rule stays what tests/kernels pins for them).
+_WINOGRAD_MIN_RUN = 9
+
+
 def rule(g, F, pass_):
     """The ``"auto"`` choice: Winograd F(4x4) for 3x3 stride-1 layers with enough channels
-    in and out, else the direct path (stride 1; backward also needs >= 4 input channels, as
-    the direct dx product has one row per input channel), else the unfolded path."""
+    in and out (a forward call of one image needs rows of at least ``_WINOGRAD_MIN_RUN``
+    tiles: a single small image goes direct), else the direct path (stride 1; backward also needs >= 4 input
+    channels, as the direct dx product has one row per input channel), else the unfolded
+    path."""
     if applies("winograd4x4", g) and min(g.C, F) >= _WINOGRAD_MIN_CHANNELS:
-        return "winograd4x4"
+        if pass_ != "forward" or g.N > 1 or -(-g.OW // 4) >= _WINOGRAD_MIN_RUN:
+            return "winograd4x4"
+        return "direct"
     if g.sh == 1 and g.sw == 1 and (pass_ == "forward" or g.C >= 4):
         return "direct"
     return "unfolded"

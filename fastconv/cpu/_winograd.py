@@ -45,7 +45,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._half import store_value
-from ._layout import image_range
+from ._layout import add_residual_block, image_range, serial_twin
 from ._simd import (
     MR,
     NR,
@@ -429,7 +429,10 @@ def _products(u, v, mm, C, cols, plan):
 
 
 @njit(cache=True)
-def _forward_items(x, u, bias, relu, y, plan, lo, hi, xq, t, o, v, mm, offs, flags):
+def _forward_items(x, u, bias, relu, y, plan, lo, hi, xq, t, o, v, mm, offs, flags, res, has_res):
+    """Work items lo .. hi-1 of a forward call. With ``has_res`` each stored block gets
+    ``res`` (same shape and dtype as ``y``) added before the ReLU, while it is still in L1:
+    ``relu(conv + bias + res)``, rounded as the unfused conv, Add and ReLU round it."""
     N, C = x.shape[0], x.shape[1]
     F, OH, OW = y.shape[1], y.shape[2], y.shape[3]
     m, G, nr, TW = plan.m, plan.G, plan.nr, plan.TW
@@ -463,8 +466,14 @@ def _forward_items(x, u, bias, relu, y, plan, lo, hi, xq, t, o, v, mm, offs, fla
                         for ow0 in range(0, OW, 16):
                             store_transposed(
                                 o, i * m * run + nb, col_off, ow0, min(16, OW - ow0),
-                                min(16, count - nb), bias[f], relu, y, d_off + ow0, image,
+                                min(16, count - nb), bias[f], relu and not has_res, y,
+                                d_off + ow0, image,
                             )  # fmt: skip
+                            if has_res:
+                                add_residual_block(
+                                    y, res, d_off + ow0, image, min(16, OW - ow0),
+                                    min(16, count - nb), relu,
+                                )  # fmt: skip
 
 
 @njit(cache=True, parallel=True)
@@ -477,8 +486,29 @@ def forward_kernel(x, u, bias, relu, y, plan, ws, flags):
         lo, hi = image_range(t, n_threads, items)
         _forward_items(
             x, u, bias, relu, y, plan, lo, hi, ws.xq[t], ws.t[t], ws.o[t], ws.v[t], ws.mm[t],
-            ws.offs[t], flags,
+            ws.offs[t], flags, y, False,
         )  # fmt: skip
+
+
+def _forward_residual(x, u, bias, relu, y, plan, ws, flags, res, has_res):
+    """:func:`forward_kernel` with an optional residual (see :func:`_forward_items`): the
+    prepared inference path's kernel; :data:`forward_residual_serial` is its serial twin."""
+    n_threads = ws.xq.shape[0]
+    items = plan.ngroups * plan.nbands
+    for t in prange(n_threads):
+        lo, hi = image_range(t, n_threads, items)
+        _forward_items(
+            x, u, bias, relu, y, plan, lo, hi, ws.xq[t], ws.t[t], ws.o[t], ws.v[t], ws.mm[t],
+            ws.offs[t], flags, res, has_res,
+        )  # fmt: skip
+
+
+# One source, two compilations: a parallel region wakes the thread pool (tens of
+# microseconds, milliseconds when other processes hold the cores), which a batch-1 layer of
+# a few MFLOP cannot amortise; the serial twin (prange is range there) runs the same work
+# items in the same order on the calling thread, so its results are bitwise the same.
+forward_residual = njit(cache=True, parallel=True)(_forward_residual)
+forward_residual_serial = serial_twin(forward_residual)
 
 
 # --- weight gradient ---------------------------------------------------------------------------

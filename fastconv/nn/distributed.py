@@ -416,6 +416,7 @@ class MPIDataParallel(Strategy):
             self._wait(self.comm.Ibcast(host.view(np.uint8), root=0), what)  # exact bits
             if not self.is_root:
                 w[...] = model.backend.asarray(host, w.dtype)
+                layer.weights_changed()
         opt = model.optimizer
         state = (model.rng.bit_generator.state, opt.state_dict())
         rng_state, opt_state = self.broadcast_object(state, "broadcasting rank 0's optimizer")
@@ -562,6 +563,7 @@ class MPIDataParallel(Strategy):
             buf[...] = model.backend.asarray(
                 flat[offset : offset + size].reshape(buf.shape), buf.dtype
             )
+            layer.weights_changed()
             offset += size
 
     def _verify_identical(self, model) -> None:

@@ -59,6 +59,8 @@ class Step(NamedTuple):
     fuse_relu: bool  # the following ReLU layer runs in this layer's epilogue
     folded_bn: Layer | None  # inference: BatchNorm2D folded into this Conv2D
     layers: tuple  # every layer this step covers, the step's own first
+    prepared: bool = False  # inference through the layer's prepared weights (call_prepared)
+    residual: bool = False  # prepared: inputs[1] is added in the epilogue (an absorbed Add)
 
 
 def _single(value, what):
@@ -104,6 +106,9 @@ class Model(Trainer):
         self.stop_training = False
         self.hooks: list = []
         self.fuse = True
+        #: inference (predict, evaluate, forward) through weights prepared once per weights
+        #: version (docs/architecture.md); False runs the unprepared path of every call
+        self.prepared = True
         self.built = False
         self.layers: list[Layer] = []
         self.input_shape = None
@@ -151,15 +156,17 @@ class Model(Trainer):
             raise RuntimeError("the model has no graph; create it with Model(inputs, outputs)")
 
     # -- execution plan ----------------------------------------------------------------------------
-    def execution_plan(self, training: bool) -> list[Step]:
-        """The steps a forward pass runs (fused layers grouped), in order."""
-        key = (bool(training), bool(self.fuse))
+    def execution_plan(self, training: bool, prepared: bool | None = None) -> list[Step]:
+        """The steps a forward pass runs (fused layers grouped), in order. ``prepared``
+        (inference only; None: :attr:`prepared`) plans the prepared path."""
+        prepared = bool(self.prepared if prepared is None else prepared) and not training
+        key = (bool(training), bool(self.fuse), prepared)
         plan = self._plans.get(key)
         if plan is None:
-            plan = self._plans[key] = self._make_plan(training)
+            plan = self._plans[key] = self._make_plan(training, prepared)
         return plan
 
-    def _make_plan(self, training):
+    def _make_plan(self, training, prepared):
         consumers: dict[int, list] = {}
         for node in self._nodes:
             for t in node.inputs:
@@ -174,8 +181,15 @@ class Model(Trainer):
         def is_relu(layer):
             return layer.epilogue == "relu"
 
+        def is_sum(layer):
+            return layer.adds_inputs
+
         steps, absorbed = [], set()
+        deferred: dict[int, Step] = {}  # id(Add node) -> the step that absorbed it
         for node in self._nodes:
+            if id(node) in deferred:
+                steps.append(deferred.pop(id(node)))
+                continue
             if id(node) in absorbed:
                 continue
             layer, last, fuse_relu, folded = node.layer, node, False, None
@@ -195,6 +209,43 @@ class Model(Trainer):
                         fuse_relu, last = True, relu
                         absorbed.add(id(relu))
                         covered.append(relu.layer)
+                add = None
+                if prepared and layer.prepares and not fuse_relu and (
+                    folded is not None or layer.fuses_relu
+                ):
+                    add = only_consumer(last, is_sum)
+                    # Two distinct inputs, and not already absorbed by the other branch
+                    # (a projection shortcut is a conv-BN feeding the same Add).
+                    if add is not None and (
+                        len(add.inputs) != 2
+                        or add.inputs[0] is add.inputs[1]
+                        or id(add) in absorbed
+                    ):
+                        add = None
+                if add is not None:
+                    # relu(bn(conv(x)) + shortcut) in the convolution's epilogue. The step
+                    # runs where the Add ran, so the shortcut exists by then whatever the
+                    # order of the branches.
+                    shortcut = next(t for t in add.inputs if t is not last.output)
+                    absorbed.add(id(add))
+                    covered.append(add.layer)
+                    last = add
+                    relu = only_consumer(add, is_relu)
+                    if relu is not None:
+                        fuse_relu, last = True, relu
+                        absorbed.add(id(relu))
+                        covered.append(relu.layer)
+                    deferred[id(add)] = Step(
+                        layer,
+                        (*(t.id for t in node.inputs), shortcut.id),
+                        last.output.id,
+                        fuse_relu,
+                        folded,
+                        tuple(covered),
+                        True,
+                        True,
+                    )
+                    continue
             steps.append(
                 Step(
                     layer,
@@ -203,14 +254,16 @@ class Model(Trainer):
                     fuse_relu,
                     folded,
                     tuple(covered),
+                    prepared and layer.prepares,
                 )
             )
         return steps
 
     # -- passes ---------------------------------------------------------------------------------
-    def _run_forward(self, x, training: bool):
-        """Forward pass; returns ``(output, caches)`` (caches only in training)."""
-        plan = self.execution_plan(training)
+    def _run_forward(self, x, training: bool, prepared: bool | None = None):
+        """Forward pass; returns ``(output, caches)`` (caches only in training). ``prepared``
+        as for :meth:`execution_plan`."""
+        plan = self.execution_plan(training, prepared)
         remaining: dict[int, int] = {}
         for step in plan:
             for t in step.inputs:
@@ -227,7 +280,12 @@ class Model(Trainer):
             arg = xs if step.layer.multi_input else xs[0]
             for h in hooks:
                 h.begin("forward", step.layer)
-            if step.folded_bn is not None:
+            if step.prepared:
+                residual = xs[1] if step.residual else None
+                y, cache = step.layer.call_prepared(
+                    arg, step.folded_bn, step.fuse_relu, residual
+                ), None
+            elif step.folded_bn is not None:
                 y, cache = step.layer.call_folded(arg, step.folded_bn, step.fuse_relu), None
             elif step.fuse_relu:
                 y, cache = step.layer.call(arg, training=training, fuse_relu=True)
@@ -277,13 +335,17 @@ class Model(Trainer):
                     pending[t] = d if t not in pending else pending[t] + d
         return pending.get(self._input.id), grads
 
-    def forward(self, x, training: bool = False):
+    def forward(self, x, training: bool = False, prepared: bool = False):
         """Run the model on a batch already on its backend and dtype. With ``training`` the
-        caches are kept for :meth:`backward` (eager use; ``fit`` keeps its own)."""
+        caches are kept for :meth:`backward` (eager use; ``fit`` keeps its own).
+
+        Inference here reads the layers' arrays on every call (``prepared=False``), so eager
+        code that writes into them in place (finite differences, hand-made updates) sees its
+        writes; ``predict`` and ``evaluate`` use the prepared weights."""
         self._ensure_built(x)
         chk.check_array(x, "x")
         self._check_input_shape(x, "x")
-        y, caches = self._run_forward(x, training)
+        y, caches = self._run_forward(x, training, prepared=bool(prepared))
         self._tape = (caches, tuple(y.shape)) if training else None
         return y
 
@@ -359,8 +421,18 @@ class Model(Trainer):
         for (layer, name), w in zip(entries, weights, strict=True):
             current = layer.get_weight(name)
             current[...] = self.backend.asarray(w, current.dtype)
+            layer.weights_changed()
         if self.optimizer is not None:
             self.optimizer.sync(self.parameters(), _flat_keys(self.trainable_weight_keys()))
+
+    def weights_changed(self) -> None:
+        """Say that weight arrays were written in place outside the library's own writers
+        (``layer.params["W"][...] = ...``, an optimizer stepped by hand on
+        :meth:`parameters`): every layer's prepared inference weights are rebuilt on the next
+        ``predict``. The library's writers (``fit``, ``train_on_batch``, :meth:`set_weights`,
+        ``load_model``...) call it themselves (docs/architecture.md, "Prepared inference")."""
+        for layer in self.layers:
+            layer.weights_changed()
 
     def count_params(self) -> int:
         """Number of parameters (trainable or frozen; moving statistics excluded), the number

@@ -221,24 +221,35 @@ class Trainer:
         params = [by_name[lname].params[w] for lname, w in keys]
         self._emit("update", "begin")
         self.optimizer.step(params, [grads[k] for k in keys], [f"{a}/{b}" for a, b in keys])
+        for lname in dict.fromkeys(lname for lname, _ in keys):
+            by_name[lname].weights_changed()
         self._emit("update", "end")
 
     # -- loops ----------------------------------------------------------------------------------
-    def predict(self, x, batch_size: int = 100, probabilities: bool = False):
+    def predict(self, x, batch_size: int = 100, probabilities: bool = False, prepared=None):
         """Outputs ``(N, ...)`` for ``x`` in inference mode (dropout off, BatchNorm on its
         moving statistics), on the model's backend and dtype.
 
         With ``probabilities`` the scores go through the loss's output function: softmax for
         softmax cross-entropy (the default loss), sigmoid for binary cross-entropy; float32.
+        ``prepared``: None follows ``model.prepared`` (default True: weights transformed,
+        packed and BatchNorm-folded once per weights version, ResNet's residual Add in the
+        convolution's epilogue); False runs the unprepared path (every call from the layer's
+        arrays; the same numbers up to the residual's float32 rounding order, see
+        docs/architecture.md).
         """
         x = self._prepare_x(x)
         batch_size = chk.as_int(batch_size, "batch_size", 1)
         if not isinstance(probabilities, (bool, np.bool_)):
             raise TypeError(f"probabilities must be a bool, got {type(probabilities).__name__}")
+        if prepared is not None and not isinstance(prepared, (bool, np.bool_)):
+            raise TypeError(f"prepared must be None or a bool, got {type(prepared).__name__}")
         self._ensure_built(self._batch(x[:1]))
         outs = []
         for start in range(0, x.shape[0], batch_size):
-            y, _ = self._run_forward(self._batch(x[start : start + batch_size]), training=False)
+            y, _ = self._run_forward(
+                self._batch(x[start : start + batch_size]), training=False, prepared=prepared
+            )
             outs.append(y)
         out = self.backend.xp.concatenate(outs, axis=0) if len(outs) > 1 else outs[0]
         if probabilities:

@@ -9,10 +9,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# A parallel kernel must run before numba.threading_layer() can answer.
+# A parallel kernel must run before numba.threading_layer() can answer (small pooling calls
+# run serially: cpu.pool.SERIAL_POOL_VALUES).
 PROGRAM = """
 import numpy as np, numba, fastconv
-fastconv.max_pool2d(np.zeros((1, 1, 4, 4), np.float32))
+fastconv.max_pool2d(np.zeros((1, 1, 256, 256), np.float32))  # above the serial threshold
 print(numba.threading_layer())
 """
 

@@ -76,3 +76,95 @@ __global__ void conv2d_direct(const T* __restrict__ x, const T* __restrict__ w,
         store_f(y, t, acc);
     }
 }
+
+// ---- depthwise convolution (groups == C; filter f reads channel f / (F / C)) -----------------
+// Any stride, dilation (dh, dw) and padding: top/left here, bottom/right are in OH/OW. One
+// thread per output; the taps are summed after the bias in (i, j) order, as the CPU kernel.
+template <typename T>
+__global__ void depthwise_forward(const T* __restrict__ x, const T* __restrict__ w,
+                                  const T* __restrict__ b, T* __restrict__ y, int N, int C, int H,
+                                  int W, int F, int kh, int kw, int sh, int sw, int top, int left,
+                                  int dh, int dw, int OH, int OW, int has_bias, int relu) {
+    const long long total = (long long)N * F * OH * OW;
+    FC_GRID_STRIDE_LOOP(t, total) {
+        const int ox = t % OW;
+        const int oy = (t / OW) % OH;
+        const int f = (t / ((long long)OW * OH)) % F;
+        const long long n = t / ((long long)OW * OH * F);
+        const long long xc = (n * C + f / (F / C)) * H * W;
+        float acc = has_bias ? load_f(b, f) : 0.0f;
+        for (int i = 0; i < kh; ++i) {
+            const int iy = oy * sh - top + i * dh;
+            if (iy < 0 || iy >= H) continue;
+            for (int j = 0; j < kw; ++j) {
+                const int ix = ox * sw - left + j * dw;
+                if (ix < 0 || ix >= W) continue;
+                acc += load_f(w, ((long long)f * kh + i) * kw + j) *
+                       load_f(x, xc + (long long)iy * W + ix);
+            }
+        }
+        if (relu && acc < 0.0f) acc = 0.0f;
+        store_f(y, t, acc);
+    }
+}
+
+// dx of depthwise_forward: one thread per input pixel, gathering every (filter, tap, output)
+// that read it, in (m, i, j) order.
+template <typename T>
+__global__ void depthwise_backward_data(const T* __restrict__ dy, const T* __restrict__ w,
+                                        T* __restrict__ dx, int N, int C, int H, int W, int F,
+                                        int kh, int kw, int sh, int sw, int top, int left, int dh,
+                                        int dw, int OH, int OW) {
+    const long long total = (long long)N * C * H * W;
+    const int M = F / C;
+    FC_GRID_STRIDE_LOOP(t, total) {
+        const int ix = t % W;
+        const int iy = (t / W) % H;
+        const int c = (t / ((long long)W * H)) % C;
+        const long long n = t / ((long long)W * H * C);
+        float acc = 0.0f;
+        for (int m = 0; m < M; ++m) {
+            const int f = c * M + m;
+            const long long dyf = (n * F + f) * OH * OW;
+            for (int i = 0; i < kh; ++i) {
+                const int ty = iy + top - i * dh;
+                if (ty < 0 || ty % sh != 0 || ty / sh >= OH) continue;
+                for (int j = 0; j < kw; ++j) {
+                    const int tx = ix + left - j * dw;
+                    if (tx < 0 || tx % sw != 0 || tx / sw >= OW) continue;
+                    acc += load_f(dy, dyf + (long long)(ty / sh) * OW + tx / sw) *
+                           load_f(w, ((long long)f * kh + i) * kw + j);
+                }
+            }
+        }
+        store_f(dx, t, acc);
+    }
+}
+
+// dw of depthwise_forward, first pass: thread (f, i, j, s) sums the products of slice s of
+// the (n, oy, ox) positions (every S-th); bias_grad_finish adds the S partials in order.
+template <typename T>
+__global__ void depthwise_backward_weight(const T* __restrict__ dy, const T* __restrict__ x,
+                                          float* __restrict__ partial, int N, int C, int H, int W,
+                                          int F, int kh, int kw, int sh, int sw, int top,
+                                          int left, int dh, int dw, int OH, int OW, int S) {
+    const long long count = (long long)N * OH * OW;
+    FC_GRID_STRIDE_LOOP(t, (long long)F * kh * kw * S) {
+        const int s = t % S;
+        const int j = (t / S) % kw;
+        const int i = (t / ((long long)S * kw)) % kh;
+        const int f = t / ((long long)S * kw * kh);
+        const int c = f / (F / C);
+        float acc = 0.0f;
+        for (long long e = s; e < count; e += S) {
+            const int ox = e % OW;
+            const int oy = (e / OW) % OH;
+            const long long n = e / ((long long)OW * OH);
+            const int iy = oy * sh - top + i * dh, ix = ox * sw - left + j * dw;
+            if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
+            acc += load_f(dy, ((n * F + f) * OH + oy) * OW + ox) *
+                   load_f(x, ((n * C + c) * H + iy) * (long long)W + ix);
+        }
+        partial[t] = acc;
+    }
+}

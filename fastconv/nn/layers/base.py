@@ -123,6 +123,8 @@ class Layer:
         self._symbolic_calls = 0
         #: weight name -> :class:`fastconv.nn.regularizers.Regularizer` (penalty in training)
         self.regularizers: dict = {}
+        self._weights_version = 0
+        self._prepared = None  # (key, prepared weights) of the inference path
 
     def _set_regularizers(self, **by_weight) -> None:
         """``kernel_regularizer``/``bias_regularizer`` arguments -> :attr:`regularizers`
@@ -143,7 +145,36 @@ class Layer:
             if weight in self.regularizers
         }
 
+    # -- the weights version (what prepared inference weights are checked against) -------------
+
+    @property
+    def weights_version(self) -> int:
+        """A counter that every official writer of this layer's weights bumps (building,
+        :meth:`set_weight`, ``Model.set_weights``, an optimizer step of ``fit`` /
+        ``train_on_batch``, loading, BatchNorm's moving statistics in training, the
+        distributed strategy's broadcasts). Prepared inference weights are rebuilt when it
+        changes. Writes into the arrays themselves (``layer.params["W"][...] = ...``) are not
+        seen: call :meth:`weights_changed` after them."""
+        return self._weights_version
+
+    def weights_changed(self) -> None:
+        """Say that this layer's weight arrays were written in place: the prepared inference
+        weights made from them are dropped and rebuilt on the next ``predict``."""
+        self._weights_version += 1
+        self._prepared = None
+
     # -- fusion (the model's execution plan asks the layers) --------------------------------------
+
+    #: whether the layer has a prepared inference path (:meth:`call_prepared`)
+    prepares = False
+    #: whether the layer's output is the sum of its two inputs (Add), which a preceding
+    #: prepared convolution may add in its epilogue at inference
+    adds_inputs = False
+
+    def call_prepared(self, x, folded, fuse_relu: bool, residual=None):
+        """Inference output through weights prepared once per weights version (with layer
+        ``folded`` folded in, a ReLU when ``fuse_relu``, and ``residual`` added before it)."""
+        raise NotImplementedError
 
     #: "relu" for a ReLU layer, which a preceding layer may run in its epilogue
     epilogue = None
@@ -228,6 +259,7 @@ class Layer:
         if allocate:  # all sizes first: refuse before any weight exists
             for spec in specs:
                 chk.check_allocation(_weight_bytes(spec), self._weight_what(spec))
+        self.weights_changed()
         for spec in specs:
             value = None
             if allocate:
@@ -267,6 +299,7 @@ class Layer:
 
     def set_weight(self, name, value) -> None:
         (self.params if name in self.params else self.buffers)[name] = value
+        self.weights_changed()
 
     def weight_dtype(self, name, model_dtype) -> np.dtype:
         """The dtype weight ``name`` is kept in for a model computing in ``model_dtype``."""

@@ -7,6 +7,7 @@ import numpy as np
 
 from ... import _checks as chk
 from ... import ops
+from ...prepared import prepare_conv2d
 from ..backend import array_module
 from .base import ProductLayer, WeightSpec, register_layer
 
@@ -302,6 +303,33 @@ class Conv2D(_Conv):
     def call_folded(self, x, folded, fuse_relu):
         w, b = folded.fold_into(self.params["W"], self.params.get("b"))
         return self._conv(x, w, b, "relu" if fuse_relu else None, self.groups)
+
+    @property
+    def prepares(self) -> bool:
+        """Prepared inference weights (:mod:`fastconv.prepared`) for a plain convolution: one
+        group, no dilation, the same padding on opposite sides."""
+        return self.groups == 1 and self.dilation_rate == (1, 1) and len(self.padding) == 2
+
+    def prepared_weights(self, folded=None):
+        """The :class:`~fastconv.prepared.PreparedConv2d` of this layer (with BatchNorm
+        ``folded`` folded in), made once per weights version of both layers."""
+        key = (self._weights_version, self.activation, self.stride, self.padding,
+               None if folded is None else (id(folded), folded.weights_version))  # fmt: skip
+        cached = self._prepared
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        if folded is not None:  # fresh arrays: no copy needed
+            w, b = folded.fold_into(self.params["W"], self.params.get("b"))
+            prepared = prepare_conv2d(w, b, self.stride, self.padding, copy=False)
+        else:  # copies: the layer's own arrays may be written in place by an optimizer
+            prepared = prepare_conv2d(self.params["W"], self.params.get("b"), self.stride,
+                                      self.padding)  # fmt: skip
+        self._prepared = (key, prepared)
+        return prepared
+
+    def call_prepared(self, x, folded, fuse_relu, residual=None):
+        act = "relu" if fuse_relu or self.activation == "relu" else None
+        return self.prepared_weights(folded)(x, act, residual)
 
     def _torch_core(self, torch):
         F, Cg, _, _ = self.declared_shape("W")

@@ -31,7 +31,10 @@ class _Merge(Layer):
 
 @register_layer
 class Add(_Merge):
-    """Element-wise sum of inputs of one shape (ResNet's ``z + shortcut``)."""
+    """Element-wise sum of inputs of one shape (ResNet's ``z + shortcut``). At inference a
+    two-input Add after a convolution runs in that convolution's epilogue (prepared path)."""
+
+    adds_inputs = True
 
     def output_shape(self, input_shape):
         shapes = self._shapes(input_shape)

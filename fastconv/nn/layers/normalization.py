@@ -71,6 +71,7 @@ class _BatchNorm(Layer):
             y, mean, var = ops.batch_norm_forward(x, gamma, beta, self.epsilon, activation=act)
             count = x.size // x.shape[1]
             if count:  # an empty batch has no statistics (NaN): nothing to fold in
+                self.weights_changed()  # the moving statistics change in place
                 m = np.float32(self.momentum)
                 mm *= m
                 mm += (1 - m) * mean
@@ -116,6 +117,7 @@ class _BatchNorm(Layer):
         y = ops.batch_norm_inference(x, gamma, beta, mean32, var32, self.epsilon, activation=act)
         m = np.float32(self.momentum)
         mm, mv = self.buffers["moving_mean"], self.buffers["moving_variance"]
+        self.weights_changed()  # the moving statistics change in place
         mm *= m
         mm += (1 - m) * mean32
         mv *= m

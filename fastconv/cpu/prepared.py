@@ -1,0 +1,154 @@
+"""Prepared convolution weights for inference on the CPU (called only from
+:mod:`fastconv.prepared`, after validation).
+
+:func:`fastconv.conv2d` redoes per call what depends only on the weights: the float32 bias, the
+Winograd weight transform ``U = G g G^T`` (2.5 ms per 3x3 ResNet-18 layer) or the packed GEMM
+operand (``packed_weights`` also builds the two backward operands, 2.7 ms per layer), and the
+per-shape planning. :class:`ConvWeights` computes each once, when first needed, and
+:class:`ConvPlan` holds what one input shape needs (algorithm, geometry, Winograd plan or
+stack layout, workspace key, serial or parallel kernel). Both are immutable once built, so one
+prepared object serves several threads (workspaces still come from the thread-safe pool).
+
+The kernels are the unprepared path's own (:func:`fastconv.cpu._winograd.forward_residual`,
+:func:`fastconv.cpu._direct.forward_residual`): the same work items in the same order, so the
+results are bitwise those of :func:`fastconv.cpu.conv.conv2d` with the same algorithm. They
+take an optional residual added in the epilogue (ResNet's ``relu(bn(conv(x)) + shortcut)``).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from . import _select
+from . import _winograd as wg
+from ._direct import ForwardWork, GemmPlan
+from ._direct import forward_residual as gemm_parallel
+from ._direct import forward_residual_serial as gemm_serial
+from ._half import bits_view
+from ._layout import aligned_empty, packed_weights, row_stride, stack_layout, tap_offsets, threads
+from ._workspace import checkout
+from .conv import _images_per_block, _winograd_setup
+
+__all__ = ["SERIAL_CONV_FLOPS", "ConvWeights", "ConvPlan", "make_plan", "conv2d_prepared"]
+
+# Direct-convolution FLOPs below which a call runs on the calling thread (no parallel region).
+# Measured on the deep-MNIST layers at batch 1 (3.6 MFLOP each; bench/predict_prepared.py):
+# the serial twin took 25-60 us where the parallel kernel took 60-170 us on the shared 2-core
+# host (the pool's wake-up). A batch-100 layer (360 MFLOP) keeps both threads.
+SERIAL_CONV_FLOPS = 20_000_000
+
+
+class ConvWeights:
+    """One convolution's weights, prepared lazily for every algorithm that asks.
+
+    ``w`` (F, C, kh, kw) and ``b`` (F,) or None: validated, C-contiguous NumPy arrays of one
+    dtype (float32 or float16). The arrays are the prepared object's own (a folded copy or
+    the layer's), and must not change while it is in use: that is what the weights version
+    of :mod:`fastconv.nn` guarantees.
+    """
+
+    def __init__(self, w, b):
+        self.w = w
+        self.F = int(w.shape[0])
+        self.bias = np.zeros(self.F, np.float32)
+        if b is not None:
+            self.bias[:] = b  # the epilogue adds them in float32
+        self._u: dict = {}  # (m, Fp) -> (U, ok)
+        self._fk = None  # (W as (F, K) float32, all finite)
+
+    def winograd(self, m, rows_padded):
+        """``(U, ok)`` of :func:`fastconv.cpu._winograd.transform_weights`, computed once."""
+        key = (m, rows_padded)
+        found = self._u.get(key)
+        if found is None:
+            found = self._u[key] = wg.transform_weights(bits_view(self.w), m, rows_padded)
+        return found
+
+    def gemm(self):
+        """The (F, K) float32 operand of the GEMM paths, packed once."""
+        if self._fk is None:
+            w_fk, _, _, finite = packed_weights(self.w)
+            self._fk = (w_fk, finite)
+        return self._fk[0]
+
+
+class ConvPlan(NamedTuple):
+    """What one input shape needs (built once per shape by :func:`make_plan`)."""
+
+    g: tuple  # the validated Geometry
+    name: str  # algorithm (winograd4x4, winograd2x2, direct, unfolded)
+    source: str  # how it was chosen (see fastconv.conv_algorithm_choices)
+    serial: bool  # run on the calling thread
+    y_shape: tuple
+    wino: tuple | None  # (m, setup) of a Winograd plan
+    gemm: tuple | None  # (GemmPlan, x_layout, workspace key, make) of a GEMM plan
+
+
+def _gemm_setup(g, F, direct, nt):
+    nb = _images_per_block(g, direct)
+    K, P = g.C * g.kh * g.kw, g.OH * g.OW
+    x_layout = stack_layout(g.H, g.W, g.ph, g.pw, g.kh, g.kw, nb)
+    if direct:
+        buf_len, acc_len = g.C * x_layout.cstride, row_stride(nb * x_layout.rows * x_layout.stride)
+        offsets = tap_offsets(g.C, g.kh, g.kw, x_layout.cstride, x_layout.stride)
+    else:
+        buf_len, acc_len = K * nb * P, row_stride(nb * P)
+        offsets = np.arange(K, dtype=np.int64) * (nb * P)
+    plan = GemmPlan(bool(direct), nb, offsets, offsets)
+    key = ("fwd", buf_len, acc_len, F, nt)  # the unprepared path's key: one pool
+
+    def make():
+        return ForwardWork(aligned_empty((nt, buf_len)), aligned_empty((nt, F, acc_len)))
+
+    return plan, x_layout, key, make
+
+
+def make_plan(g, weights, name, source):
+    """The :class:`ConvPlan` of geometry ``g`` (validated) with algorithm ``name``."""
+    F = weights.F
+    serial = 2 * g.N * F * g.C * g.kh * g.kw * g.OH * g.OW < SERIAL_CONV_FLOPS
+    nt = 1 if serial else threads(g.N)
+    wino = gemm = None
+    if name.startswith("winograd"):
+        m = 4 if name == "winograd4x4" else 2
+        wino = (m, _winograd_setup(g.N, g.C, F, g.OH, g.OW, m, nt, g.ph, g.pw, g.W, False))
+    # Winograd plans keep a GEMM plan for the calls it sends back (non-finite or huge values).
+    gemm = _gemm_setup(g, F, g.sh == 1 and g.sw == 1 and name != "unfolded", nt)
+    return ConvPlan(g, name, source, serial, (g.N, F, g.OH, g.OW), wino, gemm)
+
+
+def choose(g, weights, dtype):
+    """``(name, source)`` for a prepared call, or ``(None, source)`` in benchmark mode before
+    the shape was measured (the caller runs the unprepared path once, which measures)."""
+    return _select.choose("forward", dtype, g, weights.F, None)
+
+
+def conv2d_prepared(x, weights, plan, relu, res):
+    """``act(conv(x) + bias [+ res])`` in x's dtype by ``plan``; ``res`` None or an array of
+    the output's shape and dtype (validated, C-contiguous)."""
+    g = plan.g
+    y = np.empty(plan.y_shape, dtype=x.dtype)
+    yb, xb = bits_view(y), bits_view(x)
+    has_res = res is not None
+    rb = bits_view(res) if has_res else yb
+    fell_back = False
+    if plan.wino is not None:
+        m, (wplan, key, make) = plan.wino
+        u, ok = weights.winograd(m, wplan.Fp)
+        if ok:
+            flags = np.zeros(wplan.ngroups * wplan.nbands, np.int64)
+            kernel = wg.forward_residual_serial if plan.serial else wg.forward_residual
+            with checkout(key, make) as ws:
+                kernel(xb, u, weights.bias, relu, yb, wplan, ws, flags, rb, has_res)
+            if not flags.any():
+                _select.record("forward", x.dtype, g, weights.F, plan.name, plan.source)
+                return y
+        fell_back = True
+    gplan, x_layout, key, make = plan.gemm
+    kernel = gemm_serial if plan.serial else gemm_parallel
+    with checkout(key, make) as ws:
+        kernel(xb, weights.gemm(), weights.bias, relu, yb, ws, gplan, x_layout, g, rb, has_res)
+    _select.record("forward", x.dtype, g, weights.F, plan.name, plan.source, fell_back)
+    return y

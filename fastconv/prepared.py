@@ -1,0 +1,158 @@
+"""Convolution weights prepared once for inference: :func:`prepare_conv2d`.
+
+``fastconv.conv2d(x, w, b, ...)`` validates its arguments, converts the bias, transforms or
+packs the weights and plans the call every time. A :class:`PreparedConv2d` does the weight
+work once (lazily, per algorithm) and validates and plans once per input shape; a call then
+checks only what can differ from the shape it was planned for (the array's library, shape,
+dtype, the activation and the residual). ``fastconv.nn`` keeps one per layer for ``predict``
+and drops it when the layer's weights version changes (docs/architecture.md).
+
+The prepared object owns its weight arrays (copies, or the folded weights it was given): it
+never sees later writes to the arrays it was made from.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from . import _checks as chk
+from .device import device_of
+
+__all__ = ["PreparedConv2d", "prepare_conv2d"]
+
+
+def prepare_conv2d(w, b=None, stride=1, pad=0, copy=True):
+    """Prepare convolution weights for repeated inference calls.
+
+    Parameters
+    ----------
+    w : ndarray, (F, C, kh, kw), float32 or float16 (NumPy or CuPy)
+    b : ndarray, (F,), w's dtype, optional
+    stride, pad : int or (int, int)
+    copy : bool
+        False: keep ``w`` and ``b`` themselves (the caller promises not to change them, e.g.
+        freshly folded weights); True (default) copies them.
+
+    Returns
+    -------
+    PreparedConv2d
+        ``prepared(x, activation=None, residual=None)`` equals
+        ``fastconv.conv2d(x, w, b, stride, pad, activation)`` bit for bit (with a residual:
+        ``relu(conv2d(x, w, b) + residual)`` as the separate ops round it).
+    """
+    chk.check_array(w, "w", 4)
+    if b is not None:
+        chk.check_array(b, "b", 1)
+    chk.check_same_kind("w", w, b=b)
+    F, C, kh, kw = (int(s) for s in w.shape)
+    if kh < 1 or kw < 1:
+        raise ValueError(f"w must have kernel height and width >= 1, got shape {tuple(w.shape)}")
+    if b is not None and b.shape[0] != F:
+        raise ValueError(f"b must have length {F} (w.shape[0]), got {b.shape[0]}")
+    stride = chk.as_pair(stride, "stride", 1)
+    pad = chk.as_pair(pad, "pad", 0)
+    if not isinstance(copy, (bool, np.bool_)):
+        raise TypeError(f"copy must be a bool, got {type(copy).__name__}")
+    dev = device_of(w)
+    xp = dev.xp
+    w = xp.array(w, order="C", copy=True) if copy else dev.ascontiguous(w)
+    if b is not None:
+        b = xp.array(b, order="C", copy=True) if copy else dev.ascontiguous(b)
+    return PreparedConv2d(w, b, stride, pad)
+
+
+class PreparedConv2d:
+    """Convolution weights prepared for inference (made by :func:`prepare_conv2d`).
+
+    Attributes ``w``, ``b``, ``stride``, ``pad``: what it computes with (read-only by
+    contract). Thread-safe: several threads may call one object at once.
+    """
+
+    def __init__(self, w, b, stride, pad):
+        self.w, self.b, self.stride, self.pad = w, b, stride, pad
+        self.dtype = np.dtype(w.dtype)
+        self._device = device_of(w)
+        self._cpu = None
+        if self._device.kernels.conv_algorithms:  # the Numba backend
+            from .cpu import prepared as cpu_prepared
+
+            self._cpu = cpu_prepared
+            self._weights = cpu_prepared.ConvWeights(w, b)
+        # (array type, shape, algorithm setting) -> plan; plain dict: a lost race only
+        # builds a plan twice.
+        self._plans: dict = {}
+
+    def _plan(self, x):
+        """The plan for ``x``'s shape (validated and built on the first call of the shape)."""
+        setting = self._cpu._select.get_global() if self._cpu is not None else None
+        key = (type(x), x.shape, x.dtype, setting)
+        plan = self._plans.get(key)
+        if plan is not None:
+            return plan, None
+        g = chk.validate_conv2d(x, self.w, self.b, self.stride, self.pad)
+        if device_of(x) is not self._device:
+            raise TypeError(
+                f"x must be on the prepared weights' device ({self._device.name}), got "
+                f"{type(x).__name__}"
+            )
+        if self._cpu is None or g.N == 0:
+            return None, g
+        name, source = self._cpu.choose(g, self._weights, x.dtype)
+        if name is None:  # benchmark mode, shape not measured yet: not cached
+            return None, g
+        plan = self._plans[key] = self._cpu.make_plan(g, self._weights, name, source)
+        return plan, None
+
+    def __call__(self, x, activation=None, residual=None):
+        """``act(conv2d(x, w, b) [+ residual])``.
+
+        Parameters
+        ----------
+        x : ndarray, (N, C, H, W), the weights' dtype and library
+        activation : None or "relu"
+        residual : ndarray of the output's shape and dtype, optional
+            Added before the activation, in the same pass over the output (ResNet's
+            shortcut).
+        """
+        if activation is not None and activation != "relu":
+            raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+        if not chk.is_array(x):
+            raise TypeError(f"x must be a numpy.ndarray or cupy.ndarray, got {type(x).__name__}")
+        plan, g = self._plan(x)
+        y_shape = plan.y_shape if plan is not None else (g.N, self.w.shape[0], g.OH, g.OW)
+        if residual is not None:
+            if type(residual) is not type(x):
+                raise TypeError(
+                    f"residual must be a {type(x).__name__} like x, got {type(residual).__name__}"
+                )
+            if residual.shape != y_shape or residual.dtype != x.dtype:
+                raise ValueError(
+                    f"residual must have the output's shape {y_shape} and dtype {x.dtype}, got "
+                    f"{tuple(residual.shape)} {residual.dtype}"
+                )
+        relu = activation == "relu"
+        dev = self._device
+        if plan is None:  # GPU, an empty batch, or benchmark mode's first call of a shape
+            return self._unprepared(x, g, relu, residual)
+        if not x.flags.c_contiguous:
+            x = dev.ascontiguous(x)
+        if residual is not None and not residual.flags.c_contiguous:
+            residual = dev.ascontiguous(residual)
+        with dev.launch_guard():
+            return self._cpu.conv2d_prepared(x, self._weights, plan, relu, residual)
+
+    def _unprepared(self, x, g, relu, residual):
+        from . import ops
+
+        act = "relu" if relu and residual is None else None
+        y = ops.conv2d(x, self.w, self.b, self.stride, self.pad, act)
+        if residual is None:
+            return y
+        y += residual  # in the output's dtype, as the Add layer's sum
+        return ops.relu(y) if relu else y
+
+    def __repr__(self):
+        return (
+            f"PreparedConv2d(w={tuple(self.w.shape)} {self.dtype}, bias={self.b is not None}, "
+            f"stride={self.stride}, pad={self.pad})"
+        )
