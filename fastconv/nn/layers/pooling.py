@@ -18,6 +18,7 @@ class _Pool2D(Layer):
     shareable = True
     torch_fresh = True
     _max = False
+    count_include_pad = True  # AvgPool2D's may differ
 
     def __init__(
         self, size=2, stride=None, padding=0, name=None, trainable=True, ceil_mode=False
@@ -52,12 +53,9 @@ class _Pool2D(Layer):
         C, H, W = spatial_shape(input_shape, self)
         if self.padding_arg == "same":
             self.padding = same_pads((H, W), self.size, self.stride)
-        # A zero-strided view stands for one sample: validation without allocating it.
-        sample = np.broadcast_to(np.float32(0), (1, C, H, W))
-        try:
-            g = chk.validate_pool(
-                sample, self.size, self.stride, self.padding, self._max, self.ceil_mode
-            )
+        try:  # the kernels' own checks, on the shape of one sample
+            _, _, g = chk.pool_pads((1, C, H, W), self.size, self.stride, self.padding,
+                                    self._max, self.ceil_mode, self.count_include_pad)  # fmt: skip
         except ValueError as e:
             what = f"{type(self).__name__} {self.name!r} on input {(C, H, W)}"
             raise ValueError(f"{what}: {e}") from None
