@@ -10,14 +10,15 @@ from ..plots import pyplot
 
 __all__ = ["GROUPS", "chart_groups", "comparison_table", "plot_comparison", "plot_by_type"]
 
-#: the chart's categories (the book's fig. 8-14 groups); every other type is "other"
-GROUPS = ("conv", "pool", "BN", "dense", "activation", "other")
-_GROUP_OF = {"conv": "conv", "pool": "pool", "norm": "BN", "dense": "dense",
-             "activation": "activation"}  # fmt: skip
+#: the chart's categories (the book's fig. 8-14 groups, and depthwise convolutions apart);
+#: every other type is "other"
+GROUPS = ("conv", "depthwise", "pool", "BN", "dense", "activation", "other")
+_GROUP_OF = {"conv": "conv", "depthwise": "depthwise", "pool": "pool", "norm": "BN",
+             "dense": "dense", "activation": "activation"}  # fmt: skip
 
 
 def chart_groups(by_type_ms: dict, part: str) -> dict:
-    """Shares of the six chart groups (``GROUPS``) in ``part``: "forward" (the layers' forward
+    """Shares of the chart groups (``GROUPS``) in ``part``: "forward" (the layers' forward
     time only, as the book's figure) or "step" (everything, loss, update and framework time
     included, under "other"). Sums to 1."""
     if part not in ("forward", "step"):
@@ -50,7 +51,7 @@ def _bars(result) -> list:
 
 
 def comparison_table(fc_result, torch_result=None) -> str:
-    """Shares of the six groups, fastconv and (if given) PyTorch, per pass."""
+    """Shares of the chart groups, fastconv and (if given) PyTorch, per pass."""
     rows = [("fastconv " + label, g, ms) for label, g, ms in _bars(fc_result)]
     if torch_result is not None:
         rows += [("PyTorch " + label, g, ms) for label, g, ms in _bars(torch_result)]
@@ -63,12 +64,12 @@ def comparison_table(fc_result, torch_result=None) -> str:
     return "\n".join(lines)
 
 
-_COLORS = {"conv": "#d62728", "pool": "#1f77b4", "BN": "#9467bd", "dense": "#ff7f0e",
-           "activation": "#2ca02c", "other": "#7f7f7f"}  # fmt: skip
+_COLORS = {"conv": "#d62728", "depthwise": "#e377c2", "pool": "#1f77b4", "BN": "#9467bd",
+           "dense": "#ff7f0e", "activation": "#2ca02c", "other": "#7f7f7f"}  # fmt: skip
 
 
 def plot_comparison(fc_result, torch_result, path, title="") -> None:
-    """Horizontal stacked bars of the six groups' shares (the book's fig. 8-14), fastconv and
+    """Horizontal stacked bars of the groups' shares (the book's fig. 8-14), fastconv and
     PyTorch side by side (``torch_result`` may be None), one bar per pass, ms at the right."""
     plt = pyplot()
     rows = [(f"fastconv {fc_result.dtype}\n{label}", g, ms) for label, g, ms in _bars(fc_result)]

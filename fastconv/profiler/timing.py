@@ -17,8 +17,18 @@ __all__ = ["ProfileResult", "profile_model", "profile_forward"]
 _package = sys.modules[__package__]  # fastconv.profiler, which holds the clock
 
 # Layer kinds reported under their own name; anything else ("reshape", "merge") goes to "other".
-_KINDS = ("conv", "pool", "norm", "dense", "activation", "dropout")
+# "depthwise" convolutions (one group per input channel) are apart from the others: MobileNets
+# spend a share of their time there out of proportion to their arithmetic.
+_KINDS = ("conv", "depthwise", "pool", "norm", "dense", "activation", "dropout")
+#: the kinds that are convolutions (``conv_share`` sums them)
+_CONV_KINDS = ("conv", "depthwise")
 _TYPE_ORDER = (*_KINDS, "other", "loss", "update", "framework")
+
+
+def _conv_ms(by_type_ms) -> dict:
+    """``{"forward": ms, "backward": ms}`` of every convolution kind together."""
+    parts = [by_type_ms[k] for k in _CONV_KINDS if k in by_type_ms]
+    return {part: sum(t[part] for t in parts) for part in ("forward", "backward")}
 
 
 def _type_of(layer) -> str:
@@ -82,15 +92,17 @@ class ProfileResult:
     step_ms_median : float
         Median of the same per-step totals.
     conv_share, forward_conv_share : float
-        Convolution time over the whole step, and conv forward time over the layers' forward time.
+        Convolution time (``conv`` and ``depthwise``) over the whole step, and convolution
+        forward time over the layers' forward time.
     by_type : dict
-        ``{type: share of the step}``, summing to 1. Types are layer kinds (``conv``, ``pool``,
+        ``{type: share of the step}``, summing to 1. Types are layer kinds (``conv``,
+        ``depthwise`` (DepthwiseConv2D, and Conv2D with one group per input channel), ``pool``,
         ``norm``, ``dense``, ``activation``, ``dropout``; other kinds as ``other``), ``loss``,
         ``update`` and ``framework`` (the time between hooked events).
     by_type_ms : dict
         ``{type: {"forward": ms, "backward": ms}}``; the optimizer update counts as backward.
     layers : list of dict
-        ``{"name", "type", "forward_ms", "backward_ms"}`` in layer order; CPU conv layers also
+        ``{"name", "type", "forward_ms", "backward_ms"}`` in layer order; CPU convolution layers also
         ``"algorithm"``: ``{pass: name}`` for the passes ``forward``, ``backward`` (dx and dW)
         and ``backward_weights`` (dW only, the first layer), as
         :func:`fastconv.ops.conv_algorithm_choices` recorded them.
@@ -236,7 +248,7 @@ class _AlgorithmHook:
         }
 
     def begin(self, event, layer):
-        if layer is not None and _type_of(layer) == "conv":
+        if layer is not None and _type_of(layer) in _CONV_KINDS:
             self._before = self._counts()
 
     def end(self, event, layer):
@@ -340,7 +352,7 @@ def _run(model, x, y, steps, warmup, training):
             "backward_ms": per_layer[layer.name]["backward"],
             **(
                 {"algorithm": algorithms.get(layer.name, {})}
-                if _type_of(layer) == "conv" and not gpu
+                if _type_of(layer) in _CONV_KINDS and not gpu
                 else {}
             ),
         }
@@ -362,7 +374,7 @@ def _run(model, x, y, steps, warmup, training):
 
     step_ms = sum(v["forward"] + v["backward"] for v in by_type_ms.values())
     by_type = {k: (v["forward"] + v["backward"]) / step_ms for k, v in by_type_ms.items()}
-    conv = by_type_ms.get("conv", {"forward": 0.0, "backward": 0.0})
+    conv = _conv_ms(by_type_ms)
     forward_total = sum(layer["forward_ms"] for layer in layers)
     profiled_ms = float(np.median(walls) * 1e3)
     untimed_ms = float(np.median(untimed_walls) * 1e3)

@@ -8,15 +8,17 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .timing import _TYPE_ORDER, _check_args
+from .timing import _CONV_KINDS, _TYPE_ORDER, _check_args, _conv_ms
 
 __all__ = ["torch_category", "TorchProfileResult", "profile_torch", "profile_torch_in_subprocess"]
 
 
-def torch_category(op_name: str) -> str:
-    """The category of a top-level PyTorch operator or autograd node, by its name.
+def torch_category(op_name: str, input_shapes=None) -> str:
+    """The category of a top-level PyTorch operator or autograd node, by its name (and for a
+    convolution, by its input shapes where given: ``torch.profiler`` with ``record_shapes``).
 
-    ``aten::conv2d`` / ``ConvolutionBackward0`` -> conv; ``*pool*`` (and ``MeanBackward1``,
+    ``aten::conv2d`` / ``ConvolutionBackward0`` -> conv, or depthwise where the shapes show
+    one group per input channel (a weight of one input channel on an input of more); ``*pool*`` (and ``MeanBackward1``,
     the backward of a 1x1 adaptive average pool) -> pool; ``*batch_norm*`` -> norm;
     ``aten::linear`` / ``AddmmBackward0`` / ``MmBackward0`` / ``TBackward0`` -> dense;
     ``nll``, ``log_softmax``, ``cross_entropy`` -> loss; ``relu``, ``tanh``, ``sigmoid``,
@@ -26,7 +28,7 @@ def torch_category(op_name: str) -> str:
     name = op_name.rsplit(": ", 1)[-1].lower()  # "autograd::engine::evaluate_function: X"
     base = name.removeprefix("aten::")
     if "conv" in base:
-        return "conv"
+        return "depthwise" if _depthwise_shapes(input_shapes) else "conv"
     if "pool" in base or base in ("mean", "meanbackward1"):
         return "pool"
     if "batch_norm" in base or "batchnorm" in base:
@@ -40,6 +42,21 @@ def torch_category(op_name: str) -> str:
     if "dropout" in base:
         return "dropout"
     return "other"
+
+
+def _depthwise_shapes(input_shapes) -> bool:
+    """Do a convolution's input shapes ``[x, w, ...]`` show ``groups == in_channels > 1``
+    (``w`` of shape ``(F, C // groups, kh, kw)`` with one input channel, ``x`` of more)?"""
+    if not input_shapes or len(input_shapes) < 2:
+        return False
+    x, w = input_shapes[0], input_shapes[1]
+    return len(x) == 4 and len(w) == 4 and w[1] == 1 and x[1] > 1
+
+
+def _descendants(event):
+    yield event
+    for child in event.cpu_children:
+        yield from _descendants(child)
 
 
 @dataclass
@@ -128,7 +145,8 @@ def profile_torch(model, x, y=None, steps=5, warmup=2, training=True, threads=2,
 
     for _ in range(warmup):
         step()
-    with profile(activities=[ProfilerActivity.CPU]) as prof:
+    # Shapes: a depthwise convolution is an aten::conv2d like any other but for its weight.
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         for _ in range(steps):
             step()
 
@@ -142,8 +160,21 @@ def profile_torch(model, x, y=None, steps=5, warmup=2, training=True, threads=2,
         ops.setdefault(kind, {})
         ops[kind][name] = ops[kind].get(name, 0.0) + ms
 
+    roots = [e for e in prof.events() if e.name == "fc::step"]
+    # The autograd node of a forward operator carries its sequence number: that is how the
+    # backward of a depthwise convolution (a ConvolutionBackward0 like any other) is known.
+    depthwise_seq = {
+        e.sequence_nr
+        for root in roots
+        for rng in root.cpu_children
+        if rng.name == "fc::forward"
+        for op in rng.cpu_children
+        if torch_category(op.name, op.input_shapes) == "depthwise"
+        for e in _descendants(op)
+        if e.sequence_nr >= 0
+    }
     step_us = forward_ops_us = conv_forward_us = 0.0
-    for root in (e for e in prof.events() if e.name == "fc::step"):
+    for root in roots:
         step_us += root.cpu_time_total
         inside = 0.0
         for rng in root.cpu_children:
@@ -160,17 +191,19 @@ def profile_torch(model, x, y=None, steps=5, warmup=2, training=True, threads=2,
                 elif rng.name == "fc::update":
                     kind = "update"
                 else:
-                    kind = torch_category(op.name)
+                    kind = torch_category(op.name, op.input_shapes)
+                    if kind == "conv" and part == "backward" and op.sequence_nr in depthwise_seq:
+                        kind = "depthwise"
                 add(kind, part, op.name, op.cpu_time_total)
                 if rng.name == "fc::forward":
                     forward_ops_us += op.cpu_time_total
-                    conv_forward_us += op.cpu_time_total if kind == "conv" else 0.0
+                    conv_forward_us += op.cpu_time_total if kind in _CONV_KINDS else 0.0
             add("framework", part, f"{rng.name} (outside operators)",
                 rng.cpu_time_total - children)  # fmt: skip
         add("framework", "forward", "fc::step (outside ranges)", root.cpu_time_total - inside)
     by_type_ms = {k: by_type_ms[k] for k in _TYPE_ORDER if k in by_type_ms}
     step_ms = sum(v["forward"] + v["backward"] for v in by_type_ms.values())
-    conv = by_type_ms.get("conv", {"forward": 0.0, "backward": 0.0})
+    conv = _conv_ms(by_type_ms)
     return TorchProfileResult(
         torch=torch.__version__,
         threads=threads,

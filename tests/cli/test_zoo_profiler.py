@@ -56,6 +56,50 @@ def test_torch_categories(name, kind):
     assert torch_category(name) == kind
 
 
+@pytest.mark.parametrize(
+    "shapes,kind",
+    [
+        ([[2, 4, 8, 8], [4, 1, 3, 3], [4], [], [], [], []], "depthwise"),
+        ([[2, 4, 8, 8], [8, 1, 3, 3], [], [], [], [], []], "depthwise"),  # multiplier 2
+        ([[2, 4, 8, 8], [8, 2, 3, 3], [8], [], [], [], []], "conv"),  # 2 groups of 2 channels
+        ([[2, 1, 8, 8], [6, 1, 5, 5], [6], [], [], [], []], "conv"),  # LeNet's first layer
+        (None, "conv"),
+    ],
+)
+def test_torch_depthwise_category_from_the_shapes(shapes, kind):
+    assert torch_category("aten::conv2d", shapes) == kind
+
+
+def _depthwise_model():
+    from fastconv.nn import (Conv2D, Dense, DepthwiseConv2D, GlobalAveragePooling2D, ReLU6,
+                             Sequential)  # fmt: skip
+
+    layers = [Conv2D(8, 3, padding=1), DepthwiseConv2D(3, padding="same"), ReLU6(),
+              GlobalAveragePooling2D(), Dense(10)]  # fmt: skip
+    return Sequential(layers, input_shape=(3, 12, 12), seed=0).compile("sgd")
+
+
+def test_depthwise_share_in_both_profiles(torch):
+    """Depthwise convolutions are reported apart, forward and backward, by fastconv and in
+    PyTorch's breakdown; the convolution shares count them."""
+    model = _depthwise_model()
+    rng = np.random.default_rng(0)
+    x, y = rng.random((2, 3, 12, 12), dtype=np.float32), rng.integers(0, 10, 2)
+    r = profile_model(model, x, y, steps=1, warmup=1)
+    assert [la["type"] for la in r.layers][:3] == ["conv", "depthwise", "activation"]
+    assert r.by_type["depthwise"] > 0
+    assert r.conv_share == pytest.approx(r.by_type["conv"] + r.by_type["depthwise"], rel=1e-9)
+    assert chart_groups(r.by_type_ms, "step")["depthwise"] > 0
+    t = profile_torch(model, x, y, steps=2, warmup=1)
+    assert t.by_type_ms["depthwise"]["forward"] > 0 and t.by_type_ms["depthwise"]["backward"] > 0
+    assert "aten::conv2d" in t.ops["depthwise"] and "aten::conv2d" in t.ops["conv"]
+    assert any("ConvolutionBackward0" in op for op in t.ops["depthwise"])
+    assert any("ConvolutionBackward0" in op for op in t.ops["conv"])
+    conv = sum(t.by_type_ms[k]["forward"] + t.by_type_ms[k]["backward"]
+               for k in ("conv", "depthwise"))  # fmt: skip
+    assert t.conv_share == pytest.approx(conv / t.step_ms, rel=1e-9)
+
+
 def test_torch_breakdown_sums_to_one_and_names_its_operators(torch):
     model = models.resnet_mnist(seed=0)
     rng = np.random.default_rng(0)
