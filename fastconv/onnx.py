@@ -10,15 +10,19 @@ later (17 by default), and checks the result with ``onnx.checker.check_model``:
 =========================  ==================================================================
 fastconv layer             ONNX
 =========================  ==================================================================
-Conv2D                     Conv (symmetric ``pads``, ``strides``, bias input), + Relu node
-                           ``<layer>/relu`` for ``activation="relu"``
+Conv2D, DepthwiseConv2D    Conv (``pads``, ``strides``, ``dilations``, ``group``; "same" as
+                           ``auto_pad`` SAME_UPPER), bias input, + Relu node ``<layer>/relu``
+                           for ``activation="relu"``
+SeparableConv2D            Conv ``<layer>/depthwise`` (one group per channel), then 1x1 Conv
 Dense, DropConnectDense    Gemm (``W`` as ``B``, (in, out): ``transB=0``), + Relu as above
-MaxPool2D / AvgPool2D      MaxPool / AveragePool (``ceil_mode``; ``count_include_pad=1``)
+MaxPool2D / AvgPool2D      MaxPool / AveragePool (``pads``, ``ceil_mode``; the layer's
+                           ``count_include_pad``)
 GlobalAveragePooling2D     GlobalAveragePool + Flatten node ``<layer>/flatten``
 BatchNorm2D / BatchNorm1D  BatchNormalization (inference form: moving statistics, epsilon,
                            momentum)
 ReLU, LeakyReLU, Sigmoid,  Relu, LeakyRelu (alpha), Sigmoid, Tanh, Softmax (axis 1)
 Tanh, Softmax
+ReLU6                      Clip (min 0, max 6 as inputs)
 Dropout                    Dropout with its ratio (the identity at inference)
 Flatten                    Flatten (axis 1)
 Add / Concatenate          Add (Sum for more than two inputs) / Concat
@@ -38,6 +42,9 @@ gives a ValueError, a missing one FileNotFoundError; nothing is ever unpickled. 
 keeps the architecture, names, weights and predictions; what is only about training is not
 kept (``trainable``, regularizers, initializers), DropConnectDense comes back as Dense, and a
 Sequential as a functional Model.
+The convolution features of issue 22 (``group``, ``dilations``, asymmetric ``pads``, an
+AveragePool without the padding in its divisor, Clip) are exported but not read back yet:
+:func:`load` refuses them, naming the node.
 
 Pooling in ``ceil_mode`` follows PyTorch and ONNX Runtime: a last window that would start in the
 right padding is dropped (the ONNX shape inference of some versions keeps it).
@@ -230,14 +237,42 @@ def _product_inputs(w, layer, x, out):
     return inputs
 
 
+def _window_attrs(layer, groups):
+    """Conv attributes of a convolution layer's window: Keras's "same" as ONNX's SAME_UPPER
+    (the odd pixel after, as TensorFlow; load gives "same" back), else ``pads`` in ONNX's order
+    (top, left, bottom, right)."""
+    top, bottom, left, right = layer.pads
+    pad = ({"auto_pad": "SAME_UPPER"} if layer.padding_arg == "same"
+           else {"pads": [top, left, bottom, right]})  # fmt: skip
+    return dict(kernel_shape=list(layer.kernel_size), strides=list(layer.stride),
+                dilations=list(layer.dilation_rate), group=groups, **pad)  # fmt: skip
+
+
 def _emit_conv(w, layer, ins, out):
-    (ph, pw), (kh, kw) = layer.padding, layer.kernel_size
-    # Keras's "same" is ONNX's SAME_UPPER (the odd pixel after); the layer refuses the sizes
-    # where that is asymmetric, so the two agree, and load gives "same" back.
-    pad = {"auto_pad": "SAME_UPPER"} if layer.padding_arg == "same" else {"pads": [ph, pw, ph, pw]}
+    # DepthwiseConv2D: a Conv with one group per input channel.
+    groups = layer.groups if type(layer).__name__ == "Conv2D" else layer.input_shape[0]
     _with_relu(w, layer, "Conv", _product_inputs(w, layer, ins[0], out), out,
-               kernel_shape=[kh, kw], strides=list(layer.stride), dilations=[1, 1], group=1,
-               **pad)  # fmt: skip
+               **_window_attrs(layer, groups))  # fmt: skip
+
+
+def _emit_separable(w, layer, ins, out):
+    """The depthwise Conv (no bias) into ``<layer>/depthwise``, then the 1x1 Conv."""
+    mid = w.unique(f"{out}/depthwise")
+    kernel = w.weight(out, "depthwise_kernel", layer.params["depthwise_kernel"])
+    w.node("Conv", [ins[0], kernel], [mid], mid, **_window_attrs(layer, layer.input_shape[0]))
+    inputs = [mid, w.weight(out, "pointwise_kernel", layer.params["pointwise_kernel"])]
+    if layer.use_bias:
+        inputs.append(w.weight(out, "bias", layer.params["bias"]))
+    _with_relu(w, layer, "Conv", inputs, out, kernel_shape=[1, 1])
+
+
+def _emit_relu6(w, layer, ins, out):
+    bounds = []
+    for name, value in (("min", 0.0), ("max", 6.0)):  # Clip's bounds are inputs since opset 11
+        bounds.append(w.unique(f"{out}/{name}"))
+        w.initializers.append(w.onnx.numpy_helper.from_array(np.array(value, np.float32),
+                                                             bounds[-1]))  # fmt: skip
+    w.node("Clip", [ins[0], *bounds], [out], out)
 
 
 def _emit_dense(w, layer, ins, out):
@@ -247,11 +282,11 @@ def _emit_dense(w, layer, ins, out):
 
 def _emit_pool(op):
     def emit(w, layer, ins, out):
-        (ph, pw) = layer.padding
+        top, bottom, left, right = layer.pads
         attrs = {"kernel_shape": list(layer.size), "strides": list(layer.stride),
-                 "pads": [ph, pw, ph, pw], "ceil_mode": int(layer.ceil_mode)}  # fmt: skip
-        if op == "AveragePool":
-            attrs["count_include_pad"] = 1  # zero padding counts in the divisor, as PyTorch's
+                 "pads": [top, left, bottom, right], "ceil_mode": int(layer.ceil_mode)}  # fmt: skip
+        if op == "AveragePool":  # 1: zero padding counts in the divisor, as PyTorch's
+            attrs["count_include_pad"] = int(layer.count_include_pad)
         w.node(op, ins, [out], out, **attrs)
 
     return emit
@@ -292,6 +327,8 @@ def _emit_add(w, layer, ins, out):
 
 _EMITTERS = {
     "Conv2D": _emit_conv,
+    "DepthwiseConv2D": _emit_conv,
+    "SeparableConv2D": _emit_separable,
     "Dense": _emit_dense,
     "DropConnectDense": _emit_dense,  # the mean network at inference: a Dense
     "MaxPool2D": _emit_pool("MaxPool"),
@@ -301,6 +338,7 @@ _EMITTERS = {
     "BatchNorm2D": _emit_batch_norm,
     "BatchNorm1D": _emit_batch_norm,
     "ReLU": _emit_simple("Relu"),
+    "ReLU6": _emit_relu6,
     "LeakyReLU": _emit_simple("LeakyRelu", alpha=lambda layer: layer.alpha),
     "Sigmoid": _emit_simple("Sigmoid"),
     "Tanh": _emit_simple("Tanh"),

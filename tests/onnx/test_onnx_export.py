@@ -21,6 +21,7 @@ ZOO = [
     ("resnet18", {}, 2),
     ("resnet34", {}, 1),
     ("googlenet", {}, 1),
+    ("mobilenet_v2", {}, 1),
 ]
 
 
@@ -61,6 +62,37 @@ def test_every_layer_runs_the_same_in_onnx_runtime(
                    "Sigmoid", "Tanh", "Sum", "GlobalAveragePool", "Flatten", "Gemm", "Dropout",
                    "Relu", "Softmax"}  # fmt: skip
     x = rng.standard_normal((3, 3, 15, 12)).astype(np.float32)
+    assert_logits_close(run_ort(path, x), model.predict(x))
+
+
+def test_convolution_features_run_the_same_in_onnx_runtime(tmp_path, onnx, run_ort,
+                                                          assert_logits_close):  # fmt: skip
+    """Groups, dilation, Keras's "same" where it pads asymmetrically (8x9 at stride 2),
+    4-sided pads, depthwise and separable convolutions, ReLU6, and average pooling without the
+    padding in its divisor."""
+    layers = [
+        nn.Conv2D(6, 3, stride=2, padding="same", name="same"),
+        nn.Conv2D(6, 3, padding=(1, 0, 2, 1), groups=2, dilation_rate=(2, 1), name="grouped"),
+        nn.DepthwiseConv2D(3, padding="same", depth_multiplier=2, activation="relu", name="dw"),
+        nn.ReLU6(name="relu6"),
+        nn.SeparableConv2D(4, 3, padding=1, depth_multiplier=2, name="sep"),
+        nn.MaxPool2D(2, 2, padding="same", name="max"),
+        nn.AvgPool2D(3, 1, padding="same", name="avg"),
+        nn.Flatten(),
+        nn.Dense(5),
+    ]
+    model = nn.Sequential(layers, input_shape=(3, 15, 18), seed=0)
+    rng = np.random.default_rng(4)
+    for layer in model.layers:  # biases that count
+        for w in ("b", "bias"):
+            if w in layer.params:
+                layer.params[w][...] = rng.standard_normal(layer.params[w].shape)
+                layer.weights_changed()
+    path = fc_onnx.export(model, tmp_path / "features.onnx")
+    onnx.checker.check_model(str(path))
+    ops = [node.op_type for node in onnx.load(str(path)).graph.node]
+    assert ops.count("Conv") == 5 and "Clip" in ops
+    x = 4 * rng.standard_normal((3, 3, 15, 18)).astype(np.float32)
     assert_logits_close(run_ort(path, x), model.predict(x))
 
 
