@@ -348,8 +348,12 @@ def from_model(model) -> NumpyNet:
         kind = type(layer).__name__
         if kind == "Conv2D":
             k, s, p = layer.kernel_size, layer.stride, layer.padding
-            if k[0] != k[1] or s[0] != s[1] or p[0] != p[1] or not layer.use_bias:
-                raise TypeError(f"{layer.name}: the book-style net needs square, biased convs")
+            plain = len(p) == 2 and layer.groups == 1 and layer.dilation_rate == (1, 1)
+            if not plain or k[0] != k[1] or s[0] != s[1] or p[0] != p[1] or not layer.use_bias:
+                raise TypeError(
+                    f"{layer.name}: the book-style net needs square, biased convs (one group, no "
+                    "dilation, the same padding on every side)"
+                )
             conv = Conv(layer.filters, k[0], s[0], p[0], name=layer.name)
             conv.params = {n: to_numpy(layer.params[n]).astype(np.float64) for n in ("W", "b")}
             conv.built = True
@@ -358,7 +362,7 @@ def from_model(model) -> NumpyNet:
                 layers.append(Relu(name=f"{layer.name}_relu"))
         elif kind == "MaxPool2D":
             size = layer.size[0]
-            if layer.size != (size, size) or layer.stride != layer.size or any(layer.padding):
+            if layer.size != (size, size) or layer.stride != layer.size or any(layer.pads):
                 raise TypeError(f"{layer.name}: the book-style net pools square, unpadded windows")
             layers.append(MaxPool(size, name=layer.name))
         elif kind == "Dense":
