@@ -102,8 +102,8 @@ class ProfileResult:
     by_type_ms : dict
         ``{type: {"forward": ms, "backward": ms}}``; the optimizer update counts as backward.
     layers : list of dict
-        ``{"name", "type", "forward_ms", "backward_ms"}`` in layer order; CPU convolution layers also
-        ``"algorithm"``: ``{pass: name}`` for the passes ``forward``, ``backward`` (dx and dW)
+        ``{"name", "type", "forward_ms", "backward_ms"}`` in layer order; CPU convolution layers
+        also ``"algorithm"``: ``{pass: name}`` for the passes ``forward``, ``backward`` (dx and dW)
         and ``backward_weights`` (dW only, the first layer), as
         :func:`fastconv.ops.conv_algorithm_choices` recorded them.
     overhead : dict

@@ -18,9 +18,10 @@ def torch_category(op_name: str, input_shapes=None) -> str:
     convolution, by its input shapes where given: ``torch.profiler`` with ``record_shapes``).
 
     ``aten::conv2d`` / ``ConvolutionBackward0`` -> conv, or depthwise where the shapes show
-    one group per input channel (a weight of one input channel on an input of more); ``*pool*`` (and ``MeanBackward1``,
-    the backward of a 1x1 adaptive average pool) -> pool; ``*batch_norm*`` -> norm;
-    ``aten::linear`` / ``AddmmBackward0`` / ``MmBackward0`` / ``TBackward0`` -> dense;
+    one group per input channel (a weight of one input channel on an input of more);
+    ``*pool*`` (and ``MeanBackward1``, the backward of a 1x1 adaptive average pool) -> pool;
+    ``*batch_norm*`` -> norm; ``aten::linear`` / ``AddmmBackward0`` / ``MmBackward0`` /
+    ``TBackward0`` -> dense;
     ``nll``, ``log_softmax``, ``cross_entropy`` -> loss; ``relu``, ``tanh``, ``sigmoid``,
     ``softmax`` -> activation; ``dropout`` -> dropout; anything else (``add_``, ``cat``,
     ``flatten``, ``AccumulateGrad``...) -> other.

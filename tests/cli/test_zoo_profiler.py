@@ -71,12 +71,11 @@ def test_torch_depthwise_category_from_the_shapes(shapes, kind):
 
 
 def _depthwise_model():
-    from fastconv.nn import (Conv2D, Dense, DepthwiseConv2D, GlobalAveragePooling2D, ReLU6,
-                             Sequential)  # fmt: skip
+    from fastconv import nn
 
-    layers = [Conv2D(8, 3, padding=1), DepthwiseConv2D(3, padding="same"), ReLU6(),
-              GlobalAveragePooling2D(), Dense(10)]  # fmt: skip
-    return Sequential(layers, input_shape=(3, 12, 12), seed=0).compile("sgd")
+    layers = [nn.Conv2D(8, 3, padding=1), nn.DepthwiseConv2D(3, padding="same"), nn.ReLU6(),
+              nn.GlobalAveragePooling2D(), nn.Dense(10)]  # fmt: skip
+    return nn.Sequential(layers, input_shape=(3, 12, 12), seed=0).compile("sgd")
 
 
 def test_depthwise_share_in_both_profiles(torch):

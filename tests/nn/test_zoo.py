@@ -210,7 +210,7 @@ def _replay_layers(model, twin32, rec, torch):
         dx32, w32 = _replay_layer(*args, torch.float32)
         what = f"{model.name} layer {layer.name!r} ({type(layer).__name__})"
 
-        def check(part, ours, want, theirs):
+        def check(part, ours, want, theirs, what=what):
             err, bound = _rel_l2(ours, want), LAYER_TOLERANCE + 3 * _rel_l2(theirs, want)
             assert err < bound, f"{what}: {part} off by {err:.2e} (bound {bound:.2e})"
 

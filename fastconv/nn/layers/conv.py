@@ -74,8 +74,7 @@ def _padding(padding):
         return compact_pads(tuple(chk.as_int(p, f"padding[{i}]", 0) for i, p in enumerate(padding)))
     if isinstance(padding, (tuple, list)) and len(padding) != 2:
         raise ValueError(
-            "padding must be an int, a pair (h, w) or (top, bottom, left, right), "
-            f"got {padding!r}"
+            f"padding must be an int, a pair (h, w) or (top, bottom, left, right), got {padding!r}"
         )
     return chk.as_pair(padding, "padding", 0)
 
@@ -145,7 +144,8 @@ class _Conv(ProductLayer):
                 x, w, None, self.stride, self.padding, None, groups, self.dilation_rate
             )
         except ValueError as e:
-            raise ValueError(f"{type(self).__name__} {self.name!r} on input {(C, H, W)}: {e}") from None
+            what = f"{type(self).__name__} {self.name!r} on input {(C, H, W)}"
+            raise ValueError(f"{what}: {e}") from None
         return p.OH, p.OW
 
     def _conv(self, x, w, b, activation, groups):
@@ -487,9 +487,11 @@ class SeparableConv2D(_Conv):
             **self._window_config(),
             "depth_multiplier": self.depth_multiplier,
             **self._product_config(),
-            **self._regularizer_config(depthwise_regularizer="depthwise_kernel",
-                                       pointwise_regularizer="pointwise_kernel",
-                                       bias_regularizer="bias"),  # fmt: skip
+            **self._regularizer_config(
+                depthwise_regularizer="depthwise_kernel",
+                pointwise_regularizer="pointwise_kernel",
+                bias_regularizer="bias",
+            ),  # fmt: skip
         }
         return config
 

@@ -6,8 +6,8 @@ import numpy as np
 
 from ... import _checks as chk
 from ... import ops
-from .base import Layer, register_layer
 from ._torch_parts import torch_parts
+from .base import Layer, register_layer
 from .conv import _padding, four_pads, same_pads, spatial_shape
 
 __all__ = ["MaxPool2D", "AvgPool2D", "GlobalAveragePooling2D"]
@@ -20,9 +20,7 @@ class _Pool2D(Layer):
     _max = False
     count_include_pad = True  # AvgPool2D's may differ
 
-    def __init__(
-        self, size=2, stride=None, padding=0, name=None, trainable=True, ceil_mode=False
-    ):
+    def __init__(self, size=2, stride=None, padding=0, name=None, trainable=True, ceil_mode=False):
         super().__init__(name, trainable)
         self.size = chk.as_pair(size, "size", 1)
         self.stride = self.size if stride is None else chk.as_pair(stride, "stride", 1)
@@ -163,8 +161,8 @@ class AvgPool2D(_Pool2D):
     def torch_module(self, torch, inplace=False):
         include = self.count_include_pad
         if len(self.padding) == 2:
-            return torch.nn.AvgPool2d(self.size, self.stride, self.padding,
-                                      ceil_mode=self.ceil_mode, count_include_pad=include)  # fmt: skip
+            return torch.nn.AvgPool2d(self.size, self.stride, self.padding, self.ceil_mode,
+                                      count_include_pad=include)  # fmt: skip
         if include:  # asymmetric zero padding, then pool without padding
             pool = torch.nn.AvgPool2d(self.size, self.stride, 0, ceil_mode=self.ceil_mode)
             return torch.nn.Sequential(self._torch_pad(torch, 0.0), pool)
