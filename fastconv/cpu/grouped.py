@@ -10,8 +10,8 @@ clipped once per row and tap so the inner loop has no branch. At stride 1 the pl
 laid "wide" (below) so that each tap is one long contiguous product over a whole plane (5-8x
 the row-by-row loops on ResNeXt and MobileNet planes). Each task owns whole output planes
 (forward), input planes (``dx``) or filters (``dw``, ``db``), so every value is a float32 sum
-in a fixed order: deterministic whatever the thread count. Small problems run serially (a parallel region
-wakes the thread team, which under load can wait milliseconds).
+in a fixed order: deterministic whatever the thread count. Small problems run serially (a
+parallel region wakes the thread team, which under load can wait milliseconds).
 """
 
 from __future__ import annotations
