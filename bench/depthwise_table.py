@@ -1,13 +1,15 @@
-"""MobileNetV2's depthwise 3x3 layers: fastconv's depthwise kernels against PyTorch's grouped
-convolution (``groups == C``, oneDNN on the CPU), forward + backward, in one run.
+"""Grouped, depthwise and dilated convolutions against PyTorch (oneDNN on the CPU), forward +
+backward, in one run.
 
-Every distinct depthwise layer of MobileNetV2 at 224x224 (channels, input size, stride), batch 8
-by default. Each round times fastconv (``depthwise_conv2d`` + ``depthwise_conv2d_backward``)
-and PyTorch (``conv2d(groups=C)`` forward + autograd backward, channels_last or not, the
-faster kept) one after the other, so both see the same machine load; the table gives medians
-and the ratio (lower is faster for fastconv).
+``--layers depthwise`` (default): every distinct depthwise 3x3 layer of MobileNetV2 at 224x224.
+``--layers grouped``: ResNeXt-50 (32x4d)'s grouped 3x3 layers (32 groups) and DeepLab-style
+dilated 3x3 layers (dilation 2 and 4). Batch 8 by default. Each round times fastconv
+(``conv2d`` + ``conv2d_backward`` with ``groups``/``dilation``) and PyTorch (``conv2d`` forward
++ autograd backward, channels_last or not, the faster kept) one after the other, so both see
+the same machine load; the table gives medians and the ratio (lower is faster for fastconv).
 
     python -m bench.depthwise_table --batch 8 --rounds 7
+    python -m bench.depthwise_table --layers grouped --batch 8 --rounds 7
 """
 
 from __future__ import annotations
@@ -22,18 +24,26 @@ import fastconv as fc
 
 from .common import machine_line
 
-# (channels, input height = width, stride) of MobileNetV2's depthwise layers at 224x224
-LAYERS = [
-    (32, 112, 1),
-    (96, 112, 2),
-    (144, 56, 1),
-    (144, 56, 2),
-    (192, 28, 1),
-    (192, 28, 2),
-    (384, 14, 1),
-    (576, 14, 1),
-    (576, 14, 2),
-    (960, 7, 1),
+# (channels in = out, input height = width, stride, groups, dilation); groups None: depthwise
+DEPTHWISE = [
+    (32, 112, 1, None, 1),
+    (96, 112, 2, None, 1),
+    (144, 56, 1, None, 1),
+    (144, 56, 2, None, 1),
+    (192, 28, 1, None, 1),
+    (192, 28, 2, None, 1),
+    (384, 14, 1, None, 1),
+    (576, 14, 1, None, 1),
+    (576, 14, 2, None, 1),
+    (960, 7, 1, None, 1),
+]
+GROUPED = [  # ResNeXt-50 32x4d's 3x3 layers; DeepLab-style dilated layers
+    (128, 56, 1, 32, 1),
+    (256, 28, 1, 32, 1),
+    (512, 14, 1, 32, 1),
+    (1024, 7, 1, 32, 1),
+    (256, 28, 1, 1, 2),
+    (512, 28, 1, 1, 4),
 ]
 
 
@@ -51,6 +61,7 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--layers", choices=("depthwise", "grouped"), default="depthwise")
     args = parser.parse_args(argv)
     import torch
 
@@ -58,27 +69,29 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     print(machine_line(args.threads))
     print(f"batch {args.batch}, {args.rounds} interleaved rounds, forward + backward, ms")
-    print("| layer (C, HxW, stride) | fastconv | PyTorch | ratio |")
+    print("| layer (C, HxW, stride, groups, dilation) | fastconv | PyTorch | ratio |")
     print("|---|---:|---:|---:|")
     ratios = []
-    for C, size, stride in LAYERS:
+    for C, size, stride, groups, dilation in DEPTHWISE if args.layers == "depthwise" else GROUPED:
+        G = C if groups is None else groups
         x = rng.standard_normal((args.batch, C, size, size)).astype(np.float32)
-        w = (rng.standard_normal((C, 1, 3, 3)) / 3).astype(np.float32)
-        y = fc.depthwise_conv2d(x, w, None, stride, 1)
+        w = (rng.standard_normal((C, C // G, 3, 3)) / 3).astype(np.float32)
+        kw = {"stride": stride, "pad": dilation, "groups": G, "dilation": dilation}
+        y = fc.conv2d(x, w, **kw)
         dy = rng.standard_normal(y.shape).astype(np.float32)
 
-        def ours():
-            fc.depthwise_conv2d(x, w, None, stride, 1)
-            fc.depthwise_conv2d_backward(dy, x, w, stride, 1)
+        def ours(x=x, w=w, dy=dy, kw=kw):
+            fc.conv2d(x, w, **kw)
+            fc.conv2d_backward(dy, x, w, **kw)
 
-        def theirs(channels_last):
+        def theirs(channels_last, x=x, w=w, dy=dy, stride=stride, dilation=dilation, G=G):
             fmt = torch.channels_last if channels_last else torch.contiguous_format
             tx = torch.from_numpy(x).to(memory_format=fmt).requires_grad_()
             tw = torch.from_numpy(w).requires_grad_()
             tdy = torch.from_numpy(dy).to(memory_format=fmt)
 
             def run():
-                out = torch.nn.functional.conv2d(tx, tw, None, stride, 1, groups=C)
+                out = torch.nn.functional.conv2d(tx, tw, None, stride, dilation, dilation, G)
                 out.backward(tdy)
 
             return run
@@ -91,7 +104,8 @@ def main(argv=None) -> int:
         med = {k: statistics.median(v) for k, v in times.items()}
         torch_ms = min(med["nchw"], med["nhwc"])
         ratios.append(med["fc"] / torch_ms)
-        print(f"| {C}, {size}x{size}, s{stride} | {med['fc']:.2f} | {torch_ms:.2f} | "
+        print(f"| {C}, {size}x{size}, s{stride}, g{G}, d{dilation} | {med['fc']:.2f} | "
+              f"{torch_ms:.2f} | "
               f"{med['fc'] / torch_ms:.2f}x |")  # fmt: skip
     print(f"geometric mean ratio: {float(np.exp(np.mean(np.log(ratios)))):.2f}x")
     return 0

@@ -74,10 +74,13 @@ def _ort_worker(threads, conn):
         if batch == 1:  # per-image latencies
             times = []
             for i in range(x.shape[0]):
-                times.append(_timed(lambda i=i: run(x[i : i + 1])))
+                times.append(_timed(lambda i=i, run=run, x=x: run(x[i : i + 1])))
             conn.send(times)
         else:
-            conn.send(_timed(lambda: [run(x[i : i + batch]) for i in range(0, len(x), batch)]))
+            whole = lambda run=run, x=x, batch=batch: [  # noqa: E731
+                run(x[i : i + batch]) for i in range(0, len(x), batch)
+            ]
+            conn.send(_timed(whole))
 
 
 def _timed(fn):

@@ -23,8 +23,8 @@ __all__ = [
     "col2im",
     "conv2d",
     "conv2d_backward",
-    "depthwise_conv2d",
-    "depthwise_conv2d_backward",
+    "grouped_conv2d",
+    "grouped_conv2d_backward",
     "set_conv_algorithm",
     "get_conv_algorithm",
     "conv_algorithm_choices",
@@ -151,11 +151,11 @@ def conv2d(x, w, b=None, stride=1, pad=0, activation=None, algorithm=None, *, gr
         pad <= 2), or ``"auto"`` (the fixed rule of :func:`set_conv_algorithm`). None
         (default) uses :func:`set_conv_algorithm`'s setting. An algorithm that cannot run
         the layer raises ValueError. The GPU backend has one implementation: there only None
-        and ``"auto"`` are accepted. Depthwise layers have their own kernel (any algorithm
-        named is refused for them).
+        and ``"auto"`` are accepted. Groups of few channels (depthwise included) have their
+        own kernel (any algorithm named is refused for them).
     groups : int
         Channel groups, dividing C and F (ResNeXt); ``groups == C`` is a depthwise
-        convolution, run by :func:`depthwise_conv2d`'s kernel.
+        convolution. Groups of few channels run on :func:`grouped_conv2d`'s direct kernel.
     dilation : int or (int, int)
         Spacing of the kernel's taps (DeepLab's atrous convolution).
 
@@ -210,10 +210,21 @@ def conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True, algorithm=None, *, 
 
 # --- grouped, dilated and asymmetrically padded convolutions -------------------------------------
 #
-# Depthwise problems go to their own kernels. Everything else is composed here from the
-# kernels' symmetric, ungrouped, undilated convolution, identically on every device:
-# asymmetric padding as explicit zero rows/columns on the side that needs more, dilation as
-# zeros between the taps of the weights, groups as one convolution per group.
+# Groups of at most GROUPED_DIRECT_MAX_CHANNELS input channels (depthwise: one) go to the direct
+# grouped kernels, which take stride, dilation and all four pads natively. Everything else is
+# composed here from the kernels' plain convolution, identically on every device: a dilated
+# stride-1 convolution as one undilated convolution over the input's dh x dw phases stacked
+# in the batch (TensorFlow's space-to-batch: no multiply by the zeros of a dilated kernel);
+# other dilations as zeros between the taps of the weights; asymmetric padding as explicit
+# zero rows/columns on the side that needs more; larger groups as one convolution per group.
+
+#: channels per group up to which the direct grouped kernels beat a GEMM per group
+#: (docs/kernels.md, "Groups, depthwise, dilation, asymmetric padding")
+GROUPED_DIRECT_MAX_CHANNELS = 16
+
+
+def _direct_grouped(p) -> bool:
+    return p.groups > 1 and p.C // p.groups <= GROUPED_DIRECT_MAX_CHANNELS
 
 
 def _extra_pads(p):
@@ -233,16 +244,49 @@ def _dilated(dev, w, p):
     return wd
 
 
+def _refuse_named_algorithm(algorithm, what):
+    if algorithm not in (None, "auto"):
+        raise ValueError(
+            f"algorithm={algorithm!r}: {what} has one implementation; use algorithm=None or "
+            "'auto'"
+        )
+
+
+def _phases(dev, p):
+    """Space-to-batch geometry of a stride-1 dilated problem: the padded input cut into its
+    ``dh x dw`` phases (each ``Hs x Ws``, the input padded up to a multiple of the dilation)."""
+    t, b, left, r = p.pads
+    Hs, Ws = -(-(p.H + t + b) // p.dh), -(-(p.W + left + r) // p.dw)
+    pads = ((0, 0), (0, 0), (t, Hs * p.dh - p.H - t), (left, Ws * p.dw - p.W - left))
+    return Hs, Ws, pads
+
+
+def _to_phases(dev, a, p, Hs, Ws):
+    """(N, C, Hs*dh, Ws*dw) -> (dh*dw*N, C, Hs, Ws): phase (a, b) holds rows a::dh, cols b::dw."""
+    N, C = a.shape[:2]
+    a = a.reshape(N, C, Hs, p.dh, Ws, p.dw).transpose(3, 5, 0, 1, 2, 4)
+    return dev.ascontiguous(a).reshape(p.dh * p.dw * N, C, Hs, Ws)
+
+
+def _from_phases(dev, a, p, N):
+    """The inverse of :func:`_to_phases`: (dh*dw*N, C, h, w) -> (N, C, h*dh, w*dw)."""
+    _, C, h, w = a.shape
+    a = a.reshape(p.dh, p.dw, N, C, h, w).transpose(2, 3, 4, 0, 5, 1)
+    return dev.ascontiguous(a).reshape(N, C, h * p.dh, w * p.dw)
+
+
 def _conv2d_general(dev, p, x, w, b, activation, algorithm):
-    if p.depthwise:
-        if algorithm not in (None, "auto"):
-            raise ValueError(
-                f"algorithm={algorithm!r}: a depthwise convolution (groups == channels) has "
-                "one implementation; use algorithm=None or 'auto'"
-            )
-        return depthwise_conv2d(x, w, b, (p.sh, p.sw), p.pads, activation, (p.dh, p.dw))
+    if _direct_grouped(p):
+        _refuse_named_algorithm(algorithm, "a direct grouped (or depthwise) convolution")
+        return grouped_conv2d(x, w, b, (p.sh, p.sw), p.pads, activation, p.groups,
+                              (p.dh, p.dw))  # fmt: skip
     if p.N == 0:
         return dev.zeros((0, p.F, p.OH, p.OW), x.dtype)
+    if (p.dh, p.dw) != (1, 1) and (p.sh, p.sw) == (1, 1):
+        Hs, Ws, pads = _phases(dev, p)
+        xs = _to_phases(dev, dev.xp.pad(x, pads), p, Hs, Ws)
+        ys = conv2d(xs, w, b, 1, 0, activation, algorithm, groups=p.groups)
+        return dev.ascontiguous(_from_phases(dev, ys, p, p.N)[:, :, : p.OH, : p.OW])
     extra, sym = _extra_pads(p)
     if any(extra):
         x = dev.xp.pad(x, ((0, 0), (0, 0), extra[:2], extra[2:]))
@@ -259,13 +303,24 @@ def _conv2d_general(dev, p, x, w, b, activation, algorithm):
 
 
 def _conv2d_backward_general(dev, p, dy, x, w, need_dx, algorithm):
-    if p.depthwise:
-        if algorithm not in (None, "auto"):
-            raise ValueError(
-                f"algorithm={algorithm!r}: a depthwise convolution (groups == channels) has "
-                "one implementation; use algorithm=None or 'auto'"
-            )
-        return depthwise_conv2d_backward(dy, x, w, (p.sh, p.sw), p.pads, need_dx, (p.dh, p.dw))
+    if _direct_grouped(p):
+        _refuse_named_algorithm(algorithm, "a direct grouped (or depthwise) convolution")
+        return grouped_conv2d_backward(dy, x, w, (p.sh, p.sw), p.pads, need_dx, p.groups,
+                                       (p.dh, p.dw))  # fmt: skip
+    if (p.dh, p.dw) != (1, 1) and (p.sh, p.sw) == (1, 1):
+        Hs, Ws, pads = _phases(dev, p)
+        xs = _to_phases(dev, dev.xp.pad(x, pads), p, Hs, Ws)
+        # dy on the phases' whole output grid (zeros past OH, OW: they add nothing)
+        oh, ow = Hs - p.kh + 1, Ws - p.kw + 1
+        dyf = dev.zeros((p.N, p.F, oh * p.dh, ow * p.dw), dy.dtype)
+        dyf[:, :, : p.OH, : p.OW] = dy
+        dys = _to_phases(dev, dyf, p, oh, ow)
+        dxs, dw, db = conv2d_backward(dys, xs, w, 1, 0, need_dx, algorithm, groups=p.groups)
+        if not need_dx:
+            return None, dw, db
+        t, left = p.pads[0], p.pads[2]
+        dx = _from_phases(dev, dxs, p, p.N)[:, :, t : t + p.H, left : left + p.W]
+        return dev.ascontiguous(dx), dw, db
     extra, sym = _extra_pads(p)
     if any(extra):
         x = dev.xp.pad(x, ((0, 0), (0, 0), extra[:2], extra[2:]))
@@ -289,36 +344,36 @@ def _conv2d_backward_general(dev, p, dy, x, w, need_dx, algorithm):
 
 
 @kernel_op
-def depthwise_conv2d(x, w, b=None, stride=1, pad=0, activation=None, dilation=1):
-    """Depthwise convolution: each input channel ``c`` convolved with its own ``M`` filters
-    ``w[c*M : (c+1)*M]`` (MobileNet's 3x3 layers); the same as ``conv2d(..., groups=C)``.
+def grouped_conv2d(x, w, b=None, stride=1, pad=0, activation=None, groups=1, dilation=1):
+    """Direct grouped convolution, the kernel behind ``conv2d(..., groups=g)`` when a group has
+    at most :data:`GROUPED_DIRECT_MAX_CHANNELS` input channels: depthwise (``groups == C``,
+    MobileNet's 3x3 layers, Keras's ``depth_multiplier`` being ``F / C``) and small groups
+    (ShuffleNet, ResNeXt). Filter ``f`` of group ``f // (F / groups)`` reads that group's
+    ``C / groups`` channels.
 
     Parameters
     ----------
     x : ndarray, (N, C, H, W)
-    w : ndarray, (C * M, 1, kh, kw)
-        PyTorch's layout for ``groups=C`` (Keras's ``depth_multiplier`` is ``M``).
-    b : ndarray, (C * M,), optional
-    stride, pad, activation, dilation : as for :func:`conv2d`
+    w : ndarray, (F, C // groups, kh, kw)
+    b : ndarray, (F,), optional
+    stride, pad, activation, groups, dilation : as for :func:`conv2d`
 
     Returns
     -------
-    ndarray, (N, C * M, OH, OW), same dtype as ``x``
+    ndarray, (N, F, OH, OW), same dtype as ``x``
     """
-    p = chk.validate_conv(x, w, b, stride, pad, activation, x.shape[1] if _is_4d(x) else 1,
-                          dilation)  # fmt: skip
+    p = chk.validate_conv(x, w, b, stride, pad, activation, groups, dilation)
     dev = device_of(x)
     if p.N == 0:
         return dev.zeros((0, p.F, p.OH, p.OW), x.dtype)
     x, w, b = _contiguous(dev, x, w, b)
-    return _launch(dev, dev.kernels.depthwise_conv2d, x, w, b, p, activation)
+    return _launch(dev, dev.kernels.grouped_conv2d, x, w, b, p, activation)
 
 
 @kernel_op
-def depthwise_conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True, dilation=1):
-    """Gradients ``(dx or None, dw, db)`` of :func:`depthwise_conv2d` (without activation)."""
-    p = chk.validate_conv_backward(dy, x, w, stride, pad, x.shape[1] if _is_4d(x) else 1,
-                                   dilation)  # fmt: skip
+def grouped_conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True, groups=1, dilation=1):
+    """Gradients ``(dx or None, dw, db)`` of :func:`grouped_conv2d` (without activation)."""
+    p = chk.validate_conv_backward(dy, x, w, stride, pad, groups, dilation)
     if not isinstance(need_dx, (bool, np.bool_)):
         raise TypeError(f"need_dx must be a bool, got {type(need_dx).__name__}")
     dev = device_of(x)
@@ -326,12 +381,7 @@ def depthwise_conv2d_backward(dy, x, w, stride=1, pad=0, need_dx=True, dilation=
         dx = dev.zeros(x.shape, x.dtype) if need_dx else None
         return dx, dev.zeros(w.shape, x.dtype), dev.zeros((w.shape[0],), x.dtype)
     dy, x, w = _contiguous(dev, dy, x, w)
-    return _launch(dev, dev.kernels.depthwise_conv2d_backward, dy, x, w, p, bool(need_dx))
-
-
-def _is_4d(x) -> bool:
-    """Whether ``x`` can give its channel count (validation then names what is wrong)."""
-    return chk.is_array(x) and x.ndim == 4
+    return _launch(dev, dev.kernels.grouped_conv2d_backward, dy, x, w, p, bool(need_dx))
 
 
 def set_conv_algorithm(algorithm="auto"):

@@ -27,8 +27,8 @@ __all__ = [
     "col2im",
     "conv2d",
     "conv2d_backward",
-    "depthwise_conv2d",
-    "depthwise_conv2d_backward",
+    "grouped_conv2d",
+    "grouped_conv2d_backward",
     "max_pool2d",
     "max_pool2d_backward",
     "avg_pool2d",
@@ -181,14 +181,14 @@ def conv2d_backward(dy, x, w, stride=1, pad=0, groups=1, dilation=1):
     return dx, dw.reshape(w.shape), dy.sum(axis=(0, 2, 3))
 
 
-def depthwise_conv2d(x, w, b=None, stride=1, pad=0, activation=None, dilation=1):
-    """:func:`conv2d` with one group per input channel (``w``: ``(C * M, 1, kh, kw)``)."""
-    return conv2d(x, w, b, stride, pad, activation, groups=np.shape(x)[1], dilation=dilation)
+def grouped_conv2d(x, w, b=None, stride=1, pad=0, activation=None, groups=1, dilation=1):
+    """:func:`conv2d` (the direct grouped kernels' oracle: the same computation)."""
+    return conv2d(x, w, b, stride, pad, activation, groups, dilation)
 
 
-def depthwise_conv2d_backward(dy, x, w, stride=1, pad=0, dilation=1):
-    """Gradients ``(dx, dw, db)`` of :func:`depthwise_conv2d` (without activation)."""
-    return conv2d_backward(dy, x, w, stride, pad, groups=np.shape(x)[1], dilation=dilation)
+def grouped_conv2d_backward(dy, x, w, stride=1, pad=0, groups=1, dilation=1):
+    """Gradients ``(dx, dw, db)`` of :func:`grouped_conv2d` (without activation)."""
+    return conv2d_backward(dy, x, w, stride, pad, groups, dilation)
 
 
 def _pool_geometry(x_shape, size, stride, pad, ceil_mode=False, max_pool=False,
@@ -503,13 +503,13 @@ class ReferenceKernels(Kernels):
         dx, dw, db = conv2d_backward(dy, x, w, **_window_args(g))
         return (dx.astype(x.dtype) if need_dx else None), dw.astype(x.dtype), db.astype(x.dtype)
 
-    def depthwise_conv2d(self, x, w, b, p, activation):
-        args = {"stride": (p.sh, p.sw), "pad": p.pads, "dilation": (p.dh, p.dw)}
-        return depthwise_conv2d(x, w, b, activation=activation, **args).astype(x.dtype)
+    def grouped_conv2d(self, x, w, b, p, activation):
+        args = {"stride": (p.sh, p.sw), "pad": p.pads, "groups": p.groups, "dilation": (p.dh, p.dw)}
+        return grouped_conv2d(x, w, b, activation=activation, **args).astype(x.dtype)
 
-    def depthwise_conv2d_backward(self, dy, x, w, p, need_dx=True):
-        args = {"stride": (p.sh, p.sw), "pad": p.pads, "dilation": (p.dh, p.dw)}
-        dx, dw, db = depthwise_conv2d_backward(dy, x, w, **args)
+    def grouped_conv2d_backward(self, dy, x, w, p, need_dx=True):
+        args = {"stride": (p.sh, p.sw), "pad": p.pads, "groups": p.groups, "dilation": (p.dh, p.dw)}
+        dx, dw, db = grouped_conv2d_backward(dy, x, w, **args)
         return (dx.astype(x.dtype) if need_dx else None), dw.astype(x.dtype), db.astype(x.dtype)
 
     def max_pool2d(self, x, g):

@@ -27,8 +27,8 @@ from .augment import AugmentKernels
 from .batchnorm import BatchNormKernels
 from .conv import ConvKernels
 from .dense import DenseKernels
-from .depthwise import DepthwiseKernels
 from .global_pool import GlobalPoolKernels
+from .grouped import GroupedKernels
 from .im2col import UnfoldKernels
 from .pool import PoolKernels
 
@@ -53,7 +53,7 @@ __all__ = ["KERNELS", "CpuKernels", "launch_guard"]
 class CpuKernels(
     UnfoldKernels,
     ConvKernels,
-    DepthwiseKernels,
+    GroupedKernels,
     PoolKernels,
     BatchNormKernels,
     GlobalPoolKernels,

@@ -120,9 +120,9 @@ _WINOGRAD_MIN_RUN = 9
 def rule(g, F, pass_):
     """The ``"auto"`` choice: Winograd F(4x4) for 3x3 stride-1 layers with enough channels
     in and out (a forward call of one image needs rows of at least ``_WINOGRAD_MIN_RUN``
-    tiles: a single small image goes direct), else the direct path (stride 1; backward also needs >= 4 input
-    channels, as the direct dx product has one row per input channel), else the unfolded
-    path."""
+    tiles: a single small image goes direct), else the direct path (stride 1; backward also
+    needs >= 4 input channels, as the direct dx product has one row per input channel), else
+    the unfolded path."""
     if applies("winograd4x4", g) and min(g.C, F) >= _WINOGRAD_MIN_CHANNELS:
         if pass_ != "forward" or g.N > 1 or -(-g.OW // 4) >= _WINOGRAD_MIN_RUN:
             return "winograd4x4"

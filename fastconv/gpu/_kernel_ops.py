@@ -184,33 +184,33 @@ class KernelOps(Kernels):
             dw = dw32.astype(x.dtype).reshape(w.shape)
         return dx, dw, db
 
-    # --- depthwise convolution (any stride, dilation, padding: fastconv._checks.ConvProblem) ---
+    # --- direct grouped convolution (any stride, dilation, padding: _checks.ConvProblem) ------
 
-    def _depthwise_args(self, p):
+    def _grouped_args(self, p):
         check_index_range(p.geometry()._replace(ph=max(p.pads[:2]), pw=max(p.pads[2:])))
-        return (p.N, p.C, p.H, p.W, p.F, p.kh, p.kw, p.sh, p.sw, p.pads[0], p.pads[2],
-                p.dh, p.dw, p.OH, p.OW)  # fmt: skip
+        return (p.N, p.C, p.H, p.W, p.F, p.groups, p.kh, p.kw, p.sh, p.sw, p.pads[0],
+                p.pads[2], p.dh, p.dw, p.OH, p.OW)  # fmt: skip
 
-    def depthwise_conv2d(self, x, w, b, p, activation):
+    def grouped_conv2d(self, x, w, b, p, activation):
         y = self.xp.empty((p.N, p.F, p.OH, p.OW), dtype=x.dtype)
         bias = b if b is not None else w  # any valid pointer; unread when has_bias == 0
-        self.launch("depthwise_forward", y.size, x, w, bias, y, *self._depthwise_args(p),
+        self.launch("grouped_forward", y.size, x, w, bias, y, *self._grouped_args(p),
                     int(b is not None), int(activation == "relu"))  # fmt: skip
         return y
 
-    def depthwise_conv2d_backward(self, dy, x, w, p, need_dx=True):
-        args = self._depthwise_args(p)
+    def grouped_conv2d_backward(self, dy, x, w, p, need_dx=True):
+        args = self._grouped_args(p)
         slices = min(BIAS_GRAD_SLICES, p.N * p.OH * p.OW)
-        taps = p.F * p.kh * p.kw
+        taps = w.size
         partial = self.xp.empty((taps * slices,), dtype=np.float32)
-        self.launch("depthwise_backward_weight", partial.size, dy, x, partial, *args, slices)
+        self.launch("grouped_backward_weight", partial.size, dy, x, partial, *args, slices)
         dw = self.xp.empty(w.shape, dtype=w.dtype)
         self.launch("bias_grad_finish", taps, partial, dw, taps, slices)
         db = self.bias_grad(dy, p.N, p.F, p.OH * p.OW)
         dx = None
         if need_dx:
             dx = self.xp.empty(x.shape, dtype=x.dtype)
-            self.launch("depthwise_backward_data", dx.size, dy, w, dx, *args)
+            self.launch("grouped_backward_data", dx.size, dy, w, dx, *args)
         return dx, dw, db
 
     def bias_grad(self, dy, N: int, F: int, P: int):

@@ -92,26 +92,47 @@ def test_reference_gradient_is_the_numerical_one(rng):
     np.testing.assert_allclose(db, dy.sum(axis=(0, 2, 3)))
 
 
-def test_depthwise_op_is_conv2d_with_groups_equal_to_channels(backend, rng):
-    x, w, b = _conv_inputs(rng, np.float32, (3, 6, 3, 3, 1, 0, 1))
+def test_small_groups_run_the_direct_grouped_kernel(backend, rng):
+    x, w, b = _conv_inputs(rng, np.float32, (6, 9, 3, 3, 1, 0, 1))
     np.testing.assert_array_equal(
-        fc.depthwise_conv2d(x, w, b, 2, (1, 0, 1, 0), None, 2),
+        fc.grouped_conv2d(x, w, b, 2, (1, 0, 1, 0), None, 3, 2),
         fc.conv2d(x, w, b, 2, (1, 0, 1, 0), groups=3, dilation=2),
     )
 
 
-def test_depthwise_kernels_on_mobilenet_shapes(rng):
-    """Stride 1 and 2, 3x3, pad 1, a plane above the serial threshold (the parallel path)."""
+@pytest.mark.parametrize(("C", "groups"), [(24, 24), (32, 8), (64, 2)])
+def test_grouped_kernels_on_model_shapes(C, groups, rng):
+    """MobileNet (depthwise), ResNeXt-like (4 channels a group) and 32 a group (a GEMM per
+    group); stride 1 and 2, 3x3, pad 1, above the serial threshold (the parallel path)."""
     for stride in (1, 2):
-        x = rng.standard_normal((3, 24, 28, 28)).astype(np.float32)
-        w = rng.standard_normal((24, 1, 3, 3)).astype(np.float32)
-        y = fc.depthwise_conv2d(x, w, None, stride, 1)
-        assert_close(y, ref.depthwise_conv2d(x, w, None, stride, 1), np.float32, 9)
+        x = rng.standard_normal((3, C, 20, 20)).astype(np.float32)
+        w = rng.standard_normal((C, C // groups, 3, 3)).astype(np.float32)
+        kw = {"stride": stride, "pad": 1, "groups": groups}
+        y = fc.conv2d(x, w, **kw)
+        k = w[0].size
+        assert_close(y, ref.conv2d(x, w, **kw), np.float32, k)
         dy = rng.standard_normal(y.shape).astype(np.float32)
-        got = fc.depthwise_conv2d_backward(dy, x, w, stride, 1)
-        want = ref.depthwise_conv2d_backward(dy, x, w, stride, 1)
-        for a, e, t in zip(got, want, (9, 3 * y[0, 0].size, 3 * y[0, 0].size), strict=True):
+        got = fc.conv2d_backward(dy, x, w, **kw)
+        want = ref.conv2d_backward(dy, x, w, **kw)
+        terms = (k * C // groups, 3 * y[0, 0].size, 3 * y[0, 0].size)
+        for a, e, t in zip(got, want, terms, strict=True):
             assert_close(a, e, np.float32, t)
+
+
+@pytest.mark.parametrize("dilation", [2, (3, 2)])
+def test_dilated_stride_one_goes_through_the_phases(backend, dilation, dtype, rng):
+    """Space-to-batch (the input's dilation phases as a batch) against the reference, with
+    groups too large for the direct kernel, asymmetric pads and a size not a multiple."""
+    x = rng.standard_normal((2, 34, 11, 9)).astype(dtype)
+    w = (rng.standard_normal((34, 17, 3, 3)) / 9).astype(dtype)
+    kw = {"stride": 1, "pad": (2, 1, 0, 3), "groups": 2, "dilation": dilation}
+    y = fc.conv2d(x, w, activation="relu", **kw)
+    assert_close(y, ref.conv2d(x, w, activation="relu", **kw), dtype, 153)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    got = fc.conv2d_backward(dy, x, w, **kw)
+    want = ref.conv2d_backward(dy, x, w, **kw)
+    for a, e, t in zip(got, want, (153 * 17, 2 * y[0, 0].size, 2 * y[0, 0].size), strict=True):
+        assert_close(a, e, dtype, t)
 
 
 # --- pooling ------------------------------------------------------------------------------------
@@ -185,10 +206,10 @@ def _bad_calls():
     yield "pad-float", lambda: fc.conv2d(x, w, pad=1.5, groups=2), T, "pad must be an int"
     yield "pad-triple", lambda: fc.conv2d(x, w, pad=(1, 1, 1), groups=2), V, "pad must be an int"
     yield "pad-negative", lambda: fc.conv2d(x, w, pad=(0, -1, 0, 0), groups=2), V, r"pad\[1\]"
-    yield "depthwise-w", lambda: fc.depthwise_conv2d(x, w), V, "w must have 1 input channels"
+    yield "grouped-w", lambda: fc.grouped_conv2d(x, w, groups=4), V, "w must have 1 input channels"
     w1 = np.zeros((4, 1, 3, 3), np.float32)
     wino = lambda: fc.conv2d(x, w1, groups=4, algorithm="winograd")  # noqa: E731
-    yield "depthwise-algorithm", wino, V, "depthwise"
+    yield "grouped-algorithm", wino, V, "direct grouped"
     yield "maxpool-pad", lambda: fc.max_pool2d(x, 2, 2, (0, 2, 0, 0)), V, "at most half"
     yield "avgpool-pad", lambda: fc.avg_pool2d(x, 2, 2, (2, 0, 0, 0), count_include_pad=False), \
         V, "at most half"  # fmt: skip
@@ -210,26 +231,26 @@ def test_bad_arguments_are_refused_before_any_kernel(backend, call, error, messa
 # --- conformance cases (tests/kernels/op_cases.py; run by test_kernel_interface.py) -------------
 
 
-def _depthwise_inputs(rng, dt, n):
+def _grouped_inputs(rng, dt, n):
     r = op_cases.normal
-    return r(rng, (n, 3, 7, 6), dt), r(rng, (6, 1, 3, 3), dt), r(rng, (6,), dt)
+    return r(rng, (n, 4, 7, 6), dt), r(rng, (6, 2, 3, 3), dt), r(rng, (6,), dt)
 
 
 op_cases.register(
-    "depthwise_conv2d",
-    lambda x, w, b: fc.depthwise_conv2d(x, w, b, 2, (0, 1, 1, 0), "relu", (1, 2)),
-    lambda x, w, b: ref.depthwise_conv2d(x, w, b, 2, (0, 1, 1, 0), "relu", (1, 2)),
-    _depthwise_inputs,
-    terms=9,
-    refusals=[(lambda x, w, b: fc.depthwise_conv2d(x, w, b, dilation=0), ValueError,
-               "dilation must be >= 1")],  # fmt: skip
+    "grouped_conv2d",
+    lambda x, w, b: fc.grouped_conv2d(x, w, b, 2, (0, 1, 1, 0), "relu", 2, (1, 2)),
+    lambda x, w, b: ref.grouped_conv2d(x, w, b, 2, (0, 1, 1, 0), "relu", 2, (1, 2)),
+    _grouped_inputs,
+    terms=18,
+    refusals=[(lambda x, w, b: fc.grouped_conv2d(x, w, b, groups=3), ValueError,
+               "groups must divide")],  # fmt: skip
 )
 op_cases.register(
-    "depthwise_conv2d_backward",
-    lambda x, w, b: fc.depthwise_conv2d_backward(x[:, ::-1].copy(), x, w[:3], 1, 1),
-    lambda x, w, b: ref.depthwise_conv2d_backward(x[:, ::-1].copy(), x, w[:3], 1, 1),
-    _depthwise_inputs,
+    "grouped_conv2d_backward",
+    lambda x, w, b: fc.grouped_conv2d_backward(x[:, ::-1].copy(), x, w[:4], 1, 1, True, 2),
+    lambda x, w, b: ref.grouped_conv2d_backward(x[:, ::-1].copy(), x, w[:4], 1, 1, 2),
+    _grouped_inputs,
     terms=100,
-    refusals=[(lambda x, w, b: fc.depthwise_conv2d_backward(x, x, w[:3], 2), ValueError,
+    refusals=[(lambda x, w, b: fc.grouped_conv2d_backward(x, x, w[:4], 2, groups=2), ValueError,
                "dy must have shape")],  # fmt: skip
 )

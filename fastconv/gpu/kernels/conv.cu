@@ -77,30 +77,36 @@ __global__ void conv2d_direct(const T* __restrict__ x, const T* __restrict__ w,
     }
 }
 
-// ---- depthwise convolution (groups == C; filter f reads channel f / (F / C)) -----------------
-// Any stride, dilation (dh, dw) and padding: top/left here, bottom/right are in OH/OW. One
-// thread per output; the taps are summed after the bias in (i, j) order, as the CPU kernel.
+// ---- direct grouped convolution (few channels per group; depthwise: groups == C) ------------
+// Filter f of group g = f / (F / groups) reads channels g*Cg .. g*Cg + Cg - 1 (Cg = C / groups);
+// w is (F, Cg, kh, kw). Any stride, dilation (dh, dw) and padding: top/left here, bottom/right
+// are in OH/OW. One thread per output; the taps are summed after the bias in (c, i, j) order,
+// as the CPU kernel.
 template <typename T>
-__global__ void depthwise_forward(const T* __restrict__ x, const T* __restrict__ w,
-                                  const T* __restrict__ b, T* __restrict__ y, int N, int C, int H,
-                                  int W, int F, int kh, int kw, int sh, int sw, int top, int left,
-                                  int dh, int dw, int OH, int OW, int has_bias, int relu) {
+__global__ void grouped_forward(const T* __restrict__ x, const T* __restrict__ w,
+                                const T* __restrict__ b, T* __restrict__ y, int N, int C, int H,
+                                int W, int F, int groups, int kh, int kw, int sh, int sw, int top,
+                                int left, int dh, int dw, int OH, int OW, int has_bias, int relu) {
     const long long total = (long long)N * F * OH * OW;
+    const int Cg = C / groups, Fg = F / groups;
     FC_GRID_STRIDE_LOOP(t, total) {
         const int ox = t % OW;
         const int oy = (t / OW) % OH;
         const int f = (t / ((long long)OW * OH)) % F;
         const long long n = t / ((long long)OW * OH * F);
-        const long long xc = (n * C + f / (F / C)) * H * W;
+        const int c0 = (f / Fg) * Cg;
         float acc = has_bias ? load_f(b, f) : 0.0f;
-        for (int i = 0; i < kh; ++i) {
-            const int iy = oy * sh - top + i * dh;
-            if (iy < 0 || iy >= H) continue;
-            for (int j = 0; j < kw; ++j) {
-                const int ix = ox * sw - left + j * dw;
-                if (ix < 0 || ix >= W) continue;
-                acc += load_f(w, ((long long)f * kh + i) * kw + j) *
-                       load_f(x, xc + (long long)iy * W + ix);
+        for (int c = 0; c < Cg; ++c) {
+            const long long xc = (n * C + c0 + c) * H * W;
+            const long long wc = ((long long)f * Cg + c) * kh * kw;
+            for (int i = 0; i < kh; ++i) {
+                const int iy = oy * sh - top + i * dh;
+                if (iy < 0 || iy >= H) continue;
+                for (int j = 0; j < kw; ++j) {
+                    const int ix = ox * sw - left + j * dw;
+                    if (ix < 0 || ix >= W) continue;
+                    acc += load_f(w, wc + i * kw + j) * load_f(x, xc + (long long)iy * W + ix);
+                }
             }
         }
         if (relu && acc < 0.0f) acc = 0.0f;
@@ -108,24 +114,26 @@ __global__ void depthwise_forward(const T* __restrict__ x, const T* __restrict__
     }
 }
 
-// dx of depthwise_forward: one thread per input pixel, gathering every (filter, tap, output)
-// that read it, in (m, i, j) order.
+// dx of grouped_forward: one thread per input pixel, gathering every (filter of its group, tap,
+// output) that read it, in (m, i, j) order.
 template <typename T>
-__global__ void depthwise_backward_data(const T* __restrict__ dy, const T* __restrict__ w,
-                                        T* __restrict__ dx, int N, int C, int H, int W, int F,
-                                        int kh, int kw, int sh, int sw, int top, int left, int dh,
-                                        int dw, int OH, int OW) {
+__global__ void grouped_backward_data(const T* __restrict__ dy, const T* __restrict__ w,
+                                      T* __restrict__ dx, int N, int C, int H, int W, int F,
+                                      int groups, int kh, int kw, int sh, int sw, int top,
+                                      int left, int dh, int dw, int OH, int OW) {
     const long long total = (long long)N * C * H * W;
-    const int M = F / C;
+    const int Cg = C / groups, Fg = F / groups;
     FC_GRID_STRIDE_LOOP(t, total) {
         const int ix = t % W;
         const int iy = (t / W) % H;
-        const int c = (t / ((long long)W * H)) % C;
+        const int ci = (t / ((long long)W * H)) % C;
         const long long n = t / ((long long)W * H * C);
+        const int g = ci / Cg, c = ci % Cg;
         float acc = 0.0f;
-        for (int m = 0; m < M; ++m) {
-            const int f = c * M + m;
+        for (int m = 0; m < Fg; ++m) {
+            const int f = g * Fg + m;
             const long long dyf = (n * F + f) * OH * OW;
+            const long long wc = ((long long)f * Cg + c) * kh * kw;
             for (int i = 0; i < kh; ++i) {
                 const int ty = iy + top - i * dh;
                 if (ty < 0 || ty % sh != 0 || ty / sh >= OH) continue;
@@ -133,7 +141,7 @@ __global__ void depthwise_backward_data(const T* __restrict__ dy, const T* __res
                     const int tx = ix + left - j * dw;
                     if (tx < 0 || tx % sw != 0 || tx / sw >= OW) continue;
                     acc += load_f(dy, dyf + (long long)(ty / sh) * OW + tx / sw) *
-                           load_f(w, ((long long)f * kh + i) * kw + j);
+                           load_f(w, wc + i * kw + j);
                 }
             }
         }
@@ -141,20 +149,23 @@ __global__ void depthwise_backward_data(const T* __restrict__ dy, const T* __res
     }
 }
 
-// dw of depthwise_forward, first pass: thread (f, i, j, s) sums the products of slice s of
-// the (n, oy, ox) positions (every S-th); bias_grad_finish adds the S partials in order.
+// dw of grouped_forward, first pass: thread (f, c, i, j, s) sums the products of slice s of the
+// (n, oy, ox) positions (every S-th); bias_grad_finish adds the S partials in order.
 template <typename T>
-__global__ void depthwise_backward_weight(const T* __restrict__ dy, const T* __restrict__ x,
-                                          float* __restrict__ partial, int N, int C, int H, int W,
-                                          int F, int kh, int kw, int sh, int sw, int top,
-                                          int left, int dh, int dw, int OH, int OW, int S) {
+__global__ void grouped_backward_weight(const T* __restrict__ dy, const T* __restrict__ x,
+                                        float* __restrict__ partial, int N, int C, int H, int W,
+                                        int F, int groups, int kh, int kw, int sh, int sw,
+                                        int top, int left, int dh, int dw, int OH, int OW,
+                                        int S) {
     const long long count = (long long)N * OH * OW;
-    FC_GRID_STRIDE_LOOP(t, (long long)F * kh * kw * S) {
+    const int Cg = C / groups, Fg = F / groups;
+    FC_GRID_STRIDE_LOOP(t, (long long)F * Cg * kh * kw * S) {
         const int s = t % S;
         const int j = (t / S) % kw;
         const int i = (t / ((long long)S * kw)) % kh;
-        const int f = t / ((long long)S * kw * kh);
-        const int c = f / (F / C);
+        const int c = (t / ((long long)S * kw * kh)) % Cg;
+        const int f = t / ((long long)S * kw * kh * Cg);
+        const int ci = (f / Fg) * Cg + c;
         float acc = 0.0f;
         for (long long e = s; e < count; e += S) {
             const int ox = e % OW;
@@ -163,7 +174,7 @@ __global__ void depthwise_backward_weight(const T* __restrict__ dy, const T* __r
             const int iy = oy * sh - top + i * dh, ix = ox * sw - left + j * dw;
             if (iy < 0 || iy >= H || ix < 0 || ix >= W) continue;
             acc += load_f(dy, ((n * F + f) * OH + oy) * OW + ox) *
-                   load_f(x, ((n * C + c) * H + iy) * (long long)W + ix);
+                   load_f(x, ((n * C + ci) * H + iy) * (long long)W + ix);
         }
         partial[t] = acc;
     }

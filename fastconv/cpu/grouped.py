@@ -1,0 +1,387 @@
+"""Direct grouped convolution on the CPU for few channels per group (depthwise: one; ShuffleNet
+and ResNeXt-style groups of a few), float32 and float16, any stride, dilation and asymmetric
+padding. Filter ``f`` of group ``g = f // (F / groups)`` reads input channels
+``g*Cg .. (g+1)*Cg - 1`` (``Cg = C / groups``).
+
+A GEMM per group would multiply ``Fg x Cg*kh*kw`` by ``Cg*kh*kw x OH*OW`` matrices, far too
+thin for any GEMM when ``Cg`` is small (depthwise: one row); these loops instead run each tap
+over a whole output row: for tap ``(i, j)`` the input columns it meets form a strided range,
+clipped once per row and tap so the inner loop has no branch. At stride 1 the planes are
+laid "wide" (below) so that each tap is one long contiguous product over a whole plane (5-8x
+the row-by-row loops on ResNeXt and MobileNet planes). Each task owns whole output planes
+(forward), input planes (``dx``) or filters (``dw``, ``db``), so every value is a float32 sum
+in a fixed order: deterministic whatever the thread count. Small problems run serially (a
+parallel region wakes the thread team, which under load can wait milliseconds).
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+from numba import njit, prange
+
+from ._half import bits_view, load, store_value
+
+__all__ = ["grouped_conv2d", "grouped_conv2d_backward"]
+
+_FASTMATH = {"contract", "reassoc", "nsz"}  # vectorised row sums; NaN/inf still propagate
+_PARALLEL_MIN = 1 << 14  # output elements x taps; smaller problems run serially
+
+
+@njit(inline="always")
+def _columns(off, sw, W, OW):
+    """Output columns ``ox`` whose input column ``ox*sw + off`` lies in ``[0, W)``."""
+    lo = 0 if off >= 0 else (-off + sw - 1) // sw
+    hi = min(OW, (W - 1 - off) // sw + 1) if W - 1 - off >= 0 else 0
+    return lo, hi
+
+
+@njit(inline="always")
+def _row_taps(acc, row, w, f, c, i, geo, W, OW):
+    """``acc[ox] += w[f, c, i, j] * row[ox*sw + j*dw - left]`` for every tap ``j`` of row ``i``."""
+    sw, left, dw = geo[1], geo[3], geo[5]
+    for j in range(w.shape[3]):
+        off = j * dw - left
+        lo, hi = _columns(off, sw, W, OW)
+        if hi <= lo:
+            continue
+        wv = w[f, c, i, j]
+        # Loops from 0 over views: Numba's negative-index wraparound test then folds away
+        # and the loop vectorises (from lo it stayed scalar).
+        out = acc[lo:hi]
+        src = row[lo * sw + off : (hi - 1) * sw + off + 1 : sw]
+        for k in range(hi - lo):
+            out[k] += wv * load(src[k])
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _forward_planes(x, w, b, y, q0, q1, geo, relu):
+    """Output planes ``q0..q1`` (plane ``q`` = image ``q // F``, filter ``q % F``)."""
+    sh, top, dh, groups = geo[0], geo[2], geo[4], geo[6]
+    H, W = x.shape[2], x.shape[3]
+    F, Cg, kh = w.shape[0], w.shape[1], w.shape[2]
+    OH, OW = y.shape[2], y.shape[3]
+    Fg = F // groups
+    acc = np.empty(OW, np.float32)
+    for q in range(q0, q1):
+        n, f = q // F, q % F
+        c0 = (f // Fg) * Cg
+        for oy in range(OH):
+            acc[:] = b[f]
+            for c in range(Cg):
+                for i in range(kh):
+                    iy = oy * sh - top + i * dh
+                    if 0 <= iy < H:
+                        _row_taps(acc, x[n, c0 + c, iy], w, f, c, i, geo, W, OW)
+            out = y[n, f, oy]
+            for ox in range(OW):
+                v = acc[ox]
+                if relu and v < 0.0:  # NaN and -0.0 pass, as the ReLU kernel
+                    v = np.float32(0.0)
+                out[ox] = store_value(y, v)
+
+
+# --- stride 1: the "wide" layout --------------------------------------------------------------
+# With stride 1 an output plane computed on the padded input's full width (OH rows of Wp, the
+# last kw-1 columns of each row wasted) makes every tap ONE long contiguous product over the
+# flattened plane: acc[k] += w * xp[i*dh*Wp + j*dw + k] for k < (OH-1)*Wp + OW, instead of
+# OH short rows clipped one by one.
+
+
+@njit(inline="always")
+def _pad_plane(src, dst, top, left, Wp):
+    """``src`` (H, W) into the flat zero-padded float32 plane ``dst`` of width ``Wp``."""
+    dst[:] = 0.0
+    for iy in range(src.shape[0]):
+        o = (iy + top) * Wp + left
+        for ix in range(src.shape[1]):
+            dst[o + ix] = load(src[iy, ix])
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _forward_planes_s1(x, w, b, y, q0, q1, geo, relu):
+    top, left, dh, dw, groups = geo[2], geo[3], geo[4], geo[5], geo[6]
+    F, Cg, kh, kw = w.shape
+    OH, OW = y.shape[2], y.shape[3]
+    Hp, Wp = OH + (kh - 1) * dh, OW + (kw - 1) * dw
+    L = (OH - 1) * Wp + OW
+    Fg = F // groups
+    xp = np.empty(Hp * Wp, np.float32)
+    acc = np.empty(L, np.float32)
+    for q in range(q0, q1):
+        n, f = q // F, q % F
+        c0 = (f // Fg) * Cg
+        acc[:] = b[f]
+        for c in range(Cg):
+            _pad_plane(x[n, c0 + c], xp, top, left, Wp)
+            for i in range(kh):
+                for j in range(kw):
+                    wv = w[f, c, i, j]
+                    src = xp[i * dh * Wp + j * dw : i * dh * Wp + j * dw + L]
+                    for k in range(L):
+                        acc[k] += wv * src[k]
+        for oy in range(OH):
+            out = y[n, f, oy]
+            for ox in range(OW):
+                v = acc[oy * Wp + ox]
+                if relu and v < 0.0:
+                    v = np.float32(0.0)
+                out[ox] = store_value(y, v)
+
+
+@njit(parallel=True, cache=True)
+def _forward_s1(x, w, b, y, geo, relu, tasks):
+    planes = y.shape[0] * y.shape[1]
+    for t in prange(tasks):
+        _forward_planes_s1(x, w, b, y, t * planes // tasks, (t + 1) * planes // tasks, geo, relu)
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _dx_planes_s1(dy, w, dx, q0, q1, geo):
+    top, left, dh, dw, groups = geo[2], geo[3], geo[4], geo[5], geo[6]
+    C, H, W = dx.shape[1], dx.shape[2], dx.shape[3]
+    F, Cg, kh, kw = w.shape
+    OH, OW = dy.shape[2], dy.shape[3]
+    Hp, Wp = OH + (kh - 1) * dh, OW + (kw - 1) * dw
+    L = (OH - 1) * Wp + OW
+    Fg = F // groups
+    dxp = np.empty(Hp * Wp, np.float32)
+    dyw = np.empty(L, np.float32)
+    for q in range(q0, q1):
+        n, ci = q // C, q % C
+        g, c = ci // Cg, ci % Cg
+        dxp[:] = 0.0
+        for m in range(Fg):
+            f = g * Fg + m
+            dyw[:] = 0.0
+            for oy in range(OH):
+                for ox in range(OW):
+                    dyw[oy * Wp + ox] = load(dy[n, f, oy, ox])
+            for i in range(kh):
+                for j in range(kw):
+                    wv = w[f, c, i, j]
+                    dst = dxp[i * dh * Wp + j * dw : i * dh * Wp + j * dw + L]
+                    for k in range(L):
+                        dst[k] += wv * dyw[k]
+        plane = dx[n, ci]
+        for iy in range(H):
+            o = (iy + top) * Wp + left
+            for ix in range(W):
+                plane[iy, ix] = store_value(dx, dxp[o + ix])
+
+
+@njit(parallel=True, cache=True)
+def _dx_s1(dy, w, dx, geo, tasks):
+    planes = dx.shape[0] * dx.shape[1]
+    for t in prange(tasks):
+        _dx_planes_s1(dy, w, dx, t * planes // tasks, (t + 1) * planes // tasks, geo)
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _dw_filters_s1(dy, x, dw_out, db_out, f0, f1, geo):
+    top, left, dh, dw, groups = geo[2], geo[3], geo[4], geo[5], geo[6]
+    N = x.shape[0]
+    F, Cg, kh, kw = dw_out.shape
+    OH, OW = dy.shape[2], dy.shape[3]
+    Hp, Wp = OH + (kh - 1) * dh, OW + (kw - 1) * dw
+    L = (OH - 1) * Wp + OW
+    Fg = F // groups
+    xp = np.empty(Hp * Wp, np.float32)
+    dyw = np.empty(L, np.float32)
+    for f in range(f0, f1):
+        c0 = (f // Fg) * Cg
+        dw_out[f] = 0.0
+        bias = np.float32(0.0)
+        for n in range(N):
+            dyw[:] = 0.0
+            for oy in range(OH):
+                s = np.float32(0.0)
+                for ox in range(OW):
+                    v = load(dy[n, f, oy, ox])
+                    dyw[oy * Wp + ox] = v
+                    s += v
+                bias += s
+            for c in range(Cg):
+                _pad_plane(x[n, c0 + c], xp, top, left, Wp)
+                for i in range(kh):
+                    for j in range(kw):
+                        src = xp[i * dh * Wp + j * dw : i * dh * Wp + j * dw + L]
+                        s = np.float32(0.0)
+                        for k in range(L):
+                            s += dyw[k] * src[k]
+                        dw_out[f, c, i, j] += s
+        db_out[f] = bias
+
+
+@njit(parallel=True, cache=True)
+def _dw_s1(dy, x, dw_out, db_out, geo, tasks):
+    F = dw_out.shape[0]
+    for t in prange(tasks):
+        _dw_filters_s1(dy, x, dw_out, db_out, t * F // tasks, (t + 1) * F // tasks, geo)
+
+
+@njit(parallel=True, cache=True)
+def _forward(x, w, b, y, geo, relu, tasks):
+    planes = y.shape[0] * y.shape[1]
+    for t in prange(tasks):
+        _forward_planes(x, w, b, y, t * planes // tasks, (t + 1) * planes // tasks, geo, relu)
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _dx_planes(dy, w, dx, q0, q1, geo):
+    """Input-gradient planes ``q0..q1`` (plane ``q`` = image ``q // C``, channel ``q % C``):
+    every tap's output row of every filter that read the channel scattered onto the input row
+    it read, in a float32 plane."""
+    sh, sw, top, left, dh, dw, groups = geo
+    C, H, W = dx.shape[1], dx.shape[2], dx.shape[3]
+    F, Cg, kh, kw = w.shape
+    OH, OW = dy.shape[2], dy.shape[3]
+    Fg = F // groups
+    acc = np.empty((H, W), np.float32)
+    for q in range(q0, q1):
+        n, ci = q // C, q % C
+        g, c = ci // Cg, ci % Cg
+        acc[:] = 0.0
+        for m in range(Fg):
+            f = g * Fg + m
+            for oy in range(OH):
+                grad = dy[n, f, oy]
+                for i in range(kh):
+                    iy = oy * sh - top + i * dh
+                    if iy < 0 or iy >= H:
+                        continue
+                    row = acc[iy]
+                    for j in range(kw):
+                        off = j * dw - left
+                        lo, hi = _columns(off, sw, W, OW)
+                        if hi <= lo:
+                            continue
+                        wv = w[f, c, i, j]
+                        dst = row[lo * sw + off : (hi - 1) * sw + off + 1 : sw]
+                        src = grad[lo:hi]
+                        for k in range(hi - lo):
+                            dst[k] += wv * load(src[k])
+        plane = dx[n, ci]
+        for iy in range(H):
+            for ix in range(W):
+                plane[iy, ix] = store_value(dx, acc[iy, ix])
+
+
+@njit(parallel=True, cache=True)
+def _dx(dy, w, dx, geo, tasks):
+    planes = dx.shape[0] * dx.shape[1]
+    for t in prange(tasks):
+        _dx_planes(dy, w, dx, t * planes // tasks, (t + 1) * planes // tasks, geo)
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _dw_filters(dy, x, dw_out, db_out, f0, f1, geo):
+    """``dw[f]`` and ``db[f]`` for filters ``f0..f1``: sums over the batch and the output
+    plane, one float32 partial per output row, rows added in order."""
+    sh, sw, top, left, dh, dw, groups = geo
+    N, C, H, W = x.shape
+    F, Cg, kh, kw = dw_out.shape
+    OH, OW = dy.shape[2], dy.shape[3]
+    Fg = F // groups
+    for f in range(f0, f1):
+        c0 = (f // Fg) * Cg
+        bias = np.float32(0.0)
+        dw_out[f] = 0.0
+        for n in range(N):
+            for oy in range(OH):
+                grad = dy[n, f, oy]
+                s = np.float32(0.0)
+                for ox in range(OW):
+                    s += load(grad[ox])
+                bias += s
+                for c in range(Cg):
+                    for i in range(kh):
+                        iy = oy * sh - top + i * dh
+                        if iy < 0 or iy >= H:
+                            continue
+                        row = x[n, c0 + c, iy]
+                        for j in range(kw):
+                            off = j * dw - left
+                            lo, hi = _columns(off, sw, W, OW)
+                            if hi <= lo:
+                                continue
+                            src = row[lo * sw + off : (hi - 1) * sw + off + 1 : sw]
+                            g = grad[lo:hi]
+                            s = np.float32(0.0)
+                            for k in range(hi - lo):
+                                s += load(g[k]) * load(src[k])
+                            dw_out[f, c, i, j] += s
+        db_out[f] = bias
+
+
+@njit(parallel=True, cache=True)
+def _dw(dy, x, dw_out, db_out, geo, tasks):
+    F = dw_out.shape[0]
+    for t in prange(tasks):
+        _dw_filters(dy, x, dw_out, db_out, t * F // tasks, (t + 1) * F // tasks, geo)
+
+
+def _geo(p):
+    """The kernels' scalars: stride, the top/left padding, dilation, groups (bottom/right
+    padding is in the output size)."""
+    return (p.sh, p.sw, p.pads[0], p.pads[2], p.dh, p.dw, p.groups)
+
+
+def _tasks(work: int, count: int) -> int:
+    """1 (serial, no parallel region) for small problems, else a few tasks per thread, each a
+    run of planes/filters (one scratch buffer each; 7,680 one-plane tasks cost more than the
+    work of a 7x7 layer)."""
+    if work < _PARALLEL_MIN:
+        return 1
+    return min(count, 8 * numba.get_num_threads())
+
+
+def grouped_conv2d(x, w, b, p, activation):
+    """Backend of :func:`fastconv.grouped_conv2d` (validated, C-contiguous, non-empty); ``p``
+    is the :class:`~fastconv._checks.ConvProblem`."""
+    y = np.empty((p.N, p.F, p.OH, p.OW), dtype=x.dtype)
+    w32 = w.astype(np.float32)
+    b32 = np.zeros(p.F, np.float32) if b is None else b.astype(np.float32)
+    xv, yv = bits_view(x), bits_view(y)
+    relu = activation == "relu"
+    tasks = _tasks(y.size * w[0].size, p.N * p.F)
+    s1 = (p.sh, p.sw) == (1, 1)
+    if tasks == 1:
+        (_forward_planes_s1 if s1 else _forward_planes)(xv, w32, b32, yv, 0, p.N * p.F,
+                                                        _geo(p), relu)  # fmt: skip
+    else:
+        (_forward_s1 if s1 else _forward)(xv, w32, b32, yv, _geo(p), relu, tasks)
+    return y
+
+
+def grouped_conv2d_backward(dy, x, w, p, need_dx=True):
+    """``(dx or None, dw, db)`` of :func:`grouped_conv2d` without activation."""
+    w32 = w.astype(np.float32)
+    dyv, xv = bits_view(dy), bits_view(x)
+    work = dy.size * w[0].size
+    dw32 = np.empty(w.shape, np.float32)
+    db32 = np.empty(p.F, np.float32)
+    s1 = (p.sh, p.sw) == (1, 1)
+    tasks = _tasks(work, p.F)
+    if tasks == 1:
+        (_dw_filters_s1 if s1 else _dw_filters)(dyv, xv, dw32, db32, 0, p.F, _geo(p))
+    else:
+        (_dw_s1 if s1 else _dw)(dyv, xv, dw32, db32, _geo(p), tasks)
+    dx = None
+    if need_dx:
+        dx = np.empty(x.shape, dtype=x.dtype)
+        dxv = bits_view(dx)
+        tasks = _tasks(work, p.N * p.C)
+        if tasks == 1:
+            (_dx_planes_s1 if s1 else _dx_planes)(dyv, w32, dxv, 0, p.N * p.C, _geo(p))
+        else:
+            (_dx_s1 if s1 else _dx)(dyv, w32, dxv, _geo(p), tasks)
+    return dx, dw32.astype(x.dtype), db32.astype(x.dtype)
+
+
+class GroupedKernels:
+    """This module's ops as methods of the CPU kernel set (:class:`fastconv.cpu.CpuKernels`
+    inherits them): adding an op here registers it there."""
+
+    grouped_conv2d = staticmethod(grouped_conv2d)
+    grouped_conv2d_backward = staticmethod(grouped_conv2d_backward)
