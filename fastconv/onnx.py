@@ -34,17 +34,19 @@ input keeps the model's input name and a dynamic batch dimension ``N``.
 
 Import (:func:`load`) builds an :class:`fastconv.nn.Model` from graphs made of those operators
 (also written by other tools: MatMul, Identity, Sum, a Reshape that flattens, ``auto_pad``
-where it pads symmetrically, ``transB=1``), with the node names as layer names and the
-initializers as weights. Anything fastconv cannot compute exactly is refused with a ValueError
-naming the node, its op type and what is missing (``group != 1``, ``dilations != 1``,
-asymmetric padding, an op without a fastconv layer...). A file that is not an ONNX model
+VALID/SAME_UPPER/SAME_LOWER, ``transB=1``; Conv with any ``group`` and ``dilations`` as a
+Conv2D with ``groups``/``dilation_rate``, asymmetric ``pads`` as ``(top, bottom, left,
+right)``, AveragePool's ``count_include_pad`` either way, Clip to [0, 6] as ReLU6 and to
+[0, inf) as ReLU), with the node names as layer names and the initializers as weights.
+Anything fastconv cannot compute exactly is refused with a ValueError naming the node, its op
+type and what is missing (pooling dilations, ceil_mode with asymmetric pads, an op without a
+fastconv layer...). A file that is not an ONNX model
 gives a ValueError, a missing one FileNotFoundError; nothing is ever unpickled. A round trip
 keeps the architecture, names, weights and predictions; what is only about training is not
 kept (``trainable``, regularizers, initializers), DropConnectDense comes back as Dense, and a
 Sequential as a functional Model.
-The convolution features of issue 22 (``group``, ``dilations``, asymmetric ``pads``, an
-AveragePool without the padding in its divisor, Clip) are exported but not read back yet:
-:func:`load` refuses them, naming the node.
+A DepthwiseConv2D comes back as a Conv2D with one group per channel, a SeparableConv2D as
+its two convolutions (the same functions and weights).
 
 Pooling in ``ceil_mode`` follows PyTorch and ONNX Runtime: a last window that would start in the
 right padding is dropped (the ONNX shape inference of some versions keeps it).
@@ -427,6 +429,14 @@ def _float32_attr(value) -> float:
     return float(str(np.float32(value)))
 
 
+def _same_split(n, extent, stride, upper=True):
+    """``auto_pad`` SAME's padding along one axis: ``ceil(n / stride)`` outputs, the odd pixel
+    after (SAME_UPPER, Keras's "same") or before (SAME_LOWER)."""
+    total = max((math.ceil(n / stride) - 1) * stride + extent - n, 0)
+    small, big = total // 2, total - total // 2
+    return (small, big) if upper else (big, small)
+
+
 class _Reader:
     """One pass over the graph's nodes (topological, as the checker ensures): each node becomes
     a fastconv layer called on the symbolic tensors of its inputs."""
@@ -607,11 +617,11 @@ class _Reader:
         if unknown:
             self.refuse(node, f"attribute {unknown[0]!r} is not supported")
 
-    def window(self, node, attrs, x, kernel):
-        """Strides and symmetric padding of a Conv or pooling node, or a refusal; the padding is
-        "same" for ``auto_pad`` SAME_UPPER/SAME_LOWER (symmetric here, so both are Keras's)."""
-        if any(d != 1 for d in attrs.get("dilations", [1, 1])):
-            self.refuse(node, f"dilations {list(attrs['dilations'])} (only 1 is supported)")
+    def window(self, node, attrs, x, kernel, dilations=(1, 1)):
+        """Strides and padding of a Conv or pooling node, or a refusal. The padding is a pair
+        when symmetric, else ``(top, bottom, left, right)`` (ONNX's ``pads`` are ``(top,
+        left, bottom, right)``); ``auto_pad`` SAME_UPPER is Keras's "same" (the odd pixel
+        after), SAME_LOWER puts it before."""
         strides = list(attrs.get("strides", [1, 1]))
         if len(kernel) != 2 or len(strides) != 2 or len(x.shape) != 3:
             self.refuse(node, "only 2-D windows on (N, C, H, W) inputs are supported")
@@ -621,33 +631,21 @@ class _Reader:
             pads = list(attrs.get("pads", [0, 0, 0, 0]))
             if len(pads) != 4:
                 self.refuse(node, f"pads {pads} (expected 4 values for a 2-D window)")
-            if pads[0] != pads[2] or pads[1] != pads[3]:
-                self.refuse(
-                    node,
-                    f"asymmetric pads {pads} (top, left, bottom, right): fastconv pads "
-                    "symmetrically only",
-                )
-            return strides, (pads[0], pads[1])
-        if auto == "VALID":
-            return strides, (0, 0)
-        if auto in ("SAME_UPPER", "SAME_LOWER"):
-            for n, k, s in zip(x.shape[1:], kernel, strides, strict=True):
-                total = max((math.ceil(n / s) - 1) * s + k - n, 0)
-                if total % 2:
-                    self.refuse(
-                        node,
-                        f"auto_pad {auto} pads {total} pixels on a {n}-pixel axis, asymmetric "
-                        "padding that fastconv cannot express",
-                    )
+            top, left, bottom, right = (int(v) for v in pads)
+        elif auto == "VALID":
+            top = left = bottom = right = 0
+        elif auto == "SAME_UPPER":  # the layers' "same" is Keras's: the odd pixel after
             return strides, "same"
-        self.refuse(node, f"auto_pad {auto!r} is not supported")
-
-    @staticmethod
-    def same_padding(x, kernel, strides):
-        return tuple(
-            max((math.ceil(n / s) - 1) * s + k - n, 0) // 2
-            for n, k, s in zip(x.shape[1:], kernel, strides, strict=True)
-        )
+        elif auto == "SAME_LOWER":
+            (top, bottom), (left, right) = (
+                _same_split(n, (k - 1) * d + 1, s, upper=False)
+                for n, k, s, d in zip(x.shape[1:], kernel, strides, dilations, strict=True)
+            )  # fmt: skip
+        else:
+            self.refuse(node, f"auto_pad {auto!r} is not supported")
+        if top == bottom and left == right:
+            return strides, (top, left)
+        return strides, (top, bottom, left, right)
 
     def fused_relu(self, node):
         """The Relu node our exporter writes after a Conv or Gemm (``<node>/relu``), or None:
@@ -679,8 +677,6 @@ class _Reader:
         attrs = self.attrs(node)
         self.check_attrs(node, attrs, ("auto_pad", "dilations", "group", "kernel_shape", "pads",
                                        "strides"))  # fmt: skip
-        if attrs.get("group", 1) != 1:
-            self.refuse(node, f"group {attrs['group']} (grouped convolution; only group 1)")
         x = self.tensor(node, node.input[0])
         w = self.const(node, node.input[1], "weight")
         if w.ndim != 4:
@@ -690,12 +686,18 @@ class _Reader:
             self.refuse(
                 node, f"kernel_shape {kernel} differs from the weight's {list(w.shape[2:])}"
             )
-        strides, padding = self.window(node, attrs, x, kernel)
+        dilations = tuple(int(d) for d in attrs.get("dilations", [1, 1]))
+        if len(dilations) != 2:
+            self.refuse(node, f"dilations {list(dilations)} (expected 2 values)")
+        strides, padding = self.window(node, attrs, x, kernel, dilations)
         has_b = len(node.input) > 2 and node.input[2]
         b = self.const(node, node.input[2], "bias") if has_b else None
+        # One class for every group count: Conv2D's weights are (F, C / groups, kh, kw), as
+        # ONNX's (a depthwise layer is groups == C).
         self.product(node, Conv2D, x, w, b, node.input[1], has_b and node.input[2],
                      filters=int(w.shape[0]), kernel_size=tuple(kernel), stride=tuple(strides),
-                     padding=padding)  # fmt: skip
+                     padding=padding, groups=int(attrs.get("group", 1)),
+                     dilation_rate=dilations)  # fmt: skip
 
     def _op_Gemm(self, node):
         from .nn.layers import Dense
@@ -732,19 +734,24 @@ class _Reader:
             self.refuse(node, "only (N, features) @ (features, units) with a constant matrix")
         self.product(node, Dense, x, w, None, node.input[1], None, units=int(w.shape[1]))
 
-    def _pool(self, node, cls, allowed, extra=None):
+    def _pool(self, node, cls, allowed, extra=None, same_ok=True, **options):
         attrs = self.attrs(node)
         self.check_attrs(node, attrs, allowed)
         self.single_output(node)
+        if any(d != 1 for d in attrs.get("dilations", [1, 1])):
+            self.refuse(node, f"dilations {list(attrs['dilations'])} (pooling has none here)")
         x = self.tensor(node, node.input[0])
         kernel = list(attrs["kernel_shape"])
         strides, padding = self.window(node, attrs, x, kernel)
-        if padding == "same":  # the pools take numbers: what "same" resolves to here
-            padding = self.same_padding(x, kernel, strides)
+        if padding == "same" and not same_ok:  # the layer's "same" would not count the padding
+            (t, b), (left, r) = (
+                _same_split(n, k, s) for n, k, s in zip(x.shape[1:], kernel, strides, strict=True)
+            )
+            padding = (t, left) if (t, left) == (b, r) else (t, b, left, r)
         if extra:
             extra(attrs, padding)
         layer = self.make(node, cls, tuple(kernel), tuple(strides), padding,
-                          ceil_mode=bool(attrs.get("ceil_mode", 0)))  # fmt: skip
+                          ceil_mode=bool(attrs.get("ceil_mode", 0)), **options)  # fmt: skip
         self.connect(node, layer, x, node.output[0])
 
     def _op_MaxPool(self, node):
@@ -760,16 +767,32 @@ class _Reader:
     def _op_AveragePool(self, node):
         from .nn.layers import AvgPool2D
 
-        def check(attrs, padding):
-            if any(padding) and not attrs.get("count_include_pad", 0):
-                self.refuse(
-                    node,
-                    "count_include_pad=0 with padding: fastconv's AvgPool2D counts the zero "
-                    "padding in the divisor (count_include_pad=1)",
-                )
-
+        include = bool(self.attrs(node).get("count_include_pad", 0))  # ONNX's default: 0
+        # None: the layer's default for numeric padding, True (so a round trip keeps the config)
         self._pool(node, AvgPool2D, ("auto_pad", "ceil_mode", "count_include_pad", "dilations",
-                                     "kernel_shape", "pads", "strides"), check)  # fmt: skip
+                                     "kernel_shape", "pads", "strides"),
+                   same_ok=not include, count_include_pad=None if include else False)  # fmt: skip
+
+    def _op_Clip(self, node):
+        from .nn.layers import ReLU, ReLU6
+
+        attrs = self.attrs(node)
+        self.check_attrs(node, attrs, ("min", "max"))  # opset < 11: bounds as attributes
+        bounds = []
+        for i, key in ((1, "min"), (2, "max")):
+            if len(node.input) > i and node.input[i]:
+                bounds.append(float(self.const(node, node.input[i], key).reshape(-1)[0]))
+            else:
+                bounds.append(attrs.get(key))
+        lo, hi = bounds
+        if lo == 0.0 and hi == 6.0:
+            cls = ReLU6
+        elif lo == 0.0 and (hi is None or hi == float("inf")):
+            cls = ReLU
+        else:
+            self.refuse(node, f"Clip to [{lo}, {hi}] (only [0, 6] as ReLU6 and [0, inf) as ReLU)")
+        self.connect(node, self.make(node, cls), self.tensor(node, node.input[0]),
+                     node.output[0])  # fmt: skip
 
     def _op_GlobalAveragePool(self, node):
         from .nn.layers import AvgPool2D, GlobalAveragePooling2D

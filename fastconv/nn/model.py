@@ -390,6 +390,15 @@ class Model(Trainer):
             out.append(self._grads[key])
         return out
 
+    def get_layer(self, name: str):
+        """The layer called ``name`` (Keras's ``Model.get_layer``); a ValueError naming the
+        model's layers if there is none."""
+        for layer in self.layers:
+            if layer.name == name:
+                return layer
+        names = ", ".join(repr(layer.name) for layer in self.layers)
+        raise ValueError(f"no layer named {name!r} in model {self.name!r}; its layers: {names}")
+
     def weight_entries(self) -> list[tuple]:
         """``(layer, weight name)`` of every weight (parameters and state), in the order of
         :meth:`get_weights`: graph order, Keras order inside a layer."""

@@ -187,3 +187,62 @@ def test_older_opsets_load(opset, onnx, tmp_path, run_ort, assert_logits_close):
     x = g.node("Flatten", [x], ["f"], "flatten")
     x = g.node("Softmax", [x], ["s"], "softmax", axis=1)  # flattening semantics before 13: (N, F)
     _compare(onnx, g.model(x, 2, opset=opset), tmp_path, run_ort, assert_logits_close)
+
+
+# --- the convolution features (issue 22), as other exporters write them ---------------------------
+
+
+def _features_graph(onnx, conv_attrs, c_in=4, c_out=8, groups=1, opset=17, size=(9, 8)):
+    g = GraphBuilder(onnx, np.random.default_rng(5), (c_in, *size))
+    w = g.init("conv.weight", (c_out, c_in // groups, 3, 3))
+    b = g.init("conv.bias", (c_out,))
+    y = g.node("Conv", ["x", w, b], ["conv_out"], "conv", kernel_shape=[3, 3], group=groups,
+               **conv_attrs)  # fmt: skip
+    return g, y
+
+
+@pytest.mark.parametrize(
+    ("attrs", "groups"),
+    [
+        ({"group_only": True}, 2),
+        ({}, 4),  # depthwise x2
+        ({"dilations": [2, 2], "pads": [2, 2, 2, 2]}, 1),
+        ({"dilations": [1, 3], "pads": [0, 1, 1, 2]}, 2),
+        ({"pads": [1, 0, 0, 1], "strides": [2, 2]}, 1),  # (top, left, bottom, right)
+        ({"auto_pad": "SAME_UPPER", "strides": [2, 2]}, 1),
+        ({"auto_pad": "SAME_LOWER", "strides": [2, 2]}, 4),
+    ],
+)
+def test_grouped_dilated_and_asymmetric_convolutions(attrs, groups, onnx, tmp_path, run_ort,
+                                                     assert_logits_close):  # fmt: skip
+    attrs = {k: v for k, v in attrs.items() if k != "group_only"}
+    g, y = _features_graph(onnx, attrs, groups=groups)
+    model = _compare(onnx, g.model(y, 4), tmp_path, run_ort, assert_logits_close)
+    conv = model.get_layer("conv")
+    assert conv.groups == groups
+
+
+@pytest.mark.parametrize(
+    ("op", "attrs"),
+    [
+        ("AveragePool", {"pads": [0, 0, 1, 1], "strides": [2, 2]}),  # count_include_pad 0
+        ("AveragePool", {"pads": [1, 0, 0, 1], "count_include_pad": 1}),
+        ("AveragePool", {"auto_pad": "SAME_UPPER", "strides": [2, 2]}),  # Keras "same"
+        ("MaxPool", {"pads": [0, 1, 1, 0], "strides": [2, 2]}),
+        ("MaxPool", {"auto_pad": "SAME_LOWER", "strides": [2, 2]}),
+    ],
+)
+def test_asymmetric_pooling_and_count_include_pad(op, attrs, onnx, tmp_path, run_ort,
+                                                  assert_logits_close):  # fmt: skip
+    g = GraphBuilder(onnx, np.random.default_rng(6), (3, 9, 8))
+    y = g.node(op, ["x"], ["pool_out"], "pool", kernel_shape=[2, 2], **attrs)
+    _compare(onnx, g.model(y, 4), tmp_path, run_ort, assert_logits_close)
+
+
+@pytest.mark.parametrize(("bounds", "layer"), [((0.0, 6.0), "ReLU6"), ((0.0, None), "ReLU")])
+def test_clip_as_relu6_or_relu(bounds, layer, onnx, tmp_path, run_ort, assert_logits_close):
+    g, y = _features_graph(onnx, {"pads": [1, 1, 1, 1]})
+    ins = [y, g.init("lo", (), bounds[0])] + ([g.init("hi", (), bounds[1])] if bounds[1] else [])
+    out = g.node("Clip", ins, ["clip_out"], "clip")
+    model = _compare(onnx, g.model(out, 4), tmp_path, run_ort, assert_logits_close)
+    assert type(model.get_layer("clip")).__name__ == layer
