@@ -33,7 +33,7 @@ ORACLES = {
     "torch": ("pip install torch==2.13.0 (pinned CPU build)", ("'torch'", "needs torch")),
     "mpi": ("pip install -e '.[mpi]'", ("mpi4py", "mpiexec")),
     "nvrtc": ("pip install -e '.[gpu-check]'", ("libnvrtc",)),
-    "onnx": ("pip install -e '.[onnx]'", ("onnx",)),
+    "onnx": ("pip install -e '.[onnx]'", ("needs onnx", "'onnx'", "'onnxruntime'")),
 }
 
 
