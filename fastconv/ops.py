@@ -46,6 +46,8 @@ __all__ = [
     "relu_backward",
     "leaky_relu",
     "leaky_relu_backward",
+    "clip",
+    "clip_backward",
     "warp_bilinear",
     "gaussian_blur",
     "gpu_available",
@@ -783,6 +785,41 @@ def leaky_relu_backward(dy, x, alpha=0.01, out=None):
         return out if out is not None else dev.zeros(dy.shape, dy.dtype)
     dy, x = _contiguous(dev, dy, x)
     return _launch(dev, dev.kernels.leaky_relu_backward, dy, x, alpha, out)
+
+
+def _bounds(lo, hi):
+    lo, hi = chk.as_finite_float32(lo, "lo"), chk.as_finite_float32(hi, "hi")
+    if not lo <= hi:
+        raise ValueError(f"lo must be at most hi, got lo={lo}, hi={hi}")
+    return lo, hi
+
+
+@kernel_op
+def clip(x, lo=0.0, hi=6.0):
+    """``min(max(x, lo), hi)`` for any shape (``torch.clamp``; NaN propagates); the defaults
+    are ReLU6's. ``lo <= hi``, finite in float32, rounded once to x's dtype. Returns a new
+    array of x's dtype."""
+    chk.validate_elementwise(x)
+    lo, hi = _bounds(lo, hi)
+    dev = device_of(x)
+    if x.size == 0:
+        return dev.zeros(x.shape, x.dtype)
+    (x,) = _contiguous(dev, x)
+    return _launch(dev, dev.kernels.clip, x, lo, hi)
+
+
+@kernel_op
+def clip_backward(dy, x, lo=0.0, hi=6.0, out=None):
+    """Gradient of :func:`clip` through its input: ``dy`` where ``lo < x < hi``, else 0 (the
+    kinks included, as PyTorch's hardtanh; a NaN input too, as PyTorch's vectorised loop,
+    whose scalar tail lets dy through); ``out`` as for :func:`relu_backward`."""
+    chk.validate_elementwise_backward(dy, x, out, "x")
+    lo, hi = _bounds(lo, hi)
+    dev = device_of(dy)
+    if dy.size == 0:
+        return out if out is not None else dev.zeros(dy.shape, dy.dtype)
+    dy, x = _contiguous(dev, dy, x)
+    return _launch(dev, dev.kernels.clip_backward, dy, x, lo, hi, out)
 
 
 # --- augmentation ------------------------------------------------------------------------------

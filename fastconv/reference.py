@@ -46,6 +46,8 @@ __all__ = [
     "relu_backward",
     "leaky_relu",
     "leaky_relu_backward",
+    "clip",
+    "clip_backward",
     "warp_bilinear",
     "gaussian_blur",
     "ReferenceKernels",
@@ -425,6 +427,19 @@ def leaky_relu_backward(dy, x, alpha=0.01):
     return np.where(np.asarray(x, np.float64) > 0, dy, float(alpha) * dy)
 
 
+def clip(x, lo, hi):
+    """``lo`` below ``lo``, ``hi`` above ``hi``, else ``x``; NaN propagates."""
+    x = np.asarray(x, np.float64)
+    return np.where(x < lo, float(lo), np.where(x > hi, float(hi), x))
+
+
+def clip_backward(dy, x, lo, hi):
+    """``dy`` where ``lo < x < hi``, else 0 (the kinks and NaN included: PyTorch's vectorised
+    hardtanh_backward; its scalar loop lets dy through a NaN)."""
+    x = np.asarray(x, np.float64)
+    return np.where((x > lo) & (x < hi), np.asarray(dy, np.float64), 0.0)
+
+
 def warp_bilinear(x, theta, flow=None, out_hw=None):
     """Bilinear resampling: ``out[n, c, i, j] = x[n, c]`` at ``(sx, sy) = theta[n] @ (j, i, 1)``
     (+ ``flow[n, :, i, j]``), pixel centres at integers, 0 outside; a neighbour of weight 0 is
@@ -567,6 +582,16 @@ class ReferenceKernels(Kernels):
 
     def leaky_relu_backward(self, dy, x, alpha, out=None):
         result = leaky_relu_backward(dy, x, alpha).astype(dy.dtype)
+        if out is None:
+            return result
+        out[...] = result
+        return out
+
+    def clip(self, x, lo, hi):
+        return clip(x, lo, hi).astype(x.dtype)
+
+    def clip_backward(self, dy, x, lo, hi, out=None):
+        result = clip_backward(dy, x, lo, hi).astype(dy.dtype)
         if out is None:
             return result
         out[...] = result

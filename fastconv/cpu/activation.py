@@ -25,7 +25,14 @@ from numba import njit, prange
 
 from ._half import bits_view, load, store_value
 
-__all__ = ["relu", "relu_backward", "leaky_relu", "leaky_relu_backward"]
+__all__ = [
+    "relu",
+    "relu_backward",
+    "leaky_relu",
+    "leaky_relu_backward",
+    "clip",
+    "clip_backward",
+]
 
 # Smaller arrays call the chunk functions directly, without a parallel region (even a one-task
 # region wakes the thread team, which under load can wait milliseconds).
@@ -148,6 +155,61 @@ def leaky_relu_backward(dy, x, alpha, out=None):
     return out
 
 
+@njit(cache=True)
+def _clip_chunk(x, out, lo, hi, i0, i1):
+    xs, os = x[i0:i1], out[i0:i1]
+    low, high = store_value(os, lo), store_value(os, hi)
+    for i in range(xs.size):
+        v = load(xs[i])
+        os[i] = low if v < lo else (high if v > hi else xs[i])  # NaN: its bits copied
+
+
+@njit(parallel=True, cache=True)
+def _clip(x, out, lo, hi, chunk):
+    n = x.size
+    for b in prange((n + chunk - 1) // chunk):
+        _clip_chunk(x, out, lo, hi, b * chunk, min(n, (b + 1) * chunk))
+
+
+@njit(cache=True)
+def _clip_grad_chunk(dy, x, out, lo, hi, i0, i1):
+    ds, xs, os = dy[i0:i1], x[i0:i1], out[i0:i1]
+    zero = store_value(os, np.float32(0.0))
+    for i in range(ds.size):
+        v = load(xs[i])
+        os[i] = ds[i] if (v > lo and v < hi) else zero  # a NaN input: 0
+
+
+@njit(parallel=True, cache=True)
+def _clip_grad(dy, x, out, lo, hi, chunk):
+    n = dy.size
+    for b in prange((n + chunk - 1) // chunk):
+        _clip_grad_chunk(dy, x, out, lo, hi, b * chunk, min(n, (b + 1) * chunk))
+
+
+def clip(x, lo, hi):
+    """Backend of :func:`fastconv.clip` (validated, C-contiguous, non-empty; float32 bounds)."""
+    out = np.empty(x.shape, dtype=x.dtype)
+    xv, ov = bits_view(x).reshape(-1), bits_view(out).reshape(-1)
+    if x.size < _PARALLEL_MIN:
+        _clip_chunk(xv, ov, lo, hi, 0, x.size)
+    else:
+        _clip(xv, ov, lo, hi, _chunk(x.size))
+    return out
+
+
+def clip_backward(dy, x, lo, hi, out=None):
+    """Backend of :func:`fastconv.clip_backward`, into ``out`` if given."""
+    if out is None:
+        out = np.empty(dy.shape, dtype=dy.dtype)
+    flat = tuple(bits_view(a).reshape(-1) for a in (dy, x, out))
+    if dy.size < _PARALLEL_MIN:
+        _clip_grad_chunk(*flat, lo, hi, 0, dy.size)
+    else:
+        _clip_grad(*flat, lo, hi, _chunk(dy.size))
+    return out
+
+
 class ActivationKernels:
     """This module's ops as methods of the CPU kernel set (:class:`fastconv.cpu.CpuKernels`
     inherits them): adding an op here registers it there."""
@@ -156,3 +218,5 @@ class ActivationKernels:
     relu_backward = staticmethod(relu_backward)
     leaky_relu = staticmethod(leaky_relu)
     leaky_relu_backward = staticmethod(leaky_relu_backward)
+    clip = staticmethod(clip)
+    clip_backward = staticmethod(clip_backward)

@@ -419,6 +419,19 @@ class KernelOps(Kernels):
         self.launch("leaky_relu_backward", dy.size, dy, x, out, dy.size, eps_bits(alpha))
         return out
 
+    @elementwise
+    def clip(self, x, lo, hi):
+        y = self.xp.empty(x.shape, dtype=x.dtype)
+        self.launch("clip_forward", x.size, x, y, x.size, eps_bits(lo), eps_bits(hi))
+        return y
+
+    @elementwise
+    def clip_backward(self, dy, x, lo, hi, out=None):
+        if out is None:
+            out = self.xp.empty(dy.shape, dtype=dy.dtype)
+        self.launch("clip_backward", dy.size, dy, x, out, dy.size, eps_bits(lo), eps_bits(hi))
+        return out
+
 
 def numpy_gemm(a, b, trans_a: bool = False, trans_b: bool = False):
     """NumPy model of :func:`fastconv.gpu._module.gemm` (cuBLAS with CUBLAS_COMPUTE_32F): half

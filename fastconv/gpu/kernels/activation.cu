@@ -46,3 +46,35 @@ __global__ void leaky_relu_backward(const T* __restrict__ dy, const T* __restric
         store_f(dx, t, load_f(x, t) > 0.0f ? g : g * alpha);
     }
 }
+
+// y = lo where x < lo, hi where x > hi, else x (its bits copied: NaN stays NaN), as torch.clamp
+// and hardtanh; the bounds arrive as float32 bits and are rounded once to T.
+template <typename T>
+__global__ void clip_forward(const T* __restrict__ x, T* __restrict__ y, int n, int lo_bits,
+                             int hi_bits) {
+    const float lo = float_from_bits(lo_bits), hi = float_from_bits(hi_bits);
+    FC_GRID_STRIDE_LOOP(t, (long long)n) {
+        const float v = load_f(x, t);
+        if (v < lo)
+            store_f(y, t, lo);
+        else if (v > hi)
+            store_f(y, t, hi);
+        else
+            y[t] = x[t];
+    }
+}
+
+// dx = dy (bits copied) where lo < x < hi, else 0 (the kinks and a NaN input included): torch's
+// hardtanh_backward, through the input.
+template <typename T>
+__global__ void clip_backward(const T* __restrict__ dy, const T* __restrict__ x,
+                              T* __restrict__ dx, int n, int lo_bits, int hi_bits) {
+    const float lo = float_from_bits(lo_bits), hi = float_from_bits(hi_bits);
+    FC_GRID_STRIDE_LOOP(t, (long long)n) {
+        const float v = load_f(x, t);
+        if (v > lo && v < hi)
+            dx[t] = dy[t];
+        else
+            store_f(dx, t, 0.0f);
+    }
+}

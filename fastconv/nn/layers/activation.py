@@ -44,19 +44,16 @@ class ReLU(_Activation):
 class ReLU6(_Activation):
     """``min(max(x, 0), 6)`` (MobileNet's activation; PyTorch's ``nn.ReLU6``); NaN propagates.
 
-    The gradient passes where ``0 < x < 6`` and is zero elsewhere (at both kinks too, as
-    PyTorch's). Not fused into a preceding layer's epilogue: the ReLU kernel, then a clip.
+    The gradient passes where ``0 < x < 6`` and is zero elsewhere (at both kinks and for a
+    NaN input too, as PyTorch's hardtanh on a whole tensor). One pass of the
+    :func:`fastconv.clip` kernel each way; not fused into a preceding layer's epilogue.
     """
 
     def call(self, x, training=False):
-        y = ops.relu(x)  # a new array: clipped in place (minimum propagates NaN)
-        xp_of(y).minimum(y, y.dtype.type(6), out=y)
-        return y, (y if training else None)
+        return ops.clip(x, 0.0, 6.0), (x if training else None)
 
     def call_backward(self, cache, dy, need_dx=True):
-        # From the output: 0 < y < 6 exactly where 0 < x < 6 (y is x there).
-        y = cache
-        return xp_of(dy).where((y > 0) & (y < 6), dy, dy.dtype.type(0)), {}
+        return ops.clip_backward(dy, cache, 0.0, 6.0), {}
 
     def torch_module(self, torch, inplace=False):
         return torch.nn.ReLU6(inplace=inplace)
