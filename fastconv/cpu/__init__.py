@@ -8,8 +8,15 @@ OpenMP and 43.1 ms with ``workqueue`` (PyTorch 36 ms in the same runs): ``workqu
 ran the two threads' work in parallel (conv6 forward + backward 9.1 ms on 2 threads vs 11.9 on
 one; OpenMP 5.7-6.4 ms). Trade-off (docs/kernels.md, "Optimisation log"): when other busy
 processes share the cores, OpenMP's spinning threads make each parallel region wait for a
-time slice (8 ms per launch measured under load, against ~50 us with ``workqueue``); on such a
-machine set ``NUMBA_THREADING_LAYER=workqueue``. The choice is process-wide and takes effect
+time slice (8 ms per launch measured under load, against ~50 us with ``workqueue``). So unless
+the user set ``OMP_WAIT_POLICY`` or ``GOMP_SPINCOUNT``, this module caps GNU OpenMP's spinning
+at ``GOMP_SPINCOUNT=3000`` iterations before a thread sleeps (2026-12-07, deep-MNIST training
+step, two processes taking turns: alone 36.5 ms default vs 37.5 ms capped; with another busy
+process on the machine 191-229 ms default vs 88 ms capped, 65 ms with
+``OMP_WAIT_POLICY=passive``, which costs 12% alone). On a machine shared with busy processes
+``OMP_WAIT_POLICY=passive`` or ``NUMBA_THREADING_LAYER=workqueue`` go further. OpenMP reads
+these when it is first loaded: a library that loads the same OpenMP runtime before
+fastconv's first parallel kernel keeps its own settings. The choice is process-wide and takes effect
 only if no parallel Numba code has run yet (``numba.set_num_threads`` counts: import
 ``fastconv.cpu`` before calling it).
 """
@@ -41,6 +48,9 @@ def _choose_threading_layer() -> None:
     )
     if not user_chose:
         numba.config.THREADING_LAYER_PRIORITY = ["omp", "tbb", "workqueue"]
+    if "OMP_WAIT_POLICY" not in os.environ and "GOMP_SPINCOUNT" not in os.environ:
+        # spin briefly between parallel regions, then sleep (module docstring)
+        os.environ["GOMP_SPINCOUNT"] = "3000"
 
 
 # Importing the kernels launches nothing (njit compiles on first call), so this still comes
