@@ -357,6 +357,7 @@ class Model(Trainer):
             raise RuntimeError("backward() needs a preceding forward(x, training=True)")
         (caches, y_shape), self._tape = self._tape, None
         check_gradient(dy, y_shape, "dy")
+        self._grads = None  # not alive next to the new ones (see Trainer._train_step)
         dx, self._grads = self._run_backward(caches, dy, need_dx)
         return dx
 

@@ -184,6 +184,9 @@ class Trainer:
         data once, not every batch)."""
         x = self._batch(x)
         y = self.backend.labels(y)
+        # The last step's gradients (kept for gradients()) would otherwise stay alive through
+        # this step's backward pass, next to the new ones: a model's size in memory at the peak.
+        self._grads = None
         scores, caches = self._run_forward(x, training=True)
         self._emit("loss_forward", "begin")
         loss = self.loss.forward(scores, y)
