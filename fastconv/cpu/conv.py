@@ -39,7 +39,7 @@ from ._direct import (
     reduce_partials,
 )
 from ._half import bits_view
-from ._layout import aligned_empty, packed_weights, row_stride, stack_layout, tap_offsets, threads
+from ._layout import packed_weights, row_stride, stack_layout, tap_offsets, threads
 from ._workspace import checkout
 from .im2col import col2im, im2col
 
@@ -85,7 +85,7 @@ def _gemm_forward(x, w, b, g, activation, direct):
     y = np.empty((g.N, F, g.OH, g.OW), dtype=x.dtype)
     with checkout(
         ("fwd", buf_len, acc_len, F, nt),
-        lambda: ForwardWork(aligned_empty((nt, buf_len)), aligned_empty((nt, F, acc_len))),
+        lambda alloc: ForwardWork(alloc((nt, buf_len)), alloc((nt, F, acc_len))),
     ) as ws:
         forward_kernel(
             bits_view(x), w_fk, bias, activation == "relu", bits_view(y), ws, plan, x_layout, g
@@ -129,7 +129,7 @@ def _gemm_backward(dy, x, w, g, need_dx, direct):
     db = np.empty(F, dtype=x.dtype)
     with checkout(
         ("bwd", F, direct, nb, *g, nt),
-        lambda: BackwardWork(*(aligned_empty((nt, *s)) for s in shapes)),
+        lambda alloc: BackwardWork(*(alloc((nt, *s)) for s in shapes)),
     ) as ws:
         backward_kernel(
             bits_view(dy), bits_view(x), w_kf, w_flip, need_dx, bits_view(dx), ws, plan,
@@ -159,11 +159,11 @@ def _cached_setup(N, C, F, OH, OW, m, n_threads, top, left, W_in, weights, *_con
     shapes = wg.work_shapes(plan, C, F, W_in, OW, weights)
     key = ("wino", weights, plan, C, F, W_in, OW, nt)
 
-    def make():
+    def make(alloc):
         # Zeroed: columns past the last tile of a work item are read by the products and
         # must hold finite values.
         arrays = [
-            np.zeros((nt, *s), np.int64 if name == "offs" else np.float32)
+            alloc((nt, *s), np.int64 if name == "offs" else np.float32, zero=True)
             for name, s in zip(wg.WinogradWork._fields, shapes, strict=True)
         ]
         return wg.WinogradWork(*arrays)
