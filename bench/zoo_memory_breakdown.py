@@ -30,9 +30,10 @@ count once), and by its *resident* pages (``mincore``), so the categories add up
   sets of ``fastconv/cpu/_workspace.py``: allocated and resident);
 * the running event's temporaries: the event's peak RSS minus its RSS at the start (traced:
   what NumPy allocated, tracemalloc's peak minus its current at the start);
-* the rest: RSS at the start minus the library baseline and the categories, split by
-  ``/proc/self/smaps`` into executable anonymous mappings (JIT code) and other memory, and
-  the free bytes ``malloc`` keeps in its arenas (``malloc_info``; resident when touched).
+* the rest: RSS at the start minus the library baseline and the categories: Numba's compiled
+  code and compiler state (kept in malloc'd memory: executable mappings hold ~1 MB), Python
+  objects, and the free bytes ``malloc`` keeps in its arenas (``malloc_info``; resident where
+  they were touched), given in the table.
 """
 
 from __future__ import annotations
@@ -54,8 +55,15 @@ from pathlib import Path
 import numpy as np
 
 from bench.common import load_average, machine_line
-from bench.zoo_common import NAMES, Spec, _model_kwargs, _reproducible, memory_kb, reset_peak
-from bench.zoo_common import write_section
+from bench.zoo_common import (
+    NAMES,
+    Spec,
+    _model_kwargs,
+    _reproducible,
+    memory_kb,
+    reset_peak,
+    write_section,
+)
 
 MiB = float(2**20)
 PAGE = mmap.PAGESIZE
@@ -96,23 +104,6 @@ def resident_bytes(addr: int, nbytes: int) -> int:
     return int(np.count_nonzero(vec & 1)) * PAGE
 
 
-def smaps_split() -> dict:
-    """RSS (bytes) of anonymous executable mappings (JIT code) and of the heap."""
-    out = {"jit_code": 0, "anon_exec_mappings": 0}
-    exec_anon = False
-    with open("/proc/self/smaps") as f:
-        for line in f:
-            head = line.split()
-            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):
-                perms, path = head[1], (head[5] if len(head) > 5 else "")
-                exec_anon = "x" in perms and (path == "" or path.startswith("[anon"))
-                if exec_anon:
-                    out["anon_exec_mappings"] += 1
-            elif head[0] == "Rss:" and exec_anon:
-                out["jit_code"] += int(head[1]) * 1024
-    return out
-
-
 def malloc_free_bytes() -> int:
     """Free bytes glibc's malloc holds in its arenas (every arena, ``malloc_info``)."""
     with tempfile.NamedTemporaryFile(suffix=".xml") as tmp:
@@ -124,7 +115,8 @@ def malloc_free_bytes() -> int:
         text = Path(tmp.name).read_text()
     # The last <total type="fast"/"rest"> pair is the sum over every arena.
     tail = text[text.rfind("</heap>") :]
-    return sum(int(m) for m in re.findall(r'<total type="(?:fast|rest)" count="\d+" size="(\d+)"', tail))
+    pattern = r'<total type="(?:fast|rest)" count="\d+" size="(\d+)"'
+    return sum(int(m) for m in re.findall(pattern, tail))
 
 
 # --- finding the arrays ---------------------------------------------------------------------------
@@ -171,19 +163,27 @@ def _frame_locals(names=("_run_forward", "_run_backward", "_train_step")) -> dic
     frame = sys._getframe(2)
     while frame is not None:
         if frame.f_code.co_name in names and frame.f_code.co_name not in out:
-            out[frame.f_code.co_name] = dict(frame.f_locals)
+            # Python 3.11 keeps the dict f_locals fills on the frame, holding the arrays it
+            # names until the frame ends: copy it, then empty it, so that the trace keeps
+            # nothing alive (no trace function runs, so nothing writes it back).
+            seen = frame.f_locals
+            out[frame.f_code.co_name] = dict(seen)
+            seen.clear()
         frame = frame.f_back
     return out
 
 
-def sources(model) -> dict:
-    """``{category: [objects]}`` at this moment of the step (see the module docstring)."""
+def sources(model, event: str = "") -> dict:
+    """``{category: [objects]}`` at this moment of the step (see the module docstring); at
+    the update, ``model._grads`` holds this step's gradients."""
     from fastconv.cpu import _workspace
 
     frames = _frame_locals()
     fwd, bwd, step = (frames.get(k, {}) for k in ("_run_forward", "_run_backward", "_train_step"))
     opt = model.optimizer
     grads = bwd.get("grads")
+    if event == "update":
+        grads = model._grads
     src = {
         "weights": [(layer.params, layer.buffers) for layer in model.layers],
         "optimizer": [opt.state, opt._master],
@@ -202,11 +202,11 @@ def sources(model) -> dict:
     return src
 
 
-def composition(model) -> dict:
+def composition(model, event: str = "") -> dict:
     """``{category: (allocated bytes, resident bytes)}``, each buffer counted once."""
     counted: set = set()
     out = {}
-    for key, objs in sources(model).items():
+    for key, objs in sources(model, event).items():
         allocated = resident = 0
         for a in arrays_in(objs, [], set()):
             root = _root(a)
@@ -237,9 +237,8 @@ class Tracer:
         gap_peak = memory_kb()["VmHWM"] * 1024  # the gap since the last event's end
         if self.events:
             self.events[-1]["gap_peak"] = gap_peak
-        comp = composition(self.model)
-        rest = smaps_split()
-        rest["malloc_free"] = malloc_free_bytes()
+        comp = composition(self.model, event)
+        rest = {"malloc_free": malloc_free_bytes()}
         gc.collect(0)
         reset_peak()
         rss = memory_kb()["VmRSS"] * 1024
@@ -365,10 +364,9 @@ def peak_table(r: dict) -> str:
         f"| | {_mb(temp)} |"
     )
     rest = e["rss"] - r["libs"] - total_res
-    jit = e["rest"]["jit_code"]
     lines.append(
-        f"| rest: Numba compiled code and compiler state, Python objects (executable mappings: {_mb(jit)} MB), malloc's "
-        f"free blocks ({_mb(e['rest']['malloc_free'])} MB), other | | {_mb(rest)} |"
+        "| rest: Numba's compiled code and compiler state, Python objects, malloc's free "
+        f"blocks ({_mb(e['rest']['malloc_free'])} MB of them) | | {_mb(rest)} |"
     )
     lines.append(f"| **peak over the library baseline** | | **{_mb(peak - r['libs'])}** |")
     return "\n".join(lines)
@@ -411,7 +409,7 @@ def main(argv=None) -> int:
     p.add_argument("--size", type=int, default=None, help="square input side (default 224)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--events", action="store_true", help="also print the event timeline")
-    p.add_argument("--out-md", help="write the tables into this file's zoo-memory-breakdown markers")
+    p.add_argument("--out-md", help="write the tables between the zoo-memory-breakdown markers")
     p.add_argument("--json", help="write the results as JSON")
     args = p.parse_args(argv)
     argv_text = _reproducible(sys.argv[1:] if argv is None else list(argv))
