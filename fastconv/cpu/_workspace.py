@@ -2,17 +2,17 @@
 
 Workspaces: a convolution needs tens of MB of float32 scratch per call; allocating it afresh
 costs page faults on every step (measured: ~10% of a deep-MNIST training step), so memory is
-kept between calls. The memory is kept as *arenas*, not one buffer set per layer shape: a
-call checks out an arena for the duration of the call and builds its set as views into it
-(``make(alloc)``), so every layer of a model runs in the same memory and what is kept is the
-largest set, not the sum over the model's shapes and directions (VGG-16: 27 sets, 667 MB, all
-resident, where its largest set is 60 MB; docs/benchmarks.md). An arena remembers the key of
-the set it holds: the next call of the same key reuses the set as it is; another key rebuilds
-the views and zeroes the arrays its ``make`` asks zeroed (a memset, tens of microseconds per
-MB, where a fresh set cost page faults). Two Python threads running at once each get an arena
-(the second allocates one), so no call ever sees another's scratch; the pool keeps at most
-``MAX_IDLE`` idle arenas, least recently returned dropped first. Arenas are anonymous memory
-maps: dropping one gives its pages back to the system (freed malloc blocks would stay in the
+kept between calls, as *arenas*: a call checks out an arena for the duration of the call and
+builds its set as views into it (``make(alloc)``). An arena remembers the key of the set it
+holds, and the next call of that key reuses the set as it is. The kept arenas are bounded in
+bytes (``MAX_KEPT_BYTES``), not in sets: while a model's sets fit (deep-MNIST's take 3 MB)
+each keeps its own arena, as one set per key did; beyond, a call takes over the least
+recently used arena that is large enough, rebuilds the views and zeroes what its ``make``
+asks zeroed (a memset, where a fresh set cost page faults). One set per layer shape and
+direction kept them all: 27 sets, 667 MB, all resident, for VGG-16 at batch 8, whose largest
+set is 60 MB (docs/benchmarks.md). Two Python threads running at once each get an arena (the
+second allocates one), so no call ever sees another's scratch. Arenas are anonymous memory
+maps: dropping one gives its pages back to the system (a freed malloc block would stay in the
 process), and a new one reads as zeros without being written.
 
 Launch guard: parallel kernel launches are serialised process-wide, whatever Numba's threading
@@ -37,8 +37,9 @@ import numpy as np
 
 __all__ = ["checkout", "launch_guard", "idle_workspaces", "kept_bytes", "clear"]
 
-#: idle arenas kept; more than one is idle only after calls ran at once (threads) or nested
-MAX_IDLE = 4
+#: bytes of idle arenas kept (an arena larger than this is still kept, alone)
+MAX_KEPT_BYTES = 64 << 20
+MAX_IDLE = 32  # idle arenas kept, at most
 _ALIGN = 64  # bytes: every array of a set starts on a cache line (as aligned_empty's)
 
 _pool_lock = threading.Lock()
@@ -123,30 +124,35 @@ def checkout(key, make):
             if _idle[serial].key == key:
                 arena = _idle.pop(serial)
                 break
-    if arena is not None:
-        ws = arena.ws
-    else:
-        with _pool_lock:
+        if arena is None:
             need = _size(key, make)
-            # The most recently returned arena that is large enough, else the largest.
-            fits = [s for s in _idle if _idle[s].raw.nbytes >= need]
-            if fits:
-                arena = _idle.pop(fits[-1])
-            elif _idle:
-                arena = _idle.pop(max(_idle, key=lambda s: _idle[s].raw.nbytes))
-        if arena is None or arena.raw.nbytes < need:
-            arena = Arena(need)  # a grown arena replaces the small one, which is dropped
+            kept = sum(a.raw.nbytes for a in _idle.values())
+            if kept + need > MAX_KEPT_BYTES:
+                # Over the bound: the least recently used arena that is large enough, else a
+                # new one in the room that dropping the least recently used ones makes.
+                fits = [s for s in _idle if _idle[s].raw.nbytes >= need]
+                if fits:
+                    arena = _idle.pop(fits[0])
+                while arena is None and _idle and kept + need > MAX_KEPT_BYTES:
+                    kept -= _idle.popitem(last=False)[1].raw.nbytes
+    if arena is None:
+        arena = Arena(need)
+        arena.ws = _build(arena, make)
+        arena.key = key
+    elif arena.key != key:
         arena.key, arena.ws = None, None  # not a valid set until built
-        ws = arena.ws = _build(arena, make)
+        arena.ws = _build(arena, make)
         arena.key = key
     try:
-        yield ws
+        yield arena.ws
     finally:
         with _pool_lock:
             _serial += 1
             _idle[_serial] = arena
-            while len(_idle) > MAX_IDLE:
-                _idle.popitem(last=False)
+            kept = sum(a.raw.nbytes for a in _idle.values())
+            # Arenas made while others were checked out (threads) can pass the bound.
+            while len(_idle) > 1 and (len(_idle) > MAX_IDLE or kept > MAX_KEPT_BYTES):
+                kept -= _idle.popitem(last=False)[1].raw.nbytes
 
 
 def idle_workspaces() -> int:
