@@ -94,7 +94,8 @@ def _build(arena: Arena, make):
     return ws
 
 
-_sizes: OrderedDict = OrderedDict()  # key -> bytes its set needs (a few hundred keys kept)
+# key -> bytes its set needs (a key names one set: the same shapes every time)
+_sizes: OrderedDict = OrderedDict()
 
 
 def _size(key, make) -> int:
@@ -172,6 +173,7 @@ def clear() -> None:
     """Drop every idle arena (gives their memory back to the system)."""
     with _pool_lock:
         _idle.clear()
+        _sizes.clear()
 
 
 _launch_lock = threading.RLock()
