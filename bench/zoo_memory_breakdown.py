@@ -187,7 +187,10 @@ def sources(model, event: str = "") -> dict:
     src = {
         "weights": [(layer.params, layer.buffers) for layer in model.layers],
         "optimizer": [opt.state, opt._master],
-        "prev_grads": [model._grads if model._grads is not grads else None],
+        "prev_grads": [
+            model._grads if model._grads is not grads else None,
+            bwd.get("previous"),  # emptied layer by layer as the backward pass goes
+        ],
         "grads": [grads],
         "caches": [fwd.get("caches"), bwd.get("caches"), bwd.get("cache")],
         "activations": [fwd.get("values"), fwd.get("xs")],

@@ -5,7 +5,7 @@ costs page faults on every step (measured: ~10% of a deep-MNIST training step), 
 kept between calls, as *arenas*: a call checks out an arena for the duration of the call and
 builds its set as views into it (``make(alloc)``). An arena remembers the key of the set it
 holds, and the next call of that key reuses the set as it is. The kept arenas are bounded in
-bytes (``MAX_KEPT_BYTES``), not in sets: while a model's sets fit (deep-MNIST's take 3 MB)
+bytes (``MAX_KEPT_BYTES``, 32 MiB), not in sets: while a model's sets fit (deep-MNIST's take 3 MB)
 each keeps its own arena, as one set per key did; beyond, a call takes over the least
 recently used arena that is large enough, rebuilds the views and zeroes what its ``make``
 asks zeroed (a memset, where a fresh set cost page faults). One set per layer shape and
@@ -38,7 +38,7 @@ import numpy as np
 __all__ = ["checkout", "launch_guard", "idle_workspaces", "kept_bytes", "clear"]
 
 #: bytes of idle arenas kept (an arena larger than this is still kept, alone)
-MAX_KEPT_BYTES = 64 << 20
+MAX_KEPT_BYTES = 32 << 20
 MAX_IDLE = 32  # idle arenas kept, at most
 _ALIGN = 64  # bytes: every array of a set starts on a cache line (as aligned_empty's)
 

@@ -302,12 +302,13 @@ class Model(Trainer):
         """Backward pass over ``caches`` of a training forward; returns ``(dx, grads)`` with
         ``grads`` keyed by ``(layer name, weight name)`` for every trainable weight.
 
-        ``previous``: the last pass's ``grads`` (emptied here). Each layer's entries are
-        dropped as soon as its backward has made the new ones: held to the end, they were a
-        model's size at the peak (VGG-16: 528 MB). Not earlier: dropped before the pass (or
-        before each layer's backward), their memory went to other arrays and glibc trimmed
-        and refaulted its heap on every step (deep-MNIST: 5000-6000 more page faults a
-        step, ~10% slower; dropped after, ~1)."""
+        ``previous``: the last pass's ``grads``, emptied here layer by layer: held to the
+        end, they were a model's size at the peak (VGG-16: 528 MB). An entry of at least
+        ``_MAPPED_BYTES`` goes just before its layer's backward runs (the new one then fits
+        in its place), a smaller one just after: small ones live in malloc's heap, and
+        dropped before the pass or before each layer's backward, their memory went to other
+        arrays and glibc trimmed and refaulted its heap on every step (deep-MNIST: 5000-6000
+        more page faults a step, ~10% slower; dropped after, ~1)."""
         plan = self.execution_plan(True)
         needed = {self._input.id: bool(need_dx)}  # does any wanted gradient flow through?
         for step in plan:
@@ -325,15 +326,15 @@ class Model(Trainer):
                 continue
             check_gradient(g, (n, *self._shapes[step.output]), f"gradient of {step.layer.name!r}")
             need_in = [needed[t] for t in step.inputs]
+            if previous:
+                _drop_previous(previous, step.layers, large=True)
             for h in hooks:
                 h.begin("backward", step.layer)
             dx, layer_grads = step.layer.call_backward(cache, g, need_dx=any(need_in))
             for h in hooks:
                 h.end("backward", step.layer)
             if previous:
-                for layer in step.layers:
-                    for name in layer.params:
-                        previous.pop((layer.name, name), None)
+                _drop_previous(previous, step.layers, large=False)
             for name, value in layer_grads.items():
                 key = (step.layer.name, name)
                 grads[key] = value if key not in grads else grads[key] + value
@@ -561,6 +562,21 @@ class Model(Trainer):
             f"{type(self).__name__}({self.name!r}, {len(self.layers)} layers, "
             f"backend={self.backend.name!r}, dtype={self.dtype})"
         )
+
+
+# glibc serves blocks this large with mmap whatever its dynamic threshold (at most 32 MiB on
+# 64-bit): dropping one unmaps it and leaves the heap as it was.
+_MAPPED_BYTES = 32 << 20
+
+
+def _drop_previous(previous: dict, layers, large: bool) -> None:
+    """Drop the ``previous`` gradients of ``layers`` of at least (``large``) or under
+    :data:`_MAPPED_BYTES` (see :meth:`Model._run_backward`)."""
+    for layer in layers:
+        for name in layer.params:
+            value = previous.get((layer.name, name))
+            if value is not None and (value.nbytes >= _MAPPED_BYTES) == large:
+                del previous[(layer.name, name)]
 
 
 def _shape_text(shape) -> str:
