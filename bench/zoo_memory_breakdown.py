@@ -328,6 +328,7 @@ def trace_step(model_name: str, batch: int, size, dtype: str, seed: int = 0) -> 
         "peak_index": peak_i,
         "events": events,
         "workspaces_end": workspace_split(),
+        "machine": machine_line(),
     }
 
 
@@ -359,7 +360,7 @@ def peak_table(r: dict) -> str:
     for key, label in CATEGORIES:
         alloc, res = e["composition"][key]
         total_res += res
-        if alloc:
+        if alloc >= MiB / 2:
             lines.append(f"| {label} | {_mb(alloc)} | {_mb(res)} |")
     temp = peak - e["rss"]
     lines.append(
@@ -414,9 +415,17 @@ def main(argv=None) -> int:
     p.add_argument("--events", action="store_true", help="also print the event timeline")
     p.add_argument("--out-md", help="write the tables between the zoo-memory-breakdown markers")
     p.add_argument("--json", help="write the results as JSON")
+    p.add_argument("--from-json", help="render the tables of an earlier --json instead")
     args = p.parse_args(argv)
     argv_text = _reproducible(sys.argv[1:] if argv is None else list(argv))
-    if args.model:
+    if args.from_json:
+        loaded = json.loads(Path(args.from_json).read_text())
+        results = loaded if isinstance(loaded, list) else [loaded]
+        argv_text = [a for a in argv_text if not a.startswith("--from-json")]
+        argv_text = [a for a in argv_text if a != args.from_json and a != args.out_md]
+        argv_text = [a for a in argv_text if a != "--out-md"]
+        argv_text += ["--models", *(r["model"] for r in results)]
+    elif args.model:
         results = [trace_step(args.model, args.batch, args.size, args.dtype)]
     else:
         results = []
@@ -429,7 +438,7 @@ def main(argv=None) -> int:
     text = "\n\n".join(parts)
     text += (
         "\n\nOne training step (SGD with momentum) after a warm-up forward pass and step; "
-        f"Machine: {machine_line()}.\n"
+        f"Machine: {results[0].get('machine') or machine_line()}.\n"
         "Reproduce: `python -m bench.zoo_memory_breakdown " + " ".join(argv_text) + "`"
     )
     print(text)
