@@ -160,10 +160,12 @@ def _cached_setup(N, C, F, OH, OW, m, n_threads, top, left, W_in, weights, *_con
     key = ("wino", weights, plan, C, F, W_in, OW, nt)
 
     def make(alloc):
-        # Zeroed: columns past the last tile of a work item are read by the products and
-        # must hold finite values.
+        # V zeroed: its columns past the last tile of a work item (and rows past C) are read
+        # by the products and must hold finite values. The others are written before they
+        # are read (the phase copies clear xq and dq themselves), so an arena taken over from
+        # another set (cpu/_workspace.py) zeroes only V.
         arrays = [
-            alloc((nt, *s), np.int64 if name == "offs" else np.float32, zero=True)
+            alloc((nt, *s), np.int64 if name == "offs" else np.float32, zero=name == "v")
             for name, s in zip(wg.WinogradWork._fields, shapes, strict=True)
         ]
         return wg.WinogradWork(*arrays)
