@@ -158,12 +158,7 @@ def workspace_bytes() -> int:
     """Bytes held by fastconv's idle CPU conv workspaces (kept between calls for reuse)."""
     from fastconv.cpu import _workspace
 
-    return sum(
-        a.nbytes
-        for ws in list(_workspace._idle.values())
-        for a in (ws if isinstance(ws, tuple) else (ws,))
-        if hasattr(a, "nbytes")
-    )
+    return _workspace.kept_bytes()
 
 
 def _serve(conn, spec: Spec):
@@ -199,7 +194,7 @@ def _serve(conn, spec: Spec):
                     from fastconv.cpu import _workspace
 
                     out["workspace_bytes"] = workspace_bytes()
-                    _workspace.clear()  # what dropping the kept workspaces gives back
+                    _workspace.clear()  # what dropping the kept workspaces gives back (mmaps)
                     gc.collect()
                     out["rss_without_workspaces_kb"] = memory_kb()["VmRSS"]
                 conn.send(("ok", out))

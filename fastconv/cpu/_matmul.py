@@ -31,7 +31,6 @@ from numba.extending import overload
 
 from . import _workspace
 from ._half import bits_view, load, store_value
-from ._layout import aligned_empty
 from ._simd import MR, NR, copy_block, copy_row, fetch_add, gemm_packed, load_transposed
 
 __all__ = ["SERIAL_FLOPS", "Blocking", "blocking", "matmul"]
@@ -273,10 +272,10 @@ def _matmul_small(a, trans_a, b, trans_b, out, bias, has_bias, relu):
 
 
 def _workspace_make(blk, n_threads):
-    def make():
-        ap = aligned_empty((n_threads, blk.MC * blk.KC))
-        bp = aligned_empty((n_threads, blk.KC * blk.NC))
-        cbuf = aligned_empty((n_threads, blk.MC * blk.ldc))
+    def make(alloc):
+        ap = alloc((n_threads, blk.MC * blk.KC))
+        bp = alloc((n_threads, blk.KC * blk.NC))
+        cbuf = alloc((n_threads, blk.MC * blk.ldc))
         return ap, bp, cbuf
 
     return make

@@ -1,11 +1,19 @@
 """Thread-safe reuse of kernel workspaces, and the guard that makes parallel launches safe.
 
 Workspaces: a convolution needs tens of MB of float32 scratch per call; allocating it afresh
-costs page faults on every step (measured: ~10% of a deep-MNIST training step), so buffers are
-kept between calls. A buffer set is *checked out* for the duration of one call and returned
-afterwards: two Python threads running the same shape at once each get their own set (the
-second allocates one), so no call ever sees another's scratch. The pool keeps at most
-``MAX_IDLE`` idle sets, least recently returned dropped first.
+costs page faults on every step (measured: ~10% of a deep-MNIST training step), so memory is
+kept between calls, as *arenas*: a call checks out an arena for the duration of the call and
+builds its set as views into it (``make(alloc)``). An arena remembers the key of the set it
+holds, and the next call of that key reuses the set as it is. The kept arenas are bounded in
+bytes (``MAX_KEPT_BYTES``, 32 MiB), not in sets: while a model's sets fit (deep-MNIST's take 3 MB)
+each keeps its own arena, as one set per key did; beyond, a call takes over the least
+recently used arena that is large enough, rebuilds the views and zeroes what its ``make``
+asks zeroed (a memset, where a fresh set cost page faults). One set per layer shape and
+direction kept them all: 27 sets, 667 MB, all resident, for VGG-16 at batch 8, whose largest
+set is 60 MB (docs/benchmarks.md). Two Python threads running at once each get an arena (the
+second allocates one), so no call ever sees another's scratch. Arenas are anonymous memory
+maps: dropping one gives its pages back to the system (a freed malloc block would stay in the
+process), and a new one reads as zeros without being written.
 
 Launch guard: parallel kernel launches are serialised process-wide, whatever Numba's threading
 layer. ``workqueue`` is not thread-safe at all (two Python threads launching parallel kernels at
@@ -19,55 +27,153 @@ kernels run in a background thread, need no guard.
 
 from __future__ import annotations
 
+import math
+import mmap
 import threading
 from collections import OrderedDict
 from contextlib import contextmanager
 
-__all__ = ["checkout", "launch_guard", "idle_workspaces", "clear"]
+import numpy as np
 
-MAX_IDLE = 32  # a deep-MNIST training step alone uses 12 (6 layers x forward/backward)
+__all__ = ["checkout", "launch_guard", "idle_workspaces", "kept_bytes", "clear"]
+
+#: bytes of idle arenas kept (an arena larger than this is still kept, alone)
+MAX_KEPT_BYTES = 32 << 20
+MAX_IDLE = 32  # idle arenas kept, at most
+_ALIGN = 64  # bytes: every array of a set starts on a cache line (as aligned_empty's)
 
 _pool_lock = threading.Lock()
-_idle: OrderedDict = OrderedDict()  # (key, serial) -> workspace; order = recency
+_idle: OrderedDict = OrderedDict()  # serial -> Arena; order = recency
 _serial = 0
+
+
+class Arena:
+    """Memory kept between calls, and the workspace set last built in it."""
+
+    __slots__ = ("raw", "key", "ws", "fresh")
+
+    def __init__(self, nbytes: int):
+        self.raw = np.frombuffer(mmap.mmap(-1, max(nbytes, 1)), np.uint8)
+        self.key, self.ws = None, None
+        self.fresh = True  # never used: reads as zeros
+
+
+class _Sizer:
+    """``alloc`` that only adds up the bytes a set needs (its arrays are stand-ins)."""
+
+    def __init__(self):
+        self.nbytes = 0
+
+    def __call__(self, shape, dtype=np.float32, zero=False):
+        shape = tuple(int(s) for s in shape)
+        dtype = np.dtype(dtype)
+        self.nbytes += -(-math.prod(shape) * dtype.itemsize // _ALIGN) * _ALIGN
+        return np.lib.stride_tricks.as_strided(np.zeros(1, dtype), shape, (0,) * len(shape))
+
+
+def _build(arena: Arena, make):
+    """Build ``make``'s set as views into ``arena`` (zeroing what it asks zeroed)."""
+    raw, offset = arena.raw, 0
+    base = (-raw.ctypes.data) % _ALIGN
+    fresh = arena.fresh
+
+    def alloc(shape, dtype=np.float32, zero=False):
+        nonlocal offset
+        shape = tuple(int(s) for s in shape)
+        dtype = np.dtype(dtype)
+        nbytes = math.prod(shape) * dtype.itemsize
+        start = base + offset
+        offset += -(-nbytes // _ALIGN) * _ALIGN
+        a = raw[start : start + nbytes].view(dtype).reshape(shape)
+        if zero and not fresh:
+            a.fill(0)
+        return a
+
+    ws = make(alloc)
+    arena.fresh = False
+    return ws
+
+
+# key -> bytes its set needs (a key names one set: the same shapes every time)
+_sizes: OrderedDict = OrderedDict()
+
+
+def _size(key, make) -> int:
+    need = _sizes.get(key)
+    if need is None:
+        sizer = _Sizer()
+        make(sizer)
+        need = _sizes[key] = sizer.nbytes + _ALIGN  # room to align the start
+        while len(_sizes) > 512:
+            _sizes.popitem(last=False)
+    return need
 
 
 @contextmanager
 def checkout(key, make):
-    """Yield a workspace for ``key`` that no other call uses until this one exits.
+    """Yield a workspace set for ``key`` that no other call uses until this one exits.
 
-    ``make()`` builds a new one when none is idle. The workspace is returned to the pool on
-    exit, also when the kernel raised.
+    ``make(alloc)`` builds the set from ``alloc(shape, dtype=float32, zero=False)``, which
+    returns uninitialised (or, with ``zero``, zeroed) C-contiguous arrays aligned to 64 bytes;
+    it must only allocate, as it runs once more to size the set. The arena goes back to the
+    pool on exit, also when the kernel raised.
     """
     global _serial
-    ws = None
+    arena = None
     with _pool_lock:
-        for pool_key in reversed(_idle):
-            if pool_key[0] == key:
-                ws = _idle.pop(pool_key)
+        for serial in reversed(_idle):  # the set itself, if an idle arena still holds it
+            if _idle[serial].key == key:
+                arena = _idle.pop(serial)
                 break
-    if ws is None:
-        ws = make()
+        if arena is None:
+            need = _size(key, make)
+            kept = sum(a.raw.nbytes for a in _idle.values())
+            if kept + need > MAX_KEPT_BYTES:
+                # Over the bound: the least recently used arena that is large enough, else a
+                # new one in the room that dropping the least recently used ones makes.
+                fits = [s for s in _idle if _idle[s].raw.nbytes >= need]
+                if fits:
+                    arena = _idle.pop(fits[0])
+                while arena is None and _idle and kept + need > MAX_KEPT_BYTES:
+                    kept -= _idle.popitem(last=False)[1].raw.nbytes
+    if arena is None:
+        arena = Arena(need)
+        arena.ws = _build(arena, make)
+        arena.key = key
+    elif arena.key != key:
+        arena.key, arena.ws = None, None  # not a valid set until built
+        arena.ws = _build(arena, make)
+        arena.key = key
     try:
-        yield ws
+        yield arena.ws
     finally:
         with _pool_lock:
             _serial += 1
-            _idle[(key, _serial)] = ws
-            while len(_idle) > MAX_IDLE:
-                _idle.popitem(last=False)
+            _idle[_serial] = arena
+            kept = sum(a.raw.nbytes for a in _idle.values())
+            # Arenas made while others were checked out (threads) can pass the bound.
+            while len(_idle) > 1 and (len(_idle) > MAX_IDLE or kept > MAX_KEPT_BYTES):
+                kept -= _idle.popitem(last=False)[1].raw.nbytes
 
 
 def idle_workspaces() -> int:
-    """How many workspace sets are idle in the pool (tests)."""
+    """How many arenas are idle in the pool (tests)."""
     with _pool_lock:
         return len(_idle)
 
 
+def kept_bytes() -> int:
+    """Bytes of memory the idle arenas hold (allocated; pages never written are not
+    resident)."""
+    with _pool_lock:
+        return sum(arena.raw.nbytes for arena in _idle.values())
+
+
 def clear() -> None:
-    """Drop every idle workspace (frees their memory)."""
+    """Drop every idle arena (gives their memory back to the system)."""
     with _pool_lock:
         _idle.clear()
+        _sizes.clear()
 
 
 _launch_lock = threading.RLock()

@@ -39,7 +39,7 @@ from ._direct import (
     reduce_partials,
 )
 from ._half import bits_view
-from ._layout import aligned_empty, packed_weights, row_stride, stack_layout, tap_offsets, threads
+from ._layout import packed_weights, row_stride, stack_layout, tap_offsets, threads
 from ._workspace import checkout
 from .im2col import col2im, im2col
 
@@ -85,7 +85,7 @@ def _gemm_forward(x, w, b, g, activation, direct):
     y = np.empty((g.N, F, g.OH, g.OW), dtype=x.dtype)
     with checkout(
         ("fwd", buf_len, acc_len, F, nt),
-        lambda: ForwardWork(aligned_empty((nt, buf_len)), aligned_empty((nt, F, acc_len))),
+        lambda alloc: ForwardWork(alloc((nt, buf_len)), alloc((nt, F, acc_len))),
     ) as ws:
         forward_kernel(
             bits_view(x), w_fk, bias, activation == "relu", bits_view(y), ws, plan, x_layout, g
@@ -129,7 +129,7 @@ def _gemm_backward(dy, x, w, g, need_dx, direct):
     db = np.empty(F, dtype=x.dtype)
     with checkout(
         ("bwd", F, direct, nb, *g, nt),
-        lambda: BackwardWork(*(aligned_empty((nt, *s)) for s in shapes)),
+        lambda alloc: BackwardWork(*(alloc((nt, *s)) for s in shapes)),
     ) as ws:
         backward_kernel(
             bits_view(dy), bits_view(x), w_kf, w_flip, need_dx, bits_view(dx), ws, plan,
@@ -159,11 +159,13 @@ def _cached_setup(N, C, F, OH, OW, m, n_threads, top, left, W_in, weights, *_con
     shapes = wg.work_shapes(plan, C, F, W_in, OW, weights)
     key = ("wino", weights, plan, C, F, W_in, OW, nt)
 
-    def make():
-        # Zeroed: columns past the last tile of a work item are read by the products and
-        # must hold finite values.
+    def make(alloc):
+        # V zeroed: its columns past the last tile of a work item (and rows past C) are read
+        # by the products and must hold finite values. The others are written before they
+        # are read (the phase copies clear xq and dq themselves), so an arena taken over from
+        # another set (cpu/_workspace.py) zeroes only V.
         arrays = [
-            np.zeros((nt, *s), np.int64 if name == "offs" else np.float32)
+            alloc((nt, *s), np.int64 if name == "offs" else np.float32, zero=name == "v")
             for name, s in zip(wg.WinogradWork._fields, shapes, strict=True)
         ]
         return wg.WinogradWork(*arrays)
@@ -217,6 +219,9 @@ def _winograd_backward(dy, x, w, g, need_dx, m):
         no_bias = np.zeros(g.C, np.float32)
         if not _winograd_conv(bits_view(dy), u, no_bias, False, bits_view(dx), dsetup):
             return None
+        # Not alive next to the weight gradient's partial sums: both are 4x the weights
+        # (ResNet's and VGG-16's 512-channel layers: 38 MB and 75 MB, at the step's peak).
+        del u
     plan, key, make = _winograd_setup(g.N, g.C, F, g.OH, g.OW, m, nt, g.ph, g.pw, g.W, True)
     items = plan.ngroups * plan.nbands
     a = m + 2

@@ -27,7 +27,7 @@ from ._direct import ForwardWork, GemmPlan
 from ._direct import forward_residual as gemm_parallel
 from ._direct import forward_residual_serial as gemm_serial
 from ._half import bits_view
-from ._layout import aligned_empty, packed_weights, row_stride, stack_layout, tap_offsets, threads
+from ._layout import packed_weights, row_stride, stack_layout, tap_offsets, threads
 from ._workspace import checkout
 from .conv import _images_per_block, _winograd_setup
 
@@ -99,8 +99,8 @@ def _gemm_setup(g, F, direct, nt):
     plan = GemmPlan(bool(direct), nb, offsets, offsets)
     key = ("fwd", buf_len, acc_len, F, nt)  # the unprepared path's key: one pool
 
-    def make():
-        return ForwardWork(aligned_empty((nt, buf_len)), aligned_empty((nt, F, acc_len)))
+    def make(alloc):
+        return ForwardWork(alloc((nt, buf_len)), alloc((nt, F, acc_len)))
 
     return plan, x_layout, key, make
 

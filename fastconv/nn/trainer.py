@@ -194,7 +194,10 @@ class Trainer:
         self._emit("loss_backward", "end")
         strategy = getattr(self, "_strategy", LOCAL)  # fit's, during fit
         dscores = strategy.scale_loss_gradient(dscores)  # this rank's part of the mean loss
-        _, self._grads = self._run_backward(caches, dscores, need_dx=False)
+        # The last step's gradients (kept for gradients()) are dropped layer by layer as the
+        # new ones are made (Model._run_backward), not held through this pass next to them.
+        previous, self._grads = self._grads, None
+        _, self._grads = self._run_backward(caches, dscores, need_dx=False, previous=previous)
         logs = strategy.reduce_gradients(self, self._grads, logs)  # the global batch's
         # After the reduction: the weights (and so the penalties) are the same on every rank.
         logs["loss"] += self._regularize(self._grads)
