@@ -159,6 +159,14 @@ def symmetric(pads) -> bool:
     return pads[0] == pads[1] and pads[2] == pads[3]
 
 
+def split_pads(pads):
+    """``(extra, (ph, pw))``: the rows/columns to add explicitly on each side
+    ``(top, bottom, left, right)``, and the symmetric pad the kernels take for the rest."""
+    t, b, left, r = pads
+    ph, pw = min(t, b), min(left, r)
+    return (t - ph, b - ph, left - pw, r - pw), (ph, pw)
+
+
 class Geometry(NamedTuple):
     """A validated sliding-window problem; every backend receives this."""
 
@@ -232,26 +240,6 @@ def validate_col2im(cols, x_shape, kh, kw, stride, pad) -> Geometry:
 
 
 ACTIVATIONS = (None, "relu")
-
-
-def validate_conv2d(x, w, b, stride, pad, activation=None) -> Geometry:
-    check_array(x, "x", 4)
-    check_array(w, "w", 4)
-    if b is not None:
-        check_array(b, "b", 1)
-    check_same_kind("x", x, w=w, b=b)
-    F, C, kh, kw = w.shape
-    if kh < 1 or kw < 1:
-        raise ValueError(f"w must have kernel height and width >= 1, got shape {tuple(w.shape)}")
-    if C != x.shape[1]:
-        raise ValueError(
-            f"w must have {x.shape[1]} input channels (w.shape[1]) to match x.shape[1], got {C}"
-        )
-    if b is not None and b.shape[0] != F:
-        raise ValueError(f"b must have length {F} (w.shape[0]), got {b.shape[0]}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
-    return window_geometry(x.shape, (kh, kw), stride, pad)
 
 
 class ConvProblem(NamedTuple):
@@ -360,12 +348,12 @@ def validate_conv_backward(dy, x, w, stride, pad, groups=1, dilation=1) -> ConvP
     return p
 
 
-def validate_conv2d_backward(dy, x, w, stride, pad) -> Geometry:
-    g = validate_conv2d(x, w, None, stride, pad)
-    check_array(dy, "dy", 4)
-    check_same_kind("x", x, dy=dy)
-    check_shape(dy, "dy", (g.N, w.shape[0], g.OH, g.OW))
-    return g
+def validate_conv2d(x, w, b, stride, pad, activation=None) -> Geometry:
+    """A plain convolution (one group, no dilation, an int or ``(h, w)`` pad) as the kernels'
+    :class:`Geometry`."""
+    if isinstance(pad, (tuple, list)) and len(pad) != 2:
+        as_pair(pad, "pad", 0)  # its error: this form takes no four-sided pads
+    return validate_conv(x, w, b, stride, pad, activation).geometry()
 
 
 def check_ceil_mode(ceil_mode) -> bool:
@@ -417,12 +405,10 @@ def pool_pads(x_shape, size, stride, pad, max_pool, ceil_mode, count_include_pad
             f"ceil_mode=True needs the same padding on opposite sides, got pad {pads} "
             "(top, bottom, left, right)"
         )
-    t, b, left, r = pads
-    ph, pw = min(t, b), min(left, r)
-    extra = (t - ph, b - ph, left - pw, r - pw)
+    extra, sym = split_pads(pads)
     N, C, H, W = x_shape
     padded = (N, C, H + extra[0] + extra[1], W + extra[2] + extra[3])
-    return pads, extra, window_geometry(padded, kernel, stride, (ph, pw), "window")
+    return pads, extra, window_geometry(padded, kernel, stride, sym, "window")
 
 
 def validate_max_pool_backward(dy, x, size, stride, pad, ceil_mode=False) -> Geometry:

@@ -430,11 +430,12 @@ def _float32_attr(value) -> float:
 
 
 def _same_split(n, extent, stride, upper=True):
-    """``auto_pad`` SAME's padding along one axis: ``ceil(n / stride)`` outputs, the odd pixel
-    after (SAME_UPPER, Keras's "same") or before (SAME_LOWER)."""
-    total = max((math.ceil(n / stride) - 1) * stride + extent - n, 0)
-    small, big = total // 2, total - total // 2
-    return (small, big) if upper else (big, small)
+    """``auto_pad`` SAME's padding along one axis: Keras's "same" (SAME_UPPER: the odd pixel
+    after), or the same total with the odd pixel before (SAME_LOWER)."""
+    from .nn.layers.conv import keras_same_padding
+
+    before, after = keras_same_padding(n, extent, stride)
+    return (before, after) if upper else (after, before)
 
 
 class _Reader:

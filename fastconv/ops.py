@@ -229,11 +229,20 @@ def _direct_grouped(p) -> bool:
     return p.groups > 1 and p.C // p.groups <= GROUPED_DIRECT_MAX_CHANNELS
 
 
-def _extra_pads(p):
-    """The zeros to add to the input explicitly, and the symmetric pad left to the kernel."""
-    t, b, left, r = p.pads
-    ph, pw = min(t, b), min(left, r)
-    return (t - ph, b - ph, left - pw, r - pw), (ph, pw)
+def _pre_pad(dev, a, extra, value):
+    """``a`` with ``extra`` (top, bottom, left, right) rows/columns of ``value`` added: the
+    asymmetric part of a padding, which the kernels' symmetric padding cannot express."""
+    if not any(extra):
+        return a
+    spec = ((0, 0), (0, 0), extra[:2], extra[2:])
+    return dev.xp.pad(a, spec, constant_values=value)
+
+
+def _crop(dev, a, extra, x_shape):
+    if not any(extra):
+        return a
+    t, left = extra[0], extra[2]
+    return dev.ascontiguous(a[:, :, t : t + x_shape[2], left : left + x_shape[3]])
 
 
 def _dilated(dev, w, p):
@@ -289,9 +298,8 @@ def _conv2d_general(dev, p, x, w, b, activation, algorithm):
         xs = _to_phases(dev, dev.xp.pad(x, pads), p, Hs, Ws)
         ys = conv2d(xs, w, b, 1, 0, activation, algorithm, groups=p.groups)
         return dev.ascontiguous(_from_phases(dev, ys, p, p.N)[:, :, : p.OH, : p.OW])
-    extra, sym = _extra_pads(p)
-    if any(extra):
-        x = dev.xp.pad(x, ((0, 0), (0, 0), extra[:2], extra[2:]))
+    extra, sym = chk.split_pads(p.pads)
+    x = _pre_pad(dev, x, extra, 0.0)
     wd = _dilated(dev, w, p)
     if p.groups == 1:
         return conv2d(x, wd, b, (p.sh, p.sw), sym, activation, algorithm)
@@ -323,9 +331,9 @@ def _conv2d_backward_general(dev, p, dy, x, w, need_dx, algorithm):
         t, left = p.pads[0], p.pads[2]
         dx = _from_phases(dev, dxs, p, p.N)[:, :, t : t + p.H, left : left + p.W]
         return dev.ascontiguous(dx), dw, db
-    extra, sym = _extra_pads(p)
-    if any(extra):
-        x = dev.xp.pad(x, ((0, 0), (0, 0), extra[:2], extra[2:]))
+    x_shape = x.shape
+    extra, sym = chk.split_pads(p.pads)
+    x = _pre_pad(dev, x, extra, 0.0)
     wd = _dilated(dev, w, p)
     Cg, Fg = p.C // p.groups, p.F // p.groups
     dx = dev.xp.empty(x.shape, x.dtype) if need_dx else None
@@ -339,9 +347,8 @@ def _conv2d_backward_general(dev, p, dy, x, w, need_dx, algorithm):
             dx[:, cs] = dxk
     if (p.dh, p.dw) != (1, 1):
         dw = dev.ascontiguous(dw[:, :, :: p.dh, :: p.dw])
-    if need_dx and any(extra):
-        t, _, left, _ = extra
-        dx = dev.ascontiguous(dx[:, :, t : t + p.H, left : left + p.W])
+    if need_dx:
+        dx = _crop(dev, dx, extra, x_shape)
     return dx, dw, db
 
 
@@ -435,22 +442,6 @@ def clear_conv_algorithm_choices():
     from .cpu import _select
 
     _select.clear()
-
-
-def _pre_pad(dev, a, extra, value):
-    """``a`` with ``extra`` (top, bottom, left, right) rows/columns of ``value`` added: the
-    asymmetric part of a padding, which the kernels' symmetric padding cannot express."""
-    if not any(extra):
-        return a
-    spec = ((0, 0), (0, 0), extra[:2], extra[2:])
-    return dev.xp.pad(a, spec, constant_values=value)
-
-
-def _crop(dev, a, extra, x_shape):
-    if not any(extra):
-        return a
-    t, left = extra[0], extra[2]
-    return dev.ascontiguous(a[:, :, t : t + x_shape[2], left : left + x_shape[3]])
 
 
 @kernel_op
