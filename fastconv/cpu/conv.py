@@ -65,11 +65,11 @@ def _images_per_block(g, direct):
 # --- GEMM paths (direct, unfolded) ---------------------------------------------------------------
 
 
-def _gemm_forward(x, w, b, g, activation, direct):
-    F = w.shape[0]
-    K, P = g.C * g.kh * g.kw, g.OH * g.OW
-    nt = threads(g.N)
+def _gemm_setup(g, F, direct, nt):
+    """The forward GEMM plan of geometry ``g`` on ``nt`` threads: ``(plan, x_layout,
+    workspace key, make)`` (the prepared path plans once per shape with it)."""
     nb = _images_per_block(g, direct)
+    K, P = g.C * g.kh * g.kw, g.OH * g.OW
     x_layout = stack_layout(g.H, g.W, g.ph, g.pw, g.kh, g.kw, nb)
     if direct:
         buf_len, acc_len = g.C * x_layout.cstride, row_stride(nb * x_layout.rows * x_layout.stride)
@@ -78,15 +78,23 @@ def _gemm_forward(x, w, b, g, activation, direct):
         buf_len, acc_len = K * nb * P, row_stride(nb * P)
         offsets = np.arange(K, dtype=np.int64) * (nb * P)
     plan = GemmPlan(bool(direct), nb, offsets, offsets)
+    key = ("fwd", buf_len, acc_len, F, nt)  # one pool for both paths
+
+    def make(alloc):
+        return ForwardWork(alloc((nt, buf_len)), alloc((nt, F, acc_len)))
+
+    return plan, x_layout, key, make
+
+
+def _gemm_forward(x, w, b, g, activation, direct):
+    F = w.shape[0]
+    plan, x_layout, key, make = _gemm_setup(g, F, direct, threads(g.N))
     w_fk, _, _, _ = packed_weights(w)
     bias = np.zeros(F, np.float32)
     if b is not None:
         bias[:] = b  # F values: the epilogue adds them in fp32
     y = np.empty((g.N, F, g.OH, g.OW), dtype=x.dtype)
-    with checkout(
-        ("fwd", buf_len, acc_len, F, nt),
-        lambda alloc: ForwardWork(alloc((nt, buf_len)), alloc((nt, F, acc_len))),
-    ) as ws:
+    with checkout(key, make) as ws:
         forward_kernel(
             bits_view(x), w_fk, bias, activation == "relu", bits_view(y), ws, plan, x_layout, g
         )  # fmt: skip

@@ -23,13 +23,12 @@ import numpy as np
 
 from . import _select
 from . import _winograd as wg
-from ._direct import ForwardWork, GemmPlan
 from ._direct import forward_residual as gemm_parallel
 from ._direct import forward_residual_serial as gemm_serial
 from ._half import bits_view
-from ._layout import packed_weights, row_stride, stack_layout, tap_offsets, threads
+from ._layout import packed_weights, threads
 from ._workspace import checkout
-from .conv import _images_per_block, _winograd_setup
+from .conv import _gemm_setup, _winograd_setup
 
 __all__ = ["SERIAL_CONV_FLOPS", "ConvWeights", "ConvPlan", "make_plan", "conv2d_prepared"]
 
@@ -84,25 +83,6 @@ class ConvPlan(NamedTuple):
     y_shape: tuple
     wino: tuple | None  # (m, setup) of a Winograd plan
     gemm: tuple | None  # (GemmPlan, x_layout, workspace key, make) of a GEMM plan
-
-
-def _gemm_setup(g, F, direct, nt):
-    nb = _images_per_block(g, direct)
-    K, P = g.C * g.kh * g.kw, g.OH * g.OW
-    x_layout = stack_layout(g.H, g.W, g.ph, g.pw, g.kh, g.kw, nb)
-    if direct:
-        buf_len, acc_len = g.C * x_layout.cstride, row_stride(nb * x_layout.rows * x_layout.stride)
-        offsets = tap_offsets(g.C, g.kh, g.kw, x_layout.cstride, x_layout.stride)
-    else:
-        buf_len, acc_len = K * nb * P, row_stride(nb * P)
-        offsets = np.arange(K, dtype=np.int64) * (nb * P)
-    plan = GemmPlan(bool(direct), nb, offsets, offsets)
-    key = ("fwd", buf_len, acc_len, F, nt)  # the unprepared path's key: one pool
-
-    def make(alloc):
-        return ForwardWork(alloc((nt, buf_len)), alloc((nt, F, acc_len)))
-
-    return plan, x_layout, key, make
 
 
 def make_plan(g, weights, name, source):
