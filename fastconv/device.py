@@ -59,6 +59,12 @@ class Device:
     def synchronize(self) -> None:
         """Wait for the work queued on this device (nothing to wait for on the CPU)."""
 
+    def output_pool(self):
+        """A pool that kernel outputs may be reused from across calls (a context manager:
+        ``with device.output_pool():``), or a null context where the array library already
+        pools (CuPy's memory pool)."""
+        return contextlib.nullcontext()
+
     def __repr__(self):
         return f"<fastconv device {self.name}>"
 
@@ -80,6 +86,11 @@ class _Cpu(Device):
         from .cpu import launch_guard
 
         return launch_guard()
+
+    def output_pool(self):
+        from .cpu._outputs import OutputPool
+
+        return OutputPool()
 
     def ascontiguous(self, a):  # every op calls it: NumPy directly, not through xp
         return np.ascontiguousarray(a)

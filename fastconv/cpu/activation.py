@@ -23,6 +23,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from . import _outputs as outputs
 from ._half import bits_view, load, store_value
 
 __all__ = [
@@ -80,7 +81,7 @@ def _chunk(n: int) -> int:
 
 def relu(x):
     """Backend of :func:`fastconv.relu` (validated, C-contiguous, non-empty)."""
-    out = np.empty(x.shape, dtype=x.dtype)
+    out = outputs.empty(x.shape, x.dtype)
     xv, ov = bits_view(x).reshape(-1), bits_view(out).reshape(-1)
     if x.size < _PARALLEL_MIN:
         _relu_chunk(xv, ov, 0, x.size)
@@ -134,7 +135,7 @@ def _leaky_grad(dy, x, out, alpha, chunk):
 def leaky_relu(x, alpha):
     """Backend of :func:`fastconv.leaky_relu` (validated, C-contiguous, non-empty; ``alpha`` a
     float32)."""
-    out = np.empty(x.shape, dtype=x.dtype)
+    out = outputs.empty(x.shape, x.dtype)
     xv, ov = bits_view(x).reshape(-1), bits_view(out).reshape(-1)
     if x.size < _PARALLEL_MIN:
         _leaky_chunk(xv, ov, alpha, 0, x.size)
@@ -189,7 +190,7 @@ def _clip_grad(dy, x, out, lo, hi, chunk):
 
 def clip(x, lo, hi):
     """Backend of :func:`fastconv.clip` (validated, C-contiguous, non-empty; float32 bounds)."""
-    out = np.empty(x.shape, dtype=x.dtype)
+    out = outputs.empty(x.shape, x.dtype)
     xv, ov = bits_view(x).reshape(-1), bits_view(out).reshape(-1)
     if x.size < _PARALLEL_MIN:
         _clip_chunk(xv, ov, lo, hi, 0, x.size)

@@ -28,6 +28,7 @@ import time
 
 import numpy as np
 
+from . import _outputs as outputs
 from . import _select
 from . import _winograd as wg
 from ._direct import (
@@ -93,7 +94,7 @@ def _gemm_forward(x, w, b, g, activation, direct):
     bias = np.zeros(F, np.float32)
     if b is not None:
         bias[:] = b  # F values: the epilogue adds them in fp32
-    y = np.empty((g.N, F, g.OH, g.OW), dtype=x.dtype)
+    y = outputs.empty((g.N, F, g.OH, g.OW), x.dtype)
     with checkout(key, make) as ws:
         forward_kernel(
             bits_view(x), w_fk, bias, activation == "relu", bits_view(y), ws, plan, x_layout, g
@@ -194,7 +195,7 @@ def _winograd_conv(x_bits, u, bias, relu, y_bits, setup):
 def _winograd_forward(x, w, b, g, activation, m):
     """y by Winograd F(m x m, 3x3), or None when the data or weights need the exact path."""
     F = w.shape[0]
-    y = np.empty((g.N, F, g.OH, g.OW), dtype=x.dtype)
+    y = outputs.empty((g.N, F, g.OH, g.OW), x.dtype)
     if g.N == 0:
         return y
     setup = _winograd_setup(g.N, g.C, F, g.OH, g.OW, m, threads(g.N), g.ph, g.pw, g.W, False)

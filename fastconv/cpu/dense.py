@@ -14,6 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from . import _outputs as outputs
 from ._half import bits_view, load, store_value
 from ._matmul import matmul
 
@@ -40,7 +41,7 @@ def _column_sums(dy, db):
 
 def dense_forward(x, w, b, g, relu):
     """Backend of :func:`fastconv.dense`: ``(M, N)`` in x's dtype."""
-    return matmul(x, w, np.empty((g.N, g.F), dtype=x.dtype), bias=b, relu=relu)
+    return matmul(x, w, outputs.empty((g.N, g.F), x.dtype), bias=b, relu=relu)
 
 
 def dense_backward(dy, x, w, g, need_dx=True):

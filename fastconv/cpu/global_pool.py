@@ -14,6 +14,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from . import _outputs as outputs
 from ._half import bits_view, load, store_value
 
 __all__ = ["global_avg_pool2d", "global_avg_pool2d_backward"]
@@ -65,7 +66,7 @@ def _rows_per_task(g) -> int:
 
 def global_avg_pool2d(x, g):
     """Backend of :func:`fastconv.global_avg_pool2d` (validated, C-contiguous, non-empty)."""
-    y = np.empty((g.N, g.C), dtype=x.dtype)
+    y = outputs.empty((g.N, g.C), x.dtype)
     xv, yv = bits_view(x).reshape(g.N, g.C, g.P), bits_view(y)
     if x.size < _PARALLEL_MIN:
         _mean_rows(xv, yv, 0, g.N)

@@ -20,6 +20,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from . import _outputs as outputs
 from ._half import bits_view, load, store_value
 
 __all__ = ["grouped_conv2d", "grouped_conv2d_backward"]
@@ -377,7 +378,7 @@ def _tasks(work: int, count: int) -> int:
 def grouped_conv2d(x, w, b, p, activation):
     """Backend of :func:`fastconv.grouped_conv2d` (validated, C-contiguous, non-empty); ``p``
     is the :class:`~fastconv._checks.ConvProblem`."""
-    y = np.empty((p.N, p.F, p.OH, p.OW), dtype=x.dtype)
+    y = outputs.empty((p.N, p.F, p.OH, p.OW), x.dtype)
     w32 = w.astype(np.float32)
     b32 = np.zeros(p.F, np.float32) if b is None else b.astype(np.float32)
     xv, yv = bits_view(x), bits_view(y)

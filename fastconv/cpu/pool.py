@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from . import _outputs as outputs
 from ._half import bits_view, from_bits, load, store_value
 from ._layout import serial_twin
 
@@ -312,7 +313,7 @@ _avg_forward_serial = serial_twin(_avg_forward)
 
 def max_pool2d(x, g):
     xp = _planes(x, g.H, g.W)
-    out = np.empty((g.N * g.C, g.OH, g.OW), dtype=xp.dtype)
+    out = outputs.empty((g.N * g.C, g.OH, g.OW), xp.dtype)
     serial = xp.size < SERIAL_POOL_VALUES
     if _is_2x2(g):
         (_max_forward_2x2_serial if serial else _max_forward_2x2)(xp, out)
@@ -334,7 +335,7 @@ def max_pool2d_backward(dy, x, g):
 
 def avg_pool2d(x, g):
     xp = _planes(x, g.H, g.W)
-    out = np.empty((g.N * g.C, g.OH, g.OW), dtype=xp.dtype)
+    out = outputs.empty((g.N * g.C, g.OH, g.OW), xp.dtype)
     kernel = _avg_forward_serial if xp.size < SERIAL_POOL_VALUES else _avg_forward
     kernel(xp, out, *_window_args(g))
     return from_bits(out, x.dtype).reshape(g.N, g.C, g.OH, g.OW)

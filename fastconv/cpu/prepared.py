@@ -21,6 +21,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from . import _outputs as outputs
 from . import _select
 from . import _winograd as wg
 from ._direct import forward_residual as gemm_parallel
@@ -109,7 +110,7 @@ def conv2d_prepared(x, weights, plan, relu, res):
     """``act(conv(x) + bias [+ res])`` in x's dtype by ``plan``; ``res`` None or an array of
     the output's shape and dtype (validated, C-contiguous)."""
     g = plan.g
-    y = np.empty(plan.y_shape, dtype=x.dtype)
+    y = outputs.empty(plan.y_shape, x.dtype)
     yb, xb = bits_view(y), bits_view(x)
     has_res = res is not None
     rb = bits_view(res) if has_res else yb

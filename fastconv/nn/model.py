@@ -100,6 +100,9 @@ class Model(Trainer):
         self.seed = chk.as_seed(seed)
         self.rng = np.random.default_rng(self.seed)
         self.backend = Backend(backend, dtype)
+        #: kernel outputs reused across inference calls (page faults otherwise:
+        #: fastconv/cpu/_outputs.py); training keeps plain allocations
+        self._inference_outputs = self.backend.device.output_pool()
         self.loss = None
         self.optimizer = None
         self.metrics: list = []
@@ -263,7 +266,12 @@ class Model(Trainer):
     def _run_forward(self, x, training: bool, prepared: bool | None = None):
         """Forward pass; returns ``(output, caches)`` (caches only in training). ``prepared``
         as for :meth:`execution_plan`."""
-        plan = self.execution_plan(training, prepared)
+        if training:
+            return self._forward_steps(self.execution_plan(True), x, True)
+        with self._inference_outputs:
+            return self._forward_steps(self.execution_plan(False, prepared), x, False)
+
+    def _forward_steps(self, plan, x, training):
         remaining: dict[int, int] = {}
         for step in plan:
             for t in step.inputs:
