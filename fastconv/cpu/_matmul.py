@@ -33,7 +33,7 @@ from . import _workspace
 from ._half import bits_view, load, store_value
 from ._simd import MR, NR, copy_block, copy_row, fetch_add, gemm_packed, load_transposed
 
-__all__ = ["SERIAL_FLOPS", "Blocking", "blocking", "matmul"]
+__all__ = ["SERIAL_FLOPS", "Blocking", "blocking", "matmul", "matmul_batched"]
 
 SERIAL_FLOPS = 4_000_000  # ~40 us on one core; a parallel launch costs ~10-50 us (measured)
 
@@ -148,16 +148,25 @@ def _pack_b(b, trans, K, N, pc, kc, jc, nc, bp, offs):
 
 
 @njit(cache=True)
-def _store(cbuf, ldc, out, i0, rows, j0, cols, bias, has_bias, relu):
-    """Epilogue: ``out[i0+r, j0+j] = act(cbuf[r*ldc + j] + bias[j0+j])`` in out's dtype."""
+def _store(cbuf, ldc, out, i0, rows, j0, cols, bias, has_bias, relu, bias_rows):
+    """Epilogue: ``out[i0+r, j0+j] = act(cbuf[r*ldc + j] + bias)`` in out's dtype, the bias
+    ``bias[j0+j]`` (a Dense layer's, per column) or with ``bias_rows`` ``bias[i0+r]`` (a
+    convolution's, per output channel)."""
     for r in range(rows):
         src = cbuf[r * ldc : r * ldc + cols]
         dst = out[i0 + r, j0 : j0 + cols]
-        if has_bias:
+        if has_bias and bias_rows:
+            br = load(bias[i0 + r])
+            for j in range(cols):
+                v = src[j] + br
+                if relu and v < np.float32(0.0):  # False for NaN: NaN propagates
+                    v = np.float32(0.0)
+                dst[j] = store_value(dst, v)
+        elif has_bias:
             bs = bias[j0 : j0 + cols]
             for j in range(cols):
                 v = src[j] + load(bs[j])
-                if relu and v < np.float32(0.0):  # False for NaN: NaN propagates
+                if relu and v < np.float32(0.0):
                     v = np.float32(0.0)
                 dst[j] = store_value(dst, v)
         elif relu:
@@ -199,40 +208,74 @@ def _items(a, trans_a, b, trans_b, out, bias, has_bias, relu, K, blk, counter, a
             break
         i0 = (item // n_cols) * MC
         j0 = (item % n_cols) * NC
-        mc = min(MC, M - i0)
-        nc = min(NC, N - j0)
-        panels = -(-nc // NR)
-        blocks = -(-mc // MR)
-        if K == 0:
-            for r in range(mc):
-                cbuf[r * ldc : r * ldc + nc] = 0.0
-        # One KC block, float32, no epilogue: whole tiles go from the registers to ``out``
-        # (skipping the buffer and its copy: dW at small batch sizes is bound by these stores).
-        direct = K <= KC and _is_float32(out) and not has_bias and not relu
-        full_r = mc // MR if direct else 0
-        full_c = nc // NR if direct else 0
-        for pc in range(0, K, KC):
-            kc = min(KC, K - pc)
-            _pack_a(a, trans_a, M, K, i0, mc, pc, kc, ap, offs_a)
-            _pack_b(b, trans_b, K, N, pc, kc, j0, nc, bp, offs_b)
-            for jr in range(panels):
-                for ir in range(blocks):
-                    a_off, b_off = ir * kc * MR, jr * kc * NR
-                    if ir < full_r and jr < full_c:  # never for half outputs (full_r = 0)
-                        c_off = (i0 + ir * MR) * N + j0 + jr * NR
-                        gemm_packed(ap, a_off, bp, b_off, kc, out, c_off, N, False)
-                    else:
-                        c_off = ir * MR * ldc + jr * NR
-                        gemm_packed(ap, a_off, bp, b_off, kc, cbuf, c_off, ldc, pc > 0)
-        if direct:  # the edges: rows below the whole tiles, then columns right of them
-            r_done, c_done = full_r * MR, full_c * NR
-            _store(cbuf[r_done * ldc :], ldc, out, i0 + r_done, mc - r_done, j0, nc, bias, has_bias,
-                   relu)  # fmt: skip
-            if c_done < nc:
-                _store(cbuf[c_done:], ldc, out, i0, r_done, j0 + c_done, nc - c_done, bias,
-                       has_bias, relu)  # fmt: skip
-        else:
-            _store(cbuf, ldc, out, i0, mc, j0, nc, bias, has_bias, relu)
+        _item(a, trans_a, b, trans_b, out, bias, has_bias, relu, False, K, blk, i0, j0, ap, bp,
+              cbuf, offs_a, offs_b)  # fmt: skip
+
+
+@njit(cache=True)
+def _batched_items(a, b, out, bias, has_bias, relu, K, blk, counter, ap, bp, cbuf):
+    """:func:`_items` of ``out[n] = act(a @ b[n] + bias[:, None])`` for every n: the items of
+    all products in one queue (item = (n * row blocks + row block) * column blocks + column
+    block), the bias per row (a convolution's output channel)."""
+    B, M, N = out.shape
+    KC, MC, NC, ldc = blk
+    offs_a = np.arange(16) * MR
+    offs_b = np.arange(16) * NR
+    n_cols = -(-N // NC)
+    per_product = -(-M // MC) * n_cols
+    items = B * per_product
+    while True:
+        item = fetch_add(counter, 1)
+        if item >= items:
+            break
+        n = item // per_product
+        rest = item - n * per_product
+        i0 = (rest // n_cols) * MC
+        j0 = (rest % n_cols) * NC
+        _item(a, False, b[n], False, out[n], bias, has_bias, relu, True, K, blk, i0, j0, ap, bp,
+              cbuf, offs_a, offs_b)  # fmt: skip
+
+
+@njit(cache=True)
+def _item(a, trans_a, b, trans_b, out, bias, has_bias, relu, bias_rows, K, blk, i0, j0, ap, bp,
+          cbuf, offs_a, offs_b):  # fmt: skip
+    """One MC x NC block of ``out``, computed whole."""
+    M, N = out.shape
+    KC, MC, NC, ldc = blk
+    mc = min(MC, M - i0)
+    nc = min(NC, N - j0)
+    panels = -(-nc // NR)
+    blocks = -(-mc // MR)
+    if K == 0:
+        for r in range(mc):
+            cbuf[r * ldc : r * ldc + nc] = 0.0
+    # One KC block, float32, no epilogue: whole tiles go from the registers to ``out``
+    # (skipping the buffer and its copy: dW at small batch sizes is bound by these stores).
+    direct = K <= KC and _is_float32(out) and not has_bias and not relu
+    full_r = mc // MR if direct else 0
+    full_c = nc // NR if direct else 0
+    for pc in range(0, K, KC):
+        kc = min(KC, K - pc)
+        _pack_a(a, trans_a, M, K, i0, mc, pc, kc, ap, offs_a)
+        _pack_b(b, trans_b, K, N, pc, kc, j0, nc, bp, offs_b)
+        for jr in range(panels):
+            for ir in range(blocks):
+                a_off, b_off = ir * kc * MR, jr * kc * NR
+                if ir < full_r and jr < full_c:  # never for half outputs (full_r = 0)
+                    c_off = (i0 + ir * MR) * N + j0 + jr * NR
+                    gemm_packed(ap, a_off, bp, b_off, kc, out, c_off, N, False)
+                else:
+                    c_off = ir * MR * ldc + jr * NR
+                    gemm_packed(ap, a_off, bp, b_off, kc, cbuf, c_off, ldc, pc > 0)
+    if direct:  # the edges: rows below the whole tiles, then columns right of them
+        r_done, c_done = full_r * MR, full_c * NR
+        _store(cbuf[r_done * ldc :], ldc, out, i0 + r_done, mc - r_done, j0, nc, bias, has_bias,
+               relu, bias_rows)  # fmt: skip
+        if c_done < nc:
+            _store(cbuf[c_done:], ldc, out, i0, r_done, j0 + c_done, nc - c_done, bias,
+                   has_bias, relu, bias_rows)  # fmt: skip
+    else:
+        _store(cbuf, ldc, out, i0, mc, j0, nc, bias, has_bias, relu, bias_rows)
 
 
 @njit(cache=True, parallel=True)
@@ -269,6 +312,20 @@ def _matmul_small(a, trans_a, b, trans_b, out, bias, has_bias, relu):
     _items(
         a, trans_a, b, trans_b, out, bias, has_bias, relu, K, blk, counter, ap[0], bp[0], cbuf[0]
     )
+
+
+@njit(cache=True, parallel=True)
+def _batched(a, b, out, bias, has_bias, relu, K, blk, ap, bp, cbuf):
+    counter = np.zeros(1, np.int64)
+    for t in prange(bp.shape[0]):
+        _batched_items(a, b, out, bias, has_bias, relu, K, blk, counter, ap[t], bp[t], cbuf[t])
+
+
+@njit(cache=True)
+def _batched_serial(a, b, out, bias, has_bias, relu, K, blk, ap, bp, cbuf):
+    """:func:`_batched` on the calling thread."""
+    counter = np.zeros(1, np.int64)
+    _batched_items(a, b, out, bias, has_bias, relu, K, blk, counter, ap[0], bp[0], cbuf[0])
 
 
 def _workspace_make(blk, n_threads):
@@ -315,5 +372,39 @@ def matmul(a, b, out, trans_a=False, trans_b=False, bias=None, relu=False, blk=N
         kernel(
             bits_view(a), bool(trans_a), bits_view(b), bool(trans_b), bits_view(out), bv,
             bias is not None, bool(relu), K, blk, ap, bp, cbuf,
+        )  # fmt: skip
+    return out
+
+
+def matmul_batched(a, b, out, bias=None, relu=False, blk=None):
+    """``out[n] = act(a @ b[n] + bias[:, None])`` for every n on Numba's threads (a 1x1
+    convolution: ``a`` the filters, ``b[n]`` an image's channels by pixels); returns ``out``.
+
+    Parameters
+    ----------
+    a : ndarray (M, K); b : ndarray (B, K, N); out : ndarray (B, M, N), written whole; all
+        C-contiguous, one dtype (float32, or float16 as its bits)
+    bias : ndarray (M,) or None, added per row; relu : bool (NaN kept)
+    blk : :class:`Blocking` or None: the columns of one product in items of at most what
+        keeps the output buffer in ``c_block`` (the batch gives the threads their items)
+    """
+    B, M, N = out.shape
+    K = a.shape[1]
+    if B == 0 or M == 0 or N == 0:
+        return out
+    n_threads = max(1, numba.get_num_threads())
+    if blk is None:
+        blk = blocking(M, K, N, 1, False, split=1)
+    items = B * -(-M // blk.MC) * -(-N // blk.NC)
+    if 2 * B * M * N * K < SERIAL_FLOPS:
+        n_threads = 1
+    n_threads = min(n_threads, items)
+    bv = bits_view(bias) if bias is not None else bits_view(out[0, 0])
+    key = ("matmul", blk, n_threads)
+    with _workspace.checkout(key, _workspace_make(blk, n_threads)) as (ap, bp, cbuf):
+        kernel = _batched_serial if n_threads == 1 else _batched
+        kernel(
+            bits_view(a), bits_view(b), bits_view(out), bv, bias is not None, bool(relu), K, blk,
+            ap, bp, cbuf,
         )  # fmt: skip
     return out
