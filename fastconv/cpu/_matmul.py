@@ -33,7 +33,7 @@ from . import _workspace
 from ._half import bits_view, load, store_value
 from ._simd import MR, NR, copy_block, copy_row, fetch_add, gemm_packed, load_transposed
 
-__all__ = ["SERIAL_FLOPS", "Blocking", "blocking", "matmul", "matmul_batched"]
+__all__ = ["SERIAL_FLOPS", "Blocking", "blocking", "matmul", "pack_filters", "pointwise"]
 
 SERIAL_FLOPS = 4_000_000  # ~40 us on one core; a parallel launch costs ~10-50 us (measured)
 
@@ -148,25 +148,16 @@ def _pack_b(b, trans, K, N, pc, kc, jc, nc, bp, offs):
 
 
 @njit(cache=True)
-def _store(cbuf, ldc, out, i0, rows, j0, cols, bias, has_bias, relu, bias_rows):
-    """Epilogue: ``out[i0+r, j0+j] = act(cbuf[r*ldc + j] + bias)`` in out's dtype, the bias
-    ``bias[j0+j]`` (a Dense layer's, per column) or with ``bias_rows`` ``bias[i0+r]`` (a
-    convolution's, per output channel)."""
+def _store(cbuf, ldc, out, i0, rows, j0, cols, bias, has_bias, relu):
+    """Epilogue: ``out[i0+r, j0+j] = act(cbuf[r*ldc + j] + bias[j0+j])`` in out's dtype."""
     for r in range(rows):
         src = cbuf[r * ldc : r * ldc + cols]
         dst = out[i0 + r, j0 : j0 + cols]
-        if has_bias and bias_rows:
-            br = load(bias[i0 + r])
-            for j in range(cols):
-                v = src[j] + br
-                if relu and v < np.float32(0.0):  # False for NaN: NaN propagates
-                    v = np.float32(0.0)
-                dst[j] = store_value(dst, v)
-        elif has_bias:
+        if has_bias:
             bs = bias[j0 : j0 + cols]
             for j in range(cols):
                 v = src[j] + load(bs[j])
-                if relu and v < np.float32(0.0):
+                if relu and v < np.float32(0.0):  # False for NaN: NaN propagates
                     v = np.float32(0.0)
                 dst[j] = store_value(dst, v)
         elif relu:
@@ -208,74 +199,40 @@ def _items(a, trans_a, b, trans_b, out, bias, has_bias, relu, K, blk, counter, a
             break
         i0 = (item // n_cols) * MC
         j0 = (item % n_cols) * NC
-        _item(a, trans_a, b, trans_b, out, bias, has_bias, relu, False, K, blk, i0, j0, ap, bp,
-              cbuf, offs_a, offs_b)  # fmt: skip
-
-
-@njit(cache=True)
-def _batched_items(a, b, out, bias, has_bias, relu, K, blk, counter, ap, bp, cbuf):
-    """:func:`_items` of ``out[n] = act(a @ b[n] + bias[:, None])`` for every n: the items of
-    all products in one queue (item = (n * row blocks + row block) * column blocks + column
-    block), the bias per row (a convolution's output channel)."""
-    B, M, N = out.shape
-    KC, MC, NC, ldc = blk
-    offs_a = np.arange(16) * MR
-    offs_b = np.arange(16) * NR
-    n_cols = -(-N // NC)
-    per_product = -(-M // MC) * n_cols
-    items = B * per_product
-    while True:
-        item = fetch_add(counter, 1)
-        if item >= items:
-            break
-        n = item // per_product
-        rest = item - n * per_product
-        i0 = (rest // n_cols) * MC
-        j0 = (rest % n_cols) * NC
-        _item(a, False, b[n], False, out[n], bias, has_bias, relu, True, K, blk, i0, j0, ap, bp,
-              cbuf, offs_a, offs_b)  # fmt: skip
-
-
-@njit(cache=True)
-def _item(a, trans_a, b, trans_b, out, bias, has_bias, relu, bias_rows, K, blk, i0, j0, ap, bp,
-          cbuf, offs_a, offs_b):  # fmt: skip
-    """One MC x NC block of ``out``, computed whole."""
-    M, N = out.shape
-    KC, MC, NC, ldc = blk
-    mc = min(MC, M - i0)
-    nc = min(NC, N - j0)
-    panels = -(-nc // NR)
-    blocks = -(-mc // MR)
-    if K == 0:
-        for r in range(mc):
-            cbuf[r * ldc : r * ldc + nc] = 0.0
-    # One KC block, float32, no epilogue: whole tiles go from the registers to ``out``
-    # (skipping the buffer and its copy: dW at small batch sizes is bound by these stores).
-    direct = K <= KC and _is_float32(out) and not has_bias and not relu
-    full_r = mc // MR if direct else 0
-    full_c = nc // NR if direct else 0
-    for pc in range(0, K, KC):
-        kc = min(KC, K - pc)
-        _pack_a(a, trans_a, M, K, i0, mc, pc, kc, ap, offs_a)
-        _pack_b(b, trans_b, K, N, pc, kc, j0, nc, bp, offs_b)
-        for jr in range(panels):
-            for ir in range(blocks):
-                a_off, b_off = ir * kc * MR, jr * kc * NR
-                if ir < full_r and jr < full_c:  # never for half outputs (full_r = 0)
-                    c_off = (i0 + ir * MR) * N + j0 + jr * NR
-                    gemm_packed(ap, a_off, bp, b_off, kc, out, c_off, N, False)
-                else:
-                    c_off = ir * MR * ldc + jr * NR
-                    gemm_packed(ap, a_off, bp, b_off, kc, cbuf, c_off, ldc, pc > 0)
-    if direct:  # the edges: rows below the whole tiles, then columns right of them
-        r_done, c_done = full_r * MR, full_c * NR
-        _store(cbuf[r_done * ldc :], ldc, out, i0 + r_done, mc - r_done, j0, nc, bias, has_bias,
-               relu, bias_rows)  # fmt: skip
-        if c_done < nc:
-            _store(cbuf[c_done:], ldc, out, i0, r_done, j0 + c_done, nc - c_done, bias,
-                   has_bias, relu, bias_rows)  # fmt: skip
-    else:
-        _store(cbuf, ldc, out, i0, mc, j0, nc, bias, has_bias, relu, bias_rows)
+        mc = min(MC, M - i0)
+        nc = min(NC, N - j0)
+        panels = -(-nc // NR)
+        blocks = -(-mc // MR)
+        if K == 0:
+            for r in range(mc):
+                cbuf[r * ldc : r * ldc + nc] = 0.0
+        # One KC block, float32, no epilogue: whole tiles go from the registers to ``out``
+        # (skipping the buffer and its copy: dW at small batch sizes is bound by these stores).
+        direct = K <= KC and _is_float32(out) and not has_bias and not relu
+        full_r = mc // MR if direct else 0
+        full_c = nc // NR if direct else 0
+        for pc in range(0, K, KC):
+            kc = min(KC, K - pc)
+            _pack_a(a, trans_a, M, K, i0, mc, pc, kc, ap, offs_a)
+            _pack_b(b, trans_b, K, N, pc, kc, j0, nc, bp, offs_b)
+            for jr in range(panels):
+                for ir in range(blocks):
+                    a_off, b_off = ir * kc * MR, jr * kc * NR
+                    if ir < full_r and jr < full_c:  # never for half outputs (full_r = 0)
+                        c_off = (i0 + ir * MR) * N + j0 + jr * NR
+                        gemm_packed(ap, a_off, bp, b_off, kc, out, c_off, N, False)
+                    else:
+                        c_off = ir * MR * ldc + jr * NR
+                        gemm_packed(ap, a_off, bp, b_off, kc, cbuf, c_off, ldc, pc > 0)
+        if direct:  # the edges: rows below the whole tiles, then columns right of them
+            r_done, c_done = full_r * MR, full_c * NR
+            _store(cbuf[r_done * ldc :], ldc, out, i0 + r_done, mc - r_done, j0, nc, bias, has_bias,
+                   relu)  # fmt: skip
+            if c_done < nc:
+                _store(cbuf[c_done:], ldc, out, i0, r_done, j0 + c_done, nc - c_done, bias,
+                       has_bias, relu)  # fmt: skip
+        else:
+            _store(cbuf, ldc, out, i0, mc, j0, nc, bias, has_bias, relu)
 
 
 @njit(cache=True, parallel=True)
@@ -312,20 +269,6 @@ def _matmul_small(a, trans_a, b, trans_b, out, bias, has_bias, relu):
     _items(
         a, trans_a, b, trans_b, out, bias, has_bias, relu, K, blk, counter, ap[0], bp[0], cbuf[0]
     )
-
-
-@njit(cache=True, parallel=True)
-def _batched(a, b, out, bias, has_bias, relu, K, blk, ap, bp, cbuf):
-    counter = np.zeros(1, np.int64)
-    for t in prange(bp.shape[0]):
-        _batched_items(a, b, out, bias, has_bias, relu, K, blk, counter, ap[t], bp[t], cbuf[t])
-
-
-@njit(cache=True)
-def _batched_serial(a, b, out, bias, has_bias, relu, K, blk, ap, bp, cbuf):
-    """:func:`_batched` on the calling thread."""
-    counter = np.zeros(1, np.int64)
-    _batched_items(a, b, out, bias, has_bias, relu, K, blk, counter, ap[0], bp[0], cbuf[0])
 
 
 def _workspace_make(blk, n_threads):
@@ -376,35 +319,188 @@ def matmul(a, b, out, trans_a=False, trans_b=False, bias=None, relu=False, blk=N
     return out
 
 
-def matmul_batched(a, b, out, bias=None, relu=False, blk=None):
-    """``out[n] = act(a @ b[n] + bias[:, None])`` for every n on Numba's threads (a 1x1
-    convolution: ``a`` the filters, ``b[n]`` an image's channels by pixels); returns ``out``.
+# --- 1x1 convolutions: out[n] = act(a @ b[n] + bias (+ res[n])) over the images' pixels -------
+#
+# A pointwise convolution in NCHW is one product per image, (F x C) @ (C x P), all sharing the
+# filters. As separate products, a 7x7 map (P = 49) fills two 32-column panels with 15 columns
+# of zeros and each item repacks its block of filters; here the columns of all images form one
+# row of B * P columns (an item's panels gather their columns across image boundaries, the
+# epilogue scatters them back), and the filters are packed once per call, or once per
+# weights version on the prepared path.
+
+
+def pack_filters(a, trans_a=False):
+    """``op(a)`` (M x K) packed once for :func:`pointwise`: ``(packed, MC, KC)``, the row
+    blocks of MC and reduction blocks of KC laid out as :func:`_pack_a` lays each block.
+    ``a`` C-contiguous float32 or float16."""
+    M, K = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    mc, kc = _pointwise_blocks(M, K)
+    packed = np.empty(max(1, -(-M // MR) * MR * K), np.float32)
+    _pack_filters(bits_view(a), bool(trans_a), M, K, mc, kc, packed)
+    return packed, mc, kc
+
+
+def _pointwise_blocks(M, K):
+    """(MC, KC): all rows up to 128 (each packed column block then serves them all) and
+    reductions of up to 512 steps (a 32-column panel of 512 steps is 64 KiB: L2)."""
+    return min(128, -(-M // MR) * MR), max(1, min(512, K))
+
+
+@njit(cache=True)
+def _pack_filters(a, trans_a, M, K, MC, KC, packed):
+    offs = np.arange(16) * MR
+    for i0 in range(0, M, MC):
+        mc = min(MC, M - i0)
+        rows_pad = -(-mc // MR) * MR
+        for pc in range(0, K, KC):
+            kc = min(KC, K - pc)
+            base = i0 * K + pc * rows_pad
+            _pack_a(a, trans_a, M, K, i0, mc, pc, kc, packed[base:], offs)
+
+
+@njit(cache=True)
+def _pack_columns(b, K, P, pc, kc, j0, nc, bp):
+    """Columns j0 .. j0+nc of the (K x B*P) matrix whose column n*P + p is ``b[n, :, p]``, rows
+    pc .. pc+kc, as NR-column panels (zeros past the last column)."""
+    panels = -(-nc // NR)
+    for kk in range(kc):
+        row = pc + kk
+        for jr in range(panels):
+            c0 = j0 + jr * NR
+            cols = min(NR, j0 + nc - c0)
+            d0 = (jr * kc + kk) * NR
+            j = c0
+            while j < c0 + cols:
+                n = j // P
+                p = j - n * P
+                run = min(c0 + cols - j, P - p)
+                copy_row(b, (n * K + row) * P + p, bp, d0 + j - c0, run)
+                j += run
+            if cols < NR:
+                bp[d0 + cols : d0 + NR] = 0.0
+
+
+@njit(cache=True)
+def _store_columns(cbuf, ldc, out, i0, rows, j0, cols, P, bias, relu, res, has_res):
+    """``out[n, i0+r, p] = act(cbuf[r*ldc + j - j0] + bias[i0+r])`` for the columns j = n*P + p
+    of the block; with ``has_res`` the value is rounded to out's dtype, ``res[n, i0+r, p]``
+    added and the sum rounded again (the bits of a separate Add), then the ReLU."""
+    for r in range(rows):
+        f = i0 + r
+        bf = bias[f]
+        j = j0
+        while j < j0 + cols:
+            n = j // P
+            p = j - n * P
+            run = min(j0 + cols - j, P - p)
+            src = cbuf[r * ldc + j - j0 : r * ldc + j - j0 + run]
+            dst = out[n, f, p : p + run]
+            if has_res:
+                rr = res[n, f, p : p + run]
+                for q in range(run):
+                    v = load(store_value(dst, src[q] + bf)) + load(rr[q])
+                    if relu and v < np.float32(0.0):  # False for NaN: NaN is kept
+                        v = np.float32(0.0)
+                    dst[q] = store_value(dst, v)
+            elif relu:
+                for q in range(run):
+                    v = src[q] + bf
+                    dst[q] = store_value(dst, v if not v < np.float32(0.0) else np.float32(0.0))
+            else:
+                for q in range(run):
+                    dst[q] = store_value(dst, src[q] + bf)
+            j += run
+
+
+@njit(cache=True)
+def _pointwise_items(packed, b, out, bias, relu, res, has_res, K, blk, counter, bp, cbuf):
+    B, M, P = out.shape
+    KC, MC, NC, ldc = blk
+    total = B * P
+    n_cols = -(-total // NC)
+    items = -(-M // MC) * n_cols
+    while True:
+        item = fetch_add(counter, 1)
+        if item >= items:
+            break
+        i0 = (item // n_cols) * MC
+        j0 = (item % n_cols) * NC
+        mc = min(MC, M - i0)
+        nc = min(NC, total - j0)
+        rows_pad = -(-mc // MR) * MR
+        panels = -(-nc // NR)
+        blocks = rows_pad // MR
+        if K == 0:
+            for r in range(mc):
+                cbuf[r * ldc : r * ldc + nc] = 0.0
+        for pc in range(0, K, KC):
+            kc = min(KC, K - pc)
+            a_base = i0 * K + pc * rows_pad
+            _pack_columns(b, K, P, pc, kc, j0, nc, bp)
+            for jr in range(panels):
+                for ir in range(blocks):
+                    gemm_packed(packed, a_base + ir * kc * MR, bp, jr * kc * NR, kc, cbuf,
+                                ir * MR * ldc + jr * NR, ldc, pc > 0)  # fmt: skip
+        _store_columns(cbuf, ldc, out, i0, mc, j0, nc, P, bias, relu, res, has_res)
+
+
+@njit(cache=True, parallel=True)
+def _pointwise(packed, b, out, bias, relu, res, has_res, K, blk, bp, cbuf):
+    counter = np.zeros(1, np.int64)
+    for t in prange(bp.shape[0]):
+        _pointwise_items(packed, b, out, bias, relu, res, has_res, K, blk, counter, bp[t], cbuf[t])
+
+
+@njit(cache=True)
+def _pointwise_serial(packed, b, out, bias, relu, res, has_res, K, blk, bp, cbuf):
+    """:func:`_pointwise` on the calling thread."""
+    counter = np.zeros(1, np.int64)
+    _pointwise_items(packed, b, out, bias, relu, res, has_res, K, blk, counter, bp[0], cbuf[0])
+
+
+def pointwise(filters, b, out, bias, relu=False, res=None, serial=None):
+    """``out[n] = act(op(a) @ b[n] + bias[:, None] (+ res[n]))`` for every image n: a 1x1
+    convolution (``a`` the filters, ``b[n]`` an image as channels x pixels); returns ``out``.
 
     Parameters
     ----------
-    a : ndarray (M, K); b : ndarray (B, K, N); out : ndarray (B, M, N), written whole; all
-        C-contiguous, one dtype (float32, or float16 as its bits)
-    bias : ndarray (M,) or None, added per row; relu : bool (NaN kept)
-    blk : :class:`Blocking` or None: the columns of one product in items of at most what
-        keeps the output buffer in ``c_block`` (the batch gives the threads their items)
+    filters : ``(packed, MC, KC)`` from :func:`pack_filters` (op(a) is M x K)
+    b : ndarray (B, K, P); out : ndarray (B, M, P), written whole; res : None or like out.
+        C-contiguous, one dtype (float32, or float16 as its uint16 bits)
+    bias : ndarray (M,) float32 (zeros for none); relu : bool (NaN kept)
+    serial : None (by size), or True/False to force the calling thread / the thread pool
     """
-    B, M, N = out.shape
-    K = a.shape[1]
-    if B == 0 or M == 0 or N == 0:
+    packed, MC, KC = filters
+    B, M, P = out.shape
+    K = b.shape[1]
+    if B == 0 or M == 0 or P == 0:
         return out
+    total = B * P
     n_threads = max(1, numba.get_num_threads())
-    if blk is None:
-        blk = blocking(M, K, N, 1, False, split=1)
-    items = B * -(-M // blk.MC) * -(-N // blk.NC)
-    if 2 * B * M * N * K < SERIAL_FLOPS:
+    if serial is None:
+        serial = 2 * total * M * K < SERIAL_FLOPS
+    if serial:
         n_threads = 1
-    n_threads = min(n_threads, items)
-    bv = bits_view(bias) if bias is not None else bits_view(out[0, 0])
-    key = ("matmul", blk, n_threads)
-    with _workspace.checkout(key, _workspace_make(blk, n_threads)) as (ap, bp, cbuf):
-        kernel = _batched_serial if n_threads == 1 else _batched
-        kernel(
-            bits_view(a), bits_view(b), bits_view(out), bv, bias is not None, bool(relu), K, blk,
-            ap, bp, cbuf,
-        )  # fmt: skip
+    # Columns: an item per thread and a half at least, within what keeps the float32 output
+    # block in c_block floats; NR-column panels.
+    nc = min(-(-total // (2 * n_threads)), max(NR, 65536 // MC))
+    nc = -(-nc // NR) * NR
+    ldc = nc + 16 if nc % 1024 == 0 else nc
+    blk = Blocking(KC, MC, nc, ldc)
+    n_threads = min(n_threads, -(-M // MC) * -(-total // nc))
+    has_res = res is not None
+    rv = bits_view(res) if has_res else bits_view(out)
+    key = ("pointwise", blk, n_threads)
+    make = _pointwise_make(blk, n_threads)
+    with _workspace.checkout(key, make) as (bp, cbuf):
+        kernel = _pointwise_serial if n_threads == 1 else _pointwise
+        kernel(packed, bits_view(b), bits_view(out), bias, bool(relu), rv, has_res, K, blk, bp,
+               cbuf)  # fmt: skip
     return out
+
+
+def _pointwise_make(blk, n_threads):
+    def make(alloc):
+        return alloc((n_threads, blk.KC * blk.NC)), alloc((n_threads, blk.MC * blk.ldc))
+
+    return make

@@ -41,6 +41,7 @@ from ._direct import (
 )
 from ._half import bits_view
 from ._layout import packed_weights, row_stride, stack_layout, tap_offsets, threads
+from ._matmul import pack_filters, pointwise
 from ._workspace import checkout
 from .im2col import col2im, im2col
 
@@ -258,7 +259,27 @@ def _forward_with(name, x, w, b, g, activation):
         if y is not None:
             return y, False
         return _gemm_forward(x, w, b, g, activation, g.sh == 1 and g.sw == 1), True
+    if name == "direct" and is_pointwise(g):
+        return _pointwise_forward(x, w, b, g, activation), False
     return _gemm_forward(x, w, b, g, activation, name == "direct"), False
+
+
+def is_pointwise(g) -> bool:
+    """A 1x1 convolution without stride or padding: the direct path runs it as one product
+    over every image's pixels (:func:`~fastconv.cpu._matmul.pointwise`)."""
+    return g.kh == 1 and g.kw == 1 and g.sh == 1 and g.sw == 1 and g.ph == 0 and g.pw == 0
+
+
+def _pointwise_forward(x, w, b, g, activation):
+    F = w.shape[0]
+    bias = np.zeros(F, np.float32)
+    if b is not None:
+        bias[:] = b  # F values: the epilogue adds them in fp32
+    y = outputs.empty((g.N, F, g.OH, g.OW), x.dtype)
+    filters = pack_filters(w.reshape(F, g.C))
+    pointwise(filters, x.reshape(g.N, g.C, g.H * g.W), y.reshape(g.N, F, g.OH * g.OW), bias,
+              activation == "relu")  # fmt: skip
+    return y
 
 
 def _backward_with(name, dy, x, w, g, need_dx):

@@ -28,8 +28,9 @@ from ._direct import forward_residual as gemm_parallel
 from ._direct import forward_residual_serial as gemm_serial
 from ._half import bits_view
 from ._layout import packed_weights, threads
+from ._matmul import pack_filters, pointwise
 from ._workspace import checkout
-from .conv import _gemm_setup, _winograd_setup
+from .conv import _gemm_setup, _winograd_setup, is_pointwise
 
 __all__ = ["SERIAL_CONV_FLOPS", "ConvWeights", "ConvPlan", "make_plan", "conv2d_prepared"]
 
@@ -57,6 +58,7 @@ class ConvWeights:
             self.bias[:] = b  # the epilogue adds them in float32
         self._u: dict = {}  # (m, Fp) -> (U, ok)
         self._fk = None  # (W as (F, K) float32, all finite)
+        self._pw = None  # packed filters of a 1x1 convolution
 
     def winograd(self, m, rows_padded):
         """``(U, ok)`` of :func:`fastconv.cpu._winograd.transform_weights`, computed once."""
@@ -65,6 +67,13 @@ class ConvWeights:
         if found is None:
             found = self._u[key] = wg.transform_weights(bits_view(self.w), m, rows_padded)
         return found
+
+    def pointwise(self):
+        """The filters of a 1x1 convolution packed for :func:`~fastconv.cpu._matmul.pointwise`,
+        once."""
+        if self._pw is None:
+            self._pw = pack_filters(self.w.reshape(self.F, -1))
+        return self._pw
 
     def gemm(self):
         """The (F, K) float32 operand of the GEMM paths, packed once."""
@@ -84,6 +93,7 @@ class ConvPlan(NamedTuple):
     y_shape: tuple
     wino: tuple | None  # (m, setup) of a Winograd plan
     gemm: tuple | None  # (GemmPlan, x_layout, workspace key, make) of a GEMM plan
+    pointwise: bool  # a 1x1 convolution on the direct path: one product over all pixels
 
 
 def make_plan(g, weights, name, source):
@@ -92,12 +102,14 @@ def make_plan(g, weights, name, source):
     serial = 2 * g.N * F * g.C * g.kh * g.kw * g.OH * g.OW < SERIAL_CONV_FLOPS
     nt = 1 if serial else threads(g.N)
     wino = gemm = None
+    if name == "direct" and is_pointwise(g):
+        return ConvPlan(g, name, source, serial, (g.N, F, g.OH, g.OW), None, None, True)
     if name.startswith("winograd"):
         m = 4 if name == "winograd4x4" else 2
         wino = (m, _winograd_setup(g.N, g.C, F, g.OH, g.OW, m, nt, g.ph, g.pw, g.W, False))
     # Winograd plans keep a GEMM plan for the calls it sends back (non-finite or huge values).
     gemm = _gemm_setup(g, F, g.sh == 1 and g.sw == 1 and name != "unfolded", nt)
-    return ConvPlan(g, name, source, serial, (g.N, F, g.OH, g.OW), wino, gemm)
+    return ConvPlan(g, name, source, serial, (g.N, F, g.OH, g.OW), wino, gemm, False)
 
 
 def choose(g, weights, dtype):
@@ -115,6 +127,13 @@ def conv2d_prepared(x, weights, plan, relu, res):
     has_res = res is not None
     rb = bits_view(res) if has_res else yb
     fell_back = False
+    if plan.pointwise:
+        rows = (g.N, g.C, g.H * g.W)
+        out = (g.N, weights.F, g.OH * g.OW)
+        pointwise(weights.pointwise(), xb.reshape(rows), yb.reshape(out), weights.bias, relu,
+                  rb.reshape(out) if has_res else None, plan.serial)  # fmt: skip
+        _select.record("forward", x.dtype, g, weights.F, plan.name, plan.source)
+        return y
     if plan.wino is not None:
         m, (wplan, key, make) = plan.wino
         u, ok = weights.winograd(m, wplan.Fp)

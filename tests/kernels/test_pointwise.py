@@ -1,0 +1,108 @@
+"""1x1 convolutions on the direct path: one product over every image's pixels
+(fastconv/cpu/_matmul.py, ``pointwise``), through ``fastconv.conv2d`` and the prepared path.
+
+Oracles: the float64 reference (``fastconv.reference.conv2d``) and NumPy's float64 product;
+the unprepared path for the prepared one's bits.
+"""
+
+from __future__ import annotations
+
+import numba
+import numpy as np
+import pytest
+
+import fastconv as fc
+from fastconv import reference as ref
+from fastconv.cpu import _matmul
+from fastconv.prepared import prepare_conv2d
+from tests.conftest import assert_close
+
+# N, C, F, H, W: columns of one image shorter and longer than a 32-column panel, panels that
+# straddle image boundaries, more filters than one 128-row block, reductions past 512 steps
+SHAPES = [
+    (1, 1, 1, 1, 1),
+    (3, 7, 5, 7, 7),
+    (9, 13, 33, 1, 1),
+    (2, 16, 129, 5, 13),
+    (4, 600, 9, 3, 3),
+    (8, 24, 144, 14, 14),
+    (1, 40, 8, 28, 28),
+    (5, 3, 17, 4097, 1),
+]
+
+
+def _case(rng, dtype, N, C, F, H, W):
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = (rng.standard_normal((F, C, 1, 1)) / np.sqrt(C)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    return x, w, b
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+def test_pointwise_conv_against_the_float64_reference(shape, dtype, rng):
+    x, w, b = _case(rng, dtype, *shape)
+    for bias, act in ((b, None), (b, "relu"), (None, None)):
+        y = fc.conv2d(x, w, bias, 1, 0, act)
+        expected = ref.conv2d(x, w, bias, 1, 0)
+        if act:
+            expected = np.maximum(expected, 0.0)
+        assert y.dtype == dtype and y.shape == expected.shape
+        assert_close(y, expected, dtype, k=shape[1])
+    rec = [c for c in fc.conv_algorithm_choices() if c.w_shape == w.shape and c.pass_ == "forward"]
+    assert rec and rec[-1].algorithm == "direct"
+
+
+def test_the_kernel_against_numpy_with_transposed_filters_and_residual(rng):
+    """op(a) = a.T (the packing of a 1x1 convolution's dx) and the residual epilogue."""
+    B, K, M, P = 3, 37, 21, 50
+    a = rng.standard_normal((K, M)).astype(np.float32)  # op(a) = a.T is M x K
+    b = rng.standard_normal((B, K, P)).astype(np.float32)
+    res = rng.standard_normal((B, M, P)).astype(np.float32)
+    bias = rng.standard_normal(M).astype(np.float32)
+    out = np.empty((B, M, P), np.float32)
+    _matmul.pointwise(_matmul.pack_filters(a, trans_a=True), b, out, bias, True, res)
+    prod = np.matmul(a.T.astype(np.float64), b.astype(np.float64)) + bias[:, None]
+    rounded = prod.astype(np.float32).astype(np.float64)  # the conv rounded, then the Add
+    expected = np.maximum(rounded + res, 0.0)
+    np.testing.assert_allclose(out, expected, rtol=2e-6, atol=2e-6 * np.abs(expected).max())
+
+
+def test_serial_and_parallel_give_the_same_bits(rng):
+    x, w, b = _case(rng, np.float32, 8, 48, 40, 9, 9)
+    flt = _matmul.pack_filters(w.reshape(40, 48))
+    xs = x.reshape(8, 48, 81)
+    outs = []
+    for serial in (True, False):
+        out = np.empty((8, 40, 81), np.float32)
+        _matmul.pointwise(flt, xs, out, b, True, None, serial)
+        outs.append(out)
+    assert numba.get_num_threads() >= 1
+    assert np.array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))
+
+
+def test_non_finite_values_propagate(rng):
+    x, w, b = _case(rng, np.float32, 2, 5, 4, 3, 3)
+    x[1, 2, 1, 1] = np.nan
+    x[0, 0, 0, 0] = np.inf
+    y = fc.conv2d(x, w, b, 1, 0, "relu")  # NaN survives the ReLU; inf gives +-inf or NaN
+    assert np.isnan(y[1, :, 1, 1]).all()
+    expected = np.maximum(ref.conv2d(x, w, b, 1, 0), 0.0)
+    finite = np.isfinite(expected)
+    assert np.array_equal(np.isnan(y), np.isnan(expected))
+    assert_close(y[finite], expected[finite], np.float32, k=5)
+
+
+@pytest.mark.parametrize("shape", SHAPES[1:6], ids=str)
+def test_prepared_pointwise_is_conv2d_bit_for_bit(shape, dtype, rng):
+    x, w, b = _case(rng, dtype, *shape)
+    prepared = prepare_conv2d(w, b, 1, 0)
+    y = fc.conv2d(x, w, b, 1, 0)
+    res = rng.standard_normal(y.shape).astype(dtype)
+    for act in (None, "relu"):
+        unfused = fc.conv2d(x, w, b, 1, 0, act)
+        assert np.array_equal(prepared(x, act).view(np.uint8), unfused.view(np.uint8))
+        separate = y + res
+        if act:
+            separate = fc.relu(separate)
+        fused = prepared(x, act, residual=res)
+        assert np.array_equal(fused.view(np.uint8), separate.view(np.uint8))
