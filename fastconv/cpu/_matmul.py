@@ -483,7 +483,7 @@ def pointwise(filters, b, out, bias, relu=False, res=None, serial=None):
         n_threads = 1
     # Columns: an item per thread and a half at least, within what keeps the float32 output
     # block in c_block floats; NR-column panels.
-    nc = min(-(-total // (2 * n_threads)), max(NR, 65536 // MC))
+    nc = min(-(-total // (2 * n_threads)), max(NR, 65536 // MC), max(NR, 131072 // KC))
     nc = -(-nc // NR) * NR
     ldc = nc + 16 if nc % 1024 == 0 else nc
     blk = Blocking(KC, MC, nc, ldc)

@@ -264,10 +264,22 @@ def _forward_with(name, x, w, b, g, activation):
     return _gemm_forward(x, w, b, g, activation, name == "direct"), False
 
 
+# A 1x1 convolution on maps of at most this many pixels runs as one product over every
+# image's pixels; larger maps keep the stacked direct GEMM. One thread, batch 8, time of the
+# product / the direct GEMM (2026-12-07): 7x7 maps 0.34-0.39, 14x14 0.58-0.64, 28x28
+# 0.84-0.96, 32x32 0.87; 56x56 1.12-1.34 and 112x112 1.00-1.06 (long rows already fill the
+# direct kernel's vectors; the product's packing and output buffer cost more than they save).
+POINTWISE_MAX_PIXELS = 1024
+
+
 def is_pointwise(g) -> bool:
-    """A 1x1 convolution without stride or padding: the direct path runs it as one product
-    over every image's pixels (:func:`~fastconv.cpu._matmul.pointwise`)."""
-    return g.kh == 1 and g.kw == 1 and g.sh == 1 and g.sw == 1 and g.ph == 0 and g.pw == 0
+    """A 1x1 convolution without stride or padding on a map of at most
+    ``POINTWISE_MAX_PIXELS``: the direct path runs it as one product over every image's
+    pixels (:func:`~fastconv.cpu._matmul.pointwise`)."""
+    return (
+        g.kh == 1 and g.kw == 1 and g.sh == 1 and g.sw == 1 and g.ph == 0 and g.pw == 0
+        and g.H * g.W <= POINTWISE_MAX_PIXELS
+    )  # fmt: skip
 
 
 def _pointwise_forward(x, w, b, g, activation):

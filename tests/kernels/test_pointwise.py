@@ -13,7 +13,8 @@ import pytest
 
 import fastconv as fc
 from fastconv import reference as ref
-from fastconv.cpu import _matmul
+from fastconv._checks import validate_conv
+from fastconv.cpu import _matmul, conv
 from fastconv.prepared import prepare_conv2d
 from tests.conftest import assert_close
 
@@ -27,7 +28,8 @@ SHAPES = [
     (4, 600, 9, 3, 3),
     (8, 24, 144, 14, 14),
     (1, 40, 8, 28, 28),
-    (5, 3, 17, 4097, 1),
+    (5, 3, 17, 1024, 1),
+    (2, 5, 7, 33, 33),  # over POINTWISE_MAX_PIXELS: the stacked direct GEMM
 ]
 
 
@@ -50,6 +52,9 @@ def test_pointwise_conv_against_the_float64_reference(shape, dtype, rng):
         assert_close(y, expected, dtype, k=shape[1])
     rec = [c for c in fc.conv_algorithm_choices() if c.w_shape == w.shape and c.pass_ == "forward"]
     assert rec and rec[-1].algorithm == "direct"
+    assert conv.is_pointwise(validate_conv(x, w, b, 1, 0).geometry()) == (
+        shape[3] * shape[4] <= conv.POINTWISE_MAX_PIXELS
+    )
 
 
 def test_the_kernel_against_numpy_with_transposed_filters_and_residual(rng):
