@@ -1,4 +1,4 @@
-"""Convolution weights prepared once for inference: :func:`prepare_conv2d`.
+"""Weights prepared once for inference: :func:`prepare_conv2d`, :func:`prepare_dense`.
 
 ``fastconv.conv2d(x, w, b, ...)`` validates its arguments, converts the bias, transforms or
 packs the weights and plans the call every time. A :class:`PreparedConv2d` does the weight
@@ -18,7 +18,7 @@ import numpy as np
 from . import _checks as chk
 from .device import device_of
 
-__all__ = ["PreparedConv2d", "prepare_conv2d"]
+__all__ = ["PreparedConv2d", "PreparedDense", "prepare_conv2d", "prepare_dense"]
 
 
 def prepare_conv2d(w, b=None, stride=1, pad=0, copy=True):
@@ -156,3 +156,92 @@ class PreparedConv2d:
             f"PreparedConv2d(w={tuple(self.w.shape)} {self.dtype}, bias={self.b is not None}, "
             f"stride={self.stride}, pad={self.pad})"
         )
+
+
+def prepare_dense(w, b=None, copy=True):
+    """Prepare Dense weights ``(in, out)`` for repeated inference calls.
+
+    Parameters
+    ----------
+    w : ndarray, (K, N), float32 or float16 (NumPy or CuPy)
+    b : ndarray, (N,), w's dtype, optional
+    copy : bool
+        As for :func:`prepare_conv2d`.
+
+    Returns
+    -------
+    PreparedDense
+        ``prepared(x, activation=None, residual=None)`` equals ``fastconv.dense(x, w, b,
+        activation)`` bit for bit (with a residual: the separate Add's and ReLU's rounding).
+        On the CPU the weights are packed once into the GEMM layer's column panels (float32),
+        so a call only packs its rows of ``x``; on the GPU it calls ``fastconv.dense``.
+    """
+    chk.check_array(w, "w", 2)
+    if b is not None:
+        chk.check_array(b, "b", 1)
+    chk.check_same_kind("w", w, b=b)
+    if b is not None and b.shape[0] != w.shape[1]:
+        raise ValueError(f"b must have length {w.shape[1]} (w.shape[1]), got {b.shape[0]}")
+    if not isinstance(copy, (bool, np.bool_)):
+        raise TypeError(f"copy must be a bool, got {type(copy).__name__}")
+    dev = device_of(w)
+    xp = dev.xp
+    w = xp.array(w, order="C", copy=True) if copy else dev.ascontiguous(w)
+    if b is not None:
+        b = xp.array(b, order="C", copy=True) if copy else dev.ascontiguous(b)
+    return PreparedDense(w, b)
+
+
+class PreparedDense:
+    """Dense weights prepared for inference (made by :func:`prepare_dense`); thread-safe."""
+
+    def __init__(self, w, b):
+        self.w, self.b = w, b
+        self.dtype = np.dtype(w.dtype)
+        self._device = device_of(w)
+        self._packed = None  # the CPU's column panels, made on the first call
+
+    def __call__(self, x, activation=None, residual=None):
+        """``act(x @ w + b [+ residual])``; ``x`` (N, K) in the weights' dtype and library."""
+        from . import ops
+
+        g = chk.validate_dense(x, self.w, self.b, activation)
+        if device_of(x) is not self._device:
+            raise TypeError(
+                f"x must be on the prepared weights' device ({self._device.name}), got "
+                f"{type(x).__name__}"
+            )
+        if x.dtype != self.dtype:
+            raise TypeError(f"x must have the weights' dtype {self.dtype}, got {x.dtype}")
+        relu = activation == "relu"
+        if residual is not None:
+            if type(residual) is not type(x):
+                raise TypeError(
+                    f"residual must be a {type(x).__name__} like x, got {type(residual).__name__}"
+                )
+            if residual.shape != (g.N, g.F) or residual.dtype != x.dtype:
+                raise ValueError(
+                    f"residual must have the output's shape {(g.N, g.F)} and dtype {x.dtype}, "
+                    f"got {tuple(residual.shape)} {residual.dtype}"
+                )
+        dev = self._device
+        if not dev.kernels.conv_algorithms or g.N == 0 or g.F == 0:  # GPU (one implementation)
+            y = ops.dense(x, self.w, self.b, None if residual is not None else activation)
+            if residual is None:
+                return y
+            y += residual
+            return ops.relu(y) if relu else y
+        from .cpu import _matmul, _outputs
+
+        packed = self._packed
+        if packed is None:
+            packed = self._packed = _matmul.pack_panels(self.w)
+        x = dev.ascontiguous(x)
+        if residual is not None:
+            residual = dev.ascontiguous(residual)
+        y = _outputs.empty((g.N, g.F), x.dtype)
+        with dev.launch_guard():
+            return _matmul.matmul_panels(x, packed, y, self.b, relu, residual)
+
+    def __repr__(self):
+        return f"PreparedDense(w={tuple(self.w.shape)} {self.dtype}, bias={self.b is not None})"

@@ -33,7 +33,8 @@ from . import _workspace
 from ._half import bits_view, load, store_value
 from ._simd import MR, NR, copy_block, copy_row, fetch_add, gemm_packed, load_transposed
 
-__all__ = ["SERIAL_FLOPS", "Blocking", "blocking", "matmul", "pack_filters", "pointwise"]
+__all__ = ["SERIAL_FLOPS", "Blocking", "blocking", "matmul", "pack_filters", "pointwise",
+           "pack_panels", "matmul_panels"]  # fmt: skip
 
 SERIAL_FLOPS = 4_000_000  # ~40 us on one core; a parallel launch costs ~10-50 us (measured)
 
@@ -504,3 +505,136 @@ def _pointwise_make(blk, n_threads):
         return alloc((n_threads, blk.KC * blk.NC)), alloc((n_threads, blk.MC * blk.ldc))
 
     return make
+
+
+# --- Dense weights packed once (prepared inference): out = act(a @ W + bias (+ res)) -----------
+#
+# ``matmul`` packs its blocks of W on every call: at inference batch sizes the product reads
+# W once from memory either way, but in runs cut by the blocking (8 KiB runs of a 16 KiB row
+# for AlexNet's fc6 at batch 8) and through the packing copy. Packed once, panel after panel
+# (each 32-column panel's K rows contiguous), a product streams W in runs of KC*NR values and
+# only packs its few rows of ``a``. Same FMA chains as ``matmul`` (ascending k per output,
+# rounded once): the same bits.
+
+PANEL_KC = 512  # reduction steps per block: a 32-column panel block is 64 KiB
+
+
+def pack_panels(w):
+    """``w`` (K, N), float32 or float16, as float32 NR-column panels: ``packed[jp, k, j] =
+    w[k, jp*NR + j]`` (zeros past N)."""
+    K, N = w.shape
+    packed = np.empty((-(-N // NR), K, NR), np.float32)
+    _pack_panels(bits_view(w), packed)
+    return packed
+
+
+@njit(cache=True)
+def _pack_panels(w, packed):
+    K, N = w.shape
+    for jp in range(packed.shape[0]):
+        cols = min(NR, N - jp * NR)
+        for k in range(K):
+            d0 = (jp * K + k) * NR
+            copy_row(w, k * N + jp * NR, packed, d0, cols)
+            if cols < NR:
+                packed.reshape(-1)[d0 + cols : d0 + NR] = 0.0
+
+
+@njit(cache=True)
+def _panel_items(a, packed, out, bias, has_bias, relu, res, has_res, blk, counter, ap, cbuf):
+    M, N = out.shape
+    K = a.shape[1]
+    KC, MC, NC, ldc = blk
+    offs_a = np.arange(16) * MR
+    flat = packed.reshape(-1)
+    n_cols = -(-N // NC)
+    items = -(-M // MC) * n_cols
+    while True:
+        item = fetch_add(counter, 1)
+        if item >= items:
+            break
+        i0 = (item // n_cols) * MC
+        j0 = (item % n_cols) * NC
+        mc = min(MC, M - i0)
+        nc = min(NC, N - j0)
+        panels = -(-nc // NR)
+        blocks = -(-mc // MR)
+        if K == 0:
+            for r in range(mc):
+                cbuf[r * ldc : r * ldc + nc] = 0.0
+        for pc in range(0, K, KC):
+            kc = min(KC, K - pc)
+            _pack_a(a, False, M, K, i0, mc, pc, kc, ap, offs_a)
+            for jr in range(panels):
+                b_off = ((j0 // NR + jr) * K + pc) * NR
+                for ir in range(blocks):
+                    gemm_packed(ap, ir * kc * MR, flat, b_off, kc, cbuf, ir * MR * ldc + jr * NR,
+                                ldc, pc > 0)  # fmt: skip
+        if has_res:
+            _store_residual(cbuf, ldc, out, i0, mc, j0, nc, bias, has_bias, relu, res)
+        else:
+            _store(cbuf, ldc, out, i0, mc, j0, nc, bias, has_bias, relu)
+
+
+@njit(cache=True)
+def _store_residual(cbuf, ldc, out, i0, rows, j0, cols, bias, has_bias, relu, res):
+    """:func:`_store` with ``res`` added: the product (+ bias) rounded to out's dtype, the
+    residual added and the sum rounded again (a separate Add's bits), then the ReLU."""
+    for r in range(rows):
+        src = cbuf[r * ldc : r * ldc + cols]
+        dst = out[i0 + r, j0 : j0 + cols]
+        rr = res[i0 + r, j0 : j0 + cols]
+        for j in range(cols):
+            v = src[j] + load(bias[j0 + j]) if has_bias else src[j]
+            v = load(store_value(dst, v)) + load(rr[j])
+            if relu and v < np.float32(0.0):  # False for NaN: NaN is kept
+                v = np.float32(0.0)
+            dst[j] = store_value(dst, v)
+
+
+@njit(cache=True, parallel=True)
+def _panels(a, packed, out, bias, has_bias, relu, res, has_res, blk, ap, cbuf):
+    counter = np.zeros(1, np.int64)
+    for t in prange(ap.shape[0]):
+        _panel_items(a, packed, out, bias, has_bias, relu, res, has_res, blk, counter, ap[t],
+                     cbuf[t])  # fmt: skip
+
+
+@njit(cache=True)
+def _panels_serial(a, packed, out, bias, has_bias, relu, res, has_res, blk, ap, cbuf):
+    """:func:`_panels` on the calling thread."""
+    counter = np.zeros(1, np.int64)
+    _panel_items(a, packed, out, bias, has_bias, relu, res, has_res, blk, counter, ap[0], cbuf[0])
+
+
+def matmul_panels(a, packed, out, bias=None, relu=False, res=None):
+    """``out = act(a @ W + bias (+ res))`` with W packed by :func:`pack_panels`; bits equal to
+    :func:`matmul` of the unpacked W (without ``res``). ``a`` (M, K), ``out`` and ``res``
+    (M, N), C-contiguous, one dtype; ``bias`` (N,) of that dtype or None."""
+    M, N = out.shape
+    K = a.shape[1]
+    if M == 0 or N == 0:
+        return out
+    n_threads = max(1, numba.get_num_threads())
+    if 2 * M * N * K < SERIAL_FLOPS:
+        n_threads = 1
+    mc = min(128, -(-M // MR) * MR)
+    # Columns: two items a thread at least; the float32 output block within 64 Ki values.
+    nc = min(-(-N // (2 * n_threads)), max(NR, 65536 // mc))
+    nc = -(-nc // NR) * NR
+    ldc = nc + 16 if nc % 1024 == 0 else nc
+    blk = Blocking(max(1, min(PANEL_KC, K)), mc, nc, ldc)
+    n_threads = min(n_threads, -(-M // mc) * -(-N // nc))
+    has_res = res is not None
+    bv = bits_view(bias) if bias is not None else bits_view(out[0])
+    rv = bits_view(res) if has_res else bits_view(out)
+    key = ("panels", blk, n_threads)
+
+    def make(alloc):
+        return alloc((n_threads, blk.MC * blk.KC)), alloc((n_threads, blk.MC * blk.ldc))
+
+    with _workspace.checkout(key, make) as (ap, cbuf):
+        kernel = _panels_serial if n_threads == 1 else _panels
+        kernel(bits_view(a), packed, bits_view(out), bv, bias is not None, bool(relu), rv,
+               has_res, blk, ap, cbuf)  # fmt: skip
+    return out

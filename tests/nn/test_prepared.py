@@ -14,7 +14,7 @@ import fastconv as fc
 from fastconv import nn
 from fastconv import reference as ref
 from fastconv.models import deep_mnist_net, resnet_mnist
-from fastconv.prepared import prepare_conv2d
+from fastconv.prepared import prepare_conv2d, prepare_dense
 from tests.conftest import assert_close
 
 GEOMETRIES = [
@@ -271,3 +271,77 @@ def test_predict_prepared_argument_is_checked(rng):
     model = deep_mnist_net(seed=0)
     with pytest.raises(TypeError, match="prepared must be"):
         model.predict(np.zeros((1, 1, 28, 28), np.float32), prepared="yes")
+
+
+# --- Dense: weights packed once (fastconv.prepared.prepare_dense) ------------------------------
+
+DENSE_SHAPES = [(1, 1, 1), (3, 7, 5), (8, 600, 33), (13, 1024, 50), (100, 97, 1000), (2, 1500, 4)]
+
+
+@pytest.mark.parametrize("shape", DENSE_SHAPES, ids=str)
+def test_prepared_dense_is_dense_bit_for_bit(shape, dtype, rng):
+    M, K, N = shape
+    x = rng.standard_normal((M, K)).astype(dtype)
+    w = (rng.standard_normal((K, N)) / np.sqrt(K)).astype(dtype)
+    b = rng.standard_normal(N).astype(dtype)
+    prepared = prepare_dense(w, b)
+    for act in (None, "relu"):
+        y = fc.dense(x, w, b, act)
+        assert np.array_equal(_bits(prepared(x, act)), _bits(y))
+        res = rng.standard_normal(y.shape).astype(dtype)
+        separate = fc.dense(x, w, b) + res
+        if act:
+            separate = fc.relu(separate)
+        assert np.array_equal(_bits(prepared(x, act, residual=res)), _bits(separate))
+    assert np.array_equal(_bits(prepare_dense(w)(x)), _bits(fc.dense(x, w)))
+    expected = x.astype(np.float64) @ w.astype(np.float64) + b
+    assert_close(prepared(x), expected, dtype, k=K)
+
+
+def test_prepared_dense_copies_its_weights_and_refuses_bad_input(rng):
+    w = rng.standard_normal((6, 4)).astype(np.float32)
+    x = rng.standard_normal((2, 6)).astype(np.float32)
+    prepared = prepare_dense(w)
+    before = prepared(x)
+    w[...] = 0
+    assert np.array_equal(prepared(x), before)
+    with pytest.raises(ValueError, match="w must have 7 rows"):
+        prepared(np.zeros((2, 7), np.float32))
+    with pytest.raises(TypeError, match="dtype"):
+        prepared(x.astype(np.float16))
+    with pytest.raises(ValueError, match="residual must have"):
+        prepared(x, residual=np.zeros((2, 5), np.float32))
+    with pytest.raises(ValueError, match="activation"):
+        prepared(x, "tanh")
+    with pytest.raises(ValueError, match="b must have length 4"):
+        prepare_dense(w, np.zeros(3, np.float32))
+
+
+def test_models_predict_through_prepared_dense(rng):
+    model = deep_mnist_net(seed=0)
+    dense = [s for s in model.execution_plan(False) if type(s.layer).__name__ == "Dense"]
+    assert dense and all(s.prepared for s in dense)
+    x = rng.standard_normal((5, 1, 28, 28)).astype(np.float32)
+    _same_predictions(model, x)
+    model.compile(optimizer="adam", loss="softmax_cross_entropy")
+    first = _same_predictions(model, x)
+    model.train_on_batch(x, rng.integers(0, 10, 5))  # the step bumps the Dense versions
+    assert not np.array_equal(_same_predictions(model, x), first)
+
+
+def test_a_residual_add_after_dense_runs_in_its_epilogue(rng):
+    inp = nn.Input(shape=(12,))
+    h = nn.Dense(12, activation="relu")(inp)
+    z = nn.ReLU()(nn.Add()([nn.Dense(12)(h), h]))
+    model = nn.Model(inp, nn.Dense(3)(z), seed=0)
+    fused = [s for s in model.execution_plan(False) if s.residual]
+    assert [[type(layer).__name__ for layer in s.layers] for s in fused] == [
+        ["Dense", "Add", "ReLU"]
+    ]
+    x = rng.standard_normal((7, 12)).astype(np.float32)
+    out = _same_predictions(model, x)
+    layers = [layer for layer in model.layers if type(layer).__name__ == "Dense"]
+    p = [(layer.params["W"].astype(np.float64), layer.params["b"]) for layer in layers]
+    h64 = np.maximum(x @ p[0][0] + p[0][1], 0)
+    z64 = np.maximum(h64 @ p[1][0] + p[1][1] + h64, 0)
+    assert_close(out, z64 @ p[2][0] + p[2][1], np.float32, k=24)

@@ -7,6 +7,7 @@ import numbers
 
 from ... import _checks as chk
 from ... import ops
+from ...prepared import prepare_dense
 from ..backend import DropoutMask
 from ..graph import MAX_ELEMENTS
 from .base import Layer, ProductLayer, register_layer
@@ -68,6 +69,23 @@ class Dense(ProductLayer):
 
     def _product(self, x, w, b, activation):
         return ops.dense(x, w, b, activation)
+
+    prepares = True  # fastconv.prepared.prepare_dense: weights packed once per version
+
+    def prepared_weights(self):
+        """The :class:`~fastconv.prepared.PreparedDense` of this layer, made once per weights
+        version (a copy: an optimizer may write the layer's arrays in place)."""
+        key = self._weights_version
+        cached = self._prepared
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        prepared = prepare_dense(self.params["W"], self.params.get("b"))
+        self._prepared = (key, prepared)
+        return prepared
+
+    def call_prepared(self, x, folded, fuse_relu, residual=None):
+        act = "relu" if fuse_relu or self.activation == "relu" else None
+        return self.prepared_weights()(x, act, residual)
 
     def _product_backward(self, dy, x, w, need_dx):
         return ops.dense_backward(dy, x, w, need_dx=need_dx)
