@@ -200,19 +200,26 @@ class PreparedDense:
         self.dtype = np.dtype(w.dtype)
         self._device = device_of(w)
         self._packed = None  # the CPU's column panels, made on the first call
+        self._shapes: dict = {}  # (array type, shape, dtype) -> validated geometry
 
     def __call__(self, x, activation=None, residual=None):
         """``act(x @ w + b [+ residual])``; ``x`` (N, K) in the weights' dtype and library."""
         from . import ops
 
-        g = chk.validate_dense(x, self.w, self.b, activation)
-        if device_of(x) is not self._device:
-            raise TypeError(
-                f"x must be on the prepared weights' device ({self._device.name}), got "
-                f"{type(x).__name__}"
-            )
-        if x.dtype != self.dtype:
-            raise TypeError(f"x must have the weights' dtype {self.dtype}, got {x.dtype}")
+        key = (type(x), x.shape, x.dtype)
+        g = self._shapes.get(key)
+        if g is None:  # validated once per input shape
+            g = chk.validate_dense(x, self.w, self.b, None)
+            if device_of(x) is not self._device:
+                raise TypeError(
+                    f"x must be on the prepared weights' device ({self._device.name}), got "
+                    f"{type(x).__name__}"
+                )
+            if x.dtype != self.dtype:
+                raise TypeError(f"x must have the weights' dtype {self.dtype}, got {x.dtype}")
+            self._shapes[key] = g
+        if activation is not None and activation != "relu":
+            raise ValueError(f"activation must be None or 'relu', got {activation!r}")
         relu = activation == "relu"
         if residual is not None:
             if type(residual) is not type(x):
@@ -236,8 +243,9 @@ class PreparedDense:
         packed = self._packed
         if packed is None:
             packed = self._packed = _matmul.pack_panels(self.w)
-        x = dev.ascontiguous(x)
-        if residual is not None:
+        if not x.flags.c_contiguous:
+            x = dev.ascontiguous(x)
+        if residual is not None and not residual.flags.c_contiguous:
             residual = dev.ascontiguous(residual)
         y = _outputs.empty((g.N, g.F), x.dtype)
         with dev.launch_guard():
