@@ -76,16 +76,25 @@ class _Cpu(Device):
     def xp(self):
         return np
 
+    _kernels = None  # fastconv.cpu.KERNELS, imported on first use (Numba compiles then)
+    _guard = None
+
     @property
     def kernels(self):
-        from .cpu import KERNELS
+        kernels = self._kernels
+        if kernels is None:
+            from .cpu import KERNELS as kernels
 
-        return KERNELS
+            self._kernels = kernels
+        return kernels
 
     def launch_guard(self):
-        from .cpu import launch_guard
+        guard = self._guard
+        if guard is None:
+            from .cpu import launch_guard
 
-        return launch_guard()
+            guard = self._guard = launch_guard()
+        return guard
 
     def output_pool(self):
         from .cpu._outputs import OutputPool

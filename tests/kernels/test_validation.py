@@ -208,3 +208,20 @@ def test_valid_calls_pass():
 def test_to_cpu_rejects_non_arrays():
     with pytest.raises(TypeError, match="x must be a numpy.ndarray"):
         fc.to_cpu([1.0])
+
+
+def test_remembered_pool_geometries_still_refuse_what_differs_only_in_type():
+    """Pooling remembers validated geometries by argument; True == 1 and 2.0 == 2 must not
+    reach a remembered answer."""
+    x = np.zeros((1, 2, 6, 6), np.float32)
+    assert fc.max_pool2d(x, 1, 1).shape == (1, 2, 6, 6)
+    assert fc.max_pool2d(x, 2, 2, ceil_mode=False).shape == (1, 2, 3, 3)
+    with pytest.raises(TypeError, match="size"):
+        fc.max_pool2d(x, True, 1)
+    with pytest.raises(TypeError, match="stride"):
+        fc.max_pool2d(x, 2, 2.0)
+    with pytest.raises(TypeError, match="ceil_mode"):
+        fc.max_pool2d(x, 2, 2, ceil_mode=0)
+    with pytest.raises(ValueError, match="half the window"):
+        fc.avg_pool2d(x, 2, 2, (2, 0), count_include_pad=False)
+    assert fc.avg_pool2d(x, 2, 2, (1, 0)).shape == (1, 2, 4, 3)
