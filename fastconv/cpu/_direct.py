@@ -24,6 +24,7 @@ from . import _unfolded
 from ._gemm import FASTMATH, gemm_nn, gemm_nt
 from ._half import load, store_value
 from ._layout import add_residual_image, image_range, serial_twin, stack_images, store_rows
+from ._matmul import gemm_offsets
 
 __all__ = ["GemmPlan", "ForwardWork", "BackwardWork", "forward_kernel", "backward_kernel",
            "reduce_partials"]  # fmt: skip
@@ -38,6 +39,7 @@ class GemmPlan(NamedTuple):
     nb: int  # images per GEMM
     offs_x: np.ndarray  # B-row offsets of the forward / dW product
     offs_dy: np.ndarray  # B-row offsets of the direct dx product
+    packed: bool  # forward product by the GEMM layer's micro-kernel (_matmul.gemm_offsets)
 
 
 # The stack layouts travel as separate arguments: Numba's parallel regions reject a named
@@ -48,7 +50,9 @@ class ForwardWork(NamedTuple):
     """Per-thread float32 workspaces of the forward pass, each ``(threads, ...)``."""
 
     buf: np.ndarray  # stacked images or unfolded columns
-    acc: np.ndarray  # (F, columns) accumulator
+    acc: np.ndarray  # (F, columns) product
+    bp: np.ndarray  # a packed block of B (KC x OFFSETS_NC), see _matmul.gemm_offsets
+    cbuf: np.ndarray  # its float32 output block (MC x OFFSETS_NC)
 
 
 class BackwardWork(NamedTuple):
@@ -66,16 +70,20 @@ class BackwardWork(NamedTuple):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def _forward_images(x, lo, hi, w_fk, bias, relu, y, buf, acc, plan, x_layout, g, res, has_res):
-    """Images lo .. hi-1 of a forward call; with ``has_res`` each image gets ``res`` added
-    before the ReLU right after its store (:func:`~fastconv.cpu._layout.add_residual_image`)."""
+def _forward_images(x, lo, hi, w_fk, wp, bias, relu, y, buf, acc, bp, cbuf, plan, x_layout, g,
+                    res, has_res):  # fmt: skip
+    """Images lo .. hi-1 of a forward call: the filters ``w_fk`` (F, K) float32, or with
+    ``plan.packed`` ``wp`` (a :class:`~fastconv.cpu._matmul.PackedA`); with ``has_res`` each
+    image gets ``res`` added before the ReLU right after its store
+    (:func:`~fastconv.cpu._layout.add_residual_image`)."""
     nb = plan.nb
     store_relu = relu and not has_res
     if not plan.direct:
         for n0 in range(lo, hi, nb):
             count = min(nb, hi - n0)
             _unfolded.forward_block(
-                x, n0, count, nb, w_fk, plan.offs_x, bias, store_relu, y, buf, acc, g
+                x, n0, count, nb, w_fk, wp, plan.packed, plan.offs_x, bias, store_relu, y, buf,
+                acc, bp, cbuf, g,
             )  # fmt: skip
             if has_res:
                 for b in range(count):
@@ -86,8 +94,12 @@ def _forward_images(x, lo, hi, w_fk, bias, relu, y, buf, acc, plan, x_layout, g,
     for n0 in range(lo, hi, nb):
         count = min(nb, hi - n0)
         stack_images(x, n0, count, buf, x_layout, g.ph, g.pw, False)
-        acc[:] = 0.0
-        gemm_nn(w_fk, buf, plan.offs_x, (count - 1) * tile + (g.OH - 1) * stride + g.OW, acc)
+        length = (count - 1) * tile + (g.OH - 1) * stride + g.OW
+        if plan.packed:
+            gemm_offsets(wp, buf, plan.offs_x, length, acc, bp, cbuf)
+        else:
+            acc[:] = 0.0
+            gemm_nn(w_fk, buf, plan.offs_x, length, acc)
         for b in range(count):
             store_rows(acc, b * tile, stride, y[n0 + b], g.OH, g.OW, bias, store_relu)
             if has_res:
@@ -95,17 +107,18 @@ def _forward_images(x, lo, hi, w_fk, bias, relu, y, buf, acc, plan, x_layout, g,
 
 
 @njit(cache=True, parallel=True)
-def forward_kernel(x, w_fk, bias, relu, y, ws, plan, x_layout, g):
+def forward_kernel(x, w_fk, wp, bias, relu, y, ws, plan, x_layout, g):
     """y = conv(x) (+ bias, ReLU) on every Numba thread; ``ws`` a :class:`ForwardWork`."""
     n_threads = ws.buf.shape[0]
     for t in prange(n_threads):
         lo, hi = image_range(t, n_threads, x.shape[0])
         _forward_images(
-            x, lo, hi, w_fk, bias, relu, y, ws.buf[t], ws.acc[t], plan, x_layout, g, y, False
+            x, lo, hi, w_fk, wp, bias, relu, y, ws.buf[t], ws.acc[t], ws.bp[t], ws.cbuf[t], plan,
+            x_layout, g, y, False,
         )  # fmt: skip
 
 
-def _forward_residual(x, w_fk, bias, relu, y, ws, plan, x_layout, g, res, has_res):
+def _forward_residual(x, w_fk, wp, bias, relu, y, ws, plan, x_layout, g, res, has_res):
     """:func:`forward_kernel` with an optional residual: the prepared inference path's
     kernel. Compiled twice, like the Winograd one: parallel, and serial for small calls
     (the same images in the same order on the calling thread: the same bits)."""
@@ -113,8 +126,8 @@ def _forward_residual(x, w_fk, bias, relu, y, ws, plan, x_layout, g, res, has_re
     for t in prange(n_threads):
         lo, hi = image_range(t, n_threads, x.shape[0])
         _forward_images(
-            x, lo, hi, w_fk, bias, relu, y, ws.buf[t], ws.acc[t], plan, x_layout, g, res,
-            has_res,
+            x, lo, hi, w_fk, wp, bias, relu, y, ws.buf[t], ws.acc[t], ws.bp[t], ws.cbuf[t], plan,
+            x_layout, g, res, has_res,
         )  # fmt: skip
 
 

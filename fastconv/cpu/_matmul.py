@@ -34,7 +34,8 @@ from ._half import bits_view, load, store_value
 from ._simd import MR, NR, copy_block, copy_row, fetch_add, gemm_packed, load_transposed
 
 __all__ = ["SERIAL_FLOPS", "Blocking", "blocking", "matmul", "pack_filters", "pointwise",
-           "pack_panels", "matmul_panels"]  # fmt: skip
+           "pack_panels", "matmul_panels", "PackedA", "gemm_offsets",
+           "OFFSETS_NC"]  # fmt: skip
 
 SERIAL_FLOPS = 4_000_000  # ~40 us on one core; a parallel launch costs ~10-50 us (measured)
 
@@ -330,21 +331,33 @@ def matmul(a, b, out, trans_a=False, trans_b=False, bias=None, relu=False, blk=N
 # weights version on the prepared path.
 
 
+class PackedA(NamedTuple):
+    """``op(a)`` (M x K) packed once (:func:`pack_filters`): row blocks of MC and reduction
+    blocks of KC, each laid out as :func:`_pack_a` lays a block, block (i0, pc) at
+    ``i0*K + pc*rows`` (rows: the block's rows rounded up to MR)."""
+
+    packed: np.ndarray  # float32
+    MC: int
+    KC: int
+    M: int
+    K: int
+
+
 def pack_filters(a, trans_a=False):
-    """``op(a)`` (M x K) packed once for :func:`pointwise`: ``(packed, MC, KC)``, the row
-    blocks of MC and reduction blocks of KC laid out as :func:`_pack_a` lays each block.
-    ``a`` C-contiguous float32 or float16."""
+    """``op(a)`` packed once for :func:`pointwise` and :func:`gemm_offsets`: a
+    :class:`PackedA`. ``a`` C-contiguous float32 or float16 (M x K, or K x M with
+    ``trans_a``)."""
     M, K = (a.shape[1], a.shape[0]) if trans_a else a.shape
     mc, kc = _pointwise_blocks(M, K)
     packed = np.empty(max(1, -(-M // MR) * MR * K), np.float32)
     _pack_filters(bits_view(a), bool(trans_a), M, K, mc, kc, packed)
-    return packed, mc, kc
+    return PackedA(packed, mc, kc, M, K)
 
 
 def _pointwise_blocks(M, K):
     """(MC, KC): all rows up to 128 (each packed column block then serves them all) and
     reductions of up to 512 steps (a 32-column panel of 512 steps is 64 KiB: L2)."""
-    return min(128, -(-M // MR) * MR), max(1, min(512, K))
+    return max(MR, min(128, -(-M // MR) * MR)), max(1, min(512, K))
 
 
 @njit(cache=True)
@@ -465,13 +478,13 @@ def pointwise(filters, b, out, bias, relu=False, res=None, serial=None):
 
     Parameters
     ----------
-    filters : ``(packed, MC, KC)`` from :func:`pack_filters` (op(a) is M x K)
+    filters : :class:`PackedA` from :func:`pack_filters` (op(a) is M x K)
     b : ndarray (B, K, P); out : ndarray (B, M, P), written whole; res : None or like out.
         C-contiguous, one dtype (float32, or float16 as its uint16 bits)
     bias : ndarray (M,) float32 (zeros for none); relu : bool (NaN kept)
     serial : None (by size), or True/False to force the calling thread / the thread pool
     """
-    packed, MC, KC = filters
+    packed, MC, KC = filters.packed, filters.MC, filters.KC
     B, M, P = out.shape
     K = b.shape[1]
     if B == 0 or M == 0 or P == 0:
@@ -658,3 +671,44 @@ def matmul_panels(a, packed, out, bias=None, relu=False, res=None):
         kernel(bits_view(a), packed, bits_view(out), bv, bias is not None, bool(relu), rv,
                has_res, blk, ap, cbuf)  # fmt: skip
     return out
+
+
+# --- products whose B rows are runs of one buffer (the direct and unfolded convolutions) ------
+
+#: columns of B per packed block in :func:`gemm_offsets`: KC x 256 floats stay in L2
+OFFSETS_NC = 256
+
+
+@njit(cache=True)
+def gemm_offsets(pa, src, offsets, length, c, bp, cbuf):
+    """``c[:, :length] = op(a) @ B`` (not accumulated) where row k of B is
+    ``src[offsets[k] : offsets[k] + length]``: a padded image's shifted views (the direct
+    convolution's taps) or the rows of an unfolded column matrix. ``pa`` a :class:`PackedA`;
+    ``bp`` (KC * OFFSETS_NC) and ``cbuf`` (MC * OFFSETS_NC) float32 scratch. Each value of
+    ``c`` is one FMA chain over ascending k (the GEMM layer's micro-kernel), whatever the
+    blocking."""
+    M, K, MC, KC = pa.M, pa.K, pa.MC, pa.KC
+    NC = OFFSETS_NC
+    for j0 in range(0, length, NC):
+        nc = min(NC, length - j0)
+        panels = -(-nc // NR)
+        for i0 in range(0, M, MC):
+            mc = min(MC, M - i0)
+            rows_pad = -(-mc // MR) * MR
+            for pc in range(0, K, KC):
+                kc = min(KC, K - pc)
+                for kk in range(kc):
+                    s0 = offsets[pc + kk] + j0
+                    for jr in range(panels):
+                        cols = min(NR, nc - jr * NR)
+                        d0 = (jr * kc + kk) * NR
+                        copy_row(src, s0 + jr * NR, bp, d0, cols)
+                        if cols < NR:
+                            bp[d0 + cols : d0 + NR] = 0.0
+                a_base = i0 * K + pc * rows_pad
+                for jr in range(panels):
+                    for ir in range(rows_pad // MR):
+                        gemm_packed(pa.packed, a_base + ir * kc * MR, bp, jr * kc * NR, kc, cbuf,
+                                    ir * MR * NC + jr * NR, NC, pc > 0)  # fmt: skip
+            for r in range(mc):
+                c[i0 + r, j0 : j0 + nc] = cbuf[r * NC : r * NC + nc]

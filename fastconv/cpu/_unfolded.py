@@ -14,6 +14,7 @@ from numba import njit
 from ._gemm import FASTMATH, gemm_nn, gemm_nt
 from ._half import load, store_value
 from ._layout import store_rows
+from ._matmul import gemm_offsets
 
 __all__ = ["valid_range", "unfold_image", "fold_image", "forward_block", "backward_block"]
 
@@ -100,15 +101,20 @@ def fold_image(dcol, L, col0, dx_acc, g):
 
 
 @njit(cache=True, fastmath=FASTMATH)
-def forward_block(x, n0, count, nb, w_fk, offsets, bias, relu, y, buf, acc, g):
+def forward_block(x, n0, count, nb, w_fk, wp, packed, offsets, bias, relu, y, buf, acc, bp, cbuf,
+                  g):  # fmt: skip
     """y[n0 : n0+count] through the column matrix ``buf`` (K rows of nb*OH*OW) and the
-    float32 accumulator ``acc`` (F rows)."""
+    float32 product ``acc`` (F rows): ``w_fk @ buf``, or with ``packed`` the filters ``wp``
+    by :func:`~fastconv.cpu._matmul.gemm_offsets` (``bp``/``cbuf`` its scratch)."""
     P = g.OH * g.OW
     L = nb * P
     for b in range(count):
         unfold_image(x, n0 + b, buf, L, b * P, g)
-    acc[:] = 0.0
-    gemm_nn(w_fk, buf, offsets, count * P, acc)
+    if packed:
+        gemm_offsets(wp, buf, offsets, count * P, acc, bp, cbuf)
+    else:
+        acc[:] = 0.0
+        gemm_nn(w_fk, buf, offsets, count * P, acc)
     for b in range(count):
         store_rows(acc, b * P, g.OW, y[n0 + b], g.OH, g.OW, bias, relu)
 

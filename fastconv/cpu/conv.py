@@ -24,6 +24,7 @@ accumulated in float32.
 from __future__ import annotations
 
 import functools
+import math
 import time
 
 import numpy as np
@@ -41,7 +42,7 @@ from ._direct import (
 )
 from ._half import bits_view
 from ._layout import packed_weights, row_stride, stack_layout, tap_offsets, threads
-from ._matmul import pack_filters, pointwise
+from ._matmul import OFFSETS_NC, PackedA, _pointwise_blocks, pack_filters, pointwise
 from ._workspace import checkout
 from .im2col import col2im, im2col
 
@@ -67,6 +68,29 @@ def _images_per_block(g, direct):
 # --- GEMM paths (direct, unfolded) ---------------------------------------------------------------
 
 
+# The forward product of the direct and unfolded paths runs on the GEMM layer's packed
+# micro-kernel (_matmul.gemm_offsets) for outputs of at most this many pixels and reductions
+# of at least PACKED_MIN_K, else on the row-streaming gemm_nn. One thread, 2026-12-07: batch-1
+# deep-MNIST layers on 14x14, 16x16 and 8x8 maps 0.44-0.88 of gemm_nn's time, a 28x28 map
+# 1.04, 224x224 inputs (7x7/2, 11x11/4) 1.05-1.18, and K = 9 (conv1 at batch 100) 1.6.
+PACKED_MAX_PIXELS = 256
+PACKED_MIN_K = 32
+
+
+def filter_operands(w, plan):
+    """``(w_fk, wp)`` of a forward GEMM plan: the float32 (F, K) filters for gemm_nn, or the
+    packed ones; the other a placeholder of its type (Numba compiles one signature)."""
+    F = w.shape[0]
+    K = math.prod(w.shape[1:])
+    if plan.packed:
+        return _NO_FK, pack_filters(w.reshape(F, K))
+    return packed_weights(w)[0], _NO_PACKED
+
+
+_NO_FK = np.zeros((1, 1), np.float32)
+_NO_PACKED = PackedA(np.zeros(1, np.float32), 8, 1, 0, 0)
+
+
 def _gemm_setup(g, F, direct, nt):
     """The forward GEMM plan of geometry ``g`` on ``nt`` threads: ``(plan, x_layout,
     workspace key, make)`` (the prepared path plans once per shape with it)."""
@@ -79,11 +103,18 @@ def _gemm_setup(g, F, direct, nt):
     else:
         buf_len, acc_len = K * nb * P, row_stride(nb * P)
         offsets = np.arange(K, dtype=np.int64) * (nb * P)
-    plan = GemmPlan(bool(direct), nb, offsets, offsets)
+    packed = g.OH * g.OW <= PACKED_MAX_PIXELS and K >= PACKED_MIN_K
+    plan = GemmPlan(bool(direct), nb, offsets, offsets, packed)
     key = ("fwd", buf_len, acc_len, F, nt)  # one pool for both paths
 
+    MC, KC = _pointwise_blocks(F, K)
+    key = (*key, MC, KC)
+
     def make(alloc):
-        return ForwardWork(alloc((nt, buf_len)), alloc((nt, F, acc_len)))
+        return ForwardWork(
+            alloc((nt, buf_len)), alloc((nt, F, acc_len)), alloc((nt, KC * OFFSETS_NC)),
+            alloc((nt, MC * OFFSETS_NC)),
+        )  # fmt: skip
 
     return plan, x_layout, key, make
 
@@ -91,14 +122,15 @@ def _gemm_setup(g, F, direct, nt):
 def _gemm_forward(x, w, b, g, activation, direct):
     F = w.shape[0]
     plan, x_layout, key, make = _gemm_setup(g, F, direct, threads(g.N))
-    w_fk, _, _, _ = packed_weights(w)
+    w_fk, wp = filter_operands(w, plan)
     bias = np.zeros(F, np.float32)
     if b is not None:
         bias[:] = b  # F values: the epilogue adds them in fp32
     y = outputs.empty((g.N, F, g.OH, g.OW), x.dtype)
     with checkout(key, make) as ws:
         forward_kernel(
-            bits_view(x), w_fk, bias, activation == "relu", bits_view(y), ws, plan, x_layout, g
+            bits_view(x), w_fk, wp, bias, activation == "relu", bits_view(y), ws, plan, x_layout,
+            g,
         )  # fmt: skip
     return y
 
@@ -118,6 +150,7 @@ def _gemm_backward(dy, x, w, g, need_dx, direct):
         nb,
         tap_offsets(g.C, g.kh, g.kw, x_layout.cstride, x_layout.stride),
         tap_offsets(F, g.kh, g.kw, dy_layout.cstride, dy_layout.stride),
+        False,  # (the forward product's choice; not read by the backward kernels)
     )
     # The unfolded path's buffers also serve the direct path, one image at a time, for
     # images with non-finite values.

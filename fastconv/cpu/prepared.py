@@ -17,6 +17,7 @@ take an optional residual added in the epilogue (ResNet's ``relu(bn(conv(x)) + s
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -27,10 +28,10 @@ from . import _winograd as wg
 from ._direct import forward_residual as gemm_parallel
 from ._direct import forward_residual_serial as gemm_serial
 from ._half import bits_view
-from ._layout import packed_weights, threads
+from ._layout import threads
 from ._matmul import pack_filters, pointwise
 from ._workspace import checkout
-from .conv import _gemm_setup, _winograd_setup, is_pointwise
+from .conv import _gemm_setup, _winograd_setup, filter_operands, is_pointwise
 
 __all__ = ["SERIAL_CONV_FLOPS", "ConvWeights", "ConvPlan", "make_plan", "conv2d_prepared"]
 
@@ -57,7 +58,7 @@ class ConvWeights:
         if b is not None:
             self.bias[:] = b  # the epilogue adds them in float32
         self._u: dict = {}  # (m, Fp) -> (U, ok)
-        self._fk = None  # (W as (F, K) float32, all finite)
+        self._fk: dict = {}  # packed -> (w_fk, wp) of the GEMM paths
         self._pw = None  # packed filters of a 1x1 convolution
 
     def winograd(self, m, rows_padded):
@@ -72,15 +73,16 @@ class ConvWeights:
         """The filters of a 1x1 convolution packed for :func:`~fastconv.cpu._matmul.pointwise`,
         once."""
         if self._pw is None:
-            self._pw = pack_filters(self.w.reshape(self.F, -1))
+            self._pw = pack_filters(self.w.reshape(self.F, math.prod(self.w.shape[1:])))
         return self._pw
 
-    def gemm(self):
-        """The (F, K) float32 operand of the GEMM paths, packed once."""
-        if self._fk is None:
-            w_fk, _, _, finite = packed_weights(self.w)
-            self._fk = (w_fk, finite)
-        return self._fk[0]
+    def gemm(self, plan):
+        """``(w_fk, wp)`` of the GEMM paths for a plan (:func:`~fastconv.cpu.conv.filter_operands`),
+        made once per kind."""
+        found = self._fk.get(plan.packed)
+        if found is None:
+            found = self._fk[plan.packed] = filter_operands(self.w, plan)
+        return found
 
 
 class ConvPlan(NamedTuple):
@@ -149,6 +151,7 @@ def conv2d_prepared(x, weights, plan, relu, res):
     gplan, x_layout, key, make = plan.gemm
     kernel = gemm_serial if plan.serial else gemm_parallel
     with checkout(key, make) as ws:
-        kernel(xb, weights.gemm(), weights.bias, relu, yb, ws, gplan, x_layout, g, rb, has_res)
+        w_fk, wp = weights.gemm(gplan)
+        kernel(xb, w_fk, wp, weights.bias, relu, yb, ws, gplan, x_layout, g, rb, has_res)
     _select.record("forward", x.dtype, g, weights.F, plan.name, plan.source, fell_back)
     return y

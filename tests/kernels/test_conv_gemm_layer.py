@@ -1,5 +1,7 @@
-"""1x1 convolutions on the direct path: one product over every image's pixels
-(fastconv/cpu/_matmul.py, ``pointwise``), through ``fastconv.conv2d`` and the prepared path.
+"""Convolution forward products on the GEMM layer (fastconv/cpu/_matmul.py): 1x1
+convolutions as one product over every image's pixels (``pointwise``), and the direct and
+unfolded paths' products by the packed micro-kernel (``gemm_offsets``), through
+``fastconv.conv2d`` and the prepared path.
 
 Oracles: the float64 reference (``fastconv.reference.conv2d``) and NumPy's float64 product;
 the unprepared path for the prepared one's bits.
@@ -111,3 +113,56 @@ def test_prepared_pointwise_is_conv2d_bit_for_bit(shape, dtype, rng):
             separate = fc.relu(separate)
         fused = prepared(x, act, residual=res)
         assert np.array_equal(fused.view(np.uint8), separate.view(np.uint8))
+
+
+# --- the direct and unfolded paths' products: gemm_offsets or gemm_nn by map size ------------
+
+# N, C, H, F, k, stride, pad, algorithm: K = C*k*k from 18 to 600, maps of 1 to 256 pixels
+PRODUCT_CASES = [
+    (1, 16, 14, 32, 3, 1, 1, "direct"),
+    (3, 32, 8, 64, 3, 1, 1, "direct"),
+    (2, 7, 9, 5, 3, 1, 2, "direct"),
+    (1, 2, 3, 9, 3, 1, 1, "direct"),
+    (4, 24, 15, 17, 5, 2, 2, "unfolded"),
+    (2, 40, 6, 130, 3, 2, 0, "unfolded"),
+    (5, 3, 17, 8, 7, 2, 3, "unfolded"),
+]
+
+
+@pytest.mark.parametrize("case", PRODUCT_CASES, ids=str)
+@pytest.mark.parametrize("packed_pixels", [0, 1 << 20], ids=["gemm_nn", "packed"])
+def test_forward_products_against_the_float64_reference(case, packed_pixels, dtype, rng,
+                                                        monkeypatch):  # fmt: skip
+    N, C, H, F, k, stride, pad, algorithm = case
+    monkeypatch.setattr(conv, "PACKED_MAX_PIXELS", packed_pixels)
+    x = rng.standard_normal((N, C, H, H)).astype(dtype)
+    w = (rng.standard_normal((F, C, k, k)) / np.sqrt(C * k * k)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    g = validate_conv(x, w, b, stride, pad).geometry()
+    assert conv._gemm_setup(g, F, algorithm == "direct", 1)[0].packed == (
+        packed_pixels > 0 and C * k * k >= conv.PACKED_MIN_K
+    )
+    y = fc.conv2d(x, w, b, stride, pad, "relu", algorithm=algorithm)
+    expected = np.maximum(ref.conv2d(x, w, b, stride, pad), 0.0)
+    assert_close(y, expected, dtype, k=C * k * k)
+    prepared = prepare_conv2d(w, b, stride, pad)
+    previous = fc.set_conv_algorithm(algorithm)
+    try:
+        assert np.array_equal(prepared(x, "relu").view(np.uint8), y.view(np.uint8))
+    finally:
+        fc.set_conv_algorithm(previous)
+
+
+def test_packed_products_with_non_finite_inputs(rng, monkeypatch):
+    """The unfolded path takes any values; NaN and inf reach exactly their windows' outputs."""
+    monkeypatch.setattr(conv, "PACKED_MAX_PIXELS", 1 << 20)
+    x = rng.standard_normal((2, 8, 7, 7)).astype(np.float32)
+    w = (rng.standard_normal((6, 8, 3, 3)) / 8).astype(np.float32)
+    x[0, 3, 2, 2] = np.nan
+    x[1, 0, 6, 6] = np.inf
+    y = fc.conv2d(x, w, None, 2, 1, algorithm="unfolded")
+    expected = ref.conv2d(x, w, None, 2, 1)
+    assert np.array_equal(np.isnan(y), np.isnan(expected))
+    finite = np.isfinite(expected)
+    assert np.array_equal(np.isinf(y), np.isinf(expected))
+    assert_close(y[finite], expected[finite], np.float32, k=72)
