@@ -166,3 +166,44 @@ def test_packed_products_with_non_finite_inputs(rng, monkeypatch):
     finite = np.isfinite(expected)
     assert np.array_equal(np.isinf(y), np.isinf(expected))
     assert_close(y[finite], expected[finite], np.float32, k=72)
+
+
+# --- Winograd's weight gradient on small maps: one GEMM-layer product (conv._dw_by_gemm) -----
+
+# N, C, H, F: few tiles against many filters (2F >= N*OH*OW), pad 1 and 2
+DW_CASES = [(1, 16, 5, 16, 1), (2, 24, 4, 40, 1), (3, 8, 3, 40, 2), (1, 40, 7, 64, 1)]
+
+
+@pytest.mark.parametrize("case", DW_CASES, ids=str)
+def test_small_map_weight_gradient_against_the_float64_reference(case, dtype, rng):
+    N, C, H, F, pad = case
+    x = rng.standard_normal((N, C, H, H)).astype(dtype)
+    w = (rng.standard_normal((F, C, 3, 3)) / np.sqrt(9 * C)).astype(dtype)
+    g = validate_conv(x, w, None, 1, pad).geometry()
+    assert conv._dw_by_gemm(g, F)
+    dy = rng.standard_normal((N, F, g.OH, g.OW)).astype(dtype)
+    dx, dw, db = fc.conv2d_backward(dy, x, w, 1, pad, algorithm="winograd4x4")
+    rdx, rdw, rdb = ref.conv2d_backward(dy, x, w, 1, pad)
+    assert dw.dtype == db.dtype == dtype
+    assert_close(dw, rdw, dtype, k=N * g.OH * g.OW)
+    assert_close(db, rdb, dtype, k=N * g.OH * g.OW)
+    assert_close(dx, rdx, dtype, k=F * 9 * 4)  # Winograd's dx: its error budget
+    _, dw_only, db_only = fc.conv2d_backward(dy, x, w, 1, pad, need_dx=False,
+                                              algorithm="winograd4x4")  # fmt: skip
+    assert np.array_equal(dw_only.view(np.uint8), dw.view(np.uint8))
+    assert np.array_equal(db_only.view(np.uint8), db.view(np.uint8))
+
+
+def test_small_map_weight_gradient_with_non_finite_values(rng):
+    x = rng.standard_normal((1, 16, 5, 5)).astype(np.float32)
+    w = (rng.standard_normal((16, 16, 3, 3)) / 12).astype(np.float32)
+    dy = rng.standard_normal((1, 16, 5, 5)).astype(np.float32)
+    x[0, 3, 2, 2] = np.nan
+    dy[0, 5, 0, 0] = np.inf
+    _, dw, db = fc.conv2d_backward(dy, x, w, 1, 1, algorithm="winograd4x4")
+    _, rdw, rdb = ref.conv2d_backward(dy, x, w, 1, 1)
+    assert np.array_equal(np.isnan(dw), np.isnan(rdw))
+    assert np.array_equal(np.isinf(dw), np.isinf(rdw))
+    finite = np.isfinite(rdw)
+    assert_close(dw[finite], rdw[finite], np.float32, k=25)
+    assert np.array_equal(np.isinf(db), np.isinf(rdb))
