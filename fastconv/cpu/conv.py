@@ -44,7 +44,7 @@ from ._direct import (
 from ._half import bits_view, load, store_value
 from ._layout import packed_weights, row_stride, stack_layout, tap_offsets, threads
 from ._matmul import OFFSETS_NC, PackedA, _pointwise_blocks, matmul, pack_filters, pointwise
-from ._unfolded import unfold_image
+from ._unfolded import fold_image, unfold_image
 from ._workspace import checkout
 from .im2col import col2im, im2col
 
@@ -139,6 +139,9 @@ def _gemm_forward(x, w, b, g, activation, direct):
 
 def _gemm_backward(dy, x, w, g, need_dx, direct):
     F = w.shape[0]
+    if not direct and _unfolded_by_gemm_layer(g, F):
+        out = _weight_grad_gemm(dy, x, w, g, need_dx)
+        return out if need_dx else (None, *out)
     K, P = g.C * g.kh * g.kw, g.OH * g.OW
     nt = threads(g.N)
     nb = _images_per_block(g, direct)
@@ -300,6 +303,14 @@ def _dw_by_gemm(g, F) -> bool:
     return 2 * F >= g.N * g.OH * g.OW
 
 
+# The unfolded path's backward as two GEMM-layer products over all images (dW = dy @ col^T,
+# dcol = W^T @ dy, folded back) instead of per-thread blocks with gemm_nt/gemm_nn and partial
+# dW sums, where 8F >= N*P. One thread, ResNet's strided layers at batch 8, time / the
+# blocks': 8F/(N*P) = 10.4: 0.54-0.58, 1.3: 0.81-0.85; 0.16: 1.02-1.21 (kept on the blocks).
+def _unfolded_by_gemm_layer(g, F) -> bool:
+    return 8 * F >= g.N * g.OH * g.OW
+
+
 @njit(cache=True, parallel=True)
 def _dw_operands(x, dy, col, dyt, g):
     """col (K x N*P) <- the unfolded images; dyt (F x N*P) <- dy in float32, image after
@@ -327,9 +338,10 @@ def _row_sums(a, out):
         out[f] = store_value(out, s)
 
 
-def _weight_grad_gemm(dy, x, w, g):
-    """(dw, db) of a stride-1 or strided convolution through the unfolded images and one
-    product on the GEMM layer (each value one FMA chain over the images' columns in order)."""
+def _weight_grad_gemm(dy, x, w, g, need_dx=False):
+    """(dw, db), or (dx, dw, db) with ``need_dx``, of any convolution through the unfolded
+    images and products on the GEMM layer: dW = dy @ col^T, and dcol = W^T @ dy folded back
+    image by image (each value one FMA chain in a fixed order: deterministic)."""
     F = w.shape[0]
     K, P = g.C * g.kh * g.kw, g.OH * g.OW
     L = g.N * P
@@ -340,7 +352,28 @@ def _weight_grad_gemm(dy, x, w, g):
     dw = dw32.reshape(w.shape) if x.dtype == np.float32 else dw32.astype(x.dtype).reshape(w.shape)
     db = np.empty(F, dtype=x.dtype)
     _row_sums(dyt, bits_view(db))
-    return dw, db
+    if not need_dx:
+        return dw, db
+    del col
+    dcol = matmul(bits_view(w).reshape(F, K), dyt, np.empty((K, L), np.float32), trans_a=True)
+    dx = np.empty(g.x_shape, dtype=x.dtype)
+    _fold_all(dcol, bits_view(dx), g)
+    return dx, dw, db
+
+
+@njit(cache=True, parallel=True)
+def _fold_all(dcol, dx, g):
+    """dx[n] <- image n's columns of dcol folded back (:func:`fold_image`), one image a task."""
+    N, C, H, W = dx.shape
+    L = dcol.shape[1]
+    P = g.OH * g.OW
+    for n in prange(N):
+        acc = np.empty((C, H, W), np.float32)
+        fold_image(dcol.reshape(-1), L, n * P, acc, g)
+        out = dx[n].reshape(-1)
+        flat = acc.reshape(-1)
+        for q in range(out.shape[0]):
+            out[q] = store_value(out, flat[q])
 
 
 # --- entry points --------------------------------------------------------------------------------

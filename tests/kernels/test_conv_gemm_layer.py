@@ -207,3 +207,49 @@ def test_small_map_weight_gradient_with_non_finite_values(rng):
     finite = np.isfinite(rdw)
     assert_close(dw[finite], rdw[finite], np.float32, k=25)
     assert np.array_equal(np.isinf(db), np.isinf(rdb))
+
+
+# --- the unfolded backward as two GEMM-layer products (conv._unfolded_by_gemm_layer) ----------
+
+# N, C, H, F, k, stride, pad: 8F >= N*OH*OW (many filters, small outputs)
+UNFOLDED_BACKWARD_CASES = [
+    (2, 16, 7, 24, 3, 2, 1),
+    (3, 5, 9, 40, 1, 2, 0),
+    (1, 8, 11, 16, 5, 3, 2),
+    (4, 3, 6, 50, 2, 1, 0),
+]
+
+
+@pytest.mark.parametrize("case", UNFOLDED_BACKWARD_CASES, ids=str)
+def test_unfolded_backward_on_the_gemm_layer(case, dtype, rng):
+    N, C, H, F, k, stride, pad = case
+    x = rng.standard_normal((N, C, H, H)).astype(dtype)
+    w = (rng.standard_normal((F, C, k, k)) / np.sqrt(C * k * k)).astype(dtype)
+    g = validate_conv(x, w, None, stride, pad).geometry()
+    assert conv._unfolded_by_gemm_layer(g, F)
+    dy = rng.standard_normal((N, F, g.OH, g.OW)).astype(dtype)
+    dx, dw, db = fc.conv2d_backward(dy, x, w, stride, pad, algorithm="unfolded")
+    rdx, rdw, rdb = ref.conv2d_backward(dy, x, w, stride, pad)
+    assert dx.dtype == dw.dtype == db.dtype == dtype
+    assert_close(dx, rdx, dtype, k=F * k * k)
+    assert_close(dw, rdw, dtype, k=N * g.OH * g.OW)
+    assert_close(db, rdb, dtype, k=N * g.OH * g.OW)
+    none, dw2, db2 = fc.conv2d_backward(dy, x, w, stride, pad, need_dx=False,
+                                        algorithm="unfolded")  # fmt: skip
+    assert none is None
+    assert np.array_equal(dw2.view(np.uint8), dw.view(np.uint8))
+
+
+def test_unfolded_backward_on_the_gemm_layer_with_non_finite_values(rng):
+    x = rng.standard_normal((2, 6, 7, 7)).astype(np.float32)
+    w = (rng.standard_normal((32, 6, 3, 3)) / 8).astype(np.float32)
+    dy = rng.standard_normal((2, 32, 4, 4)).astype(np.float32)
+    x[1, 2, 3, 3] = np.nan
+    dy[0, 7, 1, 1] = np.inf
+    dx, dw, _ = fc.conv2d_backward(dy, x, w, 2, 1, algorithm="unfolded")
+    rdx, rdw, _ = ref.conv2d_backward(dy, x, w, 2, 1)
+    for got, want in ((dx, rdx), (dw, rdw)):
+        assert np.array_equal(np.isnan(got), np.isnan(want))
+        assert np.array_equal(np.isinf(got), np.isinf(want))
+        finite = np.isfinite(want)
+        assert_close(got[finite], want[finite], np.float32, k=300)
