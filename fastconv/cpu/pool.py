@@ -172,23 +172,25 @@ def _split_start(half, c):
 
 
 @njit(cache=True)
-def _taps_stride2(split, half, c, dst, doff, n, kw):
-    """``dst[doff + i]`` = first maximum of the split row's values ``c + 2*i + t`` over
-    t = 0..kw-1, for i < n (every tap a contiguous stream of ``split``; fewer than three
-    taps repeat the last, as in :func:`_taps`)."""
+def _taps_stride2(split, half, c, cstep, dst, doff, dstep, count, n, kw):
+    """For each of ``count`` rows r: ``dst[doff + r*dstep + i]`` = first maximum of the split
+    row's values ``c + r*cstep + 2*i + t`` over t = 0..kw-1, for i < n (every tap a contiguous
+    stream of ``split``; fewer than three taps repeat the last, as in :func:`_taps`)."""
     if n <= 0:
         return
-    d0 = np.uint64(doff)
     m = np.uint64(n)
-    o0 = _split_start(half, c)
-    o1 = _split_start(half, c + min(kw - 1, 1))
-    o2 = _split_start(half, c + min(kw - 1, 2))
-    for i in range(m):
-        dst[d0 + i] = _pick(split[o2 + i], _pick(split[o1 + i], split[o0 + i]))
-    for t in range(3, kw):
-        ot = _split_start(half, c + t)
+    for r in range(count):
+        cr = c + r * cstep
+        d0 = np.uint64(doff + r * dstep)
+        o0 = _split_start(half, cr)
+        o1 = _split_start(half, cr + min(kw - 1, 1))
+        o2 = _split_start(half, cr + min(kw - 1, 2))
         for i in range(m):
-            dst[d0 + i] = _pick(split[ot + i], dst[d0 + i])
+            dst[d0 + i] = _pick(split[o2 + i], _pick(split[o1 + i], split[o0 + i]))
+        for t in range(3, kw):
+            ot = _split_start(half, cr + t)
+            for i in range(m):
+                dst[d0 + i] = _pick(split[ot + i], dst[d0 + i])
 
 
 def _float_plane(plane):
@@ -257,11 +259,9 @@ def _max_block(x, out, B, H, W, OH, OW, kh, kw, sh, sw, ph, pw):
         if sw == 2:
             half = _split(xf, xb, m * W, split)
             if flat:
-                _taps_stride2(split, half, 2 * lo - pw, rows, rb + lo, n, kw)
+                _taps_stride2(split, half, 2 * lo - pw, 0, rows, rb + lo, 0, 1, n, kw)
             else:
-                for r in range(m):
-                    c = r * W + 2 * lo - pw
-                    _taps_stride2(split, half, c, rows, rb + r * RS + lo, hi - lo, kw)
+                _taps_stride2(split, half, 2 * lo - pw, W, rows, rb + lo, RS, m, hi - lo, kw)
         elif flat:
             _taps_unit(xf, xb + lo - pw, 1, kw, rows, rb + lo, n)
         else:
