@@ -22,7 +22,7 @@ NaN's payload, the sign of the first zero of a zero maximum; see ``_max_block``)
 runs over a block of planes as one long row where the geometry allows (stride 1; stride 2 on
 even widths, after splitting the rows into their even and odd columns) and redoes the
 outputs clipped at an edge, so LLVM vectorises the loops: 4-15x faster than the window loop
-on GoogLeNet's and AlexNet's pools in float32, 15-48x in float16 (docs/kernels.md, "Max
+on GoogLeNet's and AlexNet's pools in float32, 15-57x in float16 (docs/kernels.md, "Max
 pooling forward").
 
 The deep-MNIST net only uses 2x2 stride-2 unpadded max pooling, so that case has its own
