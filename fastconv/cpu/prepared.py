@@ -29,9 +29,9 @@ from ._direct import forward_residual as gemm_parallel
 from ._direct import forward_residual_serial as gemm_serial
 from ._half import bits_view
 from ._layout import threads
-from ._matmul import pack_filters, pointwise
+from ._matmul import matmul_panels, pack_filters, pack_panels, pointwise
 from ._workspace import checkout
-from .conv import _gemm_setup, _winograd_setup, filter_operands, is_pointwise
+from .conv import _gemm_setup, _winograd_setup, filter_operands, is_flat, is_pointwise
 
 __all__ = ["SERIAL_CONV_FLOPS", "ConvWeights", "ConvPlan", "make_plan", "conv2d_prepared"]
 
@@ -60,6 +60,7 @@ class ConvWeights:
         self._u: dict = {}  # (m, Fp) -> (U, ok)
         self._fk: dict = {}  # packed -> (w_fk, wp) of the GEMM paths
         self._pw = None  # packed filters of a 1x1 convolution
+        self._flat = None  # W^T in column panels (a window covering the input)
 
     def winograd(self, m, rows_padded):
         """``(U, ok)`` of :func:`fastconv.cpu._winograd.transform_weights`, computed once."""
@@ -75,6 +76,14 @@ class ConvWeights:
         if self._pw is None:
             self._pw = pack_filters(self.w.reshape(self.F, math.prod(self.w.shape[1:])))
         return self._pw
+
+    def flat(self):
+        """W^T (K x F) in the GEMM layer's column panels, for a window covering the input
+        (:func:`~fastconv.cpu.conv.is_flat`), packed once."""
+        if self._flat is None:
+            wt = np.ascontiguousarray(self.w.reshape(self.F, math.prod(self.w.shape[1:])).T)
+            self._flat = pack_panels(wt)
+        return self._flat
 
     def gemm(self, plan):
         """``(w_fk, wp)`` of the GEMM paths for a plan (:func:`~fastconv.cpu.conv.filter_operands`),
@@ -96,6 +105,7 @@ class ConvPlan(NamedTuple):
     wino: tuple | None  # (m, setup) of a Winograd plan
     gemm: tuple | None  # (GemmPlan, x_layout, workspace key, make) of a GEMM plan
     pointwise: bool  # a 1x1 convolution on the direct path: one product over all pixels
+    flat: bool  # one window covering the input: a Dense product (conv.is_flat)
 
 
 def make_plan(g, weights, name, source):
@@ -104,14 +114,16 @@ def make_plan(g, weights, name, source):
     serial = 2 * g.N * F * g.C * g.kh * g.kw * g.OH * g.OW < SERIAL_CONV_FLOPS
     nt = 1 if serial else threads(g.N)
     wino = gemm = None
+    if not name.startswith("winograd") and is_flat(g):
+        return ConvPlan(g, name, source, serial, (g.N, F, 1, 1), None, None, False, True)
     if name == "direct" and is_pointwise(g):
-        return ConvPlan(g, name, source, serial, (g.N, F, g.OH, g.OW), None, None, True)
+        return ConvPlan(g, name, source, serial, (g.N, F, g.OH, g.OW), None, None, True, False)
     if name.startswith("winograd"):
         m = 4 if name == "winograd4x4" else 2
         wino = (m, _winograd_setup(g.N, g.C, F, g.OH, g.OW, m, nt, g.ph, g.pw, g.W, False))
     # Winograd plans keep a GEMM plan for the calls it sends back (non-finite or huge values).
     gemm = _gemm_setup(g, F, g.sh == 1 and g.sw == 1 and name != "unfolded", nt)
-    return ConvPlan(g, name, source, serial, (g.N, F, g.OH, g.OW), wino, gemm, False)
+    return ConvPlan(g, name, source, serial, (g.N, F, g.OH, g.OW), wino, gemm, False, False)
 
 
 def choose(g, weights, dtype):
@@ -129,6 +141,12 @@ def conv2d_prepared(x, weights, plan, relu, res):
     has_res = res is not None
     rb = bits_view(res) if has_res else yb
     fell_back = False
+    if plan.flat:
+        out = (g.N, weights.F)
+        matmul_panels(xb.reshape(g.N, -1), weights.flat(), yb.reshape(out), weights.bias, relu,
+                      rb.reshape(out) if has_res else None)  # fmt: skip
+        _select.record("forward", x.dtype, g, weights.F, plan.name, plan.source)
+        return y
     if plan.pointwise:
         rows = (g.N, g.C, g.H * g.W)
         out = (g.N, weights.F, g.OH * g.OW)

@@ -253,3 +253,39 @@ def test_unfolded_backward_on_the_gemm_layer_with_non_finite_values(rng):
         assert np.array_equal(np.isinf(got), np.isinf(want))
         finite = np.isfinite(want)
         assert_close(got[finite], want[finite], np.float32, k=300)
+
+
+# --- a window covering the input: a Dense product (conv.is_flat) ------------------------------
+
+FLAT_CASES = [(8, 16, 5, 120, 1), (3, 7, 4, 9, 3), (1, 1, 1, 5, 1), (2, 30, 3, 33, 2)]
+
+
+@pytest.mark.parametrize(
+    "case, algorithm",
+    [(c, a) for c in FLAT_CASES for a in ("direct", "unfolded", None)
+     if a != "direct" or c[4] == 1],  # direct needs stride 1
+    ids=str,
+)
+def test_a_window_covering_the_input_is_a_dense_product(case, algorithm, dtype, rng):
+    N, C, H, F, stride = case
+    x = rng.standard_normal((N, C, H, H)).astype(dtype)
+    w = (rng.standard_normal((F, C, H, H)) / np.sqrt(C * H * H)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    g = validate_conv(x, w, b, stride, 0).geometry()
+    assert conv.is_flat(g)
+    for act in (None, "relu"):
+        y = fc.conv2d(x, w, b, stride, 0, act, algorithm=algorithm)
+        expected = ref.conv2d(x, w, b, stride, 0)
+        if act:
+            expected = np.maximum(expected, 0.0)
+        assert y.shape == (N, F, 1, 1) and y.dtype == dtype
+        assert_close(y, expected, dtype, k=C * H * H)
+        prepared = prepare_conv2d(w, b, stride, 0)
+        assert np.array_equal(prepared(x, act).view(np.uint8), y.view(np.uint8))
+        res = rng.standard_normal(y.shape).astype(dtype)
+        separate = fc.conv2d(x, w, b, stride, 0) + res
+        if act:
+            separate = fc.relu(separate)
+        assert np.array_equal(prepared(x, act, residual=res).view(np.uint8),
+                              separate.view(np.uint8))  # fmt: skip
+    assert not conv.is_flat(validate_conv(x, w, b, stride, 1).geometry())  # padded: not flat
