@@ -266,6 +266,93 @@ def _forward(x, w, b, y, geo, relu, tasks):
         _forward_planes(x, w, b, y, t * planes // tasks, (t + 1) * planes // tasks, geo, relu)
 
 
+# --- 3x3, stride 2: four phase planes ------------------------------------------------------------
+# Strided taps are gathers (one lane at a time); split into its four phases, a padded plane
+# gives every tap as a contiguous run: padded pixel (2*oy + i, 2*ox + j) is phase
+# (i % 2, j % 2) at (oy + i // 2, ox + j // 2). On phase planes of width Wq = OW + 1 all nine
+# taps are then one pass of contiguous loads over the flattened output (the "wide" layout of
+# stride 1, with Wq - OW wasted columns a row).
+
+
+@njit(inline="always")
+def _phase_planes(src, ph, top, left, Hq, Wq):
+    """ph[2a + b][r*Wq + c] = padded pixel (2r + a, 2c + b) of ``src`` (zeros outside).
+
+    Each input row is read once, its even and odd columns together (a loop LLVM turns into
+    permutes; stride-2 loads compile to gathers, see the max-pooling forward), and written
+    as two contiguous runs."""
+    H, W = src.shape
+    ph[:, :] = 0.0
+    pe = left % 2  # the column phase of even input columns; odd ones have 1 - pe
+    ce = (left - pe) // 2  # phase column of input column 0
+    co = (left + pe) // 2  # phase column of input column 1
+    n_even = min((W + 1) // 2, Wq - ce)
+    n_odd = min(W // 2, Wq - co)
+    both = min(n_even, n_odd)
+    for y in range(H):
+        r2 = y + top
+        r = r2 // 2
+        if r >= Hq:
+            break
+        a = r2 % 2
+        row = src[y]
+        de = ph[2 * a + pe, r * Wq + ce : r * Wq + ce + max(n_even, 0)]
+        do = ph[2 * a + 1 - pe, r * Wq + co : r * Wq + co + max(n_odd, 0)]
+        for k in range(both):
+            de[k] = load(row[2 * k])
+            do[k] = load(row[2 * k + 1])
+        for k in range(both, n_even):
+            de[k] = load(row[2 * k])
+        for k in range(both, n_odd):
+            do[k] = load(row[2 * k + 1])
+
+
+@njit(cache=True, fastmath=_FASTMATH)
+def _forward_planes_s2k3(x, w, b, y, q0, q1, geo, relu):
+    top, left, groups = geo[2], geo[3], geo[6]
+    F, Cg = w.shape[0], w.shape[1]
+    OH, OW = y.shape[2], y.shape[3]
+    Hq, Wq = OH + 1, OW + 1
+    L = (OH - 1) * Wq + OW
+    Fg = F // groups
+    ph = np.empty((4, Hq * Wq + 1), np.float32)
+    acc = np.empty(L, np.float32)
+    for q in range(q0, q1):
+        n, f = q // F, q % F
+        c0 = (f // Fg) * Cg
+        acc[:] = b[f]
+        for c in range(Cg):
+            _phase_planes(x[n, c0 + c], ph, top, left, Hq, Wq)
+            k00, k01, k02 = w[f, c, 0, 0], w[f, c, 0, 1], w[f, c, 0, 2]
+            k10, k11, k12 = w[f, c, 1, 0], w[f, c, 1, 1], w[f, c, 1, 2]
+            k20, k21, k22 = w[f, c, 2, 0], w[f, c, 2, 1], w[f, c, 2, 2]
+            p00, p01, p10, p11 = ph[0], ph[1], ph[2], ph[3]
+            a0, a1, a2, a3 = p00[0:L], p00[1 : L + 1], p00[Wq : Wq + L], p00[Wq + 1 : Wq + 1 + L]
+            b0, b1 = p01[0:L], p01[Wq : Wq + L]
+            c0_, c1_ = p10[0:L], p10[1 : L + 1]
+            d0 = p11[0:L]
+            for k in range(L):
+                acc[k] += (
+                    k00 * a0[k] + k02 * a1[k] + k20 * a2[k] + k22 * a3[k]
+                    + k01 * b0[k] + k21 * b1[k] + k10 * c0_[k] + k12 * c1_[k] + k11 * d0[k]
+                )  # fmt: skip
+        for oy in range(OH):
+            out = y[n, f, oy]
+            for ox in range(OW):
+                v = acc[oy * Wq + ox]
+                if relu and v < 0.0:  # NaN and -0.0 pass, as the ReLU kernel
+                    v = np.float32(0.0)
+                out[ox] = store_value(y, v)
+
+
+@njit(parallel=True, cache=True)
+def _forward_s2k3(x, w, b, y, geo, relu, tasks):
+    planes = y.shape[0] * y.shape[1]
+    for t in prange(tasks):
+        _forward_planes_s2k3(x, w, b, y, t * planes // tasks, (t + 1) * planes // tasks, geo,
+                             relu)  # fmt: skip
+
+
 @njit(cache=True, fastmath=_FASTMATH)
 def _dx_planes(dy, w, dx, q0, q1, geo):
     """Input-gradient planes ``q0..q1`` (plane ``q`` = image ``q // C``, channel ``q % C``):
@@ -385,11 +472,13 @@ def grouped_conv2d(x, w, b, p, activation):
     relu = activation == "relu"
     tasks = _tasks(y.size * w[0].size, p.N * p.F)
     s1 = (p.sh, p.sw) == (1, 1)
+    s2k3 = (p.sh, p.sw, p.kh, p.kw, p.dh, p.dw) == (2, 2, 3, 3, 1, 1)
     if tasks == 1:
-        (_forward_planes_s1 if s1 else _forward_planes)(xv, w32, b32, yv, 0, p.N * p.F,
-                                                        _geo(p), relu)  # fmt: skip
+        planes = _forward_planes_s1 if s1 else _forward_planes_s2k3 if s2k3 else _forward_planes
+        planes(xv, w32, b32, yv, 0, p.N * p.F, _geo(p), relu)
     else:
-        (_forward_s1 if s1 else _forward)(xv, w32, b32, yv, _geo(p), relu, tasks)
+        kernel = _forward_s1 if s1 else _forward_s2k3 if s2k3 else _forward
+        kernel(xv, w32, b32, yv, _geo(p), relu, tasks)
     return y
 
 

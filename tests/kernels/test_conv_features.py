@@ -254,3 +254,31 @@ op_cases.register(
     refusals=[(lambda x, w, b: fc.grouped_conv2d_backward(x, x, w[:4], 2, groups=2), ValueError,
                "dy must have shape")],  # fmt: skip
 )
+
+
+# 3x3 stride-2 grouped forward on four phase planes (cpu/grouped.py): odd and even sizes,
+# every pad parity (asymmetric included), depthwise and groups of 3, serial and parallel
+S2K3_CASES = [
+    (2, 4, 9, 4, 4, (1, 1, 1, 1)),
+    (1, 6, 8, 6, 6, (0, 1, 0, 1)),
+    (3, 6, 7, 12, 2, (1, 0, 1, 0)),
+    (2, 8, 12, 8, 8, (0, 0, 0, 0)),
+    (1, 3, 3, 3, 3, (1, 1, 0, 1)),
+    (4, 48, 31, 48, 48, (1, 1, 1, 1)),
+]
+
+
+@pytest.mark.parametrize("case", S2K3_CASES, ids=str)
+def test_stride_two_3x3_grouped_forward_on_phase_planes(backend, case, dtype, rng):
+    N, C, H, F, groups, pads = case
+    x = rng.standard_normal((N, C, H, H + 1)).astype(dtype)
+    w = rng.standard_normal((F, C // groups, 3, 3)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    x[0, 0, 1, 1] = np.nan  # reaches exactly the outputs whose windows hold it
+    for act in (None, "relu"):
+        y = fc.grouped_conv2d(x, w, b, 2, pads, act, groups)
+        want = ref.grouped_conv2d(x, w, b, 2, pads, act, groups)
+        assert y.shape == want.shape
+        assert np.array_equal(np.isnan(y), np.isnan(want))
+        finite = ~np.isnan(want)
+        assert_close(y[finite], want[finite], dtype, 9 * C // groups)
