@@ -93,10 +93,13 @@ def _forward_planes(x, w, b, y, q0, q1, geo, relu):
 def _pad_plane(src, dst, top, left, Wp):
     """``src`` (H, W) into the flat zero-padded float32 plane ``dst`` of width ``Wp``."""
     dst[:] = 0.0
+    W = src.shape[1]
     for iy in range(src.shape[0]):
         o = (iy + top) * Wp + left
-        for ix in range(src.shape[1]):
-            dst[o + ix] = load(src[iy, ix])
+        d = dst[o : o + W]  # slices indexed from 0: the copy vectorises
+        s = src[iy]
+        for ix in range(W):
+            d[ix] = load(s[ix])
 
 
 @njit(cache=True, fastmath=_FASTMATH)
@@ -115,6 +118,24 @@ def _forward_planes_s1(x, w, b, y, q0, q1, geo, relu):
         acc[:] = b[f]
         for c in range(Cg):
             _pad_plane(x[n, c0 + c], xp, top, left, Wp)
+            if kh == 3 and kw == 3:
+                # all nine taps in one pass over acc (one read and write of it, not three)
+                k00, k01, k02 = w[f, c, 0, 0], w[f, c, 0, 1], w[f, c, 0, 2]
+                k10, k11, k12 = w[f, c, 1, 0], w[f, c, 1, 1], w[f, c, 1, 2]
+                k20, k21, k22 = w[f, c, 2, 0], w[f, c, 2, 1], w[f, c, 2, 2]
+                r1, r2 = dh * Wp, 2 * dh * Wp
+                s00, s01, s02 = xp[0:L], xp[dw : dw + L], xp[2 * dw : 2 * dw + L]
+                s10, s11 = xp[r1 : r1 + L], xp[r1 + dw : r1 + dw + L]
+                s12 = xp[r1 + 2 * dw : r1 + 2 * dw + L]
+                s20, s21 = xp[r2 : r2 + L], xp[r2 + dw : r2 + dw + L]
+                s22 = xp[r2 + 2 * dw : r2 + 2 * dw + L]
+                for k in range(L):
+                    acc[k] += (
+                        k00 * s00[k] + k01 * s01[k] + k02 * s02[k]
+                        + k10 * s10[k] + k11 * s11[k] + k12 * s12[k]
+                        + k20 * s20[k] + k21 * s21[k] + k22 * s22[k]
+                    )  # fmt: skip
+                continue
             for i in range(kh):
                 row = i * dh * Wp
                 if kw == 3:  # a kernel row's three taps in one pass: a third of acc's traffic
@@ -132,8 +153,9 @@ def _forward_planes_s1(x, w, b, y, q0, q1, geo, relu):
                         acc[k] += wv * src[k]
         for oy in range(OH):
             out = y[n, f, oy]
+            src = acc[oy * Wp : oy * Wp + OW]  # indexed from 0: vectorises
             for ox in range(OW):
-                v = acc[oy * Wp + ox]
+                v = src[ox]
                 if relu and v < 0.0:
                     v = np.float32(0.0)
                 out[ox] = store_value(y, v)
@@ -338,8 +360,9 @@ def _forward_planes_s2k3(x, w, b, y, q0, q1, geo, relu):
                 )  # fmt: skip
         for oy in range(OH):
             out = y[n, f, oy]
+            src = acc[oy * Wq : oy * Wq + OW]  # indexed from 0: vectorises
             for ox in range(OW):
-                v = acc[oy * Wq + ox]
+                v = src[ox]
                 if relu and v < 0.0:  # NaN and -0.0 pass, as the ReLU kernel
                     v = np.float32(0.0)
                 out[ox] = store_value(y, v)
