@@ -26,7 +26,7 @@ from ._half import load, store_value
 from ._layout import add_residual_image, image_range, serial_twin, stack_images, store_rows
 from ._matmul import gemm_offsets
 
-__all__ = ["GemmPlan", "ForwardWork", "BackwardWork", "forward_kernel", "backward_kernel",
+__all__ = ["GemmPlan", "ForwardWork", "BackwardWork", "forward_residual", "backward_kernel",
            "reduce_partials"]  # fmt: skip
 
 
@@ -106,22 +106,12 @@ def _forward_images(x, lo, hi, w_fk, wp, bias, relu, y, buf, acc, bp, cbuf, plan
                 add_residual_image(y, res, n0 + b, relu)
 
 
-@njit(cache=True, parallel=True)
-def forward_kernel(x, w_fk, wp, bias, relu, y, ws, plan, x_layout, g):
-    """y = conv(x) (+ bias, ReLU) on every Numba thread; ``ws`` a :class:`ForwardWork`."""
-    n_threads = ws.buf.shape[0]
-    for t in prange(n_threads):
-        lo, hi = image_range(t, n_threads, x.shape[0])
-        _forward_images(
-            x, lo, hi, w_fk, wp, bias, relu, y, ws.buf[t], ws.acc[t], ws.bp[t], ws.cbuf[t], plan,
-            x_layout, g, y, False,
-        )  # fmt: skip
-
-
 def _forward_residual(x, w_fk, wp, bias, relu, y, ws, plan, x_layout, g, res, has_res):
-    """:func:`forward_kernel` with an optional residual: the prepared inference path's
-    kernel. Compiled twice, like the Winograd one: parallel, and serial for small calls
-    (the same images in the same order on the calling thread: the same bits)."""
+    """y = conv(x) (+ bias, ReLU) on every Numba thread (``ws`` a :class:`ForwardWork`), with
+    an optional residual (``has_res``; pass ``y`` and False for none): the forward kernel of
+    both the unprepared and the prepared paths. Compiled twice, like the Winograd one:
+    parallel, and serial for small calls (the same images in the same order on the calling
+    thread: the same bits)."""
     n_threads = ws.buf.shape[0]
     for t in prange(n_threads):
         lo, hi = image_range(t, n_threads, x.shape[0])

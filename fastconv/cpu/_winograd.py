@@ -65,7 +65,7 @@ __all__ = [
     "make_plan",
     "work_shapes",
     "transform_weights",
-    "forward_kernel",
+    "forward_residual",
     "weight_grad_kernel",
     "weight_grad_finish",
 ]
@@ -476,23 +476,12 @@ def _forward_items(x, u, bias, relu, y, plan, lo, hi, xq, t, o, v, mm, offs, fla
                                 )  # fmt: skip
 
 
-@njit(cache=True, parallel=True)
-def forward_kernel(x, u, bias, relu, y, plan, ws, flags):
-    """y = conv3x3(x) (+ bias, ReLU) by Winograd on every Numba thread; ``flags[item]`` is
-    set where the input had values that are not finite or too large (outputs then unset)."""
-    n_threads = ws.xq.shape[0]
-    items = plan.ngroups * plan.nbands
-    for t in prange(n_threads):
-        lo, hi = image_range(t, n_threads, items)
-        _forward_items(
-            x, u, bias, relu, y, plan, lo, hi, ws.xq[t], ws.t[t], ws.o[t], ws.v[t], ws.mm[t],
-            ws.offs[t], flags, y, False,
-        )  # fmt: skip
-
-
 def _forward_residual(x, u, bias, relu, y, plan, ws, flags, res, has_res):
-    """:func:`forward_kernel` with an optional residual (see :func:`_forward_items`): the
-    prepared inference path's kernel; :data:`forward_residual_serial` is its serial twin."""
+    """y = conv3x3(x) (+ bias, ReLU) by Winograd on every Numba thread, with an optional
+    residual (see :func:`_forward_items`; pass ``y`` and False for none): the forward kernel
+    of the unprepared and prepared paths (:data:`forward_residual_serial` is its serial
+    twin). ``flags[item]`` is set where the input had values that are not finite or too large
+    (outputs then unset)."""
     n_threads = ws.xq.shape[0]
     items = plan.ngroups * plan.nbands
     for t in prange(n_threads):

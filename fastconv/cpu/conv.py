@@ -38,7 +38,7 @@ from ._direct import (
     ForwardWork,
     GemmPlan,
     backward_kernel,
-    forward_kernel,
+    forward_residual,
     reduce_partials,
 )
 from ._half import bits_view, load, store_value
@@ -130,9 +130,10 @@ def _gemm_forward(x, w, b, g, activation, direct):
         bias[:] = b  # F values: the epilogue adds them in fp32
     y = outputs.empty((g.N, F, g.OH, g.OW), x.dtype)
     with checkout(key, make) as ws:
-        forward_kernel(
-            bits_view(x), w_fk, wp, bias, activation == "relu", bits_view(y), ws, plan, x_layout,
-            g,
+        yb = bits_view(y)
+        forward_residual(
+            bits_view(x), w_fk, wp, bias, activation == "relu", yb, ws, plan, x_layout, g, yb,
+            False,
         )  # fmt: skip
     return y
 
@@ -227,7 +228,7 @@ def _winograd_conv(x_bits, u, bias, relu, y_bits, setup):
     plan, key, make = setup
     flags = np.zeros(plan.ngroups * plan.nbands, np.int64)
     with checkout(key, make) as ws:
-        wg.forward_kernel(x_bits, u, bias, relu, y_bits, plan, ws, flags)
+        wg.forward_residual(x_bits, u, bias, relu, y_bits, plan, ws, flags, y_bits, False)
     return not flags.any()
 
 
