@@ -77,9 +77,10 @@ def _ort_worker(threads, conn):
                 times.append(_timed(lambda i=i, run=run, x=x: run(x[i : i + 1])))
             conn.send(times)
         else:
-            whole = lambda run=run, x=x, batch=batch: [  # noqa: E731
-                run(x[i : i + batch]) for i in range(0, len(x), batch)
-            ]
+
+            def whole(run=run, x=x, batch=batch):
+                return [run(x[i : i + batch]) for i in range(0, len(x), batch)]
+
             conn.send(_timed(whole))
 
 
@@ -92,8 +93,7 @@ def _timed(fn):
 def _report(name, times, unit=1e3, fmt="{:.2f} ms"):
     med = {k: statistics.median(v) for k, v in times.items()}
     cells = [
-        f"{k} {fmt.format(med[k] * unit)} (min {fmt.format(min(times[k]) * unit)})"
-        for k in times
+        f"{k} {fmt.format(med[k] * unit)} (min {fmt.format(min(times[k]) * unit)})" for k in times
     ]
     ratio = med["prepared"] / med["unprepared"]
     extra = f"; prepared/ORT {med['prepared'] / med['ort']:.2f}x" if "ort" in med else ""
@@ -185,8 +185,11 @@ def main(argv=None) -> None:
         cells.append(f"{k} p50 {p50:.3f} ms p99 {p99:.3f} ms")
     p50 = {k: np.percentile(v, 50) for k, v in lat.items()}
     extra = f"; prepared/ORT p50 {p50['prepared'] / p50['ort']:.2f}x" if "ort" in p50 else ""
-    print("deep-MNIST batch-1 latency: " + ", ".join(cells)
-          + f"; p50 prepared/unprepared {p50['prepared'] / p50['unprepared']:.3f}x{extra}")
+    print(
+        "deep-MNIST batch-1 latency: "
+        + ", ".join(cells)
+        + f"; p50 prepared/unprepared {p50['prepared'] / p50['unprepared']:.3f}x{extra}"
+    )
 
     if not args.no_resnet:
         model = resnet18(seed=0)

@@ -258,8 +258,7 @@ def _dilated(dev, w, p):
 def _refuse_named_algorithm(algorithm, what):
     if algorithm not in (None, "auto"):
         raise ValueError(
-            f"algorithm={algorithm!r}: {what} has one implementation; use algorithm=None or "
-            "'auto'"
+            f"algorithm={algorithm!r}: {what} has one implementation; use algorithm=None or 'auto'"
         )
 
 

@@ -248,6 +248,7 @@ def pytest_runtest_makereport(item, call):
 # matters. Here rather than in a conftest.py of their own: a second module named "conftest"
 # would shadow this one for the tests that import helpers from it.
 
+
 @pytest.fixture(scope="session")
 def run_ort(ort):
     """``run_ort(model, x)``: the first output of ONNX Runtime on ``x``; ``model`` is a path, the

@@ -32,6 +32,9 @@ __all__ = [
     "gemm_packed",
     "copy_row",
     "copy_block",
+    "run_sum",
+    "run_sq_dev",
+    "run_grad_sums",
     "fetch_add",
     "load_transposed",
     "store_transposed",
@@ -457,6 +460,130 @@ def copy_row(typingctx, src, s_off, dst, d_off, n):
             v = _masked_load(builder, sty, builder.gep(s_ptr, [full]), mask)
             _masked_store(builder, dty, v, builder.gep(d_ptr, [full]), mask)
         return context.get_dummy_value()
+
+    return sig, codegen
+
+
+# --- reductions in a fixed order -------------------------------------------------------------
+# A sum left to LLVM under fast-math "reassoc" is vectorised however its cost model decides that
+# day: measured, the batch norm statistics of one Numba build (a fresh compile) and of another
+# (the same source loaded from Numba's cache, where the callee was inlined into the parallel
+# kernel before object emission) differed by an ulp in some variances, so a model's results
+# depended on whether the cache was warm. These sums fix the order instead: lane l of one
+# <16 x float> accumulator adds elements l, l + 16, l + 32, ... in turn, a masked vector takes
+# the last n % 16, and the 16 lanes are added as a tree (8 + 8, 4 + 4, 2 + 2, 1 + 1).
+
+
+def _hsum(builder, v):
+    """Lanes of a <16 x float> added as a fixed tree: the same bits wherever it is compiled."""
+    width = LANES
+    while width > 1:
+        width //= 2
+        halves = (list(range(width)), list(range(width, 2 * width)))
+        lo, hi = (
+            builder.shuffle_vector(v, v, ir.Constant(ir.VectorType(_I32, width), half))
+            for half in halves
+        )
+        v = builder.fadd(lo, hi)
+    return builder.extract_element(v, ir.Constant(_I32, 0))
+
+
+def _reduce_runs(builder, n, body, count):
+    """``count`` fixed-order sums over positions 0..n-1: ``body(pos, mask)`` returns one
+    <16 x float> term per sum for the 16 positions from ``pos`` (lanes off ``mask`` zero)."""
+    zero = ir.Constant(_VTY, None)
+    accs = [cgutils.alloca_once_value(builder, zero) for _ in range(count)]
+    lanes = ir.Constant(_I64, LANES)
+    full = builder.mul(builder.sdiv(n, lanes), lanes)
+    all_lanes = ir.Constant(_MASK, [1] * LANES)
+
+    def add(terms):
+        for acc, term in zip(accs, terms, strict=True):
+            builder.store(builder.fadd(builder.load(acc), term), acc)
+
+    with cgutils.for_range_slice(builder, ir.Constant(_I64, 0), full, lanes) as (pos, _):
+        add(body(pos, all_lanes))
+    rest = builder.sub(n, full)
+    with builder.if_then(builder.icmp_signed(">", rest, ir.Constant(_I64, 0))):
+        mask = _lane_mask(builder, rest)
+        add([builder.select(mask, t, zero) for t in body(full, mask)])
+    return [_hsum(builder, builder.load(acc)) for acc in accs]
+
+
+def _run_pointer(context, builder, aty, a, off):
+    return builder.gep(_data(context, builder, aty, a), [off])
+
+
+@intrinsic
+def run_sum(typingctx, src, off, n):
+    """``sum(src[off:off + n])`` in float32 (float32 or half-bits source), in the fixed order
+    described above."""
+    sig = types.float32(src, off, n)
+
+    def codegen(context, builder, signature, args):
+        src, off, n = args
+        sty = signature.args[0]
+        ptr = _run_pointer(context, builder, sty, src, off)
+
+        def body(pos, mask):
+            return [_masked_load(builder, sty, builder.gep(ptr, [pos]), mask)]
+
+        return _reduce_runs(builder, n, body, 1)[0]
+
+    return sig, codegen
+
+
+@intrinsic
+def run_sq_dev(typingctx, src, off, n, mu):
+    """``sum((src[off:off + n] - mu)**2)`` in float32 (a subtraction, a multiplication and an
+    addition per element, each rounded: no fused multiply-add), in the fixed order."""
+    sig = types.float32(src, off, n, types.float32)
+
+    def codegen(context, builder, signature, args):
+        src, off, n, mu = args
+        sty = signature.args[0]
+        ptr = _run_pointer(context, builder, sty, src, off)
+        mu_v = _splat(builder, mu)
+
+        def body(pos, mask):
+            d = builder.fsub(_masked_load(builder, sty, builder.gep(ptr, [pos]), mask), mu_v)
+            return [builder.fmul(d, d)]
+
+        return _reduce_runs(builder, n, body, 1)[0]
+
+    return sig, codegen
+
+
+@intrinsic
+def run_grad_sums(typingctx, dy, x, y, has_y, off, n, mu):
+    """``(sum(d), sum(d * (x - mu)))`` over ``off:off + n`` with ``d = dy * (y > 0 ? 1 : 0)``
+    when ``has_y`` (a fused ReLU: NaN and inf in dy still propagate), else ``d = dy``; each
+    operation rounded to float32, both sums in the fixed order."""
+    sig = types.UniTuple(types.float32, 2)(dy, x, y, has_y, off, n, types.float32)
+
+    def codegen(context, builder, signature, args):
+        dy, x, y, has_y, off, n, mu = args
+        dty, xty, yty = signature.args[:3]
+        dy_p = _run_pointer(context, builder, dty, dy, off)
+        x_p = _run_pointer(context, builder, xty, x, off)
+        y_p = _run_pointer(context, builder, yty, y, off)
+        mu_v = _splat(builder, mu)
+        one = ir.Constant(_VTY, [1.0] * LANES)
+        zero = ir.Constant(_VTY, None)
+        flag = builder.icmp_unsigned("!=", has_y, ir.Constant(has_y.type, 0))
+
+        def body(pos, mask):
+            d = _masked_load(builder, dty, builder.gep(dy_p, [pos]), mask)
+            # y is read only when the forward fused a ReLU (it may be a dummy otherwise)
+            y_mask = builder.and_(mask, _splat_bool(builder, flag))
+            yv = _masked_load(builder, yty, builder.gep(y_p, [pos]), y_mask)
+            gate = builder.select(builder.fcmp_ordered(">", yv, zero), one, zero)
+            d = builder.select(flag, builder.fmul(d, gate), d)
+            xc = builder.fsub(_masked_load(builder, xty, builder.gep(x_p, [pos]), mask), mu_v)
+            return [d, builder.fmul(d, xc)]
+
+        s1, s2 = _reduce_runs(builder, n, body, 2)
+        return context.make_tuple(builder, signature.return_type, [s1, s2])
 
     return sig, codegen
 

@@ -10,7 +10,8 @@ is contiguous. A task owns a block of adjacent channels, i.e. a contiguous slice
   short for that), then each channel adds its P lane sums. Larger planes sum each (image,
   channel) segment in registers (long enough to vectorise, and no accumulator traffic), then
   add the N segment sums. Either way every channel's sum is taken in a fixed order that
-  depends on neither the block size nor the thread count (bit-reproducible), and the float32
+  depends on neither the block size, the thread count nor the compilation (16 vector lanes,
+  then a fixed tree: :func:`._simd.run_sum`), so results are bit-reproducible, and the float32
   rounding error stays near ``(N + P)`` ulps rather than ``N*P``.
 * The variance takes a second pass (squared deviations from the mean), not
   ``E[x^2] - E[x]^2``, which cancels catastrophically in float32.
@@ -37,6 +38,7 @@ import numpy as np
 from numba import njit, prange
 
 from ._half import bits_view, load, store_value
+from ._simd import run_grad_sums, run_sq_dev, run_sum
 
 __all__ = [
     "batch_norm_forward",
@@ -45,12 +47,12 @@ __all__ = [
     "batch_norm_inference_backward",
 ]
 
-# Reassociation lets LLVM vectorise the sums over one plane or one channel's lanes (an order
-# fixed by the trip count, P, so still deterministic). Elementwise loops over a block's lanes
-# get no fast-math flag at all: their vector body and scalar remainder must compute the same
-# bits (with "contract" or "reassoc", LLVM rewrote them differently and a lane's result depended
-# on where its block started). No nnan/ninf anywhere: NaN and inf must propagate.
-_FASTMATH = {"reassoc", "nsz"}
+# No fast-math flags anywhere. The sums run in a fixed order through the explicit-SIMD
+# reductions of ._simd (run_sum, run_sq_dev, run_grad_sums): under "reassoc" LLVM vectorised
+# them differently in a fresh compile and in the same kernel loaded from Numba's cache, and the
+# variances differed by an ulp between the two (measured 2026-12-07). Elementwise loops over a
+# block's lanes need no flag to vectorise, and with "contract" or "reassoc" LLVM rewrote their
+# vector body and scalar remainder differently. NaN and inf propagate.
 _PARALLEL_MIN = 1 << 15  # elements; smaller problems run serially, without a parallel region
 _BLOCK_ELEMS = 1 << 16  # elements of x per task: x, dy and y of a block stay in L2 (1 MB)
 _SEGMENT_P = 32  # planes of at least this many pixels are reduced segment by segment
@@ -88,16 +90,6 @@ def _fill(a, start, count, value):
         a[i] = value
 
 
-@njit(fastmath=_FASTMATH, cache=True)
-def _segment_sum(acc, start, P):
-    # Not inlined by Numba, so its reassociation flag stays on these additions alone (LLVM
-    # inlines it later, keeping per-instruction flags).
-    s = np.float32(0.0)
-    for p in range(P):
-        s += acc[start + p]
-    return s
-
-
 # Loops below index one row slice at a time (``x[n, lo:hi]``): LLVM vectorises those, but not
 # ``x[n, lo + j]`` (measured 5-10x slower), whose offset it cannot prove non-negative.
 
@@ -116,7 +108,7 @@ def _forward_lanes(x, gamma, beta, y, mean, var, eps, relu, P, c0, c1):
             acc[j] += load(xr[j])
     lane_a = np.empty(width, dtype=np.float32)  # mean, then scale
     for c in range(c0, c1):
-        mu = _segment_sum(acc, (c - c0) * P, P) / M
+        mu = run_sum(acc, (c - c0) * P, P) / M
         mean[c] = mu
         _fill(lane_a, (c - c0) * P, P, mu)
     _fill(acc, 0, width, np.float32(0.0))
@@ -127,7 +119,7 @@ def _forward_lanes(x, gamma, beta, y, mean, var, eps, relu, P, c0, c1):
             acc[j] += d * d
     lane_b = np.empty(width, dtype=np.float32)  # shift
     for c in range(c0, c1):
-        v = _segment_sum(acc, (c - c0) * P, P) / M
+        v = run_sum(acc, (c - c0) * P, P) / M
         var[c] = v
         scale = load(gamma[c]) * _inv_std(v, eps)
         _fill(lane_b, (c - c0) * P, P, load(beta[c]) - mean[c] * scale)
@@ -165,9 +157,9 @@ def _backward_lanes(dy, x, y, has_y, gamma, mean, var, dx, dgamma, dbeta, eps, P
     inv_std = np.empty(width, dtype=np.float32)
     for c in range(c0, c1):
         start = (c - c0) * P
-        s_dy = _segment_sum(sum_dy, start, P)
+        s_dy = run_sum(sum_dy, start, P)
         istd = _inv_std(var[c], eps)
-        s_dy_xhat = _segment_sum(sum_dy_xc, start, P) * istd
+        s_dy_xhat = run_sum(sum_dy_xc, start, P) * istd
         dgamma[c] = store_value(dgamma, s_dy_xhat)
         dbeta[c] = store_value(dbeta, s_dy)
         _fill(k, start, P, load(gamma[c]) * istd / M)
@@ -183,30 +175,21 @@ def _backward_lanes(dy, x, y, has_y, gamma, mean, var, dx, dgamma, dbeta, eps, P
             dxr[j] = store_value(dxr, k[j] * (M * d - sum_dy[j] - xhat * sum_dy_xc[j]))
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True)
 def _forward_segments(x, gamma, beta, y, mean, var, eps, relu, P, c0, c1):
     # Planes of P >= _SEGMENT_P pixels: each (image, channel) segment is long enough to
     # vectorise on its own, and summing it in registers saves the lane accumulators' traffic.
-    N = x.shape[0]
+    N, L = x.shape
     M = np.float32(N * P)
     for c in range(c0, c1):
         lo, hi = c * P, (c + 1) * P
         total = np.float32(0.0)
         for n in range(N):
-            xr = x[n, lo:hi]
-            s = np.float32(0.0)
-            for p in range(P):
-                s += load(xr[p])
-            total += s
+            total += run_sum(x, n * L + lo, P)
         mu = total / M
         total = np.float32(0.0)
         for n in range(N):
-            xr = x[n, lo:hi]
-            s = np.float32(0.0)
-            for p in range(P):
-                d = load(xr[p]) - mu
-                s += d * d
-            total += s
+            total += run_sq_dev(x, n * L + lo, P, mu)
         v = total / M
         scale = load(gamma[c]) * _inv_std(v, eps)
         shift = load(beta[c]) - mu * scale
@@ -219,9 +202,9 @@ def _forward_segments(x, gamma, beta, y, mean, var, eps, relu, P, c0, c1):
         var[c] = v
 
 
-@njit(cache=True, fastmath=_FASTMATH)
+@njit(cache=True)
 def _backward_segments(dy, x, y, has_y, gamma, mean, var, dx, dgamma, dbeta, eps, P, c0, c1):
-    N = x.shape[0]
+    N, L = x.shape
     M = np.float32(N * P)
     for c in range(c0, c1):
         lo, hi = c * P, (c + 1) * P
@@ -230,14 +213,7 @@ def _backward_segments(dy, x, y, has_y, gamma, mean, var, dx, dgamma, dbeta, eps
         sum_dy = np.float32(0.0)
         sum_dy_xc = np.float32(0.0)
         for n in range(N):
-            xr, dyr = x[n, lo:hi], dy[n, lo:hi]
-            yr = y[n, lo:hi]
-            s1 = np.float32(0.0)
-            s2 = np.float32(0.0)
-            for p in range(P):
-                d = _masked(dyr, yr, has_y, p)
-                s1 += d
-                s2 += d * (load(xr[p]) - mu)
+            s1, s2 = run_grad_sums(dy, x, y, has_y, n * L + lo, P, mu)
             sum_dy += s1
             sum_dy_xc += s2
         sum_dy_xhat = sum_dy_xc * inv_std

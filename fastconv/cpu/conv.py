@@ -292,6 +292,7 @@ def _winograd_backward(dy, x, w, g, need_dx, m):
 
 # --- the weight gradient of small maps as one GEMM-layer product ---------------------------------
 
+
 # Winograd's weight gradient sums a*a products of (F x tiles) @ (tiles x C) into per-thread
 # partials dU of 4x the weights' size (36*C*F values), which dominate where there are few
 # tiles to sum over: ResNet's 7x7 512-channel layers at batch 8 took 42 ms for dW against 17

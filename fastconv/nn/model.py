@@ -198,6 +198,7 @@ class Model(Trainer):
             layer, last, fuse_relu, folded = node.layer, node, False, None
             covered = [layer]
             if self.fuse:
+
                 def foldable(following, head=layer):
                     return head.can_fold(following, training)
 
@@ -213,8 +214,11 @@ class Model(Trainer):
                         absorbed.add(id(relu))
                         covered.append(relu.layer)
                 add = None
-                if prepared and layer.prepares and not fuse_relu and (
-                    folded is not None or layer.fuses_relu
+                if (
+                    prepared
+                    and layer.prepares
+                    and not fuse_relu
+                    and (folded is not None or layer.fuses_relu)
                 ):
                     add = only_consumer(last, is_sum)
                     # Two distinct inputs, and not already absorbed by the other branch
@@ -290,9 +294,10 @@ class Model(Trainer):
                 h.begin("forward", step.layer)
             if step.prepared:
                 residual = xs[1] if step.residual else None
-                y, cache = step.layer.call_prepared(
-                    arg, step.folded_bn, step.fuse_relu, residual
-                ), None
+                y, cache = (
+                    step.layer.call_prepared(arg, step.folded_bn, step.fuse_relu, residual),
+                    None,
+                )
             elif step.folded_bn is not None:
                 y, cache = step.layer.call_folded(arg, step.folded_bn, step.fuse_relu), None
             elif step.fuse_relu:
@@ -548,6 +553,7 @@ class Model(Trainer):
         """A copy on ``backend`` ("cpu"/"gpu") in ``dtype`` ("float32"/"float16"): weights
         converted, generator state copied, a fresh optimizer of the same kind and settings."""
         from .backend import check_backend_name, check_dtype
+
         # Checked here: model_from_config would blame a bad value on the "architecture".
         if backend is not None:
             check_backend_name(backend)

@@ -279,6 +279,47 @@ def test_bit_identical_whatever_the_block_size_and_thread_count(shape, rng):
     assert all(r == results[0] for r in results[1:])
 
 
+_CACHE_PROBE = """
+import hashlib, numpy as np, fastconv as fc
+rng = np.random.default_rng(3)
+out = []
+for shape in [(2, 32, 32, 32), (8, 64, 4, 4), (3, 5, 7, 7)]:  # parallel segments, lanes; serial
+    x = (rng.standard_normal(shape) * 3 + 1).astype(np.float32)
+    gamma, beta = rng.standard_normal((2, shape[1])).astype(np.float32)
+    dy = rng.standard_normal(shape).astype(np.float32)
+    y, mean, var = fc.batch_norm_forward(x, gamma, beta, activation="relu")
+    grads = fc.batch_norm_backward(dy, x, gamma, mean, var, y=y)
+    out.append(hashlib.sha256(b"".join(a.tobytes() for a in (y, mean, var, *grads))).hexdigest())
+print(" ".join(out))
+"""
+
+
+def test_same_bits_from_a_fresh_compile_and_from_numbas_cache(tmp_path):
+    """The training kernels once summed under fast-math "reassoc": LLVM vectorised the sums
+    one way when compiling and another in the code Numba cached, so a warm cache changed
+    variances by an ulp (and a ReLU6 decision deep in MobileNetV2). Two processes sharing an
+    empty cache directory: the first compiles, the second loads; the bits must agree."""
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, NUMBA_CACHE_DIR=str(tmp_path / "numba-cache"))
+    runs = [
+        subprocess.run(
+            [sys.executable, "-c", _CACHE_PROBE],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+            check=True,
+        )  # fmt: skip
+        for _ in range(2)
+    ]
+    assert any((tmp_path / "numba-cache").rglob("*.nbc")), "the first run cached nothing"
+    fresh, cached = (r.stdout.split() for r in runs)
+    assert len(fresh) == 3 and fresh == cached
+
+
 # --- folding ------------------------------------------------------------------------------------
 
 

@@ -60,6 +60,8 @@ def assert_within_bound(got, exact, magnitude, n_terms, dtype, what, algorithm=N
 # (bench/winograd_error.py, docs/kernels.md). The bounds add this many eps32 * magnitude, 3x
 # the worst measured, to the 2*n*eps32*magnitude allowed for any float32 sum of n terms.
 WINOGRAD_TERM = {"winograd4x4": 200.0, "winograd2x2": 16.0}
+
+
 def ran(pass_):
     """The algorithm recorded for ``pass_`` since the last clear (None if none ran)."""
     names = [c.algorithm for c in fc.conv_algorithm_choices() if c.pass_ == pass_]

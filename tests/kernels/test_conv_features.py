@@ -242,8 +242,9 @@ op_cases.register(
     lambda x, w, b: ref.grouped_conv2d(x, w, b, 2, (0, 1, 1, 0), "relu", 2, (1, 2)),
     _grouped_inputs,
     terms=18,
-    refusals=[(lambda x, w, b: fc.grouped_conv2d(x, w, b, groups=3), ValueError,
-               "groups must divide")],  # fmt: skip
+    refusals=[
+        (lambda x, w, b: fc.grouped_conv2d(x, w, b, groups=3), ValueError, "groups must divide")
+    ],  # fmt: skip
 )
 op_cases.register(
     "grouped_conv2d_backward",
@@ -251,8 +252,13 @@ op_cases.register(
     lambda x, w, b: ref.grouped_conv2d_backward(x[:, ::-1].copy(), x, w[:4], 1, 1, 2),
     _grouped_inputs,
     terms=100,
-    refusals=[(lambda x, w, b: fc.grouped_conv2d_backward(x, x, w[:4], 2, groups=2), ValueError,
-               "dy must have shape")],  # fmt: skip
+    refusals=[
+        (
+            lambda x, w, b: fc.grouped_conv2d_backward(x, x, w[:4], 2, groups=2),
+            ValueError,
+            "dy must have shape",
+        )
+    ],  # fmt: skip
 )
 
 

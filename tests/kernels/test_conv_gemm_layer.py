@@ -262,8 +262,12 @@ FLAT_CASES = [(8, 16, 5, 120, 1), (3, 7, 4, 9, 3), (1, 1, 1, 5, 1), (2, 30, 3, 3
 
 @pytest.mark.parametrize(
     "case, algorithm",
-    [(c, a) for c in FLAT_CASES for a in ("direct", "unfolded", None)
-     if a != "direct" or c[4] == 1],  # direct needs stride 1
+    [
+        (c, a)
+        for c in FLAT_CASES
+        for a in ("direct", "unfolded", None)
+        if a != "direct" or c[4] == 1
+    ],  # direct needs stride 1
     ids=str,
 )
 def test_a_window_covering_the_input_is_a_dense_product(case, algorithm, dtype, rng):

@@ -93,8 +93,12 @@ def test_one_small_image_goes_direct(rng):
     fc.conv2d(big, w, b, 1, 1)  # 10 x 1
     fc.conv2d_backward(np.ones((1, 16, 14, 14), np.float32), x[:1], w, 1, 1)
     algorithms = [(c.pass_, c.x_shape[0], c.algorithm) for c in fc.conv_algorithm_choices()]
-    assert algorithms == [("forward", 1, "direct"), ("forward", 2, "winograd4x4"),
-                          ("forward", 1, "winograd4x4"), ("backward", 1, "winograd4x4")]
+    assert algorithms == [
+        ("forward", 1, "direct"),
+        ("forward", 2, "winograd4x4"),
+        ("forward", 1, "winograd4x4"),
+        ("backward", 1, "winograd4x4"),
+    ]
 
 
 def test_prepared_conv_falls_back_like_conv2d(rng):

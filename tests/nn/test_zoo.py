@@ -240,8 +240,16 @@ def test_forward_and_training_step_match_the_pytorch_twin(torch, name, kwargs, b
     input closer to zero than that can land on the other side of it in one float32 computation
     and not in another: that unit's gradient then changes, and every weight below it moves by a
     few percent. So whole-network gradients are held to PyTorch float32's accuracy (3x) only in
-    the shallower nets; in GoogLeNet (and ResNet-34) to 3x PyTorch's error plus 2% (global
-    relative L2 norm; PyTorch float32 itself is off by up to ~1.5% there). A wrong
+    the nets without BatchNorm (LeNet-5, AlexNet, VGG-16); in the BatchNorm nets to 3x PyTorch's
+    error plus 2% (global relative L2 norm; PyTorch float32 itself is off by up to ~1.5% in
+    GoogLeNet), because a unit there flips with ulp-level changes anywhere upstream. Seen
+    2026-12-07: the batch norm statistics of a fresh Numba compile and of the same kernel from
+    Numba's cache differed by an ulp (fixed since), and one ReLU6 unit of MobileNetV2's
+    ``features.15`` took the other side of its kink in one of them: the first layer's weight
+    gradient moved by 1.3e-2. The fix (sums in a fixed order, more accurate) then moved a
+    ReLU unit after ResNet-18's ``layer3.1`` shortcut to the other side: conv1's gradient
+    4.4e-3 off. In both, every layer's own backward stayed within 1e-6 of its float64 replay,
+    which is the tight check of the gradients. A wrong
     gradient (routing, concatenation order, a missing shortcut) is off by O(1) and fails both.
     """
     from fastconv.torch_bridge import module_key, to_torch
@@ -280,7 +288,7 @@ def test_forward_and_training_step_match_the_pytorch_twin(torch, name, kwargs, b
     check("training forward", y, outs["32"][0], outs["64"][0], FORWARD_FLOOR)
     keys = model.trainable_weight_keys()
     assert len(grads) == len(keys) == len(outs["64"][1])
-    if name in ("resnet34", "googlenet"):
+    if any("moving_mean" in layer.buffers for layer in model.layers):  # BatchNorm nets
         flat = lambda gs: np.concatenate([np.ravel(g) for g in gs])  # noqa: E731
         err = _rel_l2(flat(grads), flat(outs["64"][1]))
         theirs = _rel_l2(flat(outs["32"][1]), flat(outs["64"][1]))
