@@ -21,6 +21,19 @@ from .device import device_of
 __all__ = ["PreparedConv2d", "PreparedDense", "prepare_conv2d", "prepare_dense"]
 
 
+def _owned(w, b, copy):
+    """``(w, b)`` C-contiguous on their device: copies when ``copy`` (the prepared object then
+    owns its weights), else the arrays themselves where already contiguous."""
+    if not isinstance(copy, (bool, np.bool_)):
+        raise TypeError(f"copy must be a bool, got {type(copy).__name__}")
+    dev = device_of(w)
+    xp = dev.xp
+    w = xp.array(w, order="C", copy=True) if copy else dev.ascontiguous(w)
+    if b is not None:
+        b = xp.array(b, order="C", copy=True) if copy else dev.ascontiguous(b)
+    return w, b
+
+
 def prepare_conv2d(w, b=None, stride=1, pad=0, copy=True):
     """Prepare convolution weights for repeated inference calls.
 
@@ -51,13 +64,7 @@ def prepare_conv2d(w, b=None, stride=1, pad=0, copy=True):
         raise ValueError(f"b must have length {F} (w.shape[0]), got {b.shape[0]}")
     stride = chk.as_pair(stride, "stride", 1)
     pad = chk.as_pair(pad, "pad", 0)
-    if not isinstance(copy, (bool, np.bool_)):
-        raise TypeError(f"copy must be a bool, got {type(copy).__name__}")
-    dev = device_of(w)
-    xp = dev.xp
-    w = xp.array(w, order="C", copy=True) if copy else dev.ascontiguous(w)
-    if b is not None:
-        b = xp.array(b, order="C", copy=True) if copy else dev.ascontiguous(b)
+    w, b = _owned(w, b, copy)
     return PreparedConv2d(w, b, stride, pad)
 
 
@@ -182,13 +189,7 @@ def prepare_dense(w, b=None, copy=True):
     chk.check_same_kind("w", w, b=b)
     if b is not None and b.shape[0] != w.shape[1]:
         raise ValueError(f"b must have length {w.shape[1]} (w.shape[1]), got {b.shape[0]}")
-    if not isinstance(copy, (bool, np.bool_)):
-        raise TypeError(f"copy must be a bool, got {type(copy).__name__}")
-    dev = device_of(w)
-    xp = dev.xp
-    w = xp.array(w, order="C", copy=True) if copy else dev.ascontiguous(w)
-    if b is not None:
-        b = xp.array(b, order="C", copy=True) if copy else dev.ascontiguous(b)
+    w, b = _owned(w, b, copy)
     return PreparedDense(w, b)
 
 

@@ -181,6 +181,14 @@ def _is_float32_impl(array):
     return lambda array: value
 
 
+@njit(inline="always")
+def _item_block(item, n_cols, M, N, MC, NC):
+    """Work item -> its block of the output: first row and column, rows and columns."""
+    i0 = (item // n_cols) * MC
+    j0 = (item % n_cols) * NC
+    return i0, j0, min(MC, M - i0), min(NC, N - j0)
+
+
 @njit(cache=True)
 def _items(a, trans_a, b, trans_b, out, bias, has_bias, relu, K, blk, counter, ap, bp, cbuf):
     """Work items taken from ``counter`` until none is left (item = row block * column blocks
@@ -199,10 +207,7 @@ def _items(a, trans_a, b, trans_b, out, bias, has_bias, relu, K, blk, counter, a
         item = fetch_add(counter, 1)
         if item >= items:
             break
-        i0 = (item // n_cols) * MC
-        j0 = (item % n_cols) * NC
-        mc = min(MC, M - i0)
-        nc = min(NC, N - j0)
+        i0, j0, mc, nc = _item_block(item, n_cols, M, N, MC, NC)
         panels = -(-nc // NR)
         blocks = -(-mc // MR)
         if K == 0:
@@ -437,10 +442,7 @@ def _pointwise_items(packed, b, out, bias, relu, res, has_res, K, blk, counter, 
         item = fetch_add(counter, 1)
         if item >= items:
             break
-        i0 = (item // n_cols) * MC
-        j0 = (item % n_cols) * NC
-        mc = min(MC, M - i0)
-        nc = min(NC, total - j0)
+        i0, j0, mc, nc = _item_block(item, n_cols, M, total, MC, NC)
         rows_pad = -(-mc // MR) * MR
         panels = -(-nc // NR)
         blocks = rows_pad // MR
@@ -566,10 +568,7 @@ def _panel_items(a, packed, out, bias, has_bias, relu, res, has_res, blk, counte
         item = fetch_add(counter, 1)
         if item >= items:
             break
-        i0 = (item // n_cols) * MC
-        j0 = (item % n_cols) * NC
-        mc = min(MC, M - i0)
-        nc = min(NC, N - j0)
+        i0, j0, mc, nc = _item_block(item, n_cols, M, N, MC, NC)
         panels = -(-nc // NR)
         blocks = -(-mc // MR)
         if K == 0:

@@ -102,6 +102,21 @@ def _pad_plane(src, dst, top, left, Wp):
             d[ix] = load(s[ix])
 
 
+@njit(cache=True)
+def _store_plane(y, n, f, acc, width, relu):
+    """Output plane ``y[n, f]`` from an accumulator laid out in rows of ``width`` (bias and
+    taps added), with the fused ReLU (NaN and -0.0 pass, as the ReLU kernel)."""
+    OH, OW = y.shape[2], y.shape[3]
+    for oy in range(OH):
+        out = y[n, f, oy]
+        src = acc[oy * width : oy * width + OW]  # indexed from 0: vectorises
+        for ox in range(OW):
+            v = src[ox]
+            if relu and v < 0.0:
+                v = np.float32(0.0)
+            out[ox] = store_value(y, v)
+
+
 @njit(cache=True, fastmath=_FASTMATH)
 def _forward_planes_s1(x, w, b, y, q0, q1, geo, relu):
     top, left, dh, dw, groups = geo[2], geo[3], geo[4], geo[5], geo[6]
@@ -151,14 +166,7 @@ def _forward_planes_s1(x, w, b, y, q0, q1, geo, relu):
                     src = xp[row + j * dw : row + j * dw + L]
                     for k in range(L):
                         acc[k] += wv * src[k]
-        for oy in range(OH):
-            out = y[n, f, oy]
-            src = acc[oy * Wp : oy * Wp + OW]  # indexed from 0: vectorises
-            for ox in range(OW):
-                v = src[ox]
-                if relu and v < 0.0:
-                    v = np.float32(0.0)
-                out[ox] = store_value(y, v)
+        _store_plane(y, n, f, acc, Wp, relu)
 
 
 @njit(parallel=True, cache=True)
@@ -358,14 +366,7 @@ def _forward_planes_s2k3(x, w, b, y, q0, q1, geo, relu):
                     k00 * a0[k] + k02 * a1[k] + k20 * a2[k] + k22 * a3[k]
                     + k01 * b0[k] + k21 * b1[k] + k10 * c0_[k] + k12 * c1_[k] + k11 * d0[k]
                 )  # fmt: skip
-        for oy in range(OH):
-            out = y[n, f, oy]
-            src = acc[oy * Wq : oy * Wq + OW]  # indexed from 0: vectorises
-            for ox in range(OW):
-                v = src[ox]
-                if relu and v < 0.0:  # NaN and -0.0 pass, as the ReLU kernel
-                    v = np.float32(0.0)
-                out[ox] = store_value(y, v)
+        _store_plane(y, n, f, acc, Wq, relu)
 
 
 @njit(parallel=True, cache=True)
