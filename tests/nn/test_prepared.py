@@ -247,6 +247,28 @@ def test_set_weights_and_loading_invalidate(tmp_path, rng):
     _same_predictions(model, x)
 
 
+def test_weights_are_prepared_from_the_second_call_that_sees_them(rng):
+    """predict's default (prepared=None): the first call after the weights changed runs the
+    unprepared path and prepares nothing (a predict between training steps would pay for a
+    preparation it never reuses); the next call with the same weights prepares them."""
+    model = deep_mnist_net(seed=0)
+    model.compile(optimizer="adam")
+    x = rng.standard_normal((4, 1, 28, 28)).astype(np.float32)
+    dense = next(layer for layer in model.layers if layer.kind == "dense")
+    first = model.predict(x)
+    assert dense._prepared is None
+    assert np.array_equal(_bits(first), _bits(model.predict(x, prepared=False)))
+    second = model.predict(x)
+    assert dense._prepared is not None and dense._prepared[0] == dense.weights_version
+    assert np.array_equal(_bits(second), _bits(model.predict(x, prepared=True)))
+    model.train_on_batch(x, rng.integers(0, 10, 4))
+    after = model.predict(x)  # new weights: unprepared, nothing prepared for them
+    assert dense._prepared is None or dense._prepared[0] != dense.weights_version
+    assert np.array_equal(_bits(after), _bits(model.predict(x, prepared=False)))
+    model.predict(x)
+    assert dense._prepared[0] == dense.weights_version
+
+
 def test_in_place_writes_need_weights_changed(rng):
     model = deep_mnist_net(seed=0)
     x = rng.standard_normal((4, 1, 28, 28)).astype(np.float32)
