@@ -275,3 +275,65 @@ def test_pick_is_the_wins_rule():
     ).view(np.float32)  # fmt: skip
     taken, expected = _picks(values)
     np.testing.assert_array_equal(taken.view(np.uint32), expected.view(np.uint32))
+
+
+# --- backward: the routing after the forward's maxima -----------------------------------------
+
+
+def _first_winner_backward(x, dy, size, stride, pad):
+    """dx of a window-by-window argmax (the first winner under ``_wins``, row-major in the
+    clipped window), each window's gradient added in float32 in output order: the order of
+    PyTorch's scatter and of the kernel this oracle checks."""
+    kh, kw, sh, sw, (top, _, left, _) = _windows_of(size, stride, pad)
+    N, C, H, W = x.shape
+    OH, OW = dy.shape[2:]
+    values = x.astype(np.float32)
+    grads = dy.astype(np.float32)
+    dx = np.zeros((N, C, H, W), np.float32)
+    for n in range(N):
+        for c in range(C):
+            plane = values[n, c]
+            for oh in range(OH):
+                for ow in range(OW):
+                    best, where = None, None
+                    for i in range(kh):
+                        h = oh * sh - top + i
+                        for j in range(kw):
+                            w = ow * sw - left + j
+                            if not (0 <= h < H and 0 <= w < W):
+                                continue
+                            v = plane[h, w]
+                            if best is None or v > best or (np.isnan(v) and not np.isnan(best)):
+                                best, where = v, (h, w)
+                    dx[n, c][where] = np.float32(dx[n, c][where] + grads[n, c, oh, ow])
+    return dx.astype(x.dtype)
+
+
+@pytest.mark.parametrize("kind", ["finite", "ties", "nan", "-inf"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float16], ids=["float32", "float16"])
+@pytest.mark.parametrize(
+    "size,stride,pad,ceil_mode,hw",
+    [(3, 1, 1, False, (13, 13)), (3, 2, 0, True, (13, 13)), (3, 2, 1, False, (8, 9)),
+     (2, 1, 0, False, (7, 5)), (5, 3, 2, True, (11, 7)), ((3, 2), (1, 2), (1, 0), False, (9, 6)),
+     (3, 3, 0, True, (4, 7)), (3, 1, 1, False, (1, 1))],
+)  # fmt: skip
+def test_backward_routes_like_the_window_argmax(kind, dtype, size, stride, pad, ceil_mode, hw, rng):
+    """Bits of the general backward against the window-by-window argmax: overlapping windows
+    (stride < size), ceil mode, padding, ties between zeros of either sign, NaN and -inf
+    windows, float32 and float16; then a batch large enough for the parallel kernel, whose
+    first images must have the bits of the same images alone (serial)."""
+    x = _inputs(kind, (2, 3, *hw), dtype, rng)
+    y = fastconv.max_pool2d(x, size, stride, pad, ceil_mode=ceil_mode)
+    dy = rng.standard_normal(y.shape).astype(dtype)
+    with np.errstate(invalid="ignore"):
+        dx = fastconv.max_pool2d_backward(dy, x, size, stride, pad, ceil_mode=ceil_mode)
+        want = _first_winner_backward(x, dy, size, stride, pad)
+    np.testing.assert_array_equal(_bits(dx), _bits(want))
+    big = np.concatenate([x, _inputs(kind, (-(-65536 // (3 * x[0, 0].size)), 3, *hw), dtype, rng)])
+    big_dy = np.concatenate([dy, rng.standard_normal((big.shape[0] - 2, *dy.shape[1:]))]).astype(
+        dtype
+    )
+    assert big.size >= cpu_pool.SERIAL_POOL_VALUES
+    with np.errstate(invalid="ignore"):
+        dx_big = fastconv.max_pool2d_backward(big_dy, big, size, stride, pad, ceil_mode=ceil_mode)
+    np.testing.assert_array_equal(_bits(dx_big[:2]), _bits(dx))
