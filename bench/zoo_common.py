@@ -11,7 +11,8 @@ the same machine load, and ratios come from the same run.
 
 The training step is SGD with momentum 0.9 (lr 0.01) on the softmax cross-entropy, in both:
 the usual optimizer for these ImageNet models, and one float32 state buffer per weight in
-either library. PyTorch runs channels_last with the foreach update, its fastest setting here. Inputs are random (timing does not depend on pixel values).
+either library. PyTorch runs channels_last with the foreach update, its fastest setting here.
+Inputs are random (timing does not depend on pixel values).
 """
 
 from __future__ import annotations

@@ -604,14 +604,22 @@ _max_forward_serial = serial_twin(_max_forward)
 _avg_forward_serial = serial_twin(_avg_forward)
 
 
+def _general_max(xp, out, g) -> bool:
+    """The general max-pool forward of planes ``xp`` into ``out``, serially under
+    :data:`SERIAL_POOL_VALUES`; returns whether it ran serially."""
+    serial = xp.size < SERIAL_POOL_VALUES
+    (_max_forward_serial if serial else _max_forward)(xp, out, *_window_args(g))
+    return serial
+
+
 def max_pool2d(x, g):
     xp = _planes(x, g.H, g.W)
     out = outputs.empty((g.N * g.C, g.OH, g.OW), xp.dtype)
-    serial = xp.size < SERIAL_POOL_VALUES
     if _is_2x2(g):
+        serial = xp.size < SERIAL_POOL_VALUES
         (_max_forward_2x2_serial if serial else _max_forward_2x2)(xp, out)
     else:
-        (_max_forward_serial if serial else _max_forward)(xp, out, *_window_args(g))
+        _general_max(xp, out, g)
     return from_bits(out, x.dtype).reshape(g.N, g.C, g.OH, g.OW)
 
 
@@ -622,13 +630,14 @@ def max_pool2d_backward(dy, x, g):
     if _is_2x2(g):
         _backward_2x2_kernel_for(xp.dtype)(dyp, xp, dx)
     else:
-        # The maxima again (the vectorised forward: a few percent of the routing's time),
-        # then the routing; the windows are not recomputed pixel by pixel.
+        # The maxima again (the vectorised forward), then the routing; the windows are not
+        # recomputed pixel by pixel.
         y = np.empty((g.N * g.C, g.OH, g.OW), xp.dtype)
-        serial = xp.size < SERIAL_POOL_VALUES
-        (_max_forward_serial if serial else _max_forward)(xp, y, *_window_args(g))
-        tasks = 1 if serial else min(xp.shape[0], 4 * numba.get_num_threads())
-        _max_backward(dyp, xp, y, dx, *_window_args(g), tasks)
+        if _general_max(xp, y, g):  # small: on this thread, no parallel region
+            _max_route_planes(xp, y, dyp, dx, 0, xp.shape[0], *_window_args(g))
+        else:
+            tasks = min(xp.shape[0], 4 * numba.get_num_threads())
+            _max_backward(dyp, xp, y, dx, *_window_args(g), tasks)
     return from_bits(dx, x.dtype).reshape(g.x_shape)
 
 
