@@ -24,10 +24,11 @@ from . import _unfolded
 from ._gemm import FASTMATH, gemm_nn, gemm_nt
 from ._half import load, store_value
 from ._layout import add_residual_image, image_range, serial_twin, stack_images, store_rows
-from ._matmul import gemm_offsets
+from ._matmul import gemm_offsets, gemm_offsets_part
+from ._simd import MR
 
-__all__ = ["GemmPlan", "ForwardWork", "BackwardWork", "forward_residual", "backward_kernel",
-           "reduce_partials"]  # fmt: skip
+__all__ = ["GemmPlan", "ForwardWork", "BackwardWork", "forward_residual", "forward_split",
+           "SPLIT_COLUMNS", "SPLIT_FILTERS", "backward_kernel", "reduce_partials"]  # fmt: skip
 
 
 class GemmPlan(NamedTuple):
@@ -123,6 +124,82 @@ def _forward_residual(x, w_fk, wp, bias, relu, y, ws, plan, x_layout, g, res, ha
 
 forward_residual = njit(cache=True, parallel=True)(_forward_residual)
 forward_residual_serial = serial_twin(forward_residual)
+
+
+# --- fewer images than threads: the threads share each image's product ---------------------
+
+SPLIT_COLUMNS = 1  # each thread takes a band of output rows (all filters)
+SPLIT_FILTERS = 2  # each thread takes a band of filters (all output rows)
+
+
+@njit(cache=True)
+def add_residual_rows(y, res, n, m_lo, m_hi, oh_lo, oh_hi, relu):
+    """:func:`~fastconv.cpu._layout.add_residual_image` on channels ``m_lo:m_hi`` and rows
+    ``oh_lo:oh_hi`` of image ``n`` (one thread's block): the same value for each element."""
+    for m in range(m_lo, m_hi):
+        for r in range(oh_lo, oh_hi):
+            yr, rr = y[n, m, r], res[n, m, r]
+            for s in range(yr.shape[0]):
+                v = load(yr[s]) + load(rr[s])
+                if relu and v < np.float32(0.0):
+                    v = np.float32(0.0)
+                yr[s] = store_value(yr, v)
+
+
+@njit(cache=True)
+def _split_part(t, n_threads, split, wp, buf, acc, bp, cbuf, offsets, length, n0, count, bias,
+                relu, y, x_layout, g, res, has_res):  # fmt: skip
+    """Thread ``t``'s block of a stacked block's product and its epilogue: output rows
+    (stacked, ``SPLIT_COLUMNS``) or filters in multiples of MR (``SPLIT_FILTERS``)."""
+    rows, stride, _ = x_layout
+    F = wp.M
+    R = -(-length // stride)  # stacked output rows, the last one partial
+    if split == SPLIT_COLUMNS:
+        r0, r1 = t * R // n_threads, (t + 1) * R // n_threads
+        m_lo, m_hi = 0, F
+    else:
+        r0, r1 = 0, R
+        blocks = -(-F // MR)
+        m_lo = t * blocks // n_threads * MR
+        m_hi = min((t + 1) * blocks // n_threads * MR, F)
+    j_lo, j_hi = r0 * stride, min(r1 * stride, length)
+    if j_lo >= j_hi or m_lo >= m_hi:
+        return
+    gemm_offsets_part(wp, buf, offsets, j_lo, j_hi, m_lo, m_hi, acc, bp, cbuf, True)
+    store_relu = relu and not has_res
+    for b in range(count):
+        oh_lo = min(max(r0 - b * rows, 0), g.OH)
+        oh_hi = min(max(r1 - b * rows, 0), g.OH)
+        if oh_lo >= oh_hi:
+            continue
+        store_rows(acc[m_lo:m_hi], b * rows * stride + oh_lo * stride, stride,
+                   y[n0 + b, m_lo:m_hi, oh_lo:oh_hi], oh_hi - oh_lo, g.OW, bias[m_lo:m_hi],
+                   store_relu)  # fmt: skip
+        if has_res:
+            add_residual_rows(y, res, n0 + b, m_lo, m_hi, oh_lo, oh_hi, relu)
+
+
+@njit(cache=True, parallel=True)
+def forward_split(x, wp, bias, relu, y, ws, plan, x_layout, g, res, has_res, split):
+    """:func:`forward_residual` on the direct path's packed product for fewer images than
+    threads (batch 1): each block of stacked images is stacked once on the calling thread,
+    then every thread computes its band of the product (``split``: ``SPLIT_COLUMNS`` or
+    ``SPLIT_FILTERS``) and stores it. Bitwise the serial kernel's results: each output is
+    the same FMA chain (:func:`~fastconv.cpu._matmul.gemm_offsets_part`) and the same
+    epilogue, whichever thread computes it. ``ws`` a :class:`ForwardWork` (``buf``/``acc``
+    of thread 0 shared, ``bp``/``cbuf`` per thread)."""
+    n_threads = ws.bp.shape[0]
+    nb = plan.nb
+    rows, stride, _ = x_layout
+    tile = rows * stride
+    buf, acc = ws.buf[0], ws.acc[0]
+    for n0 in range(0, x.shape[0], nb):
+        count = min(nb, x.shape[0] - n0)
+        stack_images(x, n0, count, buf, x_layout, g.ph, g.pw, False)
+        length = (count - 1) * tile + (g.OH - 1) * stride + g.OW
+        for t in prange(n_threads):
+            _split_part(t, n_threads, split, wp, buf, acc, ws.bp[t], ws.cbuf[t], plan.offs_x,
+                        length, n0, count, bias, relu, y, x_layout, g, res, has_res)  # fmt: skip
 
 
 @njit(cache=True, fastmath=FASTMATH)

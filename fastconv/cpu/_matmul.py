@@ -31,11 +31,20 @@ from numba.extending import overload
 
 from . import _workspace
 from ._half import bits_view, load, store_value
-from ._simd import MR, NR, copy_block, copy_row, fetch_add, gemm_packed, load_transposed
+from ._simd import (
+    MR,
+    NR,
+    copy_block,
+    copy_row,
+    fetch_add,
+    gemm_packed,
+    gemm_rows,
+    load_transposed,
+)
 
 __all__ = ["SERIAL_FLOPS", "Blocking", "blocking", "matmul", "pack_filters", "pointwise",
            "pack_panels", "matmul_panels", "PackedA", "gemm_offsets",
-           "OFFSETS_NC"]  # fmt: skip
+           "gemm_offsets_part", "OFFSETS_NC"]  # fmt: skip
 
 SERIAL_FLOPS = 4_000_000  # ~40 us on one core; a parallel launch costs ~10-50 us (measured)
 
@@ -679,23 +688,44 @@ OFFSETS_NC = 256
 
 
 @njit(cache=True)
-def gemm_offsets(pa, src, offsets, length, c, bp, cbuf):
+def gemm_offsets(pa, src, offsets, length, c, bp, cbuf, in_place=False):
     """``c[:, :length] = op(a) @ B`` (not accumulated) where row k of B is
     ``src[offsets[k] : offsets[k] + length]``: a padded image's shifted views (the direct
     convolution's taps) or the rows of an unfolded column matrix. ``pa`` a :class:`PackedA`;
     ``bp`` (KC * OFFSETS_NC) and ``cbuf`` (MC * OFFSETS_NC) float32 scratch. Each value of
     ``c`` is one FMA chain over ascending k (the GEMM layer's micro-kernel), whatever the
-    blocking."""
+    blocking. With ``in_place`` B is read where it lies instead of packed (``src`` must hold
+    NR readable values past every row's end)."""
+    gemm_offsets_part(pa, src, offsets, 0, length, 0, pa.M, c, bp, cbuf, in_place)
+
+
+@njit(cache=True)
+def gemm_offsets_part(pa, src, offsets, j_lo, j_hi, m_lo, m_hi, c, bp, cbuf, in_place):
+    """The block ``c[m_lo:m_hi, j_lo:j_hi]`` of :func:`gemm_offsets` (``m_lo`` a multiple of
+    MR): what one thread computes when the threads share one image's product
+    (:func:`fastconv.cpu._direct.forward_split`). Its values have the bits of the whole
+    product's: the same FMA chain for each, whichever block holds it, packed or in place."""
     M, K, MC, KC = pa.M, pa.K, pa.MC, pa.KC
     NC = OFFSETS_NC
-    for j0 in range(0, length, NC):
-        nc = min(NC, length - j0)
+    for j0 in range(j_lo, j_hi, NC):
+        nc = min(NC, j_hi - j0)
         panels = -(-nc // NR)
         for i0 in range(0, M, MC):
             mc = min(MC, M - i0)
+            r_lo, r_hi = max(m_lo - i0, 0), min(m_hi - i0, mc)
+            if r_lo >= r_hi:
+                continue
             rows_pad = -(-mc // MR) * MR
             for pc in range(0, K, KC):
                 kc = min(KC, K - pc)
+                a_base = i0 * K + pc * rows_pad
+                if in_place:
+                    for jr in range(panels):
+                        for ir in range(r_lo // MR, -(-r_hi // MR)):
+                            gemm_rows(pa.packed, a_base + ir * kc * MR, src, offsets, pc,
+                                      j0 + jr * NR, kc, cbuf, ir * MR * NC + jr * NR, NC,
+                                      pc > 0)  # fmt: skip
+                    continue
                 for kk in range(kc):
                     s0 = offsets[pc + kk] + j0
                     for jr in range(panels):
@@ -704,10 +734,9 @@ def gemm_offsets(pa, src, offsets, length, c, bp, cbuf):
                         copy_row(src, s0 + jr * NR, bp, d0, cols)
                         if cols < NR:
                             bp[d0 + cols : d0 + NR] = 0.0
-                a_base = i0 * K + pc * rows_pad
                 for jr in range(panels):
-                    for ir in range(rows_pad // MR):
+                    for ir in range(r_lo // MR, -(-r_hi // MR)):
                         gemm_packed(pa.packed, a_base + ir * kc * MR, bp, jr * kc * NR, kc, cbuf,
                                     ir * MR * NC + jr * NR, NC, pc > 0)  # fmt: skip
-            for r in range(mc):
+            for r in range(r_lo, r_hi):
                 c[i0 + r, j0 : j0 + nc] = cbuf[r * NC : r * NC + nc]

@@ -323,6 +323,67 @@ def _gemm_packed_codegen(mr, nv):
     return codegen
 
 
+def _make_gemm_rows(mr, nv):
+    """The micro-kernel for ``mr`` packed rows of A and B rows read in place (offsets)."""
+
+    @intrinsic
+    def block(typingctx, ap, a_off, src, offsets, o_off, j0, k, c, c_off, ldc, accumulate):
+        sig = types.void(ap, a_off, src, offsets, o_off, j0, k, c, c_off, ldc, accumulate)
+        return sig, _gemm_rows_codegen(mr, nv)
+
+    return block
+
+
+def _gemm_rows_codegen(mr, nv):
+    def codegen(context, builder, signature, args):
+        ap, a_off, src, offsets, o_off, j0, k, c, c_off, ldc, accumulate = args
+        aty, sty, oty, cty = (signature.args[i] for i in (0, 2, 3, 7))
+        a_ptr = builder.gep(_data(context, builder, aty, ap), [a_off])
+        s_ptr = builder.gep(_data(context, builder, sty, src), [j0])
+        o_ptr = builder.gep(_data(context, builder, oty, offsets), [o_off])
+        c_ptr = _data(context, builder, cty, c)
+        fma = _function(builder, "llvm.fma.v16f32", _VTY, [_VTY] * 3)
+
+        def const(v):
+            return ir.Constant(_I64, v)
+
+        c_rows = [
+            builder.gep(c_ptr, [builder.add(c_off, builder.mul(const(r), ldc))]) for r in range(mr)
+        ]
+        acc = [[cgutils.alloca_once(builder, _VTY) for _ in range(nv)] for _ in range(mr)]
+        with builder.if_else(cgutils.as_bool_bit(builder, accumulate)) as (load_c, zero_c):
+            with load_c:
+                for r in range(mr):
+                    for j in range(nv):
+                        v = builder.load(_vector_at(builder, c_rows[r], const(j * LANES)), align=4)
+                        builder.store(v, acc[r][j])
+            with zero_c:
+                for r in range(mr):
+                    for j in range(nv):
+                        builder.store(ir.Constant(_VTY, None), acc[r][j])
+        with cgutils.for_range(builder, k) as loop:
+            kk = loop.index
+            b_row = builder.gep(s_ptr, [builder.load(builder.gep(o_ptr, [kk]))])
+            a_row = builder.gep(a_ptr, [builder.mul(kk, const(mr))])
+            bv = [
+                builder.load(_vector_at(builder, b_row, const(j * LANES)), align=4)
+                for j in range(nv)
+            ]
+            for r in range(mr):
+                av = _splat(builder, builder.load(builder.gep(a_row, [const(r)])))
+                for j in range(nv):
+                    builder.store(
+                        builder.call(fma, [av, bv[j], builder.load(acc[r][j])]), acc[r][j]
+                    )
+        for r in range(mr):
+            for j in range(nv):
+                p = _vector_at(builder, c_rows[r], const(j * LANES))
+                builder.store(builder.load(acc[r][j]), p, align=4)
+        return context.get_dummy_value()
+
+    return codegen
+
+
 gemm_block = _make_gemm_block(NR // LANES)
 gemm_block.__doc__ = """C[MR x NR] (+)= A[MR x k] @ B[k x NR], float32, accumulated in registers.
 
@@ -710,3 +771,12 @@ def _splat_bool(builder, bit):
     vec = builder.insert_element(ir.Constant(_MASK, ir.Undefined), bit, ir.Constant(_I32, 0))
     zeros = ir.Constant(_IVEC, [0] * LANES)
     return builder.shuffle_vector(vec, ir.Constant(_MASK, ir.Undefined), zeros)
+
+
+gemm_rows = _make_gemm_rows(MR, NR // LANES)
+gemm_rows.__doc__ = """:func:`gemm_packed` with B read in place: ``B[kk, j]`` at
+``src[offsets[o_off + kk] + j0 + j]`` (the shifted views of a stacked image, no packing).
+The caller guarantees NR readable values at each such row start (results of columns past the
+valid ones are not used). Same chain, so the same bits, as :func:`gemm_packed`. Signature
+``gemm_rows(ap, a_off, src, offsets, o_off, j0, k, c, c_off, ldc, accumulate)``.
+"""

@@ -27,6 +27,7 @@ import functools
 import math
 import time
 
+import numba
 import numpy as np
 from numba import njit, prange
 
@@ -34,16 +35,20 @@ from . import _outputs as outputs
 from . import _select
 from . import _winograd as wg
 from ._direct import (
+    SPLIT_COLUMNS,
+    SPLIT_FILTERS,
     BackwardWork,
     ForwardWork,
     GemmPlan,
     backward_kernel,
     forward_residual,
+    forward_split,
     reduce_partials,
 )
 from ._half import bits_view, load, store_value
 from ._layout import packed_weights, row_stride, stack_layout, tap_offsets, threads
 from ._matmul import OFFSETS_NC, PackedA, _pointwise_blocks, matmul, pack_filters, pointwise
+from ._simd import MR, NR
 from ._unfolded import fold_image, unfold_image
 from ._workspace import checkout
 from .im2col import col2im, im2col
@@ -93,19 +98,47 @@ _NO_FK = np.zeros((1, 1), np.float32)
 _NO_PACKED = PackedA(np.zeros(1, np.float32), 8, 1, 0, 0)
 
 
-def _gemm_setup(g, F, direct, nt):
+# Fewer images than threads (batch-1 latency): a direct convolution of at least this many
+# FLOPs has the threads share each image's product (_direct.forward_split), each thread
+# taking a band of at least SPLIT_MIN_COLUMNS columns of it, else a band of filters (MR at
+# least). Batch-1 deep-MNIST layers, 2 threads: see docs/kernels.md ("Batch 1").
+SPLIT_MIN_FLOPS = 1_000_000
+SPLIT_MIN_COLUMNS = 128
+
+
+def split_mode(g, F, direct, n_threads=None):
+    """How ``n_threads`` (None: Numba's count) share a forward product of fewer images than
+    threads: 0 (they do not: one image a thread), ``SPLIT_COLUMNS`` or ``SPLIT_FILTERS``."""
+    n_threads = numba.get_num_threads() if n_threads is None else n_threads
+    flops = 2 * g.N * F * g.C * g.kh * g.kw * g.OH * g.OW
+    if not direct or g.N >= n_threads or flops < SPLIT_MIN_FLOPS:
+        return 0
+    rows, stride, _ = stack_layout(g.H, g.W, g.ph, g.pw, g.kh, g.kw, _images_per_block(g, True))
+    length = (g.N - 1) * rows * stride + (g.OH - 1) * stride + g.OW
+    if length >= n_threads * SPLIT_MIN_COLUMNS:
+        return SPLIT_COLUMNS
+    if F >= n_threads * MR:
+        return SPLIT_FILTERS
+    return 0
+
+
+def _gemm_setup(g, F, direct, nt, split=0):
     """The forward GEMM plan of geometry ``g`` on ``nt`` threads: ``(plan, x_layout,
-    workspace key, make)`` (the prepared path plans once per shape with it)."""
+    workspace key, make)`` (the prepared path plans once per shape with it). With ``split``
+    (:func:`split_mode`) the threads share each image's product, which then always runs on
+    the packed micro-kernel (its bits do not depend on the bands)."""
     nb = _images_per_block(g, direct)
     K, P = g.C * g.kh * g.kw, g.OH * g.OW
     x_layout = stack_layout(g.H, g.W, g.ph, g.pw, g.kh, g.kw, nb)
     if direct:
-        buf_len, acc_len = g.C * x_layout.cstride, row_stride(nb * x_layout.rows * x_layout.stride)
+        # NR values of slack: the packed product reads whole NR-column rows in place
+        buf_len = g.C * x_layout.cstride + NR
+        acc_len = row_stride(nb * x_layout.rows * x_layout.stride)
         offsets = tap_offsets(g.C, g.kh, g.kw, x_layout.cstride, x_layout.stride)
     else:
         buf_len, acc_len = K * nb * P, row_stride(nb * P)
         offsets = np.arange(K, dtype=np.int64) * (nb * P)
-    packed = g.OH * g.OW <= PACKED_MAX_PIXELS and K >= PACKED_MIN_K
+    packed = bool(split) or (g.OH * g.OW <= PACKED_MAX_PIXELS and K >= PACKED_MIN_K)
     plan = GemmPlan(bool(direct), nb, offsets, offsets, packed)
     key = ("fwd", buf_len, acc_len, F, nt)  # one pool for both paths
 
@@ -123,18 +156,23 @@ def _gemm_setup(g, F, direct, nt):
 
 def _gemm_forward(x, w, b, g, activation, direct):
     F = w.shape[0]
-    plan, x_layout, key, make = _gemm_setup(g, F, direct, threads(g.N))
+    split = split_mode(g, F, direct)
+    nt = numba.get_num_threads() if split else threads(g.N)
+    plan, x_layout, key, make = _gemm_setup(g, F, direct, nt, split)
     w_fk, wp = filter_operands(w, plan)
     bias = np.zeros(F, np.float32)
     if b is not None:
         bias[:] = b  # F values: the epilogue adds them in fp32
     y = outputs.empty((g.N, F, g.OH, g.OW), x.dtype)
+    relu = activation == "relu"
     with checkout(key, make) as ws:
         yb = bits_view(y)
-        forward_residual(
-            bits_view(x), w_fk, wp, bias, activation == "relu", yb, ws, plan, x_layout, g, yb,
-            False,
-        )  # fmt: skip
+        if split:
+            forward_split(bits_view(x), wp, bias, relu, yb, ws, plan, x_layout, g, yb, False,
+                          split)  # fmt: skip
+        else:
+            forward_residual(bits_view(x), w_fk, wp, bias, relu, yb, ws, plan, x_layout, g, yb,
+                             False)  # fmt: skip
     return y
 
 

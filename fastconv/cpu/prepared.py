@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numba
 import numpy as np
 
 from . import _outputs as outputs
@@ -27,11 +28,13 @@ from . import _select
 from . import _winograd as wg
 from ._direct import forward_residual as gemm_parallel
 from ._direct import forward_residual_serial as gemm_serial
+from ._direct import forward_split
+from ._entry import Entries, array_key
 from ._half import bits_view
 from ._layout import threads
 from ._matmul import matmul_panels, pack_filters, pack_panels, pointwise
 from ._workspace import checkout
-from .conv import _gemm_setup, _winograd_setup, filter_operands, is_flat, is_pointwise
+from .conv import _gemm_setup, _winograd_setup, filter_operands, is_flat, is_pointwise, split_mode
 
 __all__ = ["SERIAL_CONV_FLOPS", "ConvWeights", "ConvPlan", "make_plan", "conv2d_prepared"]
 
@@ -106,6 +109,8 @@ class ConvPlan(NamedTuple):
     gemm: tuple | None  # (GemmPlan, x_layout, workspace key, make) of a GEMM plan
     pointwise: bool  # a 1x1 convolution on the direct path: one product over all pixels
     flat: bool  # one window covering the input: a Dense product (conv.is_flat)
+    split: int  # 0, or how the threads share each image (_direct.SPLIT_COLUMNS / _FILTERS)
+    entries: Entries  # the kernels' compiled entry points for this plan (_entry)
 
 
 def make_plan(g, weights, name, source):
@@ -115,15 +120,24 @@ def make_plan(g, weights, name, source):
     nt = 1 if serial else threads(g.N)
     wino = gemm = None
     if not name.startswith("winograd") and is_flat(g):
-        return ConvPlan(g, name, source, serial, (g.N, F, 1, 1), None, None, False, True)
+        return ConvPlan(
+            g, name, source, serial, (g.N, F, 1, 1), None, None, False, True, 0, Entries()
+        )
     if name == "direct" and is_pointwise(g):
-        return ConvPlan(g, name, source, serial, (g.N, F, g.OH, g.OW), None, None, True, False)
+        return ConvPlan(g, name, source, serial, (g.N, F, g.OH, g.OW), None, None, True, False, 0,
+                        Entries())  # fmt: skip
+    split = split_mode(g, F, name == "direct" and g.sh == 1 and g.sw == 1)
+    if split:
+        gemm = _gemm_setup(g, F, True, numba.get_num_threads(), split)
+        return ConvPlan(g, name, source, False, (g.N, F, g.OH, g.OW), None, gemm, False, False,
+                        split, Entries())  # fmt: skip
     if name.startswith("winograd"):
         m = 4 if name == "winograd4x4" else 2
         wino = (m, _winograd_setup(g.N, g.C, F, g.OH, g.OW, m, nt, g.ph, g.pw, g.W, False))
     # Winograd plans keep a GEMM plan for the calls it sends back (non-finite or huge values).
     gemm = _gemm_setup(g, F, g.sh == 1 and g.sw == 1 and name != "unfolded", nt)
-    return ConvPlan(g, name, source, serial, (g.N, F, g.OH, g.OW), wino, gemm, False, False)
+    return ConvPlan(g, name, source, serial, (g.N, F, g.OH, g.OW), wino, gemm, False, False, 0,
+                    Entries())  # fmt: skip
 
 
 def choose(g, weights, dtype):
@@ -154,6 +168,9 @@ def conv2d_prepared(x, weights, plan, relu, res):
                   rb.reshape(out) if has_res else None, plan.serial)  # fmt: skip
         _select.record("forward", x.dtype, g, weights.F, plan.name, plan.source)
         return y
+    # What fixes the kernels' argument types besides the plan (see _entry): x's and the
+    # residual's arrays (y and the workspaces are always fresh C-contiguous arrays).
+    arrays = (array_key(xb), array_key(rb) if has_res else None)
     if plan.wino is not None:
         m, (wplan, key, make) = plan.wino
         u, ok = weights.winograd(m, wplan.Fp)
@@ -161,15 +178,24 @@ def conv2d_prepared(x, weights, plan, relu, res):
             flags = np.zeros(wplan.ngroups * wplan.nbands, np.int64)
             kernel = wg.forward_residual_serial if plan.serial else wg.forward_residual
             with checkout(key, make) as ws:
-                kernel(xb, u, weights.bias, relu, yb, wplan, ws, flags, rb, has_res)
+                plan.entries.call(kernel, ("winograd", arrays), xb, u, weights.bias, relu, yb,
+                                  wplan, ws, flags, rb, has_res)  # fmt: skip
             if not flags.any():
                 _select.record("forward", x.dtype, g, weights.F, plan.name, plan.source)
                 return y
         fell_back = True
     gplan, x_layout, key, make = plan.gemm
+    if plan.split:
+        with checkout(key, make) as ws:
+            _, wp = weights.gemm(gplan)
+            plan.entries.call(forward_split, ("split", arrays), xb, wp, weights.bias, relu, yb,
+                              ws, gplan, x_layout, g, rb, has_res, plan.split)  # fmt: skip
+        _select.record("forward", x.dtype, g, weights.F, plan.name, plan.source)
+        return y
     kernel = gemm_serial if plan.serial else gemm_parallel
     with checkout(key, make) as ws:
         w_fk, wp = weights.gemm(gplan)
-        kernel(xb, w_fk, wp, weights.bias, relu, yb, ws, gplan, x_layout, g, rb, has_res)
+        plan.entries.call(kernel, ("gemm", arrays), xb, w_fk, wp, weights.bias, relu, yb, ws,
+                          gplan, x_layout, g, rb, has_res)  # fmt: skip
     _select.record("forward", x.dtype, g, weights.F, plan.name, plan.source, fell_back)
     return y

@@ -1,7 +1,8 @@
 """Convolution forward products on the GEMM layer (fastconv/cpu/_matmul.py): 1x1
 convolutions as one product over every image's pixels (``pointwise``), and the direct and
 unfolded paths' products by the packed micro-kernel (``gemm_offsets``), through
-``fastconv.conv2d`` and the prepared path.
+``fastconv.conv2d`` and the prepared path; a batch smaller than the thread count with the
+threads sharing each image's product (``forward_split``).
 
 Oracles: the float64 reference (``fastconv.reference.conv2d``) and NumPy's float64 product;
 the unprepared path for the prepared one's bits.
@@ -16,7 +17,8 @@ import pytest
 import fastconv as fc
 from fastconv import reference as ref
 from fastconv._checks import validate_conv
-from fastconv.cpu import _matmul, conv
+from fastconv.cpu import _direct, _half, _matmul, conv
+from fastconv.cpu._workspace import checkout
 from fastconv.prepared import prepare_conv2d
 from tests.conftest import assert_close
 
@@ -293,3 +295,97 @@ def test_a_window_covering_the_input_is_a_dense_product(case, algorithm, dtype, 
         assert np.array_equal(prepared(x, act, residual=res).view(np.uint8),
                               separate.view(np.uint8))  # fmt: skip
     assert not conv.is_flat(validate_conv(x, w, b, stride, 1).geometry())  # padded: not flat
+
+
+# --- fewer images than threads: the threads share each image's product (forward_split) ------
+
+# N, C, H, W, F, k, pad: a 28x28 map (bands of rows), 8x8 maps (bands of filters), odd sizes,
+# filters not a multiple of MR, a band count above the rows, two images stacked, K > 512
+SPLIT_CASES = [
+    (1, 16, 28, 28, 16, 3, 1),
+    (1, 32, 8, 8, 64, 3, 1),
+    (1, 7, 13, 9, 21, 3, 2),
+    (1, 3, 5, 4, 13, 3, 1),
+    (2, 5, 11, 11, 9, 5, 2),
+    (1, 64, 6, 7, 12, 3, 1),  # K = 576: two reduction blocks
+]
+
+
+def _split_run(kernel_plan, x, w, b, relu, res, split, n_threads):
+    g = validate_conv(x, w, b, 1, kernel_plan).geometry()
+    F = w.shape[0]
+    plan, x_layout, key, make = conv._gemm_setup(g, F, True, n_threads, split)
+    plan = plan._replace(packed=True)  # (the serial oracle too, whatever the map size)
+    _, wp = conv.filter_operands(w, plan)
+    bias = b.astype(np.float32)
+    y = np.empty((g.N, F, g.OH, g.OW), x.dtype)
+    yb = _half.bits_view(y)
+    rb = _half.bits_view(res) if res is not None else yb
+    with checkout(key, make) as ws:
+        if split:
+            _direct.forward_split(_half.bits_view(x), wp, bias, relu, yb, ws, plan, x_layout, g,
+                                  rb, res is not None, split)  # fmt: skip
+        else:
+            _direct.forward_residual_serial(_half.bits_view(x), conv._NO_FK, wp, bias, relu, yb,
+                                            ws, plan, x_layout, g, rb, res is not None)  # fmt: skip
+    return y
+
+
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=str)
+@pytest.mark.parametrize(
+    "split", [_direct.SPLIT_COLUMNS, _direct.SPLIT_FILTERS], ids=["rows", "filters"]
+)
+@pytest.mark.parametrize("n_threads", [2, 3, 5])
+def test_threads_sharing_an_image_give_the_serial_bits(case, split, n_threads, dtype, rng):
+    # The serial packed product (one thread, B packed) is the oracle for the bits; the bands
+    # read B in place (gemm_rows): the same FMA chain per output whichever thread or path.
+    N, C, H, W, F, k, pad = case
+    x = rng.standard_normal((N, C, H, W)).astype(dtype)
+    w = (rng.standard_normal((F, C, k, k)) / np.sqrt(C * k * k)).astype(dtype)
+    b = rng.standard_normal(F).astype(dtype)
+    expected = ref.conv2d(x, w, b, 1, pad)
+    res = rng.standard_normal(expected.shape).astype(dtype)
+    for relu, residual in ((False, None), (True, None), (True, res)):
+        serial = _split_run(pad, x, w, b, relu, residual, 0, 1)
+        shared = _split_run(pad, x, w, b, relu, residual, split, n_threads)
+        assert np.array_equal(shared.view(np.uint8), serial.view(np.uint8))
+    plain = _split_run(pad, x, w, b, False, None, split, n_threads)
+    assert_close(plain, expected, dtype, k=C * k * k)
+
+
+def test_batch_one_shares_the_threads_on_the_prepared_and_unprepared_paths(rng, monkeypatch):
+    x = rng.standard_normal((1, 16, 28, 28)).astype(np.float32)
+    w = (rng.standard_normal((16, 16, 3, 3)) / 12).astype(np.float32)
+    b = rng.standard_normal(16).astype(np.float32)
+    g = validate_conv(x, w, b, 1, 1).geometry()
+    assert conv.split_mode(g, 16, True, 2) == _direct.SPLIT_COLUMNS
+    assert conv.split_mode(g, 16, True, 1) == 0  # one thread: nothing to share
+    assert conv.split_mode(g, 16, False, 2) == 0  # the unfolded path keeps its images
+    w8 = np.zeros((32, 32, 3, 3), np.float32)
+    small = validate_conv(np.zeros((1, 32, 8, 8), np.float32), w8, None, 1, 1).geometry()
+    assert conv.split_mode(small, 32, True, 2) == _direct.SPLIT_FILTERS  # 78 columns
+    assert conv.split_mode(small, 32, True, 5) == 0  # 32 filters: not MR (8) for each of 5
+    tiny = validate_conv(x[:, :, :8, :8], w, b, 1, 1).geometry()
+    assert conv.split_mode(tiny, 16, True, 2) == 0  # 0.3 MFLOP: not worth a parallel region
+    batch = validate_conv(np.concatenate([x, x]), w, b, 1, 1).geometry()
+    assert conv.split_mode(batch, 16, True, 2) == 0  # an image a thread already
+    if numba.get_num_threads() < 2:
+        return  # the rest needs two threads (the test above covers the kernel on any machine)
+    y = fc.conv2d(x, w, b, 1, 1, "relu", algorithm="direct")
+    assert_close(y, np.maximum(ref.conv2d(x, w, b, 1, 1), 0.0), np.float32, k=144)
+    prepared = prepare_conv2d(w, b, 1, 1)
+    previous = fc.set_conv_algorithm("direct")
+    try:
+        assert np.array_equal(prepared(x, "relu").view(np.uint8), y.view(np.uint8))
+        # read-only and misaligned inputs reach the compiled kernel with their own types
+        frozen = x.copy()
+        frozen.flags.writeable = False
+        assert np.array_equal(prepared(frozen, "relu").view(np.uint8), y.view(np.uint8))
+        raw = np.zeros(x.size * 4 + 1, np.uint8)
+        shifted = raw[1:].view(np.float32).reshape(x.shape)
+        shifted[...] = x
+        assert not shifted.flags.aligned
+        assert np.array_equal(prepared(shifted, "relu").view(np.uint8), y.view(np.uint8))
+        assert np.array_equal(prepared(x, "relu").view(np.uint8), y.view(np.uint8))
+    finally:
+        fc.set_conv_algorithm(previous)
