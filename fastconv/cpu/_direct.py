@@ -28,6 +28,7 @@ from ._matmul import gemm_offsets, gemm_offsets_part
 from ._simd import MR
 
 __all__ = ["GemmPlan", "ForwardWork", "BackwardWork", "forward_residual", "forward_split",
+           "forward_split_serial",
            "SPLIT_COLUMNS", "SPLIT_FILTERS", "backward_kernel", "reduce_partials"]  # fmt: skip
 
 
@@ -201,6 +202,11 @@ def forward_split(x, wp, bias, relu, y, ws, plan, x_layout, g, res, has_res, spl
             _split_part(t, n_threads, split, x, wp, ws.buf[t], ws.acc[t], ws.bp[t], ws.cbuf[t],
                         plan.offs_x, n0, count, bias, relu, y, x_layout, g, res,
                         has_res)  # fmt: skip
+
+
+# The same bands one after another on the calling thread (the same bits): what a call runs
+# while the cores are busy with other work (conv.SplitTimer).
+forward_split_serial = serial_twin(forward_split)
 
 
 @njit(cache=True, fastmath=FASTMATH)

@@ -43,6 +43,7 @@ from ._direct import (
     backward_kernel,
     forward_residual,
     forward_split,
+    forward_split_serial,
     reduce_partials,
 )
 from ._half import bits_view, load, store_value
@@ -122,6 +123,63 @@ def split_mode(g, F, direct, n_threads=None):
     return 0
 
 
+# While sharing an image's product is slower than one thread alone (another process holds a
+# core: the parallel region waits for its time slice), calls run the bands on the calling
+# thread for a while before trying to share again: 10 ms at first, doubling while the load
+# lasts, up to 1 s. Deep-MNIST batch-1 predict with one core spinning, 2 threads: p50
+# 1.20 ms always sharing, 0.42 ms never (docs/kernels.md).
+SPLIT_BACKOFF_S = (0.01, 1.0)
+
+
+class SplitTimer:
+    """Whether a call that can share the threads does so now: its first two calls run on one
+    thread (the second, compiled, sets the serial time); afterwards it shares unless two
+    shared calls in a row took over 1.5x the best serial one (one slow call is noise), which
+    sends the calls of the next back-off period (``SPLIT_BACKOFF_S``) to the serial kernel.
+    Attribute races only change which kernel runs (the same bits either way)."""
+
+    __slots__ = ("serial_calls", "serial_best", "serial_until", "slow", "backoff")
+
+    def __init__(self):
+        self.serial_calls = 0
+        self.serial_best = math.inf
+        self.serial_until = 0.0
+        self.slow = 0
+        self.backoff = SPLIT_BACKOFF_S[0]
+
+    def run(self, call):
+        """``call(shared)``: run the parallel kernel (``shared``) or its serial twin."""
+        start = time.perf_counter()
+        shared = self.serial_calls >= 2 and start >= self.serial_until
+        call(shared)
+        elapsed = time.perf_counter() - start
+        if not shared:
+            self.serial_calls += 1
+            self.serial_best = min(self.serial_best, elapsed)
+        elif elapsed <= 1.5 * self.serial_best:
+            self.slow = 0
+            self.backoff = SPLIT_BACKOFF_S[0]
+        else:
+            self.slow += 1
+            if self.slow >= 2:
+                self.slow = 0
+                self.serial_until = start + elapsed + self.backoff
+                self.backoff = min(2 * self.backoff, SPLIT_BACKOFF_S[1])
+
+
+_SPLIT_TIMERS: dict = {}  # the unprepared path's, by geometry
+
+
+def split_timer(g, F):
+    """The :class:`SplitTimer` of the unprepared path for a geometry."""
+    timer = _SPLIT_TIMERS.get((g, F))
+    if timer is None:
+        if len(_SPLIT_TIMERS) >= 256:
+            _SPLIT_TIMERS.clear()
+        timer = _SPLIT_TIMERS[(g, F)] = SplitTimer()
+    return timer
+
+
 def _gemm_setup(g, F, direct, nt, split=0):
     """The forward GEMM plan of geometry ``g`` on ``nt`` threads: ``(plan, x_layout,
     workspace key, make)`` (the prepared path plans once per shape with it). With ``split``
@@ -168,8 +226,12 @@ def _gemm_forward(x, w, b, g, activation, direct):
     with checkout(key, make) as ws:
         yb = bits_view(y)
         if split:
-            forward_split(bits_view(x), wp, bias, relu, yb, ws, plan, x_layout, g, yb, False,
-                          split)  # fmt: skip
+            xb = bits_view(x)
+            split_timer(g, F).run(
+                lambda shared: (forward_split if shared else forward_split_serial)(
+                    xb, wp, bias, relu, yb, ws, plan, x_layout, g, yb, False, split
+                )
+            )
         else:
             forward_residual(bits_view(x), w_fk, wp, bias, relu, yb, ws, plan, x_layout, g, yb,
                              False)  # fmt: skip

@@ -28,13 +28,21 @@ from . import _select
 from . import _winograd as wg
 from ._direct import forward_residual as gemm_parallel
 from ._direct import forward_residual_serial as gemm_serial
-from ._direct import forward_split
+from ._direct import forward_split, forward_split_serial
 from ._entry import Entries, array_key
 from ._half import bits_view
 from ._layout import threads
 from ._matmul import matmul_panels, pack_filters, pack_panels, pointwise
 from ._workspace import checkout
-from .conv import _gemm_setup, _winograd_setup, filter_operands, is_flat, is_pointwise, split_mode
+from .conv import (
+    SplitTimer,
+    _gemm_setup,
+    _winograd_setup,
+    filter_operands,
+    is_flat,
+    is_pointwise,
+    split_mode,
+)
 
 __all__ = ["SERIAL_CONV_FLOPS", "ConvWeights", "ConvPlan", "make_plan", "conv2d_prepared"]
 
@@ -111,6 +119,7 @@ class ConvPlan(NamedTuple):
     flat: bool  # one window covering the input: a Dense product (conv.is_flat)
     split: int  # 0, or how the threads share each image (_direct.SPLIT_COLUMNS / _FILTERS)
     entries: Entries  # the kernels' compiled entry points for this plan (_entry)
+    timer: SplitTimer | None  # with ``split``: whether a call shares the threads now
 
 
 def make_plan(g, weights, name, source):
@@ -120,24 +129,23 @@ def make_plan(g, weights, name, source):
     nt = 1 if serial else threads(g.N)
     wino = gemm = None
     if not name.startswith("winograd") and is_flat(g):
-        return ConvPlan(
-            g, name, source, serial, (g.N, F, 1, 1), None, None, False, True, 0, Entries()
-        )
+        return ConvPlan(g, name, source, serial, (g.N, F, 1, 1), None, None, False, True, 0,
+                        Entries(), None)  # fmt: skip
     if name == "direct" and is_pointwise(g):
         return ConvPlan(g, name, source, serial, (g.N, F, g.OH, g.OW), None, None, True, False, 0,
-                        Entries())  # fmt: skip
+                        Entries(), None)  # fmt: skip
     split = split_mode(g, F, name == "direct" and g.sh == 1 and g.sw == 1)
     if split:
         gemm = _gemm_setup(g, F, True, numba.get_num_threads(), split)
         return ConvPlan(g, name, source, False, (g.N, F, g.OH, g.OW), None, gemm, False, False,
-                        split, Entries())  # fmt: skip
+                        split, Entries(), SplitTimer())  # fmt: skip
     if name.startswith("winograd"):
         m = 4 if name == "winograd4x4" else 2
         wino = (m, _winograd_setup(g.N, g.C, F, g.OH, g.OW, m, nt, g.ph, g.pw, g.W, False))
     # Winograd plans keep a GEMM plan for the calls it sends back (non-finite or huge values).
     gemm = _gemm_setup(g, F, g.sh == 1 and g.sw == 1 and name != "unfolded", nt)
     return ConvPlan(g, name, source, serial, (g.N, F, g.OH, g.OW), wino, gemm, False, False, 0,
-                    Entries())  # fmt: skip
+                    Entries(), None)  # fmt: skip
 
 
 def choose(g, weights, dtype):
@@ -188,8 +196,13 @@ def conv2d_prepared(x, weights, plan, relu, res):
     if plan.split:
         with checkout(key, make) as ws:
             _, wp = weights.gemm(gplan)
-            plan.entries.call(forward_split, ("split", arrays), xb, wp, weights.bias, relu, yb,
-                              ws, gplan, x_layout, g, rb, has_res, plan.split)  # fmt: skip
+            args = (xb, wp, weights.bias, relu, yb, ws, gplan, x_layout, g, rb, has_res,
+                    plan.split)  # fmt: skip
+            plan.timer.run(
+                lambda shared: plan.entries.call(
+                    forward_split if shared else forward_split_serial, (shared, arrays), *args
+                )
+            )
         _select.record("forward", x.dtype, g, weights.F, plan.name, plan.source)
         return y
     kernel = gemm_serial if plan.serial else gemm_parallel

@@ -389,3 +389,38 @@ def test_batch_one_shares_the_threads_on_the_prepared_and_unprepared_paths(rng, 
         assert np.array_equal(prepared(x, "relu").view(np.uint8), y.view(np.uint8))
     finally:
         fc.set_conv_algorithm(previous)
+
+
+def test_split_timer_shares_while_sharing_pays_and_backs_off_under_load(monkeypatch):
+    # A fake clock: each call "takes" the time the test gives it.
+    now = [100.0]
+    monkeypatch.setattr(conv.time, "perf_counter", lambda: now[0])
+    timer = conv.SplitTimer()
+    kinds = []
+
+    def call(duration):
+        def run(shared):
+            kinds.append(shared)
+            now[0] += duration
+
+        timer.run(run)
+
+    call(5.0)  # first call: compiles, serial
+    call(1e-3)  # serial: the reference time
+    call(0.6e-3)  # shared from now on
+    call(2e-3)  # one slow shared call: noise, still shared
+    call(0.6e-3)
+    assert kinds == [False, False, True, True, True]
+    call(2e-3)
+    call(2e-3)  # two in a row: back off 10 ms
+    call(1e-3)
+    assert kinds[-3:] == [True, True, False]
+    now[0] += conv.SPLIT_BACKOFF_S[0]
+    call(2e-3)
+    call(2e-3)  # the load lasts: back off twice as long
+    now[0] += conv.SPLIT_BACKOFF_S[0]
+    call(1e-3)
+    assert kinds[-3:] == [True, True, False]
+    now[0] += 2 * conv.SPLIT_BACKOFF_S[0]
+    call(0.6e-3)  # the load is gone: shared, back-off reset
+    assert kinds[-1] is True and timer.backoff == conv.SPLIT_BACKOFF_S[0]
