@@ -56,6 +56,7 @@ INSTALL_HINT = (
 _LAUNCHER_SIZE_VARS = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 
 DEFAULT_TIMEOUT = 600.0  # seconds; FASTCONV_MPI_TIMEOUT overrides
+ABORT_GRACE_S = 0.5  # seconds a rank's flushed output has to reach the launcher (abort)
 _SPIN_S = 0.01  # poll without sleeping this long before backing off to 1 ms sleeps
 
 
@@ -279,7 +280,14 @@ class MPIDataParallel(Strategy):
         return buf.tobytes()
 
     def abort(self, code: int = 1) -> None:
-        """End every rank of the job (``MPI_Abort``): the way out after a DistributedError."""
+        """End every rank of the job (``MPI_Abort``): the way out after a DistributedError.
+        The rank's output is flushed and given ``ABORT_GRACE_S`` to reach the launcher first:
+        MPICH's launcher tears the job down at the abort and drops what it has not yet
+        forwarded (seen in CI: rank 0's last error line, the one naming ``--resume``, lost in
+        about one run in ten)."""
+        sys.stdout.flush()
+        sys.stderr.flush()
+        time.sleep(ABORT_GRACE_S)
         self.comm.Abort(int(code))
 
     # -- joining or skipping training --------------------------------------------------------------
