@@ -240,6 +240,7 @@ def validate_col2im(cols, x_shape, kh, kw, stride, pad) -> Geometry:
 
 
 ACTIVATIONS = (None, "relu")
+CONV_ACTIVATIONS = (None, "relu", "relu6")  # convolutions also take MobileNet's ReLU6
 
 
 class ConvProblem(NamedTuple):
@@ -330,8 +331,8 @@ def validate_conv(x, w, b, stride, pad, activation=None, groups=1, dilation=1) -
         )
     if b is not None and b.shape[0] != F:
         raise ValueError(f"b must have length {F} (w.shape[0]), got {b.shape[0]}")
-    if activation not in ACTIVATIONS:
-        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    if activation not in CONV_ACTIVATIONS:
+        raise ValueError(f"activation must be None, 'relu' or 'relu6', got {activation!r}")
     sh, sw = as_pair(stride, "stride", 1)
     dh, dw = as_pair(dilation, "dilation", 1)
     pads = as_pads(pad)

@@ -71,6 +71,9 @@ class Kernels:
     #: CPU convolution algorithms this backend can be asked for by name (``algorithm=``);
     #: empty where there is one implementation.
     conv_algorithms: tuple[str, ...] = ()
+    #: activations the conv2d and grouped_conv2d methods take (ops fuses ReLU and clamps
+    #: after for a "relu6" that is not listed)
+    conv_activations: tuple = (None, "relu")
 
     #: the array module (``numpy`` or ``cupy``) of this backend's arrays
     xp = np

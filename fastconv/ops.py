@@ -145,8 +145,10 @@ def conv2d(x, w, b=None, stride=1, pad=0, activation=None, algorithm=None, *, gr
         Zero padding; the 4-tuple form pads opposite sides differently (Keras/TensorFlow
         "same" with a stride, ONNX's ``SAME_UPPER``; ONNX's ``pads`` list is
         ``(top, left, bottom, right)``).
-    activation : None or "relu"
-        Fused epilogue applied after the bias.
+    activation : None, "relu" or "relu6"
+        Fused epilogue applied after the bias; "relu6" is ``min(max(v, 0), 6)`` (NaN kept),
+        fused into the CPU's direct, unfolded, pointwise and grouped stores (elsewhere the
+        ReLU is fused and the upper bound applied after, with the same bits).
     algorithm : None or str
         CPU algorithm for this call: ``"direct"`` (stride 1), ``"unfolded"`` (any layer),
         ``"winograd4x4"`` (alias ``"winograd"``) or ``"winograd2x2"`` (3x3, stride 1,
@@ -174,7 +176,26 @@ def conv2d(x, w, b=None, stride=1, pad=0, activation=None, algorithm=None, *, gr
     if g.N == 0:
         return dev.zeros((0, w.shape[0], g.OH, g.OW), x.dtype)
     x, w, b = _contiguous(dev, x, w, b)
-    return _launch(dev, dev.kernels.conv2d, x, w, b, g, activation, **choice)
+    act, clamp = _conv_activation(dev, activation)
+    return clamp(_launch(dev, dev.kernels.conv2d, x, w, b, g, act, **choice))
+
+
+def _conv_activation(dev, activation):
+    """``(activation for the backend, what to apply after)``: a backend that does not list
+    "relu6" in ``conv_activations`` fuses the ReLU and the upper bound comes after, in place
+    (``min(y, 6)``: the clip kernel's bits, NaN kept)."""
+    if activation != "relu6" or "relu6" in dev.kernels.conv_activations:
+        return activation, _unchanged
+    return "relu", _clamp6
+
+
+def _unchanged(y):
+    return y
+
+
+def _clamp6(y):
+    device_of(y).xp.minimum(y, y.dtype.type(6.0), out=y)
+    return y
 
 
 @kernel_op
@@ -375,7 +396,8 @@ def grouped_conv2d(x, w, b=None, stride=1, pad=0, activation=None, groups=1, dil
     if p.N == 0:
         return dev.zeros((0, p.F, p.OH, p.OW), x.dtype)
     x, w, b = _contiguous(dev, x, w, b)
-    return _launch(dev, dev.kernels.grouped_conv2d, x, w, b, p, activation)
+    act, clamp = _conv_activation(dev, activation)
+    return clamp(_launch(dev, dev.kernels.grouped_conv2d, x, w, b, p, act))
 
 
 @kernel_op

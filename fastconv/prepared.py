@@ -116,13 +116,15 @@ class PreparedConv2d:
         Parameters
         ----------
         x : ndarray, (N, C, H, W), the weights' dtype and library
-        activation : None or "relu"
+        activation : None, "relu" or "relu6" (``min(max(v, 0), 6)``, MobileNet's)
         residual : ndarray of the output's shape and dtype, optional
             Added before the activation, in the same pass over the output (ResNet's
-            shortcut).
+            shortcut); not with "relu6".
         """
-        if activation is not None and activation != "relu":
-            raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+        if activation not in (None, "relu", "relu6"):
+            raise ValueError(f"activation must be None, 'relu' or 'relu6', got {activation!r}")
+        if activation == "relu6" and residual is not None:
+            raise ValueError("activation 'relu6' takes no residual (only None or 'relu' do)")
         if not chk.is_array(x):
             raise TypeError(f"x must be a numpy.ndarray or cupy.ndarray, got {type(x).__name__}")
         plan, g = self._plan(x)
@@ -137,26 +139,25 @@ class PreparedConv2d:
                     f"residual must have the output's shape {y_shape} and dtype {x.dtype}, got "
                     f"{tuple(residual.shape)} {residual.dtype}"
                 )
-        relu = activation == "relu"
         dev = self._device
         if plan is None:  # GPU, an empty batch, or benchmark mode's first call of a shape
-            return self._unprepared(x, g, relu, residual)
+            return self._unprepared(x, g, activation, residual)
         if not x.flags.c_contiguous:
             x = dev.ascontiguous(x)
         if residual is not None and not residual.flags.c_contiguous:
             residual = dev.ascontiguous(residual)
+        code = self._cpu.ACTIVATION_CODES[activation]
         with dev.launch_guard():
-            return self._cpu.conv2d_prepared(x, self._weights, plan, relu, residual)
+            return self._cpu.conv2d_prepared(x, self._weights, plan, code, residual)
 
-    def _unprepared(self, x, g, relu, residual):
+    def _unprepared(self, x, g, activation, residual):
         from . import ops
 
-        act = "relu" if relu and residual is None else None
-        y = ops.conv2d(x, self.w, self.b, self.stride, self.pad, act)
         if residual is None:
-            return y
+            return ops.conv2d(x, self.w, self.b, self.stride, self.pad, activation)
+        y = ops.conv2d(x, self.w, self.b, self.stride, self.pad)
         y += residual  # in the output's dtype, as the Add layer's sum
-        return ops.relu(y) if relu else y
+        return ops.relu(y) if activation == "relu" else y
 
     def __repr__(self):
         return (

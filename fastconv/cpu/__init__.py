@@ -77,6 +77,7 @@ class CpuKernels(
     :mod:`.activation`...), so an op added to a module needs no line here."""
 
     conv_algorithms = CONV_ALGORITHMS
+    conv_activations = (None, "relu", "relu6")  # ReLU6 in the stores (cpu.conv.fuses_relu6)
 
     # One fused parallel pass each (fastconv.cpu.optim), bit-identical to the base class's
     # array expressions, which still serve arrays the fused kernels do not take.

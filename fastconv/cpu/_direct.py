@@ -23,7 +23,14 @@ from numba import njit, prange
 from . import _unfolded
 from ._gemm import FASTMATH, gemm_nn, gemm_nt
 from ._half import load, store_value
-from ._layout import add_residual_image, image_range, serial_twin, stack_images, store_rows
+from ._layout import (
+    NO_ACTIVATION,
+    add_residual_image,
+    image_range,
+    serial_twin,
+    stack_images,
+    store_rows,
+)
 from ._matmul import gemm_offsets, gemm_offsets_part
 from ._simd import MR
 
@@ -79,7 +86,7 @@ def _forward_images(x, lo, hi, w_fk, wp, bias, relu, y, buf, acc, bp, cbuf, plan
     image gets ``res`` added before the ReLU right after its store
     (:func:`~fastconv.cpu._layout.add_residual_image`)."""
     nb = plan.nb
-    store_relu = relu and not has_res
+    store_relu = NO_ACTIVATION if has_res else relu  # (ReLU6 comes without a residual)
     if not plan.direct:
         for n0 in range(lo, hi, nb):
             count = min(nb, hi - n0)
@@ -173,7 +180,7 @@ def _split_part(t, n_threads, split, x, wp, buf, acc, bp, cbuf, offsets, n0, cou
         return
     stack_images(x, n0, count, buf, x_layout, g.ph, g.pw, False)
     gemm_offsets_part(wp, buf, offsets, j_lo, j_hi, m_lo, m_hi, acc, bp, cbuf, True)
-    store_relu = relu and not has_res
+    store_relu = NO_ACTIVATION if has_res else relu  # (ReLU6 comes without a residual)
     for b in range(count):
         oh_lo = min(max(r0 - b * rows, 0), g.OH)
         oh_hi = min(max(r1 - b * rows, 0), g.OH)

@@ -31,6 +31,7 @@ from numba.extending import overload
 
 from . import _workspace
 from ._half import bits_view, load, store_value
+from ._layout import RELU6, relu6
 from ._simd import (
     MR,
     NR,
@@ -412,7 +413,8 @@ def _pack_columns(b, K, P, pc, kc, j0, nc, bp):
 def _store_columns(cbuf, ldc, out, i0, rows, j0, cols, P, bias, relu, res, has_res):
     """``out[n, i0+r, p] = act(cbuf[r*ldc + j - j0] + bias[i0+r])`` for the columns j = n*P + p
     of the block; with ``has_res`` the value is rounded to out's dtype, ``res[n, i0+r, p]``
-    added and the sum rounded again (the bits of a separate Add), then the ReLU."""
+    added and the sum rounded again (the bits of a separate Add), then the ReLU. ``relu`` an
+    activation code (:data:`~fastconv.cpu._layout.ACTIVATION_CODES`; ReLU6 without ``res``)."""
     for r in range(rows):
         f = i0 + r
         bf = bias[f]
@@ -430,6 +432,9 @@ def _store_columns(cbuf, ldc, out, i0, rows, j0, cols, P, bias, relu, res, has_r
                     if relu and v < np.float32(0.0):  # False for NaN: NaN is kept
                         v = np.float32(0.0)
                     dst[q] = store_value(dst, v)
+            elif relu == RELU6:
+                for q in range(run):
+                    dst[q] = store_value(dst, relu6(src[q] + bf))
             elif relu:
                 for q in range(run):
                     v = src[q] + bf
@@ -492,7 +497,8 @@ def pointwise(filters, b, out, bias, relu=False, res=None, serial=None):
     filters : :class:`PackedA` from :func:`pack_filters` (op(a) is M x K)
     b : ndarray (B, K, P); out : ndarray (B, M, P), written whole; res : None or like out.
         C-contiguous, one dtype (float32, or float16 as its uint16 bits)
-    bias : ndarray (M,) float32 (zeros for none); relu : bool (NaN kept)
+    bias : ndarray (M,) float32 (zeros for none); relu : activation code (bool for ReLU, or
+        :data:`~fastconv.cpu._layout.ACTIVATION_CODES`; NaN kept; ReLU6 without ``res``)
     serial : None (by size), or True/False to force the calling thread / the thread pool
     """
     packed, MC, KC = filters.packed, filters.MC, filters.KC
@@ -519,7 +525,7 @@ def pointwise(filters, b, out, bias, relu=False, res=None, serial=None):
     make = _pointwise_make(blk, n_threads)
     with _workspace.checkout(key, make) as (bp, cbuf):
         kernel = _pointwise_serial if n_threads == 1 else _pointwise
-        kernel(packed, bits_view(b), bits_view(out), bias, bool(relu), rv, has_res, K, blk, bp,
+        kernel(packed, bits_view(b), bits_view(out), bias, int(relu), rv, has_res, K, blk, bp,
                cbuf)  # fmt: skip
     return out
 

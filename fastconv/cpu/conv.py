@@ -47,7 +47,14 @@ from ._direct import (
     reduce_partials,
 )
 from ._half import bits_view, load, store_value
-from ._layout import packed_weights, row_stride, stack_layout, tap_offsets, threads
+from ._layout import (
+    ACTIVATION_CODES,
+    packed_weights,
+    row_stride,
+    stack_layout,
+    tap_offsets,
+    threads,
+)
 from ._matmul import OFFSETS_NC, PackedA, _pointwise_blocks, matmul, pack_filters, pointwise
 from ._simd import MR, NR
 from ._unfolded import fold_image, unfold_image
@@ -222,7 +229,7 @@ def _gemm_forward(x, w, b, g, activation, direct):
     if b is not None:
         bias[:] = b  # F values: the epilogue adds them in fp32
     y = outputs.empty((g.N, F, g.OH, g.OW), x.dtype)
-    relu = activation == "relu"
+    relu = ACTIVATION_CODES[activation]
     with checkout(key, make) as ws:
         yb = bits_view(y)
         if split:
@@ -481,8 +488,25 @@ def _fold_all(dcol, dx, g):
 # --- entry points --------------------------------------------------------------------------------
 
 
+def fuses_relu6(name, g) -> bool:
+    """Whether algorithm ``name``'s epilogue applies ReLU6 for geometry ``g`` (the direct,
+    unfolded and pointwise stores); Winograd's and the flat product's apply the ReLU, and
+    :func:`clamp6` the upper bound after."""
+    return not name.startswith("winograd") and not is_flat(g)
+
+
+def clamp6(y):
+    """``y = min(y, 6)`` in place (NaN kept): the upper half of ReLU6 after a fused ReLU,
+    with the bits of the clip kernel's (6 is exact in float16)."""
+    np.minimum(y, y.dtype.type(6.0), out=y)
+    return y
+
+
 def _forward_with(name, x, w, b, g, activation):
     """(y, fell_back) computed by algorithm ``name``."""
+    if activation == "relu6" and not fuses_relu6(name, g):
+        y, fell_back = _forward_with(name, x, w, b, g, "relu")
+        return clamp6(y), fell_back
     if name.startswith("winograd"):
         y = _winograd_forward(x, w, b, g, activation, 4 if name == "winograd4x4" else 2)
         if y is not None:
@@ -537,7 +561,7 @@ def _pointwise_forward(x, w, b, g, activation):
     y = outputs.empty((g.N, F, g.OH, g.OW), x.dtype)
     filters = pack_filters(w.reshape(F, g.C))
     pointwise(filters, x.reshape(g.N, g.C, g.H * g.W), y.reshape(g.N, F, g.OH * g.OW), bias,
-              activation == "relu")  # fmt: skip
+              ACTIVATION_CODES[activation])  # fmt: skip
     return y
 
 

@@ -22,6 +22,7 @@ from numba import njit, prange
 
 from . import _outputs as outputs
 from ._half import bits_view, load, store_value
+from ._layout import ACTIVATION_CODES, RELU6, relu6
 
 __all__ = ["grouped_conv2d", "grouped_conv2d_backward"]
 
@@ -77,7 +78,9 @@ def _forward_planes(x, w, b, y, q0, q1, geo, relu):
             out = y[n, f, oy]
             for ox in range(OW):
                 v = acc[ox]
-                if relu and v < 0.0:  # NaN and -0.0 pass, as the ReLU kernel
+                if relu == RELU6:
+                    v = relu6(v)
+                elif relu and v < 0.0:  # NaN and -0.0 pass, as the ReLU kernel
                     v = np.float32(0.0)
                 out[ox] = store_value(y, v)
 
@@ -105,11 +108,16 @@ def _pad_plane(src, dst, top, left, Wp):
 @njit(cache=True)
 def _store_plane(y, n, f, acc, width, relu):
     """Output plane ``y[n, f]`` from an accumulator laid out in rows of ``width`` (bias and
-    taps added), with the fused ReLU (NaN and -0.0 pass, as the ReLU kernel)."""
+    taps added), with the fused activation ``relu`` (an activation code: NaN and -0.0 pass,
+    as the ReLU and clip kernels)."""
     OH, OW = y.shape[2], y.shape[3]
     for oy in range(OH):
         out = y[n, f, oy]
         src = acc[oy * width : oy * width + OW]  # indexed from 0: vectorises
+        if relu == RELU6:
+            for ox in range(OW):
+                out[ox] = store_value(y, relu6(src[ox]))
+            continue
         for ox in range(OW):
             v = src[ox]
             if relu and v < 0.0:
@@ -493,9 +501,9 @@ def grouped_conv2d(x, w, b, p, activation):
     w32 = w.astype(np.float32)
     b32 = np.zeros(p.F, np.float32) if b is None else b.astype(np.float32)
     xv, yv = bits_view(x), bits_view(y)
-    relu = activation == "relu"
-    tasks = _tasks(y.size * w[0].size, p.N * p.F)
+    relu = ACTIVATION_CODES[activation]
     s1 = (p.sh, p.sw) == (1, 1)
+    tasks = _tasks(y.size * w[0].size, p.N * p.F)
     s2k3 = (p.sh, p.sw, p.kh, p.kw, p.dh, p.dw) == (2, 2, 3, 3, 1, 1)
     if tasks == 1:
         planes = _forward_planes_s1 if s1 else _forward_planes_s2k3 if s2k3 else _forward_planes

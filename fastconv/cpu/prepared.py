@@ -31,20 +31,22 @@ from ._direct import forward_residual_serial as gemm_serial
 from ._direct import forward_split, forward_split_serial
 from ._entry import Entries, array_key
 from ._half import bits_view
-from ._layout import threads
+from ._layout import ACTIVATION_CODES, NO_ACTIVATION, RELU6, threads
 from ._matmul import matmul_panels, pack_filters, pack_panels, pointwise
 from ._workspace import checkout
 from .conv import (
     SplitTimer,
     _gemm_setup,
     _winograd_setup,
+    clamp6,
     filter_operands,
     is_flat,
     is_pointwise,
     split_mode,
 )
 
-__all__ = ["SERIAL_CONV_FLOPS", "ConvWeights", "ConvPlan", "make_plan", "conv2d_prepared"]
+__all__ = ["SERIAL_CONV_FLOPS", "ACTIVATION_CODES", "ConvWeights", "ConvPlan", "make_plan",
+           "conv2d_prepared"]  # fmt: skip
 
 # Direct-convolution FLOPs below which a call runs on the calling thread (no parallel region).
 # Measured on the deep-MNIST layers at batch 1 (3.6 MFLOP each; bench/predict_prepared.py):
@@ -155,8 +157,9 @@ def choose(g, weights, dtype):
 
 
 def conv2d_prepared(x, weights, plan, relu, res):
-    """``act(conv(x) + bias [+ res])`` in x's dtype by ``plan``; ``res`` None or an array of
-    the output's shape and dtype (validated, C-contiguous)."""
+    """``act(conv(x) + bias [+ res])`` in x's dtype by ``plan``; ``relu`` an activation code
+    (:data:`ACTIVATION_CODES`; ReLU6 without ``res``); ``res`` None or an array of the
+    output's shape and dtype (validated, C-contiguous)."""
     g = plan.g
     y = outputs.empty(plan.y_shape, x.dtype)
     yb, xb = bits_view(y), bits_view(x)
@@ -165,10 +168,10 @@ def conv2d_prepared(x, weights, plan, relu, res):
     fell_back = False
     if plan.flat:
         out = (g.N, weights.F)
-        matmul_panels(xb.reshape(g.N, -1), weights.flat(), yb.reshape(out), weights.bias, relu,
-                      rb.reshape(out) if has_res else None)  # fmt: skip
+        matmul_panels(xb.reshape(g.N, -1), weights.flat(), yb.reshape(out), weights.bias,
+                      relu != NO_ACTIVATION, rb.reshape(out) if has_res else None)  # fmt: skip
         _select.record("forward", x.dtype, g, weights.F, plan.name, plan.source)
-        return y
+        return clamp6(y) if relu == RELU6 else y
     if plan.pointwise:
         rows = (g.N, g.C, g.H * g.W)
         out = (g.N, weights.F, g.OH * g.OW)
@@ -186,11 +189,12 @@ def conv2d_prepared(x, weights, plan, relu, res):
             flags = np.zeros(wplan.ngroups * wplan.nbands, np.int64)
             kernel = wg.forward_residual_serial if plan.serial else wg.forward_residual
             with checkout(key, make) as ws:
-                plan.entries.call(kernel, ("winograd", arrays), xb, u, weights.bias, relu, yb,
-                                  wplan, ws, flags, rb, has_res)  # fmt: skip
+                plan.entries.call(kernel, ("winograd", arrays), xb, u, weights.bias,
+                                  relu != NO_ACTIVATION, yb, wplan, ws, flags, rb,
+                                  has_res)  # fmt: skip
             if not flags.any():
                 _select.record("forward", x.dtype, g, weights.F, plan.name, plan.source)
-                return y
+                return clamp6(y) if relu == RELU6 else y
         fell_back = True
     gplan, x_layout, key, make = plan.gemm
     if plan.split:

@@ -61,6 +61,7 @@ class Step(NamedTuple):
     layers: tuple  # every layer this step covers, the step's own first
     prepared: bool = False  # inference through the layer's prepared weights (call_prepared)
     residual: bool = False  # prepared: inputs[1] is added in the epilogue (an absorbed Add)
+    relu6: bool = False  # inference: the fused layer is a ReLU6 (with fuse_relu)
 
 
 def _single(value, what):
@@ -186,6 +187,9 @@ class Model(Trainer):
         def is_relu(layer):
             return layer.epilogue == "relu"
 
+        def is_relu6(layer):
+            return layer.epilogue == "relu6"
+
         def is_sum(layer):
             return layer.adds_inputs
 
@@ -197,7 +201,7 @@ class Model(Trainer):
                 continue
             if id(node) in absorbed:
                 continue
-            layer, last, fuse_relu, folded = node.layer, node, False, None
+            layer, last, fuse_relu, folded, relu6 = node.layer, node, False, None, False
             covered = [layer]
             if self.fuse:
 
@@ -211,6 +215,15 @@ class Model(Trainer):
                     covered.append(bn.layer)
                 if folded is not None or layer.fuses_relu:
                     relu = only_consumer(last, is_relu)
+                    # ReLU6 only where its epilogue runs: the prepared or folded inference
+                    # paths (training keeps the layer: its backward needs the input).
+                    if (
+                        relu is None
+                        and layer.fuses_relu6
+                        and (folded is not None or (prepared and layer.prepares))
+                    ):
+                        relu = only_consumer(last, is_relu6)
+                        relu6 = relu is not None
                     if relu is not None:
                         fuse_relu, last = True, relu
                         absorbed.add(id(relu))
@@ -264,6 +277,7 @@ class Model(Trainer):
                     folded,
                     tuple(covered),
                     prepared and layer.prepares,
+                    relu6=relu6,
                 )
             )
         return steps
@@ -304,7 +318,9 @@ class Model(Trainer):
             arg = xs if step.layer.multi_input else xs[0]
             for h in hooks:
                 h.begin("forward", step.layer)
-            if step.prepared:
+            if step.relu6:  # (inference only: prepared or folded)
+                y, cache = self._relu6_step(step, arg), None
+            elif step.prepared:
                 residual = xs[1] if step.residual else None
                 y, cache = (
                     step.layer.call_prepared(arg, step.folded_bn, step.fuse_relu, residual),
@@ -322,6 +338,12 @@ class Model(Trainer):
             if training:
                 caches.append(cache)
         return values[self._output.id], caches
+
+    @staticmethod
+    def _relu6_step(step, x):
+        if step.prepared:
+            return step.layer.call_prepared(x, step.folded_bn, True, None, relu6=True)
+        return step.layer.call_folded(x, step.folded_bn, True, relu6=True)
 
     def _run_backward(self, caches, dy, need_dx: bool, previous=None):
         """Backward pass over ``caches`` of a training forward; returns ``(dx, grads)`` with

@@ -46,8 +46,11 @@ class ReLU6(_Activation):
 
     The gradient passes where ``0 < x < 6`` and is zero elsewhere (at both kinks and for a
     NaN input too, as PyTorch's hardtanh on a whole tensor). One pass of the
-    :func:`fastconv.clip` kernel each way; not fused into a preceding layer's epilogue.
+    :func:`fastconv.clip` kernel each way in training; at inference it runs in the epilogue
+    of a preceding convolution's prepared or BatchNorm-folded path (the same bits).
     """
+
+    epilogue = "relu6"
 
     def call(self, x, training=False):
         return ops.clip(x, 0.0, 6.0), (x if training else None)

@@ -173,13 +173,19 @@ class Layer:
 
     def call_prepared(self, x, folded, fuse_relu: bool, residual=None):
         """Inference output through weights prepared once per weights version (with layer
-        ``folded`` folded in, a ReLU when ``fuse_relu``, and ``residual`` added before it)."""
+        ``folded`` folded in, a ReLU when ``fuse_relu``, and ``residual`` added before it).
+        A layer with :attr:`fuses_relu6` also takes ``relu6=True`` (with ``fuse_relu``: the
+        following ReLU6 instead, no residual)."""
         raise NotImplementedError
 
-    #: "relu" for a ReLU layer, which a preceding layer may run in its epilogue
+    #: "relu" for a ReLU layer, "relu6" for a ReLU6 layer, which a preceding layer may run
+    #: in its epilogue
     epilogue = None
     #: whether a ReLU reading only this layer's output may run in this layer's epilogue
     fuses_relu = False
+    #: whether a ReLU6 reading only this layer's output may run in this layer's epilogue at
+    #: inference, on its prepared or folded path (MobileNet's conv-BN-ReLU6)
+    fuses_relu6 = False
     #: whether this layer can be folded into a preceding convolution's weights at inference
     folds_into_conv = False
 
@@ -190,7 +196,8 @@ class Layer:
 
     def call_folded(self, x, folded, fuse_relu: bool):
         """Inference output of this layer with layer ``folded`` folded in (see :meth:`can_fold`)
-        and a following ReLU fused when ``fuse_relu``."""
+        and a following ReLU fused when ``fuse_relu`` (``relu6=True`` as for
+        :meth:`call_prepared`)."""
         raise NotImplementedError
 
     # -- the PyTorch twin (fastconv.torch_bridge builds the graph from these) --------------------

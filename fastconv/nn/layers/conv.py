@@ -207,6 +207,11 @@ class _Conv(ProductLayer):
         return out + ([("b", core.bias, None)] if self.use_bias else [])
 
 
+def _fused(fuse_relu, relu6):
+    """The activation a fused step runs: ReLU6 (``relu6``, inference), ReLU or none."""
+    return ("relu6" if relu6 else "relu") if fuse_relu else None
+
+
 @register_layer
 class Conv2D(_Conv):
     """2-D convolution (cross-correlation), NCHW, weights ``W (filters, in // groups, kh, kw)``
@@ -300,9 +305,9 @@ class Conv2D(_Conv):
         # Inference only (training needs the batch statistics), and only into a bare product.
         return not training and self.activation is None and following.folds_into_conv
 
-    def call_folded(self, x, folded, fuse_relu):
+    def call_folded(self, x, folded, fuse_relu, relu6=False):
         w, b = folded.fold_into(self.params["W"], self.params.get("b"))
-        return self._conv(x, w, b, "relu" if fuse_relu else None, self.groups)
+        return self._conv(x, w, b, _fused(fuse_relu, relu6), self.groups)
 
     @property
     def prepares(self) -> bool:
@@ -327,9 +332,13 @@ class Conv2D(_Conv):
         self._prepared = (key, prepared)
         return prepared
 
-    def call_prepared(self, x, folded, fuse_relu, residual=None):
-        act = "relu" if fuse_relu or self.activation == "relu" else None
+    def call_prepared(self, x, folded, fuse_relu, residual=None, relu6=False):
+        act = _fused(fuse_relu or self.activation == "relu", relu6)
         return self.prepared_weights(folded)(x, act, residual)
+
+    @property
+    def fuses_relu6(self) -> bool:
+        return self.activation is None
 
     def _torch_core(self, torch):
         F, Cg, _, _ = self.declared_shape("W")
@@ -416,9 +425,13 @@ class DepthwiseConv2D(_Conv):
     def can_fold(self, following, training):
         return not training and self.activation is None and following.folds_into_conv
 
-    def call_folded(self, x, folded, fuse_relu):
+    def call_folded(self, x, folded, fuse_relu, relu6=False):
         w, b = folded.fold_into(self.params["W"], self.params.get("b"))
-        return self._conv(x, w, b, "relu" if fuse_relu else None, x.shape[1])
+        return self._conv(x, w, b, _fused(fuse_relu, relu6), x.shape[1])
+
+    @property
+    def fuses_relu6(self) -> bool:
+        return self.activation is None
 
     def _torch_core(self, torch):
         F = self.declared_shape("W")[0]
