@@ -414,6 +414,26 @@ def _avg_forward(x, out, kh, kw, sh, sw, ph, pw):
 
 
 @njit(parallel=True, cache=True)
+def _avg_forward_2x2(x, out):
+    """:func:`_avg_forward` for 2x2 windows at stride 2 inside the input (:func:`_is_2x2`):
+    the same sum in the same order from +0.0 (so -0.0 inputs give +0.0, as there) times the
+    same exact 1/4, without the per-window clipping and division (LeNet-5's pools at batch
+    8: 77 and 34 us, the general kernel)."""
+    P = x.shape[0]
+    OH, OW = out.shape[1], out.shape[2]
+    quarter = np.float32(0.25)
+    for p in prange(P):
+        for oh in range(OH):
+            top, bottom, dst = x[p, 2 * oh], x[p, 2 * oh + 1], out[p, oh]
+            for ow in range(OW):
+                s = np.float32(0.0) + load(top[2 * ow])
+                s = s + load(top[2 * ow + 1])
+                s = s + load(bottom[2 * ow])
+                s = s + load(bottom[2 * ow + 1])
+                dst[ow] = store_value(out, s * quarter)
+
+
+@njit(parallel=True, cache=True)
 def _avg_backward(dy, dx, kh, kw, sh, sw, ph, pw):
     # A gather: each input pixel sums the dy of the windows covering it, so every output is
     # written once and no accumulation buffer is needed.
@@ -602,6 +622,7 @@ SERIAL_POOL_VALUES = 65536
 _max_forward_2x2_serial = serial_twin(_max_forward_2x2)
 _max_forward_serial = serial_twin(_max_forward)
 _avg_forward_serial = serial_twin(_avg_forward)
+_avg_forward_2x2_serial = serial_twin(_avg_forward_2x2)
 
 
 def _general_max(xp, out, g) -> bool:
@@ -644,8 +665,11 @@ def max_pool2d_backward(dy, x, g):
 def avg_pool2d(x, g):
     xp = _planes(x, g.H, g.W)
     out = outputs.empty((g.N * g.C, g.OH, g.OW), xp.dtype)
-    kernel = _avg_forward_serial if xp.size < SERIAL_POOL_VALUES else _avg_forward
-    kernel(xp, out, *_window_args(g))
+    serial = xp.size < SERIAL_POOL_VALUES
+    if _is_2x2(g):
+        (_avg_forward_2x2_serial if serial else _avg_forward_2x2)(xp, out)
+    else:
+        (_avg_forward_serial if serial else _avg_forward)(xp, out, *_window_args(g))
     return from_bits(out, x.dtype).reshape(g.N, g.C, g.OH, g.OW)
 
 

@@ -153,6 +153,32 @@ def test_fast_path_agrees_with_general_kernel(dtype, rng):
     np.testing.assert_array_equal(dx_fast, dx_general)
 
 
+def test_avg_fast_path_agrees_with_general_kernel(dtype, rng):
+    # The 2x2/s2 average: the general kernel's sum from +0.0 in the same order, -0.0 and NaN
+    # and infinities included, odd sizes (the last row and column unused).
+    x = (rng.standard_normal((3, 4, 11, 13)) * 1e3).astype(dtype)
+    x[0, 0, :2, :2] = -0.0
+    x[0, 1, 4, 5] = np.nan
+    x[1, 1, 0, 0], x[1, 1, 0, 1] = np.inf, -np.inf
+    x[2, 2, 2, 2] = np.inf
+    xb = x.view(np.uint16) if dtype == np.float16 else x
+    planes = xb.reshape(-1, 11, 13)
+    fast, general = np.empty((12, 5, 6), xb.dtype), np.empty((12, 5, 6), xb.dtype)
+    cpu_pool._avg_forward_2x2(planes, fast)
+    cpu_pool._avg_forward(planes, general, 2, 2, 2, 2, 0, 0)
+    np.testing.assert_array_equal(fast, general)
+    assert np.signbit(fast.view(dtype)[0, 0, 0]) == np.signbit(general.view(dtype)[0, 0, 0])
+    serial = np.empty_like(fast)
+    cpu_pool._avg_forward_2x2_serial(planes, serial)
+    np.testing.assert_array_equal(serial, fast)
+    y = fastconv.avg_pool2d(x, 2)  # through the op: the fast path, against the reference
+    with np.errstate(invalid="ignore"):  # inf - inf in the reference's window sum
+        expected = ref.avg_pool2d(x, 2)
+    np.testing.assert_array_equal(np.isnan(y), np.isnan(expected))
+    finite = np.isfinite(expected)
+    assert_close(np.where(finite, y, 0), np.where(finite, expected, 0), dtype, k=4)
+
+
 @pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 0, 4, 4)])
 def test_empty_batch_or_channels(shape, dtype):
     # Zero images or channels are valid (as in PyTorch) and give empty results.
