@@ -216,46 +216,13 @@ def _gemm_block_codegen(nv):
         aty, bty, cty = signature.args[0], signature.args[3], signature.args[7]
         a_ptr = _data(context, builder, aty, a)
         b_ptr = _data(context, builder, bty, b)
-        c_ptr = _data(context, builder, cty, c)
-        fma = _function(builder, "llvm.fma.v16f32", _VTY, [_VTY] * 3)
-        acc = [[cgutils.alloca_once(builder, _VTY) for _ in range(nv)] for _ in range(MR)]
-
-        def const(v):
-            return ir.Constant(_I64, v)
-
-        c_rows = [
-            builder.gep(c_ptr, [builder.add(c_off, builder.mul(const(r), ldc))]) for r in range(MR)
-        ]
-        a_rows = [
-            builder.gep(a_ptr, [builder.add(a_off, builder.mul(const(r), lda))]) for r in range(MR)
-        ]
-        with builder.if_else(cgutils.as_bool_bit(builder, accumulate)) as (load_c, zero_c):
-            with load_c:
-                for r in range(MR):
-                    for j in range(nv):
-                        v = builder.load(_vector_at(builder, c_rows[r], const(j * LANES)), align=4)
-                        builder.store(v, acc[r][j])
-            with zero_c:
-                for r in range(MR):
-                    for j in range(nv):
-                        builder.store(ir.Constant(_VTY, None), acc[r][j])
-        with cgutils.for_range(builder, k) as loop:
-            kk = loop.index
-            b_row = builder.gep(b_ptr, [builder.add(b_off, builder.mul(kk, ldb))])
-            bv = [
-                builder.load(_vector_at(builder, b_row, const(j * LANES)), align=4)
-                for j in range(nv)
-            ]
-            for r in range(MR):
-                av = _splat(builder, builder.load(builder.gep(a_rows[r], [kk])))
-                for j in range(nv):
-                    builder.store(
-                        builder.call(fma, [av, bv[j], builder.load(acc[r][j])]), acc[r][j]
-                    )
-        for r in range(MR):
-            for j in range(nv):
-                p = _vector_at(builder, c_rows[r], const(j * LANES))
-                builder.store(builder.load(acc[r][j]), p, align=4)
+        c_rows = _c_rows(builder, _data(context, builder, cty, c), c_off, ldc, MR)
+        a_rows = _c_rows(builder, a_ptr, a_off, lda, MR)  # (the same address arithmetic)
+        _register_tile(
+            builder, MR, nv, c_rows, accumulate, k,
+            lambda kk, r: builder.gep(a_rows[r], [kk]),
+            lambda kk: builder.gep(b_ptr, [builder.add(b_off, builder.mul(kk, ldb))]),
+        )  # fmt: skip
         return context.get_dummy_value()
 
     return codegen
@@ -272,6 +239,54 @@ def _make_gemm_packed(mr, nv):
     return block
 
 
+def _register_tile(builder, mr, nv, c_rows, accumulate, k, a_at, b_row_at):
+    """The body every GEMM micro-kernel shares: ``mr x nv`` vector accumulators loaded from
+    the C rows (``accumulate``) or zero, ``acc = fma(A[r, kk], B[kk, :], acc)`` for kk < k in
+    ascending order (``a_at(kk, r)``: the address of A[r, kk], ``b_row_at(kk)``: of B's row
+    kk), stored back."""
+    fma = _function(builder, "llvm.fma.v16f32", _VTY, [_VTY] * 3)
+
+    def const(v):
+        return ir.Constant(_I64, v)
+
+    acc = [[cgutils.alloca_once(builder, _VTY) for _ in range(nv)] for _ in range(mr)]
+    with builder.if_else(cgutils.as_bool_bit(builder, accumulate)) as (load_c, zero_c):
+        with load_c:
+            for r in range(mr):
+                for j in range(nv):
+                    v = builder.load(_vector_at(builder, c_rows[r], const(j * LANES)), align=4)
+                    builder.store(v, acc[r][j])
+        with zero_c:
+            for r in range(mr):
+                for j in range(nv):
+                    builder.store(ir.Constant(_VTY, None), acc[r][j])
+    with cgutils.for_range(builder, k) as loop:
+        kk = loop.index
+        b_row = b_row_at(kk)
+        bv = [
+            builder.load(_vector_at(builder, b_row, const(j * LANES)), align=4) for j in range(nv)
+        ]
+        for r in range(mr):
+            av = _splat(builder, builder.load(a_at(kk, r)))
+            for j in range(nv):
+                builder.store(builder.call(fma, [av, bv[j], builder.load(acc[r][j])]), acc[r][j])
+    for r in range(mr):
+        for j in range(nv):
+            p = _vector_at(builder, c_rows[r], const(j * LANES))
+            builder.store(builder.load(acc[r][j]), p, align=4)
+
+
+def _i64(v):
+    return ir.Constant(_I64, v)
+
+
+def _c_rows(builder, c_ptr, c_off, ldc, mr):
+    return [
+        builder.gep(c_ptr, [builder.add(c_off, builder.mul(ir.Constant(_I64, r), ldc))])
+        for r in range(mr)
+    ]
+
+
 def _gemm_packed_codegen(mr, nv):
     nr = nv * LANES
 
@@ -280,44 +295,12 @@ def _gemm_packed_codegen(mr, nv):
         aty, bty, cty = signature.args[0], signature.args[2], signature.args[5]
         a_ptr = builder.gep(_data(context, builder, aty, ap), [a_off])
         b_ptr = builder.gep(_data(context, builder, bty, bp), [b_off])
-        c_ptr = _data(context, builder, cty, c)
-        fma = _function(builder, "llvm.fma.v16f32", _VTY, [_VTY] * 3)
-
-        def const(v):
-            return ir.Constant(_I64, v)
-
-        c_rows = [
-            builder.gep(c_ptr, [builder.add(c_off, builder.mul(const(r), ldc))]) for r in range(mr)
-        ]
-        acc = [[cgutils.alloca_once(builder, _VTY) for _ in range(nv)] for _ in range(mr)]
-        with builder.if_else(cgutils.as_bool_bit(builder, accumulate)) as (load_c, zero_c):
-            with load_c:
-                for r in range(mr):
-                    for j in range(nv):
-                        v = builder.load(_vector_at(builder, c_rows[r], const(j * LANES)), align=4)
-                        builder.store(v, acc[r][j])
-            with zero_c:
-                for r in range(mr):
-                    for j in range(nv):
-                        builder.store(ir.Constant(_VTY, None), acc[r][j])
-        with cgutils.for_range(builder, k) as loop:
-            kk = loop.index
-            b_row = builder.gep(b_ptr, [builder.mul(kk, const(nr))])
-            a_row = builder.gep(a_ptr, [builder.mul(kk, const(mr))])
-            bv = [
-                builder.load(_vector_at(builder, b_row, const(j * LANES)), align=4)
-                for j in range(nv)
-            ]
-            for r in range(mr):
-                av = _splat(builder, builder.load(builder.gep(a_row, [const(r)])))
-                for j in range(nv):
-                    builder.store(
-                        builder.call(fma, [av, bv[j], builder.load(acc[r][j])]), acc[r][j]
-                    )
-        for r in range(mr):
-            for j in range(nv):
-                p = _vector_at(builder, c_rows[r], const(j * LANES))
-                builder.store(builder.load(acc[r][j]), p, align=4)
+        c_rows = _c_rows(builder, _data(context, builder, cty, c), c_off, ldc, mr)
+        _register_tile(
+            builder, mr, nv, c_rows, accumulate, k,
+            lambda kk, r: builder.gep(a_ptr, [builder.add(builder.mul(kk, _i64(mr)), _i64(r))]),
+            lambda kk: builder.gep(b_ptr, [builder.mul(kk, _i64(nr))]),
+        )  # fmt: skip
         return context.get_dummy_value()
 
     return codegen
@@ -341,44 +324,12 @@ def _gemm_rows_codegen(mr, nv):
         a_ptr = builder.gep(_data(context, builder, aty, ap), [a_off])
         s_ptr = builder.gep(_data(context, builder, sty, src), [j0])
         o_ptr = builder.gep(_data(context, builder, oty, offsets), [o_off])
-        c_ptr = _data(context, builder, cty, c)
-        fma = _function(builder, "llvm.fma.v16f32", _VTY, [_VTY] * 3)
-
-        def const(v):
-            return ir.Constant(_I64, v)
-
-        c_rows = [
-            builder.gep(c_ptr, [builder.add(c_off, builder.mul(const(r), ldc))]) for r in range(mr)
-        ]
-        acc = [[cgutils.alloca_once(builder, _VTY) for _ in range(nv)] for _ in range(mr)]
-        with builder.if_else(cgutils.as_bool_bit(builder, accumulate)) as (load_c, zero_c):
-            with load_c:
-                for r in range(mr):
-                    for j in range(nv):
-                        v = builder.load(_vector_at(builder, c_rows[r], const(j * LANES)), align=4)
-                        builder.store(v, acc[r][j])
-            with zero_c:
-                for r in range(mr):
-                    for j in range(nv):
-                        builder.store(ir.Constant(_VTY, None), acc[r][j])
-        with cgutils.for_range(builder, k) as loop:
-            kk = loop.index
-            b_row = builder.gep(s_ptr, [builder.load(builder.gep(o_ptr, [kk]))])
-            a_row = builder.gep(a_ptr, [builder.mul(kk, const(mr))])
-            bv = [
-                builder.load(_vector_at(builder, b_row, const(j * LANES)), align=4)
-                for j in range(nv)
-            ]
-            for r in range(mr):
-                av = _splat(builder, builder.load(builder.gep(a_row, [const(r)])))
-                for j in range(nv):
-                    builder.store(
-                        builder.call(fma, [av, bv[j], builder.load(acc[r][j])]), acc[r][j]
-                    )
-        for r in range(mr):
-            for j in range(nv):
-                p = _vector_at(builder, c_rows[r], const(j * LANES))
-                builder.store(builder.load(acc[r][j]), p, align=4)
+        c_rows = _c_rows(builder, _data(context, builder, cty, c), c_off, ldc, mr)
+        _register_tile(
+            builder, mr, nv, c_rows, accumulate, k,
+            lambda kk, r: builder.gep(a_ptr, [builder.add(builder.mul(kk, _i64(mr)), _i64(r))]),
+            lambda kk: builder.gep(s_ptr, [builder.load(builder.gep(o_ptr, [kk]))]),
+        )  # fmt: skip
         return context.get_dummy_value()
 
     return codegen
