@@ -56,3 +56,17 @@ def test_calls_at_once_get_their_own_arenas(pool):
     with pool.checkout("a", _make(100)) as (a, _):
         with pool.checkout("a", _make(100)) as (a2, _):
             assert a.ctypes.data != a2.ctypes.data
+
+
+def test_the_running_count_of_idle_bytes_stays_the_sum(pool, monkeypatch):
+    # The pool counts its idle bytes as arenas come and go; every path must keep the count
+    # equal to the sum: reuse, take-over, eviction over the bound and over MAX_IDLE, clear.
+    monkeypatch.setattr(pool, "MAX_IDLE", 3)
+    sizes = [100, 70_000, 200_000, 150, 90_000, 260_000, 100, 5]
+    for n in sizes * 2:
+        with pool.checkout(f"k{n}", _make(n)):
+            assert pool._kept == pool.kept_bytes()
+        assert pool._kept == pool.kept_bytes()
+        assert pool.idle_workspaces() <= 3
+    pool.clear()
+    assert pool._kept == 0 == pool.kept_bytes()
