@@ -138,40 +138,55 @@ def split_mode(g, F, direct, n_threads=None):
 SPLIT_BACKOFF_S = (0.01, 1.0)
 
 
-class SplitTimer:
-    """Whether a call that can share the threads does so now: its first two calls run on one
-    thread (the second, compiled, sets the serial time); afterwards it shares unless two
-    shared calls in a row took over 1.5x the best serial one (one slow call is noise), which
-    sends the calls of the next back-off period (``SPLIT_BACKOFF_S``) to the serial kernel.
-    Attribute races only change which kernel runs (the same bits either way)."""
+class _Load:
+    """Whether other work holds the cores, as the timers last saw it: one state for the
+    process (the load is the machine's, not a layer's), so one detection sends every plan's
+    calls to one thread and the probes do not multiply with the layers."""
 
-    __slots__ = ("serial_calls", "serial_best", "serial_until", "slow", "backoff")
+    __slots__ = ("serial_until", "slow", "backoff")
 
     def __init__(self):
-        self.serial_calls = 0
-        self.serial_best = math.inf
         self.serial_until = 0.0
         self.slow = 0
         self.backoff = SPLIT_BACKOFF_S[0]
 
+
+_LOAD = _Load()
+
+
+class SplitTimer:
+    """Whether a call that can share the threads does so now: its first two calls run on one
+    thread (the second, compiled, sets the serial time); afterwards it shares unless two
+    shared calls in a row (of any plan) took over 1.5x their best serial time (one slow call
+    is noise), which sends every plan's calls of the next back-off period
+    (``SPLIT_BACKOFF_S``) to one thread. Attribute races only change which kernel runs (the
+    same bits either way)."""
+
+    __slots__ = ("serial_calls", "serial_best")
+
+    def __init__(self):
+        self.serial_calls = 0
+        self.serial_best = math.inf
+
     def run(self, call):
         """``call(shared)``: run the parallel kernel (``shared``) or its serial twin."""
+        load = _LOAD
         start = time.perf_counter()
-        shared = self.serial_calls >= 2 and start >= self.serial_until
+        shared = self.serial_calls >= 2 and start >= load.serial_until
         call(shared)
         elapsed = time.perf_counter() - start
         if not shared:
             self.serial_calls += 1
             self.serial_best = min(self.serial_best, elapsed)
         elif elapsed <= 1.5 * self.serial_best:
-            self.slow = 0
-            self.backoff = SPLIT_BACKOFF_S[0]
+            load.slow = 0
+            load.backoff = SPLIT_BACKOFF_S[0]
         else:
-            self.slow += 1
-            if self.slow >= 2:
-                self.slow = 0
-                self.serial_until = start + elapsed + self.backoff
-                self.backoff = min(2 * self.backoff, SPLIT_BACKOFF_S[1])
+            load.slow += 1
+            if load.slow >= 2:
+                load.slow = 0
+                load.serial_until = start + elapsed + load.backoff
+                load.backoff = min(2 * load.backoff, SPLIT_BACKOFF_S[1])
 
 
 _SPLIT_TIMERS: dict = {}  # the unprepared path's, by geometry

@@ -48,10 +48,16 @@ from .conv import (
 __all__ = ["SERIAL_CONV_FLOPS", "ACTIVATION_CODES", "ConvWeights", "ConvPlan", "make_plan",
            "conv2d_prepared"]  # fmt: skip
 
-# Direct-convolution FLOPs below which a call runs on the calling thread (no parallel region).
-# Measured on the deep-MNIST layers at batch 1 (3.6 MFLOP each; bench/predict_prepared.py):
-# the serial twin took 25-60 us where the parallel kernel took 60-170 us on the shared 2-core
-# host (the pool's wake-up). A batch-100 layer (360 MFLOP) keeps both threads.
+# Direct-convolution FLOPs below which a call runs on the calling thread (no parallel region),
+# and up to which a SplitTimer chooses call by call between the plan for every thread and the
+# plan for one (their bits are the same). Measured when this was one fixed limit of 2e7, on
+# the deep-MNIST layers at batch 1 (3.6 MFLOP each): the serial twin took 25-60 us where the
+# parallel kernel took 60-170 us on the shared 2-core host (the pool's wake-up, before
+# OpenMP's spin was capped). With the timer from 1e6 (2026-12-07, 2 threads, medians of 400
+# calls): deep-MNIST at batch 4 1056 -> ~820 us and LeNet-5 at batch 8 310 -> ~290 us idle,
+# level with one thread under a CPU hog (the parallel kernels alone there: 2.1 ms against
+# 1.06). A batch-100 layer (360 MFLOP) keeps both threads.
+PARALLEL_MIN_FLOPS = 1_000_000
 SERIAL_CONV_FLOPS = 20_000_000
 
 
@@ -121,33 +127,49 @@ class ConvPlan(NamedTuple):
     flat: bool  # one window covering the input: a Dense product (conv.is_flat)
     split: int  # 0, or how the threads share each image (_direct.SPLIT_COLUMNS / _FILTERS)
     entries: Entries  # the kernels' compiled entry points for this plan (_entry)
-    timer: SplitTimer | None  # with ``split``: whether a call shares the threads now
+    timer: SplitTimer | None  # with ``split`` or ``alt``: whether a call shares the threads now
+    alt: ConvPlan | None  # a small plan's one-thread twin (the timer chooses between them)
 
 
-def make_plan(g, weights, name, source):
-    """The :class:`ConvPlan` of geometry ``g`` (validated) with algorithm ``name``."""
+def make_plan(g, weights, name, source, serial=None):
+    """The :class:`ConvPlan` of geometry ``g`` (validated) with algorithm ``name`` (``serial``:
+    force the one-thread plan)."""
     F = weights.F
-    serial = 2 * g.N * F * g.C * g.kh * g.kw * g.OH * g.OW < SERIAL_CONV_FLOPS
+    flops = 2 * g.N * F * g.C * g.kh * g.kw * g.OH * g.OW
+    # between the two limits a Winograd or GEMM plan runs on every thread or on one, as its
+    # timer finds (the flat and pointwise products keep the fixed limit)
+    adaptive = serial is None and PARALLEL_MIN_FLOPS <= flops < SERIAL_CONV_FLOPS
+    forced = serial is not None
+    if serial is None:
+        serial = flops < SERIAL_CONV_FLOPS
     nt = 1 if serial else threads(g.N)
     wino = gemm = None
     if not name.startswith("winograd") and is_flat(g):
         return ConvPlan(g, name, source, serial, (g.N, F, 1, 1), None, None, False, True, 0,
-                        Entries(), None)  # fmt: skip
+                        Entries(), None, None)  # fmt: skip
     if name == "direct" and is_pointwise(g):
         return ConvPlan(g, name, source, serial, (g.N, F, g.OH, g.OW), None, None, True, False, 0,
-                        Entries(), None)  # fmt: skip
-    split = split_mode(g, F, name == "direct" and g.sh == 1 and g.sw == 1)
+                        Entries(), None, None)  # fmt: skip
+    split = 0 if forced else split_mode(g, F, name == "direct" and g.sh == 1 and g.sw == 1)
     if split:
         gemm = _gemm_setup(g, F, True, numba.get_num_threads(), split)
         return ConvPlan(g, name, source, False, (g.N, F, g.OH, g.OW), None, gemm, False, False,
-                        split, Entries(), SplitTimer())  # fmt: skip
+                        split, Entries(), SplitTimer(), None)  # fmt: skip
+    if adaptive and threads(g.N) > 1:
+        serial, nt = False, threads(g.N)
+    else:
+        adaptive = False
     if name.startswith("winograd"):
         m = 4 if name == "winograd4x4" else 2
         wino = (m, _winograd_setup(g.N, g.C, F, g.OH, g.OW, m, nt, g.ph, g.pw, g.W, False))
     # Winograd plans keep a GEMM plan for the calls it sends back (non-finite or huge values).
     gemm = _gemm_setup(g, F, g.sh == 1 and g.sw == 1 and name != "unfolded", nt)
+    if adaptive:
+        return ConvPlan(g, name, source, False, (g.N, F, g.OH, g.OW), wino, gemm, False, False,
+                        0, Entries(), SplitTimer(),
+                        make_plan(g, weights, name, source, serial=True))  # fmt: skip
     return ConvPlan(g, name, source, serial, (g.N, F, g.OH, g.OW), wino, gemm, False, False, 0,
-                    Entries(), None)  # fmt: skip
+                    Entries(), None, None)  # fmt: skip
 
 
 def choose(g, weights, dtype):
@@ -160,6 +182,18 @@ def conv2d_prepared(x, weights, plan, relu, res):
     """``act(conv(x) + bias [+ res])`` in x's dtype by ``plan``; ``relu`` an activation code
     (:data:`ACTIVATION_CODES`; ReLU6 without ``res``); ``res`` None or an array of the
     output's shape and dtype (validated, C-contiguous)."""
+    if plan.alt is None:
+        return _conv2d_plan(x, weights, plan, relu, res)
+    out = []
+    plan.timer.run(
+        lambda shared: out.append(
+            _conv2d_plan(x, weights, plan if shared else plan.alt, relu, res)
+        )  # fmt: skip
+    )
+    return out[0]
+
+
+def _conv2d_plan(x, weights, plan, relu, res):
     g = plan.g
     y = outputs.empty(plan.y_shape, x.dtype)
     yb, xb = bits_view(y), bits_view(x)

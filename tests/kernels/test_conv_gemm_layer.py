@@ -18,6 +18,7 @@ import fastconv as fc
 from fastconv import reference as ref
 from fastconv._checks import validate_conv
 from fastconv.cpu import _direct, _half, _matmul, conv
+from fastconv.cpu import prepared as cpu_prepared
 from fastconv.cpu._workspace import checkout
 from fastconv.prepared import prepare_conv2d
 from tests.conftest import assert_close
@@ -395,15 +396,16 @@ def test_split_timer_shares_while_sharing_pays_and_backs_off_under_load(monkeypa
     # A fake clock: each call "takes" the time the test gives it.
     now = [100.0]
     monkeypatch.setattr(conv.time, "perf_counter", lambda: now[0])
-    timer = conv.SplitTimer()
+    monkeypatch.setattr(conv, "_LOAD", conv._Load())  # the process's load state, fresh
+    timer, other = conv.SplitTimer(), conv.SplitTimer()
     kinds = []
 
-    def call(duration):
+    def call(duration, which=timer):
         def run(shared):
             kinds.append(shared)
             now[0] += duration
 
-        timer.run(run)
+        which.run(run)
 
     call(5.0)  # first call: compiles, serial
     call(1e-3)  # serial: the reference time
@@ -421,6 +423,40 @@ def test_split_timer_shares_while_sharing_pays_and_backs_off_under_load(monkeypa
     now[0] += conv.SPLIT_BACKOFF_S[0]
     call(1e-3)
     assert kinds[-3:] == [True, True, False]
+    for _ in range(2):
+        call(0.5e-3, other)  # another plan learns its serial time meanwhile
+    call(0.5e-3, other)  # and backs off with the others (the load is the machine's)
+    assert kinds[-1] is False
     now[0] += 2 * conv.SPLIT_BACKOFF_S[0]
     call(0.6e-3)  # the load is gone: shared, back-off reset
-    assert kinds[-1] is True and timer.backoff == conv.SPLIT_BACKOFF_S[0]
+    assert kinds[-1] is True and conv._LOAD.backoff == conv.SPLIT_BACKOFF_S[0]
+    call(0.3e-3, other)
+    assert kinds[-1] is True
+
+
+@pytest.mark.parametrize("algorithm", ["winograd4x4", "direct", "unfolded"])
+def test_small_plans_on_every_thread_or_one_give_the_same_bits(algorithm, dtype, rng):
+    # Between PARALLEL_MIN_FLOPS and SERIAL_CONV_FLOPS a prepared plan keeps a one-thread
+    # twin (``alt``) that its timer runs under load: the results must not depend on which.
+    x = rng.standard_normal((4, 16, 14, 14)).astype(dtype)
+    w = (rng.standard_normal((32, 16, 3, 3)) / 12).astype(dtype)
+    b = rng.standard_normal(32).astype(dtype)
+    prepared = prepare_conv2d(w, b, 1, 1)
+    previous = fc.set_conv_algorithm(algorithm)
+    try:
+        y = prepared(x, "relu")
+        (plan,) = prepared._plans.values()
+        g = plan.g
+        flops = 2 * g.N * 32 * g.C * 9 * g.OH * g.OW
+        assert cpu_prepared.PARALLEL_MIN_FLOPS <= flops < cpu_prepared.SERIAL_CONV_FLOPS
+        if numba.get_num_threads() < 2:
+            assert plan.alt is None  # (one thread: nothing to choose)
+            return
+        assert plan.alt is not None and plan.alt.serial and not plan.serial
+        code = cpu_prepared.ACTIVATION_CODES["relu"]
+        for which in (plan, plan.alt):
+            again = cpu_prepared._conv2d_plan(x, prepared._weights, which, code, None)
+            assert np.array_equal(again.view(np.uint8), y.view(np.uint8))
+        assert_close(y, np.maximum(ref.conv2d(x, w, b, 1, 1), 0.0), dtype, k=144)
+    finally:
+        fc.set_conv_algorithm(previous)
