@@ -26,6 +26,7 @@ from ._half import load, store_value
 from ._layout import (
     NO_ACTIVATION,
     add_residual_image,
+    add_residual_rows,
     image_range,
     serial_twin,
     stack_images,
@@ -141,20 +142,6 @@ SPLIT_FILTERS = 2  # each thread takes a band of filters (all output rows)
 
 
 @njit(cache=True)
-def add_residual_rows(y, res, n, m_lo, m_hi, oh_lo, oh_hi, relu):
-    """:func:`~fastconv.cpu._layout.add_residual_image` on channels ``m_lo:m_hi`` and rows
-    ``oh_lo:oh_hi`` of image ``n`` (one thread's block): the same value for each element."""
-    for m in range(m_lo, m_hi):
-        for r in range(oh_lo, oh_hi):
-            yr, rr = y[n, m, r], res[n, m, r]
-            for s in range(yr.shape[0]):
-                v = load(yr[s]) + load(rr[s])
-                if relu and v < np.float32(0.0):
-                    v = np.float32(0.0)
-                yr[s] = store_value(yr, v)
-
-
-@njit(cache=True)
 def _split_part(t, n_threads, split, x, wp, buf, acc, bp, cbuf, offsets, n0, count, bias, relu,
                 y, x_layout, g, res, has_res):  # fmt: skip
     """Thread ``t``'s share of a block of images: it stacks them into its own buffer (a
@@ -200,7 +187,7 @@ def forward_split(x, wp, bias, relu, y, ws, plan, x_layout, g, res, has_res, spl
     of the product (``split``: ``SPLIT_COLUMNS`` or ``SPLIT_FILTERS``) reading B in place
     and stores it. Bitwise the serial kernel's results: each output is the same FMA chain
     (:func:`~fastconv.cpu._matmul.gemm_offsets_part`) and the same epilogue, whichever
-    thread computes it. ``ws`` a :class:`ForwardWork` (``bp``/``cbuf`` unused)."""
+    thread computes it. ``ws`` a :class:`ForwardWork` (``bp`` unused: B is not packed)."""
     n_threads = ws.buf.shape[0]
     nb = plan.nb
     for n0 in range(0, x.shape[0], nb):

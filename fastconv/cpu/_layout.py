@@ -38,6 +38,7 @@ __all__ = [
     "store_rows",
     "add_residual_block",
     "add_residual_image",
+    "add_residual_rows",
     "serial_twin",
 ]
 
@@ -240,6 +241,16 @@ def store_rows(acc, col0, row_stride, dst, rows, cols, bias, relu):
 # --- residual epilogue (prepared inference: ResNet's relu(bn(conv(x)) + shortcut)) ---------
 
 
+@njit(inline="always")
+def _residual_sum(y_value, res_value, relu):
+    """``act(y + res)`` of two stored values, in float32 (NaN kept by the ReLU): what every
+    residual epilogue below writes back, rounded, into ``y``."""
+    v = load(y_value) + load(res_value)
+    if relu and v < np.float32(0.0):  # False for NaN: NaN is kept
+        v = np.float32(0.0)
+    return v
+
+
 @njit(cache=True)
 def add_residual_block(y, res, d_off, d_stride, rows, cols, relu):
     """``y[q] = act(y[q] + res[q])`` for the block ``q = d_off + c*d_stride + r`` (r < rows,
@@ -251,10 +262,7 @@ def add_residual_block(y, res, d_off, d_stride, rows, cols, relu):
     for c in range(cols):
         base = d_off + c * d_stride
         for r in range(rows):
-            v = load(yf[base + r]) + load(rf[base + r])
-            if relu and v < np.float32(0.0):  # False for NaN: NaN is kept
-                v = np.float32(0.0)
-            yf[base + r] = store_value(yf, v)
+            yf[base + r] = store_value(yf, _residual_sum(yf[base + r], rf[base + r], relu))
 
 
 @njit(cache=True)
@@ -264,10 +272,18 @@ def add_residual_image(y, res, n, relu):
     yn = y[n].reshape(-1)
     rn = res[n].reshape(-1)
     for q in range(yn.shape[0]):
-        v = load(yn[q]) + load(rn[q])
-        if relu and v < np.float32(0.0):
-            v = np.float32(0.0)
-        yn[q] = store_value(yn, v)
+        yn[q] = store_value(yn, _residual_sum(yn[q], rn[q], relu))
+
+
+@njit(cache=True)
+def add_residual_rows(y, res, n, m_lo, m_hi, oh_lo, oh_hi, relu):
+    """:func:`add_residual_image` on channels ``m_lo:m_hi`` and rows ``oh_lo:oh_hi`` of
+    image ``n``: one thread's block of a shared image (``_direct.forward_split``)."""
+    for m in range(m_lo, m_hi):
+        for r in range(oh_lo, oh_hi):
+            yr, rr = y[n, m, r], res[n, m, r]
+            for s in range(yr.shape[0]):
+                yr[s] = store_value(yr, _residual_sum(yr[s], rr[s], relu))
 
 
 def serial_twin(dispatcher):
