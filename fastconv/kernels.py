@@ -50,6 +50,13 @@ def missing_ops(kernel_set) -> list[str]:
     return [op for op in OPS if not callable(getattr(kernel_set, op, None))]
 
 
+def clamp6(y, xp=np):
+    """``y = min(y, 6)`` in place, NaN kept: the upper half of ReLU6 after a fused ReLU, with
+    the clip kernel's bits (6 is exact in float16). ``xp`` the array module of ``y``."""
+    xp.minimum(y, y.dtype.type(6.0), out=y)
+    return y
+
+
 def fusable_update(p, *others) -> bool:
     """May a fused optimizer kernel update ``p`` from ``others``? Float32 C-contiguous arrays of
     one shape and one library, ``p`` writable and sharing memory with none of the others (the

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _checks as chk
 from .device import CPU, device_of
-from .kernels import kernel_op
+from .kernels import clamp6, kernel_op
 
 __all__ = [
     "im2col",
@@ -177,25 +177,17 @@ def conv2d(x, w, b=None, stride=1, pad=0, activation=None, algorithm=None, *, gr
         return dev.zeros((0, w.shape[0], g.OH, g.OW), x.dtype)
     x, w, b = _contiguous(dev, x, w, b)
     act, clamp = _conv_activation(dev, activation)
-    return clamp(_launch(dev, dev.kernels.conv2d, x, w, b, g, act, **choice))
+    y = _launch(dev, dev.kernels.conv2d, x, w, b, g, act, **choice)
+    return clamp6(y, dev.xp) if clamp else y
 
 
 def _conv_activation(dev, activation):
-    """``(activation for the backend, what to apply after)``: a backend that does not list
-    "relu6" in ``conv_activations`` fuses the ReLU and the upper bound comes after, in place
-    (``min(y, 6)``: the clip kernel's bits, NaN kept)."""
+    """``(activation for the backend, whether to clamp at 6 after)``: a backend that does not
+    list "relu6" in ``conv_activations`` fuses the ReLU, and :func:`~fastconv.kernels.clamp6`
+    applies the upper bound after (the clip kernel's bits, NaN kept)."""
     if activation != "relu6" or "relu6" in dev.kernels.conv_activations:
-        return activation, _unchanged
-    return "relu", _clamp6
-
-
-def _unchanged(y):
-    return y
-
-
-def _clamp6(y):
-    device_of(y).xp.minimum(y, y.dtype.type(6.0), out=y)
-    return y
+        return activation, False
+    return "relu", True
 
 
 @kernel_op
@@ -397,7 +389,8 @@ def grouped_conv2d(x, w, b=None, stride=1, pad=0, activation=None, groups=1, dil
         return dev.zeros((0, p.F, p.OH, p.OW), x.dtype)
     x, w, b = _contiguous(dev, x, w, b)
     act, clamp = _conv_activation(dev, activation)
-    return clamp(_launch(dev, dev.kernels.grouped_conv2d, x, w, b, p, act))
+    y = _launch(dev, dev.kernels.grouped_conv2d, x, w, b, p, act)
+    return clamp6(y, dev.xp) if clamp else y
 
 
 @kernel_op

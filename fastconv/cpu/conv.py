@@ -31,6 +31,7 @@ import numba
 import numpy as np
 from numba import njit, prange
 
+from ..kernels import clamp6
 from . import _outputs as outputs
 from . import _select
 from . import _winograd as wg
@@ -169,11 +170,12 @@ class SplitTimer:
         self.serial_best = math.inf
 
     def run(self, call):
-        """``call(shared)``: run the parallel kernel (``shared``) or its serial twin."""
+        """``call(shared)``: run the parallel kernel (``shared``) or its serial twin; returns
+        what it returns."""
         load = _LOAD
         start = time.perf_counter()
         shared = self.serial_calls >= 2 and start >= load.serial_until
-        call(shared)
+        result = call(shared)
         elapsed = time.perf_counter() - start
         if not shared:
             self.serial_calls += 1
@@ -187,6 +189,7 @@ class SplitTimer:
                 load.slow = 0
                 load.serial_until = start + elapsed + load.backoff
                 load.backoff = min(2 * load.backoff, SPLIT_BACKOFF_S[1])
+        return result
 
 
 _SPLIT_TIMERS: dict = {}  # the unprepared path's, by geometry
@@ -506,15 +509,8 @@ def _fold_all(dcol, dx, g):
 def fuses_relu6(name, g) -> bool:
     """Whether algorithm ``name``'s epilogue applies ReLU6 for geometry ``g`` (the direct,
     unfolded and pointwise stores); Winograd's and the flat product's apply the ReLU, and
-    :func:`clamp6` the upper bound after."""
+    :func:`fastconv.kernels.clamp6` the upper bound after."""
     return not name.startswith("winograd") and not is_flat(g)
-
-
-def clamp6(y):
-    """``y = min(y, 6)`` in place (NaN kept): the upper half of ReLU6 after a fused ReLU,
-    with the bits of the clip kernel's (6 is exact in float16)."""
-    np.minimum(y, y.dtype.type(6.0), out=y)
-    return y
 
 
 def _forward_with(name, x, w, b, g, activation):

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numba
 import numpy as np
 
+from ..kernels import clamp6
 from . import _outputs as outputs
 from . import _select
 from . import _winograd as wg
@@ -38,7 +39,6 @@ from .conv import (
     SplitTimer,
     _gemm_setup,
     _winograd_setup,
-    clamp6,
     filter_operands,
     is_flat,
     is_pointwise,
@@ -136,11 +136,8 @@ def make_plan(g, weights, name, source, serial=None):
     force the one-thread plan)."""
     F = weights.F
     flops = 2 * g.N * F * g.C * g.kh * g.kw * g.OH * g.OW
-    # between the two limits a Winograd or GEMM plan runs on every thread or on one, as its
-    # timer finds (the flat and pointwise products keep the fixed limit)
-    adaptive = serial is None and PARALLEL_MIN_FLOPS <= flops < SERIAL_CONV_FLOPS
     forced = serial is not None
-    if serial is None:
+    if not forced:
         serial = flops < SERIAL_CONV_FLOPS
     nt = 1 if serial else threads(g.N)
     wino = gemm = None
@@ -155,10 +152,11 @@ def make_plan(g, weights, name, source, serial=None):
         gemm = _gemm_setup(g, F, True, numba.get_num_threads(), split)
         return ConvPlan(g, name, source, False, (g.N, F, g.OH, g.OW), None, gemm, False, False,
                         split, Entries(), SplitTimer(), None)  # fmt: skip
-    if adaptive and threads(g.N) > 1:
+    # Between the two limits a Winograd or GEMM plan runs on every thread or on one, as its
+    # timer finds (the flat and pointwise products above keep the fixed limit).
+    adaptive = not forced and flops >= PARALLEL_MIN_FLOPS and serial and threads(g.N) > 1
+    if adaptive:
         serial, nt = False, threads(g.N)
-    else:
-        adaptive = False
     if name.startswith("winograd"):
         m = 4 if name == "winograd4x4" else 2
         wino = (m, _winograd_setup(g.N, g.C, F, g.OH, g.OW, m, nt, g.ph, g.pw, g.W, False))
@@ -184,13 +182,9 @@ def conv2d_prepared(x, weights, plan, relu, res):
     output's shape and dtype (validated, C-contiguous)."""
     if plan.alt is None:
         return _conv2d_plan(x, weights, plan, relu, res)
-    out = []
-    plan.timer.run(
-        lambda shared: out.append(
-            _conv2d_plan(x, weights, plan if shared else plan.alt, relu, res)
-        )  # fmt: skip
+    return plan.timer.run(
+        lambda shared: _conv2d_plan(x, weights, plan if shared else plan.alt, relu, res)
     )
-    return out[0]
 
 
 def _conv2d_plan(x, weights, plan, relu, res):
