@@ -25,10 +25,10 @@ outputs clipped at an edge, so LLVM vectorises the loops: 4-15x faster than the 
 on GoogLeNet's and AlexNet's pools in float32, 15-57x in float16 (docs/kernels.md, "Max
 pooling forward").
 
-The general max-pool backward takes the maxima from that forward and routes each window's
-gradient to its first tap equal to the maximum (or NaN), searching tap by tap over whole
-output rows (vectorised) instead of window by window; the gradients are added in output order
-(the bits of the window-by-window argmax it replaced: 7-20x faster on GoogLeNet's pools).
+The general max-pool backward runs the same two passes, each carrying its maximum's position
+beside the value, then adds every window's gradient at its maximum's position in output order
+(the bits of the window-by-window argmax; 3-8x faster on GoogLeNet's pools than the search of
+each window's taps for the forward's maximum that it replaced).
 
 The deep-MNIST net only uses 2x2 stride-2 unpadded max pooling, so that case has its own
 kernels: no window bounds to clip, a branch-free 4-way max, and a backward pass that writes
@@ -37,7 +37,6 @@ every input pixel exactly once instead of zeroing and scattering.
 
 from __future__ import annotations
 
-import numba
 import numpy as np
 from numba import njit, prange, types
 from numba.extending import overload
@@ -321,71 +320,197 @@ def _max_forward(x, out, kh, kw, sh, sw, ph, pw):
 # --- general kernels (any size, stride, pad): max backward, average ---------------------------
 
 
-@njit(cache=True)
-def _max_route_planes(x, y, dy, dx, p0, p1, kh, kw, sh, sw, ph, pw):
-    """Max-pool backward of planes ``p0:p1`` given the forward's maxima ``y``.
+@njit(inline="always")
+def _arg_position(isrc, ibase, o):
+    """Block position of source value ``o``: ``o`` itself when the source is the block's
+    input (``isrc`` None: compiled away), else ``ibase + isrc[o]``."""
+    if isrc is None:
+        return np.int32(o)
+    return np.int32(ibase) + isrc[o]
 
-    Which pixel a window's gradient goes to is the first of its taps, in row-major order
-    inside the clipped window, whose value equals the maximum (or is NaN when the maximum
-    is NaN): the pixel the scalar argmax chose (first maximum wins, the first NaN sticks). The
-    search runs tap by tap over a whole output row (``idx[ow]`` keeps the first hit: one
-    compare and select per tap and output, vectorised), not window by window; the gradients
-    are then added in output order, so overlapping windows sum in the order PyTorch's
-    scatter uses, in float32 (also for half)."""
-    H, W = x.shape[1], x.shape[2]
-    OH, OW = y.shape[1], y.shape[2]
-    # Flat views and unsigned offsets: no wraparound tests on the indices, so the tap loop
-    # vectorises (as in the forward kernels above).
-    xf = x.reshape(x.size)
-    yf = y.reshape(y.size)
-    acc = np.empty(H * W, dtype=np.float32)
-    idx = np.empty(OW, dtype=np.int64)
-    usw = np.uint64(sw)
-    for p in range(p0, p1):
-        for k in range(H * W):
-            acc[k] = np.float32(0.0)
-        for oh in range(OH):
-            yo = np.uint64((p * OH + oh) * OW)
-            for ow in range(OW):
-                idx[ow] = -1
-            for i in range(kh):
-                h = oh * sh - ph + i
-                if h < 0 or h >= H:
-                    continue
-                for j in range(kw):
-                    # outputs whose tap j lies inside the row: 0 <= ow*sw - pw + j < W
-                    lo = (pw - j + sw - 1) // sw if pw > j else 0
-                    hi = min(OW, (W - 1 + pw - j) // sw + 1)
-                    if hi <= lo:
-                        continue
-                    w0 = lo * sw - pw + j  # >= 0
-                    xo = np.uint64((p * H + h) * W + w0)
-                    pix = np.int64(h * W + w0)
-                    ulo = np.uint64(lo)
-                    for q in range(np.uint64(hi - lo)):
-                        v = load(xf[xo + q * usw])
-                        m = load(yf[yo + ulo + q])
-                        cur = idx[ulo + q]
-                        hit = (cur < 0) & ((v == m) | ((v != v) & (m != m)))
-                        idx[ulo + q] = pix + np.int64(q) * sw if hit else cur
-            dyr = dy[p, oh]
-            for ow in range(OW):
-                k = idx[ow]
-                if k >= 0:  # always: every window holds its own maximum
-                    acc[k] += load(dyr[ow])
-        dxp = dx[p]
-        for h in range(H):
-            row = dxp[h]
-            for w in range(W):
-                row[w] = store_value(dx, acc[h * W + w])
+
+@njit(inline="always")
+def _arg3(src, isrc, ibase, o0, o1, o2, st, dst, idst, d0, ds, m):
+    """``dst``/``idst`` = value and position of the first maximum of three source streams
+    (offsets ``o0``, ``o1``, ``o2``, stride ``st``) under :func:`_pick`, for i < m. Fewer
+    taps repeat the last one: a repeated value never replaces itself (NaN included), so the
+    position stays the first's."""
+    for i in range(m):
+        v = src[o0 + i * st]
+        k = _arg_position(isrc, ibase, o0 + i * st)
+        v1 = src[o1 + i * st]
+        k1 = _arg_position(isrc, ibase, o1 + i * st)
+        take = (not (v1 <= v)) & (v == v)
+        v = v1 if take else v
+        k = k1 if take else k
+        v2 = src[o2 + i * st]
+        k2 = _arg_position(isrc, ibase, o2 + i * st)
+        take = (not (v2 <= v)) & (v == v)
+        dst[d0 + i * ds] = v2 if take else v
+        idst[d0 + i * ds] = k2 if take else k
+
+
+@njit(inline="always")
+def _arg_fold(src, isrc, ibase, ot, st, dst, idst, d0, ds, m):
+    """Fold one more tap (offset ``ot``) into ``dst``/``idst`` (windows of over 3 taps)."""
+    for i in range(m):
+        v = src[ot + i * st]
+        k = _arg_position(isrc, ibase, ot + i * st)
+        best = dst[d0 + i * ds]
+        take = (not (v <= best)) & (best == best)
+        dst[d0 + i * ds] = v if take else best
+        idst[d0 + i * ds] = k if take else idst[d0 + i * ds]
+
+
+@njit(inline="always")
+def _taps_arg(src, isrc, ibase, off, stride, step, taps, dst, idst, doff, n, dstride):
+    """:func:`_taps` that also writes, in ``idst``, the block position of each maximum: the
+    source offset itself (``isrc`` None) or ``ibase + isrc[offset]``. ``dst`` is float32."""
+    if n <= 0:
+        return
+    o0 = np.uint64(off)
+    st = np.uint64(stride)
+    d0 = np.uint64(doff)
+    ds = np.uint64(dstride)
+    m = np.uint64(n)
+    o1 = o0 + np.uint64(min(taps - 1, 1) * step)
+    o2 = o0 + np.uint64(min(taps - 1, 2) * step)
+    _arg3(src, isrc, ibase, o0, o1, o2, st, dst, idst, d0, ds, m)
+    for t in range(3, taps):
+        _arg_fold(src, isrc, ibase, o0 + np.uint64(t * step), st, dst, idst, d0, ds, m)
+
+
+@njit(inline="always")
+def _taps_stride2_arg(split, spos, ibase, half, c, cstep, dst, idst, doff, dstep, count, n, kw):
+    """:func:`_taps_stride2` that also writes each maximum's block position (``ibase`` +
+    ``spos``, the positions split as the values were)."""
+    if n <= 0:
+        return
+    m = np.uint64(n)
+    one = np.uint64(1)
+    for r in range(count):
+        cr = c + r * cstep
+        d0 = np.uint64(doff + r * dstep)
+        o0 = _split_start(half, cr)
+        o1 = _split_start(half, cr + min(kw - 1, 1))
+        o2 = _split_start(half, cr + min(kw - 1, 2))
+        _arg3(split, spos, ibase, o0, o1, o2, one, dst, idst, d0, one, m)
+        for t in range(3, kw):
+            _arg_fold(split, spos, ibase, _split_start(half, cr + t), one, dst, idst, d0, one, m)
+
+
+@njit(cache=True)
+def _max_route_block(x, dy, dx, B, H, W, OH, OW, kh, kw, sh, sw, ph, pw):
+    """Max-pool backward of ``B`` consecutive planes (flat: ``x``/``dx`` B*H*W, ``dy``
+    B*OH*OW): the forward's separable passes of :func:`_max_block`, each carrying the block
+    position of its maximum beside the value, then every window's gradient added at its
+    maximum's position in output order, in float32.
+
+    The position is the first maximum's in row-major window order (the element whose bits
+    the forward outputs, see :func:`_max_block`): the pixel a window-by-window argmax picks
+    (first maximum wins, the first NaN sticks). Tracking it through the vectorised passes
+    replaced a search of every window's taps for the forward's maximum (a compare and select
+    per tap and output: 3-8x slower on GoogLeNet's pools, docs/pooling.md).
+    """
+    xf = _float_plane(x)
+    R = B * H
+    lo = min(OW, (pw + sw - 1) // sw)
+    hi = max(lo, min(OW, (W + pw - kw) // sw + 1))
+    if sw == 1 and OW <= W:
+        RS, flat = W, True
+    elif sw == 2 and W % 2 == 0 and OW <= W // 2:
+        RS, flat = W // 2, True
+    else:
+        RS, flat = OW, False
+    rows = np.empty(R * RS, np.float32)
+    where = np.empty(R * RS, np.int32)  # block position of each row maximum
+    CH = max(1, MAX_POOL_CHUNK_VALUES // W)
+    split = np.empty(min(R, CH) * W if sw == 2 else 0, np.float32)
+    order = np.empty(min(R, CH) * W if sw == 2 else 0, np.int32)
+    spos = np.empty(min(R, CH) * W if sw == 2 else 0, np.int32)
+    for k in range(order.size):
+        order[k] = k
+    split_rows = 0  # the chunk length spos holds the split positions of
+    for r0 in range(0, R, CH):
+        m = min(R - r0, CH)
+        xb, rb = r0 * W, r0 * RS
+        n = (m - 1) * RS + hi - lo if hi > lo else 0
+        if sw == 2:
+            half = _split(xf, xb, m * W, split)
+            if m != split_rows:  # the first chunk, and a shorter last one
+                _split(order, 0, m * W, spos)
+                split_rows = m
+            if flat:
+                _taps_stride2_arg(split, spos, xb, half, 2 * lo - pw, 0, rows, where, rb + lo, 0,
+                                  1, n, kw)  # fmt: skip
+            else:
+                _taps_stride2_arg(split, spos, xb, half, 2 * lo - pw, W, rows, where, rb + lo,
+                                  RS, m, hi - lo, kw)  # fmt: skip
+        elif flat:
+            _taps_arg(xf, None, 0, xb + lo - pw, 1, 1, kw, rows, where, rb + lo, n, 1)
+        else:
+            for r in range(r0, r0 + m):
+                _taps_arg(xf, None, 0, r * W + lo * sw - pw, sw, 1, kw, rows, where,
+                          r * RS + lo, hi - lo, 1)  # fmt: skip
+        for j in range(lo + OW - hi):
+            ow = j if j < lo else hi + j - lo
+            ws, we = _clip(ow * sw - pw, kw, W)
+            _taps_arg(xf, None, 0, xb + ws, W, 1, we - ws, rows, where, rb + ow, m, RS)
+    # Vertical pass: each output's maximum over its window's row maxima, and its position.
+    best = np.empty(B * OH * OW, np.float32)
+    pick = np.empty(B * OH * OW, np.int32)
+    plane_rows, plane_out = H * RS, OH * OW
+    if sh == 1 and RS == OW:
+        oh0 = min(OH, ph)
+        oh1 = max(oh0, min(OH, H - kh + ph + 1))
+        if OH == H and oh1 > oh0:
+            n = (B - 1) * plane_out + (oh1 - oh0) * OW
+            _taps_arg(rows, where, 0, (oh0 - ph) * OW, 1, OW, kh, best, pick, oh0 * OW, n, 1)
+        else:
+            for b in range(B):
+                rb, ob = b * plane_rows, b * plane_out
+                n = (oh1 - oh0) * OW
+                _taps_arg(rows, where, 0, rb + (oh0 - ph) * OW, 1, OW, kh, best, pick,
+                          ob + oh0 * OW, n, 1)  # fmt: skip
+        for b in range(B):
+            rb, ob = b * plane_rows, b * plane_out
+            for oh in range(oh0):
+                hs, he = _clip(oh - ph, kh, H)
+                _taps_arg(rows, where, 0, rb + hs * OW, 1, OW, he - hs, best, pick,
+                          ob + oh * OW, OW, 1)  # fmt: skip
+            for oh in range(oh1, OH):
+                hs, he = _clip(oh - ph, kh, H)
+                _taps_arg(rows, where, 0, rb + hs * OW, 1, OW, he - hs, best, pick,
+                          ob + oh * OW, OW, 1)  # fmt: skip
+    else:
+        for b in range(B):
+            rb, ob = b * plane_rows, b * plane_out
+            for oh in range(OH):
+                hs, he = _clip(oh * sh - ph, kh, H)
+                _taps_arg(rows, where, 0, rb + hs * RS, 1, RS, he - hs, best, pick,
+                          ob + oh * OW, OW, 1)  # fmt: skip
+    # Scatter in output order (overlapping windows sum in PyTorch's order), in float32.
+    acc = np.zeros(B * H * W, np.float32)
+    for o in range(B * OH * OW):
+        acc[pick[o]] += load(dy[o])
+    for k in range(B * H * W):
+        dx[k] = store_value(dx, acc[k])
 
 
 @njit(parallel=True, cache=True)
-def _max_backward(dy, x, y, dx, kh, kw, sh, sw, ph, pw, tasks):
-    P = x.shape[0]
-    for t in prange(tasks):
-        _max_route_planes(x, y, dy, dx, t * P // tasks, (t + 1) * P // tasks, kh, kw, sh, sw,
-                          ph, pw)  # fmt: skip
+def _max_backward(dy, x, dx, kh, kw, sh, sw, ph, pw):
+    P, H, W = x.shape
+    OH, OW = dy.shape[1], dy.shape[2]
+    xf = x.reshape(P * H * W)
+    dyf = dy.reshape(P * OH * OW)
+    dxf = dx.reshape(P * H * W)
+    B = max(1, MAX_POOL_BLOCK_VALUES // (H * W))
+    for k in prange((P + B - 1) // B):
+        p0 = k * B
+        p1 = min(P, p0 + B)
+        _max_route_block(xf[p0 * H * W : p1 * H * W], dyf[p0 * OH * OW : p1 * OH * OW],
+                         dxf[p0 * H * W : p1 * H * W], p1 - p0, H, W, OH, OW, kh, kw, sh, sw,
+                         ph, pw)  # fmt: skip
 
 
 @njit(inline="always")
@@ -623,6 +748,7 @@ _max_forward_2x2_serial = serial_twin(_max_forward_2x2)
 _max_forward_serial = serial_twin(_max_forward)
 _avg_forward_serial = serial_twin(_avg_forward)
 _avg_forward_2x2_serial = serial_twin(_avg_forward_2x2)
+_max_backward_serial = serial_twin(_max_backward)
 
 
 def _general_max(xp, out, g) -> bool:
@@ -651,14 +777,9 @@ def max_pool2d_backward(dy, x, g):
     if _is_2x2(g):
         _backward_2x2_kernel_for(xp.dtype)(dyp, xp, dx)
     else:
-        # The maxima again (the vectorised forward), then the routing; the windows are not
-        # recomputed pixel by pixel.
-        y = np.empty((g.N * g.C, g.OH, g.OW), xp.dtype)
-        if _general_max(xp, y, g):  # small: on this thread, no parallel region
-            _max_route_planes(xp, y, dyp, dx, 0, xp.shape[0], *_window_args(g))
-        else:
-            tasks = min(xp.shape[0], 4 * numba.get_num_threads())
-            _max_backward(dyp, xp, y, dx, *_window_args(g), tasks)
+        # The forward's passes again, carrying each maximum's position, then the scatter.
+        serial = xp.size < SERIAL_POOL_VALUES
+        (_max_backward_serial if serial else _max_backward)(dyp, xp, dx, *_window_args(g))
     return from_bits(dx, x.dtype).reshape(g.x_shape)
 
 
