@@ -84,9 +84,14 @@ def make_calls(layer: Layer, seed: int = 0) -> dict[str, dict[str, Callable[[], 
             "backward": lambda: ref.conv2d_backward(dy64, x64, w64, 1, p),
         }
         if torch is not None:
-            xt, wt, bt, dyt = (
-                torch.from_numpy(a.astype(np.float32)) for a in (x64, w64, b64, dy64)
+            # PyTorch at its best here: channels_last tensors (oneDNN's blocked kernels without
+            # a reorder around each call), as a channels_last model runs them.
+            cl = torch.channels_last
+            xt, wt, dyt = (
+                torch.from_numpy(a.astype(np.float32)).contiguous(memory_format=cl)
+                for a in (x64, w64, dy64)
             )
+            bt = torch.from_numpy(b64.astype(np.float32))
             conv_bwd = torch.ops.aten.convolution_backward
             calls["torch"] = {
                 "forward": lambda: torch.relu(torch.nn.functional.conv2d(xt, wt, bt, padding=p)),
@@ -108,8 +113,8 @@ def make_calls(layer: Layer, seed: int = 0) -> dict[str, dict[str, Callable[[], 
         }
         if torch is not None:
             xt, dyt = (
-                torch.from_numpy(x64.astype(np.float32)),
-                torch.from_numpy(dy64.astype(np.float32)),
+                torch.from_numpy(a.astype(np.float32)).contiguous(memory_format=torch.channels_last)
+                for a in (x64, dy64)
             )
             # Training runs the forward that records argmax indices and the backward using them.
             _, idx = torch.ops.aten.max_pool2d_with_indices(xt, [2, 2], [2, 2])
