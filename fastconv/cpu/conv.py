@@ -265,7 +265,7 @@ def _gemm_forward(x, w, b, g, activation, direct):
 
 def _gemm_backward(dy, x, w, g, need_dx, direct):
     F = w.shape[0]
-    if not direct and _unfolded_by_gemm_layer(g, F):
+    if _backward_by_gemm_layer(g, F):
         out = _weight_grad_gemm(dy, x, w, g, need_dx)
         return out if need_dx else (None, *out)
     K, P = g.C * g.kh * g.kw, g.OH * g.OW
@@ -430,12 +430,17 @@ def _dw_by_gemm(g, F) -> bool:
     return 2 * F >= g.N * g.OH * g.OW
 
 
-# The unfolded path's backward as two GEMM-layer products over all images (dW = dy @ col^T,
-# dcol = W^T @ dy, folded back) instead of per-thread blocks with gemm_nt/gemm_nn and partial
-# dW sums, where 8F >= N*P. One thread, ResNet's strided layers at batch 8, time / the
-# blocks': 8F/(N*P) = 10.4: 0.54-0.58, 1.3: 0.81-0.85; 0.16: 1.02-1.21 (kept on the blocks).
-def _unfolded_by_gemm_layer(g, F) -> bool:
-    return 8 * F >= g.N * g.OH * g.OW
+# The direct and unfolded paths' backward as two GEMM-layer products over all images (dW =
+# dy @ col^T, dcol = W^T @ dy, folded back) instead of per-thread blocks with gemm_nt/gemm_nn
+# and partial dW sums, where 8F >= N*P, and for 1x1 convolutions (whose col is x itself,
+# re-laid) where 16F >= N*P. Time / the blocks', batch 8: unfolded, one thread, ResNet's
+# strided layers: 8F/(N*P) = 10.4: 0.54-0.58, 1.3: 0.81-0.85; 0.16: 1.02-1.21 (kept on the
+# blocks). Direct, 2 threads, GoogLeNet's layers (2026-12-07): 1x1 8F/(N*P) = 5.2: 0.34-0.40,
+# 2.6: 0.40-0.42, 0.98: 0.56-0.70, 0.57: 0.72, 0.49: 0.51-0.68, 0.33: 0.87-0.90, 0.08:
+# 1.14-1.49; 5x5 2.6: 0.59-0.66, 0.33: 1.06-1.14.
+def _backward_by_gemm_layer(g, F) -> bool:
+    pixels = g.N * g.OH * g.OW
+    return 8 * F >= pixels or (is_pointwise(g) and 16 * F >= pixels)
 
 
 @njit(cache=True, parallel=True)

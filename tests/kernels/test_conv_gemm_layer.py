@@ -212,33 +212,42 @@ def test_small_map_weight_gradient_with_non_finite_values(rng):
     assert np.array_equal(np.isinf(db), np.isinf(rdb))
 
 
-# --- the unfolded backward as two GEMM-layer products (conv._unfolded_by_gemm_layer) ----------
+# --- the direct and unfolded backward as two GEMM-layer products -----------------------------
+# (conv._backward_by_gemm_layer)
 
-# N, C, H, F, k, stride, pad: 8F >= N*OH*OW (many filters, small outputs)
+# N, C, H, F, k, stride, pad: 8F >= N*OH*OW (many filters, small outputs), or a 1x1
+# convolution with 16F >= N*OH*OW (the last two)
 UNFOLDED_BACKWARD_CASES = [
     (2, 16, 7, 24, 3, 2, 1),
     (3, 5, 9, 40, 1, 2, 0),
     (1, 8, 11, 16, 5, 3, 2),
     (4, 3, 6, 50, 2, 1, 0),
+    (2, 24, 6, 5, 1, 1, 0),
+    (3, 40, 7, 10, 1, 1, 0),
 ]
 
 
-@pytest.mark.parametrize("case", UNFOLDED_BACKWARD_CASES, ids=str)
-def test_unfolded_backward_on_the_gemm_layer(case, dtype, rng):
+@pytest.mark.parametrize(
+    "case,algorithm",
+    [(c, a) for c in UNFOLDED_BACKWARD_CASES for a in ("unfolded", "direct")
+     if a == "unfolded" or c[5] == 1],  # the direct path needs stride 1
+    ids=str,
+)  # fmt: skip
+def test_unfolded_backward_on_the_gemm_layer(case, algorithm, dtype, rng):
     N, C, H, F, k, stride, pad = case
     x = rng.standard_normal((N, C, H, H)).astype(dtype)
     w = (rng.standard_normal((F, C, k, k)) / np.sqrt(C * k * k)).astype(dtype)
     g = validate_conv(x, w, None, stride, pad).geometry()
-    assert conv._unfolded_by_gemm_layer(g, F)
+    assert conv._backward_by_gemm_layer(g, F)
     dy = rng.standard_normal((N, F, g.OH, g.OW)).astype(dtype)
-    dx, dw, db = fc.conv2d_backward(dy, x, w, stride, pad, algorithm="unfolded")
+    dx, dw, db = fc.conv2d_backward(dy, x, w, stride, pad, algorithm=algorithm)
     rdx, rdw, rdb = ref.conv2d_backward(dy, x, w, stride, pad)
     assert dx.dtype == dw.dtype == db.dtype == dtype
     assert_close(dx, rdx, dtype, k=F * k * k)
     assert_close(dw, rdw, dtype, k=N * g.OH * g.OW)
     assert_close(db, rdb, dtype, k=N * g.OH * g.OW)
     none, dw2, db2 = fc.conv2d_backward(dy, x, w, stride, pad, need_dx=False,
-                                        algorithm="unfolded")  # fmt: skip
+                                        algorithm=algorithm)  # fmt: skip
     assert none is None
     assert np.array_equal(dw2.view(np.uint8), dw.view(np.uint8))
 
