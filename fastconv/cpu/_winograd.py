@@ -148,6 +148,7 @@ _a2, _a4 = make_apply(np.array(_AT[2]).T), make_program(4, 6, _a4_program)
 # groups of 50 images in bands of ~512 columns, and ahead of groups of 8, 12, 25 or 32.
 _TARGET_COLUMNS = 128  # columns (tile-row runs of a band) per work item, at least one row
 _MAX_GROUP = 16  # images per group
+_MIN_BLOCK_FILTERS = 32  # filters per block at least, where threads share the filters
 
 
 class WinogradPlan(NamedTuple):
@@ -166,6 +167,13 @@ class WinogradPlan(NamedTuple):
     FN: int  # output channels rounded up to the dW micro-kernel's columns (16 or 32)
     top: int  # zero rows above the input (the padding)
     left: int  # zero columns left of the input
+    nfb: int  # filter blocks: forward work items per (group, band), each its own filters
+    fb: int  # filters per block (a multiple of MR)
+
+    @property
+    def items(self) -> int:
+        """Work items of a call: (group, band, filter block) triples."""
+        return self.ngroups * self.nbands * self.nfb
 
 
 class WinogradWork(NamedTuple):
@@ -180,10 +188,19 @@ class WinogradWork(NamedTuple):
     offs: np.ndarray  # int64 (threads, 3, k): stream offsets (transforms, dW GEMM), column offsets
 
 
-def make_plan(N, C, F, OH, OW, m, n_threads, top, left):
+def make_plan(N, C, F, OH, OW, m, n_threads, top, left, split_filters=False):
     """The :class:`WinogradPlan` of a call: groups of images and bands of tile rows such that
-    a work item has about ``_TARGET_COLUMNS`` columns and there is work for every thread."""
+    a work item has about ``_TARGET_COLUMNS`` columns and there is work for every thread.
+
+    With ``split_filters`` (forward calls; the weight gradient sums over items) threads left
+    idle by too few (group, band) items share the filters instead of the tile rows: each
+    item then transforms the same band and multiplies it by its block of U. Splitting the
+    tile rows of small maps left items of fewer columns than a micro-kernel panel (7x7 maps
+    at batch 8: 16 of 32), and each thread read all of U. Same bits either way: every
+    output is the same chain of products.
+    """
     TH, TW = -(-OH // m), -(-OW // m)
+    Fp = -(-F // MR) * MR
     ngroups = -(-N // _MAX_GROUP)
     if N >= 8 * n_threads:
         # A multiple of the thread count: threads get whole groups of nearly equal size
@@ -194,18 +211,22 @@ def make_plan(N, C, F, OH, OW, m, n_threads, top, left):
     ngroups = -(-N // G)
     nr_target = max(1, min(TH, round(_TARGET_COLUMNS / (TW * G))))
     nbands = -(-TH // nr_target)
-    if ngroups * nbands < n_threads:
+    nfb, fb = 1, Fp
+    if split_filters and ngroups * nbands < n_threads and Fp >= 2 * _MIN_BLOCK_FILTERS:
+        want = -(-n_threads // (ngroups * nbands))
+        fb = -(-max(_MIN_BLOCK_FILTERS, -(-Fp // want)) // MR) * MR
+        nfb = -(-Fp // fb)
+    if ngroups * nbands * nfb < n_threads:
         nbands = min(TH, -(-n_threads // ngroups))  # split tile rows between threads
     nr = -(-TH // nbands)
     nbands = -(-TH // nr)
-    if ngroups * nbands < n_threads and N > ngroups:  # still idle threads: smaller groups
+    if ngroups * nbands * nfb < n_threads and N > ngroups:  # still idle: smaller groups
         G = -(-N // min(N, -(-n_threads // nbands)))
         ngroups = -(-N // G)
     ldv = -(-(nr * TW * G) // NR) * NR
-    Fp = -(-F // MR) * MR
     Cr = -(-C // MR) * MR
     FN = -(-F // 16) * 16 if F <= 16 else -(-F // NR) * NR
-    return WinogradPlan(m, G, ngroups, nr, nbands, TH, TW, ldv, Fp, Cr, FN, top, left)
+    return WinogradPlan(m, G, ngroups, nr, nbands, TH, TW, ldv, Fp, Cr, FN, top, left, nfb, fb)
 
 
 def work_shapes(plan, C, F, W_in, W_out, backward_weights=False):
@@ -233,7 +254,11 @@ _DW2 = make_apply(np.kron(_G[2], _G[2]).T)
 _DW4 = make_apply(np.kron(_G[4], _G[4]).T)
 
 
-@njit(cache=True)
+# Filter pairs per task of the weight transform (a multiple of 16: the gathers' blocks).
+TRANSFORM_CHUNK = 4096
+
+
+@njit(cache=True, parallel=True)
 def _transform_weights(w, m, for_dx, taps, u, offs):
     """u[xi, r, s] = (G g G^T)[xi] of every filter pair, vectorised over the pairs; returns
     how many weights are not finite or not below LIMIT.
@@ -242,32 +267,42 @@ def _transform_weights(w, m, for_dx, taps, u, offs):
     rows r = input channels c, columns s = filters f, and g = w[f, c] rotated by 180 degrees
     (dx is the convolution of dy with the flipped, transposed filters). ``taps`` (9 x pairs)
     receives the taps tap-major first, through 16 x 16 transposes.
+
+    Chunks of :data:`TRANSFORM_CHUNK` pairs run in parallel, each with its own offsets (rows
+    of ``offs``): every value is computed as in one pass, so the bits do not depend on the
+    chunks. One thread took 8.2 ms for ResNet's 512x512 layers in F(4x4) (U 38 MB, a fresh
+    memory map every call: its page faults too now spread over the threads).
     """
     F, C = w.shape[0], w.shape[1]
     P = F * C
     cols = F if for_dx else C
     rows_padded = u.shape[1]
-    bad = 0
-    for t in range(9):
-        offs[2, t] = (8 - t) * P if for_dx else t * P  # rotated taps for dx
-    if for_dx:  # taps[t][c*F + f]: 16 filters of one channel at a time
-        for c in range(C):
-            for f0 in range(0, F, 16):
-                bad += load_transposed(
-                    w, (f0 * C + c) * 9, C * 9, min(16, F - f0), 9, taps, c * F + f0, offs[2], 0
-                )  # fmt: skip
-    else:  # taps[t][f*C + c]: 16 consecutive pairs at a time
-        for p0 in range(0, P, 16):
-            bad += load_transposed(w, p0 * 9, 9, min(16, P - p0), 9, taps, p0, offs[2], 0)
     a = m + 2
-    for t in range(9):
-        offs[0, t] = t * P
-    for xi in range(a * a):
-        offs[1, xi] = xi * rows_padded * cols
-    if m == 4:
-        _U4(taps, offs[0], u.reshape(-1), offs[1], P)
-    else:
-        _U2(taps, offs[0], u.reshape(-1), offs[1], P)
+    nchunks = -(-P // TRANSFORM_CHUNK)
+    bad = 0
+    for k in prange(nchunks):
+        p0 = k * TRANSFORM_CHUNK
+        n = min(TRANSFORM_CHUNK, P - p0)
+        o = offs[k]
+        for t in range(9):
+            o[2, t] = (8 - t) * P if for_dx else t * P  # rotated taps for dx
+        if for_dx:  # taps[t][c*F + f]: up to 16 filters of one channel at a time
+            for c in range(p0 // F, (p0 + n - 1) // F + 1):
+                lo, hi = max(0, p0 - c * F), min(F, p0 + n - c * F)
+                for f0 in range(lo, hi, 16):
+                    bad += load_transposed(w, (f0 * C + c) * 9, C * 9, min(16, hi - f0), 9,
+                                           taps, c * F + f0, o[2], 0)  # fmt: skip
+        else:  # taps[t][f*C + c]: 16 consecutive pairs at a time
+            for q0 in range(p0, p0 + n, 16):
+                bad += load_transposed(w, q0 * 9, 9, min(16, p0 + n - q0), 9, taps, q0, o[2], 0)
+        for t in range(9):
+            o[0, t] = t * P + p0
+        for xi in range(a * a):
+            o[1, xi] = xi * rows_padded * cols + p0
+        if m == 4:
+            _U4(taps, o[0], u.reshape(-1), o[1], n)
+        else:
+            _U2(taps, o[0], u.reshape(-1), o[1], n)
     return bad
 
 
@@ -279,8 +314,9 @@ def transform_weights(w_bits, m, rows_padded, for_dx=False):
     cols = F if for_dx else C
     a = m + 2
     taps = np.empty(9 * F * C, np.float32)
-    u = np.zeros((a * a, rows_padded, cols), np.float32)
-    offs = np.empty((3, a * a), np.int64)
+    u = np.empty((a * a, rows_padded, cols), np.float32)
+    u[:, F if not for_dx else C :] = 0.0  # only the padding rows: the transform writes the rest
+    offs = np.empty((-(-F * C // TRANSFORM_CHUNK), 3, max(9, a * a)), np.int64)
     bad = _transform_weights(w_bits, m, for_dx, taps, u, offs)
     return u, bad == 0
 
@@ -412,13 +448,14 @@ def _output_tiles(mm, f, col0, run, plan, t, o, so, do):
 
 
 @njit(cache=True)
-def _products(u, v, mm, C, cols, plan):
-    """mm[xi] (Fp x cols) = u[xi] (Fp x C) @ v[xi] (C x cols) for every xi."""
+def _products(u, v, mm, C, cols, plan, f0, f1):
+    """mm[xi] rows f0..f1-1 (of Fp, multiples of MR) = u[xi] (Fp x C) @ v[xi] (C x cols),
+    those rows, for every xi."""
     a = plan.m + 2
     Fp, ldv, Cr = plan.Fp, plan.ldv, plan.Cr
     for xi in range(a * a):
         for p0 in range(0, cols, NR):
-            for m0 in range(0, Fp, MR):
+            for m0 in range(f0, f1, MR):
                 gemm_block(
                     u, (xi * Fp + m0) * C, C, v, xi * Cr * ldv + p0, ldv, C,
                     mm, (xi * Fp + m0) * ldv + p0, ldv, False,
@@ -438,7 +475,10 @@ def _forward_items(x, u, bias, relu, y, plan, lo, hi, xq, t, o, v, mm, offs, fla
     m, G, nr, TW = plan.m, plan.G, plan.nr, plan.TW
     so, do, col_off = offs[0], offs[1], offs[2]
     for item in range(lo, hi):
-        group, band = item // plan.nbands, item % plan.nbands
+        pair, block = item // plan.nfb, item % plan.nfb
+        group, band = pair // plan.nbands, pair % plan.nbands
+        f0 = block * plan.fb
+        f1 = min(F, f0 + plan.fb)
         n0 = group * G
         count = min(G, N - n0)
         th0 = band * nr
@@ -455,10 +495,10 @@ def _forward_items(x, u, bias, relu, y, plan, lo, hi, xq, t, o, v, mm, offs, fla
             col_off[ow] = (ow % m) * run + (ow // m) * count
         image = F * OH * OW
         cols = -(-(nrr * run) // NR) * NR
-        _products(u, v, mm, C, cols, plan)
+        _products(u, v, mm, C, cols, plan, f0, min(plan.Fp, f0 + plan.fb))
         for tr in range(nrr):
             oh0 = (th0 + tr) * m
-            for f in range(F):
+            for f in range(f0, f1):
                 _output_tiles(mm, f, tr * run, run, plan, t, o, so, do)
                 for i in range(min(m, OH - oh0)):
                     for nb in range(0, count, 16):
@@ -483,7 +523,7 @@ def _forward_residual(x, u, bias, relu, y, plan, ws, flags, res, has_res):
     twin). ``flags[item]`` is set where the input had values that are not finite or too large
     (outputs then unset)."""
     n_threads = ws.xq.shape[0]
-    items = plan.ngroups * plan.nbands
+    items = plan.ngroups * plan.nbands * plan.nfb
     for t in prange(n_threads):
         lo, hi = image_range(t, n_threads, items)
         _forward_items(

@@ -322,14 +322,14 @@ def _winograd_setup(N, C, F, OH, OW, m, n_threads, top, left, W_in, weights):
     # The planning constants are part of the key, so that changing them (tests) replans.
     return _cached_setup(
         N, C, F, OH, OW, m, n_threads, top, left, W_in, weights, wg._MAX_GROUP,
-        wg._TARGET_COLUMNS,
+        wg._TARGET_COLUMNS, wg._MIN_BLOCK_FILTERS,
     )  # fmt: skip
 
 
 @functools.lru_cache(maxsize=256)
 def _cached_setup(N, C, F, OH, OW, m, n_threads, top, left, W_in, weights, *_constants):
-    plan = wg.make_plan(N, C, F, OH, OW, m, n_threads, top, left)
-    nt = threads(plan.ngroups * plan.nbands)
+    plan = wg.make_plan(N, C, F, OH, OW, m, n_threads, top, left, split_filters=not weights)
+    nt = threads(plan.items)
     shapes = wg.work_shapes(plan, C, F, W_in, OW, weights)
     key = ("wino", weights, plan, C, F, W_in, OW, nt)
 
@@ -351,7 +351,7 @@ def _winograd_conv(x_bits, u, bias, relu, y_bits, setup):
     """One Winograd convolution launch; returns False if the input held values the
     transforms must not see (outputs then incomplete)."""
     plan, key, make = setup
-    flags = np.zeros(plan.ngroups * plan.nbands, np.int64)
+    flags = np.zeros(plan.items, np.int64)
     with checkout(key, make) as ws:
         wg.forward_residual(x_bits, u, bias, relu, y_bits, plan, ws, flags, y_bits, False)
     return not flags.any()
@@ -399,7 +399,7 @@ def _winograd_backward(dy, x, w, g, need_dx, m):
     if _dw_by_gemm(g, F):  # exact for any values, like the unfolded path
         return (dx, *_weight_grad_gemm(dy, x, w, g))
     plan, key, make = _winograd_setup(g.N, g.C, F, g.OH, g.OW, m, nt, g.ph, g.pw, g.W, True)
-    items = plan.ngroups * plan.nbands
+    items = plan.items  # one filter block: the items sum into the same partials
     a = m + 2
     # One partial sum per workspace thread (the kernel runs threads(items) of them).
     du_part = np.empty((threads(items), a * a, plan.Cr, plan.FN), np.float32)

@@ -214,7 +214,7 @@ def _conv2d_plan(x, weights, plan, relu, res):
         m, (wplan, key, make) = plan.wino
         u, ok = weights.winograd(m, wplan.Fp)
         if ok:
-            flags = np.zeros(wplan.ngroups * wplan.nbands, np.int64)
+            flags = np.zeros(wplan.items, np.int64)
             kernel = wg.forward_residual_serial if plan.serial else wg.forward_residual
             with checkout(key, make) as ws:
                 plan.entries.call(kernel, ("winograd", arrays), xb, u, weights.bias,

@@ -117,6 +117,37 @@ def test_winograd_groups_and_bands(algorithm, monkeypatch):
         _within(got, exact[2], mags[2], 7 * 13 * 11, np.float32, "db", algorithm)
 
 
+@pytest.mark.parametrize("algorithm", ["winograd4x4", "winograd2x2"])
+@pytest.mark.parametrize("F", [40, 53])
+def test_winograd_filter_blocks(algorithm, F, monkeypatch):
+    """Too few (group, band) items for the threads: the forward's threads share the filters
+    (blocks of 16 here, the last one short, 53 not a multiple of the micro-kernel's rows);
+    the same bits as one thread, for y and for dx (a forward over dy), on 1-4 threads."""
+    rng = np.random.default_rng(33)
+    x, w = _rand(rng, (3, 24, 7, 7), np.float32), _rand(rng, (F, 24, 3, 3), np.float32)
+    b = _rand(rng, (F,), np.float32)
+    dy = _rand(rng, (3, F, 7, 7), np.float32)
+    threads = numba.get_num_threads()
+    monkeypatch.setattr(cpu_winograd, "_MIN_BLOCK_FILTERS", 16)
+    try:
+        numba.set_num_threads(1)
+        y1 = fc.conv2d(x, w, b, 1, 1, "relu", algorithm=algorithm)
+        dx1, _, _ = fc.conv2d_backward(dy, x, w, 1, 1, algorithm=algorithm)
+        for n in range(2, min(4, numba.config.NUMBA_NUM_THREADS) + 1):
+            numba.set_num_threads(n)
+            m = 4 if algorithm == "winograd4x4" else 2
+            plan = cpu_winograd.make_plan(3, 24, F, 7, 7, m, n, 1, 1, split_filters=True)
+            assert plan.nfb == n and plan.fb % 8 == 0 and (plan.nfb - 1) * plan.fb < F
+            y2 = fc.conv2d(x, w, b, 1, 1, "relu", algorithm=algorithm)
+            dx2, _, _ = fc.conv2d_backward(dy, x, w, 1, 1, algorithm=algorithm)
+            np.testing.assert_array_equal(y1, y2)
+            np.testing.assert_array_equal(dx1, dx2)
+    finally:
+        numba.set_num_threads(threads)
+    _within(y1, ref.conv2d(x, w, b, 1, 1, "relu"), ref.conv2d(abs(x), abs(w), abs(b), 1, 1),
+            9 * 24, np.float32, "y", algorithm)  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 def test_results_are_deterministic(dtype):
     rng = np.random.default_rng(32)
