@@ -306,6 +306,9 @@ def _transform_weights(w, m, for_dx, taps, u, offs):
     return bad
 
 
+_transform_weights_serial = serial_twin(_transform_weights)
+
+
 def transform_weights(w_bits, m, rows_padded, for_dx=False):
     """``(U, ok)``: U as ``((m+2)^2, rows_padded, cols)`` float32 (zero rows past the real
     ones; forward rows = filters, cols = input channels, dx the other way round), and
@@ -317,7 +320,9 @@ def transform_weights(w_bits, m, rows_padded, for_dx=False):
     u = np.empty((a * a, rows_padded, cols), np.float32)
     u[:, F if not for_dx else C :] = 0.0  # only the padding rows: the transform writes the rest
     offs = np.empty((-(-F * C // TRANSFORM_CHUNK), 3, max(9, a * a)), np.int64)
-    bad = _transform_weights(w_bits, m, for_dx, taps, u, offs)
+    # One chunk (the deep-MNIST layers) on the calling thread: no parallel region to wake.
+    kernel = _transform_weights if offs.shape[0] > 1 else _transform_weights_serial
+    bad = kernel(w_bits, m, for_dx, taps, u, offs)
     return u, bad == 0
 
 

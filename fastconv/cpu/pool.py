@@ -81,6 +81,27 @@ def _pick(value, best):
 
 
 @njit(inline="always")
+def _streams(off, stride, doff, dstride, n):
+    """The unsigned source offset and stride, destination offset and stride, and count of a
+    tap pass (see the note above)."""
+    return np.uint64(off), np.uint64(stride), np.uint64(doff), np.uint64(dstride), np.uint64(n)
+
+
+@njit(inline="always")
+def _row_pass(W, OW, kw, sw, pw):
+    """``(lo, hi, RS, flat)`` of a horizontal pass: output columns lo..hi-1 have their whole
+    window inside the row; the row maxima are stored RS apart, and ``flat`` says the pass can
+    run over a chunk's rows as one long row (stride 1, or stride 2 on even widths)."""
+    lo = min(OW, (pw + sw - 1) // sw)
+    hi = max(lo, min(OW, (W + pw - kw) // sw + 1))
+    if sw == 1 and OW <= W:
+        return lo, hi, W, True  # the input's row stride: output ow of row r is rows[r*W + ow]
+    if sw == 2 and W % 2 == 0 and OW <= W // 2:
+        return lo, hi, W // 2, True  # 2*RS == W: output ow of row r reads 2*(r*RS + ow) - pw + t
+    return lo, hi, OW, False
+
+
+@njit(inline="always")
 def _taps(src, off, stride, step, taps, dst, doff, n, dstride=1):
     """``dst[doff + i*dstride]`` = first maximum of ``src[off + i*stride + t*step]`` over
     t = 0..taps-1 in that order, for i < n; written through :func:`store_value`, so ``dst``
@@ -93,11 +114,7 @@ def _taps(src, off, stride, step, taps, dst, doff, n, dstride=1):
     """
     if n <= 0:
         return
-    o0 = np.uint64(off)
-    st = np.uint64(stride)
-    d0 = np.uint64(doff)
-    ds = np.uint64(dstride)
-    m = np.uint64(n)
+    o0, st, d0, ds, m = _streams(off, stride, doff, dstride, n)
     o1 = o0 + np.uint64(min(taps - 1, 1) * step)
     if taps <= 2:
         for i in range(m):
@@ -161,6 +178,13 @@ def _split_start(half, c):
     return np.uint64((0 if c % 2 == 0 else half) + c // 2)
 
 
+@njit(inline="always")
+def _split_taps(half, c, kw):
+    """Where a split row's first three taps from value ``c`` are (fewer repeat the last)."""
+    return (_split_start(half, c), _split_start(half, c + min(kw - 1, 1)),
+            _split_start(half, c + min(kw - 1, 2)))  # fmt: skip
+
+
 @njit(cache=True)
 def _taps_stride2(split, half, c, cstep, dst, doff, dstep, count, n, kw):
     """For each of ``count`` rows r: ``dst[doff + r*dstep + i]`` = first maximum of the split
@@ -172,9 +196,7 @@ def _taps_stride2(split, half, c, cstep, dst, doff, dstep, count, n, kw):
     for r in range(count):
         cr = c + r * cstep
         d0 = np.uint64(doff + r * dstep)
-        o0 = _split_start(half, cr)
-        o1 = _split_start(half, cr + min(kw - 1, 1))
-        o2 = _split_start(half, cr + min(kw - 1, 2))
+        o0, o1, o2 = _split_taps(half, cr, kw)
         for i in range(m):
             dst[d0 + i] = _pick(split[o2 + i], _pick(split[o1 + i], split[o0 + i]))
         for t in range(3, kw):
@@ -228,16 +250,8 @@ def _max_block(x, out, B, H, W, OH, OW, kh, kw, sh, sw, ph, pw):
     """
     xf = _float_plane(x)
     R = B * H  # input rows
-    # Output columns lo..hi-1 have their whole window inside the row.
-    lo = min(OW, (pw + sw - 1) // sw)
-    hi = max(lo, min(OW, (W + pw - kw) // sw + 1))
     # Horizontal pass into rows (row stride RS). A flat loop: the chunk's rows as one long row.
-    if sw == 1 and OW <= W:
-        RS, flat = W, True  # the input's row stride: output column ow of row r is rows[r*W + ow]
-    elif sw == 2 and W % 2 == 0 and OW <= W // 2:
-        RS, flat = W // 2, True  # 2*RS == W: output ow of row r reads 2*(r*RS + ow) - pw + t
-    else:
-        RS, flat = OW, False
+    lo, hi, RS, flat = _row_pass(W, OW, kw, sw, pw)
     rows = np.empty(R * RS, np.float32)
     CH = max(1, MAX_POOL_CHUNK_VALUES // W)
     split = np.empty(min(R, CH) * W if sw == 2 else 0, np.float32)
@@ -368,11 +382,7 @@ def _taps_arg(src, isrc, ibase, off, stride, step, taps, dst, idst, doff, n, dst
     source offset itself (``isrc`` None) or ``ibase + isrc[offset]``. ``dst`` is float32."""
     if n <= 0:
         return
-    o0 = np.uint64(off)
-    st = np.uint64(stride)
-    d0 = np.uint64(doff)
-    ds = np.uint64(dstride)
-    m = np.uint64(n)
+    o0, st, d0, ds, m = _streams(off, stride, doff, dstride, n)
     o1 = o0 + np.uint64(min(taps - 1, 1) * step)
     o2 = o0 + np.uint64(min(taps - 1, 2) * step)
     _arg3(src, isrc, ibase, o0, o1, o2, st, dst, idst, d0, ds, m)
@@ -391,9 +401,7 @@ def _taps_stride2_arg(split, spos, ibase, half, c, cstep, dst, idst, doff, dstep
     for r in range(count):
         cr = c + r * cstep
         d0 = np.uint64(doff + r * dstep)
-        o0 = _split_start(half, cr)
-        o1 = _split_start(half, cr + min(kw - 1, 1))
-        o2 = _split_start(half, cr + min(kw - 1, 2))
+        o0, o1, o2 = _split_taps(half, cr, kw)
         _arg3(split, spos, ibase, o0, o1, o2, one, dst, idst, d0, one, m)
         for t in range(3, kw):
             _arg_fold(split, spos, ibase, _split_start(half, cr + t), one, dst, idst, d0, one, m)
@@ -414,14 +422,7 @@ def _max_route_block(x, dy, dx, B, H, W, OH, OW, kh, kw, sh, sw, ph, pw):
     """
     xf = _float_plane(x)
     R = B * H
-    lo = min(OW, (pw + sw - 1) // sw)
-    hi = max(lo, min(OW, (W + pw - kw) // sw + 1))
-    if sw == 1 and OW <= W:
-        RS, flat = W, True
-    elif sw == 2 and W % 2 == 0 and OW <= W // 2:
-        RS, flat = W // 2, True
-    else:
-        RS, flat = OW, False
+    lo, hi, RS, flat = _row_pass(W, OW, kw, sw, pw)
     rows = np.empty(R * RS, np.float32)
     where = np.empty(R * RS, np.int32)  # block position of each row maximum
     CH = max(1, MAX_POOL_CHUNK_VALUES // W)
