@@ -18,6 +18,7 @@ Inputs are random (timing does not depend on pixel values).
 from __future__ import annotations
 
 import gc
+import math
 import multiprocessing
 import time
 from dataclasses import asdict, dataclass
@@ -119,13 +120,31 @@ def build(spec: Spec):
     raise ValueError(f"impl must be 'fastconv' or 'torch', got {spec.impl!r}")
 
 
+# SGD with momentum 0.9 at this rate, for both libraries. At 0.01, VGG-16 (no BatchNorm) on
+# the fixed random batch diverged to NaN weights by its fourth step (2026-12-07), and every
+# later step timed NaN arithmetic, in fastconv on the exact fallback paths that non-finite
+# data takes (Winograd refuses it): a 3 s step became 9-10 s. Hence also _finite.
+LEARNING_RATE = 1e-4
+
+
+def _finite(loss):
+    """``loss``; raises if it is not finite (the weights diverged: timings past this point
+    would measure NaN arithmetic and fastconv's fallbacks for non-finite data)."""
+    if not math.isfinite(loss):
+        raise RuntimeError(
+            f"training loss {loss}: the weights diverged, and the timings would measure NaN "
+            f"arithmetic; lower LEARNING_RATE ({LEARNING_RATE}) in bench/zoo_common.py"
+        )
+    return loss
+
+
 def _fastconv_calls(model, x, y):
     from fastconv.nn import Momentum
 
-    model.compile(Momentum(lr=0.01, momentum=0.9), "softmax_cross_entropy")
+    model.compile(Momentum(lr=LEARNING_RATE, momentum=0.9), "softmax_cross_entropy")
     return {
         "forward": lambda: model.predict(x, batch_size=len(x)),
-        "train": lambda: model.train_on_batch(x, y),
+        "train": lambda: _finite(model.train_on_batch(x, y)["loss"]),
     }
 
 
@@ -141,7 +160,7 @@ def _torch_calls(model, x, y, threads, copy_weights):
     twin = to_torch(model, copy_weights=copy_weights).to(memory_format=torch.channels_last)
     tx = torch.from_numpy(x).contiguous(memory_format=torch.channels_last)
     ty = torch.from_numpy(y.astype(np.int64))
-    opt = torch.optim.SGD(twin.parameters(), lr=0.01, momentum=0.9, foreach=True)
+    opt = torch.optim.SGD(twin.parameters(), lr=LEARNING_RATE, momentum=0.9, foreach=True)
 
     def forward():
         twin.eval()
@@ -154,7 +173,7 @@ def _torch_calls(model, x, y, threads, copy_weights):
         loss = torch.nn.functional.cross_entropy(twin(tx), ty)
         loss.backward()
         opt.step()
-        return loss.item()
+        return _finite(loss.item())
 
     return {"forward": forward, "train": train}
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from bench.common import load_average, machine_line
 from bench.zoo_common import (  # noqa: E402
+    LEARNING_RATE,
     NAMES,
     Spec,
     Worker,
@@ -79,8 +80,10 @@ def markdown(rows, args, infos) -> str:
         "",
         f"Batch {args.batch}, {size}x{size}, medians of {_rounds(rows)} interleaved rounds per "
         "model; ratio = fastconv / "
-        "PyTorch in the same run (below 1 is faster). Training step: SGD with momentum, softmax "
-        "cross-entropy. Machine: " + machine_line() + ".",
+        "PyTorch in the same run (below 1 is faster). Training step: SGD with momentum 0.9 at "
+        f"lr {LEARNING_RATE:g} (the losses checked finite), softmax cross-entropy. Machine: "
+        + machine_line()
+        + ".",
         "Reproduce: `python -m bench.zoo_speed " + " ".join(args.argv) + "`",
     ]
     return "\n".join(lines)
