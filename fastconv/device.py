@@ -19,6 +19,13 @@ from ._checks import is_cupy_array
 __all__ = ["Device", "CPU", "GPU", "device_of", "get_device", "array_module", "to_host"]
 
 
+class _NoPool(contextlib.nullcontext):
+    """:meth:`Device.output_pool` where nothing is kept: a null context that clears."""
+
+    def clear(self) -> None:
+        """Nothing kept, nothing to drop."""
+
+
 class Device:
     """Where arrays live and which kernels compute on them."""
 
@@ -61,9 +68,9 @@ class Device:
 
     def output_pool(self):
         """A pool that kernel outputs may be reused from across calls (a context manager:
-        ``with device.output_pool():``), or a null context where the array library already
-        pools (CuPy's memory pool)."""
-        return contextlib.nullcontext()
+        ``with device.output_pool():``, and ``clear()`` to drop what it keeps), or a pool
+        that keeps nothing where the array library already pools (CuPy's memory pool)."""
+        return _NoPool()
 
     def __repr__(self):
         return f"<fastconv device {self.name}>"

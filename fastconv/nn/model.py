@@ -290,9 +290,7 @@ class Model(Trainer):
             # The inference outputs kept for reuse (up to 512 MiB) would sit beside the
             # training step's activations: VGG-16's peak at batch 8 was 3.18 GB after one
             # predict, 2.76 GB with them dropped (2026-12-07). Those still referenced stay alive.
-            clear = getattr(self._inference_outputs, "clear", None)
-            if clear is not None:
-                clear()
+            self._inference_outputs.clear()
             return self._forward_steps(self.execution_plan(True), x, True)
         if prepared is None and self.prepared:
             seen = tuple(layer.weights_version for layer in self.layers)
