@@ -771,7 +771,17 @@ def max_pool2d(x, g):
     return from_bits(out, x.dtype).reshape(g.N, g.C, g.OH, g.OW)
 
 
+# The general backward's positions are int32 within a block of planes (at most
+# max(MAX_POOL_BLOCK_VALUES, H*W) values), and its scatter has no bounds checks.
+MAX_ROUTE_PIXELS = 2**31
+
+
 def max_pool2d_backward(dy, x, g):
+    if g.H * g.W > MAX_ROUTE_PIXELS and not _is_2x2(g):
+        raise ValueError(
+            f"max_pool2d_backward: x planes of {g.H}x{g.W} = {g.H * g.W} pixels; the CPU "
+            f"kernel takes at most {MAX_ROUTE_PIXELS} pixels a plane (int32 positions)"
+        )
     xp = _planes(x, g.H, g.W)
     dyp = _planes(dy, g.OH, g.OW)
     dx = np.empty_like(xp)

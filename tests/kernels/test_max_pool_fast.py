@@ -337,3 +337,16 @@ def test_backward_routes_like_the_window_argmax(kind, dtype, size, stride, pad, 
     with np.errstate(invalid="ignore"):
         dx_big = fastconv.max_pool2d_backward(big_dy, big, size, stride, pad, ceil_mode=ceil_mode)
     np.testing.assert_array_equal(_bits(dx_big[:2]), _bits(dx))
+
+
+def test_backward_refuses_planes_beyond_its_int32_positions(monkeypatch, rng):
+    """Positions are int32 and the scatter unchecked: a plane over the bound is refused with a
+    ValueError naming it (the bound lowered here; the real one is 2**31 pixels)."""
+    x = rng.standard_normal((1, 2, 9, 9)).astype(np.float32)
+    dy = np.ones((1, 2, 4, 4), np.float32)
+    monkeypatch.setattr(cpu_pool, "MAX_ROUTE_PIXELS", 80)
+    with pytest.raises(ValueError, match="9x9 = 81 pixels"):
+        fastconv.max_pool2d_backward(dy, x, 3, 2)
+    monkeypatch.setattr(cpu_pool, "MAX_ROUTE_PIXELS", 81)
+    dx = fastconv.max_pool2d_backward(dy, x, 3, 2)
+    assert dx.shape == x.shape
