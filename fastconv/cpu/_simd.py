@@ -30,6 +30,8 @@ __all__ = [
     "gemm_block",
     "gemm_block16",
     "gemm_packed",
+    "gemm_row_panels1",
+    "gemm_row_panels2",
     "copy_row",
     "copy_block",
     "run_sum",
@@ -239,11 +241,12 @@ def _make_gemm_packed(mr, nv):
     return block
 
 
-def _register_tile(builder, mr, nv, c_rows, accumulate, k, a_at, b_row_at):
+def _register_tile(builder, mr, nv, c_rows, accumulate, k, a_at, b_row_at, b_vector_at=None):
     """The body every GEMM micro-kernel shares: ``mr x nv`` vector accumulators loaded from
     the C rows (``accumulate``) or zero, ``acc = fma(A[r, kk], B[kk, :], acc)`` for kk < k in
     ascending order (``a_at(kk, r)``: the address of A[r, kk], ``b_row_at(kk)``: of B's row
-    kk), stored back."""
+    kk, whose vector j lies ``j * LANES`` further unless ``b_vector_at(b_row, j)`` says where),
+    stored back."""
     fma = _function(builder, "llvm.fma.v16f32", _VTY, [_VTY] * 3)
 
     def const(v):
@@ -263,9 +266,8 @@ def _register_tile(builder, mr, nv, c_rows, accumulate, k, a_at, b_row_at):
     with cgutils.for_range(builder, k) as loop:
         kk = loop.index
         b_row = b_row_at(kk)
-        bv = [
-            builder.load(_vector_at(builder, b_row, const(j * LANES)), align=4) for j in range(nv)
-        ]
+        at = b_vector_at or (lambda row, j: _vector_at(builder, row, const(j * LANES)))
+        bv = [builder.load(at(b_row, j), align=4) for j in range(nv)]
         for r in range(mr):
             av = _splat(builder, builder.load(a_at(kk, r)))
             for j in range(nv):
@@ -300,6 +302,44 @@ def _gemm_packed_codegen(mr, nv):
             builder, mr, nv, c_rows, accumulate, k,
             lambda kk, r: builder.gep(a_ptr, [builder.add(builder.mul(kk, _i64(mr)), _i64(r))]),
             lambda kk: builder.gep(b_ptr, [builder.mul(kk, _i64(nr))]),
+        )  # fmt: skip
+        return context.get_dummy_value()
+
+    return codegen
+
+
+def _make_gemm_row_panels(panels):
+    """The one-row micro-kernel over ``panels`` packed B panels side by side (see
+    :func:`gemm_row_panels2`)."""
+
+    @intrinsic
+    def block(typingctx, a, a_off, bp, b_off, panel_stride, k, c, c_off):
+        sig = types.void(a, a_off, bp, b_off, panel_stride, k, c, c_off)
+        return sig, _gemm_row_panels_codegen(panels)
+
+    return block
+
+
+def _gemm_row_panels_codegen(panels):
+    per_panel = NR // LANES
+
+    def codegen(context, builder, signature, args):
+        a, a_off, bp, b_off, panel_stride, k, c, c_off = args
+        aty, bty, cty = signature.args[0], signature.args[2], signature.args[6]
+        a_ptr = builder.gep(_data(context, builder, aty, a), [a_off])
+        b_ptr = builder.gep(_data(context, builder, bty, bp), [b_off])
+        c_row = builder.gep(_data(context, builder, cty, c), [c_off])
+
+        def b_vector_at(row, j):
+            pos = builder.add(builder.mul(panel_stride, _i64(j // per_panel)),
+                              _i64(j % per_panel * LANES))  # fmt: skip
+            return _vector_at(builder, row, pos)
+
+        _register_tile(
+            builder, 1, panels * per_panel, [c_row], cgutils.false_bit, k,
+            lambda kk, r: builder.gep(a_ptr, [kk]),
+            lambda kk: builder.gep(b_ptr, [builder.mul(kk, _i64(NR))]),
+            b_vector_at,
         )  # fmt: skip
         return context.get_dummy_value()
 
@@ -356,6 +396,21 @@ on from it, so splitting k into blocks gives the same bits as one call: every el
 chain ``acc = fma(A[r, kk], B[kk, j], acc)`` over ascending ``kk``. Signature
 ``gemm_packed(ap, a_off, bp, b_off, k, c, c_off, ldc, accumulate)``.
 """
+
+gemm_row_panels2 = _make_gemm_row_panels(2)
+gemm_row_panels2.__doc__ = """C[1 x 2*NR] = a[1 x k] @ B over two packed NR-column panels, float32.
+
+The product of one row with two panels side by side: ``a[kk]`` at ``a[a_off + kk]`` (a
+row read in place, float32), ``B[kk, j]`` of panel ``p`` at ``bp[b_off + p*panel_stride +
+kk*NR + j]``, ``C`` at ``c[c_off :][:2*NR]``, from zero. Each element is the chain
+``acc = fma(a[kk], B[kk, j], acc)`` over ascending ``kk``: the bits of
+:func:`gemm_packed`'s for that row. One row has one chain per column, so the latency of the
+FMA bounds it, not the loads: the two panels give four independent chains where one panel
+gives two (a batch-1 Dense layer). Signature ``gemm_row_panels2(a, a_off, bp, b_off,
+panel_stride, k, c, c_off)``.
+"""
+gemm_row_panels1 = _make_gemm_row_panels(1)
+gemm_row_panels1.__doc__ = "As :func:`gemm_row_panels2` over one panel (``panel_stride`` unused)."
 
 
 # --- 16 x 16 transposes between image-major and image-innermost layouts -------------------------

@@ -301,7 +301,8 @@ def test_predict_prepared_argument_is_checked(rng):
 
 # --- Dense: weights packed once (fastconv.prepared.prepare_dense) ------------------------------
 
-DENSE_SHAPES = [(1, 1, 1), (3, 7, 5), (8, 600, 33), (13, 1024, 50), (100, 97, 1000), (2, 1500, 4)]
+DENSE_SHAPES = [(1, 1, 1), (3, 7, 5), (8, 600, 33), (13, 1024, 50), (100, 97, 1000), (2, 1500, 4),
+                (1, 1024, 50), (2, 600, 97), (1, 33, 70)]  # fmt: skip
 
 
 @pytest.mark.parametrize("shape", DENSE_SHAPES, ids=str)
@@ -322,6 +323,19 @@ def test_prepared_dense_is_dense_bit_for_bit(shape, dtype, rng):
     assert np.array_equal(_bits(prepare_dense(w)(x)), _bits(fc.dense(x, w)))
     expected = x.astype(np.float64) @ w.astype(np.float64) + b
     assert_close(prepared(x), expected, dtype, k=K)
+
+
+@pytest.mark.parametrize("K, N", [(1024, 50), (33, 70), (600, 97), (5, 1)])
+def test_prepared_dense_rows_do_not_depend_on_the_batch(K, N, dtype, rng):
+    """One or two rows take the row-by-row product (matmul_panels), more the MR-row tiles:
+    every row has the same bits either way."""
+    x = rng.standard_normal((11, K)).astype(dtype)
+    w = (rng.standard_normal((K, N)) / np.sqrt(K)).astype(dtype)
+    b = rng.standard_normal(N).astype(dtype)
+    prepared = prepare_dense(w, b)
+    whole = prepared(x, "relu")
+    for lo, hi in ((0, 1), (3, 5), (10, 11)):
+        assert np.array_equal(_bits(prepared(x[lo:hi], "relu")), _bits(whole[lo:hi]))
 
 
 def test_prepared_dense_copies_its_weights_and_refuses_bad_input(rng):
