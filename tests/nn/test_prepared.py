@@ -385,3 +385,57 @@ def test_a_residual_add_after_dense_runs_in_its_epilogue(rng):
     h64 = np.maximum(x @ p[0][0] + p[0][1], 0)
     z64 = np.maximum(h64 @ p[1][0] + p[1][1] + h64, 0)
     assert_close(out, z64 @ p[2][0] + p[2][1], np.float32, k=24)
+
+
+class _Counting(nn.Hook):
+    def __init__(self):
+        self.layers = []
+
+    def begin(self, event, layer):
+        self.layers.append(layer.name)
+
+
+def _branchy_model():
+    """An input read by three branches, a Concatenate, a residual Add absorbed into a
+    convolution, a ReLU6 and a Dropout: every kind of step an inference program binds."""
+    inp = nn.Input(shape=(3, 12, 12))
+    a = nn.Conv2D(4, 3, padding=1, activation="relu")(inp)
+    b = nn.ReLU6()(nn.BatchNorm2D()(nn.Conv2D(4, 1, use_bias=False)(inp)))
+    c = nn.MaxPool2D(3, 1, padding=1)(inp)
+    x = nn.Concatenate()([a, b, c])
+    y = nn.BatchNorm2D()(nn.Conv2D(11, 3, padding=1, use_bias=False)(x))
+    x = nn.ReLU()(nn.Add()([y, x]))
+    x = nn.Dropout(0.5)(nn.Flatten()(nn.MaxPool2D(2)(x)))
+    return nn.Model(inp, nn.Dense(5)(x), seed=3)
+
+
+def _node_walk(model, x):
+    """The graph evaluated node by node with each layer's own inference call (no plan)."""
+    values = {model._input.id: x}
+    for node in model._nodes:
+        xs = [values[t.id] for t in node.inputs]
+        y, _ = node.layer.call(xs if node.layer.multi_input else xs[0], training=False)
+        values[node.output.id] = y
+    return values[model._output.id]
+
+
+@pytest.mark.parametrize(
+    "make", [_branchy_model, lambda: resnet_mnist(seed=0)], ids=["branchy", "resnet"]
+)
+def test_inference_program_runs_the_plan(make, rng):
+    """Inference runs the plan bound once (Model._inference_program): unfused, the layers'
+    own calls node by node; fused and prepared, the unprepared fused path's bits; hooks
+    see every step in order (the profiler's clock)."""
+    model = make()
+    x = rng.standard_normal((5, *model.input_shape)).astype(np.float32)
+    model.fuse = False
+    assert np.array_equal(_bits(model.predict(x)), _bits(_node_walk(model, x)))
+    model.fuse = True
+    assert any(s.residual for s in model.execution_plan(False, True))
+    model.predict(x)  # (the first call with these weights runs unprepared)
+    _same_predictions(model, x)
+    hook = _Counting()
+    model.hooks.append(hook)
+    model.predict(x, batch_size=5)
+    model.hooks.remove(hook)
+    assert hook.layers == [s.layer.name for s in model.execution_plan(False, True)]
