@@ -385,7 +385,14 @@ def _plain(value) -> bool:
     """An int (not a bool), None, or a tuple of ints: arguments whose equality and hash say
     everything validation looks at (True == 1 would not)."""
     t = type(value)
-    return t is int or value is None or (t is tuple and all(type(v) is int for v in value))
+    if t is int or value is None:
+        return True
+    if t is not tuple:
+        return False
+    for v in value:  # (a loop, not all() over a generator: half the time, every pool call)
+        if type(v) is not int:
+            return False
+    return True
 
 
 _POOL_GEOMETRIES: dict = {}  # plain arguments -> pool_pads' result (validated before)
@@ -396,7 +403,15 @@ def pool_pads(x_shape, size, stride, pad, max_pool, ceil_mode, count_include_pad
     geometry on every call: ~5 us of a 14 us batch-1 pooling call)."""
     args = (x_shape, size, stride, pad, max_pool, ceil_mode, count_include_pad)
     key = None
-    if all(_plain(a) for a in args[:4]) and all(type(a) is bool for a in args[4:]):
+    if (
+        _plain(x_shape)
+        and _plain(size)
+        and _plain(stride)
+        and _plain(pad)
+        and type(max_pool) is bool
+        and type(ceil_mode) is bool
+        and type(count_include_pad) is bool
+    ):
         key = args
         found = _POOL_GEOMETRIES.get(key)
         if found is not None:

@@ -95,9 +95,7 @@ def empty(shape, dtype) -> np.ndarray:
     element (a reused array holds an earlier call's values)."""
     stack = getattr(_local, "stack", None)
     if stack:
-        pool = stack[-1]
-        shape = tuple(int(s) for s in shape)
         dtype = np.dtype(dtype)
-        if math.prod(shape) * dtype.itemsize >= MIN_BYTES:
-            return pool.take(shape, dtype)
+        if math.prod(shape) * dtype.itemsize >= MIN_BYTES:  # (small ones: no key to build)
+            return stack[-1].take(tuple(int(s) for s in shape), dtype)
     return np.empty(shape, dtype)

@@ -129,12 +129,14 @@ class ConvPlan(NamedTuple):
     entries: Entries  # the kernels' compiled entry points for this plan (_entry)
     timer: SplitTimer | None  # with ``split`` or ``alt``: whether a call shares the threads now
     alt: ConvPlan | None  # a small plan's one-thread twin (the timer chooses between them)
+    tally: tuple  # the key its calls are counted under (_select.record_key: built once)
 
 
 def make_plan(g, weights, name, source, serial=None):
     """The :class:`ConvPlan` of geometry ``g`` (validated) with algorithm ``name`` (``serial``:
     force the one-thread plan)."""
     F = weights.F
+    tally = _select.record_key("forward", weights.w.dtype, g, F, name, source)
     flops = 2 * g.N * F * g.C * g.kh * g.kw * g.OH * g.OW
     forced = serial is not None
     if not forced:
@@ -143,15 +145,15 @@ def make_plan(g, weights, name, source, serial=None):
     wino = gemm = None
     if not name.startswith("winograd") and is_flat(g):
         return ConvPlan(g, name, source, serial, (g.N, F, 1, 1), None, None, False, True, 0,
-                        Entries(), None, None)  # fmt: skip
+                        Entries(), None, None, tally)  # fmt: skip
     if name == "direct" and is_pointwise(g):
         return ConvPlan(g, name, source, serial, (g.N, F, g.OH, g.OW), None, None, True, False, 0,
-                        Entries(), None, None)  # fmt: skip
+                        Entries(), None, None, tally)  # fmt: skip
     split = 0 if forced else split_mode(g, F, name == "direct" and g.sh == 1 and g.sw == 1)
     if split:
         gemm = _gemm_setup(g, F, True, numba.get_num_threads(), split)
         return ConvPlan(g, name, source, False, (g.N, F, g.OH, g.OW), None, gemm, False, False,
-                        split, Entries(), SplitTimer(), None)  # fmt: skip
+                        split, Entries(), SplitTimer(), None, tally)  # fmt: skip
     # Between the two limits a Winograd or GEMM plan runs on every thread or on one, as its
     # timer finds (the flat and pointwise products above keep the fixed limit).
     adaptive = not forced and flops >= PARALLEL_MIN_FLOPS and serial and threads(g.N) > 1
@@ -165,9 +167,9 @@ def make_plan(g, weights, name, source, serial=None):
     if adaptive:
         return ConvPlan(g, name, source, False, (g.N, F, g.OH, g.OW), wino, gemm, False, False,
                         0, Entries(), SplitTimer(),
-                        make_plan(g, weights, name, source, serial=True))  # fmt: skip
+                        make_plan(g, weights, name, source, serial=True), tally)  # fmt: skip
     return ConvPlan(g, name, source, serial, (g.N, F, g.OH, g.OW), wino, gemm, False, False, 0,
-                    Entries(), None, None)  # fmt: skip
+                    Entries(), None, None, tally)  # fmt: skip
 
 
 def choose(g, weights, dtype):
@@ -198,14 +200,14 @@ def _conv2d_plan(x, weights, plan, relu, res):
         out = (g.N, weights.F)
         matmul_panels(xb.reshape(g.N, -1), weights.flat(), yb.reshape(out), weights.bias,
                       relu != NO_ACTIVATION, rb.reshape(out) if has_res else None)  # fmt: skip
-        _select.record("forward", x.dtype, g, weights.F, plan.name, plan.source)
+        _select.record_by_key(plan.tally)
         return clamp6(y) if relu == RELU6 else y
     if plan.pointwise:
         rows = (g.N, g.C, g.H * g.W)
         out = (g.N, weights.F, g.OH * g.OW)
         pointwise(weights.pointwise(), xb.reshape(rows), yb.reshape(out), weights.bias, relu,
                   rb.reshape(out) if has_res else None, plan.serial)  # fmt: skip
-        _select.record("forward", x.dtype, g, weights.F, plan.name, plan.source)
+        _select.record_by_key(plan.tally)
         return y
     # What fixes the kernels' argument types besides the plan (see _entry): x's and the
     # residual's arrays (y and the workspaces are always fresh C-contiguous arrays).
@@ -221,7 +223,7 @@ def _conv2d_plan(x, weights, plan, relu, res):
                                   relu != NO_ACTIVATION, yb, wplan, ws, flags, rb,
                                   has_res)  # fmt: skip
             if not flags.any():
-                _select.record("forward", x.dtype, g, weights.F, plan.name, plan.source)
+                _select.record_by_key(plan.tally)
                 return clamp6(y) if relu == RELU6 else y
         fell_back = True
     gplan, x_layout, key, make = plan.gemm
@@ -235,12 +237,12 @@ def _conv2d_plan(x, weights, plan, relu, res):
                     forward_split if shared else forward_split_serial, (shared, arrays), *args
                 )
             )
-        _select.record("forward", x.dtype, g, weights.F, plan.name, plan.source)
+        _select.record_by_key(plan.tally)
         return y
     kernel = gemm_serial if plan.serial else gemm_parallel
     with checkout(key, make) as ws:
         w_fk, wp = weights.gemm(gplan)
         plan.entries.call(kernel, ("gemm", arrays), xb, w_fk, wp, weights.bias, relu, yb, ws,
                           gplan, x_layout, g, rb, has_res)  # fmt: skip
-    _select.record("forward", x.dtype, g, weights.F, plan.name, plan.source, fell_back)
+    _select.record_by_key(plan.tally, fell_back)
     return y
