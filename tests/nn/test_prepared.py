@@ -14,7 +14,7 @@ import fastconv as fc
 from fastconv import nn
 from fastconv import reference as ref
 from fastconv.models import deep_mnist_net, resnet_mnist
-from fastconv.prepared import prepare_conv2d, prepare_dense
+from fastconv.prepared import prepare_conv2d, prepare_dense, prepare_max_pool2d
 from tests.conftest import assert_close
 
 GEOMETRIES = [
@@ -439,3 +439,49 @@ def test_inference_program_runs_the_plan(make, rng):
     model.predict(x, batch_size=5)
     model.hooks.remove(hook)
     assert hook.layers == [s.layer.name for s in model.execution_plan(False, True)]
+
+
+# --- max pooling validated once per input shape (fastconv.prepared.prepare_max_pool2d) --------
+
+POOL_CASES = [  # size, stride, pad, ceil_mode, x shape
+    (2, None, 0, False, (1, 16, 28, 28)),
+    (2, None, 0, False, (3, 5, 7, 9)),
+    (3, 2, 1, True, (2, 4, 13, 13)),
+    (3, 1, (0, 1, 1, 0), False, (2, 3, 6, 5)),  # asymmetric: the op pads first
+    (2, None, 0, False, (0, 3, 8, 8)),  # empty batch
+]
+
+
+@pytest.mark.parametrize("case", POOL_CASES, ids=str)
+def test_prepared_max_pool_is_the_op(case, dtype, rng):
+    size, stride, pad, ceil_mode, shape = case
+    prepared = prepare_max_pool2d(size, stride, pad, ceil_mode)
+    for _ in range(2):  # planned, then from the plan
+        x = rng.standard_normal(shape).astype(dtype)
+        expected = fc.max_pool2d(x, size, stride, pad, ceil_mode)
+        assert np.array_equal(_bits(prepared(x)), _bits(expected))
+        wide = rng.standard_normal(shape[:3] + (2 * shape[3],)).astype(dtype)
+        view = wide[..., ::2]  # not C-contiguous
+        assert np.array_equal(
+            _bits(prepared(view)), _bits(fc.max_pool2d(view, size, stride, pad, ceil_mode))
+        )
+
+
+def test_prepared_max_pool_refuses_what_the_op_refuses():
+    with pytest.raises(ValueError, match="pad must be at most half"):
+        prepare_max_pool2d(2, 2, 2)
+    prepared = prepare_max_pool2d(3, 1, 0)
+    prepared(np.zeros((1, 1, 4, 4), np.float32))
+    with pytest.raises(ValueError):
+        prepared(np.zeros((1, 1, 2, 2), np.float32))  # a window past the input
+    with pytest.raises((TypeError, ValueError)):
+        prepared(np.zeros((1, 4, 4), np.float32))
+    with pytest.raises(TypeError):
+        prepared(np.zeros((1, 1, 4, 4), np.float64))
+
+
+def test_models_predict_through_prepared_max_pooling(rng):
+    model = deep_mnist_net(seed=0)
+    pools = [s for s in model.execution_plan(False) if type(s.layer).__name__ == "MaxPool2D"]
+    assert len(pools) == 3 and all(s.prepared for s in pools)
+    _same_predictions(model, rng.standard_normal((5, 1, 28, 28)).astype(np.float32))

@@ -6,6 +6,7 @@ import numpy as np
 
 from ... import _checks as chk
 from ... import ops
+from ...prepared import prepare_max_pool2d
 from ._torch_parts import torch_parts
 from .base import Layer, register_layer
 from .conv import _padding, four_pads, same_pads, spatial_shape
@@ -76,10 +77,19 @@ class MaxPool2D(_Pool2D):
     """
 
     _max = True
+    prepares = True  # fastconv.prepared.prepare_max_pool2d: validated once per input shape
 
     def call(self, x, training=False):
         y = ops.max_pool2d(x, self.size, self.stride, self.padding, self.ceil_mode)
         return y, (x if training else None)
+
+    def call_prepared(self, x, folded, fuse_relu, residual=None):
+        # (No weights, nothing to fold or fuse: the plan gives None, False, None.)
+        args = (self.size, self.stride, self.padding, self.ceil_mode)
+        cached = self._prepared
+        if cached is None or cached[0] != args:  # (padding="same" is set when built)
+            cached = self._prepared = (args, prepare_max_pool2d(*args))
+        return cached[1](x)
 
     def call_backward(self, cache, dy, need_dx=True):
         args = (self.size, self.stride, self.padding, self.ceil_mode)
