@@ -1,12 +1,14 @@
 """What the benchmarks share: the deep-MNIST layer table, read from ``deep_mnist_net()`` itself,
-and one description of the machine and its load (fastconv.benchmark.machine_line, which the
-package's own benchmarks print too)."""
+one description of the machine and its load (fastconv.benchmark.machine_line, which the
+package's own benchmarks print too), and the writer of a marked region of a markdown file."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import NamedTuple
 
-__all__ = ["MnistLayer", "deep_mnist_layers", "machine_line", "load_average"]
+__all__ = ["MnistLayer", "deep_mnist_layers", "machine_line", "load_average", "write_region",
+           "check_region_target"]  # fmt: skip
 
 
 class MnistLayer(NamedTuple):
@@ -55,3 +57,27 @@ def machine_line(torch_threads: int = 2) -> str:
     from fastconv.benchmark import machine_line as line
 
     return line(torch_threads)
+
+
+def check_region_target(path) -> None:
+    """Refuse, before a benchmark runs for minutes, a ``--out`` file that cannot be written
+    (its folder missing, or the path a folder)."""
+    path = Path(path)
+    if path.is_dir() or not path.parent.is_dir():
+        raise SystemExit(f"cannot write {path}: not a file in an existing folder")
+
+
+def write_region(path, name: str, text: str) -> None:
+    """Replace what lies between ``<!-- name:start -->`` and ``<!-- name:end -->`` in the
+    markdown file ``path`` with ``text``; a file or a region that is missing is created (the
+    region at the end of the file)."""
+    path = Path(path)
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    block = f"{start}\n{text.rstrip()}\n{end}"
+    doc = path.read_text() if path.exists() else ""
+    i, j = doc.find(start), doc.find(end)
+    if 0 <= i < j:
+        doc = doc[:i] + block + doc[j + len(end) :]
+    else:
+        doc = (doc.rstrip("\n") + "\n\n" if doc.strip() else "") + block + "\n"
+    path.write_text(doc)

@@ -30,9 +30,10 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.common import check_region_target, write_region
+
 ROOT = Path(__file__).resolve().parents[1]
 
-START, END = "<!-- gemm-table:start -->", "<!-- gemm-table:end -->"
 
 #: (name, in, out) of every distinct Dense layer of the zoo (fastconv.models)
 LAYERS = [
@@ -245,16 +246,6 @@ def markdown(rows, impls, peak, rounds, settle, command, blas):
     return "\n".join(out)
 
 
-def write_section(path, text):
-    path = Path(path)
-    doc = path.read_text()
-    if START not in doc or END not in doc:
-        raise SystemExit(f"{path} has no {START} ... {END} markers")
-    head, rest = doc.split(START, 1)
-    _, tail = rest.split(END, 1)
-    path.write_text(f"{head}{START}\n{text}\n{END}{tail}")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", default="all", help="comma-separated layer names, or all")
@@ -264,6 +255,8 @@ def main(argv=None) -> int:
     parser.add_argument("--impls", default=",".join(IMPLS))
     parser.add_argument("--out", help="markdown file whose gemm-table section is replaced")
     args = parser.parse_args(argv)
+    if args.out:
+        check_region_target(args.out)
     layers = LAYERS if args.layers == "all" else [
         entry for entry in LAYERS if entry[0] in args.layers.split(",")]  # fmt: skip
     impls = tuple(args.impls.split(","))
@@ -280,7 +273,7 @@ def main(argv=None) -> int:
     text = markdown(rows, impls, peak, args.rounds, args.settle, command.strip(), blas)
     print(text)
     if args.out:
-        write_section(args.out, text)
+        write_region(args.out, "gemm-table", text)
     return 0
 
 

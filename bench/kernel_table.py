@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 import fastconv  # noqa: E402
-from bench.common import deep_mnist_layers, machine_line
+from bench.common import check_region_target, deep_mnist_layers, machine_line, write_region
 from fastconv import reference as ref  # noqa: E402
 
 try:
@@ -34,7 +34,6 @@ except ImportError:  # the table still compares fastconv with NumPy
     torch = None
 
 BATCH = 100
-START, END = "<!-- kernel-table:start -->", "<!-- kernel-table:end -->"
 IMPLS = ("torch", "fastconv fp32", "fastconv fp16", "numpy f64")
 
 
@@ -219,18 +218,6 @@ def build_table(
     return "\n".join(rows) + "\n\n" + notes + "\n"
 
 
-def write_region(path: Path, table: str) -> None:
-    """Replace the marked region of ``path`` (creating the file or region if missing)."""
-    block = f"{START}\n{table}{END}"
-    text = path.read_text() if path.exists() else "# Kernel benchmarks\n\n"
-    if START in text and END in text and text.index(START) < text.index(END):
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -250,6 +237,8 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--layers", nargs="*", help="only these layers, e.g. pool1 conv2")
     args = parser.parse_args(argv)
+    if args.out:
+        check_region_target(args.out)
     if args.repeats < 1 or args.ref_repeats < 1:
         parser.error("--repeats and --ref-repeats must be >= 1")
     layers = LAYERS
@@ -271,7 +260,7 @@ def main(argv=None) -> int:
     )
     print(table)
     if args.out:
-        write_region(args.out, table)
+        write_region(args.out, "kernel-table", table)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

@@ -34,14 +34,13 @@ from pathlib import Path
 import numpy as np
 
 import fastconv  # noqa: E402
-from bench.common import machine_line  # noqa: E402
+from bench.common import check_region_target, machine_line, write_region  # noqa: E402
 
 try:
     import torch
 except ImportError:
     torch = None
 
-START, END = "<!-- norm-table:start -->", "<!-- norm-table:end -->"
 BATCH = 100
 SHAPES = [(16, 28), (32, 14), (32, 16), (64, 8), (64, 4)]  # (C, H = W)
 OPS = ("bn", "gap")
@@ -168,17 +167,6 @@ def build_table(repeats: int, stat: str, ops=OPS, shapes=SHAPES, log=print) -> s
     return "\n".join(rows) + "\n\n" + notes + ".\n"
 
 
-def write_region(path: Path, table: str) -> None:
-    """Replace the marked region of ``path`` (appending the region when it is missing)."""
-    block = f"{START}\n{table}{END}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n\n"
-    if START in text and END in text and text.index(START) < text.index(END):
-        text = text[: text.index(START)] + block + text[text.index(END) + len(END) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, help="markdown file whose norm-table region to replace")
@@ -188,6 +176,8 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--ops", nargs="*", choices=OPS, default=list(OPS))
     args = parser.parse_args(argv)
+    if args.out:
+        check_region_target(args.out)
     if args.repeats < 1:
         parser.error("--repeats must be >= 1")
     if torch is not None:
@@ -195,7 +185,7 @@ def main(argv=None) -> int:
     table = build_table(args.repeats, args.stat, args.ops, log=lambda m: print(m, file=sys.stderr))
     print(table)
     if args.out:
-        write_region(args.out, table)
+        write_region(args.out, "norm-table", table)
         print(f"wrote {args.out}", file=sys.stderr)
     return 0
 

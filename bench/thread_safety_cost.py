@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 import fastconv as fc
+from bench.common import check_region_target, write_region
 from fastconv.cpu import _workspace as ws
 
 
@@ -43,6 +44,8 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path, help="Markdown file to update")
     p.add_argument("--repeats", type=int, default=200)
     args = p.parse_args(argv)
+    if args.out:
+        check_region_target(args.out)
 
     def lock():
         with ws.launch_guard():
@@ -100,10 +103,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.out:
-        start, end = "<!-- reliability-cost:start -->", "<!-- reliability-cost:end -->"
-        doc = args.out.read_text()
-        i, j = doc.index(start) + len(start), doc.index(end)
-        args.out.write_text(doc[:i] + "\n" + text + "\n" + doc[j:])
+        write_region(args.out, "reliability-cost", text)
     return 0
 
 

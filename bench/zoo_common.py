@@ -297,18 +297,6 @@ def as_dict(spec: Spec) -> dict:
     return asdict(spec)
 
 
-def write_section(path, name: str, text: str) -> None:
-    """Replace what lies between ``<!-- name:start -->`` and ``<!-- name:end -->`` in ``path``
-    (the markers must exist: the prose around a table is written by hand)."""
-    path = Path(path)
-    doc = path.read_text()
-    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    i, j = doc.find(start), doc.find(end)
-    if i < 0 or j < i:
-        raise SystemExit(f"{path} has no {start} ... {end} markers")
-    path.write_text(doc[: i + len(start)] + "\n" + text.rstrip() + "\n" + doc[j:])
-
-
 def ratio_cell(ms: float, base_ms: float) -> str:
     return f"{ms:.0f} ms ({ms / base_ms:.2f}x)"
 

@@ -25,13 +25,12 @@ import json
 import sys
 from pathlib import Path
 
-from bench.common import load_average, machine_line
+from bench.common import check_region_target, load_average, machine_line, write_region  # noqa: E402
 from bench.zoo_common import (  # noqa: E402
     NAMES,
     Spec,
     Worker,
     _reproducible,
-    write_section,
 )
 
 MB = 1024.0  # kB per MiB
@@ -164,6 +163,8 @@ def main(argv=None) -> int:
         "--gpu-estimate", metavar="MODEL", help="print the GPU path's buffers for MODEL and exit"
     )
     args = p.parse_args(argv)
+    if args.out_md:
+        check_region_target(args.out_md)
     args.argv = _reproducible(sys.argv[1:] if argv is None else list(argv))
     if args.gpu_estimate:
         print(gpu_estimate(args.gpu_estimate, args.batch))
@@ -184,7 +185,7 @@ def main(argv=None) -> int:
     text = markdown(results, args)
     print(text)
     if args.out_md:
-        write_section(args.out_md, "zoo-memory", text)
+        write_region(args.out_md, "zoo-memory", text)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

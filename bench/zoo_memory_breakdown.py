@@ -54,7 +54,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bench.common import load_average, machine_line
+from bench.common import check_region_target, load_average, machine_line, write_region  # noqa: E402
 from bench.zoo_common import (
     NAMES,
     Spec,
@@ -62,7 +62,6 @@ from bench.zoo_common import (
     _reproducible,
     memory_kb,
     reset_peak,
-    write_section,
 )
 
 MiB = float(2**20)
@@ -417,6 +416,8 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the results as JSON")
     p.add_argument("--from-json", help="render the tables of an earlier --json instead")
     args = p.parse_args(argv)
+    if args.out_md:
+        check_region_target(args.out_md)
     argv_text = _reproducible(sys.argv[1:] if argv is None else list(argv))
     if args.from_json:
         loaded = json.loads(Path(args.from_json).read_text())
@@ -443,7 +444,7 @@ def main(argv=None) -> int:
     )
     print(text)
     if args.out_md:
-        write_section(args.out_md, "zoo-memory-breakdown", text)
+        write_region(args.out_md, "zoo-memory-breakdown", text)
     return 0
 
 

@@ -20,14 +20,13 @@ import json
 import sys
 from pathlib import Path
 
-from bench.common import load_average, machine_line
+from bench.common import check_region_target, load_average, machine_line, write_region  # noqa: E402
 from bench.zoo_common import (  # noqa: E402
     Spec,
     Worker,
     _reproducible,
     interleave,
     median,
-    write_section,
 )
 
 
@@ -180,6 +179,8 @@ def main(argv=None) -> int:
     p.add_argument("--plot", help="write a PNG of both sweeps")
     p.add_argument("--json", help="write the results as JSON")
     args = p.parse_args(argv)
+    if args.out_md:
+        check_region_target(args.out_md)
     args.argv = _reproducible(sys.argv[1:] if argv is None else list(argv))
     notes = []
     batch_rows = sweep("batch", args.batches, args, notes)
@@ -203,7 +204,7 @@ def main(argv=None) -> int:
     )
     print(text)
     if args.out_md:
-        write_section(args.out_md, "zoo-scaling", text)
+        write_region(args.out_md, "zoo-scaling", text)
     if args.plot:
         plot(batch_rows, size_rows, args.plot, args.model)
     if args.json:

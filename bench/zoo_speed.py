@@ -20,7 +20,7 @@ import json
 import sys
 from pathlib import Path
 
-from bench.common import load_average, machine_line
+from bench.common import check_region_target, load_average, machine_line, write_region  # noqa: E402
 from bench.zoo_common import (  # noqa: E402
     LEARNING_RATE,
     NAMES,
@@ -30,7 +30,6 @@ from bench.zoo_common import (  # noqa: E402
     interleave,
     median,
     ratio_cell,
-    write_section,
 )
 
 MODES = {"forward": "forward (inference)", "train": "training step"}
@@ -134,6 +133,8 @@ def main(argv=None) -> int:
     p.add_argument("--plot", help="write a PNG of the ratios")
     p.add_argument("--json", help="write the rows as JSON")
     args = p.parse_args(argv)
+    if args.out_md:
+        check_region_target(args.out_md)
     args.argv = _reproducible(sys.argv[1:] if argv is None else list(argv))
     rows, infos = [], {}
     for model in args.models:
@@ -146,7 +147,7 @@ def main(argv=None) -> int:
     text = markdown(rows, args, infos)
     print(text)
     if args.out_md:
-        write_section(args.out_md, "zoo-speed", text)
+        write_region(args.out_md, "zoo-speed", text)
     if args.plot:
         plot(rows, args, args.plot)
     if args.json:
