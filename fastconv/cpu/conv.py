@@ -138,18 +138,34 @@ def split_mode(g, F, direct, n_threads=None):
 # 1.20 ms always sharing, 0.42 ms never (docs/kernels.md).
 SPLIT_BACKOFF_S = (0.01, 1.0)
 
+# After the process left the kernels idle, the other threads sleep (OpenMP's spin is capped,
+# see cpu/__init__.py) and on this VM host waking one can take a scheduler tick: a parallel
+# region's end waits for it. Deep-MNIST batch-1 predict, 2 threads, one call after each gap
+# (2026-12-07, 40 calls each): gap 0.5 ms p50 0.42 ms; 5 ms 0.79 ms (p90 1.08); 20 ms p50
+# 1.04 ms but p90 11.9 ms; 100 ms p50 11.6 ms (two regions of ~6.7 and ~3.9 ms), against
+# 1.05-1.10 ms (max 1.3) on one thread; ONNX Runtime 0.5 ms (its caller runs the work its
+# sleeping threads have not taken). So a call that comes more than SPLIT_IDLE_S after the
+# previous timed call ended runs on one thread, and so do the next SPLIT_WARM_CALLS calls
+# that follow closely: sporadic requests never wait for a sleeping thread, a burst shares
+# again from its third predict.
+SPLIT_IDLE_S = 0.01
+SPLIT_WARM_CALLS = 10
+
 
 class _Load:
     """Whether other work holds the cores, as the timers last saw it: one state for the
     process (the load is the machine's, not a layer's), so one detection sends every plan's
-    calls to one thread and the probes do not multiply with the layers."""
+    calls to one thread and the probes do not multiply with the layers. It also holds when
+    the last timed call ended and how many calls have followed closely since an idle gap."""
 
-    __slots__ = ("serial_until", "slow", "backoff")
+    __slots__ = ("serial_until", "slow", "backoff", "last_end", "close_calls")
 
     def __init__(self):
         self.serial_until = 0.0
         self.slow = 0
         self.backoff = SPLIT_BACKOFF_S[0]
+        self.last_end = -math.inf
+        self.close_calls = 0
 
 
 _LOAD = _Load()
@@ -160,8 +176,9 @@ class SplitTimer:
     thread (the second, compiled, sets the serial time); afterwards it shares unless two
     shared calls in a row (of any plan) took over 1.5x their best serial time (one slow call
     is noise), which sends every plan's calls of the next back-off period
-    (``SPLIT_BACKOFF_S``) to one thread. Attribute races only change which kernel runs (the
-    same bits either way)."""
+    (``SPLIT_BACKOFF_S``) to one thread, or unless the calls are just back from idle
+    (``SPLIT_IDLE_S``, ``SPLIT_WARM_CALLS``). Attribute races only change which kernel runs
+    (the same bits either way)."""
 
     __slots__ = ("serial_calls", "serial_best")
 
@@ -174,9 +191,19 @@ class SplitTimer:
         what it returns."""
         load = _LOAD
         start = time.perf_counter()
-        shared = self.serial_calls >= 2 and start >= load.serial_until
+        if start - load.last_end > SPLIT_IDLE_S:
+            load.close_calls = 0
+        else:
+            load.close_calls += 1
+        shared = (
+            self.serial_calls >= 2
+            and start >= load.serial_until
+            and load.close_calls > SPLIT_WARM_CALLS
+        )
         result = call(shared)
-        elapsed = time.perf_counter() - start
+        end = time.perf_counter()
+        load.last_end = end
+        elapsed = end - start
         if not shared:
             self.serial_calls += 1
             self.serial_best = min(self.serial_best, elapsed)

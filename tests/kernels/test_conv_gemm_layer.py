@@ -406,6 +406,9 @@ def test_split_timer_shares_while_sharing_pays_and_backs_off_under_load(monkeypa
     now = [100.0]
     monkeypatch.setattr(conv.time, "perf_counter", lambda: now[0])
     monkeypatch.setattr(conv, "_LOAD", conv._Load())  # the process's load state, fresh
+    # (the calls' gaps here stand for a burst: no warm-up after idle)
+    monkeypatch.setattr(conv, "SPLIT_IDLE_S", 1e9)
+    monkeypatch.setattr(conv, "SPLIT_WARM_CALLS", -1)
     timer, other = conv.SplitTimer(), conv.SplitTimer()
     kinds = []
 
@@ -469,3 +472,41 @@ def test_small_plans_on_every_thread_or_one_give_the_same_bits(algorithm, dtype,
         assert_close(y, np.maximum(ref.conv2d(x, w, b, 1, 1), 0.0), dtype, k=144)
     finally:
         fc.set_conv_algorithm(previous)
+
+
+def test_split_timer_runs_calls_back_from_idle_on_one_thread(monkeypatch):
+    """A call after more than SPLIT_IDLE_S without timed calls, and the next SPLIT_WARM_CALLS
+    close ones, run the serial twin: a sleeping thread's wake-up cost 5-10 ms a parallel
+    region on the test host."""
+    now = [100.0]
+    monkeypatch.setattr(conv.time, "perf_counter", lambda: now[0])
+    monkeypatch.setattr(conv, "_LOAD", conv._Load())
+    timer = conv.SplitTimer()
+    kinds = []
+
+    def call(gap=1e-5, duration=1e-4):
+        now[0] += gap
+
+        def run(shared):
+            kinds.append(shared)
+            now[0] += duration
+
+        timer.run(run)
+
+    for _ in range(1 + conv.SPLIT_WARM_CALLS):
+        call()  # the first call is back from idle (none before), then the warm-up
+    assert not any(kinds) and len(kinds) >= 2
+    call()
+    assert kinds[-1] is True  # a burst: shared
+    call(gap=2 * conv.SPLIT_IDLE_S)
+    assert kinds[-1] is False  # back from idle
+    for _ in range(conv.SPLIT_WARM_CALLS):
+        call()
+    assert kinds[-conv.SPLIT_WARM_CALLS - 1 :] == [False] * (conv.SPLIT_WARM_CALLS + 1)
+    call()
+    assert kinds[-1] is True
+    call(gap=conv.SPLIT_IDLE_S / 2)  # a short pause is no idle gap
+    assert kinds[-1] is True
+    for _ in range(5):  # sporadic calls: always one thread
+        call(gap=3 * conv.SPLIT_IDLE_S)
+        assert kinds[-1] is False
