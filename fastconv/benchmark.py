@@ -553,6 +553,8 @@ def _add_arguments(p):
                      help="add ResNet-18, batch 8, 224x224 (slow: seconds a sample)")  # fmt: skip
     ort.add_argument("--hog", action="store_true",
                      help="add batch-1 latency while a process spins on one core")  # fmt: skip
+    ort.add_argument("--sporadic", action="store_true",
+                     help="add batch-1 latency of single images 20 ms apart")  # fmt: skip
     p.add_argument("--quiet", action="store_true", help="no progress messages on stderr")
     p.set_defaults(func=_command)
 

@@ -10,7 +10,9 @@ give the same logits within 1e-4 of the largest:
 (b) batch-1 latency: ``latency_images`` single images one after another, p50 and p99 over the
     samples of every round;
 (c) optionally (``--resnet``, slow) ResNet-18 at batch 8, 224x224;
-(d) optionally (``--hog``) the latency again while a process spins on one core.
+(d) optionally (``--hog``) the latency again while a process spins on one core;
+(e) optionally (``--sporadic``) the latency of single images ``SPORADIC_GAP_S`` apart (a
+    request now and then: the threads have gone to sleep between them).
 
 Ratios are fastconv / ONNX Runtime (lower is faster); each is the median of the per-round
 ratios (both timed moments apart, so load that drifts between rounds cancels).
@@ -27,6 +29,9 @@ __all__ = ["run_ort_benchmark", "ort_markdown_table", "max_relative_difference",
 
 #: logits of fastconv and ONNX Runtime must agree within this, relative to the largest
 TOLERANCE = 1e-4
+#: (e): the idle time before each image, and at most this many images a round
+SPORADIC_GAP_S = 0.02
+SPORADIC_IMAGES = 40
 START_MARK = "<!-- ort-table:start -->"
 END_MARK = "<!-- ort-table:end -->"
 
@@ -129,6 +134,7 @@ def run_ort_benchmark(
     resnet=False,
     resnet_repeats=3,
     hog=False,
+    sporadic=False,
     seed=0,
     settle=0.2,
     log=None,
@@ -149,6 +155,9 @@ def run_ort_benchmark(
         Add ResNet-18, batch 8, 224x224 (one forward pass a sample), for that many rounds.
     hog : bool
         Add the batch-1 latency while another process spins on one core.
+    sporadic : bool
+        Add the batch-1 latency of single images ``SPORADIC_GAP_S`` apart (at most
+        ``SPORADIC_IMAGES`` a round).
     settle : float
         Seconds of idle before each timed block.
 
@@ -195,6 +204,19 @@ def run_ort_benchmark(
         "fastconv": lambda: [_clock(lambda s=s: model.predict(s)) for s in singles],
         "ort": lambda: [_clock(lambda s=s: ort_run(s)) for s in singles],
     }
+    spaced = singles[:SPORADIC_IMAGES]
+
+    def one_by_one(run):
+        out = []
+        for s in spaced:
+            time.sleep(SPORADIC_GAP_S)
+            out.append(_clock(lambda s=s: run(s)))
+        return out
+
+    sporadic_latency = {
+        "fastconv": lambda: one_by_one(model.predict),
+        "ort": lambda: one_by_one(ort_run),
+    }
     rows = []
     log(f"(a) {infer_images} images in batches of {batch_size}, {repeats} rounds")
     rows.append(_row(f"{infer_images} images, batches of {batch_size} (ms)",
@@ -205,6 +227,12 @@ def run_ort_benchmark(
         log("(d) batch-1 latency with one core taken by a spinning process")
         rows += _latency_rows(
             "batch-1 latency, one core spinning", *_with_spinner(_rounds, latency, repeats, settle)
+        )
+    if sporadic:
+        log(f"(e) batch-1 latency of {len(spaced)} images {SPORADIC_GAP_S * 1e3:g} ms apart")
+        rows += _latency_rows(
+            f"batch-1 latency, one image every {SPORADIC_GAP_S * 1e3:g} ms",
+            *_rounds(sporadic_latency, repeats, settle),
         )
     if resnet:
         log(f"(c) ResNet-18, batch 8, 224x224, {resnet_repeats} rounds (seconds each)")
@@ -229,6 +257,7 @@ def run_ort_benchmark(
             "resnet": resnet,
             "resnet_repeats": resnet_repeats,
             "hog": hog,
+            "sporadic": sporadic,
             "seed": seed,
         },  # fmt: skip
         "agreement": agreement,
@@ -291,13 +320,19 @@ def ort_markdown_table(report: dict, command: str | None = None) -> str:
         )
     agree = ", ".join(f"{k} {v:.1e}" for k, v in report["agreement"].items())
     resnet = f" (ResNet-18: {s['resnet_repeats']})" if s["resnet"] else ""
+    spaced = (
+        f" ({min(s['latency_images'], SPORADIC_IMAGES)} for the row of images "
+        f"{SPORADIC_GAP_S * 1e3:g} ms apart)"
+        if s.get("sporadic")
+        else ""
+    )
     lines += [
         "",
         f"Deep MNIST net unless named; both in one process, {_threads(s['threads'])} each "
         f"(Numba; ONNX Runtime intra-op, ORT_ENABLE_ALL, CPUExecutionProvider), {s['repeats']} "
         f"interleaved rounds{resnet}; medians with the range of the "
         f"samples in brackets; latency percentiles over {s['latency_images']} single images a "
-        f"round; ratios are medians of the per-round ratios (percentile rows: of the "
+        f"round{spaced}; ratios are medians of the per-round ratios (percentile rows: of the "
         f"percentiles), lower is faster for fastconv. Largest logit difference, relative to "
         f"the largest logit: {agree} (limit {TOLERANCE:g}). Machine: {report['machine']['line']}.",
     ]
@@ -318,7 +353,7 @@ def command(args, log) -> int:
         report = run_ort_benchmark(
             repeats=args.repeats, infer_images=args.infer_images, batch_size=args.batch_size,
             latency_images=args.latency_images, threads=args.threads, resnet=args.resnet,
-            hog=args.hog, seed=args.seed, log=log,
+            hog=args.hog, sporadic=args.sporadic, seed=args.seed, log=log,
         )  # fmt: skip
     except (ValueError, RuntimeError) as exc:
         raise SystemExit(f"fastconv bench: {exc}") from exc
@@ -328,6 +363,7 @@ def command(args, log) -> int:
         f"{args.latency_images} --threads {args.threads}"
         + (" --resnet" if args.resnet else "")
         + (" --hog" if args.hog else "")
+        + (" --sporadic" if args.sporadic else "")
         + (f" --out-md {args.out_md}" if args.out_md else "")
     )
     table = ort_markdown_table(report, cmd)

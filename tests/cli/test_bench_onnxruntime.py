@@ -16,14 +16,17 @@ TINY = ["--vs", "onnxruntime", "--repeats", "2", "--infer-images", "6", "--batch
 
 def test_tiny_run_reports_every_row_and_agreeing_logits(ort, capsys, monkeypatch):
     monkeypatch.setattr(benchmark_ort.time, "sleep", lambda s: None)  # no settling in a test
-    assert benchmark.main([*TINY, "--json", "--hog"]) == 0
+    assert benchmark.main([*TINY, "--json", "--hog", "--sporadic"]) == 0
     report = json.loads(capsys.readouterr().out)
     names = [r["name"] for r in report["rows"]]
     assert names == [
         "6 images, batches of 4 (ms)", "batch-1 latency p50 (ms)", "batch-1 latency p99 (ms)",
         "batch-1 latency, one core spinning p50 (ms)",
         "batch-1 latency, one core spinning p99 (ms)",
+        "batch-1 latency, one image every 20 ms p50 (ms)",
+        "batch-1 latency, one image every 20 ms p99 (ms)",
     ]  # fmt: skip
+    assert report["settings"]["sporadic"]
     for r in report["rows"]:
         assert r["fastconv_ms"] > 0 and r["ort_ms"] > 0 and r["ratio"] > 0
     first = report["rows"][0]
