@@ -447,13 +447,25 @@ def _store_columns(cbuf, ldc, out, i0, rows, j0, cols, P, bias, relu, res, has_r
             j += run
 
 
+#: up to this many filters a float32 1x1 product reads the image's rows where they lie
+#: instead of packing them (:func:`_pointwise_items`)
+POINTWISE_IN_PLACE_MAX_M = 32
+
+
 @njit(cache=True)
-def _pointwise_items(packed, b, out, bias, relu, res, has_res, K, blk, counter, bp, cbuf):
+def _pointwise_items(packed, b, out, bias, relu, res, has_res, K, blk, counter, bp, cbuf,
+                     in_place, row_offsets):  # fmt: skip
+    """The work items of :func:`pointwise`. With ``in_place`` (float32, few filters) an item
+    whose columns lie in one image, all NR-wide reads inside ``b``, runs the micro-kernel on
+    the image's rows where they lie (``row_offsets[k] = k * P``; :func:`gemm_rows`): packed,
+    each column block was copied to be used by one or two row blocks only. Same FMA chains,
+    same bits."""
     B, M, P = out.shape
     KC, MC, NC, ldc = blk
     total = B * P
     n_cols = -(-total // NC)
     items = -(-M // MC) * n_cols
+    flat = b.reshape(-1)
     while True:
         item = fetch_add(counter, 1)
         if item >= items:
@@ -462,12 +474,26 @@ def _pointwise_items(packed, b, out, bias, relu, res, has_res, K, blk, counter, 
         rows_pad = -(-mc // MR) * MR
         panels = -(-nc // NR)
         blocks = rows_pad // MR
+        n, p0 = j0 // P, j0 % P
+        direct = (
+            in_place
+            and _is_float32(b)
+            and p0 + nc <= P
+            and (n * K + K - 1) * P + p0 + panels * NR <= flat.size
+        )
         if K == 0:
             for r in range(mc):
                 cbuf[r * ldc : r * ldc + nc] = 0.0
         for pc in range(0, K, KC):
             kc = min(KC, K - pc)
             a_base = i0 * K + pc * rows_pad
+            if direct:
+                for jr in range(panels):
+                    for ir in range(blocks):
+                        gemm_rows(packed, a_base + ir * kc * MR, flat, row_offsets, pc,
+                                  n * K * P + p0 + jr * NR, kc, cbuf, ir * MR * ldc + jr * NR,
+                                  ldc, pc > 0)  # fmt: skip
+                continue
             _pack_columns(b, K, P, pc, kc, j0, nc, bp)
             for jr in range(panels):
                 for ir in range(blocks):
@@ -477,17 +503,21 @@ def _pointwise_items(packed, b, out, bias, relu, res, has_res, K, blk, counter, 
 
 
 @njit(cache=True, parallel=True)
-def _pointwise(packed, b, out, bias, relu, res, has_res, K, blk, bp, cbuf):
+def _pointwise(packed, b, out, bias, relu, res, has_res, K, blk, bp, cbuf, in_place,
+               row_offsets):  # fmt: skip
     counter = np.zeros(1, np.int64)
     for t in prange(bp.shape[0]):
-        _pointwise_items(packed, b, out, bias, relu, res, has_res, K, blk, counter, bp[t], cbuf[t])
+        _pointwise_items(packed, b, out, bias, relu, res, has_res, K, blk, counter, bp[t],
+                         cbuf[t], in_place, row_offsets)  # fmt: skip
 
 
 @njit(cache=True)
-def _pointwise_serial(packed, b, out, bias, relu, res, has_res, K, blk, bp, cbuf):
+def _pointwise_serial(packed, b, out, bias, relu, res, has_res, K, blk, bp, cbuf, in_place,
+                      row_offsets):  # fmt: skip
     """:func:`_pointwise` on the calling thread."""
     counter = np.zeros(1, np.int64)
-    _pointwise_items(packed, b, out, bias, relu, res, has_res, K, blk, counter, bp[0], cbuf[0])
+    _pointwise_items(packed, b, out, bias, relu, res, has_res, K, blk, counter, bp[0], cbuf[0],
+                     in_place, row_offsets)  # fmt: skip
 
 
 def pointwise(filters, b, out, bias, relu=False, res=None, serial=None):
@@ -525,10 +555,12 @@ def pointwise(filters, b, out, bias, relu=False, res=None, serial=None):
     rv = bits_view(res) if has_res else bits_view(out)
     key = ("pointwise", blk, n_threads)
     make = _pointwise_make(blk, n_threads)
+    in_place = M <= POINTWISE_IN_PLACE_MAX_M and b.dtype == np.float32
+    row_offsets = np.arange(K, dtype=np.int64) * P
     with _workspace.checkout(key, make) as (bp, cbuf):
         kernel = _pointwise_serial if n_threads == 1 else _pointwise
         kernel(packed, bits_view(b), bits_view(out), bias, int(relu), rv, has_res, K, blk, bp,
-               cbuf)  # fmt: skip
+               cbuf, in_place, row_offsets)  # fmt: skip
     return out
 
 

@@ -90,6 +90,41 @@ def test_serial_and_parallel_give_the_same_bits(rng):
     assert np.array_equal(outs[0].view(np.uint32), outs[1].view(np.uint32))
 
 
+@pytest.mark.parametrize(
+    "B, K, M, P",
+    [
+        (1, 1, 1, 1),
+        (2, 7, 13, 50),
+        (3, 600, 32, 169),
+        (8, 32, 16, 784),
+        (2, 24, 8, 31),
+        (1, 16, 24, 4096),
+    ],  # fmt: skip
+    ids=str,
+)
+def test_rows_read_in_place_give_the_packed_bits(B, K, M, P, monkeypatch, rng):
+    """Few filters (POINTWISE_IN_PLACE_MAX_M): the image's rows are read where they lie
+    instead of packed, except in items that cross an image or would read past the array's
+    end. Same bits as packing everything, with the residual and ReLU epilogue, 1 and 2
+    threads."""
+    a = rng.standard_normal((M, K)).astype(np.float32)
+    b = rng.standard_normal((B, K, P)).astype(np.float32)
+    res = rng.standard_normal((B, M, P)).astype(np.float32)
+    bias = rng.standard_normal(M).astype(np.float32)
+    flt = _matmul.pack_filters(a)
+    outs = []
+    for limit, serial in ((0, True), (M, True), (M, False)):
+        monkeypatch.setattr(_matmul, "POINTWISE_IN_PLACE_MAX_M", limit)
+        for r in (None, res):
+            out = np.empty((B, M, P), np.float32)
+            outs.append(_matmul.pointwise(flt, b, out, bias, True, r, serial))
+    for got in outs[2:]:
+        same = outs[0] if got is outs[2] or got is outs[4] else outs[1]
+        assert np.array_equal(got.view(np.uint32), same.view(np.uint32))
+    prod = np.matmul(a.astype(np.float64), b.astype(np.float64)) + bias[:, None]
+    assert_close(outs[0], np.maximum(prod, 0.0), np.float32, k=K)
+
+
 def test_non_finite_values_propagate(rng):
     x, w, b = _case(rng, np.float32, 2, 5, 4, 3, 3)
     x[1, 2, 1, 1] = np.nan
