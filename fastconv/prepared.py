@@ -285,19 +285,18 @@ class PreparedMaxPool2d:
         """``fastconv.max_pool2d(x, *args)``."""
         key = (type(x), x.shape, x.dtype)
         found = self._shapes.get(key, False)
-        if found is False:
+        if not found:  # a shape seen for the first time, or one the op itself must run
             from . import ops
 
             y = ops.max_pool2d(x, *self.args)  # validates
-            _, extra, g = chk.pool_pads(x.shape, *self.args[:3], True, self.args[3])
-            dev = device_of(x)
-            plain = not any(extra) and g.N > 0
-            self._shapes[key] = (dev.kernels.max_pool2d, g, dev.launch_guard()) if plain else None
+            if found is False:
+                _, extra, g = chk.pool_pads(x.shape, *self.args[:3], True, self.args[3])
+                dev = device_of(x)
+                plain = not any(extra) and g.N > 0
+                self._shapes[key] = (
+                    (dev.kernels.max_pool2d, g, dev.launch_guard()) if plain else None
+                )
             return y
-        if found is None:
-            from . import ops
-
-            return ops.max_pool2d(x, *self.args)
         kernel, g, guard = found
         if not x.flags.c_contiguous:
             x = device_of(x).ascontiguous(x)
