@@ -450,6 +450,7 @@ def _store_columns(cbuf, ldc, out, i0, rows, j0, cols, P, bias, relu, res, has_r
 #: up to this many filters a float32 1x1 product reads the image's rows where they lie
 #: instead of packing them (:func:`_pointwise_items`)
 POINTWISE_IN_PLACE_MAX_M = 32
+_NO_OFFSETS = np.zeros(0, np.int64)  # the row offsets of a product that packs its rows
 
 
 @njit(cache=True)
@@ -556,7 +557,7 @@ def pointwise(filters, b, out, bias, relu=False, res=None, serial=None):
     key = ("pointwise", blk, n_threads)
     make = _pointwise_make(blk, n_threads)
     in_place = M <= POINTWISE_IN_PLACE_MAX_M and b.dtype == np.float32
-    row_offsets = np.arange(K, dtype=np.int64) * P
+    row_offsets = np.arange(K, dtype=np.int64) * P if in_place else _NO_OFFSETS
     with _workspace.checkout(key, make) as (bp, cbuf):
         kernel = _pointwise_serial if n_threads == 1 else _pointwise
         kernel(packed, bits_view(b), bits_view(out), bias, int(relu), rv, has_res, K, blk, bp,
@@ -693,7 +694,7 @@ def _panels_rows(a, packed, out, bias, has_bias, relu, res, has_res):
     """:func:`_panels_small` for a few rows (batch-1 inference): each row of ``a``, converted
     to float32, times two panels at a time (:func:`~fastconv.cpu._simd.gemm_row_panels2`).
     The same FMA chain per element as the MR-row tiles, so the same bits; 1024 x 50 at one
-    row took 11 us on the tiles (7 zero rows, two chains a panel) and ~2 us here."""
+    row took 11 us a call on the tiles (7 zero rows, two chains a panel) and 4.5 us here."""
     M, N = out.shape
     K = a.shape[1]
     flat = packed.reshape(-1)
