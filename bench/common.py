@@ -70,14 +70,8 @@ def check_region_target(path) -> None:
 def write_region(path, name: str, text: str) -> None:
     """Replace what lies between ``<!-- name:start -->`` and ``<!-- name:end -->`` in the
     markdown file ``path`` with ``text``; a file or a region that is missing is created (the
-    region at the end of the file)."""
-    path = Path(path)
+    region at the end of the file): :func:`fastconv.benchmark.write_markdown`."""
+    from fastconv.benchmark import write_markdown
+
     start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-    block = f"{start}\n{text.rstrip()}\n{end}"
-    doc = path.read_text() if path.exists() else ""
-    i, j = doc.find(start), doc.find(end)
-    if 0 <= i < j:
-        doc = doc[:i] + block + doc[j + len(end) :]
-    else:
-        doc = (doc.rstrip("\n") + "\n\n" if doc.strip() else "") + block + "\n"
-    path.write_text(doc)
+    write_markdown(path, text.rstrip(), start, end, header="")

@@ -435,17 +435,20 @@ def markdown_table(report: dict, command: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def write_markdown(path, table: str, start_mark=START_MARK, end_mark=END_MARK) -> None:
+def write_markdown(
+    path, table: str, start_mark=START_MARK, end_mark=END_MARK, header="# Benchmarks\n"
+) -> None:
     """Put ``table`` between the markers (the e2e-table ones by default) of ``path`` (markers
-    appended if missing)."""
+    appended if missing; a missing file starts with ``header``). The one writer of a marked
+    region: ``bench.common.write_region`` calls it too."""
     path = Path(path)
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    text = path.read_text() if path.exists() else header
     block = f"{start_mark}\n{table}\n{end_mark}"
     start, end = text.find(start_mark), text.find(end_mark)
     if start != -1 and end > start:
         text = text[:start] + block + text[end + len(end_mark) :]
     else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
+        text = (text.rstrip("\n") + "\n\n" if text else "") + block + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
 
